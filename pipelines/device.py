@@ -1,0 +1,282 @@
+"""Device profile: which accelerator we run on (MPS > CUDA > CPU), how much memory there is, which dtype and
+thread count each stage should use, and how much memory a model needs for inference, LoRA and QLoRA.
+
+Every stage asks this module instead of deciding on its own. `detect()` takes the torch module as an argument
+so tests can simulate each backend; `python -m pipelines.device` prints the profile of this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
+
+
+@dataclass
+class DeviceProfile:
+    kind: str  # "mps" | "cuda" | "cpu"
+    name: str
+    total_memory: int  # bytes usable by the device (GPU memory on CUDA; unified memory on MPS; RAM on CPU)
+    available_memory: int
+    system_total: int
+    system_available: int
+    physical_cores: int
+    bf16: bool  # native bf16 compute
+    fp16: bool
+    train_dtype: str
+    infer_dtype: str
+    threads: int
+    qlora: bool  # bitsandbytes 4-bit training possible here
+    qlora_reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def torch_device(self) -> str:
+        return self.kind
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is 15-20x slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def detect(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
+    """Profile the best available device. `torch` and `cpuinfo` can be replaced to simulate other machines."""
+    if torch is None:
+        import torch  # noqa: PLC0415 - torch import is slow; only pay it when asked
+    vm = psutil.virtual_memory()
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    common = dict(system_total=vm.total, system_available=vm.available, physical_cores=cores, threads=cores)
+
+    mps = getattr(getattr(torch, "backends", None), "mps", None)
+    if mps is not None and mps.is_available():
+        # Unified memory: the GPU may use up to recommended_max_memory() of the system RAM.
+        limit = vm.total
+        try:
+            limit = int(torch.mps.recommended_max_memory()) or vm.total
+        except (AttributeError, RuntimeError):
+            pass
+        used = 0
+        try:
+            used = int(torch.mps.driver_allocated_memory())
+        except (AttributeError, RuntimeError):
+            pass
+        bf16 = False
+        try:
+            bf16 = bool(mps.is_macos_or_newer(14, 0))
+        except AttributeError:
+            pass
+        return DeviceProfile(
+            kind="mps", name=f"Apple {platform.machine()} GPU (Metal)", total_memory=limit,
+            available_memory=max(0, min(limit - used, vm.available)), bf16=bf16, fp16=True,
+            train_dtype="bfloat16" if bf16 else "float32", infer_dtype="float16",
+            qlora=False, qlora_reason="bitsandbytes 4-bit kernels need CUDA; on Apple silicon use LoRA.",
+            **common,
+        )
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        bf16 = bool(torch.cuda.is_bf16_supported())
+        qlora, reason = True, ""
+        try:
+            import bitsandbytes  # noqa: F401, PLC0415
+        except ImportError:
+            qlora, reason = False, "bitsandbytes is not installed (pip install bitsandbytes) - LoRA works meanwhile."
+        dtype = "bfloat16" if bf16 else "float16"
+        return DeviceProfile(
+            kind="cuda", name=torch.cuda.get_device_name(0), total_memory=int(total), available_memory=int(free),
+            bf16=bf16, fp16=True, train_dtype=dtype, infer_dtype=dtype, qlora=qlora, qlora_reason=reason, **common,
+        )
+
+    bf16 = _cpu_has_native_bf16(cpuinfo)
+    # Training stays fp32 on every CPU: bf16 autocast in the trainers was measured 15-20x slower than fp32
+    # on a CPU without AVX512-BF16, and only a benchmark on the machine at hand should overrule that.
+    infer = "bfloat16" if bf16 else "float32"
+    notes = [
+        "Native bf16 (AVX512-BF16/AMX): inference in bfloat16, training in float32."
+        if bf16 else "No native bf16 on this CPU: float32 throughout (bf16 would be emulated, 15-20x slower)."
+    ]
+    return DeviceProfile(
+        kind="cpu", name=_cpu_name(), total_memory=vm.total, available_memory=vm.available, bf16=bf16, fp16=False,
+        train_dtype="float32", infer_dtype=infer, qlora=False,
+        qlora_reason="bitsandbytes 4-bit training needs a CUDA GPU; on this CPU use LoRA.", notes=notes, **common,
+    )
+
+
+_PROFILE: DeviceProfile | None = None
+
+
+def profile(refresh: bool = False) -> DeviceProfile:
+    """The profile of this machine, detected once (memory figures refreshed on request)."""
+    global _PROFILE
+    if _PROFILE is None or refresh:
+        _PROFILE = detect()
+    return _PROFILE
+
+
+def memory_in_use() -> tuple[int, int]:
+    """(used, total) bytes of system memory right now."""
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available, vm.total
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs to know of a model; `from_config` reads it from a transformers config."""
+
+    n_params: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    intermediate_size: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+
+    @classmethod
+    def from_config(cls, config, n_params: int | None = None) -> "ModelShape":
+        cfg = getattr(config, "text_config", None) or config
+        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+        heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
+        kv = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+        head_dim = int(getattr(cfg, "head_dim", 0) or (hidden // heads if heads else 0))
+        inter = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
+        vocab = int(getattr(cfg, "vocab_size", 0))
+        if n_params is None:
+            per_layer = 4 * hidden * hidden + 3 * hidden * inter
+            n_params = layers * per_layer + vocab * hidden
+        return cls(n_params, hidden, layers, vocab, inter, kv, head_dim)
+
+    @classmethod
+    def guess(cls, n_params: int) -> "ModelShape":
+        """A plausible decoder shape for a bare parameter count (used when no config is at hand)."""
+        hidden = int(2 ** round(math.log2(max(256, (n_params / 12 / 24) ** 0.5))))
+        layers = max(1, round(n_params / (12 * hidden * hidden)))
+        return cls(n_params, hidden, layers, 32000, 4 * hidden, hidden // 64, 64)
+
+
+@dataclass
+class MemoryEstimate:
+    mode: str
+    weights: int
+    trainable: int  # adapter weights + gradients + optimizer state
+    activations: int
+    overhead: int
+    total: int
+    fits: bool
+    note: str = ""
+
+
+def lora_params(shape: ModelShape, rank: int) -> int:
+    """Adapter parameters for LoRA on all linear layers of the decoder (q, k, v, o, gate, up, down)."""
+    h, i = shape.hidden_size, shape.intermediate_size or 4 * shape.hidden_size
+    kv = (shape.num_kv_heads * shape.head_dim) or h
+    per_layer = rank * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
+    return per_layer * shape.num_layers
+
+
+def estimate_memory(
+    shape: ModelShape,
+    mode: str = "lora",
+    dtype: str = "float32",
+    seq_len: int = 512,
+    batch_size: int = 1,
+    lora_rank: int = 16,
+    gradient_checkpointing: bool = False,
+    available: int | None = None,
+    weight_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Rough peak memory for `mode` in ("inference", "lora", "qlora"). Errs on the generous side.
+
+    weights: params x bytes (4.5 bits per param for QLoRA's NF4 + scales); trainable: LoRA params in fp32 with
+    grads and Adam moments (16 B each); activations: per layer ~34 bytes x tokens x hidden at 16-bit (scaled for
+    fp32), kept for all layers unless gradient checkpointing; logits for the whole batch in fp32 (x2 for the
+    softmax backward); inference adds the KV cache. Overhead: 10% + 300 MB for the runtime.
+    `weight_bytes` replaces the weights' size for inference (a quantized GGUF file, say).
+    """
+    if mode not in ("inference", "lora", "qlora"):
+        raise ValueError(f"unknown mode {mode!r}")
+    b = DTYPE_BYTES[dtype]
+    tokens = seq_len * batch_size
+    if mode == "inference" and weight_bytes:
+        weights = int(weight_bytes)
+    elif mode == "qlora":
+        weights = int(shape.n_params * 0.5625)
+    else:
+        weights = int(shape.n_params * b)
+    if mode == "inference":
+        kv = shape.num_kv_heads * shape.head_dim or shape.hidden_size
+        activations = int(2 * shape.num_layers * tokens * kv * b + batch_size * shape.vocab_size * 4
+                          + 4 * tokens * shape.hidden_size * b)
+        trainable = 0
+    else:
+        act_b = b if mode == "lora" else 2
+        per_layer = 34 * tokens * shape.hidden_size * act_b / 2
+        layers_kept = 1 if gradient_checkpointing else shape.num_layers
+        act = per_layer * layers_kept + (tokens * shape.hidden_size * act_b * shape.num_layers if gradient_checkpointing else 0)
+        logits = tokens * shape.vocab_size * 4 * 2
+        activations = int(act + logits)
+        trainable = lora_params(shape, lora_rank) * 16
+    overhead = int(0.1 * (weights + trainable + activations) + 300 * 1024**2)
+    total = weights + trainable + activations + overhead
+    fits = available is None or total <= available
+    return MemoryEstimate(mode, weights, trainable, activations, overhead, total, fits)
+
+
+def recommend_batch_size(
+    shape: ModelShape,
+    available: int,
+    mode: str = "lora",
+    dtype: str = "float32",
+    seq_len: int = 512,
+    lora_rank: int = 16,
+    gradient_checkpointing: bool = False,
+    max_batch: int = 64,
+    headroom: float = 0.8,
+) -> int:
+    """The largest power-of-two batch whose estimate fits in `headroom` x `available`; 0 when none does."""
+    best, b = 0, 1
+    while b <= max_batch:
+        est = estimate_memory(shape, mode, dtype, seq_len, b, lora_rank, gradient_checkpointing)
+        if est.total > available * headroom:
+            break
+        best, b = b, b * 2
+    return best
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(profile().as_dict(), indent=2))

@@ -1,0 +1,127 @@
+"""Where things live: one folder (default ~/.mactuner, or --root) with models/, datasets/, runs/, rag/, exports/.
+
+Also the two helpers every stage uses to write safely: `atomic_write` (file) and `atomic_dir` (folder) write
+under a temporary name beside the target and rename when complete, so nothing looks finished before it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput, Conflict
+
+SUBDIRS = ("models", "datasets", "runs", "rag", "exports")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("MACTUNER_HOME", Path.home() / ".mactuner")).expanduser()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Workspace":
+        ws = cls(Path(root).expanduser().resolve() if root else default_root().resolve())
+        for sub in SUBDIRS:
+            (ws.root / sub).mkdir(parents=True, exist_ok=True)
+        return ws
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def rag(self) -> Path:
+        return self.root / "rag"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    def inside(self, relative: str | os.PathLike) -> Path:
+        """Resolve a relative path inside the workspace; refuse anything that escapes it."""
+        target = (self.root / relative).resolve()
+        if target != self.root and self.root not in target.parents:
+            raise BadInput(f"'{relative}' points outside the workspace ({self.root}).")
+        return target
+
+
+def _temp_sibling(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike, mode: str = "wb", overwrite: bool = True):
+    """Open a temporary file beside `target`; rename it over `target` only when the block succeeds."""
+    target = Path(target)
+    if not overwrite and target.exists():
+        raise Conflict(f"{target} already exists; not overwriting it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(target)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(target: str | os.PathLike, data) -> None:
+    with atomic_write(target, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Yield a temporary folder beside `target`; rename it to `target` when the block succeeds.
+
+    An existing `target` is never replaced (Conflict)."""
+    target = Path(target)
+    if target.exists():
+        raise Conflict(f"{target} already exists; not overwriting it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dir_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) + sum(
+        p.resolve().stat().st_size for p in path.rglob("*") if p.is_symlink() and p.resolve().is_file()
+    )
+
+
+def human_bytes(n: float | int | None) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

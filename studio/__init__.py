@@ -1,0 +1,1 @@
+"""MacTuner studio: the Gradio UI. It only translates between components and `pipelines/`."""

@@ -1,0 +1,159 @@
+"""REST API beside the UI (`/api/model/...`, documented at /docs). Handlers call the same pipelines as the UI.
+
+Errors are JSON `{"error": message}` with a fitting status: 400 bad input, 401 token/gated, 404 not found,
+409 busy, 503 Hub unreachable. When the studio runs with --auth, these routes need the same credentials
+(the studio's login cookie, or HTTP Basic).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from pipelines import __version__, models
+from pipelines import device as devicemod
+from pipelines.errors import MacTunerError
+
+from .handlers import Context, current_model
+
+
+class DownloadRequest(BaseModel):
+    model_id: str = Field(description="Hub model id, e.g. google/gemma-3-270m")
+    access_token: str | None = Field(default=None, description="Hub access token; HF_TOKEN is used when absent")
+
+
+class LoadRequest(BaseModel):
+    path: str = Field(description="A model folder, a .gguf file, a name under the workspace's models/, or a downloaded Hub id")
+    trust_remote_code: bool = Field(default=False, description="Run the model's own Python code (only if you trust it)")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except MacTunerError as e:
+        return _error(e.status, e.message)
+
+
+async def _body(request: Request, model: type[BaseModel]):
+    try:
+        return model.model_validate(await request.json())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        raise _BadBody(f"{where}: {first.get('msg')}") from None
+    except ValueError:
+        raise _BadBody("The request body must be JSON.") from None
+
+
+class _BadBody(Exception):
+    pass
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> APIRouter:
+    """The /api/model routes for this studio. `auth` maps user to password; `app` is the gradio App (its cookie)."""
+
+    def check_auth(request: Request):
+        if not auth:
+            return
+        token = request.cookies.get(f"access-token-{app.cookie_id}") or request.cookies.get(
+            f"access-token-unsecure-{app.cookie_id}") if app is not None else None
+        if token and app.tokens.get(token):
+            return
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, pwd = base64.b64decode(header[6:]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, pwd = "", ""
+            if user in auth and secrets.compare_digest(auth[user], pwd):
+                return
+        raise _Unauthenticated()
+
+    r = APIRouter(prefix="/api/model", tags=["model"], dependencies=[Depends(check_auth)])
+
+    @r.get("/health", summary="Liveness, version, device and default-model state")
+    def health():
+        prof = devicemod.profile()
+        lm = ctx.registry.current()
+        return {"status": "ok", "version": __version__, "device": prof.kind,
+                "current_model": lm.name if lm else None, "default_hf": models.default_hf_status(ctx.ws)["state"]}
+
+    @r.get("/current", summary="The current model (or loaded=false)")
+    def current():
+        return current_model(ctx)
+
+    @r.get("/local-models", summary="Models on this machine: embedded default, workspace, HF cache")
+    def local_models():
+        return {"models": models.list_local_models(ctx.ws)}
+
+    @r.get("/info/{model_id:path}", summary="Hub info without downloading")
+    def info(model_id: str, access_token: str | None = None):
+        return _call(lambda: models.hub_info(model_id, access_token).as_dict())
+
+    @r.post("/download", summary="Download a model from the Hub into the HF cache", openapi_extra=_schema(DownloadRequest))
+    async def download(request: Request):
+        try:
+            body = await _body(request, DownloadRequest)
+        except _BadBody as e:
+            return _error(400, str(e))
+        from starlette.concurrency import run_in_threadpool
+
+        def run():
+            path = models.download(body.model_id, body.access_token)
+            return {"model_id": body.model_id.strip(), "path": str(path)}
+
+        return await run_in_threadpool(_call, run)
+
+    @r.post("/load", summary="Load a local model and make it current", openapi_extra=_schema(LoadRequest))
+    async def load(request: Request):
+        try:
+            body = await _body(request, LoadRequest)
+        except _BadBody as e:
+            return _error(400, str(e))
+        from starlette.concurrency import run_in_threadpool
+
+        def run():
+            lm = ctx.registry.load(body.path, ctx.ws, trust_remote_code=body.trust_remote_code)
+            return {"loaded": True, "model": lm.describe()}
+
+        return await run_in_threadpool(_call, run)
+
+    @r.post("/load-default", summary="Load the embedded default model (Gemma 3 270M GGUF)")
+    def load_default():
+        return _call(lambda: {"loaded": True, "model": models.load_default(ctx.ws, ctx.registry).describe()})
+
+    @r.post("/unload", summary="Unload the current model and release its memory")
+    def unload():
+        return _call(ctx.registry.unload)
+
+    return r
+
+
+class _Unauthenticated(Exception):
+    pass
+
+
+def unauthenticated_handler(request, exc):
+    return _error(401, "Authentication required (HTTP Basic or the studio's login).")
+
+
+# Passed to the FastAPI constructor (launch's app_kwargs): handlers added after start-up would not be seen.
+EXCEPTION_HANDLERS = {_Unauthenticated: unauthenticated_handler}
+
+
+def install(app, ctx: Context, auth: dict[str, str] | None = None) -> None:
+    """Add the REST routes to the running gradio App (routes are matched per request, so adding them now works)."""
+    app.include_router(build_router(ctx, auth, app))
+    app.openapi_schema = None  # regenerate /docs with our routes

@@ -1,0 +1,92 @@
+"""The MacTuner studio: `build_app(ctx)` returns the gr.Blocks; `serve(...)` launches it with the REST API.
+
+Run it with `mactuner studio [--host 127.0.0.1] [--port 7860] [--root DIR] [--share] [--auth USER:PASS]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from functools import partial
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from pipelines import models  # noqa: E402
+from pipelines.workspace import Workspace  # noqa: E402
+
+from . import api  # noqa: E402
+from . import handlers as h  # noqa: E402
+from .tabs import model as model_tab  # noqa: E402
+
+log = logging.getLogger("mactuner.studio")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+CSS = """
+#header {padding: 6px 12px; border-radius: 8px; background: var(--block-background-fill);}
+#header p {margin: 0;}
+"""
+
+
+def build_app(ctx: h.Context) -> gr.Blocks:
+    with gr.Blocks(title="MacTuner") as demo:
+        header = gr.Markdown(h.header_md(ctx), elem_id="header")
+        with gr.Tabs():
+            m = model_tab.build(ctx)
+        model_tab.register_api(ctx)
+        timer = gr.Timer(3.0)
+        timer.tick(partial(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
+        timer.tick(partial(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
+        # A refreshed or newly opened page reads the shared state again.
+        demo.load(partial(h.header_md, ctx), None, header, api_visibility="private").then(
+            partial(h.current_md, ctx), None, m["current"], api_visibility="private").then(
+            m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private")
+    return demo
+
+
+def _prepare_default(ctx: h.Context, prepare_hf: bool, started: float) -> None:
+    """Load the embedded default model (and start its HF copy) without holding up the server."""
+    try:
+        models.load_default(ctx.ws, ctx.registry)
+        print(f"MacTuner: default model ready ({time.time() - started:.2f} s after launch)", flush=True)
+        if prepare_hf:
+            models.start_default_hf_materialization(ctx.ws)
+    except Exception as e:  # noqa: BLE001 - the studio still serves; the Model tab shows the state
+        log.exception("default model could not be loaded")
+        print(f"MacTuner: default model could not be loaded: {e}", flush=True)
+
+
+def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          auth: tuple[str, str] | None = None, max_upload_mb: int = 500, load_default: bool = True,
+          prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None):
+    """Launch the studio. Returns (demo, url) when block=False."""
+    started = time.time()
+    ctx = ctx or h.Context(Workspace.open(root))
+    loader = None
+    if load_default:
+        loader = threading.Thread(target=_prepare_default, args=(ctx, prepare_hf, started), daemon=True)
+        loader.start()
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    app, url, share_url = demo.launch(
+        server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
+        prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
+        if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,
+        app_kwargs={"docs_url": "/docs", "title": "MacTuner API", "exception_handlers": api.EXCEPTION_HANDLERS},
+    )
+    api.install(app, ctx, dict([auth]) if auth else None)
+    shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{demo.server_port}"
+    print(f"MacTuner studio on {shown} (workspace {ctx.ws.root}) - served {time.time() - started:.2f} s after launch", flush=True)
+    if share_url:
+        print(f"Public share link: {share_url}", flush=True)
+    if not block:
+        return demo, shown
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        demo.close()
+    return demo, shown

@@ -1,0 +1,1 @@
+"""One module per stage tab; each has build(ctx) which lays out the tab and wires its events."""
