@@ -57,11 +57,18 @@ def _studio(args) -> int:
     if args.max_upload_mb <= 0:
         print("mactuner: --max-upload-mb must be positive", file=sys.stderr)
         return 2
+    from .models import REGISTRY, load_default_in_background  # noqa: PLC0415
+    from .workspace import Workspace  # noqa: PLC0415
+
+    ws = Workspace.open(args.root)
+    if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
+        load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
     from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
+    from studio.handlers import Context  # noqa: PLC0415
 
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    serve(root=args.root, host=args.host, port=args.port, share=args.share, auth=auth,
-          max_upload_mb=args.max_upload_mb, load_default=not args.no_default, prepare_hf=not args.no_prepare_hf)
+    serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
+          load_default=False, ctx=Context(ws, REGISTRY))
     return 0
 
 

@@ -74,7 +74,7 @@ def detect(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
     if torch is None:
         import torch  # noqa: PLC0415 - torch import is slow; only pay it when asked
     vm = psutil.virtual_memory()
-    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    cores = cpu_threads()
     common = dict(system_total=vm.total, system_available=vm.available, physical_cores=cores, threads=cores)
 
     mps = getattr(getattr(torch, "backends", None), "mps", None)
@@ -141,6 +141,11 @@ def profile(refresh: bool = False) -> DeviceProfile:
     if _PROFILE is None or refresh:
         _PROFILE = detect()
     return _PROFILE
+
+
+def cpu_threads() -> int:
+    """Threads for CPU compute: the physical cores (hyper-threads only add contention). No torch import."""
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
 def memory_in_use() -> tuple[int, int]:

@@ -89,7 +89,7 @@ def default_hf_status(ws: Workspace) -> dict:
     """State of the HF copy of the default model: ready / running (with stage) / failed (with error) / missing."""
     hf = default_hf_path(ws)
     if (hf / "config.json").exists():
-        return {"state": "ready", "path": str(hf)}
+        return {"state": "ready", "folder": str(hf)}
     status_file = default_dir(ws) / "hf.status.json"
     if status_file.exists():
         try:
@@ -195,6 +195,10 @@ def _hub_errors(model_id: str, exc: Exception) -> MacTunerError:
         return NotFound(f"Model '{model_id}' was not found on the Hub (or it is private and the token has no access).")
     if isinstance(exc, hfe.RevisionNotFoundError):
         return NotFound(f"'{model_id}' has no such revision.")
+    if isinstance(exc, hfe.LocalEntryNotFoundError):  # snapshot_download lost the Hub and has no cached copy
+        return Unavailable(
+            f"Cannot reach the Hub at {hub_endpoint()} to download '{model_id}'. Check the network and try again."
+        )
     if isinstance(exc, hfe.EntryNotFoundError):
         return NotFound(f"A file of '{model_id}' was not found on the Hub.")
     if isinstance(exc, hfe.OfflineModeIsEnabled):
@@ -209,11 +213,32 @@ def _hub_errors(model_id: str, exc: Exception) -> MacTunerError:
     )
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exception types of the HTTP client huggingface_hub uses (httpx, or httpx2 in 2.x)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for mod in ("httpx2", "httpx", "requests"):
+        try:
+            m = __import__(mod)
+        except ImportError:
+            continue
+        err = getattr(m, "TransportError", None) or getattr(getattr(m, "exceptions", None), "ConnectionError", None)
+        if err is not None:
+            found.append(err)
+    return tuple(found)
+
+
+def _hub_timeout() -> float:
+    """Seconds to wait for a Hub metadata answer: huggingface_hub's HF_HUB_ETAG_TIMEOUT (default 10)."""
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
+
+
 def _is_network_error(exc: Exception) -> bool:
-    import httpx  # noqa: PLC0415
     from huggingface_hub import errors as hfe  # noqa: PLC0415
 
-    return isinstance(exc, (httpx.TransportError, hfe.HfHubHTTPError, hfe.OfflineModeIsEnabled, ConnectionError, TimeoutError))
+    return isinstance(exc, (hfe.HfHubHTTPError, hfe.OfflineModeIsEnabled, hfe.LocalEntryNotFoundError,
+                            *_transport_errors()))
 
 
 @dataclass
@@ -256,7 +281,7 @@ def hub_info(model_id: str, token: str | None = None) -> HubInfo:
     tok = _token(token)
     api = HfApi(endpoint=hub_endpoint())
     try:
-        info = api.model_info(model_id, files_metadata=True, token=tok or False)
+        info = api.model_info(model_id, files_metadata=True, token=tok or False, timeout=_hub_timeout())
     except Exception as e:  # noqa: BLE001 - narrowed in _hub_errors
         if _is_network_error(e):
             raise _hub_errors(model_id, e) from None
@@ -268,7 +293,7 @@ def hub_info(model_id: str, token: str | None = None) -> HubInfo:
         params = int(info.safetensors.total)
     elif any(n.endswith(".safetensors") for n in names):
         try:
-            meta = api.get_safetensors_metadata(model_id, token=tok or False)
+            meta = api.get_safetensors_metadata(model_id, token=tok or False, timeout=_hub_timeout())
             params = int(sum(meta.parameter_count.values()))
         except Exception:  # noqa: BLE001 - the count is a nicety; the rest of the info still stands
             params = None
@@ -310,11 +335,17 @@ def _download_patterns(names: list[str], gguf_file: str | None) -> list[str]:
     raise BadInput("This repository has no model weights (no .safetensors, .gguf or .bin files).")
 
 
-def _progress_tqdm(progress: ProgressFn):
-    """A tqdm class that reports the byte bar of snapshot_download to `progress` instead of a terminal."""
+def _progress_tqdm(progress: ProgressFn, total_bytes: int = 0):
+    """A tqdm class that reports the byte bars of snapshot_download to `progress` instead of a terminal.
+
+    snapshot_download grows a bar's total as each file starts, so n/total alone reaches 1.0 and falls back:
+    the fraction is taken against at least `total_bytes` (the files to fetch) and only ever moves forward."""
     import io  # noqa: PLC0415
 
     from tqdm.auto import tqdm  # noqa: PLC0415
+
+    lock = threading.Lock()
+    best = [0.0]
 
     class _Bar(tqdm):
         def __init__(self, *args, **kwargs):
@@ -323,8 +354,15 @@ def _progress_tqdm(progress: ProgressFn):
             super().__init__(*args, **kwargs)
 
         def _report(self):
-            if self.unit == "B" and self.total:
-                progress(min(1.0, self.n / self.total), f"{self.desc or 'Downloading'}: {human_bytes(self.n)} / {human_bytes(self.total)}")
+            if self.unit != "B" or not self.total:
+                return
+            total = max(self.total, total_bytes)
+            frac = min(1.0, self.n / total)
+            with lock:
+                if frac <= best[0]:
+                    return
+                best[0] = frac
+            progress(frac, f"Downloading: {human_bytes(self.n)} / {human_bytes(total)}")
 
         def update(self, n=1):
             r = super().update(n)
@@ -345,12 +383,15 @@ def download(model_id: str, token: str | None = None, progress: ProgressFn = _no
     info = hub_info(model_id, token)
     from huggingface_hub import snapshot_download  # noqa: PLC0415
 
+    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
+
     patterns = _download_patterns([f["name"] for f in info.files], gguf_file)
+    to_fetch = sum(f["size"] for f in filter_repo_objects(info.files, allow_patterns=patterns, key=lambda f: f["name"]))
     progress(0.0, f"Downloading {info.id} ({human_bytes(info.total_size)} in the repository)...")
     try:
         path = snapshot_download(
             info.id, token=_token(token) or False, allow_patterns=patterns, cache_dir=cache_dir,
-            endpoint=hub_endpoint(), tqdm_class=_progress_tqdm(progress),
+            endpoint=hub_endpoint(), tqdm_class=_progress_tqdm(progress, to_fetch),
         )
     except Exception as e:  # noqa: BLE001
         if _is_network_error(e):
@@ -451,10 +492,12 @@ def resolve_source(source: str, ws: Workspace | None = None) -> Path:
             return cand
     if not p.is_absolute() and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         from huggingface_hub import snapshot_download  # noqa: PLC0415
-        from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
+        from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError  # noqa: PLC0415
 
         try:
             return Path(snapshot_download(source, local_files_only=True))
+        except IncompleteSnapshotError as e:  # download() fetches only the files it needs (allow_patterns)
+            return Path(e.snapshot_path)
         except (LocalEntryNotFoundError, FileNotFoundError, OSError):
             raise NotFound(f"'{source}' is not a local path, and that Hub model is not downloaded yet (use Download).") from None
     raise NotFound(f"Nothing at '{source}': no such file or folder.")
@@ -520,7 +563,7 @@ def list_local_models(ws: Workspace, include_cache: bool = True) -> list[dict]:
 @dataclass
 class LoadedModel:
     name: str
-    path: str
+    model_path: str  # not "path": gradio_client takes any dict with a "path" key for a file to download
     backend: str  # "transformers" | "llama.cpp"
     format: str
     device: str
@@ -577,12 +620,13 @@ def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096) -> LoadedM
     _check_gguf(path)
     llama_cpp = llama_cpp_module()
 
-    prof = devicemod.profile()
+    # No torch here (its import costs most of a second at start-up): llama.cpp knows whether it can offload.
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
     t0 = time.time()
     try:
         llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=prof.threads, verbose=False,
-            n_gpu_layers=-1 if prof.kind in ("cuda", "mps") else 0,
+            model_path=str(path), n_ctx=n_ctx, n_threads=devicemod.cpu_threads(), verbose=False,
+            n_gpu_layers=-1 if offload else 0,
         )
     except (ValueError, RuntimeError, OSError) as e:
         raise BadInput(f"llama.cpp could not load {path.name}: {str(e).splitlines()[0][:200]}") from None
@@ -600,8 +644,8 @@ def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096) -> LoadedM
         pass
     ftype = {0: "F32", 1: "F16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 14: "Q4_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
     return LoadedModel(
-        name=name or md.get("general.name") or path.stem, path=str(path), backend="llama.cpp", format="gguf",
-        device=prof.kind, dtype=ftype.get(int(md.get("general.file_type", -1) or -1), f"type {md.get('general.file_type')}"),
+        name=name or md.get("general.name") or path.stem, model_path=str(path), backend="llama.cpp", format="gguf",
+        device="gpu (llama.cpp offload)" if offload else "cpu", dtype=ftype.get(int(md.get("general.file_type", -1) or -1), f"type {md.get('general.file_type')}"),
         n_params=int(llama_cpp.llama_model_n_params(llm.model)),
         memory_bytes=path.stat().st_size + kv_bytes, context_length=n_ctx_train, architecture=arch,
         chat_template="tokenizer.chat_template" in md or "<start_of_turn>" in _gguf_vocab_probe(llm), load_seconds=time.time() - t0, loaded_at=time.time(),
@@ -642,7 +686,7 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
     cfg = model.config
     tc = getattr(cfg, "text_config", None) or cfg
     return LoadedModel(
-        name=name or path.name, path=str(path), backend="transformers",
+        name=name or path.name, model_path=str(path), backend="transformers",
         format="hf-safetensors" if use_safetensors else "hf-pickle (weights only)", device=prof.kind,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""), n_params=n_params, memory_bytes=mem,
         context_length=getattr(tc, "max_position_embeddings", None), architecture=(cfg.architectures or [type(model).__name__])[0],
@@ -750,6 +794,26 @@ def load_default(ws: Workspace, registry: ModelRegistry = REGISTRY, progress: Pr
     return registry.load(str(path), ws, name=DEFAULT_NAME, progress=progress)
 
 
+def load_default_in_background(ws: Workspace, registry: ModelRegistry = REGISTRY, prepare_hf: bool = True,
+                               started: float | None = None) -> threading.Thread:
+    """Load the default model in a thread (the studio starts it before importing gradio, so both overlap), then
+    start the HF copy if asked. Nothing here imports torch."""
+    started = started or time.time()
+
+    def run():
+        try:
+            load_default(ws, registry)
+            print(f"MacTuner: default model ready ({time.time() - started:.2f} s after launch)", flush=True)
+            if prepare_hf:
+                start_default_hf_materialization(ws)
+        except Exception as e:  # noqa: BLE001 - the studio still serves; the Model tab shows the state
+            print(f"MacTuner: the default model could not be loaded: {type(e).__name__}: {e}", flush=True)
+
+    t = threading.Thread(target=run, name="default-model", daemon=True)
+    t.start()
+    return t
+
+
 def shape_of(lm: LoadedModel) -> devicemod.ModelShape:
     """The estimate's view of a loaded model."""
     if lm.backend == "transformers" and lm.model is not None:
@@ -786,7 +850,7 @@ def _cli(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - recorded for the UI, then re-raised for the log
         write_json(status, {"state": "failed", "error": f"{type(e).__name__}: {e}", "started": started})
         raise
-    write_json(status, {"state": "ready", "path": str(path), "seconds": round(time.time() - started, 1)})
+    write_json(status, {"state": "ready", "folder": str(path), "seconds": round(time.time() - started, 1)})
     return 0
 
 

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
+from pipelines import device as devicemod  # noqa: E402
 from pipelines import models  # noqa: E402
 from pipelines.workspace import Workspace  # noqa: E402
 
@@ -33,7 +34,8 @@ CSS = """
 
 def build_app(ctx: h.Context) -> gr.Blocks:
     with gr.Blocks(title="MacTuner") as demo:
-        header = gr.Markdown(h.header_md(ctx), elem_id="header")
+        # Header and device panel are filled on page load: building them here would import torch before serving.
+        header = gr.Markdown("**MacTuner**", elem_id="header")
         with gr.Tabs():
             m = model_tab.build(ctx)
         model_tab.register_api(ctx)
@@ -42,21 +44,10 @@ def build_app(ctx: h.Context) -> gr.Blocks:
         timer.tick(partial(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
         # A refreshed or newly opened page reads the shared state again.
         demo.load(partial(h.header_md, ctx), None, header, api_visibility="private").then(
+            h.device_md, None, m["device"], api_visibility="private").then(
             partial(h.current_md, ctx), None, m["current"], api_visibility="private").then(
             m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private")
     return demo
-
-
-def _prepare_default(ctx: h.Context, prepare_hf: bool, started: float) -> None:
-    """Load the embedded default model (and start its HF copy) without holding up the server."""
-    try:
-        models.load_default(ctx.ws, ctx.registry)
-        print(f"MacTuner: default model ready ({time.time() - started:.2f} s after launch)", flush=True)
-        if prepare_hf:
-            models.start_default_hf_materialization(ctx.ws)
-    except Exception as e:  # noqa: BLE001 - the studio still serves; the Model tab shows the state
-        log.exception("default model could not be loaded")
-        print(f"MacTuner: default model could not be loaded: {e}", flush=True)
 
 
 def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
@@ -65,10 +56,8 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     """Launch the studio. Returns (demo, url) when block=False."""
     started = time.time()
     ctx = ctx or h.Context(Workspace.open(root))
-    loader = None
-    if load_default:
-        loader = threading.Thread(target=_prepare_default, args=(ctx, prepare_hf, started), daemon=True)
-        loader.start()
+    if load_default:  # `mactuner studio` starts this itself, before importing gradio
+        models.load_default_in_background(ctx.ws, ctx.registry, prepare_hf, started)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     app, url, share_url = demo.launch(
@@ -78,8 +67,9 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
         app_kwargs={"docs_url": "/docs", "title": "MacTuner API", "exception_handlers": api.EXCEPTION_HANDLERS},
     )
     api.install(app, ctx, dict([auth]) if auth else None)
+    threading.Thread(target=devicemod.profile, daemon=True).start()  # import torch now, off the request path
     shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{demo.server_port}"
-    print(f"MacTuner studio on {shown} (workspace {ctx.ws.root}) - served {time.time() - started:.2f} s after launch", flush=True)
+    print(f"MacTuner studio on {shown} (workspace {ctx.ws.root})", flush=True)
     if share_url:
         print(f"Public share link: {share_url}", flush=True)
     if not block:

@@ -95,7 +95,7 @@ def current_md(ctx: Context) -> str:
         ("Parameters", f"{d['n_params'] / 1e6:.1f} M" if d["n_params"] else "?"),
         ("Memory used", d["memory"]), ("Context length", d["context_length"] or "?"),
         ("Chat template", "yes" if d["chat_template"] else "none (plain prompt fallback)"),
-        ("Loaded in", f"{d['load_seconds']:.2f} s"), ("Path", f"`{d['path']}`"),
+        ("Loaded in", f"{d['load_seconds']:.2f} s"), ("Path", f"`{d['model_path']}`"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     extra = f"\n\n<small>{_hf_copy_line(ctx)}</small>" if lm.name == models.DEFAULT_NAME else ""
@@ -217,7 +217,7 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
     gguf = lm.backend == "llama.cpp"
     for mode, dtype in (("inference", prof.infer_dtype), ("lora", prof.train_dtype), ("qlora", "bfloat16")):
         est = devicemod.estimate_memory(shape, mode, dtype, seq_len, batch_size, lora_rank, bool(gradient_checkpointing),
-                                        avail, weight_bytes=Path(lm.path).stat().st_size if gguf and mode == "inference" else None)
+                                        avail, weight_bytes=Path(lm.model_path).stat().st_size if gguf and mode == "inference" else None)
         label = {"inference": f"Inference ({'GGUF ' + lm.dtype if gguf else dtype})", "lora": f"LoRA r={lora_rank} ({dtype})", "qlora": f"QLoRA r={lora_rank} (4-bit)"}[mode]
         fits = "yes" if est.fits else "no"
         if mode == "qlora" and not prof.qlora:

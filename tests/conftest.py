@@ -6,7 +6,7 @@ Session fixtures (built once, read-only for tests - copy before changing anythin
   and a chat template, saved with ``save_pretrained`` (tokenizer.json, tokenizer_config.json, chat_template.jinja).
 - ``tiny_llama_dir``: ``<tmp>/tiny-llama``, a seeded random ``LlamaForCausalLM`` (hidden 32, 2 layers, 4 heads,
   2 kv heads, intermediate 64, 128 positions) saved as model.safetensors, plus that tokenizer.
-- ``tiny_gguf``: ``<tmp>/tiny-llama.gguf``, a valid F32 GGUF (llama arch, 2 blocks, SPM vocab of 310 tokens, a chat
+- ``tiny_gguf``: ``<tmp>/tiny-llama.gguf``, a valid F32 GGUF (llama arch, 2 blocks, SPM vocab of 304 tokens, a chat
   template) written with ``gguf.GGUFWriter``; llama.cpp loads it and completes with it.
 - ``model_variants``: a ``ModelVariants`` whose methods build (once) and return the path of a broken or unusual
   variant: ``no_config``, ``corrupt_safetensors(mode)`` (mode "truncated" | "garbage" | "bad-header"), ``non_causal``
@@ -83,6 +83,21 @@ class _EnvFlag:
         return repr(bool(self))
 
 
+class _FollowConstant(os.PathLike):
+    """A path that is whatever huggingface_hub.constants.<name> is at the moment it is used."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __fspath__(self) -> str:
+        from huggingface_hub import constants
+
+        return os.fspath(getattr(constants, self.name))
+
+    def __str__(self) -> str:
+        return self.__fspath__()
+
+
 # ------------------------------------------------------------------------------------------------ environment
 
 
@@ -104,8 +119,10 @@ def isolated_homes(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
-    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(hub_cache))  # scan_cache_dir's default
-    monkeypatch.setattr(_cache_assets, "HF_ASSETS_CACHE", str(hf_home / "assets"))
+    # scan_cache_dir() and cached_assets_path() use copies imported from constants: make them follow constants, so
+    # a test (or test_hub.py's own fixture) that repoints constants.HF_HUB_CACHE moves them too.
+    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", _FollowConstant("HF_HUB_CACHE"))
+    monkeypatch.setattr(_cache_assets, "HF_ASSETS_CACHE", _FollowConstant("HF_ASSETS_CACHE"))
     return home
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".onnx")
 
@@ -220,24 +220,25 @@ def _handler(hub: FakeHub):
                 req.repo, req.file = repo.id, names[0]
                 return self._serve_bytes(repo.files[names[0]], head, ETag=f'"{m[2]}"')
 
-            m = (re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", u.path)
-                 or re.fullmatch(r"/api/models/([^/]+/[^/]+)/(tree)/([^/]+)(/.*)?", u.path)
-                 or re.fullmatch(r"/([^/]+/[^/]+)/(resolve)/([^/]+)/(.+)", u.path))
-            if not m:
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", u.path):
+                kind, repo_id, rev, rest = "info", m[1], m[2], None
+            elif m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", u.path):
+                kind, repo_id, rev, rest = "tree", m[1], m[2], (m[3] or "")
+            elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", u.path):
+                kind, repo_id, rev, rest = "resolve", m[1], m[2], m[3]
+            else:
                 return self._error(404, None, "Sorry, we can't find the page you are looking for.", head)
-            repo = hub.repos.get(m[1])
+            repo, rev, rest = hub.repos.get(unquote(repo_id)), unquote(rev or "main"), unquote(rest or "")
             if repo is None:  # the Hub answers 401 to anonymous requests so as not to reveal private repos
                 return self._error(404 if token else 401, "RepoNotFound", "Repository not found", head)
-            kind = m[2] if m.lastindex >= 2 and m[2] in ("tree", "resolve") else "info"
-            rev = (m[3] if kind != "info" else m[2]) or "main"
             if rev not in ("main", repo.sha):
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
             if kind == "info":
                 return self._json(200, repo.info(blobs=req.query.get("blobs") == ["true"]), head)
             if kind == "tree":
-                return self._json(200, repo.tree((m[4] or "").lstrip("/")), head)
+                return self._json(200, repo.tree(rest.lstrip("/")), head)
 
-            req.repo, req.file = repo.id, m[4]
+            req.repo, req.file = repo.id, rest
             if req.file not in repo.files:
                 return self._error(404, "EntryNotFound", "Entry not found", head, X_Repo_Commit=repo.sha)
             if repo.gated and not token:

@@ -19,7 +19,7 @@ def build(ctx: h.Context) -> dict:
                     unload_btn = gr.Button("Unload", elem_id="unload")
                 status = gr.Markdown(elem_id="model-status")
             with gr.Column(scale=2):
-                device = gr.Markdown(h.device_md(), elem_id="device-profile")
+                device = gr.Markdown("### Device\nDetecting…", elem_id="device-profile")
 
         with gr.Accordion("Hugging Face Hub", open=True):
             with gr.Row():

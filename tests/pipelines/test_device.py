@@ -203,7 +203,7 @@ def test_model_shape_from_tiny_llama_config():
         32, 2, 300, 64, 2, 8)
     # no count given: 2 x (4 x 32^2 + 3 x 32 x 64) + 300 x 32
     assert s.n_params == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 300 * 32 == 30_080
-    assert ModelShape.from_config(cfg, n_params=38_432).n_params == 38_432
+    assert ModelShape.from_config(cfg, n_params=37_792).n_params == 37_792
 
 
 def test_model_shape_from_saved_tiny_llama(tiny_llama_dir):

@@ -8,11 +8,14 @@ HF_HUB_OFFLINE...), and another test may have imported it before this module run
 late, so the `hf_env` fixture also patches the module attributes that are read at call time:
   - constants.HF_HUB_CACHE: snapshot_download's default cache_dir. `download()` is called without cache_dir here,
     and `resolve_source()` cannot be given one, so both must land in / look in the per-test tmp cache;
-  - constants.ENDPOINT: the endpoint of requests made without `endpoint=` (huggingface_hub fetches its
-    "agent harnesses" registry from it once per process), so nothing ever goes to huggingface.co;
+  - constants.ENDPOINT and HUGGINGFACE_CO_URL_TEMPLATE (kept consistent: hf_hub_url swaps the ENDPOINT prefix of
+    the template for `endpoint=`) point at a closed local port. A request that does not get the endpoint from
+    `hub_endpoint()` therefore fails here at once instead of reaching huggingface.co (huggingface_hub itself
+    fetches an "agent harnesses" registry from constants.ENDPOINT once per process; that fails harmlessly);
   - constants.HF_HOME / AGENT_HARNESSES_PATH: nothing is read from or written to the real ~/.cache/huggingface;
-  - constants.HF_HUB_OFFLINE: False, whatever the environment says.
+  - constants.HF_HUB_OFFLINE: False, whatever the environment (or conftest's autouse `hf_offline`) says.
 Every test asserts on `hub.requests` that the fake Hub was really the one answering.
+
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from safetensors.numpy import save as st_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, where fakehub.py lives
 from fakehub import FakeHub  # noqa: E402
+from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 
 from pipelines import models  # noqa: E402
 from pipelines.errors import BadInput, NotFound, Unauthorized, Unavailable  # noqa: E402
@@ -70,7 +74,9 @@ def hf_env(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    sinkhole = _closed_port_url()
+    monkeypatch.setattr(constants, "ENDPOINT", sinkhole)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", sinkhole + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
@@ -187,8 +193,6 @@ def test_wrong_token_is_unauthorized(hub):
 # ------------------------------------------------------------------------------------------------- no network
 
 
-@pytest.mark.xfail(strict=True, reason="BUG models._is_network_error checks httpx.TransportError, but "
-                   "huggingface_hub 2.4 uses httpx2: a refused connection escapes as httpx2.ConnectError")
 def test_unreachable_hub_is_unavailable(monkeypatch):
     url = _closed_port_url()
     monkeypatch.setenv("HF_ENDPOINT", url)
@@ -200,9 +204,28 @@ def test_unreachable_hub_is_unavailable(monkeypatch):
     assert time.monotonic() - t0 < 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG hub_info calls model_info with timeout=None (and the shared httpx2 "
-                   "client has no timeout): a Hub that accepts the connection but never answers hangs it forever")
+def test_hub_lost_during_download_is_unavailable(monkeypatch):
+    with FakeHub() as lone:
+        lone.add_repo("org/tiny", {"config.json": CONFIG, "model.safetensors": TINY_ST})
+        monkeypatch.setenv("HF_ENDPOINT", lone.url)
+
+        def progress(fraction, message):  # download() reports 0.0 between hub_info and snapshot_download
+            if fraction == 0.0 and lone._server is not None:
+                lone.stop()
+
+        with pytest.raises(Unavailable, match="Cannot reach the Hub"):
+            models.download("org/tiny", progress=progress)
+    # the Hub answered hub_info, then vanished before snapshot_download's first request
+    assert lone.requests and not any("/revision/" in r.path for r in lone.requests)
+    assert lone.downloaded("org/tiny") == set()
+
+
 def test_silent_hub_gives_up_within_seconds(monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub's knob for metadata requests; read at import, hence the attribute patch as well
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
@@ -217,11 +240,11 @@ def test_silent_hub_gives_up_within_seconds(monkeypatch):
 
     t = threading.Thread(target=call, daemon=True)
     t.start()
-    t.join(4)
+    t.join(3)
     finished = not t.is_alive()
     srv.close()  # resets the pending connection, which frees the thread if it was still waiting
     t.join(2)
-    assert finished, "hub_info was still waiting after 4 s"
+    assert finished, "hub_info was still waiting after 3 s"
     assert isinstance(outcome[0], Unavailable)
 
 
@@ -250,8 +273,6 @@ def test_download_progress_ends_at_one(hub):
     assert seen[-1] == (1.0, "Downloaded org/tiny")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG models._progress_tqdm reports each byte bar's n/total while "
-                   "snapshot_download grows the totals as files start: the fraction hits 1.0, then drops")
 def test_download_progress_never_goes_back(hub):
     hub.delays["model.safetensors"] = 0.3  # the weights start after the small files are done, as on a real link
     fractions = []
@@ -309,9 +330,6 @@ def test_resolve_source_finds_complete_download(hub, hf_env):
     assert len(hub.requests) == n  # local_files_only: no request
 
 
-@pytest.mark.xfail(strict=True, reason="BUG resolve_source: snapshot_download(local_files_only=True) raises "
-                   "IncompleteSnapshotError (a LocalEntryNotFoundError) because download() filtered files "
-                   "(.gitattributes, pytorch_model.bin), so every filtered Hub download reads as 'not downloaded'")
 def test_resolve_source_after_filtered_download(hub):
     path = models.download("org/tiny")
     assert models.resolve_source("org/tiny") == path

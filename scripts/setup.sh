@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up MacTuner in ./.venv: `bash scripts/setup.sh` (studio) or `bash scripts/setup.sh test` (+ test tools).
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# torch: on Linux without an NVIDIA driver take the CPU wheel; a looser spec pulls a multi-GB CUDA build.
+# (macOS gets the MPS-enabled wheel from the plain dependency below.)
+if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
+fi
+if [ "${1:-}" = test ]; then
+  "${PIP[@]}" -e ".[test]"
+  # Browser tests drive Debian's Chromium with Playwright (never `playwright install`).
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium fonts-dejavu-core
+  fi
+else
+  "${PIP[@]}" -e .
+fi

@@ -1,0 +1,122 @@
+"""Browser test: `mactuner studio` in a subprocess, driven by headless Debian Chromium through Playwright.
+
+Opens the studio, checks that the embedded default model is loaded and described, unloads and reloads it, reads
+the memory estimate, tries bad input, and picks a local model from the table. A screenshot of the Model tab is
+left in the test's tmp folder (and written to assets/screenshot.png when MACTUNER_UPDATE_SCREENSHOT=1).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (scripts/setup.sh test installs it)")]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "ws"
+    port = free_port()
+    log = open(root.parent / "studio.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "studio", "--root", str(root), "--port", str(port),
+                             "--no-prepare-hf"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        try:
+            urllib.request.urlopen(url + "/api/model/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("studio did not start: " + (root.parent / "studio.log").read_text()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def page(studio_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+        pg.set_default_timeout(60_000)
+        pg.goto(studio_url)
+        yield pg
+        browser.close()
+
+
+def test_model_tab_shows_default_model(page, tmp_path):
+    from playwright.sync_api import expect
+
+    current = page.locator("#current-model")
+    expect(current).to_contain_text("gemma-3-270m (embedded default)")
+    expect(current).to_contain_text("gemma3")
+    expect(current).to_contain_text("Q4_K_M")
+    expect(current).to_contain_text("llama.cpp")
+    expect(page.locator("#header")).to_contain_text("gemma-3-270m")
+    expect(page.locator("#header")).to_contain_text("memory")
+    expect(page.locator("#device-profile")).to_contain_text("Training dtype")
+    expect(page.locator("#estimate-table")).to_contain_text("Inference (GGUF Q4_K_M)")
+    expect(page.locator("#estimate-advice")).to_contain_text("recommended batch size")
+    expect(page.locator("#local-models")).to_contain_text("embedded default")
+    shot = tmp_path / "model-tab.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MACTUNER_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "assets" / "screenshot.png")
+
+
+def test_unload_and_reload(page):
+    from playwright.sync_api import expect
+
+    page.locator("#unload").click()
+    expect(page.locator("#model-status")).to_contain_text("Unloaded")
+    expect(page.locator("#current-model")).to_contain_text("No model is loaded")
+    page.locator("#load-default").click()
+    expect(page.locator("#model-status")).to_contain_text("Loaded")
+    expect(page.locator("#current-model")).to_contain_text("Q4_K_M")
+
+
+def test_bad_inputs_give_clear_messages(page):
+    from playwright.sync_api import expect
+
+    page.locator("#local-path textarea, #local-path input").first.fill("/no/such/model")
+    page.locator("#local-load").click()
+    expect(page.locator(".toast-body").filter(has_text="no such file or folder").first).to_be_visible()
+    page.locator("#hub-id textarea, #hub-id input").first.fill("not a valid id!")
+    page.locator("#hub-info-btn").click()
+    expect(page.locator(".toast-body").filter(has_text="not a valid Hub model id").first).to_be_visible()
+    # the model loaded before is still the current one
+    expect(page.locator("#current-model")).to_contain_text("Q4_K_M")
+
+
+def test_pick_local_model_from_table(page):
+    from playwright.sync_api import expect
+
+    page.locator("#local-models tbody td:visible").filter(has_text="embedded default").first.click()
+    box = page.locator("#local-path textarea, #local-path input").first
+    expect(box).to_have_value(__import__("re").compile(r".*gemma-3-270m-q4_k_m\.gguf$"))
