@@ -168,6 +168,14 @@ class ModelShape:
     intermediate_size: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    num_heads: int = 0  # 0: hidden_size // head_dim
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention projections (heads x head_dim), which need not equal hidden_size (Gemma 3)."""
+        if self.num_heads and self.head_dim:
+            return self.num_heads * self.head_dim
+        return self.hidden_size
 
     @classmethod
     def from_config(cls, config, n_params: int | None = None) -> "ModelShape":
@@ -180,9 +188,10 @@ class ModelShape:
         inter = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
         vocab = int(getattr(cfg, "vocab_size", 0))
         if n_params is None:
-            per_layer = 4 * hidden * hidden + 3 * hidden * inter
+            q, kvw = heads * head_dim, kv * head_dim
+            per_layer = 2 * hidden * q + 2 * hidden * kvw + 3 * hidden * inter
             n_params = layers * per_layer + vocab * hidden
-        return cls(n_params, hidden, layers, vocab, inter, kv, head_dim)
+        return cls(n_params, hidden, layers, vocab, inter, kv, head_dim, heads)
 
     @classmethod
     def guess(cls, n_params: int) -> "ModelShape":
@@ -206,9 +215,9 @@ class MemoryEstimate:
 
 def lora_params(shape: ModelShape, rank: int) -> int:
     """Adapter parameters for LoRA on all linear layers of the decoder (q, k, v, o, gate, up, down)."""
-    h, i = shape.hidden_size, shape.intermediate_size or 4 * shape.hidden_size
+    h, i, q = shape.hidden_size, shape.intermediate_size or 4 * shape.hidden_size, shape.q_dim
     kv = (shape.num_kv_heads * shape.head_dim) or h
-    per_layer = rank * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
+    per_layer = rank * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)
     return per_layer * shape.num_layers
 
 

@@ -490,14 +490,16 @@ def resolve_source(source: str, ws: Workspace | None = None) -> Path:
         cand = (ws.models / p).resolve()
         if cand.exists() and ws.models in cand.parents:
             return cand
-    if not p.is_absolute() and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+    if not p.is_absolute() and not source.startswith(".") and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         from huggingface_hub import snapshot_download  # noqa: PLC0415
-        from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError  # noqa: PLC0415
+        from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError  # noqa: PLC0415
 
         try:
             return Path(snapshot_download(source, local_files_only=True))
         except IncompleteSnapshotError as e:  # download() fetches only the files it needs (allow_patterns)
             return Path(e.snapshot_path)
+        except HFValidationError:
+            raise NotFound(f"Nothing at '{source}': no such file or folder.") from None
         except (LocalEntryNotFoundError, FileNotFoundError, OSError):
             raise NotFound(f"'{source}' is not a local path, and that Hub model is not downloaded yet (use Download).") from None
     raise NotFound(f"Nothing at '{source}': no such file or folder.")
@@ -697,6 +699,16 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
     )
 
 
+def _single_gguf(folder: Path) -> Path:
+    """A folder without config.json that holds GGUF files (a downloaded GGUF repo): its one GGUF, or a clear message."""
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if len(ggufs) > 1:
+        raise BadInput(f"{folder.name} holds several GGUF files; load one of them: " + ", ".join(g.name for g in ggufs[:12]))
+    return folder  # inspect_folder explains what is missing
+
+
 class ModelRegistry:
     """The loaded models of this process, shared by every browser tab and API caller; guarded by one lock.
 
@@ -734,6 +746,8 @@ class ModelRegistry:
         try:
             self._loading = path.name
             progress(0.1, f"Loading {path.name}...")
+            if path.is_dir() and not (path / "config.json").exists():
+                path = _single_gguf(path)
             if path.is_file():
                 lm = load_gguf(path, name)
             else:
@@ -826,6 +840,7 @@ def shape_of(lm: LoadedModel) -> devicemod.ModelShape:
         n_params=lm.n_params or 0, hidden_size=hidden, num_layers=g("block_count"),
         vocab_size=int(lm.model.n_vocab()) if lm.model is not None else 32000, intermediate_size=g("feed_forward_length"),
         num_kv_heads=g("attention.head_count_kv", heads), head_dim=g("attention.key_length", hidden // max(1, heads)),
+        num_heads=heads,
     )
 
 

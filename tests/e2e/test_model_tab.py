@@ -117,6 +117,6 @@ def test_bad_inputs_give_clear_messages(page):
 def test_pick_local_model_from_table(page):
     from playwright.sync_api import expect
 
-    page.locator("#local-models tbody td:visible").filter(has_text="embedded default").first.click()
+    page.locator('#local-models [role="gridcell"]').filter(has_text="embedded default").first.click()
     box = page.locator("#local-path textarea, #local-path input").first
     expect(box).to_have_value(__import__("re").compile(r".*gemma-3-270m-q4_k_m\.gguf$"))

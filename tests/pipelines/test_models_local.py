@@ -224,9 +224,6 @@ def test_hub_id_not_downloaded(registry, workspace, tmp_path, monkeypatch):
     assert_user_error(e, NotFound, "not downloaded yet")
 
 
-@pytest.mark.xfail(strict=True, raises=HFValidationError, reason=(
-    "pipelines/models.py resolve_source: a relative path like '../x' or './x' matches the Hub-id regex and "
-    "snapshot_download raises HFValidationError (a ValueError), which escapes as a raw exception"))
 @pytest.mark.parametrize("source", ["../secret", "./not-here"])
 def test_relative_path_that_is_not_a_hub_id(registry, workspace, tmp_path, monkeypatch, source):
     (workspace.root / "secret").mkdir()  # outside models/: must not be found through models/../secret
@@ -427,10 +424,6 @@ def test_a_test_can_go_online_with_delenv(monkeypatch):
     assert not constants.is_offline_mode()
 
 
-@pytest.mark.xfail(strict=True, raises=BadInput, reason=(
-    "pipelines/models.py ModelRegistry.load treats every folder as an HF folder: a downloaded GGUF-only Hub repo is "
-    "listed by list_local_models as format 'gguf' with its snapshot folder as path, and resolve_source returns that "
-    "folder, so loading it by its id ends in load_hf -> BadInput 'has no config.json'"))
 def test_downloaded_gguf_repo_loads_by_its_id(registry, workspace, tiny_gguf, tmp_path, monkeypatch):
     src = tmp_path / "repo"
     src.mkdir()
