@@ -68,7 +68,7 @@ def _studio(args) -> int:
 
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
-          load_default=False, ctx=Context(ws, REGISTRY))
+          load_default=False, ctx=Context(ws, REGISTRY, prepare_hf=not args.no_prepare_hf))
     return 0
 
 

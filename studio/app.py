@@ -55,9 +55,9 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
           prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None):
     """Launch the studio. Returns (demo, url) when block=False."""
     started = time.time()
-    ctx = ctx or h.Context(Workspace.open(root))
+    ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
-        models.load_default_in_background(ctx.ws, ctx.registry, prepare_hf, started)
+        models.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     app, url, share_url = demo.launch(

@@ -29,6 +29,7 @@ class Context:
 
     ws: Workspace
     registry: models.ModelRegistry = field(default_factory=lambda: models.REGISTRY)
+    prepare_hf: bool = True  # prepare the default model's HF copy (for training) when it is loaded
 
 
 def ui_errors(fn):
@@ -134,8 +135,18 @@ def device_profile() -> dict:
 @ui_errors
 def load_default(ctx: Context, progress=gr.Progress()):
     lm = models.load_default(ctx.ws, ctx.registry, _gr_progress(progress))
-    models.start_default_hf_materialization(ctx.ws)
+    if ctx.prepare_hf:
+        models.start_default_hf_materialization(ctx.ws)
     return current_md(ctx), f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s."
+
+
+@ui_errors
+def prepare_default_hf(ctx: Context):
+    """Start the one-off HF safetensors copy of the default model (needed for training) in its own process."""
+    models.ensure_default_gguf(ctx.ws)
+    st = models.start_default_hf_materialization(ctx.ws)
+    msg = {"ready": "The training copy is ready.", "running": "Preparing the training copy in the background (about a minute)."}
+    return current_md(ctx), msg.get(st["state"], f"Training copy: {st['state']}")
 
 
 @ui_errors

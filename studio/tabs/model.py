@@ -17,6 +17,7 @@ def build(ctx: h.Context) -> dict:
                 with gr.Row():
                     default_btn = gr.Button("Load default model (Gemma 3 270M)", variant="primary", elem_id="load-default")
                     unload_btn = gr.Button("Unload", elem_id="unload")
+                    prep_btn = gr.Button("Prepare training copy", elem_id="prepare-hf")
                 status = gr.Markdown(elem_id="model-status")
             with gr.Column(scale=2):
                 device = gr.Markdown("### Device\nDetecting…", elem_id="device-profile")
@@ -66,6 +67,7 @@ def build(ctx: h.Context) -> dict:
                             api_name="model_download"))
     unload_btn.click(partial(h.unload, ctx), None, [current, status], api_name="model_unload").then(
         estimate, est_inputs, [est_table, advice], api_visibility="private")
+    prep_btn.click(partial(h.prepare_default_hf, ctx), None, [current, status], api_name="model_prepare_default_hf")
     info_btn.click(h.hub_info, [hub_id, hub_token], [hub_md, hub_files], api_name="model_info")
     hub_id.submit(h.hub_info, [hub_id, hub_token], [hub_md, hub_files], api_visibility="private")
     refresh_btn.click(partial(h.local_models_table, ctx), None, local_table, api_name="model_list")

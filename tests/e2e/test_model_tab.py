@@ -33,11 +33,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def studio_url(tmp_path_factory):
+def hub(tiny_llama_dir):
+    """A local stand-in for the Hub serving the tiny llama as tiny/llama (see tests/fakehub.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakehub import FakeHub
+
+    with FakeHub() as h:
+        h.add_repo("tiny/llama", {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()},
+                   downloads=42, likes=5, license="mit")
+        yield h
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory, hub):
     root = tmp_path_factory.mktemp("e2e") / "ws"
     port = free_port()
     log = open(root.parent / "studio.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(root.parent / "hf"), MACTUNER_HOME=str(root))
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "studio", "--root", str(root), "--port", str(port),
                              "--no-prepare-hf"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -120,3 +133,23 @@ def test_pick_local_model_from_table(page):
     page.locator('#local-models [role="gridcell"]').filter(has_text="embedded default").first.click()
     box = page.locator("#local-path textarea, #local-path input").first
     expect(box).to_have_value(__import__("re").compile(r".*gemma-3-270m-q4_k_m\.gguf$"))
+
+
+def test_hub_info_then_download_and_load(page, hub):
+    from playwright.sync_api import expect
+
+    page.locator("#hub-id textarea, #hub-id input").first.fill("tiny/llama")
+    page.locator("#hub-info-btn").click()
+    info = page.locator("#hub-info")
+    expect(info).to_contain_text("tiny/llama")
+    expect(info).to_contain_text("mit")
+    expect(info).to_contain_text("safetensors")
+    expect(page.locator("#hub-files")).to_contain_text("model.safetensors")
+    assert not hub.downloaded("tiny/llama")  # info downloads nothing
+    page.locator("#hub-download-btn").click()
+    expect(page.locator("#model-status")).to_contain_text("Downloaded", timeout=120_000)
+    expect(page.locator("#current-model")).to_contain_text("LlamaForCausalLM")
+    expect(page.locator("#local-models")).to_contain_text("hf-cache")
+    assert "model.safetensors" in hub.downloaded("tiny/llama")
+    page.locator("#load-default").click()
+    expect(page.locator("#current-model")).to_contain_text("Q4_K_M")

@@ -37,8 +37,8 @@ def launch(tmp_path_factory, auth=None):
     from studio.handlers import Context
 
     ws = Workspace.open(tmp_path_factory.mktemp("studio") / "ws")
-    ctx = Context(ws, models.ModelRegistry())
-    demo, url = serve(port=free_port(), auth=auth, prepare_hf=False, block=False, ctx=ctx)
+    ctx = Context(ws, models.ModelRegistry(), prepare_hf=False)
+    demo, url = serve(port=free_port(), auth=auth, block=False, ctx=ctx)
     return demo, url, ctx
 
 
