@@ -5,6 +5,11 @@
     mactuner models [--root DIR]         list local models
     mactuner info MODEL_ID [--token T]   Hub info without download
     mactuner download MODEL_ID [--token T]
+    mactuner train CONFIG.yaml [--root DIR] [--name N] [--nproc 2] [--detach]   queue a LoRA run and follow it
+    mactuner train --example             print a TrainConfig YAML with every setting and its help
+    mactuner runs [--root DIR]           list training runs
+    mactuner stop RUN [--root DIR]       stop a run at its next step end (it saves a checkpoint)
+    mactuner resume RUN [--checkpoint step-N] [--root DIR] [--detach]
 
 Only `studio` imports gradio (lazily), so the other subcommands stay light.
 """
@@ -121,12 +126,138 @@ def main(argv: list[str] | None = None) -> int:
 
     dl.set_defaults(fn=_download)
 
+    _add_training(sub)
+
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except MacTunerError as e:
         print(f"mactuner: {e.message}", file=sys.stderr)
         return 1
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _example_config() -> str:
+    from .train import TrainConfig  # noqa: PLC0415
+
+    helps = TrainConfig.help()
+    out = ["# MacTuner training config: mactuner train THIS.yaml"]
+    for line in TrainConfig().to_yaml().splitlines():
+        key = line.split(":", 1)[0]
+        if key in helps:
+            out.append(f"# {helps[key]}")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _follow(run, poll: float = 1.0) -> int:
+    """Print the run's metrics as they come until it ends; Ctrl-C asks it to stop (a second one leaves it running)."""
+    import time  # noqa: PLC0415
+
+    from . import runs  # noqa: PLC0415
+
+    offset, said, stopping = 0, None, False
+    while True:
+        try:
+            rows, offset = runs.read_metrics(run, offset)
+            for r in rows:
+                if r.get("event"):
+                    print(f"-- {r['event']} from step {r.get('step')}", flush=True)
+                    continue
+                ev = f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else ""
+                print(f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}{ev}  lr {r['learning_rate']:.2e}  "
+                      f"{r['tokens_per_s']:.0f} tok/s", flush=True)
+            st = runs.refresh_status(run)
+            state = st.get("state")
+            if state != said and state not in ("running",):
+                print(f"[{run.name}] {state}" + (f": {st['reason']}" if st.get("reason") else ""), flush=True)
+            said = state
+            if state in runs.FINAL:
+                return 0 if state in ("finished", "stopped") else 1
+            time.sleep(poll)
+        except KeyboardInterrupt:
+            if stopping:
+                print(f"Leaving {run.name} running; `mactuner stop {run.name}` stops it.", file=sys.stderr)
+                return 130
+            stopping = True
+            runs.stop(run)
+            print("Stopping at the end of this step (Ctrl-C again to leave it running)...", file=sys.stderr)
+
+
+def _add_training(sub) -> None:
+    t = sub.add_parser("train", help="queue a LoRA fine-tuning run from a YAML config and follow it")
+    t.add_argument("config", nargs="?", help="TrainConfig as YAML (see --example)")
+    t.add_argument("--root", default=None, help="workspace folder (default ~/.mactuner, or $MACTUNER_HOME)")
+    t.add_argument("--name", default=None, help="run name (default: date-dataset)")
+    t.add_argument("--nproc", type=int, default=1, help="training processes (>1: DDP under torchrun)")
+    t.add_argument("--detach", action="store_true", help="return once queued; the run goes on in the background")
+    t.add_argument("--example", action="store_true", help="print an example config with every setting and exit")
+
+    def _train(a):
+        if a.example:
+            print(_example_config(), end="")
+            return 0
+        if not a.config:
+            print("mactuner train: give a CONFIG.yaml (or --example to get one)", file=sys.stderr)
+            return 2
+        from pathlib import Path  # noqa: PLC0415
+
+        from . import runs  # noqa: PLC0415
+        from .train import TrainConfig  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        ws = Workspace.open(a.root)
+        run = runs.launch(ws, TrainConfig.from_yaml(Path(a.config)), name=a.name, nproc=a.nproc)
+        st = runs.refresh_status(run)
+        print(f"run {run.name}: {st['state']} ({run.path})", flush=True)
+        return 0 if a.detach else _follow(run)
+
+    t.set_defaults(fn=_train)
+
+    r = sub.add_parser("runs", help="list training runs")
+    r.add_argument("--root", default=None)
+
+    def _runs(a):
+        from . import runs  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        print(json.dumps(runs.list_runs(Workspace.open(a.root)), indent=2, default=str))
+        return 0
+
+    r.set_defaults(fn=_runs)
+
+    s = sub.add_parser("stop", help="stop a training run at its next step end (a checkpoint is saved)")
+    s.add_argument("run")
+    s.add_argument("--root", default=None)
+
+    def _stop(a):
+        from . import runs  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        st = runs.stop(runs.get_run(Workspace.open(a.root), a.run))
+        print(f"{a.run}: {st['state']}" + (f" ({st['reason']})" if st.get("reason") else ""))
+        return 0
+
+    s.set_defaults(fn=_stop)
+
+    rs = sub.add_parser("resume", help="resume a stopped or failed run from a checkpoint (default: its latest)")
+    rs.add_argument("run")
+    rs.add_argument("--checkpoint", default=None, help="step-N (default: the latest complete checkpoint)")
+    rs.add_argument("--root", default=None)
+    rs.add_argument("--detach", action="store_true")
+
+    def _resume(a):
+        from . import runs  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        ws = Workspace.open(a.root)
+        run = runs.resume(ws, runs.get_run(ws, a.run), a.checkpoint)
+        print(f"run {run.name}: {runs.refresh_status(run)['state']}", flush=True)
+        return 0 if a.detach else _follow(run)
+
+    rs.set_defaults(fn=_resume)
 
 
 if __name__ == "__main__":

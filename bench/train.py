@@ -1,0 +1,286 @@
+"""Training benchmark: LoRA r=16 on all linear layers of the default model's HF copy (Gemma 3 270M), a fixed chat
+dataset, batch 4, max length 256, the same steps three ways, each in its own process (so peak RSS is its own):
+
+  ours   pipelines.train.run_training: loss on the assistant tokens only, output layer applied at those positions
+  plain  a plain PyTorch + PEFT loop in fp32: model(input_ids, attention_mask, labels) -> loss over full logits
+  trl    TRL's SFTTrainer with its default arguments (bf16 autocast; all tokens trained) - very slow on CPUs
+         without native bf16: --skip-trl leaves it out, --trl-steps N runs fewer measured steps
+
+(ours) and (plain) see the same batches in the same order from the same seed, so their per-step losses must match.
+Prints tokens/s, s/step, peak RSS and final loss for each, and the ratios. Target: ours >= 1.3x plain.
+
+    .venv/bin/python bench/train.py [--model PATH] [--steps 5] [--warmup 1] [--threads N] [--skip-trl] [--json OUT]
+
+--model defaults to the workspace's default-model HF copy (models.default_hf_path; --root picks the workspace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOPICS = ["LoRA adapters", "quantization to GGUF", "learning-rate warm-up", "gradient accumulation", "tokenizers",
+          "chat templates", "evaluation loss", "overfitting", "batch size on a laptop", "checkpoints"]
+FACTS = [
+    "It keeps the base weights frozen and learns a small low-rank update for each chosen layer.",
+    "Fewer trainable parameters means less optimizer memory and faster steps on a CPU.",
+    "Start with a modest learning rate and watch the validation loss after every few hundred steps.",
+    "If the training loss keeps falling while the validation loss rises, the model is memorising.",
+    "A longer context costs memory linearly in the activations and quadratically in attention.",
+    "Save checkpoints regularly so that an interrupted run can resume where it stopped.",
+    "The chat template decides how turns are marked, so training and inference must use the same one.",
+    "Packing short conversations together wastes less compute on padding tokens.",
+]
+DATASET_SEED = 0
+
+
+def make_rows(n: int = 64) -> list[dict]:
+    """A fixed, deterministic chat dataset: a system prompt, a question, a multi-sentence answer."""
+    import random
+
+    rng = random.Random(DATASET_SEED)
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        answer = " ".join(rng.choice(FACTS) for _ in range(rng.randint(3, 9)))
+        rows.append({"messages": [
+            {"role": "system", "content": "You are a concise assistant that explains model fine-tuning."},
+            {"role": "user", "content": f"Question {i}: can you explain {topic} and why it matters when I fine-tune a "
+                                        f"small model on my own laptop?"},
+            {"role": "assistant", "content": f"{topic.capitalize()}: {answer}"},
+        ]})
+    return rows
+
+
+def _setup(root: Path, args):
+    from pipelines.train import TrainConfig, validate
+    from pipelines.workspace import Workspace
+
+    ws = Workspace.open(root)
+    d = ws.datasets / "bench" / "v1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows()))
+    cfg = TrainConfig(base_model=args.model, dataset="bench", method="lora", rank=16, alpha=32, dropout=0.05,
+                      target_modules="all-linear", max_steps=args.warmup + args.steps, learning_rate=2e-4,
+                      scheduler="constant", warmup_steps=0, batch_size=4, grad_accum=1, max_length=256,
+                      save_every=0, eval_every=0, seed=0, threads=args.threads)
+    return ws, validate(cfg, ws)
+
+
+def _peak_rss() -> int:
+    from pipelines.train import peak_rss
+
+    return peak_rss()
+
+
+def _summary(step_times: list[float], step_tokens: list[int], losses: list[float], warmup: int) -> dict:
+    t, k = step_times[warmup:], step_tokens[warmup:]
+    return {"s_per_step": statistics.mean(t), "tokens_per_s": sum(k) / sum(t), "losses": losses,
+            "final_loss": losses[-1], "peak_rss": _peak_rss(), "tokens_per_step": statistics.mean(k),
+            "step_times": step_times}
+
+
+def worker_ours(args) -> dict:
+    from pipelines.train import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws, cfg = _setup(Path(tmp), args)
+        rows = []
+        run_training(cfg, ws.runs / "bench", rows.append, ws=ws, validated=True, log=lambda m: print(m, file=sys.stderr))
+    return _summary([r["step_time"] for r in rows], [r["tokens"] for r in rows], [r["loss"] for r in rows], args.warmup)
+
+
+def _plain_batches(ws, cfg, tok):
+    """The batches our trainer sees, in its order (same tokenization, same sampler and seed)."""
+    from torch.utils.data import DistributedSampler
+
+    from pipelines.train import encode_dataset
+
+    enc, _ = encode_dataset(cfg, ws, tok)
+    sampler = DistributedSampler(enc.examples, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(0)
+    idx = list(sampler)
+    groups = [idx[i: i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+    return [[enc.examples[i] for i in g] for g in groups]
+
+
+def worker_plain(args) -> dict:
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines import device as devicemod
+    from pipelines.train import IGNORE, _schedule, ensure_chat_template
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws, cfg = _setup(Path(tmp), args)
+        torch.set_num_threads(cfg.threads or devicemod.profile().threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        tok = AutoTokenizer.from_pretrained(cfg.base_model)
+        ensure_chat_template(tok)
+        batches = _plain_batches(ws, cfg, tok)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                             target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    times, toks, losses = [], [], []
+    for step in range(cfg.max_steps):
+        items = batches[step % len(batches)]
+        t0 = time.time()
+        n = max(len(x[0]) for x in items)
+        ids = torch.full((len(items), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+        for i, (x, y) in enumerate(items):
+            ids[i, : len(x)], mask[i, : len(x)], labels[i, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        times.append(time.time() - t0)
+        toks.append(int(mask.sum()))
+        print(f"plain step {step + 1}: loss {losses[-1]:.4f} {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    return _summary(times, toks, losses, args.warmup)
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from pipelines import device as devicemod
+    from pipelines.train import ensure_chat_template
+
+    torch.set_num_threads(args.threads or devicemod.profile().threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ensure_chat_template(tok)
+    steps = args.warmup + (args.trl_steps or args.steps)
+    times, toks, losses = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0, self.seen = time.time(), state.num_input_tokens_seen
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.time() - self.t0)
+            toks.append(int(state.num_input_tokens_seen - self.seen))
+            print(f"trl step {len(times)}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sft_args = SFTConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=4, max_length=256,
+                             learning_rate=2e-4, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+                             include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+        trainer = SFTTrainer(model=args.model, args=sft_args, train_dataset=Dataset.from_list(make_rows()),
+                             processing_class=tok, callbacks=[Timer()],
+                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+        print(f"trl: bf16={sft_args.bf16} (autocast)", file=sys.stderr, flush=True)
+        trainer.train()
+    res = _summary(times, toks, losses or [float("nan")], args.warmup)
+    res["bf16"] = bool(sft_args.bf16)
+    return res
+
+
+# --------------------------------------------------------------------------------------------- orchestration
+
+
+def run_worker(method: str, args, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", args.model,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--trl-steps", str(args.trl_steps)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: the workspace's default-model HF copy)")
+    ap.add_argument("--root", default=None, help="workspace for the default model (default ~/.mactuner)")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the device profile's)")
+    ap.add_argument("--skip-trl", action="store_true", help="leave out TRL's SFTTrainer (bf16 autocast: very slow on CPU)")
+    ap.add_argument("--trl-steps", type=int, default=0, help="measured steps for TRL (default: --steps)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.model is None:
+        from pipelines.models import default_hf_path
+        from pipelines.workspace import Workspace
+
+        args.model = str(default_hf_path(Workspace.open(args.root)))
+    if not (Path(args.model) / "config.json").exists():
+        print(f"No HF model at {args.model}: prepare the default model's training copy first "
+              "(python -m pipelines.models materialize-default), or pass --model PATH.", file=sys.stderr)
+        return 2
+    if args.worker:
+        fn = {"ours": worker_ours, "plain": worker_plain, "trl": worker_trl}[args.worker]
+        print(json.dumps(fn(args)))
+        return 0
+
+    from pipelines import device as devicemod
+
+    prof = devicemod.profile()
+    print(f"model {args.model}; {prof.name}, {prof.physical_cores} cores, threads {args.threads or prof.threads}; "
+          f"LoRA r=16 all-linear, batch 4, max length 256, {args.warmup} warm-up + {args.steps} measured steps")
+    results = {}
+    for method in ("ours", "plain") + (() if args.skip_trl else ("trl",)):
+        print(f"running {method}...", flush=True)
+        results[method] = run_worker(method, args, timeout=7200)
+    print()
+    print(f"{'method':8} {'tokens/s':>9} {'s/step':>8} {'peak RSS':>9} {'final loss':>10}  losses per step")
+    for m, r in results.items():
+        print(f"{m:8} {r['tokens_per_s']:9.1f} {r['s_per_step']:8.2f} {r['peak_rss'] / 2**30:7.2f} GB "
+              f"{r['final_loss']:10.4f}  {' '.join(f'{x:.4f}' for x in r['losses'])}")
+    ours, plain = results["ours"], results["plain"]
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], plain["losses"])]
+    print()
+    print(f"ours / plain: {ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x tokens/s "
+          f"({plain['s_per_step'] / ours['s_per_step']:.2f}x s/step), peak RSS {ours['peak_rss'] / plain['peak_rss']:.2f}x; "
+          f"max |loss difference| over the same batches {max(diffs):.2e}  (target >= 1.3x)")
+    if "trl" in results:
+        trl = results["trl"]
+        print(f"ours / trl:   {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s "
+              f"({trl['s_per_step'] / ours['s_per_step']:.2f}x s/step), peak RSS {ours['peak_rss'] / trl['peak_rss']:.2f}x "
+              f"(trl: bf16 autocast={trl.get('bf16')}, loss over all tokens, its own batches)")
+    else:
+        print("trl: skipped (--skip-trl)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

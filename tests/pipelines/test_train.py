@@ -1,0 +1,538 @@
+"""pipelines/train.py and pipelines/runs.py with the tiny llama: metrics rows, the masked loss against the model's
+own full-logits loss, checkpoints (keep_last, half-written ones, resume == uninterrupted), stop, NaN, the errors a
+user gets before training, and - in subprocesses - the queue, kill -9 then resume, and a two-process DDP run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines import runs, train
+from pipelines.errors import BadInput, Conflict, NotFound
+from pipelines.train import (COMPLETE_MARKER, IGNORE, TrainConfig, TrainingFailed, encode_conversation, list_checkpoints,
+                             run_training, validate)
+
+ROOT = Path(__file__).resolve().parents[2]
+METRIC_KEYS = {"step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s",
+               "peak_memory", "elapsed"}
+
+
+def conversations(n: int, long_system: int = 0) -> list[dict]:
+    rows = []
+    for i in range(n):
+        system = "You are a tiny model. " + "The quick brown fox jumps over the lazy dog. " * long_system
+        rows.append({"messages": [
+            {"role": "system", "content": system.strip()},
+            {"role": "user", "content": f"What is LoRA, question {i}?"},
+            {"role": "assistant", "content": f"A low-rank adapter that trains few weights ({i})." + " Hello." * (i % 3)},
+        ]})
+    return rows
+
+
+def write_dataset(ws, name="chat", version=1, train_rows=None, val_rows=None) -> Path:
+    d = ws.datasets / name / f"v{version}"
+    d.mkdir(parents=True, exist_ok=True)
+    train_rows = conversations(12) if train_rows is None else train_rows
+    val_rows = conversations(4) if val_rows is None else val_rows
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    (d / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    (d / "meta.json").write_text(json.dumps({"rows": len(train_rows)}))
+    return d
+
+
+def tiny_cfg(model_dir, **kw) -> TrainConfig:
+    base = dict(base_model=str(model_dir), dataset="chat", max_steps=4, batch_size=2, max_length=64,
+                learning_rate=1e-3, save_every=0, threads=1, warmup_steps=1, dropout=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def ws(workspace):
+    write_dataset(workspace)
+    return workspace
+
+
+def assert_bad_input(excinfo, *needles):
+    err = excinfo.value
+    assert type(err) is BadInput, f"{type(err).__name__}: {err}"
+    msg = str(err)
+    assert msg.strip() and "\n" not in msg.strip() and "Traceback" not in msg
+    for n in needles:
+        assert n.lower() in msg.lower(), f"{n!r} not in {msg!r}"
+    return msg
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_yaml_roundtrip_and_coercion(tmp_path):
+    cfg = TrainConfig(dataset="chat", target_modules=["q_proj", "v_proj"], learning_rate=3e-4)
+    p = tmp_path / "c.yaml"
+    cfg.to_yaml(p)
+    assert TrainConfig.from_yaml(p) == cfg
+    # YAML reads 2e-4 as a string and 1 as an int: both become the field's type
+    got = TrainConfig.from_yaml("learning_rate: 2e-4\nepochs: 1\npacking: 'yes'\ndataset: chat\n")
+    assert got.learning_rate == 2e-4 and isinstance(got.epochs, float) and got.packing is True
+    with pytest.raises(NotFound):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(BadInput, match="Unknown setting"):
+        TrainConfig.from_yaml("lr: 1\n")
+    with pytest.raises(BadInput, match="rank must be a whole number"):
+        TrainConfig.from_dict({"rank": 2.5})
+    assert all(TrainConfig.help().values()), "every field carries help text"
+
+
+def test_validate_resolves_latest_version(ws, tiny_llama_dir):
+    write_dataset(ws, version=3)
+    cfg = validate(tiny_cfg(tiny_llama_dir, dataset_version=0), ws)
+    assert cfg.dataset_version == 3 and Path(cfg.base_model) == tiny_llama_dir.resolve()
+
+
+def test_learning_rate_zero_refused(ws, tiny_llama_dir):
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(tiny_llama_dir, learning_rate=0), ws)
+    assert_bad_input(e, "learning rate", "positive")
+
+
+def test_missing_dataset_version(ws, tiny_llama_dir):
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(tiny_llama_dir, dataset_version=7), ws)
+    assert_bad_input(e, "no version 7", "available: v1")
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(tiny_llama_dir, dataset="nope"), ws)
+    assert_bad_input(e, "no dataset 'nope'")
+
+
+def test_qlora_refused_on_cpu_with_reason(ws, tiny_llama_dir):
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(tiny_llama_dir, method="qlora"), ws)
+    assert_bad_input(e, "QLoRA", "CUDA", "lora")
+
+
+def test_other_bad_settings(ws, tiny_llama_dir):
+    for kw, needle in [({"method": "full"}, "method"), ({"scheduler": "step"}, "scheduler"),
+                       ({"target_modules": "mlp"}, "target_modules"), ({"batch_size": 0}, "batch_size"),
+                       ({"dtype": "float16"}, "GPU"), ({"max_steps": 0, "epochs": 0}, "epochs"),
+                       ({"base_model": str(tiny_llama_dir.parent / 'missing')}, "nothing at")]:
+        with pytest.raises(Exception) as e:
+            validate(tiny_cfg(tiny_llama_dir, **kw), ws)
+        assert needle.lower() in str(e.value).lower(), (kw, str(e.value))
+
+
+# ---------------------------------------------------------------------------------------------- data and loss
+
+
+def test_labels_cover_only_the_assistant_reply(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, how are you?"},
+            {"role": "user", "content": "Fine"}, {"role": "assistant", "content": "Good to hear"}]
+    ids, labels = encode_conversation(tok, msgs, responses_only=True)
+    assert len(ids) == len(labels)
+    learned = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert "Hi, how are you?" in learned and "Good to hear" in learned
+    assert "Hello there" not in learned and "Fine" not in learned and "user" not in learned
+    assert learned.count("</s>") == 2  # each reply's end-of-turn token is learned
+    ids2, labels2 = encode_conversation(tok, msgs, responses_only=False)
+    assert ids2 == ids and labels2 == ids
+
+
+def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
+    """Our loss (output layer on label positions only) equals transformers' own loss over full logits on the same
+    batch, and so do the gradients of the adapter weights."""
+    import torch
+    from transformers import AutoTokenizer
+
+    cfg = validate(tiny_cfg(tiny_llama_dir, dropout=0.0), ws)
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    torch.manual_seed(0)
+    model = train.build_model(cfg, torch.float32, torch.device("cpu"))
+    with torch.no_grad():  # non-zero B so that the adapter matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    enc, _ = train.encode_dataset(cfg, ws, tok)
+    batch = train.collate(enc.examples[:4], tok.pad_token_id, packed=False)
+    loss_mod = train._loss_module_class()(model)
+
+    s, n = loss_mod(**batch)
+    ours = s / n
+    ours.backward()
+    ours = ours.detach()
+    g_ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = model(input_ids=batch["input_ids"], attention_mask=(batch["input_ids"] != tok.pad_token_id).long(),
+                labels=batch["labels"]).loss
+    ref.backward()
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g_ours[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_linear_cross_entropy_matches_reference(softcap):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(300, 16)
+    t = torch.randint(0, 300, (37,))
+    got = train.linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4)  # several chunks
+    got.backward()
+    g = h.grad.clone()
+    h.grad = None
+    z = h @ w.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    ref = F.cross_entropy(z, t, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g, h.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_metrics_rows_and_final_adapter(ws, tiny_llama_dir, tmp_path):
+    rows = []
+    run_dir = ws.runs / "r"
+    res = run_training(tiny_cfg(tiny_llama_dir, max_steps=4, eval_every=2), run_dir, rows.append, ws=ws)
+    assert res.state == "finished" and res.step == 4
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert METRIC_KEYS <= set(r), set(r)
+        assert all(isinstance(r[k], (int, float)) for k in METRIC_KEYS)
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory"] > 10 * 2**20
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert rows[0]["learning_rate"] < rows[1]["learning_rate"]  # warm-up
+    json.dumps(rows)  # plain dicts
+    ad = run_dir / "adapter"
+    assert (ad / "adapter_model.safetensors").exists() and (ad / "adapter_config.json").exists()
+    assert (ad / "tokenizer.json").exists() and (ad / "chat_template.jinja").exists()
+    assert json.loads((ad / "adapter_config.json").read_text())["r"] == 16
+    assert not (run_dir / "checkpoints").exists() or not list_checkpoints(run_dir)
+
+
+def test_packing_and_dora_train(ws, tiny_llama_dir):
+    rows = []
+    res = run_training(tiny_cfg(tiny_llama_dir, max_steps=2, packing=True, method="dora", target_modules="attention",
+                                max_length=128), ws.runs / "p", rows.append, ws=ws)
+    assert res.state == "finished" and len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+    keys = adapter_tensors(ws.runs / "p" / "adapter")
+    assert any("magnitude" in k for k in keys) and not any("mlp" in k for k in keys)
+
+
+def test_rslora_with_gradient_checkpointing_matches_plain(ws, tiny_llama_dir):
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=2, method="rslora", target_modules=["q_proj", "v_proj"])
+    plain, ckpt = [], []
+    run_training(cfg, ws.runs / "g0", plain.append, ws=ws)
+    run_training(replace(cfg, gradient_checkpointing=True), ws.runs / "g1", ckpt.append, ws=ws)
+    assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in ckpt], rel=1e-5)
+    cfg_json = json.loads((ws.runs / "g1" / "adapter" / "adapter_config.json").read_text())
+    assert cfg_json["use_rslora"] is True and sorted(cfg_json["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_checkpoints_and_keep_last(ws, tiny_llama_dir):
+    run_dir = ws.runs / "k"
+    run_training(tiny_cfg(tiny_llama_dir, max_steps=5, save_every=1, keep_last=2), run_dir, None, ws=ws)
+    ckpts = list_checkpoints(run_dir)
+    assert [p.name for p in ckpts] == ["step-3", "step-4"]
+    for c in ckpts:
+        for f in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+                  "trainer_state.json", COMPLETE_MARKER):
+            assert (c / f).exists(), f
+    assert json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"] == 4
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_equals_uninterrupted(ws, tiny_llama_dir):
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=6, dropout=0.1, save_every=0, scheduler="cosine", eval_every=0)
+    full = []
+    run_training(cfg, ws.runs / "a", full.append, ws=ws)
+
+    part = []
+    res = run_training(cfg, ws.runs / "b", part.append, ws=ws, should_stop=lambda: len(part) >= 3)
+    assert res.state == "stopped" and res.step == 3
+    ckpt = list_checkpoints(ws.runs / "b")[-1]
+    assert ckpt.name == "step-3"
+    res = run_training(cfg, ws.runs / "b", part.append, ws=ws, resume=ckpt)
+    assert res.state == "finished" and [r["step"] for r in part] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, part):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"])
+    assert full[-1]["eval_loss"] == pytest.approx(part[-1]["eval_loss"], rel=1e-5)
+    ta, tb = adapter_tensors(ws.runs / "a" / "adapter"), adapter_tensors(ws.runs / "b" / "adapter")
+    assert ta.keys() == tb.keys()
+    import torch
+
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_incompatible_config_refused(ws, tiny_llama_dir, model_variants):
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=3)
+    run_training(cfg, ws.runs / "c", None, ws=ws, should_stop=lambda: True)
+    ckpt = list_checkpoints(ws.runs / "c")[-1]
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(tiny_llama_dir, max_steps=3, rank=8), ws, resume=ckpt)
+    assert_bad_input(e, "cannot resume", "rank")
+    other = model_variants.pickle_only()  # same architecture, another folder: a different base model
+    with pytest.raises(BadInput) as e:
+        validate(tiny_cfg(other, max_steps=3), ws, resume=ckpt)
+    assert_bad_input(e, "cannot resume", "base model")
+    with pytest.raises(BadInput) as e:
+        validate(cfg, ws, resume=ws.runs / "c" / "checkpoints" / "step-99")
+    assert_bad_input(e, "not a complete checkpoint")
+
+
+def test_stop_flag_saves_a_checkpoint(ws, tiny_llama_dir):
+    run_dir = ws.runs / "s"
+    rows = []
+
+    def on_metrics(row):
+        rows.append(row)
+        if row["step"] == 2:
+            (run_dir / train.STOP_FLAG).touch()
+
+    res = run_training(tiny_cfg(tiny_llama_dir, max_steps=50), run_dir, on_metrics, ws=ws)
+    assert res.state == "stopped" and res.step == 2 and len(rows) == 2
+    assert "step 2" in res.reason
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+    assert not (run_dir / "adapter").exists()
+
+
+def test_nan_loss_fails_with_reason(ws, tiny_llama_dir, monkeypatch):
+    real = train.linear_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(train, "linear_cross_entropy", poisoned)
+    run_dir = ws.runs / "nan"
+    run_dir.mkdir()
+    tiny_cfg(tiny_llama_dir, max_steps=5).to_yaml(run_dir / "config.yaml")
+    rc = train.main([str(run_dir / "config.yaml"), "--root", str(ws.root)])
+    st = runs.RunDir(run_dir).status()
+    assert rc == 1 and st["state"] == "failed"
+    assert "loss became nan" in st["reason"].lower() and "learning rate" in st["reason"]
+
+
+def test_out_of_memory_suggests_smaller_batch(ws, tiny_llama_dir, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB. out of memory")
+
+    monkeypatch.setattr(train, "linear_cross_entropy", oom)
+    with pytest.raises(TrainingFailed) as e:
+        run_training(tiny_cfg(tiny_llama_dir, batch_size=8), ws.runs / "oom", None, ws=ws)
+    assert "out of memory at batch size 8" in str(e.value).lower() and "batch size" in str(e.value)
+
+
+def test_zero_usable_rows(ws, tiny_llama_dir):
+    only_users = [{"messages": [{"role": "user", "content": "hello"}]} for _ in range(5)]
+    write_dataset(ws, name="nousable", train_rows=only_users, val_rows=[])
+    cfg = tiny_cfg(tiny_llama_dir, dataset="nousable")
+    with pytest.raises(BadInput) as e:
+        train.check_data(cfg, ws)
+    assert_bad_input(e, "0 usable rows", "assistant")
+    with pytest.raises(BadInput):
+        run_training(cfg, ws.runs / "z", None, ws=ws)
+    assert not (ws.runs / "z" / "checkpoints").exists()
+
+
+def test_max_length_smaller_than_prompt(ws, tiny_llama_dir):
+    write_dataset(ws, name="longprompt", train_rows=conversations(4, long_system=4), val_rows=[])
+    cfg = tiny_cfg(tiny_llama_dir, dataset="longprompt", max_length=24)
+    with pytest.raises(BadInput) as e:
+        train.check_data(cfg, ws)
+    assert_bad_input(e, "max_length=24", "raise max length")
+    assert train.check_data(tiny_cfg(tiny_llama_dir, dataset="longprompt", max_length=256), ws)["usable"] == 4
+
+
+def test_half_written_checkpoint_is_never_listed(ws, tiny_llama_dir, monkeypatch):
+    import torch
+
+    run_dir = ws.runs / "h"
+    real_save = torch.save
+    count = {"n": 0}
+
+    def save(obj, f, *a, **k):  # the disk fills up while the second checkpoint's optimizer state is written
+        if str(f).endswith("optimizer.pt"):
+            count["n"] += 1
+            if count["n"] == 2:
+                Path(f).write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(TrainingFailed) as e:
+        run_training(tiny_cfg(tiny_llama_dir, max_steps=6, save_every=2), run_dir, None, ws=ws)
+    assert "could not write checkpoint step-4" in str(e.value).lower() and "no space left" in str(e.value).lower()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+    assert not (run_dir / "checkpoints" / "step-4").exists()
+    # a folder without the COMPLETE marker (an older writer, a manual copy) is not a checkpoint either
+    fake = run_dir / "checkpoints" / "step-9"
+    shutil.copytree(run_dir / "checkpoints" / "step-2", fake)
+    (fake / COMPLETE_MARKER).unlink()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+    with pytest.raises(BadInput):
+        validate(tiny_cfg(tiny_llama_dir), ws, resume=fake)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_read_metrics_from_offset(tmp_path):
+    run = runs.RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert runs.read_metrics(run, 0) == ([], 0)
+    run.append_metrics({"step": 1, "loss": 2.0})
+    run.append_metrics({"step": 2, "loss": 1.5})
+    rows, off = runs.read_metrics(run, 0)
+    assert [r["step"] for r in rows] == [1, 2] and off == run.metrics_path.stat().st_size
+    with open(run.metrics_path, "ab") as fh:  # a row being written: not returned until its newline is there
+        fh.write(b'{"step": 3, "lo')
+    rows, off2 = runs.read_metrics(run, off)
+    assert rows == [] and off2 == off
+    with open(run.metrics_path, "ab") as fh:
+        fh.write(b'ss": 1.0}\n')
+    rows, off3 = runs.read_metrics(run, off2)
+    assert rows == [{"step": 3, "loss": 1.0}] and off3 > off2
+
+
+def test_refresh_status_marks_a_dead_trainer_failed(ws, tiny_llama_dir):
+    run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    run.update_status(state="running", pid=proc.pid, started=time.time())
+    st = runs.refresh_status(run)
+    assert st["state"] == "failed" and "ended unexpectedly" in st["reason"]
+
+
+def test_stop_a_queued_run(ws, tiny_llama_dir):
+    run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
+    st = runs.stop(run)
+    assert st["state"] == "stopped" and "before it started" in st["reason"]
+
+
+def _wait_for(pred, timeout=60.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_second_launch_is_queued_then_started(ws, tiny_llama_dir):
+    a = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=3), name="first")
+    b = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=2), name="second")
+    assert runs.refresh_status(a)["state"] == "running"
+    assert runs.refresh_status(b)["state"] == "queued"
+    assert runs.start_next(ws) is None  # the first one is active: nothing else may start
+    sa = runs.wait(a, timeout=120)
+    assert sa["state"] == "finished", (sa, a.log_tail())
+    sb = runs.wait(b, timeout=120)  # started by the finishing trainer (or by this poll)
+    assert sb["state"] == "finished", (sb, b.log_tail())
+    assert sb["started"] >= sa["ended"] - 0.5
+    rows, _ = runs.read_metrics(b, 0)
+    assert [r["step"] for r in rows] == [1, 2]
+    listed = {r["name"]: r for r in runs.list_runs(ws)}
+    assert listed["first"]["state"] == "finished" and listed["first"]["best_eval_loss"] is not None
+    assert listed["first"]["duration"] > 0 and listed["second"]["dataset"] == "chat v1"
+
+
+def test_kill_9_then_resume(ws, tiny_llama_dir):
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=40, save_every=1, keep_last=2, eval_every=0)
+    run = runs.launch(ws, cfg, name="killed")
+    assert _wait_for(lambda: len(run.checkpoints()) >= 2, 90), run.log_tail()
+    with pytest.raises(Conflict):
+        runs.resume(ws, run)  # a running (or queued) run cannot be resumed
+    pid = run.status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(lambda: runs.refresh_status(run)["state"] == "failed", 30)
+    st = runs.refresh_status(run)
+    assert "ended unexpectedly" in st["reason"] and "resumed" in st["reason"]
+    ckpts = run.checkpoints()
+    assert ckpts, "the last complete checkpoint survives"
+    last = ckpts[-1]
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert step < 40
+    runs.resume(ws, run, last.name)
+    st = runs.wait(run, timeout=180)
+    assert st["state"] == "finished", (st, run.log_tail())
+    rows, _ = runs.read_metrics(run, 0)
+    marker = [r for r in rows if r.get("event") == "resume"]
+    assert marker and marker[-1]["step"] == step
+    after = rows[rows.index(marker[-1]) + 1:]
+    assert [r["step"] for r in after] == list(range(step + 1, 41))
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_cli_train_follows_the_run(ws, tiny_llama_dir, capsys, tmp_path):
+    from pipelines import cli
+
+    cfg = tmp_path / "train.yaml"
+    tiny_cfg(tiny_llama_dir, max_steps=2).to_yaml(cfg)
+    assert cli.main(["train", str(cfg), "--root", str(ws.root), "--name", "from-cli"]) == 0
+    out = capsys.readouterr().out
+    assert "run from-cli: running" in out and "step 2/2" in out and "[from-cli] finished" in out
+    assert cli.main(["runs", "--root", str(ws.root)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "finished"
+    assert cli.main(["train", "--example"]) == 0
+    assert TrainConfig.from_yaml(capsys.readouterr().out) == TrainConfig()
+    assert cli.main(["stop", "nope", "--root", str(ws.root)]) == 1
+
+
+@pytest.mark.slow
+def test_stop_a_running_subprocess(ws, tiny_llama_dir):
+    run = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=100000, save_every=0), name="tostop")
+    assert _wait_for(lambda: runs.read_metrics(run, 0)[0], 90), run.log_tail()
+    st = runs.stop(run)
+    assert st["state"] == "stopping"
+    st = runs.wait(run, timeout=60)
+    assert st["state"] == "stopped" and st["checkpoints"], (st, run.log_tail())
+    assert not run.stop_flag.exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_torchrun(ws, tiny_llama_dir):
+    run_dir = ws.runs / "ddp"
+    run_dir.mkdir()
+    tiny_cfg(tiny_llama_dir, max_steps=3, save_every=2, eval_every=3).to_yaml(run_dir / "config.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pipelines.train", str(run_dir / "config.yaml"), "--root", str(ws.root)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    st = runs.RunDir(run_dir).status()
+    assert st["state"] == "finished", st
+    rows, _ = runs.read_metrics(runs.RunDir(run_dir), 0)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
+    assert "eval_loss" in rows[-1]
+    assert "batch 2x1x2" in proc.stdout
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
