@@ -1,0 +1,263 @@
+"""Chat benchmark: tokens/s and time to first token of `pipelines.chat.stream_chat` against the backends called
+directly with the same rendered prompt and settings, in one run.
+
+(a) the embedded default GGUF (Gemma 3 270M Q4_K_M) through stream_chat vs `Llama.create_completion(stream=True)`
+    on the same prompt token ids: one warm-up each, then 3 measured rounds (order alternating), medians reported;
+(b) the HF copy of the default model through stream_chat vs `model.generate` (a timing-only streamer records the
+    first token), one warm-up, then up to 3 rounds (90 s at most) - CPU transformers is slow, so fewer tokens.
+    stream_chat runs generate() in a worker thread, so the direct call is timed from the main thread and from a
+    worker thread, and the faster of the two (by median) is the baseline: on a busy machine torch's threads were
+    seen to stall much more when called from the main thread.
+
+Greedy decoding (temperature 0, no repetition penalty) on both sides so they produce the same tokens; the prompt
+cache of llama.cpp is reset before every run, so each run evaluates the whole prompt.
+
+    .venv/bin/python bench/chat.py [--root WORKSPACE] [--gguf FILE] [--hf FOLDER] [--tokens 64] [--hf-tokens 16]
+
+Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB); the HF part is
+skipped, with a message, when no HF copy is found (--hf, or models/default/hf under --root).
+Targets: stream_chat at >= 0.95x the direct calls' tokens/s; TTFT under 150 ms for the ~20-token GGUF prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines import chat, models  # noqa: E402
+from pipelines.workspace import Workspace  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Explain in two short sentences why the sky is blue."}]
+
+
+def measure_ours(lm, params) -> dict:
+    c0, t0 = time.process_time(), time.perf_counter()
+    parts, last = [], None
+    for last in chat.stream_chat(lm, MESSAGES, params):
+        parts.append(last.text)
+    total = time.perf_counter() - t0
+    n = last.n_tokens
+    return {"text": "".join(parts), "n": n, "ttft": last.ttft_s, "total": total, "tps": n / total,
+            "decode_tps": last.tokens_per_s or 0.0, "cpu": time.process_time() - c0}
+
+
+def measure_llama_direct(llm, prompt, n_tokens: int) -> dict:
+    c0, t0 = time.process_time(), time.perf_counter()
+    first, parts = None, []
+    stream = llm.create_completion(prompt=prompt.token_ids, max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0,
+                                   stream=True, seed=0)
+    for c in stream:
+        text = c["choices"][0]["text"]
+        if text and first is None:
+            first = time.perf_counter()
+        parts.append(text)
+    total = time.perf_counter() - t0
+    return {"text": "".join(parts), "ttft": (first - t0) if first else None, "total": total,
+            "cpu": time.process_time() - c0}
+
+
+def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = None) -> dict:
+    lm = models.load_gguf(path, name=models.DEFAULT_NAME)
+    llm = lm.model
+    if threads:  # both sides share this Llama, so both run with these threads
+        models.llama_cpp_module().llama_set_n_threads(llm.ctx, threads, threads)
+    params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
+    prompt = chat.build_prompt(lm, MESSAGES, params)
+    print(f"\n(a) GGUF {path.name}: prompt {len(prompt.token_ids)} tokens, {n_tokens} new tokens, greedy, "
+          f"{rounds} rounds after a warm-up, {threads or llm.n_threads} llama.cpp threads; "
+          f"template: {prompt.template_source}")
+
+    def ours():
+        llm.reset()
+        return measure_ours(lm, params)
+
+    def direct():
+        llm.reset()
+        r = measure_llama_direct(llm, prompt, n_tokens)
+        return r
+
+    ours(), direct()  # warm-up
+    o_runs, d_runs = [], []
+    for i in range(rounds):
+        pair = (ours, direct) if i % 2 == 0 else (direct, ours)
+        for f in pair:
+            (o_runs if f is ours else d_runs).append(f())
+    n = o_runs[0]["n"]
+    for d in d_runs:  # same greedy tokens: the count of stream_chat applies
+        d["n"] = n
+        d["tps"] = n / d["total"]
+        d["decode_tps"] = (n - 1) / (d["total"] - d["ttft"]) if d["ttft"] is not None and n > 1 else 0.0
+    same = all(r["text"] == o_runs[0]["text"] for r in o_runs + d_runs)
+    med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
+    res = {"n": n, "same_text": same}
+    for k in ("ttft", "tps", "decode_tps", "total", "cpu"):
+        res[f"ours_{k}"], res[f"direct_{k}"] = med(o_runs, k), med(d_runs, k)
+    res["ours_all_tps"] = [round(r["tps"], 1) for r in o_runs]
+    res["direct_all_tps"] = [round(r["tps"], 1) for r in d_runs]
+    res["ours_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in o_runs]
+    res["direct_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in d_runs]
+    llm.close()
+    return res
+
+
+def bench_hf(path: Path, n_tokens: int, rounds: int = 3, time_budget: float = 90.0) -> dict:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    t = time.perf_counter()
+    lm = models.load_hf(path)
+    print(f"\n(b) HF {path} loaded in {time.perf_counter() - t:.1f} s ({lm.dtype}, {lm.device}); "
+          f"{n_tokens} new tokens, greedy, up to {rounds} rounds after a warm-up (medians)")
+    params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
+    prompt = chat.build_prompt(lm, MESSAGES, params)
+    eos = chat._hf_eos_ids(lm)
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # the first put is the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def direct(n):
+        ids = torch.tensor([prompt.token_ids], device=next(lm.model.parameters()).device)
+        s = FirstToken()
+        c0, t0 = time.process_time(), time.perf_counter()
+        with torch.inference_mode():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
+        total = time.perf_counter() - t0
+        new = [i for i in out[0, ids.shape[1]:].tolist() if i not in eos]
+        return {"text": lm.tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
+                "ttft": s.first - t0, "total": total, "tps": len(new) / total, "cpu": time.process_time() - c0,
+                "decode_tps": (len(new) - 1) / (total - (s.first - t0)) if len(new) > 1 else 0.0}
+
+    def in_thread(n):
+        out = []
+        t = threading.Thread(target=lambda: out.append(direct(n)))
+        t.start()
+        t.join()
+        return out[0]
+
+    warm = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=2)
+    chat.chat(lm, MESSAGES, warm)
+    direct(2)
+    in_thread(2)
+    # stream_chat runs generate() in a worker thread; on a busy 2-core machine torch's threads stall more when
+    # called from the main thread, so the direct call is timed both ways and the faster one is the baseline.
+    variants = {"ours": lambda: measure_ours(lm, params), "main": lambda: direct(n_tokens),
+                "thread": lambda: in_thread(n_tokens)}
+    runs: dict[str, list] = {k: [] for k in variants}
+    t_start = time.perf_counter()
+    for i in range(rounds):
+        order = list(variants)[i % 3:] + list(variants)[:i % 3]
+        for k in order:
+            runs[k].append(variants[k]())
+        if time.perf_counter() - t_start > time_budget and i + 1 < rounds:
+            print(f"  stopping after {i + 1} round(s): the {time_budget:.0f} s budget for this part is spent")
+            break
+    med = lambda k, f: statistics.median(r[f] for r in runs[k])  # noqa: E731
+    base = max(("main", "thread"), key=lambda k: med(k, "tps"))
+    print(f"  direct generate (median): {med('main', 'tps'):.1f} tok/s from the main thread, "
+          f"{med('thread', 'tps'):.1f} tok/s from a worker thread; baseline: {base}")
+    print(f"  per round tokens/s: stream_chat {[round(r['tps'], 1) for r in runs['ours']]}, direct main "
+          f"{[round(r['tps'], 1) for r in runs['main']]}, direct thread {[round(r['tps'], 1) for r in runs['thread']]}")
+    texts = {r["text"] for k in runs for r in runs[k]}
+    return {"prompt_tokens": len(prompt.token_ids), "same_text": len(texts) == 1, "n": runs["ours"][0]["n"],
+            "n_direct": runs[base][0]["n"],
+            **{f"ours_{f}": med("ours", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")},
+            **{f"direct_{f}": med(base, f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
+
+
+def report(label: str, r: dict) -> None:
+    print(f"  {label:24s}{'stream_chat':>14s}{'direct':>14s}{'ratio':>9s}")
+    print(f"  {'tokens/s (whole run)':24s}{r['ours_tps']:14.1f}{r['direct_tps']:14.1f}"
+          f"{r['ours_tps'] / r['direct_tps']:9.3f}")
+    print(f"  {'tokens/s (decode)':24s}{r['ours_decode_tps']:14.1f}{r['direct_decode_tps']:14.1f}"
+          f"{r['ours_decode_tps'] / r['direct_decode_tps']:9.3f}")
+    print(f"  {'time to first token ms':24s}{r['ours_ttft'] * 1000:14.1f}{r['direct_ttft'] * 1000:14.1f}"
+          f"{r['ours_ttft'] / r['direct_ttft']:9.3f}")
+    print(f"  {'CPU seconds per run':24s}{r['ours_cpu']:14.3f}{r['direct_cpu']:14.3f}"
+          f"{r['ours_cpu'] / r['direct_cpu']:9.3f}   (process CPU time: less sensitive to other work)")
+    print(f"  tokens: {r['n']}; identical text on both sides: {r['same_text']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=None, help="workspace whose models/default/ to use (default: a temporary one)")
+    ap.add_argument("--gguf", default=None, help="GGUF file (default: the embedded default in the workspace)")
+    ap.add_argument("--hf", default=None, help="HF folder (default: models/default/hf in the workspace)")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens for the GGUF runs")
+    ap.add_argument("--hf-tokens", type=int, default=32, help="new tokens for the HF runs (CPU transformers is slow)")
+    ap.add_argument("--hf-rounds", type=int, default=3, help="HF rounds (stopped early after 90 s)")
+    ap.add_argument("--rounds", type=int, default=3, help="GGUF rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads for the GGUF part (default: as models.load_gguf sets them)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+
+    tmp = None
+    if args.root:
+        ws = Workspace.open(args.root)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="mactuner-bench-chat-")
+        ws = Workspace.open(tmp.name)
+    cores = os.cpu_count()
+    load0 = os.getloadavg()
+    print(f"MacTuner chat benchmark - {cores} CPU cores, load average {load0[0]:.2f} at start. Other work running "
+          "on this machine at the same time skews every figure; compare the ratios, which are taken side by side.")
+    gguf = Path(args.gguf) if args.gguf else models.ensure_default_gguf(ws)
+    g = bench_gguf(gguf, args.tokens, args.rounds, args.threads)
+    report("GGUF", g)
+    print(f"  per round tokens/s: stream_chat {g['ours_all_tps']}, direct {g['direct_all_tps']}; "
+          f"TTFT ms: stream_chat {g['ours_all_ttft']}, direct {g['direct_all_ttft']}")
+    spread = max(max(v) / max(min(v), 1e-9) for v in (g["ours_all_tps"], g["direct_all_tps"]))
+    if spread > 1.5:
+        print(f"  NOTE: rounds differ up to {spread:.1f}x - the machine is busy and the medians are unreliable; "
+              "rerun, raise --rounds, or use --threads 1 (llama.cpp's spinning thread barriers suffer most)")
+
+    h = None
+    hf = Path(args.hf) if args.hf else models.default_hf_path(ws)
+    if args.skip_hf:
+        print("\n(b) HF part skipped (--skip-hf).")
+    elif not (hf / "config.json").exists():
+        print(f"\n(b) HF part skipped: no HF model folder at {hf}. Pass --hf FOLDER, or --root of a workspace whose "
+              "default model has its HF copy (the Model tab prepares it).")
+    else:
+        h = bench_hf(hf, args.hf_tokens, args.hf_rounds)
+        report("HF", h)
+        if h["n"] != h["n_direct"]:
+            print(f"  (direct generated {h['n_direct']} tokens)")
+
+    load1 = os.getloadavg()
+    print("\nSummary")
+    ratio = g["ours_tps"] / g["direct_tps"]
+    print(f"  GGUF  stream_chat/direct tokens/s = {ratio:.3f} "
+          f"(target >= 0.95: {'met' if ratio >= 0.95 else 'MISSED'}); "
+          f"TTFT {g['ours_ttft'] * 1000:.0f} ms for a {args.tokens}-token answer to a short prompt "
+          f"(target < 150 ms: {'met' if g['ours_ttft'] < 0.15 else 'MISSED'})")
+    if h:
+        hr = h["ours_tps"] / h["direct_tps"]
+        print(f"  HF    stream_chat/direct tokens/s = {hr:.3f} (target >= 0.95: {'met' if hr >= 0.95 else 'MISSED'}); "
+              f"TTFT {h['ours_ttft'] * 1000:.0f} ms vs {h['direct_ttft'] * 1000:.0f} ms direct")
+    print(f"  load average {load0[0]:.2f} -> {load1[0]:.2f} on {cores} cores during the run")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
