@@ -118,7 +118,8 @@ def materialize_default_hf(ws: Workspace, progress: ProgressFn = _noop) -> Path:
     t0 = time.time()
     progress(0.05, "Reading the tokenizer from the GGUF...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tok.chat_template and "<start_of_turn>" in tok.get_vocab():
+    vocab = tok.get_vocab()
+    if not tok.chat_template and "<start_of_turn>" in vocab:
         tok.chat_template = GEMMA_CHAT_TEMPLATE
     progress(0.25, "Dequantizing the GGUF weights (about a minute on a laptop CPU)...")
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -129,6 +130,10 @@ def materialize_default_hf(ws: Workspace, progress: ProgressFn = _noop) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict(), strict=False)
     model.tie_weights()
+    if "<end_of_turn>" in vocab:  # a chat turn ends there: generate() should stop at it as well as at <eos>
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        model.generation_config.eos_token_id = sorted(set(eos + [vocab["<end_of_turn>"]]))
     with atomic_dir(hf) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -738,8 +743,9 @@ class ModelRegistry:
         return self._loading
 
     def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
-             name: str | None = None, progress: ProgressFn = _noop) -> LoadedModel:
-        """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current, replacing the previous one."""
+             name: str | None = None, progress: ProgressFn = _noop, replace: bool = True) -> LoadedModel:
+        """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
+        previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models)."""
         path = resolve_source(source, ws)
         if not self._load_lock.acquire(blocking=False):
             raise Conflict(f"Another model ({self._loading}) is being loaded; try again when it is done.")
@@ -759,7 +765,7 @@ class ModelRegistry:
                     self._release(lm.name)
                 self._models[lm.name] = lm
                 self._current = lm.name
-                if previous and previous != lm.name:
+                if replace and previous and previous != lm.name:
                     self._release(previous)
             progress(1.0, f"Loaded {lm.name}")
             return lm
@@ -768,12 +774,20 @@ class ModelRegistry:
             self._load_lock.release()
 
     def _release(self, name: str) -> None:
-        lm = self._models.pop(name, None)
+        lm = self._models.get(name)
         if lm is None:
             return
+        # pipelines.chat serializes generation on a model with this lock: never free a model mid-answer
+        # (closing a llama.cpp model under a running stream can crash the process).
+        busy = lm.__dict__.get("_mactuner_lock")
+        if busy is not None and not busy.acquire(timeout=30):
+            raise Conflict(f"{name} is answering a chat; stop it (Chat tab) before unloading the model.")
+        self._models.pop(name, None)
         if lm.backend == "llama.cpp" and lm.model is not None:
             lm.model.close()
         lm.model = lm.tokenizer = None
+        if busy is not None:
+            busy.release()
         gc.collect()
         try:
             import torch  # noqa: PLC0415

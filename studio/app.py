@@ -9,8 +9,6 @@ import logging
 import os
 import threading
 import time
-from functools import partial
-
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -22,6 +20,8 @@ from pipelines.workspace import Workspace  # noqa: E402
 
 from . import api  # noqa: E402
 from . import handlers as h  # noqa: E402
+from .tabs import chat as chat_tab  # noqa: E402
+from .tabs import data as data_tab  # noqa: E402
 from .tabs import model as model_tab  # noqa: E402
 
 log = logging.getLogger("mactuner.studio")
@@ -32,20 +32,23 @@ CSS = """
 """
 
 
-def build_app(ctx: h.Context) -> gr.Blocks:
+def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
     with gr.Blocks(title="MacTuner") as demo:
         # Header and device panel are filled on page load: building them here would import torch before serving.
         header = gr.Markdown("**MacTuner**", elem_id="header")
         with gr.Tabs():
             m = model_tab.build(ctx)
+            data_tab.build(ctx, max_upload_mb)
+            chat_tab.build(ctx)
         model_tab.register_api(ctx)
+        data_tab.register_api(ctx)
         timer = gr.Timer(3.0)
-        timer.tick(partial(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
-        timer.tick(partial(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
+        timer.tick(h.bind(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
+        timer.tick(h.bind(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
         # A refreshed or newly opened page reads the shared state again.
-        demo.load(partial(h.header_md, ctx), None, header, api_visibility="private").then(
+        demo.load(h.bind(h.header_md, ctx), None, header, api_visibility="private").then(
             h.device_md, None, m["device"], api_visibility="private").then(
-            partial(h.current_md, ctx), None, m["current"], api_visibility="private").then(
+            h.bind(h.current_md, ctx), None, m["current"], api_visibility="private").then(
             m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private")
     return demo
 
@@ -58,7 +61,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
         models.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
-    demo = build_app(ctx)
+    demo = build_app(ctx, max_upload_mb)
     demo.queue(default_concurrency_limit=4)
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import gradio as gr
 
 from .. import handlers as h
@@ -55,22 +53,23 @@ def build(ctx: h.Context) -> dict:
             advice = gr.Markdown(elem_id="estimate-advice")
 
     est_inputs = [seq, batch, rank, ckpt]
-    estimate = partial(h.memory_estimate, ctx)
+    estimate = h.bind(h.memory_estimate, ctx)
+    estimate.__name__ = "refresh_estimate"  # private UI events; "memory_estimate" is the public JSON endpoint
 
     def after_load(ev):
         return ev.then(estimate, est_inputs, [est_table, advice], api_visibility="private").then(
-            partial(h.local_models_table, ctx), None, local_table, api_visibility="private")
+            h.bind(h.local_models_table, ctx), None, local_table, api_visibility="private")
 
-    after_load(default_btn.click(partial(h.load_default, ctx), None, [current, status], api_name="model_load_default"))
-    after_load(load_btn.click(partial(h.load_local, ctx), [local_path, trust], [current, status], api_name="model_load"))
-    after_load(dl_btn.click(partial(h.download_and_load, ctx), [hub_id, hub_token], [current, status],
+    after_load(default_btn.click(h.bind(h.load_default, ctx), None, [current, status], api_name="model_load_default"))
+    after_load(load_btn.click(h.bind(h.load_local, ctx), [local_path, trust], [current, status], api_name="model_load"))
+    after_load(dl_btn.click(h.bind(h.download_and_load, ctx), [hub_id, hub_token], [current, status],
                             api_name="model_download"))
-    unload_btn.click(partial(h.unload, ctx), None, [current, status], api_name="model_unload").then(
+    unload_btn.click(h.bind(h.unload, ctx), None, [current, status], api_name="model_unload").then(
         estimate, est_inputs, [est_table, advice], api_visibility="private")
-    prep_btn.click(partial(h.prepare_default_hf, ctx), None, [current, status], api_name="model_prepare_default_hf")
+    prep_btn.click(h.bind(h.prepare_default_hf, ctx), None, [current, status], api_name="model_prepare_default_hf")
     info_btn.click(h.hub_info, [hub_id, hub_token], [hub_md, hub_files], api_name="model_info")
     hub_id.submit(h.hub_info, [hub_id, hub_token], [hub_md, hub_files], api_visibility="private")
-    refresh_btn.click(partial(h.local_models_table, ctx), None, local_table, api_name="model_list")
+    refresh_btn.click(h.bind(h.local_models_table, ctx), None, local_table, api_name="model_list")
     local_table.select(h.pick_local, local_table, local_path, api_visibility="private")
     for c in est_inputs:
         c.change(estimate, est_inputs, [est_table, advice], api_visibility="private")

@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
+from e2e_helpers import CHROMIUM, ROOT, start_studio
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (scripts/setup.sh test installs it)")]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,39 +35,19 @@ def hub(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def studio_url(tmp_path_factory, hub):
     root = tmp_path_factory.mktemp("e2e") / "ws"
-    port = free_port()
-    log = open(root.parent / "studio.log", "w")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(root.parent / "hf"), MACTUNER_HOME=str(root))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "studio", "--root", str(root), "--port", str(port),
-                             "--no-prepare-hf"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 90:
-        try:
-            urllib.request.urlopen(url + "/api/model/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("studio did not start: " + (root.parent / "studio.log").read_text()[-2000:])
+    proc, url = start_studio(root, {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
     yield url
     proc.terminate()
     proc.wait(20)
 
 
 @pytest.fixture(scope="module")
-def page(studio_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
-        pg.set_default_timeout(60_000)
-        pg.goto(studio_url)
-        yield pg
-        browser.close()
+def page(studio_url, browser):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+    pg.set_default_timeout(60_000)
+    pg.goto(studio_url)
+    yield pg
+    pg.close()
 
 
 def test_model_tab_shows_default_model(page, tmp_path):

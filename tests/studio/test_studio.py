@@ -8,9 +8,7 @@ tests/fakehub.py, reached through HF_ENDPOINT.
 from __future__ import annotations
 
 import base64
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,37 +17,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fakehub import FakeHub  # noqa: E402
 
+from studio_helpers import free_port, launch, wait_loaded  # noqa: E402
+
 from pipelines import models  # noqa: E402
-from pipelines.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_studio_test_token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp_path_factory, auth=None):
-    from studio.app import serve
-    from studio.handlers import Context
-
-    ws = Workspace.open(tmp_path_factory.mktemp("studio") / "ws")
-    ctx = Context(ws, models.ModelRegistry(), prepare_hf=False)
-    demo, url = serve(port=free_port(), auth=auth, block=False, ctx=ctx)
-    return demo, url, ctx
-
-
-def wait_loaded(url, timeout=60, **kw):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        body = requests.get(f"{url}/api/model/current", timeout=10, **kw).json()
-        if body["loaded"]:
-            return body
-        time.sleep(0.2)
-    raise AssertionError("the default model never became ready")
 
 
 @pytest.fixture(scope="module")

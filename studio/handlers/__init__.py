@@ -8,6 +8,7 @@ its traceback on the server and shown to the user as one line.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -32,21 +33,61 @@ class Context:
     prepare_hf: bool = True  # prepare the default model's HF copy (for training) when it is loaded
 
 
+def _as_gr_error(fn_name: str, e: Exception) -> gr.Error:
+    if isinstance(e, MacTunerError):
+        return gr.Error(e.message, print_exception=False)
+    log.error("unexpected error in %s", fn_name, exc_info=e)  # a bug: the traceback goes to the log only
+    return gr.Error(f"Unexpected error ({type(e).__name__}: {e}). Details are in the studio's log.", print_exception=False)
+
+
 def ui_errors(fn):
+    """MacTunerError -> gr.Error with its message; anything else -> one line in the UI, traceback in the log.
+    Works for plain functions and for generators (streaming handlers), whose errors arrive while iterating."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - translated for the user
+                raise _as_gr_error(fn.__name__, e) from None
+
+        return gen_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except MacTunerError as e:
-            raise gr.Error(e.message, print_exception=False) from None
-        except Exception as e:  # noqa: BLE001 - a bug: keep the traceback in the log, one clear line in the UI
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). Details are in the studio's log.",
-                           print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - translated for the user
+            raise _as_gr_error(fn.__name__, e) from None
 
     return wrapper
+
+
+def bind(fn, ctx: "Context", **fixed):
+    """fn with `ctx` (its first parameter) and `fixed` keyword arguments filled in, keeping the rest of its
+    signature and type hints: gradio injects gr.Request / gr.SelectData by annotation, which functools.partial
+    hides (gradio reads the hints of partial.__call__). Generators stay generators (streaming)."""
+    sig = inspect.signature(fn)
+    rest = [p for name, p in list(sig.parameters.items())[1:] if name not in fixed]
+    names = [p.name for p in rest]
+
+    def call_args(args, kwargs) -> dict:  # gradio passes inputs and injected values by position
+        return {**dict(zip(names, args)), **kwargs, **fixed}
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            yield from fn(ctx, **call_args(args, kwargs))
+    else:
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            return fn(ctx, **call_args(args, kwargs))
+    bound.__signature__ = sig.replace(parameters=rest)
+    return bound
 
 
 def _gr_progress(progress):

@@ -1,0 +1,251 @@
+"""Chat tab handlers: stream answers from any loaded model (GGUF or HF, with or without a LoRA adapter), stop,
+regenerate, edit the last message, export/import, and compare two models on one prompt.
+
+The history is the gr.Chatbot's own value (per browser tab). The stop button of a tab sets that tab's Event,
+found by the request's session hash; the loaded-model registry is shared and every model has its own lock
+(pipelines.chat.model_lock), so two tabs chatting at once both get answers.
+"""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines import chat
+from pipelines.errors import BadInput, NotFound
+
+from . import Context, ui_errors
+
+BASE = "(base model)"
+_stops: dict[str, threading.Event] = {}
+_stops_lock = threading.Lock()
+
+
+def _new_stop(request: gr.Request | None) -> threading.Event:
+    ev = threading.Event()
+    with _stops_lock:
+        _stops[getattr(request, "session_hash", None) or "api"] = ev
+    return ev
+
+
+def stop(request: gr.Request):
+    """Stop this tab's answer(s) in progress (the pipeline finishes with finish_reason 'stopped')."""
+    with _stops_lock:
+        ev = _stops.get(getattr(request, "session_hash", None) or "api")
+    if ev is not None:
+        ev.set()
+    return "Stopping…"
+
+
+def model_choices(ctx: Context) -> list[str]:
+    return ctx.registry.names()
+
+
+def _model(ctx: Context, name: str | None):
+    lm = ctx.registry.get(name) if name else ctx.registry.current()
+    if lm is None:
+        lm = ctx.registry.current()
+    if lm is None:
+        raise NotFound("No model is loaded: load one in the Model tab (or the default model) first.")
+    return lm
+
+
+def adapter_choices(ctx: Context, name: str | None) -> list[str]:
+    try:
+        lm = _model(ctx, name)
+    except NotFound:
+        return [BASE]
+    return [BASE] + [a.name for a in chat.list_adapters(lm)]
+
+
+def params_from(system: str, temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
+                max_new_tokens: int, stop_strings: str, seed, adapter: str | None) -> chat.ChatParams:
+    stops = [s.encode().decode("unicode_escape") for s in (stop_strings or "").split(",") if s.strip()]
+    seed = None if seed in (None, "", -1) else int(seed)
+    return chat.ChatParams(system_prompt=system or "", temperature=temperature, top_p=top_p, top_k=int(top_k),
+                           min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=int(max_new_tokens),
+                           stop=stops, seed=seed, adapter=None if adapter in (None, "", BASE) else adapter)
+
+
+def _speed(ch: chat.ChatChunk | None, name: str) -> str:
+    if ch is None:
+        return ""
+    bits = [f"**{name}**", f"{ch.n_tokens} tokens"]
+    if ch.ttft_s is not None:
+        bits.append(f"first token {1000 * ch.ttft_s:.0f} ms")
+    if ch.tokens_per_s:
+        bits.append(f"{ch.tokens_per_s:.1f} tok/s")
+    if ch.finish_reason:
+        bits.append({"stop": "done", "length": "hit the length limit", "stopped": "stopped"}.get(ch.finish_reason,
+                                                                                                ch.finish_reason))
+    if ch.seed is not None and ch.finish_reason:
+        bits.append(f"seed {ch.seed}")
+    out = " · ".join(bits)
+    return out + (f"\n\nℹ️ {ch.note}" if ch.note else "")
+
+
+def _check_turn(lm, history: list[dict], params: chat.ChatParams) -> None:
+    """Raise the pipeline's clear message now (before the UI shows the turn) for a bad message or settings."""
+    p = params.validated()
+    if p.adapter and not any(a.name == p.adapter for a in chat.list_adapters(lm)):
+        raise NotFound(f"No adapter named '{p.adapter}' is attached to {lm.name}.")
+    chat.build_prompt(lm, chat.normalize_messages(history), p)
+
+
+@ui_errors
+def send(ctx: Context, message: str, history: list, model_name: str, adapter: str, system: str, temperature: float,
+         top_p: float, top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int, stop_strings: str,
+         seed, request: gr.Request = None):
+    """Stream the answer to `message` into the chat: yields (history, textbox value, speed line)."""
+    if not (message or "").strip():
+        raise BadInput("Type a message first.")
+    lm = _model(ctx, model_name)
+    params = params_from(system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings,
+                         seed, adapter)
+    history = chat.normalize_messages(list(history or [])) + [{"role": "user", "content": message}]
+    _check_turn(lm, history, params)
+    yield from _stream(lm, history, params, _new_stop(request), "")
+
+
+def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Event, textbox: str):
+    answer = {"role": "assistant", "content": ""}
+    shown = history + [answer]
+    yield shown, textbox, f"**{lm.name}** · thinking…"
+    last = None
+    for ch in chat.stream_chat(lm, history, params, ev):
+        answer["content"] += ch.text
+        last = ch
+        yield shown, textbox, _speed(ch, lm.name)
+    yield shown, textbox, _speed(last, lm.name)
+
+
+@ui_errors
+def regenerate(ctx: Context, history: list, model_name: str, adapter: str, system: str, temperature: float,
+               top_p: float, top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int,
+               stop_strings: str, seed, request: gr.Request = None):
+    """Answer the last user message again (the previous answer is replaced)."""
+    msgs = chat.normalize_messages(list(history or []))
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    if not msgs or msgs[-1]["role"] != "user":
+        raise BadInput("There is no user message to answer again.")
+    lm = _model(ctx, model_name)
+    params = params_from(system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings,
+                         seed, adapter)
+    _check_turn(lm, msgs, params)
+    yield from _stream(lm, msgs, params, _new_stop(request), "")
+
+
+@ui_errors
+def edit_last(history: list):
+    """Take the last user message (and its answer) out of the chat and back into the textbox."""
+    msgs = chat.normalize_messages(list(history or []))
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    if not msgs or msgs[-1]["role"] != "user":
+        raise BadInput("There is no user message to edit.")
+    last = msgs.pop()
+    return msgs, last["content"]
+
+
+@ui_errors
+def export(ctx: Context, history: list, model_name: str):
+    msgs = chat.normalize_messages(list(history or []))
+    if not msgs:
+        raise BadInput("The conversation is empty: nothing to export.")
+    text = chat.export_conversation(msgs, model=model_name or None)
+    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="conversation-", delete=False, encoding="utf-8")
+    with f:
+        f.write(text)
+    return f.name
+
+
+@ui_errors
+def import_(path: str | None):
+    if not path:
+        raise BadInput("Choose a conversation JSON file.")
+    return chat.import_conversation(Path(path).read_bytes())
+
+
+@ui_errors
+def template_info(ctx: Context, model_name: str):
+    lm = _model(ctx, model_name)
+    text, source = chat.chat_template_of(lm)
+    return f"Template in use: **{source}**", text
+
+
+@ui_errors
+def attach(ctx: Context, model_name: str, path: str, name: str):
+    lm = _model(ctx, model_name)
+    if not (path or "").strip():
+        raise BadInput("Enter the folder of a LoRA adapter (a run's adapter/ or checkpoints/step-N/).")
+    info = chat.attach_adapter(lm, path.strip(), name)
+    choices = adapter_choices(ctx, lm.name)
+    warn = ("\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)) if info.warnings else ""
+    return gr.update(choices=choices, value=info.name), f"Attached adapter **{info.name}** (rank {info.rank}) to {lm.name}.{warn}"
+
+
+@ui_errors
+def load_extra(ctx: Context, path: str, progress=gr.Progress()):
+    """Load another model beside the current one (for Compare); it stays loaded until unloaded in the Model tab."""
+    lm = ctx.registry.load(path, ctx.ws, progress=lambda f, m: progress(f, desc=m), replace=False)
+    names = model_choices(ctx)
+    return gr.update(choices=names), gr.update(choices=names, value=lm.name), f"Loaded **{lm.name}** for comparison."
+
+
+def refresh_models(ctx: Context, a: str | None, b: str | None):
+    names = model_choices(ctx)
+    cur = ctx.registry.current()
+    a = a if a in names else (cur.name if cur else None)
+    b = b if b in names else a
+    return (gr.update(choices=names, value=a), gr.update(choices=names, value=b),
+            gr.update(choices=adapter_choices(ctx, a)), gr.update(choices=adapter_choices(ctx, b)))
+
+
+@ui_errors
+def compare(ctx: Context, message: str, model_a: str, adapter_a: str, model_b: str, adapter_b: str, system: str,
+            temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
+            max_new_tokens: int, stop_strings: str, seed, request: gr.Request = None):
+    """One prompt, two answers streaming side by side: yields (chat A, chat B, speed A, speed B)."""
+    if not (message or "").strip():
+        raise BadInput("Type a prompt to compare.")
+    lm_a, lm_b = _model(ctx, model_a), _model(ctx, model_b)
+    args = (system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings, seed)
+    pa, pb = params_from(*args, adapter_a), params_from(*args, adapter_b)
+    msgs = [{"role": "user", "content": message}]
+    _check_turn(lm_a, msgs, pa)
+    _check_turn(lm_b, msgs, pb)
+    ev = _new_stop(request)
+    label_a = f"{lm_a.name}" + (f" + {pa.adapter}" if pa.adapter else "")
+    label_b = f"{lm_b.name}" + (f" + {pb.adapter}" if pb.adapter else "")
+    q: queue.Queue = queue.Queue()
+
+    def run(side: int, lm, p):
+        try:
+            for ch in chat.stream_chat(lm, msgs, p, ev):
+                q.put((side, ch, None))
+        except Exception as e:  # noqa: BLE001 - handed to the generator below, which reports it
+            q.put((side, None, e))
+        q.put((side, None, StopIteration()))
+
+    answers = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]
+    speeds = [f"**{label_a}** · waiting…", f"**{label_b}** · waiting…"]
+    for side, lm, p in ((0, lm_a, pa), (1, lm_b, pb)):
+        threading.Thread(target=run, args=(side, lm, p), daemon=True).start()
+    done = 0
+    yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]
+    while done < 2:
+        side, ch, err = q.get()
+        if isinstance(err, StopIteration):
+            done += 1
+            continue
+        if err is not None:
+            ev.set()
+            raise err
+        answers[side]["content"] += ch.text
+        speeds[side] = _speed(ch, label_a if side == 0 else label_b)
+        yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]

@@ -1,0 +1,103 @@
+"""Chat tab: stream answers, stop, regenerate, edit, export/import, adapters, and base-vs-tuned compare."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import handlers as h
+from ..handlers import chat as hc
+from pipelines.chat import ChatParams
+
+HELP = ChatParams.help()
+
+
+def build(ctx: h.Context) -> dict:
+    with gr.Tab("Chat", id="chat") as tab:
+        with gr.Row():
+            model_a = gr.Dropdown(hc.model_choices(ctx), label="Model", scale=3, elem_id="chat-model")
+            adapter_a = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter", scale=2, elem_id="chat-adapter")
+            refresh = gr.Button("↻ Models", scale=1, elem_id="chat-refresh")
+        with gr.Row():
+            with gr.Column(scale=3):
+                bot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-bot", buttons=["copy"])
+                msg = gr.Textbox(placeholder="Message… (Enter sends)", show_label=False, elem_id="chat-input")
+                with gr.Row():
+                    send_btn = gr.Button("Send", variant="primary", elem_id="chat-send")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+                    regen_btn = gr.Button("Regenerate", elem_id="chat-regen")
+                    edit_btn = gr.Button("Edit last", elem_id="chat-edit")
+                    clear_btn = gr.Button("Clear", elem_id="chat-clear")
+                speed = gr.Markdown(elem_id="chat-speed")
+                with gr.Row():
+                    export_btn = gr.Button("Export conversation (JSON)", elem_id="chat-export")
+                    export_file = gr.File(label="Exported", interactive=False, elem_id="chat-export-file", height=80)
+                    import_file = gr.File(label="Import a conversation (JSON)", type="filepath", file_types=[".json"],
+                                          elem_id="chat-import", height=80)
+            with gr.Column(scale=2):
+                system = gr.Textbox(label="System prompt", lines=3, info=HELP["system_prompt"], elem_id="chat-system")
+                with gr.Accordion("Sampling", open=True):
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info=HELP["temperature"])
+                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info=HELP["top_p"])
+                    top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info=HELP["top_k"])
+                    min_p = gr.Slider(0, 0.5, value=0.05, step=0.01, label="Min-p", info=HELP["min_p"])
+                    rep = gr.Slider(0.8, 2, value=1.1, step=0.01, label="Repetition penalty",
+                                    info=HELP["repetition_penalty"])
+                    max_new = gr.Slider(1, 4096, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
+                    stops = gr.Textbox(label="Stop strings (comma-separated; \\n allowed)")
+                    seed = gr.Number(label="Seed (empty = random)", value=None, precision=0, elem_id="chat-seed")
+                with gr.Accordion("Adapter (LoRA)", open=False):
+                    adapter_path = gr.Textbox(label="Adapter folder (a run's adapter/ or checkpoints/step-N/)")
+                    adapter_name = gr.Textbox(label="Name (optional)")
+                    attach_btn = gr.Button("Attach to the model", elem_id="chat-attach")
+                    adapter_msg = gr.Markdown()
+                with gr.Accordion("Chat template in use", open=False):
+                    template_btn = gr.Button("Show the template", elem_id="chat-template-btn")
+                    template_src = gr.Markdown(elem_id="chat-template-source")
+                    template_text = gr.Code(language="jinja2", interactive=False, elem_id="chat-template")
+
+        with gr.Accordion("Compare two models on one prompt", open=False, elem_id="compare"):
+            with gr.Row():
+                model_b = gr.Dropdown(hc.model_choices(ctx), label="Model B", elem_id="compare-model-b")
+                adapter_b = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter B", elem_id="compare-adapter-b")
+            with gr.Row():
+                extra_path = gr.Textbox(label="Load another model beside it (a .gguf export or an HF folder)", scale=4)
+                extra_btn = gr.Button("Load for comparison", scale=1, elem_id="compare-load")
+            compare_msg = gr.Markdown()
+            cmp_prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
+            with gr.Row():
+                cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                cmp_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+            with gr.Row():
+                with gr.Column():
+                    bot_a = gr.Chatbot(label="A", height=300, elem_id="compare-a")
+                    speed_a = gr.Markdown(elem_id="compare-speed-a")
+                with gr.Column():
+                    bot_b = gr.Chatbot(label="B", height=300, elem_id="compare-b")
+                    speed_b = gr.Markdown(elem_id="compare-speed-b")
+
+    sampling = [system, temperature, top_p, top_k, min_p, rep, max_new, stops, seed]
+    send_inputs = [msg, bot, model_a, adapter_a, *sampling]
+    sent = send_btn.click(h.bind(hc.send, ctx), send_inputs, [bot, msg, speed], api_name="chat_send")
+    submitted = msg.submit(h.bind(hc.send, ctx), send_inputs, [bot, msg, speed], api_visibility="private")
+    regen = regen_btn.click(h.bind(hc.regenerate, ctx), [bot, model_a, adapter_a, *sampling], [bot, msg, speed],
+                            api_name="chat_regenerate")
+    stop_btn.click(hc.stop, None, speed, api_name="chat_stop")
+    edit_btn.click(hc.edit_last, bot, [bot, msg], api_name="chat_edit_last")
+    clear_btn.click(lambda: ([], ""), None, [bot, speed], api_visibility="private")
+    export_btn.click(h.bind(hc.export, ctx), [bot, model_a], export_file, api_name="chat_export")
+    import_file.upload(hc.import_, import_file, bot, api_name="chat_import")
+    template_btn.click(h.bind(hc.template_info, ctx), model_a, [template_src, template_text], api_name="chat_template")
+    attach_btn.click(h.bind(hc.attach, ctx), [model_a, adapter_path, adapter_name], [adapter_a, adapter_msg],
+                     api_name="chat_attach_adapter")
+    refresh_out = [model_a, model_b, adapter_a, adapter_b]
+    refresh.click(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
+    tab.select(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
+    model_a.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_a, adapter_a,
+                   api_visibility="private")
+    model_b.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_b, adapter_b,
+                   api_visibility="private")
+    extra_btn.click(h.bind(hc.load_extra, ctx), extra_path, [model_a, model_b, compare_msg], api_name="chat_load_extra")
+    cmp_btn.click(h.bind(hc.compare, ctx), [cmp_prompt, model_a, adapter_a, model_b, adapter_b, *sampling],
+                  [bot_a, bot_b, speed_a, speed_b], api_name="chat_compare")
+    cmp_stop.click(hc.stop, None, speed_a, api_visibility="private")
+    return {"events": [sent, submitted, regen]}

@@ -1,0 +1,127 @@
+"""Data tab: load a file, map it to chat format, clean it (undoable), explore it, save a dataset version."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import handlers as h
+from ..handlers import data as hd
+from pipelines import data as pdata
+
+
+def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
+    with gr.Tab("Data", id="data"):
+        session = gr.State(hd.DataSession())
+        message = gr.Markdown(elem_id="data-message")
+
+        gr.Markdown("#### 1 · Load")
+        with gr.Row():
+            upload = gr.File(label="Upload CSV, TSV, JSON, JSONL or Parquet", type="filepath", scale=3,
+                             file_types=sorted(pdata.SUPPORTED), elem_id="data-upload")
+            with gr.Column(scale=2):
+                picked = gr.Dropdown(label="…or pick a file in the workspace", choices=hd.workspace_files(ctx),
+                                     value=None, allow_custom_value=False, elem_id="data-pick")
+                with gr.Row():
+                    open_btn = gr.Button("Open", variant="primary", elem_id="data-open")
+                    sample_btn = gr.Button("Try the sample dataset", elem_id="data-sample")
+        info = gr.Markdown("Upload a file or pick one to start.", elem_id="data-info")
+        table = gr.Dataframe(label=f"First {hd.PREVIEW_ROWS} rows", interactive=False, wrap=True, max_height=360,
+                             elem_id="data-table")
+
+        gr.Markdown("#### 2 · Map to chat format")
+        with gr.Row():
+            fmt = gr.Dropdown(list(pdata.FORMATS), value="alpaca", label="Format", elem_id="map-format")
+            roles = {r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=False, elem_id=f"map-{r}")
+                     for r in hd.ROLES}
+        with gr.Row():
+            system_prompt = gr.Textbox(label="Constant system prompt (optional)", scale=4, elem_id="map-system-prompt")
+            map_btn = gr.Button("Use this mapping", scale=1, elem_id="map-apply")
+
+        gr.Markdown("#### 3 · Clean (each step reports rows before → after; undo until saved)")
+        with gr.Row():
+            with gr.Column():
+                miss_cols = gr.Dropdown([], multiselect=True, label="Missing values in (empty = the mapped columns)",
+                                        elem_id="clean-missing-cols")
+                with gr.Row():
+                    miss_action = gr.Radio(["drop", "fill"], value="drop", label="Rows with missing values")
+                    fill_value = gr.Textbox(label="Fill with", value="")
+                miss_btn = gr.Button("Apply: missing values", elem_id="clean-missing")
+            with gr.Column():
+                dup_cols = gr.Dropdown([], multiselect=True, label="Duplicates on (empty = all columns)",
+                                       elem_id="clean-dup-cols")
+                near = gr.Checkbox(label="Also near-duplicates (case and whitespace ignored)", value=True)
+                dup_btn = gr.Button("Apply: duplicates", elem_id="clean-dups")
+                norm_btn = gr.Button("Apply: normalise whitespace, Unicode (NFC), control characters",
+                                     elem_id="clean-normalize")
+            with gr.Column():
+                with gr.Row():
+                    min_tok = gr.Number(label="Min tokens", value=1, precision=0)
+                    max_tok = gr.Number(label="Max tokens (0 = none)", value=0, precision=0)
+                    train_max = gr.Number(label="Training max length", value=1024, precision=0, elem_id="train-max-len")
+                len_btn = gr.Button("Apply: token-length filter", elem_id="clean-length")
+        with gr.Row():
+            undo_btn = gr.Button("Undo last step", elem_id="clean-undo")
+            reset_btn = gr.Button("Reset to the file as read", elem_id="clean-reset")
+        history = gr.Markdown("No cleaning steps yet.", elem_id="clean-history")
+
+        gr.Markdown("#### 4 · Explore")
+        with gr.Row():
+            example = gr.Number(label="Example row to preview", value=0, precision=0, minimum=0)
+            explore_btn = gr.Button("Analyse", variant="primary", elem_id="data-explore")
+        summary = gr.Dataframe(label="Columns", interactive=False, elem_id="eda-summary")
+        with gr.Row():
+            len_plot = gr.Plot(label="Token lengths", elem_id="eda-lengths")
+            stats = gr.Dataframe(label="Length statistics", interactive=False, elem_id="eda-stats")
+        with gr.Row():
+            turns_plot = gr.Plot(label="Turns per conversation", elem_id="eda-turns")
+            roles_plot = gr.Plot(label="Role balance", elem_id="eda-roles")
+        preview_note = gr.Markdown(elem_id="eda-preview-note")
+        preview = gr.HTML(elem_id="eda-preview")
+
+        gr.Markdown("#### 5 · Save")
+        with gr.Row():
+            ds_name = gr.Textbox(label="Dataset name (letters, digits, - and _)", elem_id="save-name")
+            val_ratio = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Validation share")
+            seed = gr.Number(label="Split seed", value=0, precision=0)
+            save_btn = gr.Button("Save new version", variant="primary", elem_id="save-dataset")
+        saved_msg = gr.Markdown(elem_id="save-message")
+        datasets = gr.Dataframe(value=hd.datasets_table(ctx), headers=hd.DATASET_COLUMNS, interactive=False,
+                                label="Saved datasets (offered by the Train tab)", elem_id="datasets-table")
+
+    role_boxes = [roles[r] for r in hd.ROLES]
+    everything = [session, info, table, fmt, *role_boxes, system_prompt, history, message]
+
+    def refresh_columns(s: hd.DataSession):
+        cols = [str(c) for c in s.read.df.columns] if s and s.read is not None else []
+        return gr.update(choices=cols, value=[]), gr.update(choices=cols, value=[]), gr.update(
+            choices=hd.workspace_files(ctx))
+
+    col_outputs = [miss_cols, dup_cols, picked]
+    opened = open_btn.click(h.bind(hd.open_file, ctx, max_mb=max_upload_mb), [session, upload, picked], everything,
+                            api_name="data_open")
+    opened.then(refresh_columns, session, col_outputs, api_visibility="private")
+    sample_btn.click(h.bind(hd.open_sample, ctx), session, everything, api_name="data_open_sample").then(
+        refresh_columns, session, col_outputs, api_visibility="private")
+    upload.upload(h.bind(hd.open_file, ctx, picked=None, max_mb=max_upload_mb), [session, upload], everything,
+                  api_visibility="private").then(refresh_columns, session, col_outputs, api_visibility="private")
+    map_btn.click(hd.set_mapping, [session, fmt, *role_boxes, system_prompt], [session, message], api_name="data_map")
+    miss_btn.click(hd.clean_missing, [session, miss_cols, miss_action, fill_value], everything, api_name="data_clean_missing")
+    dup_btn.click(hd.clean_duplicates, [session, dup_cols, near], everything, api_name="data_clean_duplicates")
+    norm_btn.click(hd.clean_normalize, session, everything, api_name="data_clean_normalize")
+    len_btn.click(h.bind(hd.clean_length, ctx), [session, min_tok, max_tok, train_max], everything,
+                  api_name="data_clean_length")
+    undo_btn.click(hd.undo, session, everything, api_name="data_undo")
+    reset_btn.click(hd.reset, session, everything, api_name="data_reset")
+    explore_btn.click(h.bind(hd.explore, ctx), [session, train_max, example],
+                      [summary, len_plot, stats, turns_plot, roles_plot, preview, preview_note], api_name="data_explore")
+    save_btn.click(h.bind(hd.save, ctx), [session, ds_name, val_ratio, seed], [saved_msg, datasets],
+                   api_name="data_save")
+    return {"datasets": datasets}
+
+
+def register_api(ctx: h.Context) -> None:
+    def data_list() -> list[dict]:
+        """Saved dataset versions: name, version, train/validation counts, created, source."""
+        return pdata.list_datasets(ctx.ws)
+
+    gr.api(data_list, api_name="data_list")

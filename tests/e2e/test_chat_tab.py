@@ -1,0 +1,84 @@
+"""Browser test of the Chat tab on the embedded default model: a streamed answer with its speed, stop mid-answer,
+the template in use, an empty message refused, and compare mode answering one prompt twice side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import CHROMIUM, start_studio
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, browser):
+    proc, url = start_studio(tmp_path_factory.mktemp("e2e-chat") / "ws")
+    pg = browser.new_page(viewport={"width": 1400, "height": 1500})
+    pg.set_default_timeout(90_000)
+    pg.goto(url)
+    pg.get_by_role("tab", name="Chat").click()
+    yield pg
+    pg.close()
+    proc.terminate()
+    proc.wait(20)
+
+
+def set_slider(page, elem_id, value):
+    page.locator(f"#{elem_id} input[type=number]").fill(str(value))
+    page.locator(f"#{elem_id} input[type=number]").press("Enter")
+
+
+def test_chat_streams_an_answer(page, tmp_path):
+    from playwright.sync_api import expect
+
+    import re
+
+    expect(page.locator("#chat-model input")).to_have_value(re.compile("gemma-3-270m"))
+    set_slider(page, "chat-max-new", 24)
+    page.locator("#chat-input textarea").fill("Name three colours.")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-speed")).to_contain_text("tok/s")
+    expect(page.locator("#chat-speed")).to_contain_text("first token")
+    bot = page.locator("#chat-bot")
+    expect(bot).to_contain_text("Name three colours.")
+    expect(page.locator("#chat-speed")).to_contain_text("24 tokens")
+    page.screenshot(path=str(tmp_path / "chat-tab.png"), full_page=True)
+
+
+def test_stop_mid_answer(page):
+    from playwright.sync_api import expect
+
+    set_slider(page, "chat-max-new", 2000)
+    page.locator("#chat-input textarea").fill("Tell me a very long story about a lighthouse keeper.")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-speed")).to_contain_text("tokens")
+    page.locator("#chat-stop").click()
+    expect(page.locator("#chat-speed")).to_contain_text("stopped")
+
+
+def test_empty_message_and_template(page):
+    from playwright.sync_api import expect
+
+    page.locator("#chat-input textarea").fill("   ")
+    page.locator("#chat-send").click()
+    expect(page.locator(".toast-body").filter(has_text="Type a message first").first).to_be_visible()
+    page.get_by_text("Chat template in use").click()
+    page.locator("#chat-template-btn").click()
+    expect(page.locator("#chat-template-source")).to_contain_text("Gemma turn format")
+    expect(page.locator("#chat-template")).to_contain_text("start_of_turn")
+
+
+def test_compare_side_by_side(page):
+    from playwright.sync_api import expect
+
+    set_slider(page, "chat-max-new", 12)
+    page.get_by_text("Compare two models on one prompt").click()
+    page.locator("#compare-prompt textarea").fill("The capital of France is")
+    page.locator("#compare-run").click()
+    expect(page.locator("#compare-speed-a")).to_contain_text("12 tokens")
+    expect(page.locator("#compare-speed-b")).to_contain_text("12 tokens")
+    expect(page.locator("#compare-a")).to_contain_text("The capital of France is")
+    expect(page.locator("#compare-b")).to_contain_text("The capital of France is")
