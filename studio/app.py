@@ -23,6 +23,7 @@ from . import handlers as h  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
 from .tabs import model as model_tab  # noqa: E402
+from .tabs import train as train_tab  # noqa: E402
 
 log = logging.getLogger("mactuner.studio")
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -39,9 +40,11 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
         with gr.Tabs():
             m = model_tab.build(ctx)
             data_tab.build(ctx, max_upload_mb)
+            train_tab.build(ctx)
             chat_tab.build(ctx)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
+        train_tab.register_api(ctx)
         timer = gr.Timer(3.0)
         timer.tick(h.bind(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
         timer.tick(h.bind(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")

@@ -75,17 +75,21 @@ def bind(fn, ctx: "Context", **fixed):
     rest = [p for name, p in list(sig.parameters.items())[1:] if name not in fixed]
     names = [p.name for p in rest]
 
-    def call_args(args, kwargs) -> dict:  # gradio passes inputs and injected values by position
-        return {**dict(zip(names, args)), **kwargs, **fixed}
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in rest)
+
+    def call(args, kwargs):  # gradio passes inputs and injected values by position
+        if varargs:
+            return fn(ctx, *args, **kwargs, **fixed)
+        return fn(ctx, **{**dict(zip(names, args)), **kwargs, **fixed})
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def bound(*args, **kwargs):
-            yield from fn(ctx, **call_args(args, kwargs))
+            yield from call(args, kwargs)
     else:
         @functools.wraps(fn)
         def bound(*args, **kwargs):
-            return fn(ctx, **call_args(args, kwargs))
+            return call(args, kwargs)
     bound.__signature__ = sig.replace(parameters=rest)
     return bound
 

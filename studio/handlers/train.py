@@ -1,0 +1,292 @@
+"""Train tab handlers: the config form ⇄ TrainConfig (and YAML), pre-flight (data, memory, time), launch / stop /
+resume, and the monitor that follows a run folder (metrics.jsonl read from a byte offset, status.json, log tail).
+
+The run folder is the truth: a refreshed page or a second tab re-attaches by reading it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from pipelines import data as pdata
+from pipelines import device as devicemod
+from pipelines import models, runs
+from pipelines.errors import BadInput
+from pipelines.train import TrainConfig, check_data
+from pipelines.workspace import human_bytes
+
+from . import Context, ui_errors
+
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+CHOICES = {"method": ["lora", "dora", "rslora", "qlora"], "scheduler": ["cosine", "linear", "constant"],
+           "dtype": ["auto", "float32", "bfloat16", "float16"]}
+RUN_COLUMNS = ["name", "state", "dataset", "method", "step", "total_steps", "final_loss", "best_eval_loss",
+               "duration", "reason"]
+
+
+def base_model_choices(ctx: Context) -> list[str]:
+    rows = models.list_local_models(ctx.ws)
+    return ["default"] + [r["path"] for r in rows if r["format"] == "hf-safetensors" and r["source"] != "embedded"]
+
+
+def dataset_choices(ctx: Context) -> list[str]:
+    return sorted({d["name"] for d in pdata.list_datasets(ctx.ws)})
+
+
+def config_from(values: list) -> TrainConfig:
+    """Form values (in FIELDS order) -> TrainConfig; BadInput names a bad field."""
+    d = dict(zip(FIELDS, values))
+    tm = d.get("target_modules")
+    if isinstance(tm, str) and "," in tm:
+        d["target_modules"] = [t.strip() for t in tm.split(",") if t.strip()]
+    for k, v in list(d.items()):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            raise BadInput(f"'{k}' is empty: give it a value.")
+    return TrainConfig.from_dict(d)
+
+
+def form_values(cfg: TrainConfig) -> list:
+    d = cfg.to_dict()
+    if isinstance(d["target_modules"], list):
+        d["target_modules"] = ", ".join(d["target_modules"])
+    return [d[f] for f in FIELDS]
+
+
+@ui_errors
+def to_yaml(*values):
+    cfg = config_from(list(values))
+    return cfg.to_yaml(), "mactuner train CONFIG.yaml   # the same command the studio runs for you"
+
+
+@ui_errors
+def from_yaml(path: str | None):
+    if not path:
+        raise BadInput("Choose a YAML config file.")
+    cfg = TrainConfig.from_yaml(Path(path))
+    return form_values(cfg)
+
+
+def _flops_per_s() -> float:
+    """A quick fp32 matmul probe (about 0.2 s, once): the basis of the time estimate."""
+    global _FLOPS
+    if _FLOPS is None:
+        import torch  # noqa: PLC0415
+
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        a @ b
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.2:
+            a @ b
+            n += 1
+        _FLOPS = 2 * 512**3 * n / (time.perf_counter() - t0)
+    return _FLOPS
+
+
+_FLOPS: float | None = None
+
+
+@ui_errors
+def preflight(ctx: Context, *values):
+    """Check the config and the data as the trainer will, and estimate memory and time before starting."""
+    cfg = config_from(list(values))
+    info = check_data(cfg, ctx.ws)
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from pipelines.train import resolve_base_model  # noqa: PLC0415
+
+    base = resolve_base_model(cfg, ctx.ws)
+    shape = devicemod.ModelShape.from_config(AutoConfig.from_pretrained(base))
+    prof = devicemod.profile(refresh=True)
+    dtype = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
+    mode = "qlora" if cfg.method == "qlora" else "lora"
+    est = devicemod.estimate_memory(shape, mode, dtype, cfg.max_length, cfg.batch_size, cfg.rank,
+                                    cfg.gradient_checkpointing, prof.available_memory)
+    advice = devicemod.recommend_batch_size(shape, prof.available_memory, mode, dtype, cfg.max_length, cfg.rank,
+                                            cfg.gradient_checkpointing)
+    steps_per_epoch = max(1, math.ceil(info["usable"] / (cfg.batch_size * cfg.grad_accum)))
+    steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    lines = [f"**Data**: {info['usable']:,} usable training conversations of {info['train_rows']:,}"
+             f" · {info['validation_rows']:,} validation · {info.get('label_tokens', 0):,} trained tokens per epoch",
+             f"{info['note']}" if info.get("note") else "",
+             f"**Steps**: {steps:,} ({steps_per_epoch:,} per epoch at batch {cfg.batch_size} × accumulation {cfg.grad_accum})",
+             f"**Memory** ({mode}, {dtype}): about {human_bytes(est.total)} of "
+             f"{human_bytes(prof.available_memory)} available — {'fits' if est.fits else 'does NOT fit'}"
+             + (f"; largest batch that fits: {advice}" if advice else "; even batch 1 does not fit: shorten max length"),
+             ]
+    if prof.kind == "cpu":
+        seq_tokens = steps * cfg.batch_size * cfg.grad_accum * min(cfg.max_length, 512)
+        secs = 6 * shape.n_params * seq_tokens / (0.5 * _flops_per_s())  # ~50% of matmul peak, forward + backward
+        lines.append(f"**Time**: roughly {secs / 60:.0f} min on this CPU (from a matmul probe; the live ETA is "
+                     "measured once training runs)")
+    return "\n\n".join(x for x in lines if x)
+
+
+@ui_errors
+def start(ctx: Context, run_name: str, *values):
+    cfg = config_from(list(values))
+    check_data(cfg, ctx.ws)  # the same clear messages before anything is written
+    run = runs.launch(ctx.ws, cfg, name=(run_name or "").strip() or None)
+    st = runs.refresh_status(run)
+    msg = (f"Started **{run.name}**." if st.get("state") in runs.ACTIVE else
+           f"**{run.name}** is queued: it starts when the running job ends (one training job at a time).")
+    return msg, gr.update(choices=run_choices(ctx), value=run.name)
+
+
+def run_choices(ctx: Context) -> list[str]:
+    return [r["name"] for r in runs.list_runs(ctx.ws)]
+
+
+def default_run(ctx: Context) -> str | None:
+    active = runs.active_run(ctx.ws)
+    if active is not None:
+        return active.name
+    names = run_choices(ctx)
+    return names[0] if names else None
+
+
+def runs_table(ctx: Context) -> pd.DataFrame:
+    rows = runs.list_runs(ctx.ws)
+    for r in rows:
+        r["duration"] = f"{r['duration'] / 60:.1f} min" if r.get("duration") else ""
+        for k in ("final_loss", "best_eval_loss"):
+            r[k] = round(r[k], 4) if isinstance(r.get(k), (int, float)) else r.get(k)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def refresh_lists(ctx: Context, selected: str | None):
+    names = run_choices(ctx)
+    sel = selected if selected in names else default_run(ctx)
+    return (gr.update(choices=names, value=sel), runs_table(ctx), gr.update(choices=names),
+            gr.update(choices=dataset_choices(ctx)), gr.update(choices=base_model_choices(ctx)))
+
+
+def _apply_rows(rows: list[dict], new: list[dict]) -> list[dict]:
+    for r in new:
+        if r.get("event") == "resume":  # rows after a resume marker restart from step N+1
+            rows = [x for x in rows if x.get("step", 0) <= r.get("step", 0)]
+        elif "step" in r:
+            rows.append(r)
+    return rows
+
+
+def _figures(rows: list[dict]):
+    df = pd.DataFrame(rows)
+    loss, lr, tps = go.Figure(), go.Figure(), go.Figure()
+    if not df.empty:
+        if "loss" in df:
+            loss.add_trace(go.Scatter(x=df["step"], y=df["loss"], mode="lines", name="train loss"))
+        if "eval_loss" in df and df["eval_loss"].notna().any():
+            ev = df[df["eval_loss"].notna()]
+            loss.add_trace(go.Scatter(x=ev["step"], y=ev["eval_loss"], mode="lines+markers", name="eval loss"))
+        if "learning_rate" in df:
+            lr.add_trace(go.Scatter(x=df["step"], y=df["learning_rate"], mode="lines", name="learning rate"))
+        if "tokens_per_s" in df:
+            tps.add_trace(go.Scatter(x=df["step"], y=df["tokens_per_s"], mode="lines", name="tokens/s"))
+    for fig, title in ((loss, "Loss"), (lr, "Learning rate"), (tps, "Tokens per second")):
+        fig.update_layout(title=title, height=260, margin=dict(l=40, r=10, t=40, b=30), xaxis_title="step")
+    return loss, lr, tps
+
+
+def _progress_html(st: dict, rows: list[dict]) -> str:
+    step, total = st.get("step") or (rows[-1]["step"] if rows else 0), st.get("total_steps") or 0
+    frac = min(1.0, step / total) if total else 0.0
+    eta = ""
+    if rows and total and step and st.get("state") in runs.ACTIVE:
+        el = rows[-1].get("elapsed")
+        first = rows[0].get("elapsed", 0)
+        done = step - rows[0]["step"] + 1
+        if el and done > 0:
+            eta = f" · ETA {max(0.0, (el - first) / done * (total - step)) / 60:.1f} min"
+    return (f'<div style="background:#eee;border-radius:6px;height:14px"><div style="width:{100 * frac:.1f}%;'
+            f'background:#f97316;height:14px;border-radius:6px"></div></div>'
+            f'<div style="font-size:13px">step {step} / {total or "?"} ({100 * frac:.0f}%){eta}</div>')
+
+
+def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
+    state = st.get("state", "?")
+    badge = {"running": "🟢 running", "queued": "⏳ queued", "stopping": "🟠 stopping", "stopped": "⏹ stopped",
+             "finished": "✅ finished", "failed": "❌ failed"}.get(state, state)
+    last = rows[-1] if rows else {}
+    bits = [f"### {run.name} — {badge}"]
+    if st.get("reason"):
+        bits.append(f"{st['reason']}")
+    if last:
+        figs = [f"loss {last.get('loss', float('nan')):.4f}"]
+        if last.get("tokens_per_s"):
+            figs.append(f"{last['tokens_per_s']:.0f} tok/s")
+        if last.get("peak_memory"):
+            figs.append(f"peak memory {human_bytes(last['peak_memory'])}")
+        bits.append(" · ".join(figs))
+    ck = [p.name for p in run.checkpoints()]
+    if ck:
+        bits.append("Checkpoints: " + ", ".join(ck))
+    if run.adapter_dir.exists():
+        bits.append(f"Adapter: `{run.adapter_dir}` (open it in the Chat tab)")
+    return "\n\n".join(bits)
+
+
+def poll(ctx: Context, selected: str | None, cache: dict | None):
+    """Follow the selected run: new metric rows since the last offset, status, progress, charts, log tail."""
+    cache = dict(cache or {})
+    if not selected:
+        empty = _figures([])
+        return (cache, "No run yet: set up a run on the left and start it.", "", *empty, "",
+                gr.update(choices=[]))
+    try:
+        run = runs.get_run(ctx.ws, selected)
+    except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
+        empty = _figures([])
+        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]))
+    if cache.get("run") != selected:
+        cache = {"run": selected, "offset": 0, "rows": []}
+    new, cache["offset"] = runs.read_metrics(run, cache["offset"])
+    cache["rows"] = _apply_rows(list(cache["rows"]), new)
+    st = runs.refresh_status(run)
+    ckpts = [p.name for p in run.checkpoints()]
+    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"]), *_figures(cache["rows"]),
+            run.log_tail(6000), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None))
+
+
+@ui_errors
+def stop(ctx: Context, selected: str):
+    if not selected:
+        raise BadInput("Select a run to stop.")
+    st = runs.stop(runs.get_run(ctx.ws, selected))
+    return f"{selected}: {st.get('state')} — {st.get('reason') or ''}"
+
+
+@ui_errors
+def resume(ctx: Context, selected: str, checkpoint: str | None):
+    if not selected:
+        raise BadInput("Select a run to resume.")
+    run = runs.resume(ctx.ws, runs.get_run(ctx.ws, selected), checkpoint or None)
+    return f"Resuming **{run.name}** from {checkpoint or 'its latest checkpoint'}."
+
+
+@ui_errors
+def load_run_config(ctx: Context, selected: str):
+    """Put a past run's settings back into the form (to tweak and start again)."""
+    if not selected:
+        raise BadInput("Select a run first.")
+    return form_values(runs.get_run(ctx.ws, selected).config())
+
+
+@ui_errors
+def overlay(ctx: Context, names: list[str]):
+    fig = go.Figure()
+    for name in names or []:
+        rows, _ = runs.read_metrics(runs.get_run(ctx.ws, name), 0)
+        rows = _apply_rows([], rows)
+        if rows:
+            fig.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r.get("loss") for r in rows], mode="lines",
+                                     name=name))
+    fig.update_layout(title="Training loss by run", height=300, xaxis_title="step", yaxis_title="loss",
+                      margin=dict(l=40, r=10, t=40, b=30))
+    return fig

@@ -1,0 +1,119 @@
+"""Train tab: LoRA/QLoRA settings (device-aware defaults, YAML in and out), pre-flight estimate, launch, and a
+monitor that re-attaches to the run folder: live charts, progress with ETA, log tail, stop, resume, history."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+
+from .. import handlers as h
+from ..handlers import train as ht
+from pipelines.train import TrainConfig
+
+HELP = TrainConfig.help()
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+BASIC = ["base_model", "dataset", "dataset_version", "method", "rank", "alpha", "dropout", "target_modules",
+         "epochs", "max_steps", "learning_rate", "scheduler", "warmup_steps", "batch_size", "grad_accum", "max_length"]
+
+
+def _widget(name: str, ctx: h.Context):
+    label, info, default = name.replace("_", " ").capitalize(), HELP[name], DEFAULTS[name]
+    eid = f"train-{name.replace('_', '-')}"
+    if name == "base_model":
+        return gr.Dropdown(ht.base_model_choices(ctx), value="default", allow_custom_value=True, label=label, info=info,
+                           elem_id=eid)
+    if name == "dataset":
+        return gr.Dropdown(ht.dataset_choices(ctx), value=None, allow_custom_value=True, label=label, info=info,
+                           elem_id=eid)
+    if name in ht.CHOICES:
+        return gr.Dropdown(ht.CHOICES[name], value=default, label=label, info=info, elem_id=eid)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, label=label, info=info, elem_id=eid)
+    if isinstance(default, int):
+        return gr.Number(value=default, precision=0, label=label, info=info, elem_id=eid)
+    if isinstance(default, float):
+        return gr.Number(value=default, label=label, info=info, elem_id=eid)
+    return gr.Textbox(value=str(default), label=label, info=info, elem_id=eid)
+
+
+def build(ctx: h.Context) -> dict:
+    with gr.Tab("Train", id="train") as tab:
+        widgets: dict = {}
+        with gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("#### Set up a run")
+                with gr.Group():
+                    for name in BASIC:
+                        widgets[name] = _widget(name, ctx)
+                with gr.Accordion("More settings", open=False):
+                    for name in ht.FIELDS:
+                        if name not in BASIC:
+                            widgets[name] = _widget(name, ctx)
+                run_name = gr.Textbox(label="Run name (optional)", elem_id="train-run-name")
+                with gr.Row():
+                    check_btn = gr.Button("Check data and estimate", elem_id="train-check")
+                    start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
+                preflight = gr.Markdown(elem_id="train-preflight")
+                with gr.Accordion("Config as YAML / command line", open=False):
+                    yaml_btn = gr.Button("Show YAML", elem_id="train-yaml-btn")
+                    yaml_text = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
+                    command = gr.Textbox(label="Command", interactive=False)
+                    yaml_file = gr.File(label="Load a config YAML into the form", type="filepath",
+                                        file_types=[".yaml", ".yml"], height=80)
+            with gr.Column(scale=3):
+                gr.Markdown("#### Monitor")
+                with gr.Row():
+                    run_sel = gr.Dropdown(ht.run_choices(ctx), value=ht.default_run(ctx), label="Run", scale=3,
+                                          elem_id="train-run")
+                    stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, elem_id="train-stop")
+                with gr.Row():
+                    ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="train-ckpt")
+                    resume_btn = gr.Button("Resume from checkpoint", scale=1, elem_id="train-resume")
+                    reuse_btn = gr.Button("Copy settings to the form", scale=1, elem_id="train-reuse")
+                action = gr.Markdown(elem_id="train-action")
+                status = gr.Markdown(elem_id="train-status")
+                progress = gr.HTML(elem_id="train-progress")
+                loss_plot = gr.Plot(elem_id="train-loss")
+                with gr.Row():
+                    lr_plot = gr.Plot(elem_id="train-lr")
+                    tps_plot = gr.Plot(elem_id="train-tps")
+                log = gr.Code(label="Log (tail)", language=None, interactive=False, elem_id="train-log", max_lines=18)
+        with gr.Accordion("Run history", open=True):
+            history = gr.Dataframe(ht.runs_table(ctx), headers=ht.RUN_COLUMNS, interactive=False, elem_id="train-history")
+            with gr.Row():
+                overlay_sel = gr.CheckboxGroup(ht.run_choices(ctx), label="Overlay loss curves of", scale=3,
+                                               elem_id="train-overlay-sel")
+                overlay_btn = gr.Button("Overlay", scale=1, elem_id="train-overlay")
+            overlay_plot = gr.Plot(elem_id="train-overlay-plot")
+        cache = gr.State({})
+        timer = gr.Timer(2.0)
+
+    form = [widgets[n] for n in ht.FIELDS]
+    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt]
+    lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
+    poll = h.bind(ht.poll, ctx)
+    timer.tick(poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
+    gr.Timer(5.0).tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
+    run_sel.change(poll, [run_sel, cache], monitor_out, api_visibility="private")
+    tab.select(h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
+    check_btn.click(h.bind(ht.preflight, ctx), form, preflight, api_name="train_check")
+    start_btn.click(h.bind(ht.start, ctx), [run_name, *form], [action, run_sel], api_name="train_start").then(
+        h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
+    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop")
+    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume")
+    reuse_btn.click(h.bind(ht.load_run_config, ctx), run_sel, form, api_name="train_run_config")
+    yaml_btn.click(ht.to_yaml, form, [yaml_text, command], api_name="train_yaml")
+    yaml_file.upload(ht.from_yaml, yaml_file, form, api_visibility="private")
+    overlay_btn.click(h.bind(ht.overlay, ctx), overlay_sel, overlay_plot, api_name="train_overlay")
+    return {"run": run_sel}
+
+
+def register_api(ctx: h.Context) -> None:
+    def train_runs() -> list[dict]:
+        """All runs with state, steps, losses, duration."""
+        from pipelines import runs
+
+        return runs.list_runs(ctx.ws)
+
+    gr.api(train_runs, api_name="train_runs")

@@ -1,0 +1,118 @@
+"""Browser test of the Train tab on the tiny llama: pre-flight, start, reload the page mid-run and see it re-attach,
+stop (a checkpoint is saved), resume from it and watch the run finish; a second start while one runs is queued."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import CHROMIUM, start_studio
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    from pipelines import data
+    from pipelines.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("e2e-train") / "ws"
+    ws = Workspace.open(root)
+    rows = [{"messages": [{"role": "user", "content": f"question {i} about the sea"},
+                          {"role": "assistant", "content": f"answer {i}: the sea is wide and deep"}]} for i in range(40)]
+    data.save_dataset(ws, "tiny-set", rows, {"source": "test"}, val_ratio=0.1)
+    proc, url = start_studio(root)
+    yield url, root
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def page(studio, browser):
+    url, _ = studio
+    pg = browser.new_page(viewport={"width": 1500, "height": 1600})
+    pg.set_default_timeout(120_000)
+    pg.goto(url)
+    pg.get_by_role("tab", name="Train").click()
+    yield pg
+    pg.close()
+
+
+def fill(page, eid, value):
+    box = page.locator(f"#{eid} input, #{eid} textarea").first
+    box.fill(str(value))
+    box.press("Enter") if eid in ("train-base-model", "train-dataset") else box.blur()
+
+
+def set_form(page, base, steps, name):
+    fill(page, "train-base-model", base)
+    fill(page, "train-dataset", "tiny-set")
+    fill(page, "train-max-steps", steps)
+    fill(page, "train-batch-size", 2)
+    fill(page, "train-max-length", 64)
+    fill(page, "train-learning-rate", 0.001)
+    page.get_by_text("More settings").click()
+    fill(page, "train-save-every", 20)
+    fill(page, "train-run-name", name)
+
+
+def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
+    from playwright.sync_api import expect
+
+    url, root = studio
+    set_form(page, str(tiny_llama_dir), 3000, "long-run")
+    page.locator("#train-check").click()
+    expect(page.locator("#train-preflight")).to_contain_text("36 usable training conversations")
+    expect(page.locator("#train-preflight")).to_contain_text("fits")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-action")).to_contain_text("Started")
+    expect(page.locator("#train-status")).to_contain_text("running")
+    expect(page.locator("#train-status")).to_contain_text("loss")
+    # a second run while this one trains is queued, not dropped
+    fill(page, "train-run-name", "second-run")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-action")).to_contain_text("queued")
+    # reload: the page re-attaches to the running job from the run folder
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-run input")).to_have_value("long-run")
+    expect(page.locator("#train-status")).to_contain_text("running")
+    expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step \d+ / 3000"))
+    page.locator("#train-stop").click()
+    expect(page.locator("#train-status")).to_contain_text("stopped", timeout=120_000)
+    ckpts = sorted((root / "runs" / "long-run" / "checkpoints").glob("step-*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").exists()
+    # the queued run starts by itself once the first one ends; stop it too
+    page.locator("#train-run input").fill("second-run")
+    page.locator("#train-run input").press("Enter")
+    expect(page.locator("#train-status")).to_contain_text(re.compile("running|finished"))
+    page.locator("#train-stop").click()
+    expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=120_000)
+    # resume the first one from its checkpoint
+    page.locator("#train-run input").fill("long-run")
+    page.locator("#train-run input").press("Enter")
+    expect(page.locator("#train-ckpt input")).to_have_value(re.compile(r"step-\d+"))
+    page.locator("#train-resume").click()
+    expect(page.locator("#train-action")).to_contain_text("Resuming")
+    expect(page.locator("#train-status")).to_contain_text("running")
+    page.locator("#train-stop").click()
+    expect(page.locator("#train-status")).to_contain_text("stopped", timeout=120_000)
+    expect(page.locator("#train-history")).to_contain_text("long-run")
+
+
+def test_bad_settings_are_explained(page, tiny_llama_dir):
+    from playwright.sync_api import expect
+
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    set_form(page, str(tiny_llama_dir), 10, "")
+    fill(page, "train-learning-rate", 0)
+    page.locator("#train-check").click()
+    expect(page.locator(".toast-body").filter(has_text="learning rate").first).to_be_visible()
+    fill(page, "train-learning-rate", 0.001)
+    fill(page, "train-dataset", "no-such-set")
+    page.locator("#train-check").click()
+    expect(page.locator(".toast-body").filter(has_text="no-such-set").first).to_be_visible()
