@@ -96,8 +96,11 @@ def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
     page.locator("#train-run input").press("Enter")
     expect(page.locator("#train-ckpt input")).to_have_value(re.compile(r"step-\d+"))
     page.locator("#train-resume").click()
-    expect(page.locator("#train-action")).to_contain_text("Resuming")
     expect(page.locator("#train-status")).to_contain_text("running")
+    import json
+
+    status = json.loads((root / "runs" / "long-run" / "status.json").read_text())
+    assert status["resume_from"].endswith(ckpts[-1].name)
     page.locator("#train-stop").click()
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=120_000)
     expect(page.locator("#train-history")).to_contain_text("long-run")
