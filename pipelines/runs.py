@@ -358,22 +358,28 @@ def _spawn(ws: Workspace, run: RunDir) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     run.stop_flag.unlink(missing_ok=True)
-    with open(run.log_path, "ab") as log:
+    # Hold the run's status lock from before the start until "running" + pid are written: the trainer's first
+    # status write (mark_running, or "failed" if it dies at once) waits for it, so it can never be overwritten.
+    with run._status_lock(), open(run.log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
         log.flush()
+        st = run.status()
         try:
             proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         except OSError as e:
-            run.update_status(state="failed", reason=f"the trainer could not be started ({e})", ended=time.time())
+            st.update(state="failed", reason=f"the trainer could not be started ({e})", ended=time.time(),
+                      updated=time.time())
+            write_json(run.status_path, st)
             return
-    _CHILDREN[proc.pid] = proc
-    try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        create_time = None
-    run.update_status(state="running", pid=proc.pid, create_time=create_time, started=time.time(), reason=None,
-                      ended=None)
+        _CHILDREN[proc.pid] = proc
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            create_time = None
+        st.update(state="running", pid=proc.pid, create_time=create_time, started=time.time(), reason=None,
+                  ended=None, updated=time.time())
+        write_json(run.status_path, st)
 
 
 def _slug(text: str) -> str:

@@ -329,8 +329,9 @@ def check_resume(cfg: TrainConfig, checkpoint: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def read_conversations(path: Path) -> list[list[dict]]:
-    """Rows of a dataset split: each {"messages": [{"role", "content"}, ...]}; a missing file is an empty split."""
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content"}, ...]} or, for plain
+    text (continued pre-training), {"text": str}. A missing file is an empty split."""
     if not path.exists():
         return []
     out = []
@@ -342,73 +343,48 @@ def read_conversations(path: Path) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BadInput(f"{path.name} line {i} is not valid JSON ({e.msg}).") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
+                out.append({"text": row["text"]})
+                continue
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-                raise BadInput(f"{path.name} line {i} has no 'messages' list of {{role, content}} objects.")
-            out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+                raise BadInput(f"{path.name} line {i} has neither a 'messages' list of {{role, content}} objects nor "
+                               "a 'text'.")
+            out.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
     return out
 
 
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
 def ensure_chat_template(tok) -> str | None:
-    """Give a tokenizer without a chat template one (Gemma's turn format when it has those tokens, else a plain
-    'role: content<eos>' format); returns a note saying what was done, or None."""
+    """Give a tokenizer without a chat template the Data stage's fallback (ChatML markup), so that training masks
+    exactly what the Data tab's preview shows; it is saved with the adapter. Returns a note, or None."""
     if getattr(tok, "chat_template", None):
         return None
-    from .models import GEMMA_CHAT_TEMPLATE  # noqa: PLC0415
+    from .data import FALLBACK_CHAT_TEMPLATE  # noqa: PLC0415
 
-    if "<start_of_turn>" in tok.get_vocab():
-        tok.chat_template = GEMMA_CHAT_TEMPLATE
-        return "The tokenizer had no chat template: using Gemma's turn format."
     tok.chat_template = FALLBACK_CHAT_TEMPLATE
-    return "The tokenizer had no chat template: using a plain 'role: content' format (saved with the adapter)."
-
-
-def _render(tok, messages, add_generation_prompt=False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return "The tokenizer had no chat template: using ChatML turns (<|im_start|>role ... <|im_end|>), saved with the adapter."
 
 
 def encode_conversation(tok, messages: list[dict], responses_only: bool = True) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one conversation rendered with the chat template. With `responses_only`, labels are
-    IGNORE except on the tokens of each assistant reply (including its end-of-turn marker); otherwise every token
-    is a label. Spans are found in characters (each reply lies between the prompt rendered with a generation prompt
-    and the conversation rendered through that reply) and mapped to tokens through the offsets."""
-    full = _render(tok, messages)
-    spans: list[tuple[int, int]] = []
-    if responses_only:
-        cursor = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
-            through = _render(tok, messages[: i + 1])
-            if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
-                start, end = len(prefix), len(through)
-            else:  # a template that rewrites earlier turns: fall back to finding the reply's text
-                start = full.find(m["content"].strip(), cursor)
-                if start < 0:
-                    continue
-                end = start + len(m["content"].strip())
-            spans.append((start, end))
-            cursor = end
+    """(input_ids, labels) for one conversation rendered with the tokenizer's chat template. With `responses_only`,
+    labels are IGNORE except on the tokens of each assistant reply including its end-of-turn markup; otherwise every
+    token is a label. The reply spans come from `data.assistant_spans` (the same function as the Data tab's preview:
+    rendered prefixes compared in characters) and are mapped to tokens through the offsets."""
+    from .data import assistant_spans  # noqa: PLC0415
+
+    full, spans = assistant_spans(tok, messages)
     if getattr(tok, "is_fast", False):
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    else:  # slow tokenizer: token boundaries from encoding growing prefixes at the span edges
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        offsets = None
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    else:  # slow tokenizer: token boundaries from encoding the prefixes at the span edges
+        ids, offsets = list(tok(full, add_special_tokens=False)["input_ids"]), None
     if not responses_only:
-        return list(ids), list(ids)
+        return ids, list(ids)
     labels = [IGNORE] * len(ids)
     if offsets is not None:
-        for j, (a, b) in enumerate(offsets):
-            if b > a and any(s <= a < e for s, e in spans):
+        for j, (a, _b) in enumerate(offsets):
+            if any(s <= a < e for s, e in spans):
                 labels[j] = ids[j]
     else:
         for s, e in spans:
@@ -416,7 +392,18 @@ def encode_conversation(tok, messages: list[dict], responses_only: bool = True) 
             t1 = len(tok(full[:e], add_special_tokens=False)["input_ids"])
             for j in range(t0, min(t1, len(ids))):
                 labels[j] = ids[j]
-    return list(ids), labels
+    return ids, labels
+
+
+def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
+    """A plain-text row (continued pre-training): every token is a label, with BOS/EOS around it when the tokenizer
+    has them, so the model also learns where a document ends."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    if tok.eos_token_id is not None and ids[-1] != tok.eos_token_id:
+        ids = ids + [tok.eos_token_id]
+    return ids, list(ids)
 
 
 @dataclass
@@ -426,29 +413,40 @@ class EncodedSplit:
     truncated: int = 0
     dropped: int = 0  # no label left after masking and truncation
     no_response: int = 0  # no assistant message at all (responses_only)
+    unrenderable: int = 0  # the chat template failed on the row, or a reply could not be located in it
     shortest_prompt: int = 0  # tokens before the first label, over rows that lost all labels to truncation
+    first_error: str = ""
 
     def note(self, split: str, max_length: int) -> str:
         parts = [f"{split}: {len(self.examples)} of {self.rows} rows usable"]
         if self.truncated:
             parts.append(f"{self.truncated} cut to {max_length} tokens")
         if self.dropped:
-            parts.append(f"{self.dropped} dropped (no trainable token within max_length)")
+            parts.append(f"{self.dropped} dropped (no trainable token within max_length"
+                         + (f"; {self.unrenderable} not renderable: {self.first_error}" if self.unrenderable else "")
+                         + ")")
         return ", ".join(parts)
 
 
-def encode_split(tok, conversations: list[list[dict]], max_length: int, responses_only: bool) -> EncodedSplit:
-    out = EncodedSplit([], rows=len(conversations))
+def encode_split(tok, rows: list[dict], max_length: int, responses_only: bool) -> EncodedSplit:
+    out = EncodedSplit([], rows=len(rows))
     prompt_lengths = []
-    for msgs in conversations:
-        if not msgs:
-            out.dropped += 1
-            continue
-        if responses_only and not any(m["role"] == "assistant" for m in msgs):
-            out.no_response += 1
-            out.dropped += 1
-            continue
-        ids, labels = encode_conversation(tok, msgs, responses_only)
+    for row in rows:
+        if "text" in row:
+            ids, labels = encode_text(tok, row["text"]) if row["text"].strip() else ([], [])
+        else:
+            msgs = row["messages"]
+            if not msgs or (responses_only and not any(m["role"] == "assistant" for m in msgs)):
+                out.no_response += 1
+                out.dropped += 1
+                continue
+            try:
+                ids, labels = encode_conversation(tok, msgs, responses_only)
+            except BadInput as e:  # one odd row must not sink the dataset: count it and go on
+                out.unrenderable += 1
+                out.dropped += 1
+                out.first_error = out.first_error or e.message
+                continue
         if len(ids) > max_length:
             out.truncated += 1
             first = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(labels))
@@ -471,6 +469,8 @@ def explain_unusable(enc: EncodedSplit, max_length: int, responses_only: bool) -
         return (f"No training row has a reply within max_length={max_length} tokens: every prompt is longer (the "
                 f"shortest is {enc.shortest_prompt} tokens). Raise max length above {enc.shortest_prompt + 16} or "
                 "shorten the prompts.")
+    if enc.unrenderable == enc.rows:
+        return f"0 usable rows: the chat template could not render them ({enc.first_error})"
     if responses_only and enc.no_response == enc.rows:
         return ("0 usable rows: no conversation has an assistant message to learn from. Map a response column in "
                 "the Data tab, or turn off 'train on responses only'.")
@@ -482,10 +482,10 @@ def encode_dataset(cfg: TrainConfig, ws: Workspace, tok) -> tuple[EncodedSplit, 
     """Train and validation splits of a validated config, tokenized as the trainer uses them. Raises BadInput when
     no training row is usable (no reply to learn from, or every prompt longer than max_length)."""
     ddir = dataset_dir(ws, cfg.dataset, cfg.dataset_version)
-    train_enc = encode_split(tok, read_conversations(ddir / "train.jsonl"), cfg.max_length, cfg.train_on_responses_only)
+    train_enc = encode_split(tok, read_rows(ddir / "train.jsonl"), cfg.max_length, cfg.train_on_responses_only)
     if not train_enc.examples:
         raise BadInput(explain_unusable(train_enc, cfg.max_length, cfg.train_on_responses_only))
-    val_rows = read_conversations(ddir / "validation.jsonl")
+    val_rows = read_rows(ddir / "validation.jsonl")
     if cfg.max_eval_rows:
         val_rows = val_rows[: cfg.max_eval_rows]
     return train_enc, encode_split(tok, val_rows, cfg.max_length, cfg.train_on_responses_only)

@@ -155,6 +155,28 @@ def test_labels_cover_only_the_assistant_reply(tiny_llama_dir):
     assert ids2 == ids and labels2 == ids
 
 
+def test_mask_is_the_data_tabs_preview_mask(tiny_llama_dir):
+    """Training learns exactly the tokens the Data tab's preview marks as trained."""
+    from transformers import AutoTokenizer
+
+    from pipelines import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for row in conversations(3) + [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]:
+        ids, labels = encode_conversation(tok, row["messages"])
+        assert [int(lab != IGNORE) for lab in labels] == data.preview_example(row, tok).mask
+
+
+def test_text_rows_are_trained_in_full(ws, tiny_llama_dir):
+    write_dataset(ws, name="plain", train_rows=[{"text": "The quick brown fox jumps over the lazy dog."}] * 4,
+                  val_rows=[])
+    cfg = tiny_cfg(tiny_llama_dir, dataset="plain", max_steps=1)
+    info = train.check_data(cfg, ws)
+    assert info["usable"] == 4 and info["label_tokens"] > 4 * 8
+    assert run_training(cfg, ws.runs / "t", None, ws=ws).state == "finished"
+
+
 def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
     """Our loss (output layer on label positions only) equals transformers' own loss over full logits on the same
     batch, and so do the gradients of the adapter weights."""
