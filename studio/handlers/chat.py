@@ -41,14 +41,36 @@ def stop(request: gr.Request):
     return "Stopping…"
 
 
+def adapter_sources(ctx: Context) -> list[str]:
+    """LoRA adapters on disk: every run's final adapter/ and its complete checkpoints (newest run first)."""
+    from pipelines import runs  # noqa: PLC0415
+
+    out = []
+    for r in runs.list_runs(ctx.ws):
+        run = runs.get_run(ctx.ws, r["name"])
+        if (run.adapter_dir / "adapter_config.json").exists():
+            out.append(str(run.adapter_dir))
+        out += [str(p) for p in reversed(run.checkpoints())]
+    return out
+
+
+def gguf_files(ctx: Context) -> list[str]:
+    """GGUF files in the workspace (exports included), for chatting or comparing."""
+    found = [p for d in (ctx.ws.exports, ctx.ws.models) for p in d.rglob("*.gguf") if not p.name.startswith(".")]
+    return [str(p) for p in sorted(found)]
+
+
 def model_choices(ctx: Context) -> list[str]:
     return ctx.registry.names()
 
 
 def _model(ctx: Context, name: str | None):
-    lm = ctx.registry.get(name) if name else ctx.registry.current()
-    if lm is None:
-        lm = ctx.registry.current()
+    if name:
+        lm = ctx.registry.get(name)
+        if lm is None:
+            raise NotFound(f"No model named '{name}' is loaded (loaded: {', '.join(ctx.registry.names()) or 'none'}).")
+        return lm
+    lm = ctx.registry.current()
     if lm is None:
         raise NotFound("No model is loaded: load one in the Model tab (or the default model) first.")
     return lm
@@ -186,7 +208,9 @@ def attach(ctx: Context, model_name: str, path: str, name: str):
     info = chat.attach_adapter(lm, path.strip(), name)
     choices = adapter_choices(ctx, lm.name)
     warn = ("\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)) if info.warnings else ""
-    return gr.update(choices=choices, value=info.name), f"Attached adapter **{info.name}** (rank {info.rank}) to {lm.name}.{warn}"
+    return (gr.update(choices=choices, value=info.name), gr.update(choices=choices),
+            f"Attached adapter **{info.name}** (rank {info.rank}) to {lm.name}: pick it as Adapter (or Adapter B to "
+            f"compare with the base).{warn}")
 
 
 @ui_errors

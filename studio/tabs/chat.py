@@ -14,8 +14,10 @@ HELP = ChatParams.help()
 def build(ctx: h.Context) -> dict:
     with gr.Tab("Chat", id="chat") as tab:
         with gr.Row():
-            model_a = gr.Dropdown(hc.model_choices(ctx), label="Model", scale=3, elem_id="chat-model")
-            adapter_a = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter", scale=2, elem_id="chat-adapter")
+            model_a = gr.Dropdown(hc.model_choices(ctx), label="Model", scale=3, elem_id="chat-model",
+                                  allow_custom_value=True)
+            adapter_a = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter", scale=2, elem_id="chat-adapter",
+                                    allow_custom_value=True)
             refresh = gr.Button("↻ Models", scale=1, elem_id="chat-refresh")
         with gr.Row():
             with gr.Column(scale=3):
@@ -46,7 +48,9 @@ def build(ctx: h.Context) -> dict:
                     stops = gr.Textbox(label="Stop strings (comma-separated; \\n allowed)")
                     seed = gr.Number(label="Seed (empty = random)", value=None, precision=0, elem_id="chat-seed")
                 with gr.Accordion("Adapter (LoRA)", open=False):
-                    adapter_path = gr.Textbox(label="Adapter folder (a run's adapter/ or checkpoints/step-N/)")
+                    adapter_path = gr.Dropdown(hc.adapter_sources(ctx), value=None, allow_custom_value=True,
+                                               label="Adapter folder (a run's adapter/ or checkpoints/step-N/)",
+                                               elem_id="chat-adapter-path")
                     adapter_name = gr.Textbox(label="Name (optional)")
                     attach_btn = gr.Button("Attach to the model", elem_id="chat-attach")
                     adapter_msg = gr.Markdown()
@@ -57,10 +61,14 @@ def build(ctx: h.Context) -> dict:
 
         with gr.Accordion("Compare two models on one prompt", open=False, elem_id="compare"):
             with gr.Row():
-                model_b = gr.Dropdown(hc.model_choices(ctx), label="Model B", elem_id="compare-model-b")
-                adapter_b = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter B", elem_id="compare-adapter-b")
+                model_b = gr.Dropdown(hc.model_choices(ctx), label="Model B", elem_id="compare-model-b",
+                                      allow_custom_value=True)
+                adapter_b = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter B", elem_id="compare-adapter-b",
+                                        allow_custom_value=True)
             with gr.Row():
-                extra_path = gr.Textbox(label="Load another model beside it (a .gguf export or an HF folder)", scale=4)
+                extra_path = gr.Dropdown(hc.gguf_files(ctx), value=None, allow_custom_value=True, scale=4,
+                                         label="Load another model beside it (a .gguf in the workspace, or any "
+                                               "GGUF file / HF folder path)", elem_id="compare-extra")
                 extra_btn = gr.Button("Load for comparison", scale=1, elem_id="compare-load")
             compare_msg = gr.Markdown()
             cmp_prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
@@ -87,11 +95,13 @@ def build(ctx: h.Context) -> dict:
     export_btn.click(h.bind(hc.export, ctx), [bot, model_a], export_file, api_name="chat_export")
     import_file.upload(hc.import_, import_file, bot, api_name="chat_import")
     template_btn.click(h.bind(hc.template_info, ctx), model_a, [template_src, template_text], api_name="chat_template")
-    attach_btn.click(h.bind(hc.attach, ctx), [model_a, adapter_path, adapter_name], [adapter_a, adapter_msg],
+    attach_btn.click(h.bind(hc.attach, ctx), [model_a, adapter_path, adapter_name], [adapter_a, adapter_b, adapter_msg],
                      api_name="chat_attach_adapter")
     refresh_out = [model_a, model_b, adapter_a, adapter_b]
     refresh.click(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
     tab.select(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
+    tab.select(lambda: (gr.update(choices=hc.adapter_sources(ctx)), gr.update(choices=hc.gguf_files(ctx))), None,
+               [adapter_path, extra_path], api_visibility="private")
     model_a.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_a, adapter_a,
                    api_visibility="private")
     model_b.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_b, adapter_b,

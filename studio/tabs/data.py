@@ -31,7 +31,7 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
         gr.Markdown("#### 2 · Map to chat format")
         with gr.Row():
             fmt = gr.Dropdown(list(pdata.FORMATS), value="alpaca", label="Format", elem_id="map-format")
-            roles = {r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=False, elem_id=f"map-{r}")
+            roles = {r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=True, elem_id=f"map-{r}")
                      for r in hd.ROLES}
         with gr.Row():
             system_prompt = gr.Textbox(label="Constant system prompt (optional)", scale=4, elem_id="map-system-prompt")
@@ -40,14 +40,16 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
         gr.Markdown("#### 3 · Clean (each step reports rows before → after; undo until saved)")
         with gr.Row():
             with gr.Column():
-                miss_cols = gr.Dropdown([], multiselect=True, label="Missing values in (empty = the mapped columns)",
+                miss_cols = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                        label="Missing values in (empty = the mapped columns)",
                                         elem_id="clean-missing-cols")
                 with gr.Row():
                     miss_action = gr.Radio(["drop", "fill"], value="drop", label="Rows with missing values")
                     fill_value = gr.Textbox(label="Fill with", value="")
                 miss_btn = gr.Button("Apply: missing values", elem_id="clean-missing")
             with gr.Column():
-                dup_cols = gr.Dropdown([], multiselect=True, label="Duplicates on (empty = all columns)",
+                dup_cols = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                       label="Duplicates on (empty = all columns)",
                                        elem_id="clean-dup-cols")
                 near = gr.Checkbox(label="Also near-duplicates (case and whitespace ignored)", value=True)
                 dup_btn = gr.Button("Apply: duplicates", elem_id="clean-dups")

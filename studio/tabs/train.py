@@ -65,10 +65,10 @@ def build(ctx: h.Context) -> dict:
                 gr.Markdown("#### Monitor")
                 with gr.Row():
                     run_sel = gr.Dropdown(ht.run_choices(ctx), value=ht.default_run(ctx), label="Run", scale=3,
-                                          elem_id="train-run")
+                                          elem_id="train-run", allow_custom_value=True)
                     stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, elem_id="train-stop")
                 with gr.Row():
-                    ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="train-ckpt")
+                    ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="train-ckpt", allow_custom_value=True)
                     resume_btn = gr.Button("Resume from checkpoint", scale=1, elem_id="train-resume")
                     reuse_btn = gr.Button("Copy settings to the form", scale=1, elem_id="train-reuse")
                 action = gr.Markdown(elem_id="train-action")
@@ -82,7 +82,7 @@ def build(ctx: h.Context) -> dict:
         with gr.Accordion("Run history", open=True):
             history = gr.Dataframe(ht.runs_table(ctx), headers=ht.RUN_COLUMNS, interactive=False, elem_id="train-history")
             with gr.Row():
-                overlay_sel = gr.CheckboxGroup(ht.run_choices(ctx), label="Overlay loss curves of", scale=3,
+                overlay_sel = gr.Dropdown(ht.run_choices(ctx), multiselect=True, allow_custom_value=True, label="Overlay loss curves of", scale=3,
                                                elem_id="train-overlay-sel")
                 overlay_btn = gr.Button("Overlay", scale=1, elem_id="train-overlay")
             overlay_plot = gr.Plot(elem_id="train-overlay-plot")
@@ -114,6 +114,7 @@ def register_api(ctx: h.Context) -> None:
         """All runs with state, steps, losses, duration."""
         from pipelines import runs
 
-        return runs.list_runs(ctx.ws)
+        # "run_path", not "path": gradio_client would take a dict with a "path" key for a file to download
+        return [{("run_path" if k == "path" else k): v for k, v in r.items()} for r in runs.list_runs(ctx.ws)]
 
     gr.api(train_runs, api_name="train_runs")

@@ -97,3 +97,36 @@ def test_two_clients_at_once(studio):
     speeds = [r[2] for r in results.values()]
     assert all(" tokens" in sp and "tok/s" in sp for sp in speeds), speeds
     assert all(text(r[0][1]) for r in results.values())
+
+
+def test_base_vs_adapter_compare(tmp_path_factory, tiny_llama_dir):
+    """Attach a LoRA through the API, then compare base and base+adapter on one prompt: both stream, they differ."""
+    import torch
+    from gradio_client import Client
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    pm.save_pretrained(out)
+    demo, url, ctx = launch(tmp_path_factory, load_default=False)
+    try:
+        lm = ctx.registry.load(str(tiny_llama_dir))
+        c = Client(url, verbose=False)
+        with pytest.raises(Exception, match="No adapter|not found|no such"):
+            c.predict(lm.name, str(out) + "-missing", "", api_name="/chat_attach_adapter")
+        _a, _b, msg = c.predict(lm.name, str(out), "tuned", api_name="/chat_attach_adapter")
+        assert "Attached adapter **tuned**" in msg
+        a, b, speed_a, speed_b = c.predict("hello sea", lm.name, "tuned", lm.name, "(base model)", *SAMPLING, 12, "", 5,
+                                           api_name="/chat_compare")
+        assert "+ tuned" in speed_a and "+ tuned" not in speed_b
+        assert text(a[-1]) and text(b[-1]) and text(a[-1]) != text(b[-1])
+    finally:
+        demo.close()
+        ctx.registry.unload()
