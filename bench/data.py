@@ -161,16 +161,21 @@ def load_tok(path: str | None, csv_path: Path):
         "FALLBACK: byte-level BPE (vocab 8000) trained here on 2000 rows of the data - no default model tokenizer"
 
 
+def _stopwatch():
+    """(stages, lap): lap(name) records the seconds since the previous lap under `name`."""
+    stages, last = {}, [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        stages[name], last[0] = now - last[0], now
+
+    return stages, lap
+
+
 def run_studio(csv_path: Path, tok, max_len: int) -> dict:
     from pipelines import data
 
-    t, stages = time.perf_counter(), {}
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        stages[name] = now - t
-        t = now
+    stages, lap = _stopwatch()
 
     res = data.read_table(csv_path)
     lap("read")
@@ -211,13 +216,7 @@ def run_baseline(csv_path: Path, tok, max_len: int) -> dict:
     import pandas as pd
     import plotly.graph_objects as go
 
-    t, stages = time.perf_counter(), {}
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        stages[name] = now - t
-        t = now
+    stages, lap = _stopwatch()
 
     def ntok(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])

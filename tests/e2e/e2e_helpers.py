@@ -45,3 +45,18 @@ def start_studio(root: Path, env_extra: dict | None = None, args: list[str] | No
     pytest.fail("studio did not start: " + (root.parent / "studio.log").read_text()[-2000:])
 
 
+
+
+def new_page(browser, url: str, tab: str | None = None, timeout_ms: int = 60_000, width: int = 1400, height: int = 1600):
+    """A page on the studio (optionally with one tab opened), with a generous default timeout for CPU work."""
+    pg = browser.new_page(viewport={"width": width, "height": height})
+    pg.set_default_timeout(timeout_ms)
+    pg.goto(url)
+    if tab:
+        pg.get_by_role("tab", name=tab).click()
+    return pg
+
+
+def stop_studio(proc) -> None:
+    proc.terminate()
+    proc.wait(20)

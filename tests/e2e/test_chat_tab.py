@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import CHROMIUM, start_studio
+from e2e_helpers import CHROMIUM, new_page, start_studio, stop_studio
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
@@ -16,14 +16,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow,
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, browser):
     proc, url = start_studio(tmp_path_factory.mktemp("e2e-chat") / "ws")
-    pg = browser.new_page(viewport={"width": 1400, "height": 1500})
-    pg.set_default_timeout(90_000)
-    pg.goto(url)
-    pg.get_by_role("tab", name="Chat").click()
+    pg = new_page(browser, url, "Chat", timeout_ms=90_000, height=1500)
     yield pg
     pg.close()
-    proc.terminate()
-    proc.wait(20)
+    stop_studio(proc)
 
 
 def set_slider(page, elem_id, value):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from e2e_helpers import CHROMIUM, start_studio
+from e2e_helpers import CHROMIUM, new_page, start_studio, stop_studio
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
@@ -19,17 +19,12 @@ def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e-data") / "ws"
     proc, url = start_studio(root)
     yield url, root
-    proc.terminate()
-    proc.wait(20)
+    stop_studio(proc)
 
 
 @pytest.fixture(scope="module")
 def page(studio, browser):
-    url, _ = studio
-    pg = browser.new_page(viewport={"width": 1400, "height": 1600})
-    pg.set_default_timeout(60_000)
-    pg.goto(url)
-    pg.get_by_role("tab", name="Data").click()
+    pg = new_page(browser, studio[0], "Data")
     yield pg
     pg.close()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import CHROMIUM, ROOT, start_studio
+from e2e_helpers import CHROMIUM, ROOT, new_page, start_studio, stop_studio
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (scripts/setup.sh test installs it)")]
@@ -37,15 +37,12 @@ def studio_url(tmp_path_factory, hub):
     root = tmp_path_factory.mktemp("e2e") / "ws"
     proc, url = start_studio(root, {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
     yield url
-    proc.terminate()
-    proc.wait(20)
+    stop_studio(proc)
 
 
 @pytest.fixture(scope="module")
 def page(studio_url, browser):
-    pg = browser.new_page(viewport={"width": 1400, "height": 1600})
-    pg.set_default_timeout(60_000)
-    pg.goto(studio_url)
+    pg = new_page(browser, studio_url)
     yield pg
     pg.close()
 

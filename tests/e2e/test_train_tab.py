@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import CHROMIUM, start_studio
+from e2e_helpers import CHROMIUM, new_page, start_studio, stop_studio
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
@@ -26,17 +26,12 @@ def studio(tmp_path_factory):
     data.save_dataset(ws, "tiny-set", rows, {"source": "test"}, val_ratio=0.1)
     proc, url = start_studio(root)
     yield url, root
-    proc.terminate()
-    proc.wait(20)
+    stop_studio(proc)
 
 
 @pytest.fixture(scope="module")
 def page(studio, browser):
-    url, _ = studio
-    pg = browser.new_page(viewport={"width": 1500, "height": 1600})
-    pg.set_default_timeout(120_000)
-    pg.goto(url)
-    pg.get_by_role("tab", name="Train").click()
+    pg = new_page(browser, studio[0], "Train", timeout_ms=120_000, width=1500)
     yield pg
     pg.close()
 
