@@ -8,6 +8,8 @@ Session fixtures (built once, read-only for tests - copy before changing anythin
   2 kv heads, intermediate 64, 128 positions) saved as model.safetensors, plus that tokenizer.
 - ``tiny_gguf``: ``<tmp>/tiny-llama.gguf``, a valid F32 GGUF (llama arch, 2 blocks, SPM vocab of 304 tokens, a chat
   template) written with ``gguf.GGUFWriter``; llama.cpp loads it and completes with it.
+- ``spm_llama_dir``: the tiny llama shape with a SentencePiece-style tokenizer that llama.cpp's converter reads (the
+  HF -> GGUF round trip of the export tests).
 - ``model_variants``: a ``ModelVariants`` whose methods build (once) and return the path of a broken or unusual
   variant: ``no_config``, ``corrupt_safetensors(mode)`` (mode "truncated" | "garbage" | "bad-header"), ``non_causal``
   (BertForMaskedLM), ``pickle_only``, ``malicious_pickle``, ``remote_code``, ``fake_gguf``, ``truncated_gguf``.
@@ -51,20 +53,7 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not only `python -m pytest`) mus
 
 import pytest  # noqa: E402
 
-TINY_CORPUS = [
-    "Hello, how are you today?",
-    "I am a tiny language model used in tests.",
-    "MacTuner fine-tunes small models on a laptop.",
-    "The quick brown fox jumps over the lazy dog.",
-    "user: what is LoRA? assistant: a low-rank adapter that trains few weights.",
-    "Quantize the model to GGUF and chat with it in llama.cpp.",
-]
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant:{% endif %}"
-)
-TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, max_position_embeddings=128)
+from tiny_models import TINY_CHAT_TEMPLATE, TINY_CORPUS, TINY_LLAMA, build_spm_llama, write_tiny_gguf  # noqa: E402,F401
 
 
 class _EnvFlag:
@@ -200,77 +189,6 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     tok.save_pretrained(out)
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     return out
-
-
-def write_tiny_gguf(path: Path, seed: int = 0, n_layer: int = 2, context_length: int = 4096) -> Path:
-    """A tiny but complete llama-architecture GGUF (F32) with a SentencePiece-style vocabulary."""
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    n_embd, n_head, n_kv, n_ff = 32, 4, 2, 64
-    head_dim = n_embd // n_head
-    tokens, scores, types = [], [], []
-
-    def tok(text, score, kind):
-        tokens.append(text)
-        scores.append(score)
-        types.append(kind)
-
-    tok("<unk>", 0.0, gguf.TokenType.UNKNOWN)
-    tok("<s>", 0.0, gguf.TokenType.CONTROL)
-    tok("</s>", 0.0, gguf.TokenType.CONTROL)
-    for b in range(256):  # byte fallback: every text is tokenizable
-        tok(f"<0x{b:02X}>", 0.0, gguf.TokenType.BYTE)
-    for i, word in enumerate("hello world the a is of to and in you what how model small train chat user".split()):
-        tok("\u2581" + word, -float(i + 1), gguf.TokenType.NORMAL)
-    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz:"):
-        tok(ch, -100.0 - i, gguf.TokenType.NORMAL)
-    tok("\u2581", -200.0, gguf.TokenType.NORMAL)
-    n_vocab = len(tokens)
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama-gguf")
-    w.add_context_length(context_length)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_chat_template("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}assistant:{% endif %}")
-
-    def rand(name, *shape):  # numpy shape = reversed ggml shape
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
-
-    rand("token_embd.weight", n_vocab, n_embd)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    rand("output.weight", n_vocab, n_embd)
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
-        rand(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd)
-        rand(f"blk.{i}.attn_k.weight", n_kv * head_dim, n_embd)
-        rand(f"blk.{i}.attn_v.weight", n_kv * head_dim, n_embd)
-        rand(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
-        rand(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
-        rand(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
-        rand(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -409,3 +327,9 @@ class ModelVariants:
 @pytest.fixture(scope="session")
 def model_variants(tmp_path_factory, tiny_llama_dir, tiny_gguf) -> ModelVariants:
     return ModelVariants(tmp_path_factory.mktemp("variants"), tiny_llama_dir, tiny_gguf)
+
+
+@pytest.fixture(scope="session")
+def spm_llama_dir(tmp_path_factory) -> Path:
+    """A tiny llama whose tokenizer llama.cpp's converter reads (see tiny_models.build_spm_llama)."""
+    return build_spm_llama(tmp_path_factory.mktemp("spm") / "tiny-spm-llama")

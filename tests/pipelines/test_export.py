@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CHAT_TEMPLATE, TINY_CORPUS, TINY_LLAMA
+from tiny_models import TINY_CHAT_TEMPLATE
 
 from pipelines import export as ex
 from pipelines.errors import BadInput, Conflict, Unavailable
@@ -32,33 +32,6 @@ def _make_adapter(base: Path, out: Path, seed: int = 7) -> Path:
                                                   init_lora_weights=False))
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def spm_llama_dir(tmp_path_factory) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("spm") / "tiny-spm-llama"
-    out.mkdir()
-    specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator([t.replace(" ", "\u2581") for t in TINY_CORPUS],
-                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = TINY_CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        LlamaForCausalLM(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
     return out
 
 

@@ -1,0 +1,127 @@
+"""Tiny real models for the tests, importable as a module (`from tiny_models import ...`): conftest.py files
+share one module name, so `from conftest import` would pick whichever conftest pytest imported last.
+
+- TINY_CORPUS, TINY_CHAT_TEMPLATE, TINY_LLAMA: the lines the tiny tokenizers are trained on, their chat template,
+  and the tiny llama's shape.
+- write_tiny_gguf(path): a complete llama-architecture F32 GGUF written with gguf.GGUFWriter.
+- build_spm_llama(out): a tiny llama with a SentencePiece-style BPE tokenizer (byte fallback, metaspace) that
+  llama.cpp's converter reads like Llama 2's (the byte-level BPE of conftest's tiny llama has a pre-tokenizer
+  the converter does not know), so it makes the GGUF round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_CORPUS = [
+    "Hello, how are you today?",
+    "I am a tiny language model used in tests.",
+    "MacTuner fine-tunes small models on a laptop.",
+    "The quick brown fox jumps over the lazy dog.",
+    "user: what is LoRA? assistant: a low-rank adapter that trains few weights.",
+    "Quantize the model to GGUF and chat with it in llama.cpp.",
+]
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant:{% endif %}"
+)
+TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128)
+
+
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, n_layer: int = 2, context_length: int = 4096) -> Path:
+    """A tiny but complete llama-architecture GGUF (F32) with a SentencePiece-style vocabulary."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_embd, n_head, n_kv, n_ff = 32, 4, 2, 64
+    head_dim = n_embd // n_head
+    tokens, scores, types = [], [], []
+
+    def tok(text, score, kind):
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+
+    tok("<unk>", 0.0, gguf.TokenType.UNKNOWN)
+    tok("<s>", 0.0, gguf.TokenType.CONTROL)
+    tok("</s>", 0.0, gguf.TokenType.CONTROL)
+    for b in range(256):  # byte fallback: every text is tokenizable
+        tok(f"<0x{b:02X}>", 0.0, gguf.TokenType.BYTE)
+    for i, word in enumerate("hello world the a is of to and in you what how model small train chat user".split()):
+        tok("\u2581" + word, -float(i + 1), gguf.TokenType.NORMAL)
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz:"):
+        tok(ch, -100.0 - i, gguf.TokenType.NORMAL)
+    tok("\u2581", -200.0, gguf.TokenType.NORMAL)
+    n_vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama-gguf")
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+
+    def rand(name, *shape):  # numpy shape = reversed ggml shape
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    rand("token_embd.weight", n_vocab, n_embd)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    rand("output.weight", n_vocab, n_embd)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        rand(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd)
+        rand(f"blk.{i}.attn_k.weight", n_kv * head_dim, n_embd)
+        rand(f"blk.{i}.attn_v.weight", n_kv * head_dim, n_embd)
+        rand(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        rand(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        rand(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        rand(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def build_spm_llama(out: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator([t.replace(" ", "\u2581") for t in TINY_CORPUS],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        LlamaForCausalLM(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
