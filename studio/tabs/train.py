@@ -88,13 +88,14 @@ def build(ctx: h.Context) -> dict:
             overlay_plot = gr.Plot(elem_id="train-overlay-plot")
         cache = gr.State({})
         timer = gr.Timer(2.0)
+        history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
     form = [widgets[n] for n in ht.FIELDS]
     monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt]
     lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
     poll = h.bind(ht.poll, ctx)
     timer.tick(poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
-    gr.Timer(5.0).tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
+    history_timer.tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
     run_sel.change(poll, [run_sel, cache], monitor_out, api_visibility="private")
     tab.select(h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
     check_btn.click(h.bind(ht.preflight, ctx), form, preflight, api_name="train_check")
