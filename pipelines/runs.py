@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -33,14 +32,13 @@ from pathlib import Path
 
 import psutil
 
+from . import procs
 from .errors import BadInput, Conflict, NotFound
 from .workspace import Workspace, atomic_dir, write_json
 
 STATES = ("queued", "running", "stopping", "stopped", "finished", "failed")
 ACTIVE = ("running", "stopping")
 FINAL = ("stopped", "finished", "failed")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_CHILDREN: dict[int, subprocess.Popen] = {}  # trainers started by this process, reaped when polled
 _THREAD_LOCK = threading.RLock()
 # torchrun's variables: a trainer that starts the next queued run must not hand them down (it would think it is DDP)
 _DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
@@ -216,39 +214,16 @@ def read_metrics(run: RunDir, offset: int = 0) -> tuple[list[dict], int]:
     return rows, offset + end + 1
 
 
-def _alive(st: dict) -> bool:
-    pid = st.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:  # reap our own child so it does not linger as a zombie
-        _CHILDREN.pop(pid, None)
-        return False
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        ct = st.get("create_time")
-        return ct is None or abs(p.create_time() - float(ct)) < 2.0  # a recycled pid is not our trainer
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
-def _exit_code(pid) -> int | None:
-    child = _CHILDREN.pop(pid, None) if isinstance(pid, int) else None
-    return child.poll() if child is not None else None
-
-
 def _fail_if_dead(run: RunDir) -> bool:
     """A run whose status says running/stopping but whose process is gone becomes failed. True when changed."""
     st = run.status()
-    if st.get("state") not in ACTIVE or _alive(st):
+    if st.get("state") not in ACTIVE or procs.alive(st):
         return False
     with run._status_lock():
         st = run.status()  # the trainer may have written its final state just before exiting
         if st.get("state") not in ACTIVE:
             return False
-        code = _exit_code(st.get("pid"))
+        code = procs.exit_code(st.get("pid"))
         ckpts = run.checkpoints()
         where = (f"; the last complete checkpoint {ckpts[-1].name} can be resumed" if ckpts
                  else "; no checkpoint was written, so it has to start again")
@@ -354,9 +329,7 @@ def _spawn(ws: Workspace, run: RunDir) -> None:
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                *cmd[1:]]
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["PYTHONUNBUFFERED"] = "1"
+    env = procs.child_env(drop=_DIST_ENV | {k for k in os.environ if k.startswith("TORCHELASTIC_")})
     run.stop_flag.unlink(missing_ok=True)
     # Hold the run's status lock from before the start until "running" + pid are written: the trainer's first
     # status write (mark_running, or "failed" if it dies at once) waits for it, so it can never be overwritten.
@@ -365,19 +338,13 @@ def _spawn(ws: Workspace, run: RunDir) -> None:
         log.flush()
         st = run.status()
         try:
-            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            pid, create_time = procs.spawn(cmd, log, env)
         except OSError as e:
             st.update(state="failed", reason=f"the trainer could not be started ({e})", ended=time.time(),
                       updated=time.time())
             write_json(run.status_path, st)
             return
-        _CHILDREN[proc.pid] = proc
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.Error:
-            create_time = None
-        st.update(state="running", pid=proc.pid, create_time=create_time, started=time.time(), reason=None,
+        st.update(state="running", pid=pid, create_time=create_time, started=time.time(), reason=None,
                   ended=None, updated=time.time())
         write_json(run.status_path, st)
 
@@ -437,7 +404,7 @@ def stop(run: RunDir) -> dict:
         state = st.get("state")
         if state == "queued":
             return run.update_status(state="stopped", reason="stopped before it started", ended=time.time())
-        if state in ACTIVE and _alive(st):
+        if state in ACTIVE and procs.alive(st):
             run.stop_flag.touch()
             return run.update_status(state="stopping", reason="stop requested; the trainer stops after this step")
     return refresh_status(run)

@@ -1,0 +1,63 @@
+"""Background processes of the studio (trainers, export jobs): start one with an argument list, and tell later,
+from the pid and start time a status file recorded, whether it is still alive (a recycled pid is not).
+
+    pid, create_time = spawn([sys.executable, "-m", "pipelines.cli", ...], log_path)
+    alive({"pid": pid, "create_time": create_time})  -> bool
+    exit_code(pid)                                     -> the exit status of a child this process started, or None
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import psutil
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_CHILDREN: dict[int, subprocess.Popen] = {}  # processes started here, reaped when polled
+
+
+def child_env(drop: set[str] = frozenset()) -> dict:
+    """This process's environment for a child that imports `pipelines` (PYTHONPATH) and logs unbuffered."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn(cmd: list[str], log, env: dict | None = None) -> tuple[int, float | None]:
+    """Start `cmd` (no shell) in its own session with stdout+stderr into the open binary file `log`; returns its
+    pid and start time. OSError when it cannot start."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env if env is not None else child_env())
+    _CHILDREN[proc.pid] = proc
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = None
+    return proc.pid, create_time
+
+
+def alive(st: dict) -> bool:
+    """True while the process recorded in `st` ("pid", optional "create_time") runs."""
+    pid = st.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:  # reap our own child so it does not linger as a zombie
+        return False
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        ct = st.get("create_time")
+        return ct is None or abs(p.create_time() - float(ct)) < 2.0  # a recycled pid is not our process
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def exit_code(pid) -> int | None:
+    """The exit status of a finished child started by this process (forgotten afterwards), else None."""
+    child = _CHILDREN.pop(pid, None) if isinstance(pid, int) else None
+    return child.poll() if child is not None else None
