@@ -10,6 +10,13 @@
     mactuner runs [--root DIR]           list training runs
     mactuner stop RUN [--root DIR]       stop a run at its next step end (it saves a checkpoint)
     mactuner resume RUN [--checkpoint step-N] [--root DIR] [--detach]
+    mactuner export run SOURCE [--name N] [--outtype f16] [--quant Q4_K_M]... [--no-validate] [--base-model B]
+                                         merge (if an adapter) -> GGUF -> quantize -> validate -> Modelfiles
+    mactuner export merge ADAPTER [--base-model B] [--name N]      exports/<name>/merged/
+    mactuner export convert HF_DIR [--outtype f16] [--name N]      exports/<name>/<name>-f16.gguf
+    mactuner export quantize GGUF --quant Q8_0 [--quant Q4_K_M]    beside the GGUF
+    mactuner export validate GGUF [--hf DIR] [--base-model DIR] [--prompt TEXT]
+    mactuner export list | architectures
 
 Only `studio` imports gradio (lazily), so the other subcommands stay light.
 """
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     dl.set_defaults(fn=_download)
 
     _add_training(sub)
+    _add_export(sub)
 
     args = ap.parse_args(argv)
     try:
@@ -258,6 +266,121 @@ def _add_training(sub) -> None:
         return 0 if a.detach else _follow(run)
 
     rs.set_defaults(fn=_resume)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _run_export_step(a) -> dict:
+    """One `mactuner export <step>`; returns the JSON-able result."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import export as ex  # noqa: PLC0415
+    from .workspace import Workspace  # noqa: PLC0415
+
+    ws = Workspace.open(a.root)
+    progress = a.progress
+    if a.step == "run":
+        r = ex.export(ws, a.source, a.name, a.outtype or ["f16"], a.quant if a.quant is not None else ["Q4_K_M"],
+                      not a.no_validate, a.base_model, a.system, progress)
+        return {"name": r.name, "folder": r.folder, "merged": r.merged, "ggufs": r.ggufs, "table": r.table,
+                "ok": all(v.ok for v in r.validations) if r.validations else None}
+    if a.step == "merge":
+        return {"merged": str(ex.merge(ws, a.source, a.base_model, a.name, progress))}
+    if a.step == "convert":
+        hf = Path(a.hf_dir).expanduser().resolve()
+        name = ex._slug(a.name or ex._model_stem(hf))
+        return {"gguf": str(ex.convert(hf, ws.exports / name, a.outtype[0] if a.outtype else "f16", progress,
+                                       stem=name))}
+    if a.step == "quantize":
+        if not a.quant:
+            raise ex.BadInput("Give at least one --quant type (e.g. Q4_K_M).")
+        return {"ggufs": [str(p) for p in ex.quantize(a.gguf, a.quant, progress)]}
+    hf, base = ex.validation_sources(Path(a.gguf), a.hf, a.base_model)
+    return ex.validate(a.gguf, hf, base, a.prompt, progress).as_dict()
+
+
+def _export_cmd(a) -> int:
+    """Run one export step in the foreground; with --job DIR (the studio's jobs) progress goes to DIR/status.json."""
+    import traceback  # noqa: PLC0415
+
+    from . import export_job  # noqa: PLC0415
+
+    rep = export_job.Reporter(a.job) if a.job else None
+    a.progress = rep.progress if rep else (lambda f, msg: print(f"{100 * f:5.1f}%  {msg}", file=sys.stderr, flush=True))
+    try:
+        result = _run_export_step(a)
+    except KeyboardInterrupt:
+        if rep:
+            rep.failed("cancelled", cancelled=True)
+        print("mactuner export: cancelled; nothing unfinished was left under a final name", file=sys.stderr)
+        return 130
+    except MacTunerError as e:
+        if rep:
+            rep.failed(e.message)
+        raise
+    except Exception as e:
+        traceback.print_exc()
+        if rep:
+            rep.failed(f"unexpected error ({type(e).__name__}: {e}); the job's log has the details")
+        return 1
+    if rep:
+        rep.done(result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _add_export(sub) -> None:
+    from .export import OUTTYPES, QUANT_TYPES  # noqa: PLC0415 - light: no torch at import
+
+    e = sub.add_parser("export", help="merge an adapter, convert to GGUF, quantize, validate")
+    steps = e.add_subparsers(dest="step", required=True)
+
+    def common(p):
+        p.add_argument("--root", default=None, help="workspace folder (default ~/.mactuner, or $MACTUNER_HOME)")
+        p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # the studio's job folder
+        p.set_defaults(fn=_export_cmd)
+        return p
+
+    r = common(steps.add_parser("run", help="the whole export into exports/<name>/"))
+    r.add_argument("source", help="a run folder, its adapter/ or a checkpoint, or an HF model folder")
+    r.add_argument("--name", default=None)
+    r.add_argument("--base-model", default=None, help="the adapter's base (default: from the run's config.yaml)")
+    r.add_argument("--outtype", action="append", choices=OUTTYPES, help="GGUF float type (repeatable; default f16)")
+    r.add_argument("--quant", action="append", type=str.upper, choices=QUANT_TYPES,
+                   help="quantization of the first float GGUF (repeatable; default Q4_K_M)")
+    r.add_argument("--no-quant", dest="quant", action="store_const", const=[], help="no quantization")
+    r.add_argument("--no-validate", action="store_true")
+    r.add_argument("--system", default=None, help="SYSTEM prompt for the Ollama Modelfiles")
+    m = common(steps.add_parser("merge", help="merge an adapter into its base (HF safetensors)"))
+    m.add_argument("source")
+    m.add_argument("--base-model", default=None)
+    m.add_argument("--name", default=None)
+    c = common(steps.add_parser("convert", help="HF folder -> GGUF with llama.cpp's converter"))
+    c.add_argument("hf_dir")
+    c.add_argument("--outtype", action="append", choices=OUTTYPES)
+    c.add_argument("--name", default=None, help="export folder name (default: the model folder's name)")
+    q = common(steps.add_parser("quantize", help="a float GGUF -> quantized GGUFs beside it"))
+    q.add_argument("gguf")
+    q.add_argument("--quant", action="append", type=str.upper, choices=QUANT_TYPES)
+    v = common(steps.add_parser("validate", help="check a GGUF: loads, template, generations, perplexity, fine-tune"))
+    v.add_argument("gguf")
+    v.add_argument("--hf", default=None, help="the HF folder it came from (default: from its export.json)")
+    v.add_argument("--base-model", default=None, help="the base before fine-tuning (default: from its export.json)")
+    v.add_argument("--prompt", default=None, help="a training prompt for the fine-tune-survived check")
+
+    def _list(a):
+        from . import export as ex  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        print(json.dumps(ex.list_exports(Workspace.open(a.root)), indent=2, default=str))
+        return 0
+
+    ls = steps.add_parser("list", help="every export with its state and validation table")
+    ls.add_argument("--root", default=None)
+    ls.set_defaults(fn=_list)
+    ar = steps.add_parser("architectures", help="HF architectures the converter supports")
+    ar.set_defaults(fn=lambda a: print("\n".join(__import__("pipelines.export").export.supported_architectures())) or 0)
 
 
 if __name__ == "__main__":

@@ -403,7 +403,8 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str 
     (out_dir / "logs").mkdir(exist_ok=True)
     log_path = out_dir / "logs" / f"convert-{outtype}.log"
     tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}-{time.time_ns() % 10**8}.partial")
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outtype", outtype, "--outfile", str(tmp),
+           "--model-name", stem or _model_stem(hf_dir)]  # general.name: what llama.cpp, Ollama and the Chat tab show
     progress(0.0, f"Converting {arch} to GGUF {outtype}...")
     out = bytearray()
     try:
@@ -930,13 +931,31 @@ def _train_prompt(ws: Workspace, run_dir: Path | None) -> list[dict] | None:
     return None
 
 
-def export(ws: Workspace, source: str | os.PathLike, name: str | None = None, outtypes: list[str] | None = None,
-           quants: list[str] | None = None, validate: bool = True, base_model: str | None = None,
-           system: str | None = None, progress: ProgressFn = _noop,
-           free_fn: Callable[[Path], int] | None = None) -> ExportResult:
-    """Everything into exports/<name>/: merged/ (when `source` is an adapter), one GGUF per outtype, the quants of
-    the first one, a Modelfile per GGUF, validations, and export.json (written last: an export without it is
-    incomplete). Never touches an existing export (Conflict)."""
+@dataclass
+class ExportPlan:
+    """What an export will do, decided (and checked) before anything is written."""
+
+    name: str
+    folder: Path
+    source: Path
+    hf_src: Path  # the HF folder that is merged into (an adapter's base) or converted as is
+    architecture: str
+    adapter: Path | None
+    base: Path | None
+    run_dir: Path | None
+    outtypes: list[str]
+    quants: list[str]
+    estimate: dict
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def plan_export(ws: Workspace, source: str | os.PathLike, name: str | None = None, outtypes: list[str] | None = None,
+                quants: list[str] | None = None, base_model: str | None = None,
+                free_fn: Callable[[Path], int] | None = None) -> ExportPlan:
+    """Every check an export makes before it writes anything: types known, source an adapter (with a base) or an HF
+    folder, name free, converter present, architecture supported, enough disk. Raises the reason, else the plan."""
     outtypes = list(outtypes if outtypes is not None else ["f16"])
     quants = [q.upper() for q in (quants if quants is not None else ["Q4_K_M"])]
     if not outtypes:
@@ -949,38 +968,50 @@ def export(ws: Workspace, source: str | os.PathLike, name: str | None = None, ou
     llama_cpp = llama_cpp_module()
     for q in quants:
         _ftype(llama_cpp, q)
+    if not str(source or "").strip():
+        raise BadInput("Choose what to export: a training run (its adapter or a checkpoint) or an HF model folder.")
     src = Path(source).expanduser().resolve()
     is_hf = (src / "config.json").is_file() and not (src / "adapter_config.json").is_file()
-    run_dir = None if is_hf else resolve_adapter(src)[1]
-    default_name = (src.name if is_hf else (run_dir.name if run_dir else src.parent.name))
-    name = _slug(name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
-    folder = ws.exports / name
-    if folder.exists():
-        raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
-    t_all = time.time()
-    # fail fast, before any work: converter present, architecture supported, enough disk
-    adapter, base = None, None
+    adapter = base = run_dir = None
     if is_hf:
         hf_src = src
     else:
         adapter, run_dir = resolve_adapter(src)
         base = resolve_base(ws, adapter, run_dir, base_model)
         hf_src = base
-    check_architecture(hf_src)
+    default_name = _model_stem(src) if is_hf else (run_dir.name if run_dir else src.parent.name)
+    name = _slug(name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    folder = ws.exports / name
+    if folder.exists():
+        raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
+    arch = check_architecture(hf_src)
     bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
     est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp)
+    return ExportPlan(name, folder, src, hf_src, arch, adapter, base, run_dir, outtypes, quants, est)
+
+
+def export(ws: Workspace, source: str | os.PathLike, name: str | None = None, outtypes: list[str] | None = None,
+           quants: list[str] | None = None, validate: bool = True, base_model: str | None = None,
+           system: str | None = None, progress: ProgressFn = _noop,
+           free_fn: Callable[[Path], int] | None = None) -> ExportResult:
+    """Everything into exports/<name>/: merged/ (when `source` is an adapter), one GGUF per outtype, the quants of
+    the first one, a Modelfile per GGUF, validations, and export.json (written last: an export without it is
+    incomplete). Never touches an existing export (Conflict); every check runs first (plan_export)."""
+    t_all = time.time()
+    plan = plan_export(ws, source, name, outtypes, quants, base_model, free_fn)
     try:
-        return _export_steps(ws, folder, name, src, is_hf, adapter, base, run_dir, outtypes, quants, validate,
-                             system, est, t_all, progress)
+        return _export_steps(ws, plan, validate, system, t_all, progress)
     except BaseException as e:
-        if folder.is_dir():  # what was written stays (nothing is overwritten); the record says why it stopped
-            write_json(folder / "failed.json", {"error": str(e) or type(e).__name__, "type": type(e).__name__,
-                                                "when": datetime.now().isoformat(timespec="seconds")})
+        if plan.folder.is_dir():  # what was written stays (nothing is overwritten); the record says why it stopped
+            write_json(plan.folder / "failed.json", {"error": str(e) or type(e).__name__, "type": type(e).__name__,
+                                                     "when": datetime.now().isoformat(timespec="seconds")})
         raise
 
 
-def _export_steps(ws, folder, name, src, is_hf, adapter, base, run_dir, outtypes, quants, validate, system, est,
-                  t_all, progress) -> ExportResult:
+def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str | None, t_all: float,
+                  progress: ProgressFn) -> ExportResult:
+    folder, name, src, adapter, base, run_dir = plan.folder, plan.name, plan.source, plan.adapter, plan.base, plan.run_dir
+    is_hf, outtypes, quants, est = adapter is None, plan.outtypes, plan.quants, plan.estimate
     steps: list[dict] = []
 
     def sub(lo: float, hi: float) -> ProgressFn:
@@ -1004,12 +1035,11 @@ def _export_steps(ws, folder, name, src, is_hf, adapter, base, run_dir, outtypes
         ggufs.append(convert(hf_dir, folder, t, sub(0.3 + 0.2 * i / len(outtypes), 0.3 + 0.2 * (i + 1) / len(outtypes)),
                              stem=name))
         step(f"convert {t}", t0, ggufs[-1].name)
-    if quants:
+    for i, q in enumerate(quants):
         t0 = time.time()
-        qs = quantize(ggufs[0], quants, sub(0.5, 0.65))
-        for q in qs:
-            step(f"quantize {_gguf_type(q)}", t0, f"{q.name} {tensor_types(q)}")
-        ggufs += qs
+        (qf,) = quantize(ggufs[0], [q], sub(0.5 + 0.15 * i / len(quants), 0.5 + 0.15 * (i + 1) / len(quants)))
+        step(f"quantize {q}", t0, qf.name)  # not tensor_types(qf): gguf's reader takes ~20 s on a 262k vocabulary
+        ggufs.append(qf)
     tpl = None
     try:
         from transformers import AutoTokenizer  # noqa: PLC0415
@@ -1055,6 +1085,12 @@ def export_with(ws: Workspace, cfg: ExportConfig, progress: ProgressFn = _noop) 
                   cfg.system or None, progress)
 
 
+def _ggufs(folder: Path) -> list[Path]:
+    """The finished GGUFs of a folder, float types first, then quantizations from large to small."""
+    order = {t: i for i, t in enumerate((*OUTTYPES, *QUANT_TYPES))}
+    return sorted(folder.glob("*.gguf"), key=lambda p: (order.get(_gguf_type(p), 99), p.name))
+
+
 def list_exports(ws: Workspace) -> list[dict]:
     """One row per exports/<name>/: state complete | failed (with error) | incomplete (in progress, or the process
     died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
@@ -1070,7 +1106,7 @@ def list_exports(ws: Workspace) -> list[dict]:
                 m = None
         else:
             m = None
-        ggufs = sorted(d.glob("*.gguf"))
+        ggufs = _ggufs(d)
         failed = None
         if not m and (d / "failed.json").is_file():
             try:
@@ -1080,8 +1116,55 @@ def list_exports(ws: Workspace) -> list[dict]:
         rows.append({"name": d.name, "folder": str(d),
                      "state": "complete" if m else ("failed" if failed else "incomplete"), "error": failed,
                      "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
-                     "ggufs": [{"file": g.name, "bytes": g.stat().st_size, "size": human_bytes(g.stat().st_size)}
-                               for g in ggufs],
+                     "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
+                                "size": human_bytes(g.stat().st_size)} for g in ggufs],
                      "table": (m or {}).get("table", []),
                      "ok": all(v.get("ok") for v in (m or {}).get("validations", [])) if m else None})
     return rows
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "export.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def validation_sources(gguf_path: Path, hf_dir: str | None = None, base_dir: str | None = None) -> tuple:
+    """(HF folder, base folder) to validate a GGUF against: the given ones, else those its export.json records
+    (the merged folder or the converted HF source, and the adapter's base)."""
+    man = _manifest(Path(gguf_path).resolve().parent) or {}
+    hf = hf_dir or man.get("merged") or (man.get("source") if not man.get("base_model") else None)
+    return (Path(hf) if hf else None), (Path(base_dir or man["base_model"]) if (base_dir or man.get("base_model"))
+                                        else None)
+
+
+def export_details(ws: Workspace, name: str) -> dict:
+    """One export as the folder has it now: its row in list_exports, the manifest's steps and source, and per GGUF
+    (float types first) its size, type, latest validation (<stem>.validation.json), Modelfile and run commands;
+    `table` joins the HF row and every GGUF's perplexity row."""
+    if not name or "/" in name or name.startswith("."):
+        raise BadInput(f"'{name}' is not an export name.")
+    folder = ws.exports / name
+    if not folder.is_dir():
+        raise NotFound(f"There is no export '{name}'.")
+    row = next(r for r in list_exports(ws) if r["name"] == name)
+    man = _manifest(folder) or {}
+    ggufs, table = [], []
+    for g in _ggufs(folder):
+        val = None
+        try:
+            val = json.loads(g.with_name(f"{g.stem}.validation.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        mf = g.with_name(f"{g.stem}.Modelfile")
+        ggufs.append({"file": g.name, "path": str(g), "type": _gguf_type(g), "bytes": g.stat().st_size,
+                      "size": human_bytes(g.stat().st_size), "validation": val,
+                      "modelfile": mf.read_text() if mf.is_file() else None, "how_to_run": how_to_run(g)})
+        for r in (val or {}).get("table", []):
+            if r["type"] == "HF (merged)" and any(t["type"] == r["type"] for t in table):
+                continue
+            table.append(r)
+    table.sort(key=lambda r: r["type"] != "HF (merged)")
+    return {**row, "source": man.get("source"), "merged": man.get("merged"), "steps": man.get("steps", []),
+            "seconds": man.get("seconds"), "gguf_files": ggufs, "table": table}
