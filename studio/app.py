@@ -22,6 +22,7 @@ from . import api  # noqa: E402
 from . import handlers as h  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
+from .tabs import export as export_tab  # noqa: E402
 from .tabs import model as model_tab  # noqa: E402
 from .tabs import train as train_tab  # noqa: E402
 
@@ -37,14 +38,16 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
     with gr.Blocks(title="MacTuner") as demo:
         # Header and device panel are filled on page load: building them here would import torch before serving.
         header = gr.Markdown("**MacTuner**", elem_id="header")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             m = model_tab.build(ctx)
             data_tab.build(ctx, max_upload_mb)
             train_tab.build(ctx)
-            chat_tab.build(ctx)
+            chat = chat_tab.build(ctx)
+            export_tab.build(ctx, tabs, chat)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)
+        export_tab.register_api(ctx)
         timer = gr.Timer(3.0)
         timer.tick(h.bind(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
         timer.tick(h.bind(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")

@@ -94,6 +94,14 @@ def bind(fn, ctx: "Context", **fixed):
     return bound
 
 
+def progress_bar_html(fraction: float, caption: str) -> str:
+    """A progress bar (0..1) with a caption line under it, as the Train and Export monitors show it."""
+    frac = max(0.0, min(1.0, float(fraction or 0.0)))
+    return (f'<div style="background:#eee;border-radius:6px;height:14px"><div style="width:{100 * frac:.1f}%;'
+            f'background:#f97316;height:14px;border-radius:6px"></div></div>'
+            f'<div style="font-size:13px">{caption}</div>')
+
+
 def _gr_progress(progress):
     return lambda frac, msg: progress(frac, desc=msg)
 

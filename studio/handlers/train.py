@@ -22,7 +22,7 @@ from pipelines.errors import BadInput
 from pipelines.train import TrainConfig, check_data
 from pipelines.workspace import human_bytes
 
-from . import Context, ui_errors
+from . import Context, progress_bar_html, ui_errors
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 CHOICES = {"method": ["lora", "dora", "rslora", "qlora"], "scheduler": ["cosine", "linear", "constant"],
@@ -204,9 +204,7 @@ def _progress_html(st: dict, rows: list[dict]) -> str:
         done = step - rows[0]["step"] + 1
         if el and done > 0:
             eta = f" · ETA {max(0.0, (el - first) / done * (total - step)) / 60:.1f} min"
-    return (f'<div style="background:#eee;border-radius:6px;height:14px"><div style="width:{100 * frac:.1f}%;'
-            f'background:#f97316;height:14px;border-radius:6px"></div></div>'
-            f'<div style="font-size:13px">step {step} / {total or "?"} ({100 * frac:.0f}%){eta}</div>')
+    return progress_bar_html(frac, f"step {step} / {total or '?'} ({100 * frac:.0f}%){eta}")
 
 
 def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:

@@ -110,4 +110,4 @@ def build(ctx: h.Context) -> dict:
     cmp_btn.click(h.bind(hc.compare, ctx), [cmp_prompt, model_a, adapter_a, model_b, adapter_b, *sampling],
                   [bot_a, bot_b, speed_a, speed_b], api_name="chat_compare")
     cmp_stop.click(hc.stop, None, speed_a, api_visibility="private")
-    return {"events": [sent, submitted, regen]}
+    return {"events": [sent, submitted, regen], "model": model_a, "model_b": model_b}

@@ -1,0 +1,231 @@
+"""Export tab handlers: pick what to export, check the plan (architecture, disk), start the export job (its own
+process, pipelines.export_job), follow it, list exports with their validation tables, open a GGUF in the Chat tab.
+
+The workspace is the truth: a refreshed page re-attaches to the running job by reading exports/.jobs/, and the
+export list is read from exports/ each time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines import export as ex
+from pipelines import export_job, models
+from pipelines.errors import BadInput
+from pipelines.workspace import human_bytes
+
+from . import Context, progress_bar_html, ui_errors
+from .chat import adapter_sources, model_choices
+
+EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
+TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
+CHECK_COLUMNS = ["GGUF", "check", "result", "detail"]
+DEFAULT_QUANTS = ["Q4_K_M"]
+
+
+def sources(ctx: Context) -> list[tuple[str, str]]:
+    """(label, path) of everything exportable: run adapters and checkpoints, HF model folders, merged exports."""
+    out = []
+    for p in adapter_sources(ctx):
+        path = Path(p)
+        label = f"run {path.parent.name} · final adapter" if path.name == "adapter" else \
+            f"run {path.parent.parent.name} · checkpoint {path.name}"
+        out.append((label, p))
+    for r in models.list_local_models(ctx.ws):
+        if r["format"] == "hf-safetensors":
+            out.append((f"HF model · {r['name']}", r["path"]))
+    for m in sorted(ctx.ws.exports.glob("*/merged")):
+        if (m / "config.json").is_file():
+            out.append((f"merged export · {m.parent.name}", str(m)))
+    return out
+
+
+def _outtypes(outtypes) -> list[str]:
+    return [str(t) for t in (outtypes or [])]
+
+
+@ui_errors
+def check(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> str:
+    """What the export will do, or why it cannot (before anything is written)."""
+    plan = ex.plan_export(ctx.ws, source, (name or "").strip() or None, _outtypes(outtypes), list(quants or []),
+                          (base_model or "").strip() or None)
+    return _plan_md(plan)
+
+
+def _plan_md(plan: ex.ExportPlan) -> str:
+    est = plan.estimate
+    what = (f"merge the adapter `{plan.adapter}` into `{plan.base}`, then convert the merged model "
+            if plan.adapter else f"convert `{plan.hf_src}` ") + f"({plan.architecture})"
+    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est["parts"].items())
+    return (f"✅ Ready to export **{plan.name}**: {what} to GGUF {', '.join(plan.outtypes)}"
+            + (f", quantize to {', '.join(plan.quants)}" if plan.quants else "") + ".\n\n"
+            f"Disk: about {human_bytes(est['total'])} ({parts}); {human_bytes(est['free'])} free in `{plan.folder.parent}`.")
+
+
+@ui_errors
+def start(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool,
+          system: str):
+    """Check everything, then start the export in its own process. Returns (message, job id)."""
+    plan = ex.plan_export(ctx.ws, source, (name or "").strip() or None, _outtypes(outtypes), list(quants or []),
+                          (base_model or "").strip() or None)
+    args = {"source": str(plan.source), "name": plan.name, "base_model": str(plan.base) if plan.base else None,
+            "outtype": plan.outtypes, "quant": plan.quants, "no_quant": not plan.quants,
+            "no_validate": not validate, "system": (system or "").strip() or None}
+    job = export_job.start(ctx.ws, "run", args)
+    return f"Started export **{plan.name}** (job `{job}`); it runs in its own process — closing this page does not stop it.\n\n" \
+        + _plan_md(plan), job
+
+
+@ui_errors
+def cancel(ctx: Context, job: str | None) -> str:
+    job = job or (export_job.active(ctx.ws) or {}).get("id")
+    if not job:
+        raise BadInput("No export is running.")
+    st = export_job.cancel(ctx.ws, job)
+    return f"Export job `{job}`: {st.get('state')}" + (f" — {st['error']}" if st.get("error") else "")
+
+
+def _job_md(st: dict) -> str:
+    state = st.get("state")
+    badge = {"running": "🟢 running", "complete": "✅ complete", "failed": "❌ failed",
+             "cancelled": "⏹ cancelled"}.get(state, state)
+    line = f"**{st.get('step')} {st.get('label', '')}** · {badge}"
+    if state == "failed" and st.get("error"):
+        line += f"\n\n{st['error']}"
+    return line
+
+
+def poll(ctx: Context, job: str | None, seen: str | None):
+    """Follow `job` (default: the running one, else the newest): (job, progress html, status, log tail, seen,
+    exports table, export picker). The table is re-read while a job runs and when its state changes; a finished
+    export is picked so its validation shows."""
+    st = None
+    if job:
+        try:
+            st = export_job.status(ctx.ws, job)
+        except BadInput:
+            st = None
+    active = export_job.active(ctx.ws)
+    if active and (st is None or st.get("state") != "running"):
+        st = active  # a job started elsewhere (another tab, the API) is what this page should show
+    if st is None:
+        jobs = export_job.list_jobs(ctx.ws)
+        st = jobs[0] if jobs else None
+    if st is None:
+        return None, "", "No export has run yet.", "", seen, gr.update(), gr.update()
+    state, frac = st.get("state"), st.get("fraction") or 0.0
+    caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
+        f"{state} · {st.get('message') or ''}"
+    key = f"{st['id']}:{state}"
+    changed = key != seen
+    table = exports_table(ctx) if changed or state == "running" else gr.update()
+    pick = gr.update()
+    if changed and seen is not None and state == "complete" and st.get("step") == "run":
+        pick = gr.update(choices=export_names(ctx), value=st.get("label"))
+    log = "\n".join(export_job.log_tail(ctx.ws, st["id"], 6000).splitlines()[-14:])
+    return (st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _job_md(st), log, key, table,
+            pick)
+
+
+def _validation_cell(row: dict) -> str:
+    if row["ok"] is None:
+        return "–"
+    return "✅ passed" if row["ok"] else "⚠️ problems"
+
+
+def exports_table(ctx: Context) -> pd.DataFrame:
+    running = (export_job.active(ctx.ws) or {})
+    rows = []
+    for r in ex.list_exports(ctx.ws):
+        state = r["state"]
+        note = r.get("error") or ""
+        if running.get("step") == "run" and running.get("label") == r["name"]:
+            state, note = f"exporting {100 * (running.get('fraction') or 0):.0f}%", running.get("message") or ""
+        elif state == "incomplete":
+            note = "no export.json: made by single steps, or interrupted"
+        rows.append([r["name"], state, r.get("created") or "", ", ".join(g["type"] for g in r["ggufs"]),
+                     _validation_cell(r), note])
+    return pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
+
+def export_names(ctx: Context) -> list[str]:
+    return [r["name"] for r in ex.list_exports(ctx.ws)]
+
+
+def pick_row(ctx: Context, table: pd.DataFrame, evt: gr.SelectData):
+    """Clicking a row of the exports table picks that export."""
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    return gr.update(choices=export_names(ctx), value=str(table.iloc[int(row)]["name"]))
+
+
+@ui_errors
+def details(ctx: Context, name: str | None):
+    """(summary, perplexity table, checks table, GGUF picker) of one export."""
+    if not name:
+        return "Pick an export.", pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=CHECK_COLUMNS), \
+            gr.update(choices=[], value=None)
+    d = ex.export_details(ctx.ws, name)
+    lines = [f"### {d['name']} · {d['state']}"]
+    if d.get("error"):
+        lines.append(f"❌ {d['error']}")
+    if d.get("source"):
+        lines.append(f"- Source: `{d['source']}`" + (f" · base `{d['base_model']}`" if d.get("base_model") else ""))
+    if d.get("merged"):
+        lines.append(f"- Merged HF model: `{d['merged']}`")
+    if d.get("steps"):
+        lines.append("- Steps: " + ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in d["steps"])
+                     + (f" · total {d['seconds']:.1f} s" if d.get("seconds") else ""))
+    lines.append(f"- Folder: `{d['folder']}`")
+    table = pd.DataFrame([[r["type"], r["file"], human_bytes(r["size"]), r["perplexity"], r["delta_pct"],
+                           r["tokens_per_s"]] for r in d["table"]], columns=TABLE_COLUMNS)
+    checks = []
+    for g in d["gguf_files"]:
+        for item in (g["validation"] or {}).get("items", []):
+            mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
+            checks.append([g["file"], item["name"], mark, item["detail"]])
+        if not g["validation"]:
+            checks.append([g["file"], "(all)", "– not validated", ""])
+    files = [g["path"] for g in d["gguf_files"]]
+    return ("\n".join(lines), table, pd.DataFrame(checks, columns=CHECK_COLUMNS),
+            gr.update(choices=[(Path(f).name, f) for f in files], value=files[-1] if files else None))
+
+
+@ui_errors
+def gguf_info(ctx: Context, name: str | None, gguf: str | None):
+    """(how-to-run markdown, Modelfile text) of one GGUF of the export."""
+    if not name or not gguf:
+        return "", ""
+    g = next((g for g in ex.export_details(ctx.ws, name)["gguf_files"] if g["path"] == gguf), None)
+    if g is None:
+        return "", ""
+    cmds = g["how_to_run"]
+    md = (f"**{g['file']}** · {g['type']} · {g['size']}\n\n"
+          f"- llama.cpp: `{cmds['llama.cpp']}`\n- Ollama: `{cmds['ollama']}`\n- LM Studio: `{cmds['lm_studio']}`")
+    return md, g["modelfile"] or "(no Modelfile beside this GGUF)"
+
+
+@ui_errors
+def open_in_chat(ctx: Context, gguf: str | None, progress=gr.Progress()):
+    """Load the GGUF beside the current model and switch to the Chat tab with it selected."""
+    if not gguf:
+        raise BadInput("Pick a GGUF file of the export first.")
+    lm = ctx.registry.load(gguf, ctx.ws, name=Path(gguf).stem, progress=lambda f, m: progress(f, desc=m),
+                           replace=False)
+    names = model_choices(ctx)
+    return (gr.Tabs(selected="chat"), gr.update(choices=names, value=lm.name), gr.update(choices=names),
+            f"Loaded **{lm.name}**: it is selected in the Chat tab.")
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def run_step(ctx: Context, step: str, args: dict):
+    """Start one export step as a job and stream its status until it ends; the last status carries the result."""
+    job = export_job.start(ctx.ws, step, args)
+    for st in export_job.wait(ctx.ws, job):
+        yield st
+    if st.get("state") != "complete":
+        raise BadInput(f"The {step} job ended {st.get('state')}: {st.get('error') or 'see its log'} (job {job}).")

@@ -1,0 +1,140 @@
+"""Export tab: merge a run's adapter, convert to GGUF, quantize, validate (in its own process, followed live), the
+exports with their validation tables, Modelfiles and run commands, and "open in Chat" for any exported GGUF."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import handlers as h
+from ..handlers import export as hx
+from pipelines import export as ex
+
+HELP = ex.ExportConfig.help()
+
+
+def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
+    with gr.Tab("Export", id="export") as tab:
+        with gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("#### What to export")
+                source = gr.Dropdown(hx.sources(ctx), value=None, allow_custom_value=True, label="Source",
+                                     info=HELP["source"], elem_id="export-source")
+                base = gr.Textbox(label="Base model (adapters only; optional)", info=HELP["base_model"],
+                                  elem_id="export-base")
+                name = gr.Textbox(label="Export name (optional)", info=HELP["name"], elem_id="export-name")
+                outtypes = gr.CheckboxGroup(list(ex.OUTTYPES), value=["f16"], label="GGUF float types",
+                                            info=HELP["outtypes"], elem_id="export-outtypes")
+                quants = gr.CheckboxGroup(list(ex.QUANT_TYPES), value=hx.DEFAULT_QUANTS, label="Quantizations",
+                                          info=HELP["quants"], elem_id="export-quants")
+                validate = gr.Checkbox(value=True, label="Validate each GGUF", info=HELP["validate"],
+                                       elem_id="export-validate")
+                system = gr.Textbox(label="SYSTEM prompt for the Ollama Modelfile (optional)", lines=2,
+                                    elem_id="export-system")
+                with gr.Row():
+                    check_btn = gr.Button("Check", elem_id="export-check")
+                    start_btn = gr.Button("Export", variant="primary", elem_id="export-start")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="export-cancel")
+                plan = gr.Markdown(elem_id="export-plan")
+                with gr.Accordion("Architectures llama.cpp's converter supports", open=False):
+                    archs_btn = gr.Button("List them", elem_id="export-archs-btn")
+                    archs = gr.Markdown(elem_id="export-archs")
+            with gr.Column(scale=3):
+                gr.Markdown("#### Progress")
+                job_md = gr.Markdown(elem_id="export-job")
+                bar = gr.HTML(elem_id="export-progress")
+                log = gr.Code(label="Log (tail)", language=None, interactive=False, elem_id="export-log", max_lines=14)
+        with gr.Accordion("Exports", open=True):
+            table = gr.Dataframe(hx.exports_table(ctx), headers=hx.EXPORT_COLUMNS, interactive=False,
+                                 elem_id="export-list", label="Click a row to see it")
+            with gr.Row():
+                pick = gr.Dropdown(hx.export_names(ctx), value=None, label="Export", scale=3, elem_id="export-pick",
+                                   allow_custom_value=True)
+                refresh = gr.Button("↻ Refresh", scale=1, elem_id="export-refresh")
+            summary = gr.Markdown(elem_id="export-summary")
+            ppl = gr.Dataframe(headers=hx.TABLE_COLUMNS, interactive=False, label="Perplexity on held-out text",
+                               elem_id="export-table")
+            checks = gr.Dataframe(headers=hx.CHECK_COLUMNS, interactive=False, label="Validation checks",
+                                  elem_id="export-checks", wrap=True)
+            with gr.Row():
+                gguf = gr.Dropdown([], label="GGUF file", scale=3, elem_id="export-gguf")
+                chat_btn = gr.Button("Open in Chat", variant="primary", scale=1, elem_id="export-open-chat")
+            chat_msg = gr.Markdown(elem_id="export-chat-msg")
+            run_md = gr.Markdown(elem_id="export-run")
+            modelfile = gr.Code(label="Ollama Modelfile", language=None, interactive=False, elem_id="export-modelfile")
+        job = gr.Textbox(visible=False, elem_id="export-job-id")  # not gr.State: API clients get the job id
+        seen = gr.State(None)
+        timer = gr.Timer(2.0)
+
+    form = [source, base, name, outtypes, quants]
+    check_btn.click(h.bind(hx.check, ctx), form, plan, api_name="export_check")
+    start_btn.click(h.bind(hx.start, ctx), [*form, validate, system], [plan, job], api_name="export_start")
+    cancel_btn.click(h.bind(hx.cancel, ctx), job, plan, api_name="export_cancel")
+    poll = h.bind(hx.poll, ctx)
+    poll_out = [job, bar, job_md, log, seen, table, pick]
+    timer.tick(poll, [job, seen], poll_out, api_visibility="private", show_progress="hidden")
+    tab.select(poll, [job, seen], poll_out, api_visibility="private")
+    tab.select(lambda: (gr.update(choices=hx.sources(ctx)), gr.update(choices=hx.export_names(ctx))), None,
+               [source, pick], api_visibility="private")
+    refresh.click(lambda: (hx.exports_table(ctx), gr.update(choices=hx.export_names(ctx))), None, [table, pick],
+                  api_visibility="private")
+    table.select(h.bind(hx.pick_row, ctx), table, pick, api_visibility="private")
+    pick.change(h.bind(hx.details, ctx), pick, [summary, ppl, checks, gguf], api_visibility="private")
+    gguf.change(h.bind(hx.gguf_info, ctx), [pick, gguf], [run_md, modelfile], api_visibility="private")
+    chat_btn.click(h.bind(hx.open_in_chat, ctx), gguf, [tabs, chat["model"], chat["model_b"], chat_msg],
+                   api_visibility="private")
+    archs_btn.click(lambda: ", ".join(f"`{a}`" for a in h.ui_errors(ex.supported_architectures)()), None, archs,
+                    api_visibility="private")
+    return {"tab": tab}
+
+
+def _no_path_keys(obj):
+    """"path" keys renamed "file_path": gradio_client downloads any dict with a "path" key as a file."""
+    if isinstance(obj, dict):
+        return {("file_path" if k == "path" else k): _no_path_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_path_keys(v) for v in obj]
+    return obj
+
+
+def register_api(ctx: h.Context) -> None:
+    """JSON endpoints for scripts; the step endpoints run as export jobs and stream their status until the end."""
+
+    def export_list() -> list[dict]:
+        """Every export: state, GGUF files, validation table."""
+        return ex.list_exports(ctx.ws)
+
+    def export_details(name: str) -> dict:
+        """One export: per GGUF (file_path) its validation, Modelfile and run commands; the perplexity table."""
+        return _no_path_keys(h.ui_errors(ex.export_details)(ctx.ws, name))
+
+    def export_status(job: str = "") -> dict:
+        """An export job's status (default: the running one, else the newest); {} when there is none."""
+        from pipelines import export_job
+
+        def get():
+            if job:
+                return export_job.status(ctx.ws, job)
+            return export_job.active(ctx.ws) or next(iter(export_job.list_jobs(ctx.ws)), {})
+
+        return h.ui_errors(get)()
+
+    def export_merge(adapter: str, base_model: str = "", name: str = "") -> dict:
+        """Merge an adapter (a run, its adapter/ or a checkpoint) into its base: exports/<name>/merged/."""
+        yield from h.ui_errors(hx.run_step)(ctx, "merge", {"source": adapter, "base_model": base_model, "name": name})
+
+    def export_convert(hf_dir: str, outtype: str = "f16", name: str = "") -> dict:
+        """HF folder -> GGUF (f32 | f16 | bf16) with llama.cpp's converter: exports/<name>/<name>-<type>.gguf."""
+        yield from h.ui_errors(hx.run_step)(ctx, "convert", {"hf_dir": hf_dir, "outtype": outtype, "name": name})
+
+    def export_quantize(gguf: str, quants: list[str]) -> dict:
+        """A float GGUF -> one quantized GGUF per type, beside it."""
+        yield from h.ui_errors(hx.run_step)(ctx, "quantize", {"gguf": gguf, "quant": quants})
+
+    def export_validate(gguf: str, hf_dir: str = "", base_model: str = "", prompt: str = "") -> dict:
+        """Check a GGUF (loads, template, generations, perplexity vs HF, fine-tune survived)."""
+        yield from h.ui_errors(hx.run_step)(ctx, "validate", {"gguf": gguf, "hf": hf_dir, "base_model": base_model,
+                                                               "prompt": prompt})
+
+    for fn in (export_list, export_details, export_status, export_merge, export_convert, export_quantize,
+               export_validate):
+        gr.api(fn, api_name=fn.__name__)
