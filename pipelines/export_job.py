@@ -119,7 +119,7 @@ def status(ws: Workspace, job: str) -> dict:
             st = _read(d)  # it may have written its end just now, or its pid is being recorded
             if st.get("state") == "running" and not procs.alive(st):
                 code = procs.exit_code(st.get("pid"))
-                tail = log_tail(ws, job, 600).strip().splitlines()[-3:]
+                tail = log_tail(ws, job, 3, 600).strip().splitlines()
                 st = _merge(d, {"state": "failed", "ended": time.time(), "error": "the export process ended "
                                 "unexpectedly" + (f" (exit code {code})" if code else "")
                                 + (": " + " | ".join(tail) if tail else "")})
@@ -148,6 +148,11 @@ def start(ws: Workspace, step: str, args: dict) -> str:
     """Start `mactuner export <step>` for `args` in its own process; returns the job id. Conflict while another
     job runs."""
     cli = _cli_args(step, args)
+    if step in ("quantize", "validate"):  # they write beside the GGUF: only inside the workspace
+        gguf = Path(str(args["gguf"])).expanduser().resolve()
+        if ws.root not in gguf.parents:
+            raise BadInput(f"{gguf} is outside the workspace ({ws.root}); {step} writes beside the GGUF, so pick one "
+                           "under exports/ or models/.")
     with _lock(ws):
         running = active(ws)
         if running:
@@ -204,14 +209,8 @@ def wait(ws: Workspace, job: str, timeout: float = 3600.0, poll: float = 0.5):
         time.sleep(poll)
 
 
-def log_tail(ws: Workspace, job: str, max_bytes: int = 8000) -> str:
-    try:
-        with open(_job_dir(ws, job) / "log.txt", "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - max_bytes))
-            return fh.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
+def log_tail(ws: Workspace, job: str, lines: int | None = None, max_bytes: int = 8000) -> str:
+    return procs.log_tail(_job_dir(ws, job) / "log.txt", lines, max_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ inside the job

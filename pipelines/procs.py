@@ -4,6 +4,7 @@ from the pid and start time a status file recorded, whether it is still alive (a
     pid, create_time = spawn([sys.executable, "-m", "pipelines.cli", ...], log_path)
     alive({"pid": pid, "create_time": create_time})  -> bool
     exit_code(pid)                                     -> the exit status of a child this process started, or None
+    log_tail(log_path, lines=None)                     -> the end of its log (the last `lines` lines)
 """
 
 from __future__ import annotations
@@ -61,3 +62,15 @@ def exit_code(pid) -> int | None:
     """The exit status of a finished child started by this process (forgotten afterwards), else None."""
     child = _CHILDREN.pop(pid, None) if isinstance(pid, int) else None
     return child.poll() if child is not None else None
+
+
+def log_tail(path: Path, lines: int | None = None, max_bytes: int = 20_000) -> str:
+    """The last `max_bytes` of a log file (only its last `lines` lines when given); "" when there is none yet."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            text = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) if lines else text

@@ -157,15 +157,8 @@ class RunDir:
 
         return list_checkpoints(self.path)
 
-    def log_tail(self, max_bytes: int = 20_000) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - max_bytes))
-                return fh.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+    def log_tail(self, lines: int | None = None, max_bytes: int = 20_000) -> str:
+        return procs.log_tail(self.log_path, lines, max_bytes)
 
 
 def get_run(ws: Workspace, name: str) -> RunDir:

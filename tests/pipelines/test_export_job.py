@@ -93,12 +93,14 @@ def test_bad_job_requests(workspace):
         export_job.start(workspace, "frobnicate", {})
     with pytest.raises(BadInput, match="needs gguf"):
         export_job.start(workspace, "quantize", {"gguf": " "})
+    with pytest.raises(BadInput, match="outside the workspace"):
+        export_job.start(workspace, "validate", {"gguf": "/tmp/elsewhere.gguf"})
     with pytest.raises(BadInput, match="not an export job id"):
         export_job.status(workspace, "../etc")
 
 
-def test_failed_step_reports_its_reason(workspace, tmp_path):
-    job = export_job.start(workspace, "quantize", {"gguf": str(tmp_path / "missing.gguf"), "quant": ["Q8_0"]})
+def test_failed_step_reports_its_reason(workspace):
+    job = export_job.start(workspace, "quantize", {"gguf": str(workspace.exports / "missing.gguf"), "quant": ["Q8_0"]})
     st = _wait_for(workspace, job, lambda s: s["state"] != "running")
     assert st["state"] == "failed" and "does not exist" in st["error"]
 
