@@ -947,9 +947,6 @@ class ExportPlan:
     quants: list[str]
     estimate: dict
 
-    def as_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
 
 def plan_export(ws: Workspace, source: str | os.PathLike, name: str | None = None, outtypes: list[str] | None = None,
                 quants: list[str] | None = None, base_model: str | None = None,

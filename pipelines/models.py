@@ -17,7 +17,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -587,7 +587,10 @@ class LoadedModel:
     tokenizer: Any = field(default=None, repr=False)
 
     def describe(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("model", "tokenizer")}
+        """The metadata as a plain dict. Not dataclasses.asdict: it deep-copies every field, and a deep copy of a
+        llama_cpp.Llama loads the model again (its __setstate__), of a torch model copies the weights."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "tokenizer")}
+        d["details"] = dict(self.details)
         d["memory"] = human_bytes(self.memory_bytes)
         return d
 

@@ -57,6 +57,17 @@ def test_load_tiny_llama_folder(registry, tiny_llama_dir):
     assert "path" not in d  # gradio_client would take a dict with a "path" key for a file to download
 
 
+def test_describe_never_copies_the_model(registry, tiny_gguf, monkeypatch):
+    """describe() runs on every poll of the Model tab and /api/model/current: a deep copy of the Llama object would
+    load the whole GGUF again each time (its __setstate__ re-initialises it)."""
+    lm = registry.load(str(tiny_gguf))
+    monkeypatch.setattr(type(lm.model), "__deepcopy__", lambda *_a: pytest.fail("describe() copied the model"),
+                        raising=False)
+    monkeypatch.setattr(type(lm.model), "__reduce_ex__", lambda *_a: pytest.fail("describe() copied the model"))
+    d = lm.describe()
+    assert d["backend"] == "llama.cpp" and d["details"] == lm.details and d["details"] is not lm.details
+
+
 def test_loaded_tiny_llama_generates(registry, tiny_llama_dir):
     import torch
 
