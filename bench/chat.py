@@ -3,11 +3,12 @@ directly with the same rendered prompt and settings, in one run.
 
 (a) the embedded default GGUF (Gemma 3 270M Q4_K_M) through stream_chat vs `Llama.create_completion(stream=True)`
     on the same prompt token ids: one warm-up each, then 3 measured rounds (order alternating), medians reported;
-(b) the HF copy of the default model through stream_chat vs `model.generate` (a timing-only streamer records the
-    first token), one warm-up, then up to 3 rounds (90 s at most) - CPU transformers is slow, so fewer tokens.
-    stream_chat runs generate() in a worker thread, so the direct call is timed from the main thread and from a
-    worker thread, and the faster of the two (by median) is the baseline: on a busy machine torch's threads were
-    seen to stall much more when called from the main thread.
+(b) the HF copy of the default model through stream_chat (loaded with models.load_hf, as the studio does) vs a
+    plain script's `model.generate` on its main thread (a timing-only streamer records the first token), each in
+    its own process: torch's OpenMP keeps a team of threads per calling thread, and teams left over in one
+    process (the other side's) slowed the measured side by ~25% on 2 cores. Each process loads, warms up and runs
+    up to 3 rounds (90 s at most); the pair runs twice (ours, direct, direct, ours). CPU transformers is slow, so
+    fewer tokens.
 
 Greedy decoding (temperature 0, no repetition penalty) on both sides so they produce the same tokens; the prompt
 cache of llama.cpp is reset before every run, so each run evaluates the whole prompt.
@@ -26,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -108,17 +108,25 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     return res
 
 
-def bench_hf(path: Path, n_tokens: int, rounds: int = 3, time_budget: float = 90.0) -> dict:
+def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: float = 90.0) -> dict:
+    """One side of the HF comparison, in this (fresh) process: "ours" loads the folder as the studio does
+    (models.load_hf) and answers through stream_chat; "direct" is a plain script - from_pretrained and generate
+    on the main thread. Returns the runs after a warm-up."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
     t = time.perf_counter()
-    lm = models.load_hf(path)
-    print(f"\n(b) HF {path} loaded in {time.perf_counter() - t:.1f} s ({lm.dtype}, {lm.device}); "
-          f"{n_tokens} new tokens, greedy, up to {rounds} rounds after a warm-up (medians)")
+    lm = models.load_hf(path)  # the prompt and end tokens come from it on both sides
+    load_s = time.perf_counter() - t
     params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
     prompt = chat.build_prompt(lm, MESSAGES, params)
     eos = chat._hf_eos_ids(lm)
+    if kind == "direct":
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(lm.model.parameters()).dtype
+        lm.model = None  # the plain script's own model, loaded and run on the main thread
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     class FirstToken(BaseStreamer):
         def __init__(self):
@@ -133,53 +141,61 @@ def bench_hf(path: Path, n_tokens: int, rounds: int = 3, time_budget: float = 90
             pass
 
     def direct(n):
-        ids = torch.tensor([prompt.token_ids], device=next(lm.model.parameters()).device)
+        ids = torch.tensor([prompt.token_ids])
         s = FirstToken()
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.inference_mode():
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                    eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
         total = time.perf_counter() - t0
         new = [i for i in out[0, ids.shape[1]:].tolist() if i not in eos]
         return {"text": lm.tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
                 "ttft": s.first - t0, "total": total, "tps": len(new) / total, "cpu": time.process_time() - c0,
                 "decode_tps": (len(new) - 1) / (total - (s.first - t0)) if len(new) > 1 else 0.0}
 
-    def in_thread(n):
-        out = []
-        t = threading.Thread(target=lambda: out.append(direct(n)))
-        t.start()
-        t.join()
-        return out[0]
-
-    warm = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=2)
-    chat.chat(lm, MESSAGES, warm)
-    direct(2)
-    in_thread(2)
-    # stream_chat runs generate() in a worker thread; on a busy 2-core machine torch's threads stall more when
-    # called from the main thread, so the direct call is timed both ways and the faster one is the baseline.
-    variants = {"ours": lambda: measure_ours(lm, params), "main": lambda: direct(n_tokens),
-                "thread": lambda: in_thread(n_tokens)}
-    runs: dict[str, list] = {k: [] for k in variants}
-    t_start = time.perf_counter()
-    for i in range(rounds):
-        order = list(variants)[i % 3:] + list(variants)[:i % 3]
-        for k in order:
-            runs[k].append(variants[k]())
-        if time.perf_counter() - t_start > time_budget and i + 1 < rounds:
-            print(f"  stopping after {i + 1} round(s): the {time_budget:.0f} s budget for this part is spent")
+    if kind == "ours":
+        chat.chat(lm, MESSAGES, chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=2))
+        run = lambda: measure_ours(lm, params)  # noqa: E731
+    else:
+        direct(2)
+        run = lambda: direct(n_tokens)  # noqa: E731
+    runs, t_start = [], time.perf_counter()
+    for _ in range(rounds):
+        runs.append(run())
+        if time.perf_counter() - t_start > time_budget:
             break
-    med = lambda k, f: statistics.median(r[f] for r in runs[k])  # noqa: E731
-    base = max(("main", "thread"), key=lambda k: med(k, "tps"))
-    print(f"  direct generate (median): {med('main', 'tps'):.1f} tok/s from the main thread, "
-          f"{med('thread', 'tps'):.1f} tok/s from a worker thread; baseline: {base}")
-    print(f"  per round tokens/s: stream_chat {[round(r['tps'], 1) for r in runs['ours']]}, direct main "
-          f"{[round(r['tps'], 1) for r in runs['main']]}, direct thread {[round(r['tps'], 1) for r in runs['thread']]}")
-    texts = {r["text"] for k in runs for r in runs[k]}
-    return {"prompt_tokens": len(prompt.token_ids), "same_text": len(texts) == 1, "n": runs["ours"][0]["n"],
-            "n_direct": runs[base][0]["n"],
+    return {"runs": runs, "load_s": load_s, "dtype": lm.dtype, "device": lm.device,
+            "prompt_tokens": len(prompt.token_ids)}
+
+
+def bench_hf(path: Path, n_tokens: int, rounds: int = 3) -> dict:
+    """stream_chat and a direct generate() script, each in its own process (OpenMP thread teams are per process
+    and per calling thread: run in one process, whichever ran first slows the other), alternating twice."""
+    import json
+    import subprocess
+
+    print(f"\n(b) HF {path}: {n_tokens} new tokens, greedy; each side in its own process (load, warm-up, "
+          f"{rounds} rounds), run twice in the order ours, direct, direct, ours; medians over all rounds")
+    sides: dict[str, list] = {"ours": [], "direct": []}
+    info = {}
+    with tempfile.TemporaryDirectory(prefix="mactuner-bench-chat-hf-") as tmp:
+        for i, kind in enumerate(("ours", "direct", "direct", "ours")):
+            out = Path(tmp) / f"{i}-{kind}.json"
+            subprocess.run([sys.executable, __file__, "--hf-side", kind, "--hf", str(path), "--hf-tokens",
+                            str(n_tokens), "--hf-rounds", str(rounds), "--hf-json", str(out)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            res = json.loads(out.read_text())
+            sides[kind] += res["runs"]
+            info = res
+    print(f"  loaded as {info['dtype']} on {info['device']}; prompt {info['prompt_tokens']} tokens")
+    print(f"  per round tokens/s: stream_chat {[round(r['tps'], 1) for r in sides['ours']]}, "
+          f"direct {[round(r['tps'], 1) for r in sides['direct']]}")
+    med = lambda k, f: statistics.median(r[f] for r in sides[k])  # noqa: E731
+    texts = {r["text"] for k in sides for r in sides[k]}
+    return {"prompt_tokens": info["prompt_tokens"], "same_text": len(texts) == 1, "n": sides["ours"][0]["n"],
+            "n_direct": sides["direct"][0]["n"],
             **{f"ours_{f}": med("ours", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")},
-            **{f"direct_{f}": med(base, f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
+            **{f"direct_{f}": med("direct", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
 
 
 def report(label: str, r: dict) -> None:
@@ -207,7 +223,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="llama.cpp threads for the GGUF part (default: as models.load_gguf sets them)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-side", choices=["ours", "direct"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.hf_side:
+        import json
+
+        res = hf_side(args.hf_side, Path(args.hf), args.hf_tokens, args.hf_rounds)
+        Path(args.hf_json).write_text(json.dumps(res))
+        return 0
 
     tmp = None
     if args.root:

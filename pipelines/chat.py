@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import device as devicemod
 from .errors import BadInput, Conflict, MacTunerError, NotFound
 from .models import GEMMA_CHAT_TEMPLATE, LoadedModel, llama_cpp_module
 
@@ -1025,9 +1026,10 @@ def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = 
                 if name in model.peft_config:
                     raise Conflict(f"An adapter named '{name}' is already attached; detach it first or choose "
                                    "another name.")
-                model.load_adapter(info.path, adapter_name=name, is_trainable=False)
-            else:
-                lm.model = PeftModel.from_pretrained(model, info.path, adapter_name=name, is_trainable=False)
+                devicemod.in_own_thread(model.load_adapter, info.path, adapter_name=name, is_trainable=False)
+            else:  # torch work off the caller's (a server worker's) thread: see device.in_own_thread
+                lm.model = devicemod.in_own_thread(PeftModel.from_pretrained, model, info.path, adapter_name=name,
+                                                   is_trainable=False)
         except MacTunerError:
             raise
         except (ValueError, RuntimeError, KeyError, OSError) as e:

@@ -673,10 +673,13 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
     dtype = getattr(torch, prof.infer_dtype)
     t0 = time.time()
     use_safetensors = bool(info["safetensors"])
+    def load_model():
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=use_safetensors)
+        return m.to(prof.torch_device).eval()
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors,
-        )
+        model = devicemod.in_own_thread(load_model)  # not in the caller's (a server worker's) thread: see there
     except Exception as e:  # noqa: BLE001 - transformers' errors are varied; all mean "cannot load this folder"
         msg = str(e).splitlines()[0][:240] if str(e) else type(e).__name__
         if not use_safetensors and ("weights_only" in msg or "Unpickl" in type(e).__name__ or "pickle" in msg.lower()):
@@ -685,7 +688,6 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
                 "loading it could run code. Convert it to safetensors with a tool you trust."
             ) from None
         raise BadInput(f"transformers could not load {path.name}: {msg}") from None
-    model.to(prof.torch_device).eval()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001

@@ -79,13 +79,16 @@ def _flops_per_s() -> float:
     if _FLOPS is None:
         import torch  # noqa: PLC0415
 
-        a, b = torch.randn(512, 512), torch.randn(512, 512)
-        a @ b
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.2:
+        def probe():
+            a, b = torch.randn(512, 512), torch.randn(512, 512)
             a @ b
-            n += 1
-        _FLOPS = 2 * 512**3 * n / (time.perf_counter() - t0)
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 0.2:
+                a @ b
+                n += 1
+            return 2 * 512**3 * n / (time.perf_counter() - t0)
+
+        _FLOPS = devicemod.in_own_thread(probe)  # not in gradio's worker thread (see in_own_thread)
     return _FLOPS
 
 
