@@ -874,7 +874,11 @@ def _survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials) -> Chec
     if abs(lp_tuned - lp_base) < 0.05:
         return CheckItem("finetune_survived", None, "inconclusive (the tuned and base models score the answer alike); "
                          + detail)
-    return CheckItem("finetune_survived", bool(abs(lp_gguf - lp_tuned) < abs(lp_gguf - lp_base)), detail)
+    survived = bool(abs(lp_gguf - lp_tuned) < abs(lp_gguf - lp_base))
+    if not survived:
+        detail += (" - this file scores the tuned answer closer to the base model: its quantization erased much of "
+                   "the fine-tune; a finer type (Q8_0, Q6_K) keeps more of it, as does a stronger fine-tune")
+    return CheckItem("finetune_survived", survived, detail)
 
 
 # ------------------------------------------------------------------------------------------------ disk space

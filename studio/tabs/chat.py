@@ -46,7 +46,8 @@ def build(ctx: h.Context) -> dict:
                                     info=HELP["repetition_penalty"])
                     max_new = gr.Slider(1, 4096, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
                     stops = gr.Textbox(label="Stop strings (comma-separated; \\n allowed)")
-                    seed = gr.Number(label="Seed (empty = random)", value=None, precision=0, elem_id="chat-seed")
+                    seed = gr.Number(label="Seed (-1 = random; the seed used is shown under the answer)", value=-1,
+                                     precision=0, elem_id="chat-seed")  # gr.Number shows None as 0, a fixed seed
                 with gr.Accordion("Adapter (LoRA)", open=False):
                     adapter_path = gr.Dropdown(hc.adapter_sources(ctx), value=None, allow_custom_value=True,
                                                label="Adapter folder (a run's adapter/ or checkpoints/step-N/)",

@@ -42,6 +42,12 @@ def test_chat_streams_an_answer(page, tmp_path):
     expect(bot).to_contain_text("Name three colours.")
     expect(page.locator("#chat-speed")).to_contain_text("24 tokens")
     page.screenshot(path=str(tmp_path / "chat-tab.png"), full_page=True)
+    # the default seed is random: regenerating samples again, and the line under the answer names the seed used
+    first = re.search(r"seed (\d+)", page.locator("#chat-speed").inner_text()).group(1)
+    page.locator("#chat-regen").click()
+    expect(page.locator("#chat-speed")).to_contain_text("24 tokens")
+    expect(page.locator("#chat-speed")).to_contain_text(re.compile(r"seed \d+"))
+    expect(page.locator("#chat-speed")).not_to_contain_text(f"seed {first}")
 
 
 def test_stop_mid_answer(page):
