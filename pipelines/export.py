@@ -1105,8 +1105,8 @@ def _ggufs(folder: Path) -> list[Path]:
 
 
 def list_exports(ws: Workspace) -> list[dict]:
-    """One row per exports/<name>/: state complete | failed (with error) | incomplete (in progress, or the process
-    died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
+    """One row per exports/<name>/: state complete | failed (with error) | cancelled | incomplete (in progress,
+    made by single steps, or the process died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
     rows = []
     if not ws.exports.is_dir():
         return rows
@@ -1120,14 +1120,16 @@ def list_exports(ws: Workspace) -> list[dict]:
         else:
             m = None
         ggufs = _ggufs(d)
-        failed = None
+        failed, why = None, None
         if not m and (d / "failed.json").is_file():
             try:
-                failed = json.loads((d / "failed.json").read_text()).get("error")
+                why = json.loads((d / "failed.json").read_text())
+                failed = why.get("error")
             except (OSError, json.JSONDecodeError):
                 failed = "unreadable failed.json"
-        rows.append({"name": d.name, "folder": str(d),
-                     "state": "complete" if m else ("failed" if failed else "incomplete"), "error": failed,
+        state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
+                                      "failed" if failed else "incomplete")
+        rows.append({"name": d.name, "folder": str(d), "state": state, "error": failed,
                      "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
                      "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
                                 "size": human_bytes(g.stat().st_size)} for g in ggufs],

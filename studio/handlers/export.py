@@ -95,7 +95,8 @@ def cancel(ctx: Context, job: str | None) -> str:
     if not job:
         raise BadInput("No export is running.")
     st = export_job.cancel(ctx.ws, job)
-    return f"Export job `{job}`: {st.get('state')}" + (f" — {st['error']}" if st.get("error") else "")
+    why = st.get("error") if st.get("error") not in (None, st.get("state")) else None
+    return f"Export job `{job}`: {st.get('state')}" + (f" — {why}" if why else "")
 
 
 def _job_md(st: dict) -> str:

@@ -74,7 +74,7 @@ def test_job_refuses_a_second_one_and_cancel_leaves_nothing_finished(workspace, 
     assert _finished_looking(folder) == []
     assert not [p for p in folder.iterdir() if p.name.endswith(".partial")]  # the temp file went too
     (row,) = ex.list_exports(workspace)
-    assert row["state"] == "failed" and row["ggufs"] == []
+    assert row["state"] == "cancelled" and row["ggufs"] == []
 
 
 def test_killed_job_is_reported_failed(workspace, tiny_llama_dir, tmp_path, monkeypatch):
