@@ -8,11 +8,11 @@ A job is a folder <workspace>/exports/.jobs/<id>/:
     log.txt       the process's output
 
 The process is the CLI, `mactuner export <step> ... --root WS --job <folder>` (argument list, no shell), which
-reports progress into status.json (`reporter(job_dir)`). One job runs at a time per workspace (a second is
-refused while one is alive: each loads a model and uses every core). `cancel` ends the job's process group; the
-export writes every file under a temporary name, so a cancelled or killed job leaves nothing that looks finished.
+reports progress into status.json through a `Reporter`. One job runs at a time per workspace (a second is refused
+while one is alive: each loads a model and uses every core). `cancel` ends the job's process group; the export
+writes every file under a temporary name, so a cancelled or killed job leaves nothing that looks finished.
 
-    job = start(ws, "run", {"source": ..., "outtypes": ["f16"], "quants": ["Q4_K_M"]})
+    job = start(ws, "run", {"source": ..., "outtype": ["f16"], "quant": ["Q4_K_M"]})   # keys are the CLI's flags
     status(ws, job)  -> dict (a dead process is reported as failed)
 """
 
@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -62,9 +63,9 @@ def _cli_args(step: str, args: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def _lock(ws: Workspace):
-    jobs_dir(ws).mkdir(parents=True, exist_ok=True)
-    with open(jobs_dir(ws) / ".lock", "a+") as fh:
+def _flock(path: Path):
+    """An exclusive fcntl lock on `path` (between processes, and between threads: each open is its own lock)."""
+    with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -81,16 +82,6 @@ def _read(job_dir: Path) -> dict:
         return {"state": "failed", "error": f"status.json cannot be read ({e})"}
 
 
-@contextlib.contextmanager
-def _status_lock(job_dir: Path):
-    with open(job_dir / ".status.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _merge(job_dir: Path, fields: dict) -> dict:
     st = _read(job_dir) if (job_dir / "status.json").exists() else {}
     st.update(fields, updated=time.time())
@@ -100,7 +91,7 @@ def _merge(job_dir: Path, fields: dict) -> dict:
 
 def _update(job_dir: Path, **fields) -> dict:
     """Read-modify-write status.json under the job's lock (the studio and the job process both write it)."""
-    with _status_lock(job_dir):
+    with _flock(job_dir / ".status.lock"):
         return _merge(job_dir, fields)
 
 
@@ -115,7 +106,7 @@ def status(ws: Workspace, job: str) -> dict:
     d = _job_dir(ws, job)
     st = _read(d)
     if st.get("state") == "running" and not procs.alive(st):
-        with _status_lock(d):
+        with _flock(d / ".status.lock"):
             st = _read(d)  # it may have written its end just now, or its pid is being recorded
             if st.get("state") == "running" and not procs.alive(st):
                 code = procs.exit_code(st.get("pid"))
@@ -153,12 +144,13 @@ def start(ws: Workspace, step: str, args: dict) -> str:
         if ws.root not in gguf.parents:
             raise BadInput(f"{gguf} is outside the workspace ({ws.root}); {step} writes beside the GGUF, so pick one "
                            "under exports/ or models/.")
-    with _lock(ws):
+    jobs_dir(ws).mkdir(parents=True, exist_ok=True)
+    with _flock(jobs_dir(ws) / ".lock"):
         running = active(ws)
         if running:
             raise Conflict(f"An export job is running ({running.get('step')} {running.get('label', '')}, "
                            f"{int(100 * (running.get('fraction') or 0))}%): wait for it or cancel it.")
-        label = Path(str(args.get("name") or cli[1])).name
+        label = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(args.get("name") or cli[1])).name).strip("-.") or step
         job = f"{time.strftime('%Y%m%d-%H%M%S')}-{step}-{label}"[:120]
         while (jobs_dir(ws) / job).exists():
             job += "-2"
@@ -166,7 +158,7 @@ def start(ws: Workspace, step: str, args: dict) -> str:
         d.mkdir(parents=True)
         cmd = [sys.executable, "-m", "pipelines.cli", "export", *cli, "--root", str(ws.root), "--job", str(d)]
         # the job's lock is held until its pid is recorded: its first progress write waits for that
-        with _status_lock(d), open(d / "log.txt", "ab") as log:
+        with _flock(d / ".status.lock"), open(d / "log.txt", "ab") as log:
             _merge(d, {"state": "running", "step": step, "args": args, "label": label, "fraction": 0.0,
                        "message": "starting…", "started": time.time(), "ended": None, "error": None, "result": None})
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
