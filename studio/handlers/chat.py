@@ -32,13 +32,14 @@ def _new_stop(request: gr.Request | None) -> threading.Event:
     return ev
 
 
-def stop(request: gr.Request):
-    """Stop this tab's answer(s) in progress (the pipeline finishes with finish_reason 'stopped')."""
+def stop(request: gr.Request) -> None:
+    """Stop this tab's answer(s) in progress (the pipeline finishes with finish_reason 'stopped', which the speed
+    line then shows). It writes no output itself: its reply can arrive after the stream's last one, and a
+    "Stopping…" put there would then replace "stopped" for good."""
     with _stops_lock:
         ev = _stops.get(getattr(request, "session_hash", None) or "api")
     if ev is not None:
         ev.set()
-    return "Stopping…"
 
 
 def adapter_sources(ctx: Context) -> list[str]:

@@ -90,7 +90,7 @@ def build(ctx: h.Context) -> dict:
     submitted = msg.submit(h.bind(hc.send, ctx), send_inputs, [bot, msg, speed], api_visibility="private")
     regen = regen_btn.click(h.bind(hc.regenerate, ctx), [bot, model_a, adapter_a, *sampling], [bot, msg, speed],
                             api_name="chat_regenerate")
-    stop_btn.click(hc.stop, None, speed, api_name="chat_stop")
+    stop_btn.click(hc.stop, None, None, api_name="chat_stop")
     edit_btn.click(hc.edit_last, bot, [bot, msg], api_name="chat_edit_last")
     clear_btn.click(lambda: ([], ""), None, [bot, speed], api_visibility="private")
     export_btn.click(h.bind(hc.export, ctx), [bot, model_a], export_file, api_name="chat_export")
@@ -110,5 +110,5 @@ def build(ctx: h.Context) -> dict:
     extra_btn.click(h.bind(hc.load_extra, ctx), extra_path, [model_a, model_b, compare_msg], api_name="chat_load_extra")
     cmp_btn.click(h.bind(hc.compare, ctx), [cmp_prompt, model_a, adapter_a, model_b, adapter_b, *sampling],
                   [bot_a, bot_b, speed_a, speed_b], api_name="chat_compare")
-    cmp_stop.click(hc.stop, None, speed_a, api_visibility="private")
+    cmp_stop.click(hc.stop, None, None, api_visibility="private")
     return {"events": [sent, submitted, regen], "model": model_a, "model_b": model_b}
