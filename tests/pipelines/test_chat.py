@@ -462,7 +462,8 @@ def test_malicious_template_in_a_tokenizer(fresh_hf_lm):
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 0, config_overrides: dict | None = None) -> Path:
-    """A LoRA on q_proj/v_proj of a tiny llama with random (non-zero) B matrices, saved as PEFT safetensors."""
+    """A LoRA on q_proj/v_proj of a tiny llama with random (non-zero) B matrices, saved as PEFT safetensors. A and B
+    both come from `seed` (PEFT draws A from torch's global RNG, which earlier tests move)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -480,6 +481,8 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0, config_overrides: dic
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pm.save_pretrained(out)
     assert (out / "adapter_model.safetensors").exists()
     return out
