@@ -1104,45 +1104,39 @@ def _ggufs(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.gguf"), key=lambda p: (order.get(_gguf_type(p), 99), p.name))
 
 
-def list_exports(ws: Workspace) -> list[dict]:
-    """One row per exports/<name>/: state complete | failed (with error) | cancelled | incomplete (in progress,
-    made by single steps, or the process died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
-    rows = []
-    if not ws.exports.is_dir():
-        return rows
-    for d in sorted(p for p in ws.exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        man = d / "export.json"
-        if man.is_file():
-            try:
-                m = json.loads(man.read_text())
-            except (OSError, json.JSONDecodeError):
-                m = None
-        else:
-            m = None
-        ggufs = _ggufs(d)
-        failed, why = None, None
-        if not m and (d / "failed.json").is_file():
-            try:
-                why = json.loads((d / "failed.json").read_text())
-                failed = why.get("error")
-            except (OSError, json.JSONDecodeError):
-                failed = "unreadable failed.json"
-        state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
-                                      "failed" if failed else "incomplete")
-        rows.append({"name": d.name, "folder": str(d), "state": state, "error": failed,
-                     "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
-                     "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
-                                "size": human_bytes(g.stat().st_size)} for g in ggufs],
-                     "table": (m or {}).get("table", []),
-                     "ok": all(v.get("ok") for v in (m or {}).get("validations", [])) if m else None})
-    return rows
-
-
 def _manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / "export.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _export_row(d: Path, m: dict | None) -> dict:
+    """The list_exports row of folder `d`, whose export.json is `m` (None when missing or unreadable)."""
+    failed, why = None, None
+    if not m and (d / "failed.json").is_file():
+        try:
+            why = json.loads((d / "failed.json").read_text())
+            failed = why.get("error")
+        except (OSError, json.JSONDecodeError):
+            failed = "unreadable failed.json"
+    state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
+                                  "failed" if failed else "incomplete")
+    return {"name": d.name, "folder": str(d), "state": state, "error": failed,
+            "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
+            "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
+                       "size": human_bytes(g.stat().st_size)} for g in _ggufs(d)],
+            "table": (m or {}).get("table", []),
+            "ok": all(v.get("ok") for v in (m or {}).get("validations", [])) if m else None}
+
+
+def list_exports(ws: Workspace) -> list[dict]:
+    """One row per exports/<name>/: state complete | failed (with error) | cancelled | incomplete (in progress,
+    made by single steps, or the process died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
+    if not ws.exports.is_dir():
+        return []
+    return [_export_row(d, _manifest(d))
+            for d in sorted(p for p in ws.exports.iterdir() if p.is_dir() and not p.name.startswith("."))]
 
 
 def validation_sources(gguf_path: Path, hf_dir: str | None = None, base_dir: str | None = None) -> tuple:
@@ -1163,8 +1157,9 @@ def export_details(ws: Workspace, name: str) -> dict:
     folder = ws.exports / name
     if not folder.is_dir():
         raise NotFound(f"There is no export '{name}'.")
-    row = next(r for r in list_exports(ws) if r["name"] == name)
-    man = _manifest(folder) or {}
+    man = _manifest(folder)
+    row = _export_row(folder, man)
+    man = man or {}
     ggufs, table = [], []
     for g in _ggufs(folder):
         val = None

@@ -255,10 +255,15 @@ def local_models_table(ctx: Context) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LOCAL_COLUMNS)
 
 
+def selected_cell(table: pd.DataFrame, evt: gr.SelectData, column: str) -> str:
+    """The `column` value of the table row a click selected."""
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    return str(table.iloc[int(row)][column])
+
+
 def pick_local(table: pd.DataFrame, evt: gr.SelectData) -> str:
     """Clicking a row of the local-models table fills the path box with that row's path."""
-    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-    return str(table.iloc[int(row)]["path"])
+    return selected_cell(table, evt, "path")
 
 
 # --------------------------------------------------------------------------------------------- estimate

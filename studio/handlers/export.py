@@ -17,7 +17,7 @@ from pipelines import export_job, models
 from pipelines.errors import BadInput
 from pipelines.workspace import human_bytes
 
-from . import Context, progress_bar_html, ui_errors
+from . import Context, progress_bar_html, selected_cell, ui_errors
 from .chat import adapter_sources, model_choices
 
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
@@ -53,16 +53,16 @@ def refresh_choices(ctx: Context, source: str | None):
     return gr.update(choices=choices, value=source), gr.update(choices=export_names(ctx))
 
 
-def _outtypes(outtypes) -> list[str]:
-    return [str(t) for t in (outtypes or [])]
+def _plan(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> ex.ExportPlan:
+    """The form's values -> pipelines.export.plan_export (empty text fields mean "not given")."""
+    return ex.plan_export(ctx.ws, source, (name or "").strip() or None, [str(t) for t in (outtypes or [])],
+                          list(quants or []), (base_model or "").strip() or None)
 
 
 @ui_errors
 def check(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> str:
     """What the export will do, or why it cannot (before anything is written)."""
-    plan = ex.plan_export(ctx.ws, source, (name or "").strip() or None, _outtypes(outtypes), list(quants or []),
-                          (base_model or "").strip() or None)
-    return _plan_md(plan)
+    return _plan_md(_plan(ctx, source, base_model, name, outtypes, quants))
 
 
 def _plan_md(plan: ex.ExportPlan) -> str:
@@ -79,8 +79,7 @@ def _plan_md(plan: ex.ExportPlan) -> str:
 def start(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool,
           system: str):
     """Check everything, then start the export in its own process. Returns (message, job id)."""
-    plan = ex.plan_export(ctx.ws, source, (name or "").strip() or None, _outtypes(outtypes), list(quants or []),
-                          (base_model or "").strip() or None)
+    plan = _plan(ctx, source, base_model, name, outtypes, quants)
     args = {"source": str(plan.source), "name": plan.name, "base_model": str(plan.base) if plan.base else None,
             "outtype": plan.outtypes, "quant": plan.quants, "no_quant": not plan.quants,
             "no_validate": not validate, "system": (system or "").strip() or None}
@@ -113,17 +112,12 @@ def poll(ctx: Context, job: str | None, seen: str | None):
     """Follow `job` (default: the running one, else the newest): (job, progress html, status, log tail, seen,
     exports table, export picker). The table is re-read while a job runs and when its state changes; a finished
     export is picked so its validation shows."""
-    st = None
-    if job:
-        try:
-            st = export_job.status(ctx.ws, job)
-        except BadInput:
-            st = None
-    active = export_job.active(ctx.ws)
-    if active and (st is None or st.get("state") != "running"):
-        st = active  # a job started elsewhere (another tab, the API) is what this page should show
+    jobs = export_job.list_jobs(ctx.ws)  # read once per tick: status, the running one, the newest
+    running = next((j for j in jobs if j.get("state") == "running"), None)
+    st = next((j for j in jobs if j["id"] == job), None) if job else None
+    if running and (st is None or st.get("state") != "running"):
+        st = running  # a job started elsewhere (another tab, the API) is what this page should show
     if st is None:
-        jobs = export_job.list_jobs(ctx.ws)
         st = jobs[0] if jobs else None
     if st is None:
         return None, "", "No export has run yet.", "", seen, gr.update(), gr.update()
@@ -132,7 +126,7 @@ def poll(ctx: Context, job: str | None, seen: str | None):
         f"{state} · {st.get('message') or ''}"
     key = f"{st['id']}:{state}"
     changed = key != seen
-    table = exports_table(ctx) if changed or state == "running" else gr.update()
+    table = exports_table(ctx, running or {}) if changed or state == "running" else gr.update()
     pick = gr.update()
     if changed and seen is not None and state == "complete" and st.get("step") == "run":
         pick = gr.update(choices=export_names(ctx), value=st.get("label"))
@@ -147,8 +141,10 @@ def _validation_cell(row: dict) -> str:
     return "✅ passed" if row["ok"] else "⚠️ problems"
 
 
-def exports_table(ctx: Context) -> pd.DataFrame:
-    running = (export_job.active(ctx.ws) or {})
+def exports_table(ctx: Context, running: dict | None = None) -> pd.DataFrame:
+    """The exports as a table; the running job (read again when not given) shows as "exporting N%"."""
+    if running is None:
+        running = export_job.active(ctx.ws) or {}
     rows = []
     for r in ex.list_exports(ctx.ws):
         state = r["state"]
@@ -168,8 +164,7 @@ def export_names(ctx: Context) -> list[str]:
 
 def pick_row(ctx: Context, table: pd.DataFrame, evt: gr.SelectData):
     """Clicking a row of the exports table picks that export."""
-    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-    return gr.update(choices=export_names(ctx), value=str(table.iloc[int(row)]["name"]))
+    return gr.update(choices=export_names(ctx), value=selected_cell(table, evt, "name"))
 
 
 @ui_errors

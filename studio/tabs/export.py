@@ -108,7 +108,7 @@ def register_api(ctx: h.Context) -> None:
 
     def export_status(job: str = "") -> dict:
         """An export job's status (default: the running one, else the newest); {} when there is none."""
-        from pipelines import export_job
+        from pipelines import export_job  # noqa: PLC0415
 
         def get():
             if job:
