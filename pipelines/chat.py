@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 from . import device as devicemod
 from .errors import BadInput, Conflict, MacTunerError, NotFound
-from .models import GEMMA_CHAT_TEMPLATE, LoadedModel, llama_cpp_module
+from .models import GEMMA_CHAT_TEMPLATE, LoadedModel
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "stopped")
@@ -69,6 +69,10 @@ LLAMA_UTF8_MARGIN = 4  # context tokens kept free on llama.cpp (see build_prompt
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
 MAX_TEMPLATE_OUTPUT = 10_000_000  # characters a sandboxed template may build with + or *
 CONVERSATION_FORMAT = "mactuner.chat"
+
+
+class ContextTooLong(BadInput):
+    """The prompt cannot fit the model's context window, even with the history trimmed."""
 
 
 # ------------------------------------------------------------------------------------------------- dataclasses
@@ -408,9 +412,7 @@ def context_window(lm: LoadedModel) -> int:
     """Tokens the model can attend to here: llama.cpp's n_ctx as loaded, or the HF config's positions."""
     _check_loaded(lm)
     if lm.backend == "llama.cpp":
-        # llama.cpp may round the context up (128 -> 256) while llama-cpp-python's token buffer keeps the size asked
-        # for: the smaller of the two is what fits.
-        return min(int(lm.model.n_ctx()), len(lm.model.input_ids))
+        return lm.model.context_window()
     n = lm.context_length or getattr(lm.tokenizer, "model_max_length", 0) or 0
     return int(n) if 0 < n < 10**7 else 32768
 
@@ -540,7 +542,7 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
     margin = LLAMA_UTF8_MARGIN if lm.backend == "llama.cpp" else 0
     if len(ids) + margin >= n_ctx:
         what = "The system prompt and this message take" if system else "This message takes"
-        raise BadInput(f"{what} {len(ids)} tokens, but {lm.name} reads at most {n_ctx} tokens at once "
+        raise ContextTooLong(f"{what} {len(ids)} tokens, but {lm.name} reads at most {n_ctx} tokens at once "
                        "(its context window). Shorten the message" + (" or the system prompt" if system else "") + ".")
     max_new = min(params.max_new_tokens, n_ctx - len(ids) - margin)
     if max_new < params.max_new_tokens:
@@ -550,6 +552,26 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
         stop.append(PLAIN_STOP)
     return RenderedPrompt(text=text, token_ids=ids, messages=msgs, dropped=start, max_new_tokens=max_new,
                           context_window=n_ctx, stop=stop, template_source=source, notes=notes)
+
+
+def raw_prompt(lm: LoadedModel, text: str, params: ChatParams | None = None) -> RenderedPrompt:
+    """A prompt that is `text` as given (BOS added when the model wants one), fitted to the context window."""
+    _check_loaded(lm)
+    params = (params or ChatParams()).validated()
+    if not isinstance(text, str) or not text:
+        raise BadInput("The prompt must be non-empty text.")
+    ids = tokenize(lm, text)
+    n_ctx = context_window(lm)
+    margin = LLAMA_UTF8_MARGIN if lm.backend == "llama.cpp" else 0
+    if len(ids) + margin >= n_ctx:
+        raise ContextTooLong(f"The prompt takes {len(ids)} tokens, but {lm.name} reads at most {n_ctx} tokens at once "
+                       "(its context window). Shorten it.")
+    max_new = min(params.max_new_tokens, n_ctx - len(ids) - margin)
+    notes = [f"answer limited to {max_new} tokens by the {n_ctx}-token context window"] \
+        if max_new < params.max_new_tokens else []
+    return RenderedPrompt(text=text, token_ids=ids, messages=[], dropped=0, max_new_tokens=max_new,
+                          context_window=n_ctx, stop=list(params.stop), template_source="none (raw completion)",
+                          notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------- per-model lock
@@ -575,6 +597,7 @@ class _Run:
         self.t_first: float | None = None  # perf_counter of the first answer token
         self.finish: str | None = None  # "stop" | "length" from the backend
         self.handed_off = False  # True once a generation thread owns the model lock
+        self.notes: list[str] = []  # what the backend reported on the way (a restarted model process)
         self.user_stop = user_stop  # the caller's Event
         self.halt = threading.Event()  # set by the driver: a stop string, the caller's stop, or the end of the stream
 
@@ -583,36 +606,28 @@ class _Run:
 
 
 def _llama_stream(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, seed: int, run: _Run) -> Iterator[str]:
-    """Text deltas from llama.cpp. Tokens are counted, and the stop flags checked, in a stopping criterion that
-    llama.cpp calls after every sampled token; the stream is also left as soon as a flag is set."""
-    llama_cpp = llama_cpp_module()
-    n_prompt = len(prompt.token_ids)
-
-    def criterion(input_ids, _logits) -> bool:
-        # input_ids holds the evaluated tokens: the prompt and every answer token but the one just sampled
-        run.n_tokens = len(input_ids) - n_prompt + 1
-        if run.t_first is None:
-            run.t_first = time.perf_counter()
-        return run.halted()
-
-    stream = lm.model.create_completion(
-        prompt=prompt.token_ids, max_tokens=prompt.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-        top_k=p.top_k, min_p=p.min_p, repeat_penalty=p.repetition_penalty, seed=seed, stream=True,
-        stopping_criteria=llama_cpp.StoppingCriteriaList([criterion]),
-    )
+    """Text deltas from the model's worker process (serving.client.GGUFWorker), which counts the answer's tokens
+    exactly and stops after the current token once a flag is set; the stream is also left as soon as one is."""
+    stream = lm.model.generate(prompt.token_ids, max_tokens=prompt.max_new_tokens, temperature=p.temperature,
+                               top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repeat_penalty=p.repetition_penalty,
+                               seed=seed, halted=run.halted)
     try:
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            if choice.get("finish_reason"):
-                run.finish = choice["finish_reason"]
-            if choice["text"]:
-                yield choice["text"]
+        for kind, value, n_tokens in stream:
+            if kind == "note":  # the worker had died before answering and was restarted
+                run.notes.append(value)
+                continue
+            if run.t_first is None:
+                run.t_first = time.perf_counter()
+            run.n_tokens = n_tokens
+            if kind == "end":
+                if value != "stopped":  # a stop is the driver's to report (the caller's, or a stop string)
+                    run.finish = value
+                return
+            yield value
             if run.halted():
                 return
     finally:
         stream.close()
-    if run.finish == "stop" and not run.halted():
-        run.n_tokens = max(0, run.n_tokens - 1)  # the end-of-generation token was counted but is not an answer token
 
 
 def _hf_eos_ids(lm: LoadedModel) -> list[int]:
@@ -797,13 +812,32 @@ def stream_chat(lm: LoadedModel, messages: list[dict], params: ChatParams | None
     Raises BadInput / NotFound / Conflict (from the first iteration, as this is a generator) for a bad conversation,
     bad settings, an unknown adapter, or a message that cannot fit the context window."""
     t0 = time.perf_counter()
-    stop = stop or threading.Event()
+    p = _checked(lm, params)
+    yield from _drive(lm, build_prompt(lm, messages, p), p, stop or threading.Event(), t0)
+
+
+def stream_completion(lm: LoadedModel, text: str, params: ChatParams | None = None,
+                      stop: threading.Event | None = None) -> Iterator[ChatChunk]:
+    """Continue `text` as it is - no chat template, no system prompt (the /v1/completions path); otherwise as
+    `stream_chat`. BadInput when the text does not fit the context window."""
+    t0 = time.perf_counter()
+    p = _checked(lm, params)
+    yield from _drive(lm, raw_prompt(lm, text, p), p, stop or threading.Event(), t0)
+
+
+def _checked(lm: LoadedModel, params: ChatParams | None) -> ChatParams:
     _check_loaded(lm)
     p = (params or ChatParams()).validated()
     if p.adapter and lm.backend != "transformers":
         raise BadInput("A GGUF model cannot take a LoRA adapter: merge the adapter into its HF base model and export "
                        "a GGUF (Export stage), or load the HF base model to chat with the adapter.")
-    prompt = build_prompt(lm, messages, p)
+    return p
+
+
+def _drive(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, stop: threading.Event,
+           t0: float) -> Iterator[ChatChunk]:
+    """Generate for a rendered prompt: take the model's lock, stream deltas from the backend, cut at stop strings,
+    honour the caller's stop Event, and report running figures in ChatChunks."""
     seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
     notes = list(prompt.notes)
     n_prompt = len(prompt.token_ids)
@@ -862,6 +896,7 @@ def stream_chat(lm: LoadedModel, messages: list[dict], params: ChatParams | None
             deltas.close()
         if stop.is_set() and finish is None:
             finish = "stopped"
+        notes += run.notes
         yield chunk(pending, run, finish or run.finish or "stop")
     finally:
         run.halt.set()
@@ -1038,6 +1073,37 @@ def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = 
         lm.model.eval()
         lm.__dict__.setdefault("_mactuner_adapters", {})[name] = info
     return info
+
+
+def adapter_label(adapter_dir: Path, run_dir: Path | None) -> str:
+    """A stable adapter name for a run's adapter ("<run>") or checkpoint ("<run>.step-N")."""
+    run = run_dir.name if run_dir is not None else adapter_dir.name
+    base = re.sub(r"[^A-Za-z0-9_.\-]", "-", run).lstrip(".-_")[:48] or "adapter"
+    return base if adapter_dir.name == "adapter" or run_dir is None or adapter_dir == run_dir else \
+        f"{base}.{re.sub(r'[^A-Za-z0-9_.-]', '-', adapter_dir.name)[:14]}"
+
+
+def open_adapter(ws, registry, source: str | Path, current: bool = True) -> tuple[LoadedModel, str, str | None]:
+    """Make an adapter (a run folder, its adapter/ or a checkpoint) ready to answer with: its HF base model is
+    loaded if no loaded model is that base (beside the others; `current` makes it the current model), then the
+    adapter is attached under `adapter_label`. Returns (model, adapter name, a note saying what was loaded or
+    None)."""
+    from .export import resolve_adapter, resolve_base  # noqa: PLC0415
+    from .models import DEFAULT_HF_NAME, default_hf_path  # noqa: PLC0415
+
+    adapter_dir, run_dir = resolve_adapter(source)
+    base = resolve_base(ws, adapter_dir, run_dir)
+    name = adapter_label(adapter_dir, run_dir)
+    note = None
+    lm = next((m for m in map(registry.get, registry.names())
+               if m is not None and m.backend == "transformers" and Path(m.model_path).resolve() == base), None)
+    if lm is None:
+        label = DEFAULT_HF_NAME if base == default_hf_path(ws).resolve() else None
+        lm = registry.load(str(base), ws, name=label, replace=False, current=current)
+        note = f"loaded {lm.name} (the adapter's base model) to answer with it"
+    if name not in {a.name for a in list_adapters(lm)}:
+        attach_adapter(lm, adapter_dir, name)
+    return lm, name, note
 
 
 def list_adapters(lm: LoadedModel) -> list[AdapterInfo]:

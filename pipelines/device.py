@@ -44,22 +44,25 @@ class DeviceProfile:
         return asdict(self)
 
 
-def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is 15-20x slower than fp32."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (from /proc/cpuinfo on Linux; empty elsewhere): {"avx2", "avx512_bf16", "amx_int8", ...}."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
-    flags = set()
+            return set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-def _cpu_name() -> str:
+def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is 15-20x slower than fp32."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -126,7 +129,7 @@ def detect(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
         if bf16 else "No native bf16 on this CPU: float32 throughout (bf16 would be emulated, 15-20x slower)."
     ]
     return DeviceProfile(
-        kind="cpu", name=_cpu_name(), total_memory=vm.total, available_memory=vm.available, bf16=bf16, fp16=False,
+        kind="cpu", name=cpu_name(), total_memory=vm.total, available_memory=vm.available, bf16=bf16, fp16=False,
         train_dtype="float32", infer_dtype=infer, qlora=False,
         qlora_reason="bitsandbytes 4-bit training needs a CUDA GPU; on this CPU use LoRA.", notes=notes, **common,
     )

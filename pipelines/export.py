@@ -620,12 +620,10 @@ def how_to_run(gguf_path: str | os.PathLike) -> dict:
 
 
 def _load_llama(gguf_path: Path, n_ctx: int = 512):
-    from . import device as devicemod  # noqa: PLC0415
-    from .models import llama_cpp_module  # noqa: PLC0415
+    """llama.cpp in this (export job) process, with the settings this CPU needs (serving.llamacpp)."""
+    from .serving.llamacpp import open_llama  # noqa: PLC0415
 
-    llama_cpp = llama_cpp_module()
-    return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=devicemod.cpu_threads(),
-                           logits_all=True, verbose=False, n_gpu_layers=0)
+    return open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_gpu_layers=0)
 
 
 def _log_softmax_rows(scores, targets) -> list[float]:

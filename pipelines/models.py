@@ -25,9 +25,11 @@ import psutil
 
 from . import device as devicemod
 from .errors import BadInput, Conflict, MacTunerError, NotFound, Unauthorized, Unavailable
+from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
 from .workspace import Workspace, atomic_dir, dir_size, human_bytes, write_json
 
 DEFAULT_NAME = "gemma-3-270m (embedded default)"
+DEFAULT_HF_NAME = "gemma-3-270m (HF copy)"
 DEFAULT_GGUF = "gemma-3-270m-q4_k_m.gguf"
 # Gemma's turn format, for the embedded GGUF whose metadata carries no chat template (its vocabulary has the
 # <start_of_turn>/<end_of_turn> tokens). A system message is folded into the first user turn, as Gemma does.
@@ -592,6 +594,8 @@ class LoadedModel:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "tokenizer")}
         d["details"] = dict(self.details)
         d["memory"] = human_bytes(self.memory_bytes)
+        if self.backend == "llama.cpp" and self.model is not None:  # its worker process, as it is now
+            d["worker"] = self.model.status()
         return d
 
 
@@ -608,39 +612,19 @@ def _gguf_vocab_probe(llm) -> str:
         return ""
 
 
-def llama_cpp_module():
-    """Import llama_cpp, with its stdout/stderr suppression turned off.
-
-    With verbose=False, llama-cpp-python dup2()s the *process-wide* stdout/stderr to /dev/null while it loads a
-    model, which swallows whatever other threads of the studio print meanwhile. llama.cpp's own messages already go
-    through its log callback (filtered to errors when verbose=False), so the redirection is not needed."""
-    import contextlib  # noqa: PLC0415
-
-    import llama_cpp  # noqa: PLC0415
-    import llama_cpp._internals  # noqa: PLC0415
-    import llama_cpp.llama  # noqa: PLC0415
-    import llama_cpp.llama_chat_format  # noqa: PLC0415
-
-    for mod in (llama_cpp.llama, llama_cpp._internals, llama_cpp.llama_chat_format):
-        mod.suppress_stdout_stderr = lambda disable=False: contextlib.nullcontext()
-    return llama_cpp
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 14: "Q4_K_S", 17: "Q5_K_M", 18: "Q6_K",
+                   32: "BF16"}
 
 
-def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096) -> LoadedModel:
+def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096, threads: int = 0) -> LoadedModel:
+    """Serve a GGUF from a worker process of its own (pipelines.serving): a native crash in llama.cpp ends that
+    process, not the studio. `model` is the serving.client.GGUFWorker; the weights live only in the worker."""
+    from .serving.client import GGUFWorker  # noqa: PLC0415
+
     _check_gguf(path)
-    llama_cpp = llama_cpp_module()
-
-    # No torch here (its import costs most of a second at start-up): llama.cpp knows whether it can offload.
-    offload = bool(llama_cpp.llama_supports_gpu_offload())
     t0 = time.time()
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=devicemod.cpu_threads(), verbose=False,
-            n_gpu_layers=-1 if offload else 0,
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        raise BadInput(f"llama.cpp could not load {path.name}: {str(e).splitlines()[0][:200]}") from None
-    md = dict(llm.metadata)
+    worker = GGUFWorker(path, n_ctx=n_ctx, threads=threads, name=name)
+    md = dict(worker.metadata)
     arch = md.get("general.architecture")
     n_ctx_train = int(md.get(f"{arch}.context_length", 0) or 0) or None
     kv_bytes = 0
@@ -649,18 +633,20 @@ def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096) -> LoadedM
         kv_heads = int(md.get(f"{arch}.attention.head_count_kv", 0) or md.get(f"{arch}.attention.head_count", 0))
         klen = int(md.get(f"{arch}.attention.key_length", 0) or 0)
         vlen = int(md.get(f"{arch}.attention.value_length", 0) or 0)
-        kv_bytes = layers * llm.n_ctx() * kv_heads * (klen + vlen) * 2
+        kv_bytes = layers * worker.info["n_ctx"] * kv_heads * (klen + vlen) * 2
     except (TypeError, ValueError):
         pass
-    ftype = {0: "F32", 1: "F16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 14: "Q4_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+    ftype = int(md.get("general.file_type", -1) or -1)
     return LoadedModel(
         name=name or md.get("general.name") or path.stem, model_path=str(path), backend="llama.cpp", format="gguf",
-        device="gpu (llama.cpp offload)" if offload else "cpu", dtype=ftype.get(int(md.get("general.file_type", -1) or -1), f"type {md.get('general.file_type')}"),
-        n_params=int(llama_cpp.llama_model_n_params(llm.model)),
+        device="gpu (llama.cpp offload)" if worker.info["offload"] else "cpu",
+        dtype=GGUF_FILE_TYPES.get(ftype, f"type {md.get('general.file_type')}"), n_params=worker.info["n_params"],
         memory_bytes=path.stat().st_size + kv_bytes, context_length=n_ctx_train, architecture=arch,
-        chat_template="tokenizer.chat_template" in md or "<start_of_turn>" in _gguf_vocab_probe(llm), load_seconds=time.time() - t0, loaded_at=time.time(),
-        details={"n_ctx": llm.n_ctx(), "size_label": md.get("general.size_label"), "license": md.get("general.license")},
-        model=llm,
+        chat_template="tokenizer.chat_template" in md or "<start_of_turn>" in _gguf_vocab_probe(worker),
+        load_seconds=time.time() - t0, loaded_at=time.time(),
+        details={"n_ctx": worker.info["n_ctx"], "size_label": md.get("general.size_label"),
+                 "license": md.get("general.license")},
+        model=worker,
     )
 
 
@@ -748,9 +734,11 @@ class ModelRegistry:
         return self._loading
 
     def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
-             name: str | None = None, progress: ProgressFn = _noop, replace: bool = True) -> LoadedModel:
+             name: str | None = None, progress: ProgressFn = _noop, replace: bool = True,
+             current: bool = True) -> LoadedModel:
         """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
-        previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models)."""
+        previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models,
+        or for an API caller: then current=False leaves the current model as it is)."""
         path = resolve_source(source, ws)
         if not self._load_lock.acquire(blocking=False):
             raise Conflict(f"Another model ({self._loading}) is being loaded; try again when it is done.")
@@ -769,7 +757,8 @@ class ModelRegistry:
                 if old is not None and old is not lm:
                     self._release(lm.name)
                 self._models[lm.name] = lm
-                self._current = lm.name
+                if current or self._current not in self._models:
+                    self._current = lm.name
                 if replace and previous and previous != lm.name:
                     self._release(previous)
             progress(1.0, f"Loaded {lm.name}")

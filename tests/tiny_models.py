@@ -4,6 +4,7 @@ share one module name, so `from conftest import` would pick whichever conftest p
 - TINY_CORPUS, TINY_CHAT_TEMPLATE, TINY_LLAMA: the lines the tiny tokenizers are trained on, their chat template,
   and the tiny llama's shape.
 - write_tiny_gguf(path): a complete llama-architecture F32 GGUF written with gguf.GGUFWriter.
+- make_adapter(base_dir, out, seed): a PEFT LoRA (q_proj/v_proj, r=4) with seeded random A and B.
 - build_spm_llama(out): a tiny llama with a SentencePiece-style BPE tokenizer (byte fallback, metaspace) that
   llama.cpp's converter reads like Llama 2's (the byte-level BPE of conftest's tiny llama has a pre-tokenizer
   the converter does not know), so it makes the GGUF round trip.
@@ -124,4 +125,31 @@ def build_spm_llama(out: Path) -> Path:
         torch.manual_seed(1234)
         LlamaForCausalLM(cfg).save_pretrained(out)
     fast.save_pretrained(out)
+    return out
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int = 0, config_overrides: dict | None = None) -> Path:
+    """A LoRA on q_proj/v_proj of a tiny llama with random (non-zero) B matrices, saved as PEFT safetensors. A and B
+    both come from `seed` (PEFT draws A from torch's global RNG, which earlier tests move)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if config_overrides:
+        cfg = LlamaConfig.from_pretrained(base_dir)
+        for k, v in config_overrides.items():
+            setattr(cfg, k, v)
+        base = LlamaForCausalLM(cfg)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(out)
+    assert (out / "adapter_model.safetensors").exists()
     return out

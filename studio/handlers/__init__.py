@@ -151,6 +151,13 @@ def current_md(ctx: Context) -> str:
         ("Chat template", "yes" if d["chat_template"] else "none (plain prompt fallback)"),
         ("Loaded in", f"{d['load_seconds']:.2f} s"), ("Path", f"`{d['model_path']}`"),
     ]
+    if "worker" in d:  # a GGUF: served by a worker process of its own
+        w = d["worker"]
+        crash = w["last_crash"]
+        rows.append(("Served by", f"worker process {w['pid']} ({w['state']}; llama.cpp extra buffer types "
+                                  f"{'on' if w['extra_bufts'] else 'off'})"))
+        if crash:
+            rows.append(("Restarts", f"{w['restarts']} (the process ended by {crash['how']})"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     extra = f"\n\n<small>{_hf_copy_line(ctx)}</small>" if lm.name == models.DEFAULT_NAME else ""
     return f"### Current model\n| Property | Value |\n|---|---|\n{table}{extra}"

@@ -17,6 +17,7 @@ import gradio as gr
 
 from pipelines import chat
 from pipelines.errors import BadInput, NotFound
+from pipelines.serving.client import ModelCrashed
 
 from . import Context, ui_errors
 
@@ -139,10 +140,17 @@ def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Even
     shown = history + [answer]
     yield shown, textbox, f"**{lm.name}** · thinking…"
     last = None
-    for ch in chat.stream_chat(lm, history, params, ev):
-        answer["content"] += ch.text
-        last = ch
-        yield shown, textbox, _speed(ch, lm.name)
+    try:
+        for ch in chat.stream_chat(lm, history, params, ev):
+            answer["content"] += ch.text
+            last = ch
+            yield shown, textbox, _speed(ch, lm.name)
+    except ModelCrashed as e:
+        # The conversation goes back to before this turn, with the message in the box to send again: nothing the
+        # crash cut off enters the history. The model process is already being restarted.
+        gr.Warning(e.message)
+        yield history[:-1], history[-1]["content"], f"⚠️ **{lm.name}**: {e.message}"
+        return
     yield shown, textbox, _speed(last, lm.name)
 
 

@@ -1,5 +1,6 @@
 """Browser test of the Chat tab on the embedded default model: a streamed answer with its speed, stop mid-answer,
-the template in use, an empty message refused, and compare mode answering one prompt twice side by side."""
+the template in use, an empty message refused, compare mode answering one prompt twice side by side, and the
+model's process killed mid-answer: the chat says so, keeps the conversation, and answers the next message."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, browser):
+def studio(tmp_path_factory):
     proc, url = start_studio(tmp_path_factory.mktemp("e2e-chat") / "ws")
-    pg = new_page(browser, url, "Chat", timeout_ms=90_000, height=1500)
+    yield url
+    stop_studio(proc)
+
+
+@pytest.fixture(scope="module")
+def page(studio, browser):
+    pg = new_page(browser, studio, "Chat", timeout_ms=90_000, height=1500)
     yield pg
     pg.close()
-    stop_studio(proc)
 
 
 def set_slider(page, elem_id, value):
@@ -85,3 +91,36 @@ def test_compare_side_by_side(page):
     expect(page.locator("#compare-speed-b")).to_contain_text("12 tokens")
     expect(page.locator("#compare-a")).to_contain_text("The capital of France is")
     expect(page.locator("#compare-b")).to_contain_text("The capital of France is")
+
+
+def test_the_model_process_killed_mid_answer(page, studio):
+    import os
+    import re
+    import signal
+
+    import requests
+    from playwright.sync_api import expect
+
+    page.locator("#chat-clear").click()
+    set_slider(page, "chat-max-new", 8)
+    page.locator("#chat-input textarea").fill("Say one word.")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-speed")).to_contain_text("8 tokens")
+    set_slider(page, "chat-max-new", 2000)
+    story = "Tell me a very long story about a lighthouse keeper."
+    page.locator("#chat-input textarea").fill(story)
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-speed")).to_contain_text(re.compile(r"\b\d{2,} tokens"))  # this answer is streaming
+    pid = requests.get(studio + "/api/model/current", timeout=10).json()["model"]["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    expect(page.locator("#chat-speed")).to_contain_text("The model process crashed: signal 9 (SIGKILL)")
+    expect(page.locator("#chat-input textarea")).to_have_value(story)  # back in the box, to send again
+    bot = page.locator("#chat-bot")
+    expect(bot).to_contain_text("Say one word.")  # the conversation before it is kept
+    assert requests.get(studio + "/api/model/health", timeout=10).json()["status"] == "ok"
+    set_slider(page, "chat-max-new", 6)
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-speed")).to_contain_text("6 tokens")
+    expect(bot).to_contain_text("lighthouse keeper")
+    new_pid = requests.get(studio + "/api/model/current", timeout=10).json()["model"]["worker"]["pid"]
+    assert new_pid != pid

@@ -14,6 +14,8 @@ import pytest
 from pipelines import chat, models
 from pipelines.chat import ChatParams, stream_chat
 from pipelines.errors import BadInput, Conflict, NotFound
+from pipelines.serving import llamacpp
+from tiny_models import make_adapter
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 HELLO = [{"role": "user", "content": "hello world what is the model"}]
@@ -88,11 +90,27 @@ def write_gguf(path: Path, template: str | None, extra_tokens: tuple[str, ...] =
 
 
 def load_gguf(path: Path, n_ctx: int):
-    """models.load_gguf, then one llama.cpp thread: a tiny model gains nothing from more, and on a busy machine
-    spinning thread barriers make it many times slower."""
-    lm = models.load_gguf(path, n_ctx=n_ctx)
-    models.llama_cpp_module().llama_set_n_threads(lm.model.ctx, 1, 1)
-    return lm
+    """models.load_gguf with one llama.cpp thread in its worker: a tiny model gains nothing from more, and on a
+    busy machine spinning thread barriers make it many times slower."""
+    return models.load_gguf(path, n_ctx=n_ctx, threads=1)
+
+
+_DIRECT: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_direct_llamas():
+    yield
+    while _DIRECT:
+        _DIRECT.popitem()[1].close()
+
+
+def direct_llama(lm):
+    """llama.cpp loaded in this process the way the worker loads it (the comparison for the worker's answers)."""
+    key = (lm.model_path, lm.details["n_ctx"])
+    if key not in _DIRECT:
+        _DIRECT[key] = llamacpp.open_llama(lm.model_path, n_ctx=lm.details["n_ctx"], n_threads=1)
+    return _DIRECT[key]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +153,8 @@ def collect(chunks):
 def direct(lm, prompt: chat.RenderedPrompt, max_new: int) -> tuple[str, int]:
     """The same prompt ids, greedy, straight through llama.cpp or model.generate: (text, answer tokens)."""
     if lm.backend == "llama.cpp":
-        out = lm.model.create_completion(prompt=prompt.token_ids, max_tokens=max_new, temperature=0.0,
-                                         repeat_penalty=1.0)
+        out = direct_llama(lm).create_completion(prompt=prompt.token_ids, max_tokens=max_new, temperature=0.0,
+                                                 repeat_penalty=1.0)
         return out["choices"][0]["text"], out["usage"]["completion_tokens"]
     import torch
 
@@ -311,10 +329,11 @@ def test_message_longer_than_the_context(small_gguf_lm, hf_lm):
     long = [{"role": "user", "content": "hello world " * 150}]
     with pytest.raises(BadInput) as e:
         list(stream_chat(small_gguf_lm, long, ChatParams()))
-    one_line_error(e, BadInput, "at most 128 tokens", "context window", "shorten")
+    one_line_error(e, chat.ContextTooLong, "at most 128 tokens", "context window", "shorten")
     with pytest.raises(BadInput) as e:  # the tiny llama has 128 positions
         chat.build_prompt(hf_lm, long, ChatParams(system_prompt="x"))
-    one_line_error(e, BadInput, "system prompt", "context window")
+    one_line_error(e, chat.ContextTooLong, "system prompt", "context window")
+    assert issubclass(chat.ContextTooLong, BadInput)  # a 400 like any bad input; /v1 names it
 
 
 @pytest.mark.parametrize("msgs, needle", [
@@ -461,33 +480,6 @@ def test_malicious_template_in_a_tokenizer(fresh_hf_lm):
 # ------------------------------------------------------------------------------------------------- adapters
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int = 0, config_overrides: dict | None = None) -> Path:
-    """A LoRA on q_proj/v_proj of a tiny llama with random (non-zero) B matrices, saved as PEFT safetensors. A and B
-    both come from `seed` (PEFT draws A from torch's global RNG, which earlier tests move)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if config_overrides:
-        cfg = LlamaConfig.from_pretrained(base_dir)
-        for k, v in config_overrides.items():
-            setattr(cfg, k, v)
-        base = LlamaForCausalLM(cfg)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_dir)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.save_pretrained(out)
-    assert (out / "adapter_model.safetensors").exists()
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir, tmp_path_factory):
     return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("adapters") / "lora-a")
@@ -595,16 +587,16 @@ def test_two_threads_on_one_model_both_answer(any_lm, monkeypatch):
             active[0] -= 1
 
     if lm.backend == "llama.cpp":
-        real = lm.model.create_completion
+        real = lm.model.generate
 
-        def tracked(*a, **k):  # create_completion(stream=True) generates while it is iterated
+        def tracked(*a, **k):  # the worker client's generate() streams while it is iterated
             enter()
             try:
                 yield from real(*a, **k)
             finally:
                 leave()
 
-        monkeypatch.setattr(lm.model, "create_completion", tracked)
+        monkeypatch.setattr(lm.model, "generate", tracked)
     else:
         real = lm.model.generate
 

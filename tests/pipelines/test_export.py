@@ -115,7 +115,7 @@ def test_merge_equals_base_plus_adapter(workspace, tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_round_trip_files_manifest_and_generation(exported):
-    from pipelines.models import llama_cpp_module
+    from pipelines.serving.llamacpp import open_llama
 
     ws, result, seen, _adapter = exported
     folder = Path(result.folder)
@@ -131,8 +131,7 @@ def test_round_trip_files_manifest_and_generation(exported):
     assert [r["type"] for r in man["table"]] == ["HF (merged)", "f16", "Q8_0", "Q4_K_M"]
     assert [s["step"] for s in man["steps"]][:3] == ["merge", "convert f16", "quantize Q8_0"]
     # Q8_0 loads and generates in llama-cpp-python
-    llama_cpp = llama_cpp_module()
-    llm = llama_cpp.Llama(model_path=str(folder / "tiny-Q8_0.gguf"), n_ctx=128, verbose=False)
+    llm = open_llama(folder / "tiny-Q8_0.gguf", n_ctx=128)
     out = llm.create_completion("Hello", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1
     llm.close()

@@ -8,6 +8,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 from huggingface_hub.errors import HFValidationError
 
@@ -140,9 +141,9 @@ def test_malicious_pickle_is_refused_and_never_run(registry, model_variants, cap
 
 
 def test_tiny_gguf_runs_in_llama_cpp_directly(tiny_gguf):
-    import llama_cpp
+    from pipelines.serving.llamacpp import open_llama
 
-    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=256, n_threads=1, verbose=False)
+    llm = open_llama(tiny_gguf, n_ctx=256, n_threads=1)
     try:
         assert llm.n_vocab() == 304 and llm.token_bos() == 1 and llm.token_eos() == 2
         assert llm.metadata["general.architecture"] == "llama" and llm.metadata["llama.block_count"] == "2"
@@ -166,12 +167,17 @@ def test_load_tiny_gguf(registry, tiny_gguf):
     assert lm.n_params == expected == 304 * 32 * 2 + 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3 + 32 * 2) + 32
     assert lm.memory_bytes >= tiny_gguf.stat().st_size
     assert lm.chat_template is True  # tokenizer.chat_template in the metadata
-    out = lm.model.create_completion("hello world", max_tokens=4, temperature=0.0)
-    assert out["usage"]["completion_tokens"] >= 1
+    ids = lm.model.tokenize(b"hello world", add_bos=True)
+    out = list(lm.model.generate(ids, max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                                 repeat_penalty=1.0, seed=0))
+    assert out[-1][0] == "end" and 1 <= out[-1][2] <= 4
     shape = models.shape_of(lm)
     assert (shape.hidden_size, shape.num_layers, shape.vocab_size, shape.num_kv_heads) == (32, 2, 304, 2)
+    worker = psutil.Process(lm.describe()["worker"]["pid"])  # the weights live in the worker process...
+    assert worker.is_running() and worker.pid != os.getpid()
     registry.unload()
     assert registry.current() is None and lm.model is None
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # ...and go with it
 
 
 def test_gguf_replaces_hf_model(registry, tiny_llama_dir, tiny_gguf):
