@@ -11,6 +11,30 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 fi
+# llama-cpp-python compiles from source: once per set of build flags, into a wheel cache keyed by them (pip's own
+# wheel cache would reuse a wheel built with other flags without a word). On a CPU with AMX, llama.cpp's AMX matrix
+# kernel segfaults at the first generation on some Xeons (llama.cpp#20824): build without it, which keeps the faster
+# repacked AVX512 kernels (pipelines/serving/llamacpp.py chooses the load settings to match).
+LLAMA_VERSION=0.3.36
+LLAMA_CFLAGS=""
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then LLAMA_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
+# the key: version, flags, Python, OS and the CPU's features (the build is -march=native)
+LLAMA_KEY=$(.venv/bin/python -c 'import hashlib, platform, sys; print(hashlib.sha256("|".join(sys.argv[1:] + [
+  platform.system(), platform.machine(), sys.version]).encode()).hexdigest()[:12])' "$LLAMA_VERSION" "$LLAMA_CFLAGS" \
+  "${CMAKE_ARGS:-}" "${CFLAGS:-}" "${CXXFLAGS:-}" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || sysctl -n machdep.cpu.brand_string 2>/dev/null || true)")
+if [ "$(cat .venv/mactuner-llama.key 2>/dev/null)" != "$LLAMA_KEY" ]; then
+  WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/mactuner/wheels/llama-cpp-python-$LLAMA_VERSION-$LLAMA_KEY"
+  if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "Building llama-cpp-python $LLAMA_VERSION (a few minutes, once)${LLAMA_CFLAGS:+ without AMX kernels}..."
+    mkdir -p "$WHEELS.tmp"
+    CFLAGS="${CFLAGS:-} $LLAMA_CFLAGS" CXXFLAGS="${CXXFLAGS:-} $LLAMA_CFLAGS" \
+      .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps --no-cache-dir -w "$WHEELS.tmp" \
+      "llama-cpp-python==$LLAMA_VERSION"
+    rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+  fi
+  "${PIP[@]}" --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+  echo "$LLAMA_KEY" > .venv/mactuner-llama.key
+fi
 EXTRAS=""
 command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="cuda"  # QLoRA's bitsandbytes, on NVIDIA machines only
 if [ "${1:-}" = test ]; then
