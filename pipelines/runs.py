@@ -170,7 +170,7 @@ def get_run(ws: Workspace, name: str) -> RunDir:
     return run
 
 
-def _all_runs(ws: Workspace) -> list[RunDir]:
+def all_runs(ws: Workspace) -> list[RunDir]:
     if not ws.runs.is_dir():
         return []
     return [RunDir(p) for p in sorted(ws.runs.iterdir()) if p.is_dir() and not p.name.startswith(".")
@@ -258,7 +258,7 @@ def list_runs(ws: Workspace) -> list[dict]:
     """Every run of the workspace, newest first: name, state, reason, dataset, base model, method, step,
     total_steps, best_eval_loss, final_loss, duration (s), checkpoints, path."""
     out = []
-    for run in _all_runs(ws):
+    for run in all_runs(ws):
         st = refresh_status(run)
         try:
             cfg = run.config()
@@ -291,7 +291,7 @@ def _queue_lock(ws: Workspace):
 
 def active_run(ws: Workspace) -> RunDir | None:
     """The run whose trainer is alive, if any (dead ones are marked failed on the way)."""
-    for run in _all_runs(ws):
+    for run in all_runs(ws):
         if run.status().get("state") in ACTIVE:
             if not _fail_if_dead(run):
                 return run
@@ -303,7 +303,7 @@ def start_next(ws: Workspace) -> RunDir | None:
     with _queue_lock(ws):
         if active_run(ws) is not None:
             return None
-        queued = [(r.status().get("queued_at") or 0, r.name, r) for r in _all_runs(ws)
+        queued = [(r.status().get("queued_at") or 0, r.name, r) for r in all_runs(ws)
                   if r.status().get("state") == "queued"]
         if not queued:
             return None

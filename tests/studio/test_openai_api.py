@@ -1,0 +1,187 @@
+"""The OpenAI-compatible API on the studio's own port, driven with the official `openai` client: model names, chat
+and text completions streamed and not, the same answers as the Chat tab's pipeline, errors in OpenAI's shape, the
+studio's login, a run's adapter and an exported GGUF by name, and a model worker killed mid-answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+import requests
+
+from pipelines import chat, models
+from studio_helpers import launch, wait_loaded
+from tiny_models import make_adapter
+
+pytestmark = pytest.mark.slow
+HI = [{"role": "user", "content": "Say hello to the studio."}]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_llama_dir, tiny_gguf):
+    demo, url, ctx = launch(tmp_path_factory)
+    wait_loaded(url)
+    # a finished run (its adapter for the tiny llama) and an export (a GGUF), as the Train and Export stages leave them
+    from pipelines.train import TrainConfig
+
+    run = ctx.ws.runs / "r1"
+    run.mkdir()
+    TrainConfig(base_model=str(tiny_llama_dir), dataset="x").to_yaml(run / "config.yaml")
+    make_adapter(tiny_llama_dir, run / "adapter", seed=3)
+    (ctx.ws.exports / "e1").mkdir()
+    shutil.copy(tiny_gguf, ctx.ws.exports / "e1" / "tiny-f16.gguf")
+    yield url, ctx
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    import openai
+
+    return openai.OpenAI(base_url=studio[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_loaded_default_runs_and_exports(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == models.DEFAULT_NAME
+    assert {"default", "run:r1", "export:e1/tiny-f16.gguf"} <= set(ids)
+
+
+def test_chat_streamed_and_not_gives_the_pipelines_answer(client, studio):
+    _url, ctx = studio
+    lm = ctx.registry.get(models.DEFAULT_NAME)
+    want = chat.chat(lm, HI, chat.ChatParams(temperature=0, max_new_tokens=12)).text
+    r = client.chat.completions.create(model="default", messages=HI, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.object == "chat.completion" and r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 5
+    assert r.choices[0].finish_reason == "length"
+    parts, usage, roles = [], None, []
+    for chunk in client.chat.completions.create(model=models.DEFAULT_NAME, messages=HI, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            roles.append(chunk.choices[0].delta.role)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == want and roles[0] == "assistant" and usage.completion_tokens == 12
+
+
+def test_sampling_parameters_and_seed(client):
+    def ask(seed):
+        return client.chat.completions.create(
+            model="default", messages=HI, max_tokens=10, temperature=1.0, top_p=0.9, seed=seed, stop=["\n\n"],
+            extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
+
+    assert ask(5) == ask(5)
+
+
+def test_text_completion(client):
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 6
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="default", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True))
+    assert text == r.choices[0].text
+
+
+def test_errors_come_back_in_openai_shape(client, studio):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HI)
+    assert e.value.body["code"] == "model_not_found" and "GET /v1/models" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", messages=HI, temperature=9)
+    assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": "word " * 6000}])
+    assert e.value.body["code"] == "context_length_exceeded" and "4096" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", messages=HI, n=3)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", messages=[{"role": "robot", "content": "x"}])
+    assert "robot" in e.value.body["message"]
+    url = studio[0]
+    r = requests.post(url + "/v1/chat/completions", data="model=default", timeout=10,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["error"]["message"].startswith("Send the request body as JSON")
+    r = requests.post(url + "/v1/chat/completions", data="{nope", timeout=10, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_run_adapter_and_an_exported_gguf_by_name(client, studio, tiny_llama_dir):
+    _url, ctx = studio
+    current = ctx.registry.current().name
+    r = client.chat.completions.create(model="run:r1", messages=[{"role": "user", "content": "hello"}], max_tokens=5,
+                                       temperature=0)
+    assert r.model == "run:r1" and r.usage.completion_tokens >= 1
+    base = next(ctx.registry.get(n) for n in ctx.registry.names()
+                if ctx.registry.get(n).model_path == str(tiny_llama_dir.resolve()))
+    assert [a.name for a in chat.list_adapters(base)] == ["r1"]
+    want = chat.chat(base, [{"role": "user", "content": "hello"}],
+                     chat.ChatParams(temperature=0, max_new_tokens=5, adapter="r1")).text
+    assert r.choices[0].message.content == want
+    r = client.chat.completions.create(model="export:e1/tiny-f16.gguf", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    assert ctx.registry.current().name == current  # loaded beside; the Chat tab's model stays
+    assert "export:e1/tiny-f16.gguf" in [m.id for m in client.models.list().data if m.mactuner["loaded"]]
+
+
+def test_concurrent_streams_are_all_answered_unmixed(client):
+    # different from the first word: any two share only the template's header, whatever the order, so llama.cpp's
+    # reuse of the previous request's prefix is the same for each and the greedy answers are exactly comparable
+    prompts = [f"{w} is the word. Say it again." for w in ("Apple", "Brick", "Cloud", "Drum")]
+    want = {p: client.chat.completions.create(model="default", messages=[{"role": "user", "content": p}],
+                                              max_tokens=8, temperature=0).choices[0].message.content for p in prompts}
+    got, errors = {}, []
+
+    def one(p):
+        try:
+            got[p] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0,
+                stream=True) if c.choices)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors and got == want
+
+
+def test_a_model_worker_killed_mid_answer(client, studio):
+    import openai
+
+    _url, ctx = studio
+    worker = ctx.registry.get(models.DEFAULT_NAME).model
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Tell a long story."}],
+                                            max_tokens=800, temperature=0, extra_body={"repetition_penalty": 1.0},
+                                            stream=True)
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                os.kill(worker.pid, signal.SIGKILL)
+    assert "crashed: signal 9 (SIGKILL)" in str(e.value)
+    r = client.chat.completions.create(model="default", messages=HI, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4  # restarted and answering
+    assert requests.get(studio[0] + "/api/model/health", timeout=10).json()["status"] == "ok"
+
+
+def test_the_studio_login_guards_v1(tmp_path_factory):
+    import openai
+
+    demo, url, _ctx = launch(tmp_path_factory, auth=("ann", "s3cret"), load_default=False)
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert "USER:PASS" in e.value.body["message"]
+        ids = [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="ann:s3cret", max_retries=0).models.list().data]
+        assert "default" in ids
+        assert requests.get(url + "/v1/models", auth=("ann", "s3cret"), timeout=10).status_code == 200
+        assert requests.get(url + "/v1/models", timeout=10).status_code == 401
+    finally:
+        demo.close()
