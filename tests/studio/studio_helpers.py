@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import requests
 
 from pipelines import models
 from pipelines.workspace import Workspace
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from studio_process import free_port  # noqa: F401 - the tests import it here
 
 
 def launch(tmp_path_factory, auth=None, load_default=True):
