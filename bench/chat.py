@@ -1,8 +1,11 @@
 """Chat benchmark: tokens/s and time to first token of `pipelines.chat.stream_chat` against the backends called
 directly with the same rendered prompt and settings, in one run.
 
-(a) the embedded default GGUF (Gemma 3 270M Q4_K_M) through stream_chat vs `Llama.create_completion(stream=True)`
-    on the same prompt token ids: one warm-up each, then 3 measured rounds (order alternating), medians reported;
+(a) the embedded default GGUF (Gemma 3 270M Q4_K_M) through stream_chat - the studio's path: the model answers
+    from its worker process (pipelines.serving) - vs `Llama.create_completion(stream=True)` of llama-cpp-python
+    loaded in this process, on the same prompt token ids: one warm-up each, then 3 measured rounds (order
+    alternating, a new prompt each round so that both evaluate it whole), medians reported; then llama.cpp's extra
+    buffer types (the repacked kernels) on vs off, called directly, to show what the setting costs on this CPU;
 (b) the HF copy of the default model through stream_chat (loaded with models.load_hf, as the studio does) vs a
     plain script's `model.generate` on its main thread (a timing-only streamer records the first token), each in
     its own process: torch's OpenMP keeps a team of threads per calling thread, and teams left over in one
@@ -10,8 +13,8 @@ directly with the same rendered prompt and settings, in one run.
     up to 3 rounds (90 s at most); the pair runs twice (ours, direct, direct, ours). CPU transformers is slow, so
     fewer tokens.
 
-Greedy decoding (temperature 0, no repetition penalty) on both sides so they produce the same tokens; the prompt
-cache of llama.cpp is reset before every run, so each run evaluates the whole prompt.
+Greedy decoding (temperature 0, no repetition penalty) on both sides so they produce the same tokens. The CPU's
+features and the llama.cpp settings in force are printed first.
 
     .venv/bin/python bench/chat.py [--root WORKSPACE] [--gguf FILE] [--hf FOLDER] [--tokens 64] [--hf-tokens 16]
 
@@ -33,15 +36,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import chat, models  # noqa: E402
+from pipelines import device as devicemod  # noqa: E402
 from pipelines.workspace import Workspace  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Explain in two short sentences why the sky is blue."}]
 
 
-def measure_ours(lm, params) -> dict:
+def round_messages(i: int) -> list[dict]:
+    """A different prompt each round (same length), so neither side reuses the last round's prompt cache."""
+    return [{"role": "user", "content": f"Round {i}. " + MESSAGES[0]["content"]}]
+
+
+def measure_ours(lm, params, messages=MESSAGES) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     parts, last = [], None
-    for last in chat.stream_chat(lm, MESSAGES, params):
+    for last in chat.stream_chat(lm, messages, params):
         parts.append(last.text)
     total = time.perf_counter() - t0
     n = last.n_tokens
@@ -65,39 +74,43 @@ def measure_llama_direct(llm, prompt, n_tokens: int) -> dict:
 
 
 def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = None) -> dict:
-    lm = models.load_gguf(path, name=models.DEFAULT_NAME)
-    llm = lm.model
-    if threads:  # both sides share this Llama, so both run with these threads
-        models.llama_cpp_module().llama_set_n_threads(llm.ctx, threads, threads)
+    from pipelines.serving import llamacpp
+
+    threads = threads or devicemod.cpu_threads()
+    lm = models.load_gguf(path, name=models.DEFAULT_NAME, threads=threads)
+    llm = llamacpp.open_llama(path, n_ctx=lm.details["n_ctx"], n_threads=threads)  # the direct side, in this process
     params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
     prompt = chat.build_prompt(lm, MESSAGES, params)
     print(f"\n(a) GGUF {path.name}: prompt {len(prompt.token_ids)} tokens, {n_tokens} new tokens, greedy, "
-          f"{rounds} rounds after a warm-up, {threads or llm.n_threads} llama.cpp threads; "
-          f"template: {prompt.template_source}")
+          f"{rounds} rounds after a warm-up, {threads} llama.cpp threads; template: {prompt.template_source}")
+    print(f"  worker: pid {lm.model.pid}, extra buffer types {'on' if lm.model.settings.extra_bufts else 'off'}")
 
-    def ours():
-        llm.reset()
-        return measure_ours(lm, params)
+    import psutil
 
-    def direct():
-        llm.reset()
-        r = measure_llama_direct(llm, prompt, n_tokens)
+    worker = psutil.Process(lm.model.pid)
+
+    def ours(i):  # CPU time: this process's and the worker's, where the model runs
+        w0 = sum(worker.cpu_times()[:2])
+        r = measure_ours(lm, params, round_messages(i))
+        r["cpu"] += sum(worker.cpu_times()[:2]) - w0
         return r
 
-    ours(), direct()  # warm-up
+    def direct(i):
+        return measure_llama_direct(llm, chat.build_prompt(lm, round_messages(i), params), n_tokens)
+
+    ours(-1), direct(-1)  # warm-up
     o_runs, d_runs = [], []
     for i in range(rounds):
         pair = (ours, direct) if i % 2 == 0 else (direct, ours)
         for f in pair:
-            (o_runs if f is ours else d_runs).append(f())
-    n = o_runs[0]["n"]
-    for d in d_runs:  # same greedy tokens: the count of stream_chat applies
-        d["n"] = n
-        d["tps"] = n / d["total"]
-        d["decode_tps"] = (n - 1) / (d["total"] - d["ttft"]) if d["ttft"] is not None and n > 1 else 0.0
-    same = all(r["text"] == o_runs[0]["text"] for r in o_runs + d_runs)
+            (o_runs if f is ours else d_runs).append(f(i))
+    for o, d in zip(o_runs, d_runs):  # same greedy tokens: the count of stream_chat applies
+        d["n"] = o["n"]
+        d["tps"] = d["n"] / d["total"]
+        d["decode_tps"] = (d["n"] - 1) / (d["total"] - d["ttft"]) if d["ttft"] is not None and d["n"] > 1 else 0.0
+    same = all(o["text"] == d["text"] for o, d in zip(o_runs, d_runs))
     med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
-    res = {"n": n, "same_text": same}
+    res = {"n": o_runs[0]["n"], "same_text": same}
     for k in ("ttft", "tps", "decode_tps", "total", "cpu"):
         res[f"ours_{k}"], res[f"direct_{k}"] = med(o_runs, k), med(d_runs, k)
     res["ours_all_tps"] = [round(r["tps"], 1) for r in o_runs]
@@ -105,7 +118,29 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     res["ours_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in o_runs]
     res["direct_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in d_runs]
     llm.close()
+    lm.model.close()
     return res
+
+
+def bench_extra_bufts(path: Path, n_tokens: int, rounds: int, threads: int) -> dict:
+    """Direct llama-cpp-python tokens/s with llama.cpp's extra buffer types (repacked kernels) on and off."""
+    from pipelines.serving import llamacpp
+
+    out = {}
+    for on in (True, False):
+        llm = llamacpp.open_llama(path, llamacpp.LlamaSettings(on, "bench"), n_ctx=1024, n_threads=threads)
+        ids = llm.tokenize(b"<start_of_turn>user\nExplain in two short sentences why the sky is blue.<end_of_turn>\n"
+                           b"<start_of_turn>model\n", add_bos=True, special=True)
+        tps = []
+        for i in range(rounds + 1):
+            llm.reset()
+            t0 = time.perf_counter()
+            out_ = llm.create_completion(ids, max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0, seed=0)
+            if i:  # the first is the warm-up
+                tps.append(out_["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+        llm.close()
+        out["on" if on else "off"] = statistics.median(tps)
+    return out
 
 
 def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: float = 90.0) -> dict:
@@ -221,7 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-rounds", type=int, default=3, help="HF rounds (stopped early after 90 s)")
     ap.add_argument("--rounds", type=int, default=3, help="GGUF rounds (median reported)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="llama.cpp threads for the GGUF part (default: as models.load_gguf sets them)")
+                    help="llama.cpp threads for the GGUF part (default: the physical cores, as the studio uses)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-side", choices=["ours", "direct"], help=argparse.SUPPRESS)
     ap.add_argument("--hf-json", help=argparse.SUPPRESS)
@@ -243,9 +278,15 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     print(f"MacTuner chat benchmark - {cores} CPU cores, load average {load0[0]:.2f} at start. Other work running "
           "on this machine at the same time skews every figure; compare the ratios, which are taken side by side.")
+    from pipelines.serving import llamacpp
+
+    print(f"  {llamacpp.describe()}")
     gguf = Path(args.gguf) if args.gguf else models.ensure_default_gguf(ws)
     g = bench_gguf(gguf, args.tokens, args.rounds, args.threads)
     report("GGUF", g)
+    eb = bench_extra_bufts(gguf, args.tokens, args.rounds, args.threads or devicemod.cpu_threads())
+    print(f"  llama.cpp direct, extra buffer types on: {eb['on']:.1f} tok/s, off: {eb['off']:.1f} tok/s; "
+          f"ratio off/on {eb['off'] / eb['on']:.3f}")
     print(f"  per round tokens/s: stream_chat {g['ours_all_tps']}, direct {g['direct_all_tps']}; "
           f"TTFT ms: stream_chat {g['ours_all_ttft']}, direct {g['direct_all_ttft']}")
     spread = max(max(v) / max(min(v), 1e-9) for v in (g["ours_all_tps"], g["direct_all_tps"]))
@@ -269,7 +310,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     print("\nSummary")
     ratio = g["ours_tps"] / g["direct_tps"]
-    print(f"  GGUF  stream_chat/direct tokens/s = {ratio:.3f} "
+    print(f"  GGUF  stream_chat (worker process)/direct (in process) tokens/s ratio = {ratio:.3f} "
           f"(target >= 0.95: {'met' if ratio >= 0.95 else 'MISSED'}); "
           f"TTFT {g['ours_ttft'] * 1000:.0f} ms for a {args.tokens}-token answer to a short prompt "
           f"(target < 150 ms: {'met' if g['ours_ttft'] < 0.15 else 'MISSED'})")
