@@ -58,7 +58,7 @@ def _preimport() -> None:
 
 
 def child_ours(hf: Path, adapter: Path, out: Path) -> dict:
-    """What the Export tab starts: `mactuner export run ADAPTER` (export_job runs exactly this command), without
+    """What the Export tab starts: `mactuner export run ADAPTER` (the export job runs the same pipelines.export.job.run_step), without
     validation; step times from its export.json."""
     _preimport()
     from pipelines import cli

@@ -1,7 +1,7 @@
 """Training benchmark: LoRA r=16 on all linear layers of the default model's HF copy (Gemma 3 270M), a fixed chat
 dataset, batch 4, max length 256, the same steps three ways, each in its own process (so peak RSS is its own):
 
-  ours   pipelines.train.run_training: loss on the assistant tokens only, output layer applied at those positions
+  ours   pipelines.training.run_training: loss on the assistant tokens only, output layer applied at those positions
   plain  a plain PyTorch + PEFT loop in fp32: model(input_ids, attention_mask, labels) -> loss over full logits
   trl    TRL's SFTTrainer with its default arguments (bf16 autocast; all tokens trained) - very slow on CPUs
          without native bf16: --skip-trl leaves it out, --trl-steps N runs fewer measured steps
@@ -62,7 +62,7 @@ def make_rows(n: int = 64) -> list[dict]:
 
 
 def _setup(root: Path, args):
-    from pipelines.train import TrainConfig, validate
+    from pipelines.training import TrainConfig, validate
     from pipelines.workspace import Workspace
 
     ws = Workspace.open(root)
@@ -77,7 +77,7 @@ def _setup(root: Path, args):
 
 
 def _peak_rss() -> int:
-    from pipelines.train import peak_rss
+    from pipelines.training import peak_rss
 
     return peak_rss()
 
@@ -91,7 +91,7 @@ def _summary(step_times: list[float], step_tokens: list[int], losses: list[float
 
 
 def worker_ours(args) -> dict:
-    from pipelines.train import run_training
+    from pipelines.training import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup(Path(tmp), args)
@@ -104,7 +104,7 @@ def _plain_batches(ws, cfg, tok):
     """The batches our trainer sees, in its order (same tokenization, same sampler and seed)."""
     from torch.utils.data import DistributedSampler
 
-    from pipelines.train import encode_dataset
+    from pipelines.training import encode_dataset
 
     enc, _ = encode_dataset(cfg, ws, tok)
     sampler = DistributedSampler(enc.examples, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
@@ -122,7 +122,7 @@ def worker_plain(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines import device as devicemod
-    from pipelines.train import IGNORE, _schedule, ensure_chat_template
+    from pipelines.training import IGNORE, _schedule, ensure_chat_template
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup(Path(tmp), args)
@@ -172,7 +172,7 @@ def worker_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from pipelines import device as devicemod
-    from pipelines.train import ensure_chat_template
+    from pipelines.training import ensure_chat_template
 
     torch.set_num_threads(args.threads or devicemod.profile().threads)
     tok = AutoTokenizer.from_pretrained(args.model)

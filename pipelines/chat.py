@@ -1088,8 +1088,8 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True) -> tupl
     loaded if no loaded model is that base (beside the others; `current` makes it the current model), then the
     adapter is attached under `adapter_label`. Returns (model, adapter name, a note saying what was loaded or
     None)."""
-    from .export import resolve_adapter, resolve_base  # noqa: PLC0415
     from .models import DEFAULT_HF_NAME, default_hf_path  # noqa: PLC0415
+    from .runs import resolve_adapter, resolve_base  # noqa: PLC0415
 
     adapter_dir, run_dir = resolve_adapter(source)
     base = resolve_base(ws, adapter_dir, run_dir)

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _example_config() -> str:
-    from .train import TrainConfig  # noqa: PLC0415
+    from .training import TrainConfig  # noqa: PLC0415
 
     helps = TrainConfig.help()
     out = ["# MacTuner training config: mactuner train THIS.yaml"]
@@ -213,7 +213,7 @@ def _add_training(sub) -> None:
         from pathlib import Path  # noqa: PLC0415
 
         from . import runs  # noqa: PLC0415
-        from .train import TrainConfig  # noqa: PLC0415
+        from .training import TrainConfig  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
@@ -271,61 +271,32 @@ def _add_training(sub) -> None:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def _run_export_step(a) -> dict:
-    """One `mactuner export <step>`; returns the JSON-able result."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from . import export as ex  # noqa: PLC0415
-    from .workspace import Workspace  # noqa: PLC0415
-
-    ws = Workspace.open(a.root)
-    progress = a.progress
+def _export_args(a) -> dict:
+    """The step's args (pipelines.export.job.STEPS) from the command line."""
     if a.step == "run":
-        r = ex.export(ws, a.source, a.name, a.outtype or ["f16"], a.quant if a.quant is not None else ["Q4_K_M"],
-                      not a.no_validate, a.base_model, a.system, progress)
-        return {"name": r.name, "folder": r.folder, "merged": r.merged, "ggufs": r.ggufs, "table": r.table,
-                "ok": all(v.ok for v in r.validations) if r.validations else None}
+        return {"source": a.source, "name": a.name or "", "base_model": a.base_model or "",
+                "outtypes": a.outtype or ["f16"], "quants": a.quant if a.quant is not None else ["Q4_K_M"],
+                "validate": not a.no_validate, "system": a.system or ""}
     if a.step == "merge":
-        return {"merged": str(ex.merge(ws, a.source, a.base_model, a.name, progress))}
+        return {"source": a.source, "base_model": a.base_model, "name": a.name}
     if a.step == "convert":
-        hf = Path(a.hf_dir).expanduser().resolve()
-        name = ex._slug(a.name or ex._model_stem(hf))
-        return {"gguf": str(ex.convert(hf, ws.exports / name, a.outtype[0] if a.outtype else "f16", progress,
-                                       stem=name))}
+        return {"hf_dir": a.hf_dir, "outtypes": a.outtype or ["f16"], "name": a.name}
     if a.step == "quantize":
-        if not a.quant:
-            raise ex.BadInput("Give at least one --quant type (e.g. Q4_K_M).")
-        return {"ggufs": [str(p) for p in ex.quantize(a.gguf, a.quant, progress)]}
-    hf, base = ex.validation_sources(Path(a.gguf), a.hf, a.base_model)
-    return ex.validate(a.gguf, hf, base, a.prompt, progress).as_dict()
+        return {"gguf": a.gguf, "quants": a.quant or []}
+    return {"gguf": a.gguf, "hf": a.hf, "base_model": a.base_model, "prompt": a.prompt}
 
 
 def _export_cmd(a) -> int:
-    """Run one export step in the foreground; with --job DIR (the studio's jobs) progress goes to DIR/status.json."""
-    import traceback  # noqa: PLC0415
+    """Run one export step in the foreground (the studio runs the same step as a job: pipelines.export.job)."""
+    from .export.job import run_step  # noqa: PLC0415
+    from .workspace import Workspace  # noqa: PLC0415
 
-    from . import export_job  # noqa: PLC0415
-
-    rep = export_job.Reporter(a.job) if a.job else None
-    a.progress = rep.progress if rep else (lambda f, msg: print(f"{100 * f:5.1f}%  {msg}", file=sys.stderr, flush=True))
     try:
-        result = _run_export_step(a)
+        result = run_step(Workspace.open(a.root), a.step, _export_args(a),
+                          lambda f, msg: print(f"{100 * f:5.1f}%  {msg}", file=sys.stderr, flush=True))
     except KeyboardInterrupt:
-        if rep:
-            rep.failed("cancelled", cancelled=True)
         print("mactuner export: cancelled; nothing unfinished was left under a final name", file=sys.stderr)
         return 130
-    except MacTunerError as e:
-        if rep:
-            rep.failed(e.message)
-        raise
-    except Exception as e:
-        traceback.print_exc()
-        if rep:
-            rep.failed(f"unexpected error ({type(e).__name__}: {e}); the job's log has the details")
-        return 1
-    if rep:
-        rep.done(result)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -338,7 +309,6 @@ def _add_export(sub) -> None:
 
     def common(p):
         p.add_argument("--root", default=None, help="workspace folder (default ~/.mactuner, or $MACTUNER_HOME)")
-        p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # the studio's job folder
         p.set_defaults(fn=_export_cmd)
         return p
 

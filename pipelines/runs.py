@@ -10,6 +10,9 @@ A run is a folder `<workspace>/runs/<name>/`, the record of truth that the studi
     adapter/         the final adapter, tokenizer and chat template
     STOP             present while a stop is requested; the trainer checks it at each step end
 
+A run folder is a job folder (pipelines.jobs): the trainer is `python -m pipelines.jobs <run folder>` (under torchrun
+for DDP), which lands in `run_job` here.
+
 `launch(ws, cfg)` writes the folder with state "queued" and starts the oldest queued run if no run of the workspace
 is active. Starting happens under an fcntl lock on runs/.queue.lock, so two studio tabs (or a tab and a finishing
 trainer) never both start one. When a trainer ends it starts the next queued run itself; `refresh_status` (any
@@ -19,27 +22,27 @@ complete checkpoint intact for `resume`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
+import signal
 import sys
-import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from . import procs
-from .errors import BadInput, Conflict, NotFound
+from . import jobs, procs
+from .errors import BadInput, Conflict, MacTunerError, NotFound
+from .training import (STOP_FLAG, TrainConfig, check_resume, list_checkpoints, resolve_base_model, run_training,
+                       validate)
 from .workspace import Workspace, atomic_dir, write_json
 
 STATES = ("queued", "running", "stopping", "stopped", "finished", "failed")
 ACTIVE = ("running", "stopping")
 FINAL = ("stopped", "finished", "failed")
-_THREAD_LOCK = threading.RLock()
 # torchrun's variables: a trainer that starts the next queued run must not hand them down (it would think it is DDP)
 _DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
@@ -49,31 +52,16 @@ _DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 
 @dataclass(frozen=True)
-class RunDir:
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+class RunDir(jobs.JobDir):
+    """A training run's folder (see the module docstring); its status.json under the job lock of pipelines.jobs."""
 
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
 
     @property
-    def status_path(self) -> Path:
-        return self.path / "status.json"
-
-    @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
-
-    @property
-    def log_path(self) -> Path:
-        return self.path / "log.txt"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -85,52 +73,31 @@ class RunDir:
 
     @property
     def stop_flag(self) -> Path:
-        from .train import STOP_FLAG  # noqa: PLC0415
-
         return self.path / STOP_FLAG
 
     @property
     def workspace(self) -> Workspace:
         return Workspace(self.path.resolve().parent.parent)
 
-    def config(self):
-        from .train import TrainConfig  # noqa: PLC0415
-
+    def config(self) -> TrainConfig:
         return TrainConfig.from_yaml(self.config_path)
 
     def status(self) -> dict:
-        try:
-            return json.loads(self.status_path.read_text())
-        except FileNotFoundError:
+        st = self.read()
+        if st is None:
             return {"state": "queued" if self.config_path.exists() else "failed", "reason": None}
-        except (OSError, json.JSONDecodeError) as e:
-            return {"state": "failed", "reason": f"status.json cannot be read ({e})"}
-
-    @contextlib.contextmanager
-    def _status_lock(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        with _THREAD_LOCK, open(self.path / ".status.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return st
 
     def update_status(self, **fields) -> dict:
-        """Merge `fields` into status.json (read-modify-write under a file lock; atomic write)."""
-        with self._status_lock():
-            st = self.status() if self.status_path.exists() else {}
-            st.update(fields)
-            st["updated"] = time.time()
-            write_json(self.status_path, st)
-            return st
+        """Merge `fields` into status.json (read-modify-write under the job lock; atomic write)."""
+        return self.update(**fields)
 
     def mark_running(self, resume: str | None = None) -> dict:
         """Called by the trainer (rank 0) when it starts. Keeps the pid the launcher recorded when that process is
         this one or one of its ancestors (torchrun's agent); otherwise records this process."""
         me = psutil.Process()
-        with self._status_lock():
-            st = self.status() if self.status_path.exists() else {}
+        with self.lock():
+            st = self.read() or {}
             pid = st.get("pid")
             keep = False
             if isinstance(pid, int):
@@ -141,9 +108,7 @@ class RunDir:
             st.setdefault("started", time.time())
             if resume:
                 st["resume_from"] = str(resume)
-            st["updated"] = time.time()
-            write_json(self.status_path, st)
-            return st
+            return self.write(st)
 
     def append_metrics(self, row: dict) -> None:
         """One line per call, written with a single write so a reader never sees half of a row as complete."""
@@ -153,12 +118,7 @@ class RunDir:
             fh.flush()
 
     def checkpoints(self) -> list[Path]:
-        from .train import list_checkpoints  # noqa: PLC0415
-
         return list_checkpoints(self.path)
-
-    def log_tail(self, lines: int | None = None, max_bytes: int = 20_000) -> str:
-        return procs.log_tail(self.log_path, lines, max_bytes)
 
 
 def get_run(ws: Workspace, name: str) -> RunDir:
@@ -209,21 +169,16 @@ def read_metrics(run: RunDir, offset: int = 0) -> tuple[list[dict], int]:
 
 def _fail_if_dead(run: RunDir) -> bool:
     """A run whose status says running/stopping but whose process is gone becomes failed. True when changed."""
-    st = run.status()
-    if st.get("state") not in ACTIVE or procs.alive(st):
-        return False
-    with run._status_lock():
-        st = run.status()  # the trainer may have written its final state just before exiting
-        if st.get("state") not in ACTIVE:
-            return False
-        code = procs.exit_code(st.get("pid"))
+
+    def failed(code: int | None) -> dict:
         ckpts = run.checkpoints()
         where = (f"; the last complete checkpoint {ckpts[-1].name} can be resumed" if ckpts
                  else "; no checkpoint was written, so it has to start again")
         how = f" (exit code {code})" if code not in (None, 0) else ""
-        st.update(state="failed", reason=f"the training process ended unexpectedly{how}{where}", ended=time.time(),
-                  updated=time.time())
-        write_json(run.status_path, st)
+        return {"state": "failed", "reason": f"the training process ended unexpectedly{how}{where}"}
+
+    if not run.fail_if_dead(ACTIVE, failed):
+        return False
     run.stop_flag.unlink(missing_ok=True)
     return True
 
@@ -278,15 +233,9 @@ def list_runs(ws: Workspace) -> list[dict]:
 # --------------------------------------------------------------------------------------------------- queue
 
 
-@contextlib.contextmanager
 def _queue_lock(ws: Workspace):
     ws.runs.mkdir(parents=True, exist_ok=True)
-    with _THREAD_LOCK, open(ws.runs / ".queue.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return jobs.file_lock(ws.runs / ".queue.lock")
 
 
 def active_run(ws: Workspace) -> RunDir | None:
@@ -313,44 +262,18 @@ def start_next(ws: Workspace) -> RunDir | None:
 
 
 def _spawn(ws: Workspace, run: RunDir) -> None:
-    st = run.status()
-    cmd = [sys.executable, "-m", "pipelines.train", str(run.config_path), "--run-dir", str(run.path),
-           "--root", str(ws.root)]
-    if st.get("resume_from"):
-        cmd += ["--resume", str(st["resume_from"])]
-    nproc = int(st.get("nproc") or 1)
+    cmd = jobs.command(run)
+    nproc = int(run.status().get("nproc") or 1)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                *cmd[1:]]
     env = procs.child_env(drop=_DIST_ENV | {k for k in os.environ if k.startswith("TORCHELASTIC_")})
     run.stop_flag.unlink(missing_ok=True)
-    # Hold the run's status lock from before the start until "running" + pid are written: the trainer's first
-    # status write (mark_running, or "failed" if it dies at once) waits for it, so it can never be overwritten.
-    with run._status_lock(), open(run.log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
-        log.flush()
-        st = run.status()
-        try:
-            pid, create_time = procs.spawn(cmd, log, env)
-        except OSError as e:
-            st.update(state="failed", reason=f"the trainer could not be started ({e})", ended=time.time(),
-                      updated=time.time())
-            write_json(run.status_path, st)
-            return
-        st.update(state="running", pid=pid, create_time=create_time, started=time.time(), reason=None,
-                  ended=None, updated=time.time())
-        write_json(run.status_path, st)
-
-
-def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
-    return s[:40] or "run"
+    jobs.start(run, cmd, env, reason=None)
 
 
 def create_run(ws: Workspace, cfg, name: str | None = None, nproc: int = 1) -> RunDir:
     """Validate `cfg` and write a new run folder in state "queued" (nothing is started)."""
-    from .train import validate  # noqa: PLC0415
-
     cfg = validate(cfg, ws)
     if name is not None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
@@ -359,7 +282,7 @@ def create_run(ws: Workspace, cfg, name: str | None = None, nproc: int = 1) -> R
             raise Conflict(f"A run named '{name}' already exists.")
         base = name
     else:
-        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.dataset)}"
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{jobs.slug(cfg.dataset, 'run')}"
     if nproc < 1:
         raise BadInput("nproc must be at least 1.")
     for i in range(1000):
@@ -407,8 +330,6 @@ def resume(ws: Workspace, run: RunDir, checkpoint: str | os.PathLike | None = No
     """Queue `run` again from `checkpoint` (a path, or a name such as "step-20"; default: its latest complete
     checkpoint). The run continues in the same folder; metrics.jsonl gets a resume marker. Starts at once when
     the workspace is idle."""
-    from .train import check_resume, validate  # noqa: PLC0415
-
     st = refresh_status(run)
     if st.get("state") in ACTIVE or st.get("state") == "queued":
         raise Conflict(f"Run '{run.name}' is {st.get('state')}; stop it before resuming.")
@@ -440,3 +361,143 @@ def wait(run: RunDir, timeout: float = 600.0, poll: float = 0.2, states=FINAL) -
         if st.get("state") in states or time.time() > deadline:
             return st
         time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+
+
+def _find_run_dir(path: Path) -> Path | None:
+    for p in [path, *list(path.parents)[:3]]:
+        if (p / "config.yaml").is_file():
+            return p
+    return None
+
+
+def resolve_adapter(source: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(adapter folder, run folder or None) for a run folder, its adapter/ or a checkpoints/step-N/."""
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise NotFound(f"{path} does not exist.")
+    if not (path / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise BadInput(f"{path} holds no adapter (adapter_config.json); pick a finished run or a checkpoint.")
+    return path, _find_run_dir(path)
+
+
+def run_config(run_dir: Path | None) -> dict:
+    """A run folder's config.yaml as a plain dict ({} when there is none or it cannot be read)."""
+    if run_dir is None:
+        return {}
+    import yaml  # noqa: PLC0415
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def resolve_base(ws: Workspace, adapter: Path, run_dir: Path | None, base_model: str | None = None) -> Path:
+    """The base model folder of an adapter: given, else the run's config.yaml, else mactuner.json /
+    adapter_config.json."""
+    from . import models  # noqa: PLC0415
+
+    base = base_model or run_config(run_dir).get("base_model")
+    if not base and (adapter / "mactuner.json").is_file():
+        base = json.loads((adapter / "mactuner.json").read_text()).get("base_model")
+    if not base:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise BadInput("The adapter does not say which base model it was trained on: give base_model.")
+    if Path(str(base)).expanduser().is_dir():
+        return Path(str(base)).expanduser().resolve()
+    try:
+        return resolve_base_model(TrainConfig(base_model=str(base)), ws)
+    except MacTunerError:
+        return models.resolve_source(str(base), ws)
+
+
+def adapter_sources(ws: Workspace) -> list[tuple[str, Path]]:
+    """Every adapter on disk, newest run first: (label, folder) for each run's final adapter/ and its complete
+    checkpoints."""
+    out = []
+    for r in sorted(all_runs(ws), key=lambda r: (r.status().get("created") or 0, r.name), reverse=True):
+        if (r.adapter_dir / "adapter_config.json").exists():
+            out.append((f"run {r.name} · final adapter", r.adapter_dir))
+        out += [(f"run {r.name} · checkpoint {p.name}", p) for p in reversed(r.checkpoints())]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the trainer (a job)
+
+
+def run_job(job: jobs.JobDir) -> int:
+    """The training process (`python -m pipelines.jobs <run folder>`, also each rank under torchrun): train the
+    folder's config.yaml into it, keeping status.json and metrics.jsonl; then start the next queued run."""
+    run = RunDir(job.path)
+    ws = run.workspace if run.path.resolve().parent.name == "runs" else Workspace.open()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    resume = run.status().get("resume_from") or None
+    if rank0:
+        run.mark_running(resume=resume)
+
+    def on_term(_sig, _frame):  # SIGTERM (and torchrun forwarding it): stop at the step end, with a checkpoint
+        run.stop_flag.touch()
+
+    signal.signal(signal.SIGTERM, on_term)
+    rc = 1
+    try:
+        cfg = validate(run.config(), ws, resume)
+        if rank0 and resume:
+            state = json.loads((Path(resume) / "trainer_state.json").read_text())
+            run.append_metrics({"event": "resume", "step": int(state["step"]), "checkpoint": str(resume),
+                                "time": time.time()})
+        last_status = [0.0]
+
+        def on_metrics(row: dict) -> None:
+            run.append_metrics(row)
+            ev = f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else ""
+            print(f"step {row['step']}/{row['total_steps']} loss {row['loss']:.4f}{ev} lr {row['learning_rate']:.2e} "
+                  f"grad {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s", flush=True)
+            if ev or time.time() - last_status[0] > 2.0:  # progress for list_runs, at most every 2 s
+                fields = {"step": row["step"], "total_steps": row["total_steps"], "last_loss": row["loss"]}
+                if ev:
+                    fields["best_eval_loss"] = _best(run.status().get("best_eval_loss"), row["eval_loss"])
+                run.update_status(**fields)
+                last_status[0] = time.time()
+
+        result = run_training(cfg, run.path, on_metrics if rank0 else None, ws=ws, resume=resume, validated=True)
+        if rank0:
+            run.update_status(state=result.state, reason=result.reason, ended=time.time(), step=result.step,
+                              total_steps=result.total_steps, final_loss=result.final_loss,
+                              best_eval_loss=result.best_eval_loss, adapter=result.adapter)
+        print(f"{result.state}: {result.reason}", flush=True)
+        rc = 0
+    except MacTunerError as e:
+        print(f"failed: {e.message}", file=sys.stderr, flush=True)
+        if e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        if rank0:
+            run.update_status(state="failed", reason=e.message, ended=time.time())
+    except KeyboardInterrupt:
+        if rank0:
+            run.update_status(state="failed", reason="interrupted (Ctrl-C) before a checkpoint was written",
+                              ended=time.time())
+    except Exception as e:  # noqa: BLE001 - a bug: keep the traceback in log.txt and say so in the status
+        traceback.print_exc()
+        if rank0:
+            run.update_status(state="failed", reason=f"internal error: {type(e).__name__}: {e} (see log.txt)",
+                              ended=time.time())
+    finally:
+        if rank0:
+            run.stop_flag.unlink(missing_ok=True)
+            try:
+                start_next(ws)  # the queue: start the oldest queued run now that this one is over
+            except Exception:  # noqa: BLE001 - the next poll starts it; this run's outcome stands
+                traceback.print_exc()
+    return rc
+
+
+def _best(a, b):
+    vals = [v for v in (a, b) if isinstance(v, (int, float))]
+    return min(vals) if vals else None

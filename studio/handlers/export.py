@@ -1,5 +1,5 @@
 """Export tab handlers: pick what to export, check the plan (architecture, disk), start the export job (its own
-process, pipelines.export_job), follow it, list exports with their validation tables, open a GGUF in the Chat tab.
+process, pipelines.export.job), follow it, list exports with their validation tables, open a GGUF in the Chat tab.
 
 The workspace is the truth: a refreshed page re-attaches to the running job by reading exports/.jobs/, and the
 export list is read from exports/ each time.
@@ -13,7 +13,8 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import export as ex
-from pipelines import export_job, models
+from pipelines import models
+from pipelines.export import job as export_job
 from pipelines.errors import BadInput
 from pipelines.workspace import human_bytes
 
@@ -53,16 +54,18 @@ def refresh_choices(ctx: Context, source: str | None):
     return gr.update(choices=choices, value=source), gr.update(choices=export_names(ctx))
 
 
-def _plan(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> ex.ExportPlan:
-    """The form's values -> pipelines.export.plan_export (empty text fields mean "not given")."""
-    return ex.plan_export(ctx.ws, source, (name or "").strip() or None, [str(t) for t in (outtypes or [])],
-                          list(quants or []), (base_model or "").strip() or None)
+def request(source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool = True,
+            system: str = "") -> ex.ExportRequest:
+    """The form's values -> the export request (empty text fields mean "not given")."""
+    return ex.ExportRequest(source=source or "", name=(name or "").strip(), base_model=(base_model or "").strip(),
+                            outtypes=[str(t) for t in (outtypes or [])], quants=list(quants or []),
+                            validate=bool(validate), system=(system or "").strip())
 
 
 @ui_errors
 def check(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> str:
     """What the export will do, or why it cannot (before anything is written)."""
-    return _plan_md(_plan(ctx, source, base_model, name, outtypes, quants))
+    return _plan_md(ex.plan_export(ctx.ws, request(source, base_model, name, outtypes, quants)))
 
 
 def _plan_md(plan: ex.ExportPlan) -> str:
@@ -79,11 +82,10 @@ def _plan_md(plan: ex.ExportPlan) -> str:
 def start(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool,
           system: str):
     """Check everything, then start the export in its own process. Returns (message, job id)."""
-    plan = _plan(ctx, source, base_model, name, outtypes, quants)
-    args = {"source": str(plan.source), "name": plan.name, "base_model": str(plan.base) if plan.base else None,
-            "outtype": plan.outtypes, "quant": plan.quants, "no_quant": not plan.quants,
-            "no_validate": not validate, "system": (system or "").strip() or None}
-    job = export_job.start(ctx.ws, "run", args)
+    req = request(source, base_model, name, outtypes, quants, validate, system)
+    plan = ex.plan_export(ctx.ws, req)
+    req.source, req.name, req.base_model = str(plan.source), plan.name, str(plan.base) if plan.base else ""
+    job = export_job.start(ctx.ws, "run", req.as_dict())
     return f"Started export **{plan.name}** (job `{job}`); it runs in its own process — closing this page does not stop it.\n\n" \
         + _plan_md(plan), job
 

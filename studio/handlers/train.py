@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -16,17 +15,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from pipelines import data as pdata
-from pipelines import device as devicemod
 from pipelines import models, runs
 from pipelines.errors import BadInput
-from pipelines.train import TrainConfig, check_data
+from pipelines.training import DTYPES, METHODS, SCHEDULERS, TrainConfig, check_data, plan_training
 from pipelines.workspace import human_bytes
 
 from . import Context, progress_bar_html, ui_errors
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
-CHOICES = {"method": ["lora", "dora", "rslora", "qlora"], "scheduler": ["cosine", "linear", "constant"],
-           "dtype": ["auto", "float32", "bfloat16", "float16"]}
+CHOICES = {"method": list(METHODS), "scheduler": list(SCHEDULERS), "dtype": list(DTYPES)}
 RUN_COLUMNS = ["name", "state", "dataset", "method", "step", "total_steps", "final_loss", "best_eval_loss",
                "duration", "reason"]
 
@@ -73,61 +70,24 @@ def from_yaml(path: str | None):
     return form_values(cfg)
 
 
-def _flops_per_s() -> float:
-    """A quick fp32 matmul probe (about 0.2 s, once): the basis of the time estimate."""
-    global _FLOPS
-    if _FLOPS is None:
-        import torch  # noqa: PLC0415
-
-        def probe():
-            a, b = torch.randn(512, 512), torch.randn(512, 512)
-            a @ b
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 0.2:
-                a @ b
-                n += 1
-            return 2 * 512**3 * n / (time.perf_counter() - t0)
-
-        _FLOPS = devicemod.in_own_thread(probe)  # not in gradio's worker thread (see in_own_thread)
-    return _FLOPS
-
-
-_FLOPS: float | None = None
-
-
 @ui_errors
 def preflight(ctx: Context, *values):
-    """Check the config and the data as the trainer will, and estimate memory and time before starting."""
-    cfg = config_from(list(values))
-    info = check_data(cfg, ctx.ws)
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    from pipelines.train import resolve_base_model  # noqa: PLC0415
-
-    base = resolve_base_model(cfg, ctx.ws)
-    shape = devicemod.ModelShape.from_config(AutoConfig.from_pretrained(base))
-    prof = devicemod.profile(refresh=True)
-    dtype = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
-    mode = "qlora" if cfg.method == "qlora" else "lora"
-    est = devicemod.estimate_memory(shape, mode, dtype, cfg.max_length, cfg.batch_size, cfg.rank,
-                                    cfg.gradient_checkpointing, prof.available_memory)
-    advice = devicemod.recommend_batch_size(shape, prof.available_memory, mode, dtype, cfg.max_length, cfg.rank,
-                                            cfg.gradient_checkpointing)
-    steps_per_epoch = max(1, math.ceil(info["usable"] / (cfg.batch_size * cfg.grad_accum)))
-    steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    lines = [f"**Data**: {info['usable']:,} usable training conversations of {info['train_rows']:,}"
-             f" · {info['validation_rows']:,} validation · {info.get('label_tokens', 0):,} trained tokens per epoch",
-             f"{info['note']}" if info.get("note") else "",
-             f"**Steps**: {steps:,} ({steps_per_epoch:,} per epoch at batch {cfg.batch_size} × accumulation {cfg.grad_accum})",
-             f"**Memory** ({mode}, {dtype}): about {human_bytes(est.total)} of "
-             f"{human_bytes(prof.available_memory)} available — {'fits' if est.fits else 'does NOT fit'}"
-             + (f"; largest batch that fits: {advice}" if advice else "; even batch 1 does not fit: shorten max length"),
-             ]
-    if prof.kind == "cpu":
-        seq_tokens = steps * cfg.batch_size * cfg.grad_accum * min(cfg.max_length, 512)
-        secs = 6 * shape.n_params * seq_tokens / (0.5 * _flops_per_s())  # ~50% of matmul peak, forward + backward
-        lines.append(f"**Time**: roughly {secs / 60:.0f} min on this CPU (from a matmul probe; the live ETA is "
-                     "measured once training runs)")
+    """Check the config and the data as the trainer will, and estimate steps, memory and time before starting."""
+    plan = plan_training(config_from(list(values)), ctx.ws)
+    cfg, mem = plan.config, plan.memory
+    est = mem.estimate
+    lines = [f"**Data**: {plan.usable:,} usable training conversations of {plan.train_rows:,}"
+             f" · {plan.validation_rows:,} validation · {plan.label_tokens:,} trained tokens per epoch",
+             plan.note,
+             f"**Steps**: {plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch at batch {cfg.batch_size} × "
+             f"accumulation {cfg.grad_accum}" + (f", {plan.items:,} packed sequences" if cfg.packing else "") + ")",
+             f"**Memory** ({mem.mode}, {mem.dtype}): about {human_bytes(est.total)} of "
+             f"{human_bytes(mem.available)} available — {'fits' if mem.fits else 'does NOT fit'}"
+             + (f"; largest batch that fits: {mem.recommended_batch}" if mem.recommended_batch
+                else "; even batch 1 does not fit: shorten max length")]
+    if plan.seconds is not None:
+        lines.append(f"**Time**: roughly {plan.seconds / 60:.0f} min on this CPU (from a matmul probe; the live ETA "
+                     "is measured once training runs)")
     return "\n\n".join(x for x in lines if x)
 
 

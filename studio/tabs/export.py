@@ -8,8 +8,9 @@ import gradio as gr
 from .. import handlers as h
 from ..handlers import export as hx
 from pipelines import export as ex
+from pipelines.export import job as export_job
 
-HELP = ex.ExportConfig.help()
+HELP = ex.ExportRequest.help()
 
 
 def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
@@ -108,8 +109,6 @@ def register_api(ctx: h.Context) -> None:
 
     def export_status(job: str = "") -> dict:
         """An export job's status (default: the running one, else the newest); {} when there is none."""
-        from pipelines import export_job  # noqa: PLC0415
-
         def get():
             if job:
                 return export_job.status(ctx.ws, job)
@@ -123,11 +122,11 @@ def register_api(ctx: h.Context) -> None:
 
     def export_convert(hf_dir: str, outtype: str = "f16", name: str = "") -> dict:
         """HF folder -> GGUF (f32 | f16 | bf16) with llama.cpp's converter: exports/<name>/<name>-<type>.gguf."""
-        yield from h.ui_errors(hx.run_step)(ctx, "convert", {"hf_dir": hf_dir, "outtype": outtype, "name": name})
+        yield from h.ui_errors(hx.run_step)(ctx, "convert", {"hf_dir": hf_dir, "outtypes": [outtype], "name": name})
 
     def export_quantize(gguf: str, quants: list[str]) -> dict:
         """A float GGUF -> one quantized GGUF per type, beside it."""
-        yield from h.ui_errors(hx.run_step)(ctx, "quantize", {"gguf": gguf, "quant": quants})
+        yield from h.ui_errors(hx.run_step)(ctx, "quantize", {"gguf": gguf, "quants": quants})
 
     def export_validate(gguf: str, hf_dir: str = "", base_model: str = "", prompt: str = "") -> dict:
         """Check a GGUF (loads, template, generations, perplexity vs HF, fine-tune survived)."""

@@ -9,7 +9,7 @@ import gradio as gr
 
 from .. import handlers as h
 from ..handlers import train as ht
-from pipelines.train import TrainConfig
+from pipelines.training import TrainConfig
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -17,6 +17,11 @@ import pytest
 from tiny_models import TINY_CHAT_TEMPLATE
 
 from pipelines import export as ex
+from pipelines.export import quantize as export_quantize
+from pipelines.export.convert import convert
+from pipelines.export.merge import merge
+from pipelines.export.quantize import quantize
+from pipelines.export.validate import validate
 from pipelines.errors import BadInput, Conflict, Unavailable
 
 
@@ -44,8 +49,9 @@ def exported(tmp_path_factory, spm_llama_dir):
     ws = Workspace.open(root / "ws")
     adapter = _make_adapter(spm_llama_dir, root / "adapter")
     seen = []
-    result = ex.export(ws, adapter, "tiny", ["f16"], ["Q8_0", "Q4_K_M"], validate=True,
-                       base_model=str(spm_llama_dir), system="Be brief.", progress=lambda f, m: seen.append(f))
+    req = ex.ExportRequest(source=str(adapter), name="tiny", outtypes=["f16"], quants=["Q8_0", "Q4_K_M"],
+                           validate=True, base_model=str(spm_llama_dir), system="Be brief.")
+    result = ex.export(ws, req, progress=lambda f, m: seen.append(f))
     return ws, result, seen, adapter
 
 
@@ -74,13 +80,13 @@ def test_unsupported_architecture_refused_before_work(tmp_path, tiny_llama_dir):
     (hf / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     with pytest.raises(BadInput, match="does not support the architecture FrobnicatorForCausalLM"):
-        ex.convert(hf, out, "f16")
+        convert(hf, out, "f16")
     assert not out.exists()
 
 
 def test_unknown_bpe_pretokenizer_explained(tmp_path, tiny_llama_dir):
     with pytest.raises(BadInput, match="does not recognise this model's tokenizer"):
-        ex.convert(tiny_llama_dir, tmp_path / "out", "f16")
+        convert(tiny_llama_dir, tmp_path / "out", "f16")
     assert not list((tmp_path / "out").glob("*.gguf")) and not list((tmp_path / "out").glob(".*partial"))
 
 
@@ -93,7 +99,7 @@ def test_merge_equals_base_plus_adapter(workspace, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
-    merged = ex.merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
+    merged = merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
     assert merged == workspace.exports / "m1" / "merged"
     for f in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "config.json"):
         assert (merged / f).is_file(), f
@@ -107,7 +113,7 @@ def test_merge_equals_base_plus_adapter(workspace, tiny_llama_dir, tmp_path):
     assert not torch.allclose(ref, base, atol=1e-4)  # the adapter really changes the model
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(Conflict):
-        ex.merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
+        merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
 
 
 # ------------------------------------------------------------------------------------------------ round trip
@@ -155,7 +161,7 @@ def test_validation_of_a_good_export(exported):
 def test_finetune_survived(exported, spm_llama_dir):
     _ws, result, _seen, _adapter = exported
     q8 = next(Path(g) for g in result.ggufs if g.endswith("Q8_0.gguf"))
-    v = ex.validate(q8, result.merged, spm_llama_dir, "Hello, how are you today?")
+    v = validate(q8, result.merged, spm_llama_dir, "Hello, how are you today?")
     item = next(i for i in v.items if i.name == "finetune_survived")
     assert item.ok is True, item.detail
     print(item.detail)
@@ -168,7 +174,7 @@ def test_validation_catches_truncated_and_wrong_template(exported, tmp_path):
     data = f16.read_bytes()
     cut = tmp_path / "cut-f16.gguf"
     cut.write_bytes(data[: len(data) // 2])
-    v = ex.validate(cut, result.merged)
+    v = validate(cut, result.merged)
     assert not v.ok and v.items[0].name == "loads" and v.items[0].ok is False
     assert json.loads((tmp_path / "cut-f16.validation.json").read_text())["ok"] is False
     # same-length edit of the template string inside the GGUF metadata
@@ -176,7 +182,7 @@ def test_validation_catches_truncated_and_wrong_template(exported, tmp_path):
     assert old in data
     wrong = tmp_path / "wrong-f16.gguf"
     wrong.write_bytes(data.replace(old, b"{{ bos_token }}ASSISTANT:"))
-    v = ex.validate(wrong, result.merged)
+    v = validate(wrong, result.merged)
     items = {i.name: i for i in v.items}
     assert items["loads"].ok and items["chat_template"].ok is False and "differ" in items["chat_template"].detail
     assert not v.ok
@@ -192,7 +198,8 @@ def test_disk_space_refusal(workspace, tiny_llama_dir, tmp_path):
     assert est["parts"] == {"merged HF": 4000, "f16": 2000, "Q4_K_M": 600, "Q8_0": 1070}
     adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
     with pytest.raises(BadInput, match="Not enough disk space"):
-        ex.export(workspace, adapter, "nospace", base_model=str(tiny_llama_dir), free_fn=lambda _p: 10)
+        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="nospace", base_model=str(tiny_llama_dir)),
+                  free_fn=lambda _p: 10)
     assert not (workspace.exports / "nospace").exists()
 
 
@@ -214,7 +221,7 @@ def test_convert_crash_leaves_nothing_finished(tmp_path, monkeypatch, tiny_llama
     monkeypatch.setenv(ex.CONVERTER_ENV, str(conv))
     out = tmp_path / "out"
     with pytest.raises(ex.ExportFailed, match="boom in the middle" if how == "exit" else "exit code -9"):
-        ex.convert(tiny_llama_dir, out, "f16", stem="m")
+        convert(tiny_llama_dir, out, "f16", stem="m")
     assert sorted(p.name for p in out.iterdir()) == ["logs"]
     assert "boom" in (out / "logs" / "convert-f16.log").read_text()
 
@@ -223,7 +230,7 @@ def test_failed_export_is_recorded(tmp_path, monkeypatch, workspace, tiny_llama_
     conv = _fake_converter(tmp_path / "conv", "import sys\nprint('Traceback: converter exploded')\nsys.exit(1)\n")
     monkeypatch.setenv(ex.CONVERTER_ENV, str(conv))
     with pytest.raises(ex.ExportFailed, match="converter exploded"):
-        ex.export(workspace, tiny_llama_dir, "broken", quants=[], validate=False)
+        ex.export(workspace, ex.ExportRequest(source=str(tiny_llama_dir), name="broken", quants=[], validate=False))
     (row,) = ex.list_exports(workspace)
     assert row["state"] == "failed" and "converter exploded" in row["error"] and row["ggufs"] == []
     assert not (workspace.exports / "broken" / "export.json").exists()
@@ -237,35 +244,35 @@ def test_quantize_crash_leaves_nothing_finished(tmp_path, monkeypatch, tiny_gguf
         Path(dst).write_bytes(b"GGUF" + b"\0" * 100)
         raise KeyboardInterrupt  # the process being interrupted mid-write
 
-    monkeypatch.setattr(ex, "_quantize_file", crash)
+    monkeypatch.setattr(export_quantize, "_quantize_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        ex.quantize(src, ["Q8_0"])
-    monkeypatch.setattr(ex, "_quantize_file", lambda *_a: 1)
+        quantize(src, ["Q8_0"])
+    monkeypatch.setattr(export_quantize, "_quantize_file", lambda *_a: 1)
     with pytest.raises(ex.ExportFailed, match="could not quantize"):
-        ex.quantize(src, ["Q4_0"])
+        quantize(src, ["Q4_0"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f32.gguf"]
 
 
 def test_quantize_real_and_never_overwrite(tmp_path, tiny_gguf):
     src = tmp_path / "m-f32.gguf"
     shutil.copy(tiny_gguf, src)
-    (q8, q4) = ex.quantize(src, ["Q8_0", "Q4_K_M"])
+    (q8, q4) = quantize(src, ["Q8_0", "Q4_K_M"])
     assert q8.name == "m-Q8_0.gguf" and q4.name == "m-Q4_K_M.gguf" and q4.stat().st_size < src.stat().st_size
     # 32-wide rows are not multiples of the K-quant block (256): llama.cpp stores those tensors in a fallback type
     assert ex.tensor_types(q4)["fallback"] > 0
     before = q8.read_bytes()
     with pytest.raises(Conflict):
-        ex.quantize(src, ["Q8_0"])
+        quantize(src, ["Q8_0"])
     assert q8.read_bytes() == before
     with pytest.raises(BadInput, match="Unknown quantization type"):
-        ex.quantize(src, ["Q9_Z"])
+        quantize(src, ["Q9_Z"])
 
 
 def test_existing_export_never_overwritten(workspace, tiny_llama_dir):
     (workspace.exports / "taken").mkdir(parents=True)
     (workspace.exports / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(Conflict):
-        ex.export(workspace, tiny_llama_dir, "taken")
+        ex.export(workspace, ex.ExportRequest(source=str(tiny_llama_dir), name="taken"))
     assert (workspace.exports / "taken" / "keep.txt").read_text() == "mine"
 
 
@@ -295,15 +302,15 @@ def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
 
 
 def test_export_config_has_help():
-    helps = ex.ExportConfig.help()
+    helps = ex.ExportRequest.help()
     assert set(helps) >= {"source", "name", "outtypes", "quants", "validate"} and all(helps.values())
 
 
 @pytest.mark.slow
 def test_export_of_a_trained_run(workspace, spm_llama_dir):
-    """A real run (pipelines.train.run_training, a few steps) exported from its run folder: the base comes from
+    """A real run (pipelines.training.run_training, a few steps) exported from its run folder: the base comes from
     config.yaml, the model card names the dataset, and the fine-tune is checked on a training prompt."""
-    from pipelines.train import TrainConfig, run_training
+    from pipelines.training import TrainConfig, run_training
 
     d = workspace.datasets / "chat" / "v1"
     d.mkdir(parents=True)
@@ -318,7 +325,7 @@ def test_export_of_a_trained_run(workspace, spm_llama_dir):
     run.mkdir(parents=True)
     cfg.to_yaml(run / "config.yaml")
     assert run_training(cfg, run, None, ws=workspace, log=lambda _m: None).state == "finished"
-    result = ex.export(workspace, run, None, ["f16"], ["Q8_0"], validate=True)
+    result = ex.export(workspace, ex.ExportRequest(source=str(run), outtypes=["f16"], quants=["Q8_0"], validate=True))
     assert result.name.startswith("r1-")
     man = json.loads((Path(result.folder) / "export.json").read_text())
     assert man["base_model"] == str(spm_llama_dir)

@@ -1,5 +1,5 @@
-"""Export jobs: `mactuner export <step>` in its own process, followed through exports/.jobs/<id>/status.json; one at a
-time; cancel and kill -9 leave nothing that looks finished; the single-step CLI commands."""
+"""Export jobs: an export step in its own process (a pipelines.jobs job), followed through exports/.jobs/<id>/
+status.json; one at a time; cancel and kill -9 leave nothing that looks finished; the single-step CLI commands."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import export as ex
-from pipelines import export_job
+from pipelines.export import job as export_job
 from pipelines.errors import BadInput, Conflict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +46,8 @@ def _finished_looking(folder: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_job_runs_an_export_to_the_end(workspace, spm_llama_dir):
-    job = export_job.start(workspace, "run", {"source": str(spm_llama_dir), "name": "tiny", "quant": ["Q8_0"],
-                                              "no_validate": True})
+    job = export_job.start(workspace, "run", {"source": str(spm_llama_dir), "name": "tiny", "quants": ["Q8_0"],
+                                              "validate": False})
     seen = [st for st in export_job.wait(workspace, job, timeout=300, poll=0.2)]
     final = seen[-1]
     assert final["state"] == "complete", export_job.log_tail(workspace, job)
@@ -62,8 +62,8 @@ def test_job_runs_an_export_to_the_end(workspace, spm_llama_dir):
 def test_job_refuses_a_second_one_and_cancel_leaves_nothing_finished(workspace, tiny_llama_dir, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setenv(ex.CONVERTER_ENV, str(_slow_converter(tmp_path / "conv")))
-    job = export_job.start(workspace, "run", {"source": str(tiny_llama_dir), "name": "slow", "no_quant": True,
-                                              "no_validate": True})
+    job = export_job.start(workspace, "run", {"source": str(tiny_llama_dir), "name": "slow", "quants": [],
+                                              "validate": False})
     st = _wait_for(workspace, job, lambda s: "40%" in (s.get("message") or ""))
     assert st["state"] == "running" and 0 < st["fraction"] < 1
     with pytest.raises(Conflict, match="An export job is running"):
@@ -100,7 +100,7 @@ def test_bad_job_requests(workspace):
 
 
 def test_failed_step_reports_its_reason(workspace):
-    job = export_job.start(workspace, "quantize", {"gguf": str(workspace.exports / "missing.gguf"), "quant": ["Q8_0"]})
+    job = export_job.start(workspace, "quantize", {"gguf": str(workspace.exports / "missing.gguf"), "quants": ["Q8_0"]})
     st = _wait_for(workspace, job, lambda s: s["state"] != "running")
     assert st["state"] == "failed" and "does not exist" in st["error"]
 

@@ -1,4 +1,4 @@
-"""pipelines/train.py and pipelines/runs.py with the tiny llama: metrics rows, the masked loss against the model's
+"""pipelines/training/ and pipelines/runs.py with the tiny llama: metrics rows, the masked loss against the model's
 own full-logits loss, checkpoints (keep_last, half-written ones, resume == uninterrupted), stop, NaN, the errors a
 user gets before training, and - in subprocesses - the queue, kill -9 then resume, and a two-process DDP run."""
 
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import runs, train
+from pipelines import runs
+from pipelines import training as train
+from pipelines.training import loss as train_loss
 from pipelines.errors import BadInput, Conflict, NotFound
-from pipelines.train import (COMPLETE_MARKER, IGNORE, TrainConfig, TrainingFailed, encode_conversation, list_checkpoints,
+from pipelines.training import (COMPLETE_MARKER, IGNORE, TrainConfig, TrainingFailed, encode_conversation, list_checkpoints,
                              run_training, validate)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +195,7 @@ def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
                 p.normal_(0, 0.05)
     enc, _ = train.encode_dataset(cfg, ws, tok)
     batch = train.collate(enc.examples[:4], tok.pad_token_id, packed=False)
-    loss_mod = train._loss_module_class()(model)
+    loss_mod = train_loss._loss_module_class()(model)
 
     s, n = loss_mod(**batch)
     ours = s / n
@@ -352,11 +354,11 @@ def test_nan_loss_fails_with_reason(ws, tiny_llama_dir, monkeypatch):
         out = real(*a, **k)
         return out * float("nan") if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(train, "linear_cross_entropy", poisoned)
+    monkeypatch.setattr(train_loss, "linear_cross_entropy", poisoned)
     run_dir = ws.runs / "nan"
     run_dir.mkdir()
     tiny_cfg(tiny_llama_dir, max_steps=5).to_yaml(run_dir / "config.yaml")
-    rc = train.main([str(run_dir / "config.yaml"), "--root", str(ws.root)])
+    rc = runs.run_job(runs.RunDir(run_dir))  # the trainer process's entry, in this process
     st = runs.RunDir(run_dir).status()
     assert rc == 1 and st["state"] == "failed"
     assert "loss became nan" in st["reason"].lower() and "learning rate" in st["reason"]
@@ -366,7 +368,7 @@ def test_out_of_memory_suggests_smaller_batch(ws, tiny_llama_dir, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB. out of memory")
 
-    monkeypatch.setattr(train, "linear_cross_entropy", oom)
+    monkeypatch.setattr(train_loss, "linear_cross_entropy", oom)
     with pytest.raises(TrainingFailed) as e:
         run_training(tiny_cfg(tiny_llama_dir, batch_size=8), ws.runs / "oom", None, ws=ws)
     assert "out of memory at batch size 8" in str(e.value).lower() and "batch size" in str(e.value)
@@ -547,7 +549,7 @@ def test_ddp_two_processes_with_torchrun(ws, tiny_llama_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "pipelines.train", str(run_dir / "config.yaml"), "--root", str(ws.root)],
+                           "-m", "pipelines.jobs", str(run_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     st = runs.RunDir(run_dir).status()
@@ -558,3 +560,17 @@ def test_ddp_two_processes_with_torchrun(ws, tiny_llama_dir):
     assert "batch 2x1x2" in proc.stdout
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-2"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_planned_steps_match_the_trainer_with_packing_and_two_processes(ws, tiny_llama_dir):
+    """plan_training counts steps as the trainer does: over packed sequences, split between the processes."""
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=0, epochs=1.0, packing=True, batch_size=1, max_length=256)
+    one, two = train.plan_training(cfg, ws, nproc=1), train.plan_training(cfg, ws, nproc=2)
+    assert one.items < one.usable == 12  # several conversations per packed sequence
+    assert one.total_steps == one.items and two.total_steps == -(-one.items // 2)
+    for name, nproc, want in (("plan-1", 1, one.total_steps), ("plan-2", 2, two.total_steps)):
+        run = runs.launch(ws, cfg, name=name, nproc=nproc)
+        st = runs.wait(run, timeout=300)
+        assert st["state"] == "finished", (st, run.log_tail())
+        assert st["total_steps"] == st["step"] == want

@@ -25,7 +25,7 @@ def studio(tmp_path_factory, tiny_llama_dir, tiny_gguf):
     demo, url, ctx = launch(tmp_path_factory)
     wait_loaded(url)
     # a finished run (its adapter for the tiny llama) and an export (a GGUF), as the Train and Export stages leave them
-    from pipelines.train import TrainConfig
+    from pipelines.training import TrainConfig
 
     run = ctx.ws.runs / "r1"
     run.mkdir()

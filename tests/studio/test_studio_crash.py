@@ -24,7 +24,7 @@ def test_kill_9_of_the_studio_loses_no_run_and_leaves_no_worker(tmp_path, tiny_l
     from pipelines import data, runs
     from pipelines.workspace import Workspace
     from studio.handlers.train import form_values
-    from pipelines.train import TrainConfig
+    from pipelines.training import TrainConfig
 
     ws = Workspace.open(tmp_path / "ws")
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} ok"}]}

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def form(ctx_base: str, **over):
-    from pipelines.train import TrainConfig
+    from pipelines.training import TrainConfig
     from studio.handlers.train import form_values
 
     cfg = TrainConfig(base_model=ctx_base, dataset="api-set", max_steps=4, batch_size=2, max_length=64, save_every=2,

@@ -1,0 +1,37 @@
+"""Export: a fine-tune (or any HF model) to GGUF files that run in llama.cpp, Ollama and LM Studio.
+
+    plan.py       ExportRequest (the one request: the Export tab, the job and the CLI) and plan_export(), every
+                  check before anything is written
+    merge.py      merge a LoRA adapter into its base (PEFT merge_and_unload)       -> exports/<name>/merged/
+    convert.py    HF -> GGUF with llama.cpp's converter, in a subprocess            -> <name>-f16.gguf
+    quantize.py   llama_model_quantize                                              -> <name>-Q4_K_M.gguf
+    validate.py   loads, chat template, generations, perplexity vs HF, fine-tune survived -> <stem>.validation.json
+    ollama.py     the Ollama Modelfile (Go template) and the run commands           -> <stem>.Modelfile
+    run.py        export(): all of the above into exports/<name>/ with export.json; list_exports, export_details
+    job.py        the Export stage's jobs (a whole export, or one step) in a process of their own
+    common.py     file types, progress callbacks, ExportFailed
+
+Every step works alone (`from pipelines.export.quantize import quantize`: the modules are named after their steps,
+so the package does not re-export those four functions) and takes `progress(fraction, message)`; files appear under their final name only when
+complete (temp name + rename) and nothing existing is overwritten.
+
+    from pipelines import export as ex
+    result = ex.export(ws, ex.ExportRequest(source="runs/my-run", quants=["Q8_0"]))
+"""
+
+from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, ExportFailed
+from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
+from .merge import saved_chat_template
+from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
+from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
+from .quantize import quant_name, tensor_types
+from .run import ExportResult, export, export_details, list_exports, validation_sources
+from .validate import (HELDOUT_TEXT, VALIDATION_CONVERSATION, VALIDATION_PROMPTS, CheckItem, PerplexityRow, Validation,
+                       gguf_perplexity, hf_perplexity)
+
+__all__ = ["BYTES_PER_PARAM", "CONVERTER_ENV", "GO_TEMPLATES", "HELDOUT_TEXT", "OUTTYPES", "QUANT_TYPES",
+           "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed", "ExportPlan", "ExportRequest",
+           "ExportResult", "PerplexityRow", "Validation", "check_architecture", "converter_dir",
+           "count_params", "disk_check", "estimate_bytes", "export", "export_details", "gguf_perplexity",
+           "hf_perplexity", "how_to_run", "list_exports", "modelfile", "plan_export", "quant_name",
+           "saved_chat_template", "supported_architectures", "template_family", "tensor_types", "validation_sources"]

@@ -1,0 +1,59 @@
+"""What the export steps share: the GGUF file types, progress callbacks, the step error, file-name helpers.
+"""
+
+from __future__ import annotations
+import re
+from pathlib import Path
+from typing import Callable
+from ..errors import MacTunerError
+
+
+ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
+
+
+OUTTYPES = ("f32", "f16", "bf16")
+
+
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+# bytes per parameter of each file type (K-quants: average over a typical model, output layer included)
+BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "Q8_0": 1.07, "Q6_K": 0.82, "Q5_K_M": 0.71, "Q5_K_S": 0.69,
+                   "Q5_0": 0.69, "Q4_K_M": 0.6, "Q4_K_S": 0.57, "Q4_0": 0.56, "Q3_K_M": 0.49, "Q2_K": 0.41}
+
+
+def _noop(_f: float, _m: str) -> None:
+    pass
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+class ExportFailed(MacTunerError):
+    """A step of the export failed for a reason outside the user's input (the converter crashed, ...)."""
+
+    status = 500
+
+
+def _is_gguf(path: Path) -> bool:
+    """True when `path` is a file that starts with the GGUF magic (reads 4 bytes, not the file)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _tail(text: str, n: int = 12) -> str:
+    lines = [ln for ln in re.split(r"[\r\n]+", text or "") if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "export"
+
+
+def _gguf_type(p: Path) -> str:
+    m = re.search(r"-(f32|f16|bf16|[QI]Q?\d\w*)$", p.stem, flags=re.I)
+    return m.group(1) if m else "gguf"

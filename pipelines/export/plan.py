@@ -1,0 +1,145 @@
+"""The export request and its plan: `ExportRequest` (the one request: the Export tab, the job and the CLI build it),
+and `plan_export` - every check made before anything is written (types, source, name, converter, architecture,
+disk space).
+"""
+
+from __future__ import annotations
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+from ..errors import BadInput, Conflict
+from ..workspace import Workspace, human_bytes
+from ..runs import resolve_adapter, resolve_base
+from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, _h, _slug
+from .convert import _model_stem, check_architecture
+from .merge import _weights_dtype
+from .quantize import _ftype
+
+
+@dataclass
+class ExportRequest:
+    """What one export does - the one request the Export tab, the export job and `mactuner export run` build."""
+
+    source: str = field(default="", metadata=_h(
+        "A run folder, its adapter/ or a checkpoint (merged into the base first), or an HF model folder (converted as is)."))
+    name: str = field(default="", metadata=_h("Export folder name under exports/ (empty: <run>-<timestamp>)."))
+    base_model: str = field(default="", metadata=_h("Base model of the adapter (empty: from the run's config.yaml)."))
+    outtypes: list[str] = field(default_factory=lambda: ["f16"], metadata=_h(
+        "GGUF float types written by the converter: f32 | f16 | bf16. The first one is quantized."))
+    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"], metadata=_h(
+        "llama.cpp quantizations made from the first float GGUF: " + ", ".join(QUANT_TYPES) + "."))
+    validate: bool = field(default=True, metadata=_h(
+        "Check each GGUF: loads, chat template, sane generations, perplexity vs HF, fine-tune survived."))
+    system: str = field(default="", metadata=_h("SYSTEM prompt written into the Ollama Modelfiles (optional)."))
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExportRequest":
+        """From plain values (a job's JSON, the Gradio API); BadInput names an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInput(f"Unknown export setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}).")
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged_bytes_per_param: float = 4.0) -> dict:
+    """Bytes an export will write: the merged HF copy, each float GGUF and each quantization."""
+    parts = {"merged HF": n_params * merged_bytes_per_param} if merged_bytes_per_param else {}
+    for t in list(outtypes) + list(quants):
+        key = t if t in BYTES_PER_PARAM else t.upper()
+        if key not in BYTES_PER_PARAM:
+            raise BadInput(f"Unknown type {t!r}; choose from {', '.join(BYTES_PER_PARAM)}.")
+        parts[key] = n_params * BYTES_PER_PARAM[key]
+    return {"parts": {k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
+
+
+def disk_check(ws: Workspace, n_params: int, outtypes: list[str], quants: list[str],
+               free_fn: Callable[[Path], int] | None = None, merged_bytes_per_param: float = 4.0) -> dict:
+    """Refuse (BadInput) when exports/ lacks the space the export needs (+5% margin); else the estimate."""
+    est = estimate_bytes(n_params, outtypes, quants, merged_bytes_per_param)
+    ws.exports.mkdir(parents=True, exist_ok=True)
+    free = int(free_fn(ws.exports) if free_fn else shutil.disk_usage(ws.exports).free)
+    need = int(est["total"] * 1.05)
+    est["free"] = free
+    if free < need:
+        raise BadInput(f"Not enough disk space for this export: it needs about {human_bytes(need)} ("
+                       + ", ".join(f"{k} {human_bytes(v)}" for k, v in est["parts"].items())
+                       + f") and {ws.exports} has {human_bytes(free)} free. Free some space or export fewer types.")
+    return est
+
+
+def count_params(hf_dir: Path) -> int:
+    """Parameters of an HF folder, from its safetensors headers (nothing loaded)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    n = 0
+    for f in Path(hf_dir).glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                n += math.prod(fh.get_slice(k).get_shape())
+    return n
+
+
+@dataclass
+class ExportPlan:
+    """What an export will do, decided (and checked) before anything is written."""
+
+    name: str
+    folder: Path
+    source: Path
+    hf_src: Path  # the HF folder that is merged into (an adapter's base) or converted as is
+    architecture: str
+    adapter: Path | None
+    base: Path | None
+    run_dir: Path | None
+    outtypes: list[str]
+    quants: list[str]
+    estimate: dict
+
+
+def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int] | None = None) -> ExportPlan:
+    """Every check an export makes before it writes anything: types known, source an adapter (with a base) or an HF
+    folder, name free, converter present, architecture supported, enough disk. Raises the reason, else the plan."""
+    outtypes = [str(t) for t in (req.outtypes or [])]
+    quants = [str(q).upper() for q in (req.quants or [])]
+    name, base_model, source = (req.name or "").strip() or None, (req.base_model or "").strip() or None, req.source
+    if not outtypes:
+        raise BadInput("Choose at least one GGUF type (f16, bf16 or f32): quantizations are made from it.")
+    for t in outtypes:
+        if t not in OUTTYPES:
+            raise BadInput(f"outtype must be one of {', '.join(OUTTYPES)}, not {t!r}.")
+    from ..models import llama_cpp_module  # noqa: PLC0415
+
+    llama_cpp = llama_cpp_module()
+    for q in quants:
+        _ftype(llama_cpp, q)
+    if not str(source or "").strip():
+        raise BadInput("Choose what to export: a training run (its adapter or a checkpoint) or an HF model folder.")
+    src = Path(source).expanduser().resolve()
+    is_hf = (src / "config.json").is_file() and not (src / "adapter_config.json").is_file()
+    adapter = base = run_dir = None
+    if is_hf:
+        hf_src = src
+    else:
+        adapter, run_dir = resolve_adapter(src)
+        base = resolve_base(ws, adapter, run_dir, base_model)
+        hf_src = base
+    default_name = _model_stem(src) if is_hf else (run_dir.name if run_dir else src.parent.name)
+    name = _slug(name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    folder = ws.exports / name
+    if folder.exists():
+        raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
+    arch = check_architecture(hf_src)
+    bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
+    est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp)
+    return ExportPlan(name, folder, src, hf_src, arch, adapter, base, run_dir, outtypes, quants, est)

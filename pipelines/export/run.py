@@ -1,0 +1,228 @@
+"""A whole export into exports/<name>/ (merge, convert, quantize, Modelfiles, validate, export.json written last),
+and the list of exports as their folders have them.
+"""
+
+from __future__ import annotations
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+from ..errors import BadInput, MacTunerError, NotFound
+from ..workspace import Workspace, human_bytes, write_json
+from ..runs import run_config as _run_config
+from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
+from .convert import convert
+from .merge import merge, saved_chat_template
+from .ollama import how_to_run, modelfile
+from .plan import ExportPlan, ExportRequest, plan_export
+from .quantize import quantize
+from .validate import Validation, _validate_gguf
+
+
+@dataclass
+class ExportResult:
+    name: str = field(metadata=_h("Export folder name."))
+    folder: str = field(metadata=_h("exports/<name>/"))
+    merged: str | None = field(metadata=_h("The merged HF folder (None when the source was an HF folder)."))
+    ggufs: list[str] = field(default_factory=list, metadata=_h("GGUF files written, float types first."))
+    files: list[dict] = field(default_factory=list, metadata=_h("Every file: path, bytes, sha256."))
+    validations: list[Validation] = field(default_factory=list, metadata=_h("One per GGUF when validated."))
+    table: list[dict] = field(default_factory=list, metadata=_h("type, size, perplexity, delta_pct, tokens_per_s."))
+    steps: list[dict] = field(default_factory=list, metadata=_h("step, seconds, detail."))
+    how_to_run: dict = field(default_factory=dict, metadata=_h("Commands per GGUF for llama.cpp / Ollama / LM Studio."))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _train_prompt(ws: Workspace, run_dir: Path | None) -> list[dict] | None:
+    """The first training conversation's turns up to its first assistant reply (user side only)."""
+    cfg = _run_config(run_dir)
+    if not cfg.get("dataset"):
+        return None
+    from ..training import dataset_dir, dataset_versions, read_rows  # noqa: PLC0415
+
+    try:
+        version = int(cfg.get("dataset_version") or 0) or max(dataset_versions(ws, cfg["dataset"]))
+        rows = read_rows(dataset_dir(ws, cfg["dataset"], version) / "train.jsonl")
+    except (MacTunerError, OSError, ValueError):
+        return None
+    for row in rows:
+        msgs = row.get("messages") or []
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and i > 0:
+                return msgs[:i]
+    return None
+
+
+def export(ws: Workspace, req: ExportRequest, progress: ProgressFn = _noop,
+           free_fn: Callable[[Path], int] | None = None) -> ExportResult:
+    """Everything into exports/<name>/: merged/ (when the source is an adapter), one GGUF per outtype, the quants of
+    the first one, a Modelfile per GGUF, validations, and export.json (written last: an export without it is
+    incomplete). Never touches an existing export (Conflict); every check runs first (plan_export)."""
+    t_all = time.time()
+    plan = plan_export(ws, req, free_fn)
+    try:
+        return _export_steps(ws, plan, req.validate, (req.system or "").strip() or None, t_all, progress)
+    except BaseException as e:
+        if plan.folder.is_dir():  # what was written stays (nothing is overwritten); the record says why it stopped
+            write_json(plan.folder / "failed.json", {"error": str(e) or type(e).__name__, "type": type(e).__name__,
+                                                     "when": datetime.now().isoformat(timespec="seconds")})
+        raise
+
+
+def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str | None, t_all: float,
+                  progress: ProgressFn) -> ExportResult:
+    folder, name, src, adapter, base, run_dir = plan.folder, plan.name, plan.source, plan.adapter, plan.base, plan.run_dir
+    is_hf, outtypes, quants, est = adapter is None, plan.outtypes, plan.quants, plan.estimate
+    steps: list[dict] = []
+
+    def sub(lo: float, hi: float) -> ProgressFn:
+        return lambda f, m: progress(lo + (hi - lo) * max(0.0, min(1.0, f)), m)
+
+    def step(label: str, t0: float, detail: str = "") -> None:
+        steps.append({"step": label, "seconds": round(time.time() - t0, 2), "detail": detail})
+
+    merged = None
+    if not is_hf:
+        t0 = time.time()
+        merged = merge(ws, adapter, str(base), name, sub(0.0, 0.3))
+        step("merge", t0, str(merged))
+        hf_dir = merged
+    else:
+        folder.mkdir(parents=True)
+        hf_dir = src
+    ggufs: list[Path] = []
+    for i, t in enumerate(outtypes):
+        t0 = time.time()
+        ggufs.append(convert(hf_dir, folder, t, sub(0.3 + 0.2 * i / len(outtypes), 0.3 + 0.2 * (i + 1) / len(outtypes)),
+                             stem=name))
+        step(f"convert {t}", t0, ggufs[-1].name)
+    for i, q in enumerate(quants):
+        t0 = time.time()
+        (qf,) = quantize(ggufs[0], [q], sub(0.5 + 0.15 * i / len(quants), 0.5 + 0.15 * (i + 1) / len(quants)))
+        step(f"quantize {q}", t0, qf.name)  # not tensor_types(qf): gguf's reader takes ~20 s on a 262k vocabulary
+        ggufs.append(qf)
+    tpl = saved_chat_template(hf_dir)
+    for g in ggufs:
+        modelfile(g, tpl, system)
+    validations: list[Validation] = []
+    if validate:
+        prompt = _train_prompt(ws, run_dir)
+        for i, g in enumerate(ggufs):
+            t0 = time.time()
+            validations.append(_validate_gguf(g, hf_dir, base, prompt,
+                                                     sub(0.65 + 0.33 * i / len(ggufs), 0.65 + 0.33 * (i + 1) / len(ggufs))))
+            step(f"validate {_gguf_type(g)}", t0, "ok" if validations[-1].ok else "problems")
+    table: list[dict] = []
+    for v in validations:
+        for row in v.table:
+            if row.type == "HF (merged)" and table and table[0]["type"] == "HF (merged)":
+                continue
+            table.append(asdict(row))
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            files.append({"path": str(p.relative_to(folder)), "bytes": p.stat().st_size,
+                          "sha256": _sha256(p) if p.suffix in (".gguf", ".safetensors") else None})
+    result = ExportResult(name=name, folder=str(folder), merged=str(merged) if merged else None,
+                          ggufs=[str(g) for g in ggufs], files=files, validations=validations, table=table,
+                          steps=steps, how_to_run={g.name: how_to_run(g) for g in ggufs})
+    manifest = {"name": name, "created": datetime.now().isoformat(timespec="seconds"), "source": str(src),
+                "base_model": str(base) if base else None, "outtypes": outtypes, "quants": quants,
+                "estimate": est, "seconds": round(time.time() - t_all, 2), **result.as_dict()}
+    write_json(folder / "export.json", manifest)
+    progress(1.0, f"Export '{name}' ready: {len(ggufs)} GGUF file(s)")
+    return result
+
+
+def _ggufs(folder: Path) -> list[Path]:
+    """The finished GGUFs of a folder, float types first, then quantizations from large to small."""
+    order = {t: i for i, t in enumerate((*OUTTYPES, *QUANT_TYPES))}
+    return sorted(folder.glob("*.gguf"), key=lambda p: (order.get(_gguf_type(p), 99), p.name))
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "export.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _export_row(d: Path, m: dict | None) -> dict:
+    """The list_exports row of folder `d`, whose export.json is `m` (None when missing or unreadable)."""
+    failed, why = None, None
+    if not m and (d / "failed.json").is_file():
+        try:
+            why = json.loads((d / "failed.json").read_text())
+            failed = why.get("error")
+        except (OSError, json.JSONDecodeError):
+            failed = "unreadable failed.json"
+    state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
+                                  "failed" if failed else "incomplete")
+    return {"name": d.name, "folder": str(d), "state": state, "error": failed,
+            "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
+            "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
+                       "size": human_bytes(g.stat().st_size)} for g in _ggufs(d)],
+            "table": (m or {}).get("table", []),
+            "ok": all(v.get("ok") for v in (m or {}).get("validations", [])) if m else None}
+
+
+def list_exports(ws: Workspace) -> list[dict]:
+    """One row per exports/<name>/: state complete | failed (with error) | cancelled | incomplete (in progress,
+    made by single steps, or the process died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
+    if not ws.exports.is_dir():
+        return []
+    return [_export_row(d, _manifest(d))
+            for d in sorted(p for p in ws.exports.iterdir() if p.is_dir() and not p.name.startswith("."))]
+
+
+def export_details(ws: Workspace, name: str) -> dict:
+    """One export as the folder has it now: its row in list_exports, the manifest's steps and source, and per GGUF
+    (float types first) its size, type, latest validation (<stem>.validation.json), Modelfile and run commands;
+    `table` joins the HF row and every GGUF's perplexity row."""
+    if not name or "/" in name or name.startswith("."):
+        raise BadInput(f"'{name}' is not an export name.")
+    folder = ws.exports / name
+    if not folder.is_dir():
+        raise NotFound(f"There is no export '{name}'.")
+    man = _manifest(folder)
+    row = _export_row(folder, man)
+    man = man or {}
+    ggufs, table = [], []
+    for g in _ggufs(folder):
+        val = None
+        try:
+            val = json.loads(g.with_name(f"{g.stem}.validation.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        mf = g.with_name(f"{g.stem}.Modelfile")
+        ggufs.append({"file": g.name, "path": str(g), "type": _gguf_type(g), "bytes": g.stat().st_size,
+                      "size": human_bytes(g.stat().st_size), "validation": val,
+                      "modelfile": mf.read_text() if mf.is_file() else None, "how_to_run": how_to_run(g)})
+        for r in (val or {}).get("table", []):
+            if r["type"] == "HF (merged)" and any(t["type"] == r["type"] for t in table):
+                continue
+            table.append(r)
+    table.sort(key=lambda r: r["type"] != "HF (merged)")
+    return {**row, "source": man.get("source"), "merged": man.get("merged"), "steps": man.get("steps", []),
+            "seconds": man.get("seconds"), "gguf_files": ggufs, "table": table}
+
+def validation_sources(gguf_path: Path, hf_dir: str | None = None, base_dir: str | None = None) -> tuple:
+    """(HF folder, base folder) to validate a GGUF against: the given ones, else those its export.json records
+    (the merged folder or the converted HF source, and the adapter's base)."""
+    man = _manifest(Path(gguf_path).resolve().parent) or {}
+    hf = hf_dir or man.get("merged") or (man.get("source") if not man.get("base_model") else None)
+    return (Path(hf) if hf else None), (Path(base_dir or man["base_model"]) if (base_dir or man.get("base_model"))
+                                        else None)

@@ -1,0 +1,33 @@
+"""Training: LoRA / DoRA / rsLoRA / QLoRA fine-tuning of a causal LM on a saved dataset.
+
+    config.py       TrainConfig (the one request: form, YAML, job and tests), validate(), check_resume()
+    encode.py       dataset rows -> (input_ids, labels) with the chat template; packing, batches; check_data()
+    loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
+    checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
+    loop.py         run_training(): the loop, single process or DDP under torchrun
+    plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
+
+A run's folder and queue are runs.py's; a run trains in a job process (`python -m pipelines.jobs <run folder>`).
+From a notebook:
+
+    from pipelines.training import TrainConfig, plan_training, run_training
+    cfg = TrainConfig(dataset="my-set", max_steps=20)
+    print(plan_training(cfg, ws).total_steps)
+    result = run_training(cfg, ws.runs / "try-1", on_metrics=print, ws=ws)
+"""
+
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import (COMPLETE_MARKER, DTYPES, METHODS, SCHEDULERS, TrainConfig, TrainingFailed, check_resume,
+                     dataset_dir, dataset_versions, resolve_base_model, validate)
+from .encode import (IGNORE, check_data, collate, encode_conversation, encode_dataset, encode_split,
+                     ensure_chat_template, pack_examples, read_rows)
+from .loop import STOP_FLAG, TrainResult, build_model, peak_rss, run_training
+from .loss import linear_cross_entropy, reference_loss
+from .plan import TrainingPlan, memory_advice, plan_training
+
+__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "SCHEDULERS", "STOP_FLAG", "TrainConfig", "TrainResult",
+           "TrainingFailed", "TrainingPlan", "build_model", "check_data", "check_resume", "collate", "dataset_dir",
+           "dataset_versions", "encode_conversation", "encode_dataset", "encode_split", "ensure_chat_template",
+           "linear_cross_entropy", "list_checkpoints", "load_checkpoint", "memory_advice", "pack_examples",
+           "peak_rss", "plan_training", "read_rows", "reference_loss", "resolve_base_model", "run_training",
+           "save_checkpoint", "validate"]

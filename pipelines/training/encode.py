@@ -1,0 +1,237 @@
+"""Training data as the trainer sees it: dataset rows read from a version folder, rendered with the chat template and
+tokenized into (input_ids, labels) with only the assistant replies as labels (or every token for plain text),
+packed and collated into batches. `check_data` is the pre-flight count of what is usable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput
+from ..workspace import Workspace
+from .config import TrainConfig, dataset_dir, validate
+
+IGNORE = -100
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content"}, ...]} or, for plain
+    text (continued pre-training), {"text": str}. A missing file is an empty split."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path.name} line {i} is not valid JSON ({e.msg}).") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
+                out.append({"text": row["text"]})
+                continue
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+                raise BadInput(f"{path.name} line {i} has neither a 'messages' list of {{role, content}} objects nor "
+                               "a 'text'.")
+            out.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+    return out
+
+
+def ensure_chat_template(tok) -> str | None:
+    """Give a tokenizer without a chat template the Data stage's fallback (ChatML markup), so that training masks
+    exactly what the Data tab's preview shows; it is saved with the adapter. Returns a note, or None."""
+    if getattr(tok, "chat_template", None):
+        return None
+    from ..data import FALLBACK_CHAT_TEMPLATE  # noqa: PLC0415
+
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    return "The tokenizer had no chat template: using ChatML turns (<|im_start|>role ... <|im_end|>), saved with the adapter."
+
+
+def encode_conversation(tok, messages: list[dict], responses_only: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation rendered with the tokenizer's chat template. With `responses_only`,
+    labels are IGNORE except on the tokens of each assistant reply including its end-of-turn markup; otherwise every
+    token is a label. The reply spans come from `data.assistant_spans` (the same function as the Data tab's preview:
+    rendered prefixes compared in characters) and are mapped to tokens through the offsets."""
+    from ..data import assistant_spans  # noqa: PLC0415
+
+    full, spans = assistant_spans(tok, messages)
+    if getattr(tok, "is_fast", False):
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    else:  # slow tokenizer: token boundaries from encoding the prefixes at the span edges
+        ids, offsets = list(tok(full, add_special_tokens=False)["input_ids"]), None
+    if not responses_only:
+        return ids, list(ids)
+    labels = [IGNORE] * len(ids)
+    if offsets is not None:
+        for j, (a, _b) in enumerate(offsets):
+            if any(s <= a < e for s, e in spans):
+                labels[j] = ids[j]
+    else:
+        for s, e in spans:
+            t0 = len(tok(full[:s], add_special_tokens=False)["input_ids"])
+            t1 = len(tok(full[:e], add_special_tokens=False)["input_ids"])
+            for j in range(t0, min(t1, len(ids))):
+                labels[j] = ids[j]
+    return ids, labels
+
+
+def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
+    """A plain-text row (continued pre-training): every token is a label, with BOS/EOS around it when the tokenizer
+    has them, so the model also learns where a document ends."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    if tok.eos_token_id is not None and ids[-1] != tok.eos_token_id:
+        ids = ids + [tok.eos_token_id]
+    return ids, list(ids)
+
+
+@dataclass
+class EncodedSplit:
+    examples: list[tuple[list[int], list[int]]]  # (input_ids, labels), already cut to max_length
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0  # no label left after masking and truncation
+    no_response: int = 0  # no assistant message at all (responses_only)
+    unrenderable: int = 0  # the chat template failed on the row, or a reply could not be located in it
+    shortest_prompt: int = 0  # tokens before the first label, over rows that lost all labels to truncation
+    first_error: str = ""
+
+    def note(self, split: str, max_length: int) -> str:
+        parts = [f"{split}: {len(self.examples)} of {self.rows} rows usable"]
+        if self.truncated:
+            parts.append(f"{self.truncated} cut to {max_length} tokens")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped (no trainable token within max_length"
+                         + (f"; {self.unrenderable} not renderable: {self.first_error}" if self.unrenderable else "")
+                         + ")")
+        return ", ".join(parts)
+
+
+def encode_split(tok, rows: list[dict], max_length: int, responses_only: bool) -> EncodedSplit:
+    out = EncodedSplit([], rows=len(rows))
+    prompt_lengths = []
+    for row in rows:
+        if "text" in row:
+            ids, labels = encode_text(tok, row["text"]) if row["text"].strip() else ([], [])
+        else:
+            msgs = row["messages"]
+            if not msgs or (responses_only and not any(m["role"] == "assistant" for m in msgs)):
+                out.no_response += 1
+                out.dropped += 1
+                continue
+            try:
+                ids, labels = encode_conversation(tok, msgs, responses_only)
+            except BadInput as e:  # one odd row must not sink the dataset: count it and go on
+                out.unrenderable += 1
+                out.dropped += 1
+                out.first_error = out.first_error or e.message
+                continue
+        if len(ids) > max_length:
+            out.truncated += 1
+            first = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(labels))
+            ids, labels = ids[:max_length], labels[:max_length]
+            if first >= max_length:
+                prompt_lengths.append(first)
+        # position 0 is never predicted (nothing precedes it): a label there does not count
+        if not any(lab != IGNORE for lab in labels[1:]):
+            out.dropped += 1
+            continue
+        out.examples.append((ids, labels))
+    out.shortest_prompt = min(prompt_lengths) if prompt_lengths else 0
+    return out
+
+
+def explain_unusable(enc: EncodedSplit, max_length: int, responses_only: bool) -> str:
+    if enc.rows == 0:
+        return "The training split has no rows."
+    if enc.shortest_prompt:
+        return (f"No training row has a reply within max_length={max_length} tokens: every prompt is longer (the "
+                f"shortest is {enc.shortest_prompt} tokens). Raise max length above {enc.shortest_prompt + 16} or "
+                "shorten the prompts.")
+    if enc.unrenderable == enc.rows:
+        return f"0 usable rows: the chat template could not render them ({enc.first_error})"
+    if responses_only and enc.no_response == enc.rows:
+        return ("0 usable rows: no conversation has an assistant message to learn from. Map a response column in "
+                "the Data tab, or turn off 'train on responses only'.")
+    return (f"0 usable rows out of {enc.rows}: after masking to the assistant replies and cutting to {max_length} "
+            "tokens, no row has a token to learn from (empty replies?).")
+
+
+def encode_dataset(cfg: TrainConfig, ws: Workspace, tok) -> tuple[EncodedSplit, EncodedSplit]:
+    """Train and validation splits of a validated config, tokenized as the trainer uses them. Raises BadInput when
+    no training row is usable (no reply to learn from, or every prompt longer than max_length)."""
+    ddir = dataset_dir(ws, cfg.dataset, cfg.dataset_version)
+    train_enc = encode_split(tok, read_rows(ddir / "train.jsonl"), cfg.max_length, cfg.train_on_responses_only)
+    if not train_enc.examples:
+        raise BadInput(explain_unusable(train_enc, cfg.max_length, cfg.train_on_responses_only))
+    val_rows = read_rows(ddir / "validation.jsonl")
+    if cfg.max_eval_rows:
+        val_rows = val_rows[: cfg.max_eval_rows]
+    return train_enc, encode_split(tok, val_rows, cfg.max_length, cfg.train_on_responses_only)
+
+
+def check_data(cfg: TrainConfig, ws: Workspace) -> dict:
+    """Pre-flight for the UI/CLI: validate, tokenize the dataset with the base model's tokenizer and chat template as
+    the trainer will, and return counts ({"train_rows", "usable", "truncated", "dropped", "validation_rows",
+    "label_tokens", "note"}). Raises BadInput for unusable settings or data, without starting anything."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    cfg = validate(cfg, ws)
+    tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    ensure_chat_template(tok)
+    tr, va = encode_dataset(cfg, ws, tok)
+    return {"train_rows": tr.rows, "usable": len(tr.examples), "truncated": tr.truncated, "dropped": tr.dropped,
+            "validation_rows": len(va.examples),
+            "label_tokens": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
+            "note": tr.note("train", cfg.max_length)}
+
+
+def pack_examples(examples, max_length: int):
+    """Greedy packing in order: whole conversations are appended to a bin until the next would overflow.
+    Returns (input_ids, labels, position_ids) per packed sequence; positions restart at 0 for each conversation,
+    which makes transformers mask attention per conversation."""
+    packed, cur_ids, cur_lab, cur_pos = [], [], [], []
+    for ids, labels in examples:
+        if cur_ids and len(cur_ids) + len(ids) > max_length:
+            packed.append((cur_ids, cur_lab, cur_pos))
+            cur_ids, cur_lab, cur_pos = [], [], []
+        cur_ids = cur_ids + ids
+        cur_lab = cur_lab + [IGNORE] + labels[1:]  # never predict a conversation's first token from the previous one
+        cur_pos = cur_pos + list(range(len(ids)))
+    if cur_ids:
+        packed.append((cur_ids, cur_lab, cur_pos))
+    return packed
+
+
+def collate(items, pad_id: int, packed: bool):
+    """Right-pad a list of examples into tensors. Returns a dict with input_ids, labels and (packed) position_ids.
+    No attention mask: with right padding the causal mask already keeps real tokens from attending to pads."""
+    import torch  # noqa: PLC0415
+
+    n = max(len(it[0]) for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(items), n), dtype=torch.long) if packed else None
+    for i, it in enumerate(items):
+        k = len(it[0])
+        ids[i, :k] = torch.tensor(it[0])
+        labels[i, :k] = torch.tensor(it[1])
+        if packed:
+            pos[i, :k] = torch.tensor(it[2])
+            pos[i, k:] = torch.arange(n - k)  # the padding forms its own "conversation"
+    out = {"input_ids": ids, "labels": labels}
+    if packed:
+        out["position_ids"] = pos
+    return out
+
+
+def _cut(item, n: int):
+    return tuple(list(x[:n]) for x in item)

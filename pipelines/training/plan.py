@@ -1,0 +1,131 @@
+"""Planning a run before it starts: how many steps (counted exactly as the trainer counts them), how much memory,
+how long, and which batch size fits. `plan_training(cfg, ws, nproc)` serves the Train tab's check, the CLI and the
+trainer's out-of-memory message alike.
+
+    plan = plan_training(TrainConfig(dataset="my-set"), ws)
+    plan.total_steps, plan.memory.estimate.total, plan.memory.recommended_batch, plan.seconds
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import device as devicemod
+from ..workspace import Workspace
+from .config import TrainConfig, validate
+from .encode import IGNORE, encode_dataset, ensure_chat_template, pack_examples
+
+
+def steps_per_epoch(n_items: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
+    """Optimizer steps in one pass over `n_items` training sequences: each of `world` processes takes an equal
+    share (DistributedSampler pads the last one), in micro-batches of `batch_size`, `grad_accum` per step."""
+    per_process = math.ceil(n_items / max(1, world))
+    return max(1, math.ceil(math.ceil(per_process / batch_size) / grad_accum))
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+@dataclass
+class MemoryAdvice:
+    mode: str  # "lora" | "qlora"
+    dtype: str
+    estimate: devicemod.MemoryEstimate  # one process
+    processes: int
+    available: int
+    recommended_batch: int  # the largest power-of-two batch that fits; 0 when even 1 does not
+
+    @property
+    def total(self) -> int:
+        return self.estimate.total * self.processes
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+
+def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod.DeviceProfile | None = None,
+                  processes: int = 1, available: int | None = None) -> MemoryAdvice:
+    """The memory `cfg` needs on this device (each process holds its own copy on a CPU or one GPU) and the largest
+    batch that fits."""
+    prof = prof or devicemod.profile(refresh=True)
+    mode = "qlora" if cfg.method == "qlora" else "lora"
+    dtype = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
+    dtype = dtype if dtype in devicemod.DTYPE_BYTES else "float32"
+    avail = prof.available_memory if available is None else available
+    est = devicemod.estimate_memory(shape, mode, dtype, cfg.max_length, cfg.batch_size, cfg.rank,
+                                    cfg.gradient_checkpointing)
+    per_process = avail // max(1, processes)
+    rec = devicemod.recommend_batch_size(shape, per_process, mode, dtype, cfg.max_length, cfg.rank,
+                                         cfg.gradient_checkpointing)
+    return MemoryAdvice(mode, dtype, est, processes, avail, rec)
+
+
+def batch_advice(cfg: TrainConfig, mem: MemoryAdvice) -> str:
+    """What to change when the batch does not fit (for messages)."""
+    rec = mem.recommended_batch
+    if rec and rec < cfg.batch_size:
+        return (f"Try batch size {rec} (with grad_accum {max(1, cfg.batch_size * cfg.grad_accum // rec)} to keep the "
+                "effective batch)")
+    return "Try batch size 1 with grad_accum to keep the effective batch"
+
+
+def oom_message(cfg: TrainConfig) -> str:
+    """The trainer's out-of-memory message, with the plan's batch advice when the model's config can be read."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    try:
+        shape = devicemod.ModelShape.from_config(AutoConfig.from_pretrained(cfg.base_model,
+                                                                            trust_remote_code=cfg.trust_remote_code))
+        advice = batch_advice(cfg, memory_advice(shape, cfg))
+    except Exception as e:  # noqa: BLE001 - the advice is a bonus; the failure message must still come out
+        advice = f"Try a smaller batch size (no estimate: {type(e).__name__})"
+    return (f"Out of memory at batch size {cfg.batch_size}, max length {cfg.max_length}. {advice}, a shorter max "
+            "length, or gradient checkpointing.")
+
+
+@dataclass
+class TrainingPlan:
+    config: TrainConfig  # validated: the base model's path, the dataset's version
+    train_rows: int
+    usable: int
+    truncated: int
+    dropped: int
+    validation_rows: int
+    label_tokens: int  # trained tokens per epoch
+    note: str
+    items: int  # training sequences: usable rows, or packed sequences
+    processes: int
+    steps_per_epoch: int
+    total_steps: int
+    memory: MemoryAdvice
+    seconds: float | None  # time estimate on a CPU (None on a GPU: the live ETA tells)
+
+
+def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPlan:
+    """Validate `cfg`, tokenize its data as the trainer will and plan the run: BadInput for unusable settings or data,
+    without starting anything. `nproc`: training processes (DDP)."""
+    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+    cfg = validate(cfg, ws)
+    tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    ensure_chat_template(tok)
+    tr, va = encode_dataset(cfg, ws, tok)
+    items = pack_examples(tr.examples, cfg.max_length) if cfg.packing else tr.examples
+    per_epoch = steps_per_epoch(len(items), cfg.batch_size, cfg.grad_accum, nproc)
+    steps = total_steps(cfg, per_epoch)
+    shape = devicemod.ModelShape.from_config(AutoConfig.from_pretrained(cfg.base_model,
+                                                                        trust_remote_code=cfg.trust_remote_code))
+    prof = devicemod.profile(refresh=True)
+    seconds = None
+    if prof.kind == "cpu":
+        mean_len = sum(len(it[0]) for it in items) / len(items)
+        tokens = steps * cfg.batch_size * cfg.grad_accum * nproc * mean_len
+        seconds = 6 * shape.n_params * tokens / (0.5 * devicemod.matmul_flops())  # ~50% of peak, fwd + bwd
+    return TrainingPlan(
+        config=cfg, train_rows=tr.rows, usable=len(tr.examples), truncated=tr.truncated, dropped=tr.dropped,
+        validation_rows=len(va.examples), label_tokens=sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
+        note=tr.note("train", cfg.max_length), items=len(items), processes=nproc, steps_per_epoch=per_epoch,
+        total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc), seconds=seconds)
