@@ -69,14 +69,14 @@ def _studio(args) -> int:
     if args.max_upload_mb <= 0:
         print("mactuner: --max-upload-mb must be positive", file=sys.stderr)
         return 2
-    from .models import REGISTRY, load_default_in_background  # noqa: PLC0415
+    from .serving.registry import REGISTRY, load_default_in_background  # noqa: PLC0415
     from .workspace import Workspace  # noqa: PLC0415
 
     ws = Workspace.open(args.root)
     if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
         load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
     from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
-    from studio.handlers import Context  # noqa: PLC0415
+    from studio.handlers.common import Context  # noqa: PLC0415
 
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
@@ -119,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="Hub info of a model, without downloading")
     i.add_argument("model_id")
     i.add_argument("--token", default=None)
-    i.set_defaults(fn=lambda a: print(json.dumps(__import__("pipelines.models").models.hub_info(a.model_id, a.token).as_dict(), indent=2)) or 0)
+    i.set_defaults(fn=lambda a: print(json.dumps(__import__("pipelines.models").hub.hub_info(a.model_id, a.token).as_dict(), indent=2)) or 0)
 
     dl = sub.add_parser("download", help="download a model from the Hub into the HF cache")
     dl.add_argument("model_id")
     dl.add_argument("--token", default=None)
 
     def _download(a):
-        from .models import download  # noqa: PLC0415
+        from .hub import download  # noqa: PLC0415
 
         print(download(a.model_id, a.token, lambda f, msg: print(f"{100 * f:5.1f}%  {msg}", file=sys.stderr)))
         return 0

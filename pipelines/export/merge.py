@@ -3,15 +3,18 @@ tokenizer as trained, its chat template and a model card.
 """
 
 from __future__ import annotations
+
 import json
 import os
 import shutil
 import time
 from datetime import datetime
 from pathlib import Path
+
 from ..errors import Conflict
+from ..runs import resolve_adapter, resolve_base
+from ..runs import run_config as _run_config
 from ..workspace import Workspace, atomic_dir, write_json
-from ..runs import resolve_adapter, resolve_base, run_config as _run_config
 from .common import ProgressFn, _noop, _slug
 
 

@@ -3,13 +3,14 @@ one-line commands that run a GGUF in llama.cpp, Ollama and LM Studio.
 """
 
 from __future__ import annotations
+
 import json
 import os
 import re
 from pathlib import Path
+
 from ..errors import MacTunerError
 from ..workspace import atomic_write
-
 
 GO_TEMPLATES = {
     "gemma": ('{{- if .System }}<start_of_turn>user\n{{ .System }}\n\n{{ end }}'
@@ -35,7 +36,7 @@ GO_TEMPLATES = {
 def template_family(chat_template: str | None) -> str | None:
     """'gemma' | 'chatml' | 'plain' when the template renders a probe conversation the way that family does
     (decided by rendering, not by reading the Jinja), else None."""
-    from ..chat import render_template  # noqa: PLC0415
+    from ..templates import render_template  # noqa: PLC0415
 
     if not chat_template:
         return None

@@ -4,15 +4,17 @@ disk space).
 """
 
 from __future__ import annotations
+
 import math
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
 from ..errors import BadInput, Conflict
-from ..workspace import Workspace, human_bytes
 from ..runs import resolve_adapter, resolve_base
+from ..workspace import Workspace, human_bytes
 from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, _h, _slug
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype

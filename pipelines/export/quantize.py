@@ -3,10 +3,12 @@ written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
+
 import os
 import re
 from collections import Counter
 from pathlib import Path
+
 from ..errors import BadInput, Conflict, NotFound
 from ..workspace import human_bytes
 from .common import OUTTYPES, QUANT_TYPES, ExportFailed, ProgressFn, _is_gguf, _noop

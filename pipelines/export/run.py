@@ -3,6 +3,7 @@ and the list of exports as their folders have them.
 """
 
 from __future__ import annotations
+
 import hashlib
 import json
 import time
@@ -10,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
 from ..errors import BadInput, MacTunerError, NotFound
-from ..workspace import Workspace, human_bytes, write_json
 from ..runs import run_config as _run_config
+from ..workspace import Workspace, human_bytes, write_json
 from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
 from .convert import convert
 from .merge import merge, saved_chat_template

@@ -4,6 +4,7 @@ goes to <stem>.validation.json beside the file.
 """
 
 from __future__ import annotations
+
 import hashlib
 import math
 import os
@@ -11,10 +12,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from ..workspace import dir_size, write_json
 from .common import ProgressFn, _gguf_type, _h, _is_gguf, _noop
 from .merge import _weights_dtype
-
 
 # A fixed held-out paragraph (written for MacTuner, in no training set) for perplexity.
 HELDOUT_TEXT = (
@@ -184,7 +185,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
     model and the base model - it survived when the GGUF's score is closer to the tuned model's than the base's.
     Log-likelihoods are used rather than comparing generated strings because quantization legitimately changes a
     token here and there, while the likelihood of the tuned answer moves smoothly with how much of the tuning is left."""
-    from ..chat import PLAIN_CHAT_TEMPLATE, render_template  # noqa: PLC0415
+    from ..templates import PLAIN_CHAT_TEMPLATE, render_template  # noqa: PLC0415
 
     t0 = time.time()
     gguf_path = Path(gguf_path)

@@ -17,10 +17,30 @@ From a notebook:
 """
 
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import (COMPLETE_MARKER, DTYPES, METHODS, SCHEDULERS, TrainConfig, TrainingFailed, check_resume,
-                     dataset_dir, dataset_versions, resolve_base_model, validate)
-from .encode import (IGNORE, check_data, collate, encode_conversation, encode_dataset, encode_split,
-                     ensure_chat_template, pack_examples, read_rows)
+from .config import (
+                     COMPLETE_MARKER,
+                     DTYPES,
+                     METHODS,
+                     SCHEDULERS,
+                     TrainConfig,
+                     TrainingFailed,
+                     check_resume,
+                     dataset_dir,
+                     dataset_versions,
+                     resolve_base_model,
+                     validate,
+)
+from .encode import (
+                     IGNORE,
+                     check_data,
+                     collate,
+                     encode_conversation,
+                     encode_dataset,
+                     encode_split,
+                     ensure_chat_template,
+                     pack_examples,
+                     read_rows,
+)
 from .loop import STOP_FLAG, TrainResult, build_model, peak_rss, run_training
 from .loss import linear_cross_entropy, reference_loss
 from .plan import TrainingPlan, memory_advice, plan_training

@@ -47,7 +47,7 @@ def ensure_chat_template(tok) -> str | None:
     exactly what the Data tab's preview shows; it is saved with the adapter. Returns a note, or None."""
     if getattr(tok, "chat_template", None):
         return None
-    from ..data import FALLBACK_CHAT_TEMPLATE  # noqa: PLC0415
+    from ..templates import FALLBACK_CHAT_TEMPLATE  # noqa: PLC0415
 
     tok.chat_template = FALLBACK_CHAT_TEMPLATE
     return "The tokenizer had no chat template: using ChatML turns (<|im_start|>role ... <|im_end|>), saved with the adapter."

@@ -1,14 +1,14 @@
 """Chat tab handlers: stream answers from any loaded model (GGUF or HF, with or without a LoRA adapter), stop,
 regenerate, edit the last message, export/import, and compare two models on one prompt.
 
-The history is the gr.Chatbot's own value (per browser tab). The stop button of a tab sets that tab's Event,
-found by the request's session hash; the loaded-model registry is shared and every model has its own lock
-(pipelines.chat.model_lock), so two tabs chatting at once both get answers.
+The history is the gr.Chatbot's own value (per browser tab). The stop button of a tab sets that tab's Event (kept
+per browser session, released when the page closes); the loaded-model registry is shared and every model has its
+own lock, so two tabs chatting at once both get answers. The sampling settings arrive in
+`ChatParams.sampling_fields()` order (the tab makes its widgets from those fields).
 """
 
 from __future__ import annotations
 
-import queue
 import tempfile
 import threading
 from pathlib import Path
@@ -19,17 +19,15 @@ from pipelines import chat
 from pipelines.errors import BadInput, NotFound
 from pipelines.serving.client import ModelCrashed
 
-from . import Context, ui_errors
+from .common import Context, SessionState, ui_errors
 
 BASE = "(base model)"
-_stops: dict[str, threading.Event] = {}
-_stops_lock = threading.Lock()
+_stops = SessionState()  # the Event of each browser session's answer in progress
 
 
 def _new_stop(request: gr.Request | None) -> threading.Event:
     ev = threading.Event()
-    with _stops_lock:
-        _stops[getattr(request, "session_hash", None) or "api"] = ev
+    _stops.set(request, ev)
     return ev
 
 
@@ -37,8 +35,7 @@ def stop(request: gr.Request) -> None:
     """Stop this tab's answer(s) in progress (the pipeline finishes with finish_reason 'stopped', which the speed
     line then shows). It writes no output itself: its reply can arrive after the stream's last one, and a
     "Stopping…" put there would then replace "stopped" for good."""
-    with _stops_lock:
-        ev = _stops.get(getattr(request, "session_hash", None) or "api")
+    ev = _stops.get(request)
     if ev is not None:
         ev.set()
 
@@ -86,13 +83,9 @@ def adapter_choices(ctx: Context, name: str | None) -> list[str]:
     return [BASE] + [a.name for a in chat.list_adapters(lm)]
 
 
-def params_from(system: str, temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
-                max_new_tokens: int, stop_strings: str, seed, adapter: str | None) -> chat.ChatParams:
-    stops = [s.encode().decode("unicode_escape") for s in (stop_strings or "").split(",") if s.strip()]
-    seed = None if seed in (None, "", -1) else int(seed)
-    return chat.ChatParams(system_prompt=system or "", temperature=temperature, top_p=top_p, top_k=int(top_k),
-                           min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=int(max_new_tokens),
-                           stop=stops, seed=seed, adapter=None if adapter in (None, "", BASE) else adapter)
+def params_from(sampling: tuple | list, adapter: str | None) -> chat.ChatParams:
+    """The form's sampling values (ChatParams.sampling_fields() order) and the adapter choice -> ChatParams."""
+    return chat.ChatParams.from_form(list(sampling), None if adapter in (None, "", BASE) else adapter)
 
 
 def _speed(ch: chat.ChatChunk | None, name: str) -> str:
@@ -121,15 +114,12 @@ def _check_turn(lm, history: list[dict], params: chat.ChatParams) -> None:
 
 
 @ui_errors
-def send(ctx: Context, message: str, history: list, model_name: str, adapter: str, system: str, temperature: float,
-         top_p: float, top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int, stop_strings: str,
-         seed, request: gr.Request = None):
+def send(ctx: Context, request: gr.Request, message: str, history: list, model_name: str, adapter: str, *sampling):
     """Stream the answer to `message` into the chat: yields (history, textbox value, speed line)."""
     if not (message or "").strip():
         raise BadInput("Type a message first.")
     lm = _model(ctx, model_name)
-    params = params_from(system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings,
-                         seed, adapter)
+    params = params_from(sampling, adapter)
     history = chat.normalize_messages(list(history or [])) + [{"role": "user", "content": message}]
     _check_turn(lm, history, params)
     yield from _stream(lm, history, params, _new_stop(request), "")
@@ -155,9 +145,7 @@ def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Even
 
 
 @ui_errors
-def regenerate(ctx: Context, history: list, model_name: str, adapter: str, system: str, temperature: float,
-               top_p: float, top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int,
-               stop_strings: str, seed, request: gr.Request = None):
+def regenerate(ctx: Context, request: gr.Request, history: list, model_name: str, adapter: str, *sampling):
     """Answer the last user message again (the previous answer is replaced)."""
     msgs = chat.normalize_messages(list(history or []))
     while msgs and msgs[-1]["role"] == "assistant":
@@ -165,8 +153,7 @@ def regenerate(ctx: Context, history: list, model_name: str, adapter: str, syste
     if not msgs or msgs[-1]["role"] != "user":
         raise BadInput("There is no user message to answer again.")
     lm = _model(ctx, model_name)
-    params = params_from(system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings,
-                         seed, adapter)
+    params = params_from(sampling, adapter)
     _check_turn(lm, msgs, params)
     yield from _stream(lm, msgs, params, _new_stop(request), "")
 
@@ -240,45 +227,21 @@ def refresh_models(ctx: Context, a: str | None, b: str | None):
 
 
 @ui_errors
-def compare(ctx: Context, message: str, model_a: str, adapter_a: str, model_b: str, adapter_b: str, system: str,
-            temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
-            max_new_tokens: int, stop_strings: str, seed, request: gr.Request = None):
+def compare(ctx: Context, request: gr.Request, message: str, model_a: str, adapter_a: str, model_b: str,
+            adapter_b: str, *sampling):
     """One prompt, two answers streaming side by side: yields (chat A, chat B, speed A, speed B)."""
     if not (message or "").strip():
         raise BadInput("Type a prompt to compare.")
     lm_a, lm_b = _model(ctx, model_a), _model(ctx, model_b)
-    args = (system, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, stop_strings, seed)
-    pa, pb = params_from(*args, adapter_a), params_from(*args, adapter_b)
+    pa, pb = params_from(sampling, adapter_a), params_from(sampling, adapter_b)
     msgs = [{"role": "user", "content": message}]
     _check_turn(lm_a, msgs, pa)
     _check_turn(lm_b, msgs, pb)
-    ev = _new_stop(request)
-    label_a = f"{lm_a.name}" + (f" + {pa.adapter}" if pa.adapter else "")
-    label_b = f"{lm_b.name}" + (f" + {pb.adapter}" if pb.adapter else "")
-    q: queue.Queue = queue.Queue()
-
-    def run(side: int, lm, p):
-        try:
-            for ch in chat.stream_chat(lm, msgs, p, ev):
-                q.put((side, ch, None))
-        except Exception as e:  # noqa: BLE001 - handed to the generator below, which reports it
-            q.put((side, None, e))
-        q.put((side, None, StopIteration()))
-
+    labels = [lm_a.name + (f" + {pa.adapter}" if pa.adapter else ""), lm_b.name + (f" + {pb.adapter}" if pb.adapter else "")]
     answers = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]
-    speeds = [f"**{label_a}** · waiting…", f"**{label_b}** · waiting…"]
-    for side, lm, p in ((0, lm_a, pa), (1, lm_b, pb)):
-        threading.Thread(target=run, args=(side, lm, p), daemon=True).start()
-    done = 0
+    speeds = [f"**{labels[0]}** · waiting…", f"**{labels[1]}** · waiting…"]
     yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]
-    while done < 2:
-        side, ch, err = q.get()
-        if isinstance(err, StopIteration):
-            done += 1
-            continue
-        if err is not None:
-            ev.set()
-            raise err
+    for side, ch in chat.compare((lm_a, pa), (lm_b, pb), msgs, _new_stop(request)):
         answers[side]["content"] += ch.text
-        speeds[side] = _speed(ch, label_a if side == 0 else label_b)
+        speeds[side] = _speed(ch, labels[side])
         yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]

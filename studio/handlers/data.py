@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +20,15 @@ from pipelines import data
 from pipelines.errors import BadInput
 from pipelines.workspace import human_bytes
 
-from . import Context, _gr_progress, ui_errors
+from .common import Context, _gr_progress, ui_errors
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SAMPLE = ASSETS / "sample_dataset.jsonl"
 ROLES = ("prompt", "input", "response", "messages", "text", "system")
 PREVIEW_ROWS = 20
 _tok_lock = threading.Lock()
-_counters: dict[str, data.TokenCounter] = {}
+_counters: OrderedDict[str, data.TokenCounter] = OrderedDict()  # the last few tokenizers' counts (each caches)
+MAX_COUNTERS = 2
 
 
 @dataclass
@@ -79,6 +81,9 @@ def tokenizer_counter(ctx: Context) -> data.TokenCounter | None:
     with _tok_lock:
         if key not in _counters:
             _counters[key] = data.TokenCounter(tok if tok is not None else data.load_tokenizer(key))
+            while len(_counters) > MAX_COUNTERS:
+                _counters.popitem(last=False)
+        _counters.move_to_end(key)
         return _counters[key]
 
 

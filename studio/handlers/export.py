@@ -14,12 +14,12 @@ import pandas as pd
 
 from pipelines import export as ex
 from pipelines import models
-from pipelines.export import job as export_job
 from pipelines.errors import BadInput
+from pipelines.export import job as export_job
 from pipelines.workspace import human_bytes
 
-from . import Context, progress_bar_html, selected_cell, ui_errors
 from .chat import adapter_sources, model_choices
+from .common import Context, progress_bar_html, selected_cell, ui_errors
 
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]

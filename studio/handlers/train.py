@@ -20,7 +20,7 @@ from pipelines.errors import BadInput
 from pipelines.training import DTYPES, METHODS, SCHEDULERS, TrainConfig, check_data, plan_training
 from pipelines.workspace import human_bytes
 
-from . import Context, progress_bar_html, ui_errors
+from .common import Context, progress_bar_html, ui_errors
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 CHOICES = {"method": list(METHODS), "scheduler": list(SCHEDULERS), "dtype": list(DTYPES)}

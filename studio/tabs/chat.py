@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import handlers as h
+from ..handlers import common as h
 from ..handlers import chat as hc
 from pipelines.chat import ChatParams
 
-HELP = ChatParams.help()
+FIELDS = {f.name: f for f in ChatParams.sampling_fields()}
+ELEM_IDS = {"system_prompt": "chat-system", "max_new_tokens": "chat-max-new", "seed": "chat-seed",
+            "stop": "chat-stop-strings"}
+
+
+def _widget(f):
+    """The form widget of one ChatParams field: a slider from its range, text for the system prompt and stop
+    strings, a number for the seed (-1: random; gr.Number shows None as 0, which would be a fixed seed)."""
+    md, elem_id = f.metadata, ELEM_IDS.get(f.name, f"chat-{f.name.replace('_', '-')}")
+    if "range" in md:
+        lo, hi, step = md["range"]
+        return gr.Slider(lo, hi, value=f.default, step=step, label=md["label"], info=md["help"], elem_id=elem_id)
+    if f.name == "seed":
+        return gr.Number(label=md["label"], value=-1, precision=0, info=md["help"], elem_id=elem_id)
+    if f.name == "system_prompt":
+        return gr.Textbox(label=md["label"], lines=3, info=md["help"], elem_id=elem_id)
+    return gr.Textbox(label=md["label"], info=md["help"], elem_id=elem_id)
+
 
 
 def build(ctx: h.Context) -> dict:
@@ -36,18 +53,9 @@ def build(ctx: h.Context) -> dict:
                     import_file = gr.File(label="Import a conversation (JSON)", type="filepath", file_types=[".json"],
                                           elem_id="chat-import", height=80)
             with gr.Column(scale=2):
-                system = gr.Textbox(label="System prompt", lines=3, info=HELP["system_prompt"], elem_id="chat-system")
+                system = _widget(FIELDS["system_prompt"])
                 with gr.Accordion("Sampling", open=True):
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info=HELP["temperature"])
-                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info=HELP["top_p"])
-                    top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info=HELP["top_k"])
-                    min_p = gr.Slider(0, 0.5, value=0.05, step=0.01, label="Min-p", info=HELP["min_p"])
-                    rep = gr.Slider(0.8, 2, value=1.1, step=0.01, label="Repetition penalty",
-                                    info=HELP["repetition_penalty"])
-                    max_new = gr.Slider(1, 4096, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
-                    stops = gr.Textbox(label="Stop strings (comma-separated; \\n allowed)")
-                    seed = gr.Number(label="Seed (-1 = random; the seed used is shown under the answer)", value=-1,
-                                     precision=0, elem_id="chat-seed")  # gr.Number shows None as 0, a fixed seed
+                    sampling_rest = [_widget(f) for f in ChatParams.sampling_fields() if f.name != "system_prompt"]
                 with gr.Accordion("Adapter (LoRA)", open=False):
                     adapter_path = gr.Dropdown(hc.adapter_sources(ctx), value=None, allow_custom_value=True,
                                                label="Adapter folder (a run's adapter/ or checkpoints/step-N/)",
@@ -84,7 +92,7 @@ def build(ctx: h.Context) -> dict:
                     bot_b = gr.Chatbot(label="B", height=300, elem_id="compare-b")
                     speed_b = gr.Markdown(elem_id="compare-speed-b")
 
-    sampling = [system, temperature, top_p, top_k, min_p, rep, max_new, stops, seed]
+    sampling = [system, *sampling_rest]  # ChatParams.sampling_fields() order, as the handlers take them
     send_inputs = [msg, bot, model_a, adapter_a, *sampling]
     sent = send_btn.click(h.bind(hc.send, ctx), send_inputs, [bot, msg, speed], api_name="chat_send")
     submitted = msg.submit(h.bind(hc.send, ctx), send_inputs, [bot, msg, speed], api_visibility="private")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import handlers as h
+from ..handlers import common as h
 from ..handlers import data as hd
 from pipelines import data as pdata
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import handlers as h
+from ..handlers import common as h
 from ..handlers import export as hx
 from pipelines import export as ex
 from pipelines.export import job as export_job

@@ -7,7 +7,7 @@ import dataclasses
 
 import gradio as gr
 
-from .. import handlers as h
+from ..handlers import common as h
 from ..handlers import train as ht
 from pipelines.training import TrainConfig
 

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 from pipelines import data
+from pipelines.data import read as data_read
+from pipelines.data import save as data_save
 from pipelines.data import Cleaner, Mapping
 from pipelines.errors import BadInput, NotFound
 
@@ -190,8 +192,8 @@ def test_utf8_check_is_exact_across_chunks():
     raw = ("ab" + "é" * 10 + "z").encode() + b"\xff" + "ok".encode()
     bad = raw.index(b"\xff")
     for step in (1, 2, 3, 5, 7, 64):
-        assert data._first_bad_utf8(raw, step=step) == bad, step
-        assert data._first_bad_utf8(raw[:bad], step=step) is None
+        assert data_read._first_bad_utf8(raw, step=step) == bad, step
+        assert data_read._first_bad_utf8(raw[:bad], step=step) is None
 
 
 def test_progress_is_reported(tmp_path, tok):
@@ -485,7 +487,7 @@ def test_preview_masks_exactly_the_assistant_tokens(tok):
 
 
 def test_preview_with_gemma_template_folds_system_and_trims(tok):
-    from pipelines.models import GEMMA_CHAT_TEMPLATE
+    from pipelines.templates import GEMMA_CHAT_TEMPLATE
 
     gem = copy.deepcopy(tok)
     gem.chat_template = GEMMA_CHAT_TEMPLATE
@@ -578,14 +580,14 @@ def test_versions_never_overwrite(workspace):
 
 def test_failed_save_leaves_nothing(workspace, monkeypatch):
     v1 = data.save_dataset(workspace, "ds", rows(4), val_count=1)
-    real = data._write_jsonl
+    real = data_save._write_jsonl
 
     def boom(path, rs):
         real(path, rs)
         if path.name == "validation.jsonl":
             raise OSError("disk full")
 
-    monkeypatch.setattr(data, "_write_jsonl", boom)
+    monkeypatch.setattr(data_save, "_write_jsonl", boom)
     with pytest.raises(OSError):
         data.save_dataset(workspace, "ds", rows(8), val_count=1)
     assert sorted(p.name for p in (workspace.datasets / "ds").iterdir()) == ["v1"]  # no v2, no temp folder

@@ -280,8 +280,8 @@ def test_existing_export_never_overwritten(workspace, tiny_llama_dir):
 
 
 def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
-    from pipelines.data import FALLBACK_CHAT_TEMPLATE
-    from pipelines.models import GEMMA_CHAT_TEMPLATE
+    from pipelines.templates import FALLBACK_CHAT_TEMPLATE
+    from pipelines.templates import GEMMA_CHAT_TEMPLATE
 
     g = tmp_path / "gem-Q4_K_M.gguf"
     g.write_bytes(b"GGUF")

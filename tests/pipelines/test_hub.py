@@ -1,4 +1,4 @@
-"""The Hub functions of pipelines/models.py against a local fake Hub (tests/fakehub.py).
+"""The Hub functions of pipelines/hub.py against a local fake Hub (tests/fakehub.py).
 
 huggingface_hub is not mocked: the real client makes real HTTP requests to FakeHub, found through HF_ENDPOINT
 (`hub_endpoint()` reads it at call time and passes it as `endpoint=`).
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, where fa
 from fakehub import FakeHub  # noqa: E402
 from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 
+from pipelines import hub as hubapi  # noqa: E402
 from pipelines import models  # noqa: E402
 from pipelines.errors import BadInput, NotFound, Unauthorized, Unavailable  # noqa: E402
 
@@ -102,7 +103,7 @@ def _closed_port_url():
 
 
 def test_hub_info_public_repo(hub):
-    info = models.hub_info("org/tiny")
+    info = hubapi.hub_info("org/tiny")
     assert (info.id, info.author, info.downloads, info.likes) == ("org/tiny", "org", 1234, 56)
     assert info.license == "mit" and info.gated is False
     assert (info.pipeline_tag, info.library) == ("text-generation", "transformers")
@@ -121,49 +122,49 @@ def test_hub_info_public_repo(hub):
 
 
 def test_hub_info_parameters_from_api_summary(hub):
-    info = models.hub_info("org/summary")
+    info = hubapi.hub_info("org/summary")
     assert info.parameters == 270_000_000
     assert not any(r.range for r in hub.requests)  # the summary is enough: no header read
 
 
 def test_hub_info_not_found(hub):
     with pytest.raises(NotFound, match=r"'org/missing' was not found on the Hub"):
-        models.hub_info("org/missing")
+        hubapi.hub_info("org/missing")
     with pytest.raises(NotFound, match="not found"):  # with a valid token the Hub answers 404 instead of 401
-        models.hub_info("org/missing", token=TOKEN)
+        hubapi.hub_info("org/missing", token=TOKEN)
     assert [r.status for r in hub.requests if r.path == "/api/models/org/missing"] == [401, 404]
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "a/b/c", "bad id!", "org/name with space", "../etc"])
 def test_hub_info_bad_ids(hub, bad):
     with pytest.raises(BadInput):
-        models.hub_info(bad)
+        hubapi.hub_info(bad)
     assert hub.requests == []  # rejected before any request
 
 
 def test_validate_model_id_strips_and_explains():
-    assert models.validate_model_id("  org/tiny \n") == "org/tiny"
+    assert hubapi.validate_model_id("  org/tiny \n") == "org/tiny"
     with pytest.raises(BadInput, match="Enter a model id"):
-        models.validate_model_id("")
+        hubapi.validate_model_id("")
     with pytest.raises(BadInput, match="'a/b/c' is not a valid Hub model id"):
-        models.validate_model_id("a/b/c")
+        hubapi.validate_model_id("a/b/c")
 
 
 def test_gated_without_token_info_warns_and_download_refused(hub):
-    info = models.hub_info("org/gated")
+    info = hubapi.hub_info("org/gated")
     assert info.gated == "manual" and info.license == "gemma" and info.parameters == 17
     assert any("Gated model" in w for w in info.warnings)
     with pytest.raises(Unauthorized, match="'org/gated' is gated"):
-        models.download("org/gated")
+        hubapi.download("org/gated")
     assert hub.downloaded("org/gated") == set()
     assert any(r.status == 401 and r.file for r in hub.requests)  # the file request was refused (GatedRepo)
     assert hub.auth_seen() == {None}
 
 
 def test_gated_with_token_argument(hub, hf_env):
-    info = models.hub_info("org/gated", token=f"  {TOKEN}  ")  # the token field may carry spaces
+    info = hubapi.hub_info("org/gated", token=f"  {TOKEN}  ")  # the token field may carry spaces
     assert info.warnings == []
-    path = models.download("org/gated", token=TOKEN)
+    path = hubapi.download("org/gated", token=TOKEN)
     assert path.is_relative_to(hf_env)
     assert (path / "model.safetensors").read_bytes() == TINY_ST
     assert hub.downloaded("org/gated") == {"config.json", "model.safetensors"}
@@ -176,16 +177,16 @@ def test_gated_with_token_argument(hub, hf_env):
 
 def test_gated_with_token_from_env(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    path = models.download("org/gated")
+    path = hubapi.download("org/gated")
     assert (path / "config.json").read_bytes() == CONFIG
     assert f"Bearer {TOKEN}" in hub.auth_seen()
 
 
 def test_wrong_token_is_unauthorized(hub):
     with pytest.raises(Unauthorized, match="token is invalid"):
-        models.hub_info("org/tiny", token="hf_wrong")
+        hubapi.hub_info("org/tiny", token="hf_wrong")
     with pytest.raises(Unauthorized):
-        models.download("org/gated", token="hf_wrong")
+        hubapi.download("org/gated", token="hf_wrong")
     assert hub.auth_seen() == {"Bearer hf_wrong"}
     assert hub.downloaded("org/gated") == set()
 
@@ -198,9 +199,9 @@ def test_unreachable_hub_is_unavailable(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", url)
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match=r"Cannot reach the Hub at http://127\.0\.0\.1:\d+"):
-        models.hub_info("org/tiny")
+        hubapi.hub_info("org/tiny")
     with pytest.raises(Unavailable, match="Cannot reach the Hub"):
-        models.download("org/tiny")
+        hubapi.download("org/tiny")
     assert time.monotonic() - t0 < 5
 
 
@@ -214,7 +215,7 @@ def test_hub_lost_during_download_is_unavailable(monkeypatch):
                 lone.stop()
 
         with pytest.raises(Unavailable, match="Cannot reach the Hub"):
-            models.download("org/tiny", progress=progress)
+            hubapi.download("org/tiny", progress=progress)
     # the Hub answered hub_info, then vanished before snapshot_download's first request
     assert lone.requests and not any("/revision/" in r.path for r in lone.requests)
     assert lone.downloaded("org/tiny") == set()
@@ -234,7 +235,7 @@ def test_silent_hub_gives_up_within_seconds(monkeypatch):
 
     def call():
         try:
-            models.hub_info("org/tiny")
+            hubapi.hub_info("org/tiny")
         except Exception as e:  # noqa: BLE001
             outcome.append(e)
 
@@ -252,7 +253,7 @@ def test_silent_hub_gives_up_within_seconds(monkeypatch):
 
 
 def test_download_safetensors_only_allowed_files(hub, hf_env):
-    path = models.download("org/tiny")
+    path = hubapi.download("org/tiny")
     assert path == hf_env / "models--org--tiny" / "snapshots" / hub.repos["org/tiny"].sha
     expected = {"README.md", "config.json", "model.safetensors", "tokenizer.json"}
     assert {p.name for p in path.iterdir()} == expected
@@ -265,7 +266,7 @@ def test_download_safetensors_only_allowed_files(hub, hf_env):
 
 def test_download_progress_ends_at_one(hub):
     seen = []
-    models.download("org/tiny", progress=lambda f, m: seen.append((f, m)))
+    hubapi.download("org/tiny", progress=lambda f, m: seen.append((f, m)))
     fractions = [f for f, _ in seen]
     assert fractions[0] == 0.0 and "Downloading org/tiny" in seen[0][1]
     assert all(0.0 <= f <= 1.0 for f in fractions)
@@ -276,22 +277,22 @@ def test_download_progress_ends_at_one(hub):
 def test_download_progress_never_goes_back(hub):
     hub.delays["model.safetensors"] = 0.3  # the weights start after the small files are done, as on a real link
     fractions = []
-    models.download("org/tiny", progress=lambda f, m: fractions.append(f))
+    hubapi.download("org/tiny", progress=lambda f, m: fractions.append(f))
     assert fractions == sorted(fractions), fractions
     assert fractions.index(1.0) >= len(fractions) - 3, f"1.0 reported before the end: {fractions}"
 
 
 def test_download_several_gguf_needs_a_choice(hub):
     with pytest.raises(BadInput, match="several GGUF files; choose one: model-Q4_K_M.gguf, model-Q8_0.gguf"):
-        models.download("org/ggufs")
+        hubapi.download("org/ggufs")
     assert hub.downloaded("org/ggufs") == set()
     with pytest.raises(NotFound, match="'nope.gguf' is not a file of this repository"):
-        models.download("org/ggufs", gguf_file="nope.gguf")
+        hubapi.download("org/ggufs", gguf_file="nope.gguf")
 
 
 def test_download_chosen_gguf_only(hub, tmp_path):
     cache = tmp_path / "explicit-cache"
-    path = models.download("org/ggufs", gguf_file="model-Q4_K_M.gguf", cache_dir=str(cache))
+    path = hubapi.download("org/ggufs", gguf_file="model-Q4_K_M.gguf", cache_dir=str(cache))
     assert path.is_relative_to(cache)
     assert (path / "model-Q4_K_M.gguf").read_bytes() == hub.repos["org/ggufs"].files["model-Q4_K_M.gguf"]
     assert not (path / "model-Q8_0.gguf").exists()
@@ -299,22 +300,22 @@ def test_download_chosen_gguf_only(hub, tmp_path):
 
 
 def test_repo_without_weights(hub):
-    info = models.hub_info("org/noweights")
+    info = hubapi.hub_info("org/noweights")
     assert info.weight_format == "none" and any("No weight files" in w for w in info.warnings)
     assert info.parameters is None
     with pytest.raises(BadInput, match="no model weights"):
-        models.download("org/noweights")
+        hubapi.download("org/noweights")
     assert hub.downloaded("org/noweights") == set()
 
 
 def test_download_patterns():
     names = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"]
-    assert "*.safetensors" in models._download_patterns(names, None)
-    assert "*.bin" not in models._download_patterns(names, None)
-    assert "*.bin" in models._download_patterns(["config.json", "pytorch_model.bin"], None)
-    assert models._download_patterns(["a.gguf", "config.json"], None)[0] == "a.gguf"
+    assert "*.safetensors" in hubapi._download_patterns(names, None)
+    assert "*.bin" not in hubapi._download_patterns(names, None)
+    assert "*.bin" in hubapi._download_patterns(["config.json", "pytorch_model.bin"], None)
+    assert hubapi._download_patterns(["a.gguf", "config.json"], None)[0] == "a.gguf"
     with pytest.raises(BadInput):
-        models._download_patterns(["README.md"], None)
+        hubapi._download_patterns(["README.md"], None)
 
 
 # ---------------------------------------------------------------------------------------------- resolve_source
@@ -323,7 +324,7 @@ def test_download_patterns():
 def test_resolve_source_finds_complete_download(hub, hf_env):
     with pytest.raises(NotFound, match="not downloaded yet"):
         models.resolve_source("org/complete")
-    path = models.download("org/complete")
+    path = hubapi.download("org/complete")
     n = len(hub.requests)
     assert models.resolve_source("org/complete") == path
     assert path.is_relative_to(hf_env)
@@ -331,5 +332,5 @@ def test_resolve_source_finds_complete_download(hub, hf_env):
 
 
 def test_resolve_source_after_filtered_download(hub):
-    path = models.download("org/tiny")
+    path = hubapi.download("org/tiny")
     assert models.resolve_source("org/tiny") == path

@@ -14,7 +14,8 @@ from huggingface_hub.errors import HFValidationError
 
 from pipelines import models
 from pipelines.errors import BadInput, Conflict, MacTunerError, NotFound
-from pipelines.models import DEFAULT_NAME, ModelRegistry, list_local_models, resolve_source
+from pipelines.models import DEFAULT_NAME, list_local_models, resolve_source
+from pipelines.serving.registry import ModelRegistry
 
 # The tiny llama: vocab 300, hidden 32, 2 layers, q/o 32x32, k/v 32x16, gate/up/down 32x64, untied lm_head.
 TINY_LLAMA_PARAMS = 300 * 32 * 2 + 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3 + 32 * 2) + 32

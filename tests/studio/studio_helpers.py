@@ -6,7 +6,7 @@ import time
 
 import requests
 
-from pipelines import models
+from pipelines.serving import registry
 from pipelines.workspace import Workspace
 from studio_process import free_port  # noqa: F401 - the tests import it here
 
@@ -14,10 +14,10 @@ from studio_process import free_port  # noqa: F401 - the tests import it here
 def launch(tmp_path_factory, auth=None, load_default=True):
     """(demo, url, ctx) for a studio on a fresh workspace with its own model registry."""
     from studio.app import serve
-    from studio.handlers import Context
+    from studio.handlers.common import Context
 
     ws = Workspace.open(tmp_path_factory.mktemp("studio") / "ws")
-    ctx = Context(ws, models.ModelRegistry(), prepare_hf=False)
+    ctx = Context(ws, registry.ModelRegistry(), prepare_hf=False)
     demo, url = serve(port=free_port(), auth=auth, block=False, ctx=ctx, load_default=load_default)
     return demo, url, ctx
 

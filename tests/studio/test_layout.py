@@ -7,9 +7,9 @@ from __future__ import annotations
 def test_tabs_hold_only_the_stage_tabs(workspace):
     import gradio as gr
 
-    from pipelines.models import ModelRegistry
+    from pipelines.serving.registry import ModelRegistry
     from studio.app import build_app
-    from studio.handlers import Context
+    from studio.handlers.common import Context
 
     demo = build_app(Context(workspace, ModelRegistry(), prepare_hf=False))
     (tabs,) = [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]

@@ -135,6 +135,8 @@ def test_concurrent_streams_are_all_answered_unmixed(client):
     # different from the first word: any two share only the template's header, whatever the order, so llama.cpp's
     # reuse of the previous request's prefix is the same for each and the greedy answers are exactly comparable
     prompts = [f"{w} is the word. Say it again." for w in ("Apple", "Brick", "Cloud", "Drum")]
+    client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Zebra is the word."}],
+                                   max_tokens=1)  # so that the first one, too, follows a chat prompt
     want = {p: client.chat.completions.create(model="default", messages=[{"role": "user", "content": p}],
                                               max_tokens=8, temperature=0).choices[0].message.content for p in prompts}
     got, errors = {}, []

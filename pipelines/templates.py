@@ -1,0 +1,167 @@
+"""Chat templates, rendered safely: the sandboxed Jinja environment every stage renders templates with (chat, the
+Data tab's preview, training, export validation), and the templates MacTuner brings for models that carry none.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from datetime import datetime
+from typing import Any
+
+from .errors import BadInput
+
+# The documented fallback for base models that carry no chat template.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ 'System: ' + m['content'] | trim + '\\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'User: ' + m['content'] | trim + '\\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + m['content'] | trim + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+PLAIN_STOP = "\nUser:"
+# The Data and Train stages' fallback for a tokenizer without a chat template (ChatML markup).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Gemma's turn format, for the embedded GGUF whose metadata carries no chat template (its vocabulary has the
+# <start_of_turn>/<end_of_turn> tokens). A system message is folded into the first user turn, as Gemma does.
+GEMMA_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set first_user_prefix = messages[0]['content'] | trim + '\n\n' -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- for message in loop_messages -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+
+MAX_TEMPLATE_OUTPUT = 10_000_000  # characters a sandboxed template may build with + or *
+
+
+def _sandbox():
+    """An ImmutableSandboxedEnvironment as transformers builds it (trim_blocks, lstrip_blocks, loopcontrols,
+    {% generation %} blocks, raise_exception, strftime_now, tojson), plus: any access to an unsafe attribute
+    raises at once (instead of rendering as empty), and + / * / ** may not build huge values."""
+    import jinja2  # noqa: PLC0415
+    import jinja2.ext  # noqa: PLC0415
+    import jinja2.nodes  # noqa: PLC0415
+    from jinja2.exceptions import SecurityError, TemplateError  # noqa: PLC0415
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (used by some templates to mark assistant text): rendered as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def _size(v) -> int:
+        return len(v) if isinstance(v, (str, list, tuple)) else 0
+
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["+", "*", "**"])
+
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is not allowed")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise SecurityError("exponent too large")
+            if operator == "*" and (isinstance(left, int) and _size(right) * abs(left) > MAX_TEMPLATE_OUTPUT
+                                    or isinstance(right, int) and _size(left) * abs(right) > MAX_TEMPLATE_OUTPUT):
+                raise SecurityError("the template builds too large a value")
+            if operator == "+" and _size(left) + _size(right) > MAX_TEMPLATE_OUTPUT:
+                raise SecurityError("the template builds too large a value")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    class Namespace(jinja2.utils.Namespace):
+        """namespace() that refuses underscore names (no way to shadow internals through it)."""
+
+        def __init__(*args, **kwargs):  # noqa: N805 - jinja's own signature trick
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
+                       dict=lambda *a, **k: dict(*a, **k))
+    return env
+
+
+_ENV = None
+
+
+_ENV_LOCK = threading.Lock()
+
+
+def _env():
+    global _ENV
+    with _ENV_LOCK:
+        if _ENV is None:
+            _ENV = _sandbox()
+        return _ENV
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(template: str):
+    import jinja2  # noqa: PLC0415
+
+    try:
+        return _env().from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise BadInput(f"The chat template is not valid Jinja (line {e.lineno}: {e.message}).") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise BadInput(f"The chat template was refused by the sandbox: {e}.") from None
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+    """Render a chat template in the sandbox. Anything a template must not do (reach Python internals, build huge
+    values) and any error it raises itself becomes BadInput; nothing it contains is executed as Python."""
+    import jinja2  # noqa: PLC0415
+
+    tpl = _compiled(template)
+    try:
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.exceptions.SecurityError as e:
+        raise BadInput(f"The chat template tried something the sandbox does not allow ({e}); it was not run. "
+                       "Use a template from a source you trust.") from None
+    except jinja2.TemplateError as e:  # raise_exception(...) in the template, undefined misuse, ...
+        raise BadInput(f"The chat template refused this conversation: {e.message or type(e).__name__}.") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        raise BadInput(f"The chat template failed on this conversation ({type(e).__name__}: {e}).") from None

@@ -1,0 +1,148 @@
+"""What every tab's handlers share: the `Context` (workspace and model registry), `ui_errors` (a MacTunerError
+becomes a toast with its message; anything else one line in the UI and its traceback in the log), `bind` (fill in
+the context, keep gradio's injection), per-browser-session state released when the page closes, and small UI
+helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.errors import MacTunerError
+from pipelines.serving import registry as registrymod
+from pipelines.workspace import Workspace
+
+log = logging.getLogger("mactuner.studio")
+
+
+@dataclass
+class Context:
+    """What every tab's handlers share: the workspace and the loaded-model registry of this process."""
+
+    ws: Workspace
+    registry: registrymod.ModelRegistry = field(default_factory=lambda: registrymod.REGISTRY)
+    prepare_hf: bool = True  # prepare the default model's HF copy (for training) when it is loaded
+
+
+def _as_gr_error(fn_name: str, e: Exception) -> gr.Error:
+    if isinstance(e, MacTunerError):
+        return gr.Error(e.message, print_exception=False)
+    log.error("unexpected error in %s", fn_name, exc_info=e)  # a bug: the traceback goes to the log only
+    return gr.Error(f"Unexpected error ({type(e).__name__}: {e}). Details are in the studio's log.", print_exception=False)
+
+
+def ui_errors(fn):
+    """MacTunerError -> gr.Error with its message; anything else -> one line in the UI, traceback in the log.
+    Works for plain functions and for generators (streaming handlers), whose errors arrive while iterating."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - translated for the user
+                raise _as_gr_error(fn.__name__, e) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - translated for the user
+            raise _as_gr_error(fn.__name__, e) from None
+
+    return wrapper
+
+
+def bind(fn, ctx: "Context", **fixed):
+    """fn with `ctx` (its first parameter) and `fixed` keyword arguments filled in, keeping the rest of its
+    signature and type hints: gradio injects gr.Request / gr.SelectData by annotation, which functools.partial
+    hides (gradio reads the hints of partial.__call__). Generators stay generators (streaming)."""
+    sig = inspect.signature(fn)
+    rest = [p for name, p in list(sig.parameters.items())[1:] if name not in fixed]
+    names = [p.name for p in rest]
+
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in rest)
+
+    def call(args, kwargs):  # gradio passes inputs and injected values by position
+        if varargs:
+            return fn(ctx, *args, **kwargs, **fixed)
+        return fn(ctx, **{**dict(zip(names, args)), **kwargs, **fixed})
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            yield from call(args, kwargs)
+    else:
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            return call(args, kwargs)
+    bound.__signature__ = sig.replace(parameters=rest)
+    return bound
+
+
+def progress_bar_html(fraction: float, caption: str) -> str:
+    """A progress bar (0..1) with a caption line under it, as the Train and Export monitors show it."""
+    frac = max(0.0, min(1.0, float(fraction or 0.0)))
+    return (f'<div style="background:#eee;border-radius:6px;height:14px"><div style="width:{100 * frac:.1f}%;'
+            f'background:#f97316;height:14px;border-radius:6px"></div></div>'
+            f'<div style="font-size:13px">{caption}</div>')
+
+
+def _gr_progress(progress):
+    return lambda frac, msg: progress(frac, desc=msg)
+
+
+def selected_cell(table: pd.DataFrame, evt: gr.SelectData, column: str) -> str:
+    """The `column` value of the table row a click selected."""
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    return str(table.iloc[int(row)][column])
+
+
+class SessionState:
+    """Values kept per browser session (gradio's session hash; one shared slot for callers without one, such as the
+    REST API), released when the page is closed: `forget_session` is wired to the app's unload event."""
+
+    def __init__(self):
+        self._values: dict[str, object] = {}
+        self._lock = threading.Lock()
+        _SESSION_STATES.append(self)
+
+    @staticmethod
+    def key(request) -> str:
+        return getattr(request, "session_hash", None) or "api"
+
+    def set(self, request, value) -> None:
+        with self._lock:
+            self._values[self.key(request)] = value
+
+    def get(self, request, default=None):
+        with self._lock:
+            return self._values.get(self.key(request), default)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+_SESSION_STATES: list[SessionState] = []
+
+
+def forget_session(request: gr.Request) -> None:
+    """The page was closed (or reloaded): drop what every SessionState kept for it."""
+    for state in _SESSION_STATES:
+        state.forget(SessionState.key(request))

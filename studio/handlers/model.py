@@ -1,0 +1,203 @@
+"""Model tab handlers: the header, the current model and the device panel, loading (embedded default, local folder or
+file, Hub download), unloading, Hub info, the local models table and the memory estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines import device as devicemod
+from pipelines import hub, models
+from pipelines.serving import registry
+from pipelines.workspace import human_bytes
+
+from .common import Context, _gr_progress, selected_cell, ui_errors
+
+
+def header_md(ctx: Context) -> str:
+    prof = devicemod.profile()
+    used, total = devicemod.memory_in_use()
+    lm = ctx.registry.current()
+    model = f"**{lm.name}** · {lm.format} {lm.dtype} · {lm.backend}" if lm else "no model loaded"
+    if ctx.registry.loading:
+        model = f"loading {ctx.registry.loading}…"
+    return (f"**MacTuner** &nbsp;·&nbsp; device {prof.kind.upper()} ({prof.name}) &nbsp;·&nbsp; "
+            f"memory {human_bytes(used)} / {human_bytes(total)} &nbsp;·&nbsp; model: {model}")
+
+
+def _hf_copy_line(ctx: Context) -> str:
+    st = models.default_hf_status(ctx.ws)
+    state = st.get("state")
+    if state == "ready":
+        return "Training copy (HF safetensors): ready"
+    if state == "running":
+        return f"Training copy (HF safetensors): preparing — {int(100 * st.get('fraction', 0))}% · {st.get('stage', '')}"
+    if state == "failed":
+        return f"Training copy (HF safetensors): failed — {st.get('error', '')}"
+    return "Training copy (HF safetensors): not prepared yet"
+
+
+def current_md(ctx: Context) -> str:
+    lm = ctx.registry.current()
+    if lm is None:
+        head = "### Current model\nNo model is loaded. Load the embedded default, a local folder or a Hub model."
+        if ctx.registry.loading:
+            head = f"### Current model\nLoading **{ctx.registry.loading}**…"
+        return head + f"\n\n<small>{_hf_copy_line(ctx)}</small>"
+    d = lm.describe()
+    rows = [
+        ("Name", d["name"]), ("Architecture", d["architecture"] or "?"), ("Format", d["format"]),
+        ("Backend", d["backend"]), ("Device", d["device"]), ("Precision", d["dtype"]),
+        ("Parameters", f"{d['n_params'] / 1e6:.1f} M" if d["n_params"] else "?"),
+        ("Memory used", d["memory"]), ("Context length", d["context_length"] or "?"),
+        ("Chat template", "yes" if d["chat_template"] else "none (plain prompt fallback)"),
+        ("Loaded in", f"{d['load_seconds']:.2f} s"), ("Path", f"`{d['model_path']}`"),
+    ]
+    if "worker" in d:  # a GGUF: served by a worker process of its own
+        w = d["worker"]
+        crash = w["last_crash"]
+        rows.append(("Served by", f"worker process {w['pid']} ({w['state']}; llama.cpp extra buffer types "
+                                  f"{'on' if w['extra_bufts'] else 'off'})"))
+        if crash:
+            rows.append(("Restarts", f"{w['restarts']} (the process ended by {crash['how']})"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    extra = f"\n\n<small>{_hf_copy_line(ctx)}</small>" if lm.name == models.DEFAULT_NAME else ""
+    return f"### Current model\n| Property | Value |\n|---|---|\n{table}{extra}"
+
+
+def current_model(ctx: Context) -> dict:
+    """API: the current model's description, or {'loaded': False}."""
+    lm = ctx.registry.current()
+    out = {"loaded": lm is not None, "model": lm.describe() if lm else None, "loading": ctx.registry.loading,
+           "default_hf": models.default_hf_status(ctx.ws)}
+    return out
+
+
+def device_md() -> str:
+    p = devicemod.profile(refresh=True)
+    lines = [
+        f"### Device\n**{p.kind.upper()}** — {p.name}",
+        f"- Memory: {human_bytes(p.available_memory)} free of {human_bytes(p.total_memory)}",
+        f"- Physical cores: {p.physical_cores} (threads used: {p.threads})",
+        f"- bf16: {'native' if p.bf16 else 'no'} · fp16: {'yes' if p.fp16 else 'no'}",
+        f"- Training dtype: `{p.train_dtype}` · inference dtype: `{p.infer_dtype}`",
+        f"- QLoRA: {'available' if p.qlora else 'not here — ' + p.qlora_reason}",
+    ]
+    lines += [f"- {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def device_profile() -> dict:
+    return devicemod.profile(refresh=True).as_dict()
+
+
+@ui_errors
+def load_default(ctx: Context, progress=gr.Progress()):
+    lm = registry.load_default(ctx.ws, ctx.registry, _gr_progress(progress))
+    if ctx.prepare_hf:
+        models.start_default_hf_materialization(ctx.ws)
+    return current_md(ctx), f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s."
+
+
+@ui_errors
+def prepare_default_hf(ctx: Context):
+    """Start the one-off HF safetensors copy of the default model (needed for training) in its own process."""
+    models.ensure_default_gguf(ctx.ws)
+    st = models.start_default_hf_materialization(ctx.ws)
+    msg = {"ready": "The training copy is ready.", "running": "Preparing the training copy in the background (about a minute)."}
+    return current_md(ctx), msg.get(st["state"], f"Training copy: {st['state']}")
+
+
+@ui_errors
+def load_local(ctx: Context, path: str, trust_remote_code: bool = False, progress=gr.Progress()):
+    lm = ctx.registry.load(path, ctx.ws, trust_remote_code=bool(trust_remote_code), progress=_gr_progress(progress))
+    return current_md(ctx), f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s."
+
+
+@ui_errors
+def unload(ctx: Context):
+    r = ctx.registry.unload()
+    return current_md(ctx), (f"Unloaded **{r['unloaded']}** — process memory {human_bytes(r['rss_before'])} → "
+                             f"{human_bytes(r['rss_after'])} (released {human_bytes(r['released'])}).")
+
+
+@ui_errors
+def hub_info(model_id: str, token: str | None = None):
+    info = hub.hub_info(model_id, token)
+    rows = [
+        ("Id", info.id), ("Author", info.author or "?"), ("Downloads", f"{info.downloads:,}" if info.downloads is not None else "?"),
+        ("Likes", info.likes if info.likes is not None else "?"), ("License", info.license or "?"),
+        ("Gated", info.gated or "no"), ("Pipeline", info.pipeline_tag or "?"), ("Library", info.library or "?"),
+        ("Parameters", f"{info.parameters / 1e6:.1f} M" if info.parameters else "unknown"),
+        ("Weights", info.weight_format), ("Repository size", human_bytes(info.total_size)),
+        ("Last modified", info.last_modified or "?"),
+    ]
+    md = f"### {info.id}\n| Property | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if info.warnings:
+        md += "\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)
+    files = pd.DataFrame([{"file": f["name"], "size": human_bytes(f["size"])} for f in info.files], columns=["file", "size"])
+    return md, files
+
+
+def hub_info_api(model_id: str, token: str | None = None) -> dict:
+    return hub.hub_info(model_id, token).as_dict()
+
+
+@ui_errors
+def download_and_load(ctx: Context, model_id: str, token: str | None = None, progress=gr.Progress()):
+    path = hub.download(model_id, token, _gr_progress(progress))
+    lm = ctx.registry.load(str(path), ctx.ws, name=model_id.strip(), progress=_gr_progress(progress))
+    return current_md(ctx), f"Downloaded to `{path}` and loaded **{lm.name}**."
+
+
+LOCAL_COLUMNS = ["name", "source", "format", "size", "path"]
+
+
+@ui_errors
+def local_models_table(ctx: Context) -> pd.DataFrame:
+    rows = models.list_local_models(ctx.ws)
+    for r in rows:
+        r["size"] = human_bytes(r["size"]) if r["size"] else r["status"]
+    return pd.DataFrame(rows, columns=LOCAL_COLUMNS)
+
+
+def pick_local(table: pd.DataFrame, evt: gr.SelectData) -> str:
+    """Clicking a row of the local-models table fills the path box with that row's path."""
+    return selected_cell(table, evt, "path")
+
+
+ESTIMATE_COLUMNS = ["mode", "weights", "adapter+optimizer", "activations", "overhead", "total", "fits"]
+
+
+@ui_errors
+def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_rank: int = 16,
+                    gradient_checkpointing: bool = False):
+    lm = ctx.registry.current()
+    if lm is None:
+        return pd.DataFrame(columns=ESTIMATE_COLUMNS), "Load a model to see its memory estimate and batch advice."
+    prof = devicemod.profile(refresh=True)
+    shape = models.shape_of(lm)
+    seq_len, batch_size, lora_rank = int(seq_len), int(batch_size), int(lora_rank)
+    avail = prof.available_memory + (lm.memory_bytes if prof.kind != "cuda" else 0)  # the loaded model's memory is reusable
+    rows, advice = [], []
+    gguf = lm.backend == "llama.cpp"
+    for mode, dtype in (("inference", prof.infer_dtype), ("lora", prof.train_dtype), ("qlora", "bfloat16")):
+        est = devicemod.estimate_memory(shape, mode, dtype, seq_len, batch_size, lora_rank, bool(gradient_checkpointing),
+                                        avail, weight_bytes=Path(lm.model_path).stat().st_size if gguf and mode == "inference" else None)
+        label = {"inference": f"Inference ({'GGUF ' + lm.dtype if gguf else dtype})", "lora": f"LoRA r={lora_rank} ({dtype})", "qlora": f"QLoRA r={lora_rank} (4-bit)"}[mode]
+        fits = "yes" if est.fits else "no"
+        if mode == "qlora" and not prof.qlora:
+            fits = "not on this device"
+        rows.append([label, human_bytes(est.weights), human_bytes(est.trainable), human_bytes(est.activations),
+                     human_bytes(est.overhead), human_bytes(est.total), fits])
+        if mode != "inference" and (mode == "lora" or prof.qlora):
+            bs = devicemod.recommend_batch_size(shape, avail, mode, dtype, seq_len, lora_rank, bool(gradient_checkpointing))
+            advice.append(f"- {label}: recommended batch size **{bs}** at {seq_len} tokens" if bs else
+                          f"- {label}: even batch 1 does not fit at {seq_len} tokens — shorten the sequences or turn on gradient checkpointing")
+    head = f"For **{lm.name}** on {prof.kind.upper()} with {human_bytes(avail)} usable:"
+    if not prof.qlora:
+        advice.append(f"- QLoRA: {prof.qlora_reason}")
+    return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS), head + "\n" + "\n".join(advice)
