@@ -12,6 +12,7 @@ import pandas as pd
 from pipelines import device as devicemod
 from pipelines import hub, models
 from pipelines.serving import registry
+from pipelines.training import TrainConfig, memory_advice
 from pipelines.workspace import human_bytes
 
 from .common import Context, _gr_progress, selected_cell, ui_errors
@@ -182,21 +183,29 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
     shape = models.shape_of(lm)
     seq_len, batch_size, lora_rank = int(seq_len), int(batch_size), int(lora_rank)
     avail = prof.available_memory + (lm.memory_bytes if prof.kind != "cuda" else 0)  # the loaded model's memory is reusable
-    rows, advice = [], []
     gguf = lm.backend == "llama.cpp"
-    for mode, dtype in (("inference", prof.infer_dtype), ("lora", prof.train_dtype), ("qlora", "bfloat16")):
-        est = devicemod.estimate_memory(shape, mode, dtype, seq_len, batch_size, lora_rank, bool(gradient_checkpointing),
-                                        avail, weight_bytes=Path(lm.model_path).stat().st_size if gguf and mode == "inference" else None)
-        label = {"inference": f"Inference ({'GGUF ' + lm.dtype if gguf else dtype})", "lora": f"LoRA r={lora_rank} ({dtype})", "qlora": f"QLoRA r={lora_rank} (4-bit)"}[mode]
-        fits = "yes" if est.fits else "no"
-        if mode == "qlora" and not prof.qlora:
-            fits = "not on this device"
+    inf = devicemod.estimate_memory(shape, "inference", prof.infer_dtype, seq_len, batch_size, lora_rank,
+                                    bool(gradient_checkpointing), avail,
+                                    weight_bytes=Path(lm.model_path).stat().st_size if gguf else None)
+    rows = [[f"Inference ({'GGUF ' + lm.dtype if gguf else prof.infer_dtype})", human_bytes(inf.weights),
+             human_bytes(inf.trainable), human_bytes(inf.activations), human_bytes(inf.overhead),
+             human_bytes(inf.total), "yes" if inf.fits else "no"]]
+    advice = []
+    for method in ("lora", "qlora"):  # the Train stage's own recipe (training.plan), for these settings
+        cfg = TrainConfig(method=method, max_length=seq_len, batch_size=batch_size, rank=lora_rank,
+                          gradient_checkpointing=bool(gradient_checkpointing),
+                          dtype="bfloat16" if method == "qlora" else "auto")
+        mem = memory_advice(shape, cfg, prof, available=avail)
+        est = mem.estimate
+        label = f"LoRA r={lora_rank} ({mem.dtype})" if method == "lora" else f"QLoRA r={lora_rank} (4-bit)"
+        fits = "not on this device" if method == "qlora" and not prof.qlora else ("yes" if mem.fits else "no")
         rows.append([label, human_bytes(est.weights), human_bytes(est.trainable), human_bytes(est.activations),
                      human_bytes(est.overhead), human_bytes(est.total), fits])
-        if mode != "inference" and (mode == "lora" or prof.qlora):
-            bs = devicemod.recommend_batch_size(shape, avail, mode, dtype, seq_len, lora_rank, bool(gradient_checkpointing))
+        if method == "lora" or prof.qlora:
+            bs = mem.recommended_batch
             advice.append(f"- {label}: recommended batch size **{bs}** at {seq_len} tokens" if bs else
-                          f"- {label}: even batch 1 does not fit at {seq_len} tokens — shorten the sequences or turn on gradient checkpointing")
+                          f"- {label}: even batch 1 does not fit at {seq_len} tokens — shorten the sequences or turn "
+                          "on gradient checkpointing")
     head = f"For **{lm.name}** on {prof.kind.upper()} with {human_bytes(avail)} usable:"
     if not prof.qlora:
         advice.append(f"- QLoRA: {prof.qlora_reason}")

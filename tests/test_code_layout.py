@@ -1,0 +1,99 @@
+"""The shape of the code, as a newcomer meets it: modules small enough to read in one sitting, no import cycle
+between the project's modules (imports inside functions count too), every folder opening with a docstring that
+says what lives where, and pipelines/ never importing gradio."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipelines", "studio")
+MAX_LINES = 520  # "about 500"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            rel = p.relative_to(ROOT).with_suffix("")
+            parts = list(rel.parts[:-1]) if rel.name == "__init__" else list(rel.parts)
+            out[".".join(parts)] = p
+    return out
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules `name` imports anywhere in its file (resolved: relative imports, `from pkg import module`)."""
+    tree = ast.parse(path.read_text())
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            cands = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = pkg.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            cands = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for c in cands:
+            while c and c not in known:
+                c = c.rpartition(".")[0]
+            if c and c != name:
+                found.add(c)
+    return found
+
+
+def test_no_module_is_too_long():
+    long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
+    assert not {n: k for n, k in long.items() if k > MAX_LINES}, "split these modules"
+
+
+def test_no_import_cycle():
+    mods = modules()
+    known = set(mods)
+    graph = {n: imports_of(n, p, known) for n, p in mods.items()}
+    # a package importing its own submodules (re-exports) is not a cycle of the design: leave __init__ -> child out
+    for n in graph:
+        graph[n] = {m for m in graph[n] if not m.startswith(n + ".")}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m] if m in stack else [n, m])
+            elif m not in state:
+                visit(m, stack + [m])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+    assert not cycles, cycles
+
+
+def test_every_folder_says_what_lives_there():
+    for pkg in PACKAGES:
+        for init in (ROOT / pkg).rglob("__init__.py"):
+            doc = ast.get_docstring(ast.parse(init.read_text()))
+            if init.parent.name == "tabs":  # one module per tab, named after it
+                continue
+            assert doc and len(doc) > 40, f"{init.relative_to(ROOT)} needs a docstring saying what lives where"
+    for name, path in modules().items():
+        assert ast.get_docstring(ast.parse(path.read_text())) or path.name == "__init__.py", name
+
+
+def test_pipelines_never_import_gradio():
+    known = set(modules())
+    for name, path in modules().items():
+        if name.startswith("pipelines"):
+            tree = ast.parse(path.read_text())
+            names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+            assert not any(x.split(".")[0] == "gradio" for x in names), name
+    assert known
