@@ -58,8 +58,8 @@ def _preimport() -> None:
 
 
 def child_ours(hf: Path, adapter: Path, out: Path) -> dict:
-    """What the Export tab starts: `mactuner export run ADAPTER` (the export job runs the same pipelines.export.job.run_step), without
-    validation; step times from its export.json."""
+    """What the Export tab starts: `mactuner export run ADAPTER` (the export job runs the same
+    pipelines.export.job.run_step), without validation; step times from its export.json."""
     _preimport()
     from pipelines import cli
 
@@ -78,11 +78,11 @@ def child_ours(hf: Path, adapter: Path, out: Path) -> dict:
 
 
 def child_validate(q4: Path, merged: Path) -> dict:
-    from pipelines import export as ex
+    from pipelines.export.validate import validate
 
     res = {}
     t1 = time.perf_counter()
-    v = ex.validate(q4, merged)
+    v = validate(q4, merged)
     res["validate_s"] = time.perf_counter() - t1
     res["validation"] = {"ok": v.ok, "items": [(i.name, i.ok, i.detail[:140]) for i in v.items],
                              "table": [r.__dict__ for r in v.table]}

@@ -122,7 +122,8 @@ def worker_plain(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines import device as devicemod
-    from pipelines.training import IGNORE, _schedule, ensure_chat_template
+    from pipelines.training import IGNORE, ensure_chat_template
+    from pipelines.training.loop import _schedule
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup(Path(tmp), args)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import procs
-from .errors import BadInput
+from .errors import BadInput, Conflict, MacTunerError, NotFound
 from .workspace import write_json
 
 # kind -> "module:function" called as function(JobDir) in the job process; imported only there
@@ -181,6 +181,140 @@ def wait(job: JobDir, refresh: Callable[[], dict], done: Callable[[dict], bool],
         if done(st) or time.time() > deadline:
             return
         time.sleep(poll)
+
+
+class JobQueue:
+    """The jobs of one kind in one folder (exports/.jobs, rag/.jobs): ids from a time stamp and a label, status with
+    dead processes noticed, at most one running at a time (each uses every core), cancel, wait, log tail."""
+
+    FINAL = ("complete", "failed", "cancelled")
+
+    def __init__(self, folder: Path, kind: str, what: str):
+        self.folder, self.kind, self.what = Path(folder), kind, what  # what: "export", "ingest" (for messages)
+
+    def job(self, job_id: str) -> JobDir:
+        if not job_id or "/" in job_id or "\\" in job_id or job_id.startswith("."):
+            raise BadInput(f"'{job_id}' is not an {self.what} job id.")
+        return JobDir(self.folder / job_id)
+
+    def status(self, job_id: str) -> dict:
+        """The job's status; one whose process is gone while it says running becomes failed (with its log's end)."""
+        j = self.job(job_id)
+        if j.read() is None:
+            raise NotFound(f"There is no {self.what} job '{job_id}'.")
+
+        def failed(code: int | None) -> dict:
+            tail = j.log_tail(3, 600).strip().splitlines()
+            return {"state": "failed", "error": f"the {self.what} process ended unexpectedly"
+                    + (f" (exit code {code})" if code else "") + (": " + " | ".join(tail) if tail else "")}
+
+        j.fail_if_dead(("running",), failed)
+        st = j.read() or {}
+        st["id"] = job_id
+        return st
+
+    def list(self) -> list[dict]:
+        """Every job, newest first."""
+        if not self.folder.is_dir():
+            return []
+        out = [self.status(d.name) for d in self.folder.iterdir() if d.is_dir() and (d / "status.json").exists()]
+        out.sort(key=lambda s: (s.get("started") or 0, s["id"]), reverse=True)
+        return out
+
+    def active(self) -> dict | None:
+        return next((j for j in self.list() if j.get("state") == "running"), None)
+
+    def start(self, label: str, spec: dict, id_label: str | None = None, **fields) -> str:
+        """Write the job's folder (job.json = `spec` with this queue's kind) and start its process; Conflict while
+        another job of the queue runs. `label` (what the job works on) is shown; the id is a time stamp and
+        `id_label` (default: the label)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.folder / ".lock"):
+            running = self.active()
+            if running:
+                raise Conflict(f"An {self.what} job is running ({running.get('label', '')}, "
+                               f"{int(100 * (running.get('fraction') or 0))}%): wait for it or cancel it.")
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{id_label or label}"[:120]
+            while (self.folder / job_id).exists():
+                job_id += "-2"
+            j = JobDir(self.folder / job_id)
+            j.path.mkdir(parents=True)
+            write_json(j.spec_path, {**spec, "kind": self.kind})
+            os.chmod(j.spec_path, 0o600)  # it may hold a document's password until the job has read it
+            j.update(label=label, fraction=0.0, message="starting…", error=None, result=None, **fields)
+            start(j)
+        return job_id
+
+    def cancel(self, job_id: str) -> dict:
+        """End a running job's process group (SIGTERM: the job records itself as cancelled)."""
+        st = self.status(job_id)
+        if st.get("state") != "running":
+            return st
+        j = self.job(job_id)
+        j.signal(signal.SIGTERM)
+        for _ in range(100):  # the job writes its end within a moment
+            st = self.status(job_id)
+            if st.get("state") != "running":
+                return st
+            time.sleep(0.1)
+        j.signal(signal.SIGKILL)
+        return self.status(job_id)
+
+    def wait(self, job_id: str, timeout: float = 3600.0, poll: float = 0.5) -> Iterator[dict]:
+        return wait(self.job(job_id), lambda: self.status(job_id), lambda st: st.get("state") in self.FINAL,
+                    timeout, poll)
+
+    def log_tail(self, job_id: str, lines: int | None = None, max_bytes: int = 8000) -> str:
+        return self.job(job_id).log_tail(lines, max_bytes)
+
+
+class Reporter:
+    """A job process's side: `progress(fraction, message, **fields)` into status.json (at most every 0.3 s, always
+    when the message changes), then `done(result)` or `failed(error)`. SIGTERM becomes KeyboardInterrupt, which
+    `run_reported` records as cancelled."""
+
+    def __init__(self, job: JobDir):
+        self.job = job
+        self._last = (0.0, None)
+        signal.signal(signal.SIGTERM, self._term)
+
+    @staticmethod
+    def _term(_sig, _frame):
+        raise KeyboardInterrupt("cancelled")
+
+    def progress(self, fraction: float, message: str, **fields) -> None:
+        now = time.time()
+        if message != self._last[1] or now - self._last[0] > 0.3:
+            self._last = (now, message)
+            self.job.update(fraction=round(max(0.0, min(1.0, float(fraction))), 4), message=message, **fields)
+
+    def done(self, result) -> None:
+        self.job.update(state="complete", fraction=1.0, message="done", result=result, ended=time.time())
+
+    def failed(self, error: str, cancelled: bool = False) -> None:
+        self.job.update(state="cancelled" if cancelled else "failed", error=error, ended=time.time())
+
+
+def run_reported(job: JobDir, work: Callable[[Reporter], object]) -> int:
+    """Run `work(reporter)` in a job process: its result completes the job; a cancel, a MacTunerError (its message)
+    or a bug (the traceback into the log) ends it with that state."""
+    import traceback  # noqa: PLC0415
+
+    rep = Reporter(job)
+    try:
+        rep.done(work(rep))
+    except KeyboardInterrupt:
+        rep.failed("cancelled", cancelled=True)
+        return 130
+    except MacTunerError as e:
+        print(f"failed: {e.message}", flush=True)
+        rep.failed(e.message)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: the traceback goes to the job's log, the status says so
+        traceback.print_exc()
+        rep.failed(f"unexpected error ({type(e).__name__}: {e}); the job's log has the details")
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

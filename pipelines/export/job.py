@@ -20,13 +20,11 @@ Steps and their args (the same as `mactuner export <step>`):
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 from .. import jobs
-from ..errors import BadInput, Conflict, MacTunerError, NotFound
-from ..workspace import Workspace, write_json
+from ..errors import BadInput
+from ..workspace import Workspace
 from .common import ProgressFn, _slug
 from .convert import _model_stem, convert
 from .merge import merge
@@ -82,43 +80,23 @@ def run_step(ws: Workspace, step: str, args: dict, progress: ProgressFn) -> dict
 # ------------------------------------------------------------------------------------------ the studio's side
 
 
-def _job(ws: Workspace, job: str) -> jobs.JobDir:
-    if not job or "/" in job or "\\" in job or job.startswith("."):
-        raise BadInput(f"'{job}' is not an export job id.")
-    return jobs.JobDir(jobs_dir(ws) / job)
-
-
-def _failed(job: jobs.JobDir):
-    def fields(code: int | None) -> dict:
-        tail = job.log_tail(3, 600).strip().splitlines()
-        return {"state": "failed", "error": "the export process ended unexpectedly"
-                + (f" (exit code {code})" if code else "") + (": " + " | ".join(tail) if tail else "")}
-    return fields
+def queue(ws: Workspace) -> jobs.JobQueue:
+    return jobs.JobQueue(jobs_dir(ws), "export", "export")
 
 
 def status(ws: Workspace, job: str) -> dict:
     """The job's status; a job whose process is gone while it says running becomes failed (with the log's end)."""
-    j = _job(ws, job)
-    if j.read() is None:
-        raise NotFound(f"There is no export job '{job}'.")
-    j.fail_if_dead(("running",), _failed(j))
-    st = j.read() or {}
-    st["id"] = job
-    return st
+    return queue(ws).status(job)
 
 
 def list_jobs(ws: Workspace) -> list[dict]:
     """Every job, newest first."""
-    if not jobs_dir(ws).is_dir():
-        return []
-    out = [status(ws, d.name) for d in jobs_dir(ws).iterdir() if d.is_dir() and (d / "status.json").exists()]
-    out.sort(key=lambda s: (s.get("started") or 0, s["id"]), reverse=True)
-    return out
+    return queue(ws).list()
 
 
 def active(ws: Workspace) -> dict | None:
     """The running job, if any."""
-    return next((j for j in list_jobs(ws) if j.get("state") == "running"), None)
+    return queue(ws).active()
 
 
 def start(ws: Workspace, step: str, args: dict) -> str:
@@ -129,95 +107,27 @@ def start(ws: Workspace, step: str, args: dict) -> str:
         if ws.root not in gguf.parents:
             raise BadInput(f"{gguf} is outside the workspace ({ws.root}); {step} writes beside the GGUF, so pick one "
                            "under exports/ or models/.")
-    jobs_dir(ws).mkdir(parents=True, exist_ok=True)
-    with jobs.file_lock(jobs_dir(ws) / ".lock"):
-        running = active(ws)
-        if running:
-            raise Conflict(f"An export job is running ({running.get('step')} {running.get('label', '')}, "
-                           f"{int(100 * (running.get('fraction') or 0))}%): wait for it or cancel it.")
-        label = jobs.slug(Path(str(args.get("name") or args[STEPS[step]])).name, step, 120)
-        job = f"{time.strftime('%Y%m%d-%H%M%S')}-{step}-{label}"[:120]
-        while (jobs_dir(ws) / job).exists():
-            job += "-2"
-        j = jobs.JobDir(jobs_dir(ws) / job)
-        j.path.mkdir(parents=True)
-        write_json(j.spec_path, {"kind": "export", "step": step, "args": args, "root": str(ws.root)})
-        j.update(step=step, args=args, label=label, fraction=0.0, message="starting…", error=None, result=None)
-        jobs.start(j)
-    return job
+    label = jobs.slug(Path(str(args.get("name") or args[STEPS[step]])).name, step, 100)
+    return queue(ws).start(label, {"step": step, "args": args, "root": str(ws.root)}, id_label=f"{step}-{label}",
+                           step=step, args=args)
 
 
 def cancel(ws: Workspace, job: str) -> dict:
     """End a running job's process group (SIGTERM: the job records itself as cancelled)."""
-    st = status(ws, job)
-    if st.get("state") != "running":
-        return st
-    j = _job(ws, job)
-    j.signal(signal.SIGTERM)
-    for _ in range(100):  # the job writes its end within a moment
-        st = status(ws, job)
-        if st.get("state") != "running":
-            return st
-        time.sleep(0.1)
-    j.signal(signal.SIGKILL)
-    return status(ws, job)
+    return queue(ws).cancel(job)
 
 
 def wait(ws: Workspace, job: str, timeout: float = 3600.0, poll: float = 0.5):
     """Yield the job's status every `poll` seconds until it ends (the last one yielded is final)."""
-    return jobs.wait(_job(ws, job), lambda: status(ws, job), lambda st: st.get("state") in FINAL, timeout, poll)
+    return queue(ws).wait(job, timeout, poll)
 
 
 def log_tail(ws: Workspace, job: str, lines: int | None = None, max_bytes: int = 8000) -> str:
-    return _job(ws, job).log_tail(lines, max_bytes)
-
-
-# ------------------------------------------------------------------------------------------------ in the job
-
-
-class Reporter:
-    """The job process's side: `progress(fraction, message)` into status.json (at most every 0.3 s, always when the
-    message changes), then `done(result)` or `failed(error)`. SIGTERM becomes KeyboardInterrupt (→ cancelled)."""
-
-    def __init__(self, job: jobs.JobDir):
-        self.job = job
-        self._last = (0.0, None)
-        signal.signal(signal.SIGTERM, self._term)
-
-    @staticmethod
-    def _term(_sig, _frame):
-        raise KeyboardInterrupt("cancelled")
-
-    def progress(self, fraction: float, message: str) -> None:
-        now = time.time()
-        if message != self._last[1] or now - self._last[0] > 0.3:
-            self._last = (now, message)
-            self.job.update(fraction=round(max(0.0, min(1.0, float(fraction))), 4), message=message)
-
-    def done(self, result) -> None:
-        self.job.update(state="complete", fraction=1.0, message="done", result=result, ended=time.time())
-
-    def failed(self, error: str, cancelled: bool = False) -> None:
-        self.job.update(state="cancelled" if cancelled else "failed", error=error, ended=time.time())
+    return queue(ws).log_tail(job, lines, max_bytes)
 
 
 def run_job(job: jobs.JobDir) -> int:
     """The export job's process (`python -m pipelines.jobs exports/.jobs/<id>`)."""
-    import traceback  # noqa: PLC0415
-
     spec = job.spec()
-    rep = Reporter(job)
-    try:
-        rep.done(run_step(Workspace.open(spec["root"]), spec["step"], spec["args"], rep.progress))
-    except KeyboardInterrupt:
-        rep.failed("cancelled", cancelled=True)
-        return 130
-    except MacTunerError as e:
-        print(f"failed: {e.message}", flush=True)
-        rep.failed(e.message)
-        return 1
-    except Exception as e:  # noqa: BLE001 - a bug: the traceback goes to the job's log, the status says so
-        traceback.print_exc()
-        rep.failed(f"unexpected error ({type(e).__name__}: {e}); the job's log has the details")
-        return 1
-    return 0
+    return jobs.run_reported(job, lambda rep: run_step(Workspace.open(spec["root"]), spec["step"], spec["args"],
+                                                       rep.progress))
