@@ -17,6 +17,10 @@
     mactuner export quantize GGUF --quant Q8_0 [--quant Q4_K_M]    beside the GGUF
     mactuner export validate GGUF [--hf DIR] [--base-model DIR] [--prompt TEXT]
     mactuner export list | architectures
+    mactuner rag list [--root DIR]                                 knowledge bases
+    mactuner rag ingest KB FILE... [--create] [--password P]      add PDF / .txt / .md documents
+    mactuner rag search KB "query" [--top-k 5] [--mode hybrid]    ranked passages (no model)
+    mactuner rag ask KB "question" [--model GGUF_OR_HF_DIR]       a cited answer (default: the embedded model)
 
 Only `studio` imports gradio (lazily), so the other subcommands stay light.
 """
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_training(sub)
     _add_export(sub)
+    _add_rag(sub)
 
     args = ap.parse_args(argv)
     try:
@@ -351,6 +356,96 @@ def _add_export(sub) -> None:
     ls.set_defaults(fn=_list)
     ar = steps.add_parser("architectures", help="HF architectures the converter supports")
     ar.set_defaults(fn=lambda a: print("\n".join(__import__("pipelines.export").export.supported_architectures())) or 0)
+
+
+# ------------------------------------------------------------------------------------------------ rag
+
+
+def _add_rag(sub) -> None:
+    r = sub.add_parser("rag", help="knowledge bases: ingest documents, search, ask")
+    cmds = r.add_subparsers(dest="rag_cmd", required=True)
+
+    def common(p, fn):
+        p.add_argument("--root", default=None, help="workspace folder (default ~/.mactuner, or $MACTUNER_HOME)")
+        p.set_defaults(fn=fn)
+        return p
+
+    def _list(a):
+        from . import rag  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        print(json.dumps(rag.list_kbs(Workspace.open(a.root)), indent=2, default=str))
+        return 0
+
+    def _ingest(a):
+        from pathlib import Path  # noqa: PLC0415
+
+        from . import rag  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        ws = Workspace.open(a.root)
+        if a.create and a.kb not in [k["name"] for k in rag.list_kbs(ws)]:
+            rag.create(ws, a.kb)
+        files = [{"path": str(Path(f).resolve()), "name": Path(f).name, "password": a.password} for f in a.files]
+        rep = rag.ingest(ws, a.kb, files, lambda f, m, **_k: print(f"{100 * f:5.1f}%  {m}", file=sys.stderr,
+                                                                  flush=True))
+        print(json.dumps(rep.as_dict(), indent=2))
+        return 0 if rep.added or rep.skipped else 1
+
+    def _search(a):
+        from . import rag  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        kb = rag.open_kb(Workspace.open(a.root), a.kb)
+        print(json.dumps([p.as_dict() for p in rag.search(kb, a.query, a.top_k, a.mode)], indent=2))
+        return 0
+
+    def _ask(a):
+        from pathlib import Path  # noqa: PLC0415
+
+        from . import models, rag  # noqa: PLC0415
+        from .chat import ChatParams  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        ws = Workspace.open(a.root)
+        kb = rag.open_kb(ws, a.kb)
+        path = Path(a.model) if a.model else models.ensure_default_gguf(ws)
+        lm = models.load_gguf(path) if path.is_file() else models.load_hf(path)
+        try:
+            last = None
+            for ev in rag.stream_answer(lm, kb, a.question, ChatParams(max_new_tokens=a.max_new_tokens), a.top_k,
+                                        a.mode):
+                if ev.refused:
+                    print(ev.refused)
+                    return 1
+                if ev.chunk is not None:
+                    print(ev.chunk.text, end="", flush=True)
+                    last = ev
+            print()
+            for i, p in enumerate(last.passages if last else [], 1):
+                mark = "*" if i in last.citations else " "
+                print(f"{mark}[{i}] {p.file}, page {p.page} (similarity {p.similarity:.2f})", file=sys.stderr)
+        finally:
+            if lm.backend == "llama.cpp":
+                lm.model.close()
+        return 0
+
+    common(cmds.add_parser("list", help="knowledge bases with their documents and chunks"), _list)
+    i = common(cmds.add_parser("ingest", help="add documents (PDF, .txt, .md) to a knowledge base"), _ingest)
+    i.add_argument("kb")
+    i.add_argument("files", nargs="+")
+    i.add_argument("--create", action="store_true", help="create the knowledge base if it does not exist")
+    i.add_argument("--password", default=None, help="the password of encrypted PDFs")
+    for name, fn, what in (("search", _search, "query"), ("ask", _ask, "question")):
+        p = common(cmds.add_parser(name, help="ranked passages, no model" if name == "search" else
+                                   "a cited answer from a model"), fn)
+        p.add_argument("kb")
+        p.add_argument(what)
+        p.add_argument("--top-k", type=int, default=5)
+        p.add_argument("--mode", default="hybrid", choices=["hybrid", "vector", "keyword"])
+        if name == "ask":
+            p.add_argument("--model", default=None, help="a GGUF file or HF folder (default: the embedded model)")
+            p.add_argument("--max-new-tokens", type=int, default=256)
 
 
 if __name__ == "__main__":

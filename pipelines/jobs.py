@@ -39,7 +39,7 @@ from .workspace import write_json
 
 # kind -> "module:function" called as function(JobDir) in the job process; imported only there
 RUNNERS = {"train": "pipelines.runs:run_job", "export": "pipelines.export.job:run_job",
-           "ingest": "pipelines.rag.ingest:run_job"}
+           "ingest": "pipelines.rag.ingestion:run_job"}
 _THREAD_LOCK = threading.RLock()  # fcntl locks are per open file: threads of one process need this too
 
 

@@ -23,10 +23,9 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from pipelines import __version__, hub, models
-from pipelines.serving import registry
 from pipelines import device as devicemod
 from pipelines.errors import MacTunerError
-from pipelines.serving import openai
+from pipelines.serving import openai, registry
 
 from .handlers.common import Context
 from .handlers.model import current_model

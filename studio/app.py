@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -25,6 +26,7 @@ from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
 from .tabs import export as export_tab  # noqa: E402
 from .tabs import model as model_tab  # noqa: E402
+from .tabs import rag as rag_tab  # noqa: E402
 from .tabs import train as train_tab  # noqa: E402
 
 log = logging.getLogger("mactuner.studio")
@@ -44,11 +46,13 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
             data_tab.build(ctx, max_upload_mb)
             train_tab.build(ctx)
             chat = chat_tab.build(ctx)
+            rag_tab.build(ctx)
             export_tab.build(ctx, tabs, chat)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)
         export_tab.register_api(ctx)
+        rag_tab.register_api(ctx)
         demo.unload(h.forget_session)  # per-session state (a tab's stop Event, ...) goes with the page
         timer = gr.Timer(3.0)
         timer.tick(h.bind(hm.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")

@@ -95,11 +95,13 @@ class KB:
         with self.db() as con:
             docs, pages = con.execute("SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM sources").fetchone()
             chunks = con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        from .index import index_kind  # noqa: PLC0415
-
+        try:  # the vector index as built (index.py writes index.json)
+            kind = json.loads((self.path / "index.json").read_text()).get("kind")
+        except (OSError, ValueError):
+            kind = None
         return {"name": self.name, "documents": docs, "pages": pages, "chunks": chunks, "bytes": dir_size(self.path),
                 "embedder": m.get("embedder"), "dim": m.get("dim"), "chunk_size": m.get("chunk_size"),
-                "overlap": m.get("overlap"), "index": index_kind(chunks), "created": m.get("created"),
+                "overlap": m.get("overlap"), "index": kind or "not built yet", "created": m.get("created"),
                 "updated": m.get("updated"), "generation": m.get("generation", 0)}
 
     def write_manifest(self) -> dict:
@@ -128,7 +130,8 @@ def open_kb(ws: Workspace, name: str) -> KB:
 
 def create(ws: Workspace, name: str, embedder: str | None = None, chunk_size: int = 200, overlap: int = 40) -> KB:
     """A new, empty knowledge base; its settings (embedder, chunking) are fixed for its life."""
-    from .embed import DEFAULT, embedder as get_embedder  # noqa: PLC0415
+    from .embed import DEFAULT  # noqa: PLC0415
+    from .embed import embedder as get_embedder
 
     path = kb_path(ws, name)
     if path.exists():

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..handlers import common as h
-from ..handlers import chat as hc
 from pipelines.chat import ChatParams
+
+from ..handlers import chat as hc
+from ..handlers import common as h
 
 FIELDS = {f.name: f for f in ChatParams.sampling_fields()}
 ELEM_IDS = {"system_prompt": "chat-system", "max_new_tokens": "chat-max-new", "seed": "chat-seed",
             "stop": "chat-stop-strings"}
 
 
-def _widget(f):
+def _widget(f, prefix: str = "chat"):
     """The form widget of one ChatParams field: a slider from its range, text for the system prompt and stop
     strings, a number for the seed (-1: random; gr.Number shows None as 0, which would be a fixed seed)."""
-    md, elem_id = f.metadata, ELEM_IDS.get(f.name, f"chat-{f.name.replace('_', '-')}")
+    md = f.metadata
+    elem_id = ELEM_IDS.get(f.name, f"chat-{f.name.replace('_', '-')}").replace("chat-", f"{prefix}-", 1)
     if "range" in md:
         lo, hi, step = md["range"]
         return gr.Slider(lo, hi, value=f.default, step=step, label=md["label"], info=md["help"], elem_id=elem_id)

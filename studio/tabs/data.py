@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines import data as pdata
+
 from ..handlers import common as h
 from ..handlers import data as hd
-from pipelines import data as pdata
 
 
 def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:

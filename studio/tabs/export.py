@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..handlers import common as h
-from ..handlers import export as hx
 from pipelines import export as ex
 from pipelines.export import job as export_job
+
+from ..handlers import common as h
+from ..handlers import export as hx
 
 HELP = ex.ExportRequest.help()
 

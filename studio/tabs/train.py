@@ -7,9 +7,10 @@ import dataclasses
 
 import gradio as gr
 
+from pipelines.training import TrainConfig
+
 from ..handlers import common as h
 from ..handlers import train as ht
-from pipelines.training import TrainConfig
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

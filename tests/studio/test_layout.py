@@ -13,5 +13,5 @@ def test_tabs_hold_only_the_stage_tabs(workspace):
 
     demo = build_app(Context(workspace, ModelRegistry(), prepare_hf=False))
     (tabs,) = [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]
-    assert [type(c).__name__ for c in tabs.children] == ["Tab"] * 5
-    assert [c.label for c in tabs.children] == ["Model", "Data", "Train", "Chat", "Export"]
+    assert [type(c).__name__ for c in tabs.children] == ["Tab"] * 6
+    assert [c.label for c in tabs.children] == ["Model", "Data", "Train", "Chat", "RAG", "Export"]

@@ -1,0 +1,155 @@
+"""RAG tab: knowledge bases and their documents, the ingest (in its own process, followed live), questions answered
+with citations that open the passage they came from, retrieval alone, and retrieval quality measured."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines import rag
+from pipelines.chat import ChatParams
+
+from ..handlers import chat as hc
+from ..handlers import common as h
+from ..handlers import rag as hr
+from .chat import _widget
+
+
+def build(ctx: h.Context) -> dict:
+    with gr.Tab("RAG", id="rag") as tab:
+        with gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("#### Knowledge bases")
+                with gr.Row():
+                    kb = gr.Dropdown(hr.kb_names(ctx), value=None, label="Knowledge base", scale=3, elem_id="rag-kb",
+                                     allow_custom_value=True)
+                    refresh = gr.Button("↻", scale=0, elem_id="rag-refresh")
+                sample_btn = gr.Button("Try the sample guide (a 4-page PDF)", size="sm", elem_id="rag-sample")
+                kbs = gr.Dataframe(hr.kbs_table(ctx), headers=hr.KB_COLUMNS, interactive=False, elem_id="rag-kbs")
+                with gr.Accordion("New knowledge base", open=not hr.kb_names(ctx)):
+                    new_name = gr.Textbox(label="Name", elem_id="rag-new-name")
+                    new_emb = gr.Textbox(label="Embedding model (empty: the bundled all-MiniLM-L6-v2; or a local "
+                                               "sentence-transformers folder)", elem_id="rag-new-embedder")
+                    with gr.Row():
+                        size = gr.Slider(32, 254, value=200, step=1, label="Chunk size (tokens)", elem_id="rag-size")
+                        overlap = gr.Slider(0, 128, value=40, step=1, label="Overlap (tokens)", elem_id="rag-overlap")
+                    create_btn = gr.Button("Create", elem_id="rag-create")
+                msg = gr.Markdown(elem_id="rag-msg")
+                gr.Markdown("#### Documents")
+                files = gr.File(file_count="multiple", file_types=[".pdf", ".txt", ".md"], type="filepath",
+                                label="PDF, text or Markdown", elem_id="rag-files")
+                password = gr.Textbox(label="PDF password (for encrypted PDFs)", type="password", elem_id="rag-password")
+                with gr.Row():
+                    add_btn = gr.Button("Add documents", variant="primary", elem_id="rag-add")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="rag-cancel")
+                job_md = gr.Markdown(elem_id="rag-job")
+                bar = gr.HTML(elem_id="rag-progress")
+                docs = gr.Dataframe(headers=hr.DOC_COLUMNS, interactive=False, elem_id="rag-docs")
+                with gr.Row():
+                    doc = gr.Dropdown([], label="Document", scale=3, elem_id="rag-doc")
+                    remove_btn = gr.Button("Remove it", scale=1, elem_id="rag-remove")
+                with gr.Accordion("Delete this knowledge base", open=False):
+                    confirm = gr.Checkbox(label="yes, delete it", elem_id="rag-confirm")
+                    delete_btn = gr.Button("Delete", variant="stop", elem_id="rag-delete")
+            with gr.Column(scale=3):
+                gr.Markdown("#### Ask")
+                with gr.Row():
+                    model = gr.Dropdown(hr.model_choices(ctx), label="Model", scale=3, elem_id="rag-model",
+                                        allow_custom_value=True)
+                    adapter = gr.Dropdown([hr.BASE], value=hr.BASE, label="Adapter", scale=2, elem_id="rag-adapter",
+                                          allow_custom_value=True)
+                with gr.Row():
+                    top_k = gr.Slider(1, 20, value=5, step=1, label="Passages (top-k)", elem_id="rag-topk")
+                    mode = gr.Radio(list(rag.MODES), value="hybrid", label="Search", elem_id="rag-mode")
+                    threshold = gr.Slider(0.0, 1.0, value=rag.THRESHOLD, step=0.01, label="Relevance threshold "
+                                          "(cosine similarity)", elem_id="rag-threshold")
+                question = gr.Textbox(label="Question", elem_id="rag-question")
+                with gr.Row():
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="rag-ask")
+                    search_btn = gr.Button("Search only", elem_id="rag-search")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="rag-stop")
+                answer = gr.Markdown(elem_id="rag-answer")
+                speed = gr.Markdown(elem_id="rag-speed")
+                cites = gr.Radio([], label="Citations (open one to see its passage)", elem_id="rag-cites")
+                passage = gr.Markdown(elem_id="rag-passage")
+                passages = gr.Dataframe(headers=hr.PASSAGE_COLUMNS, interactive=False, wrap=True,
+                                        label="Retrieved passages", elem_id="rag-passages")
+                search_note = gr.Markdown(elem_id="rag-search-note")
+                with gr.Accordion("Answer settings", open=False):
+                    sampling = [_widget(f, "rag") for f in ChatParams.sampling_fields()]
+        with gr.Accordion("Retrieval quality", open=False, elem_id="rag-eval"):
+            gr.Markdown("Questions are made from the knowledge base's own passages (most of one of their sentences), "
+                        "or come from your CSV (columns `question`, `file`, optional `page`); each search mode is "
+                        "scored on finding the source.")
+            with gr.Row():
+                n_q = gr.Slider(5, 200, value=40, step=5, label="Questions to make", elem_id="rag-eval-n")
+                eval_csv = gr.File(file_types=[".csv"], type="filepath", label="Or your CSV", elem_id="rag-eval-csv")
+                eval_btn = gr.Button("Evaluate", elem_id="rag-eval-run")
+            eval_md = gr.Markdown(elem_id="rag-eval-md")
+            with gr.Row():
+                eval_table = gr.Dataframe(headers=hr.EVAL_COLUMNS, interactive=False, elem_id="rag-eval-table")
+                eval_plot = gr.Plot(elem_id="rag-eval-plot")
+        job = gr.Textbox(visible=False, elem_id="rag-job-id")
+        seen = gr.State(None)
+        shown = gr.State([])
+        timer = gr.Timer(1.5)
+
+    kb_out = [kb, kbs, msg]
+    create_btn.click(h.bind(hr.create, ctx), [new_name, new_emb, size, overlap], kb_out, api_name="rag_create")
+    kb.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
+    sample_btn.click(h.bind(hr.try_sample, ctx), None, [kb, kbs, msg, job], api_name="rag_try_sample")
+    refresh.click(lambda n: (gr.update(choices=hr.kb_names(ctx)), hr.kbs_table(ctx), *hr.documents(ctx, n)), kb,
+                  [kb, kbs, docs, doc], api_visibility="private")
+    add_btn.click(h.bind(hr.add_documents, ctx), [kb, files, password], [msg, job], api_name="rag_ingest")
+    cancel_btn.click(h.bind(hr.cancel, ctx), job, msg, api_name="rag_cancel")
+    poll = h.bind(hr.poll, ctx)
+    poll_out = [job, bar, job_md, seen, kbs]
+    timer.tick(poll, [job, seen], poll_out, api_visibility="private", show_progress="hidden")
+    timer.tick(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private", show_progress="hidden")
+    tab.select(poll, [job, seen], poll_out, api_visibility="private")
+    tab.select(lambda a: (gr.update(choices=hr.model_choices(ctx), value=a if a in hr.model_choices(ctx) else
+                                    (ctx.registry.current().name if ctx.registry.current() else None)),
+                          gr.update(choices=hr.kb_names(ctx))), model, [model, kb], api_visibility="private")
+    model.change(lambda n: gr.update(choices=hr.adapter_choices(ctx, n), value=hr.BASE), model, adapter,
+                 api_visibility="private")
+    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove")
+    delete_btn.click(h.bind(hr.delete, ctx), [kb, confirm], kb_out, api_name="rag_delete")
+    search_btn.click(h.bind(hr.search, ctx), [kb, question, top_k, mode], [passages, search_note],
+                     api_name="rag_search")
+    ask_in = [kb, question, model, adapter, top_k, mode, threshold, *sampling]
+    ask_out = [answer, speed, passages, cites, shown]
+    ask_btn.click(h.bind(hr.ask, ctx), ask_in, ask_out, api_name="rag_ask")
+    question.submit(h.bind(hr.ask, ctx), ask_in, ask_out, api_visibility="private")
+    stop_btn.click(hc.stop, None, None, api_name="rag_stop")  # the same per-session stop as the Chat tab's
+    cites.change(hr.show_passage, [cites, shown], passage, api_visibility="private")
+    eval_btn.click(h.bind(hr.evaluate, ctx), [kb, n_q, eval_csv], [eval_table, eval_plot, eval_md],
+                   api_name="rag_evaluate")
+    return {"tab": tab}
+
+
+def register_api(ctx: h.Context) -> None:
+    """JSON endpoints for scripts."""
+
+    def rag_list() -> list[dict]:
+        """Every knowledge base: documents, pages, chunks, size, embedder, index kind."""
+        return rag.list_kbs(ctx.ws)
+
+    def rag_documents(name: str) -> list[dict]:
+        """The documents of one knowledge base."""
+        return h.ui_errors(lambda: hr._kb(ctx, name).sources())()
+
+    def rag_status(job: str = "") -> dict:
+        """An ingest job's status (default: the running one, else the newest); {} when there is none."""
+        from pipelines.rag.ingestion import queue  # noqa: PLC0415
+
+        def get():
+            q = queue(ctx.ws)
+            return q.status(job) if job else (q.active() or next(iter(q.list()), {}))
+
+        return h.ui_errors(get)()
+
+    def rag_retrieve(name: str, query: str, top_k: int = 5, mode: str = "hybrid") -> list[dict]:
+        """Ranked passages with scores, file and page (no model)."""
+        return h.ui_errors(lambda: [p.as_dict() for p in rag.search(hr._kb(ctx, name), query, int(top_k), mode)])()
+
+    for fn in (rag_list, rag_documents, rag_status, rag_retrieve):
+        gr.api(fn, api_name=fn.__name__)
