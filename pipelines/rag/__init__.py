@@ -4,7 +4,7 @@
     extract.py   PDF (pypdf, page by page), text and Markdown to text, with a clear refusal for every unusable file
     chunk.py     passages that fit the embedder (its own tokenizer), at paragraph and sentence boundaries
     embed.py     sentence-transformers embeddings (the bundled all-MiniLM-L6-v2 by default), normalised, batched
-    index.py     FAISS (exact, or HNSW when large), SQLite FTS5 keywords, reciprocal rank fusion
+    index.py     FAISS (exact, or HNSW when large), BM25 keywords (bm25s), reciprocal rank fusion
     ingestion.py documents -> chunks -> vectors, one document per transaction; the ingest job
     retrieve.py  search(): ranked passages with scores and origin (vector, keyword or hybrid)
     answer.py    stream_answer(): passages fitted to the model's context window, cited answers, "nothing relevant"

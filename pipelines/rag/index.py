@@ -1,19 +1,19 @@
 """Search indexes of a knowledge base: FAISS over the normalised vectors (exact inner product while the base is small,
-HNSW once it is large - chosen by size and shown), SQLite FTS5 for keywords (BM25), and reciprocal rank fusion of
-the two rankings. SQLite's FTS5 was chosen over bm25s by measurement (bench/rag.py): both answer in a few
-milliseconds at 100k chunks, and FTS5 updates in place inside the knowledge base's transactions, with no extra
-package.
+HNSW once it is large - chosen by size and shown), BM25 over the chunks' text (bm25s), and reciprocal rank fusion of
+the two rankings. bm25s was chosen over SQLite FTS5 by measurement (bench/rag.py): at 100k chunks FTS5 took
+~150 ms for a query of common words (it scores every row that holds one), bm25s ~1.5 ms (precomputed sparse
+scores); bm25s rebuilds instead of updating in place, which the vector index does anyway.
 
-The FAISS index is derived data: built from the vectors table for the database's current generation, written under
-a temporary name and renamed, and rebuilt whenever its recorded generation is not the database's (so an index cut
-off by a crash is never used).
+Both indexes are derived data: built from the database's chunks and vectors for its current generation, written
+under temporary names and renamed, and rebuilt whenever their recorded generation is not the database's (so an index
+cut off by a crash is never used).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 import threading
 from dataclasses import dataclass
 
@@ -26,7 +26,8 @@ from .store import KB
 FLAT_MAX = 50_000  # chunks searched exactly; above, an HNSW graph
 HNSW_M, HNSW_EF_BUILD, HNSW_EF_SEARCH = 32, 80, 96
 RRF_K = 60
-_CACHE: dict[str, "VectorIndex"] = {}
+STOPWORDS = "en"
+_CACHE: dict[str, "Indexes"] = {}
 _LOCK = threading.Lock()
 
 
@@ -35,9 +36,10 @@ def index_kind(n: int) -> str:
 
 
 @dataclass
-class VectorIndex:
-    index: object  # faiss.Index
-    ids: np.ndarray  # position -> chunk id
+class Indexes:
+    vectors: object  # faiss.Index
+    bm25: object | None  # bm25s.BM25 (None while the base is empty)
+    ids: np.ndarray  # position -> chunk id (the same order in both)
     generation: int
     kind: str
 
@@ -47,6 +49,12 @@ def _faiss():
 
     faiss.omp_set_num_threads(devicemod.cpu_threads())
     return faiss
+
+
+def _tokens(texts: list[str]):
+    import bm25s  # noqa: PLC0415
+
+    return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=False, show_progress=False)
 
 
 def build(vectors: np.ndarray):
@@ -64,50 +72,75 @@ def build(vectors: np.ndarray):
     return index
 
 
-def _generation(kb: KB) -> int:
-    return int(kb.meta().get("generation", 0))
+def _meta(con) -> dict:
+    return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
 
 
-def rebuild(kb: KB) -> VectorIndex:
-    """Build the vector index for the database's current generation and write it (temp name, then rename)."""
+def rebuild(kb: KB) -> Indexes:
+    """Build both indexes for the database's current generation and write them (temporary names, then renames;
+    index.json, which says which generation they are, last)."""
+    import bm25s  # noqa: PLC0415
+
     faiss = _faiss()
     with kb.db() as con:
-        gen = int(json.loads(con.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]))
-        dim = int(json.loads(con.execute("SELECT value FROM meta WHERE key='dim'").fetchone()[0]))
-        rows = con.execute("SELECT id, v FROM vectors ORDER BY id").fetchall()
+        meta = _meta(con)
+        rows = con.execute("SELECT c.id, c.text, v.v FROM chunks c JOIN vectors v ON v.id = c.id ORDER BY c.id").fetchall()
+    gen, dim = int(meta.get("generation", 0)), int(meta["dim"])
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim) if rows else \
+    vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(-1, dim) if rows else \
         np.zeros((0, dim), np.float32)
-    index = build(vecs)
-    tmp = kb.path / f".index.faiss.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    np.save(kb.path / ".index-ids.npy.tmp.npy", ids)
-    os.replace(kb.path / ".index-ids.npy.tmp.npy", kb.path / "index-ids.npy")
-    os.replace(tmp, kb.path / "index.faiss")
+    vindex = build(vecs)
+    bm25 = None
+    tmp = f".tmp-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(kb.path / f"bm25{tmp}", ignore_errors=True)
+    if rows:
+        bm25 = bm25s.BM25()
+        bm25.index(bm25s.tokenize([r[1] for r in rows], stopwords=STOPWORDS, show_progress=False),
+                   show_progress=False)
+        bm25.save(str(kb.path / f"bm25{tmp}"))
+    faiss.write_index(vindex, str(kb.path / f"index.faiss{tmp}"))
+    np.save(kb.path / f"index-ids{tmp}.npy", ids)
+    os.replace(kb.path / f"index-ids{tmp}.npy", kb.path / "index-ids.npy")
+    os.replace(kb.path / f"index.faiss{tmp}", kb.path / "index.faiss")
+    if bm25 is not None:
+        shutil.rmtree(kb.path / "bm25.old", ignore_errors=True)
+        if (kb.path / "bm25").exists():
+            os.rename(kb.path / "bm25", kb.path / "bm25.old")
+        os.rename(kb.path / f"bm25{tmp}", kb.path / "bm25")
+        shutil.rmtree(kb.path / "bm25.old", ignore_errors=True)
     write_json(kb.path / "index.json", {"generation": gen, "kind": index_kind(len(ids)), "count": int(len(ids))})
-    vi = VectorIndex(index, ids, gen, index_kind(len(ids)))
+    idx = Indexes(vindex, bm25, ids, gen, index_kind(len(ids)))
     with _LOCK:
-        _CACHE[str(kb.path)] = vi
-    return vi
+        _CACHE[str(kb.path)] = idx
+    return idx
 
 
-def load(kb: KB) -> VectorIndex:
-    """The vector index of the database's current generation: cached, else read from disk, else rebuilt."""
-    gen = _generation(kb)
+def load(kb: KB, generation: int | None = None) -> Indexes:
+    """The indexes of the database's current generation (`generation` when the caller has read it): cached, else
+    read from disk, else rebuilt."""
+    if generation is None:
+        with kb.db() as con:
+            generation = int(_meta(con).get("generation", 0))
     with _LOCK:
-        vi = _CACHE.get(str(kb.path))
-    if vi is not None and vi.generation == gen:
-        return vi
+        idx = _CACHE.get(str(kb.path))
+    if idx is not None and idx.generation == generation:
+        return idx
     try:
         info = json.loads((kb.path / "index.json").read_text())
-        if int(info.get("generation", -1)) == gen:
-            vi = VectorIndex(_faiss().read_index(str(kb.path / "index.faiss")), np.load(kb.path / "index-ids.npy"),
-                             gen, info.get("kind") or "")
-            if vi.index.ntotal == len(vi.ids):
+        if int(info.get("generation", -1)) == generation:
+            ids = np.load(kb.path / "index-ids.npy")
+            bm25 = None
+            if len(ids):
+                import bm25s  # noqa: PLC0415
+
+                bm25 = bm25s.BM25.load(str(kb.path / "bm25"))
+            idx = Indexes(_faiss().read_index(str(kb.path / "index.faiss")), bm25, ids, generation,
+                          info.get("kind") or "")
+            if idx.vectors.ntotal == len(ids):
                 with _LOCK:
-                    _CACHE[str(kb.path)] = vi
-                return vi
-    except (OSError, ValueError, RuntimeError):
+                    _CACHE[str(kb.path)] = idx
+                return idx
+    except (OSError, ValueError, RuntimeError, KeyError):
         pass  # missing, half-written or from another generation: rebuilt below
     return rebuild(kb)
 
@@ -117,31 +150,23 @@ def forget(kb: KB) -> None:
         _CACHE.pop(str(kb.path), None)
 
 
-def vector_search(kb: KB, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
+def vector_search(idx: Indexes, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
     """(chunk id, cosine similarity), best first."""
-    vi = load(kb)
-    if not len(vi.ids) or k <= 0:
+    if not len(idx.ids) or k <= 0:
         return []
-    scores, pos = vi.index.search(np.ascontiguousarray(query_vec.reshape(1, -1), dtype=np.float32),
-                                  min(k, len(vi.ids)))
-    return [(int(vi.ids[p]), float(s)) for s, p in zip(scores[0], pos[0]) if p >= 0]
+    scores, pos = idx.vectors.search(np.ascontiguousarray(query_vec.reshape(1, -1), dtype=np.float32),
+                                     min(k, len(idx.ids)))
+    return [(int(idx.ids[p]), float(s)) for s, p in zip(scores[0], pos[0]) if p >= 0]
 
 
-def fts_query(text: str) -> str:
-    """A user's words as an FTS5 query: each word quoted (no operator or syntax of theirs is run), OR-ed."""
-    words = re.findall(r"\w+", text or "")
-    return " OR ".join('"' + w.replace('"', "") + '"' for w in words[:64])
-
-
-def keyword_search(kb: KB, query: str, k: int) -> list[tuple[int, float]]:
-    """(chunk id, BM25 score - higher is better), best first."""
-    q = fts_query(query)
-    if not q or k <= 0:
+def keyword_search(idx: Indexes, query: str, k: int) -> list[tuple[int, float]]:
+    """(chunk id, BM25 score), best first; only chunks that share a word with the query. The query is split into
+    words like the chunks were: nothing in it is syntax."""
+    tokens = _tokens([query or ""])
+    if idx.bm25 is None or k <= 0 or not tokens[0]:
         return []
-    with kb.db() as con:
-        rows = con.execute("SELECT rowid, bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY bm25(fts) LIMIT ?",
-                           (q, int(k))).fetchall()
-    return [(int(r), -float(s)) for r, s in rows]
+    docs, scores = idx.bm25.retrieve(tokens, k=min(k, len(idx.ids)), show_progress=False)
+    return [(int(idx.ids[d]), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
 
 
 def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[tuple[int, float]]:

@@ -27,7 +27,7 @@ from .extract import extract, kind_of
 from .store import KB, open_kb
 
 ProgressFn = Callable[..., None]  # (fraction, message, **fields)
-BATCH = 64
+BATCH = 512  # chunks per encode call (sentence-transformers sorts each call by length: fewer pads)
 
 
 @dataclass
@@ -152,7 +152,6 @@ def _store(kb: KB, sha: str, name: str, doc, chunks, vecs, path: Path) -> None:
         con.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         [(cid, sha, c.page, c.start, c.end, c.heading, c.text, c.tokens) for cid, c in zip(ids, chunks)])
         con.executemany("INSERT INTO vectors VALUES (?, ?)", [(cid, allv[j].tobytes()) for j, cid in enumerate(ids)])
-        con.executemany("INSERT INTO fts(rowid, text) VALUES (?, ?)", [(cid, c.text) for cid, c in zip(ids, chunks)])
         kb.bump(con)
 
 

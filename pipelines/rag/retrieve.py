@@ -2,13 +2,14 @@
 
     search(kb, "how do I reset it?", top_k=5, mode="hybrid")   # -> [Passage(rank, score, file, page, text, ...)]
 
-Modes: "vector" (cosine similarity of the embeddings), "keyword" (BM25 over SQLite FTS5) and "hybrid" (the two
+Modes: "vector" (cosine similarity of the embeddings), "keyword" (BM25) and "hybrid" (the two
 rankings fused by reciprocal rank). Every passage also carries its cosine similarity (`similarity`), which the
 answer stage compares with its threshold to tell "nothing relevant" from a weak match.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,22 +45,20 @@ class Passage:
         return f"{self.file}, page {self.page}"
 
 
-def _rows(kb: KB, ids: list[int]) -> dict[int, tuple]:
+def _rows(con, ids: list[int]) -> dict[int, tuple]:
     if not ids:
         return {}
-    with kb.db() as con:
-        q = ",".join("?" * len(ids))
-        rows = con.execute(f"SELECT c.id, s.name, c.page, c.start, c.\"end\", c.heading, c.text FROM chunks c "  # noqa: S608 - placeholders only
-                           f"JOIN sources s ON s.sha256 = c.sha256 WHERE c.id IN ({q})", ids).fetchall()
+    q = ",".join("?" * len(ids))
+    rows = con.execute(f"SELECT c.id, s.name, c.page, c.start, c.\"end\", c.heading, c.text FROM chunks c "  # noqa: S608
+                       f"JOIN sources s ON s.sha256 = c.sha256 WHERE c.id IN ({q})", ids).fetchall()  # placeholders only
     return {r[0]: r[1:] for r in rows}
 
 
-def _similarities(kb: KB, ids: list[int], qvec: np.ndarray) -> dict[int, float]:
+def _similarities(con, ids: list[int], qvec: np.ndarray) -> dict[int, float]:
     if not ids:
         return {}
-    with kb.db() as con:
-        q = ",".join("?" * len(ids))
-        rows = con.execute(f"SELECT id, v FROM vectors WHERE id IN ({q})", ids).fetchall()  # noqa: S608
+    q = ",".join("?" * len(ids))
+    rows = con.execute(f"SELECT id, v FROM vectors WHERE id IN ({q})", ids).fetchall()  # noqa: S608
     return {i: float(np.frombuffer(v, dtype=np.float32) @ qvec) for i, v in rows}
 
 
@@ -76,17 +75,20 @@ def search(kb: KB, query: str, top_k: int = 5, mode: str = "hybrid") -> list[Pas
         raise BadInput(f"top-k must be a whole number, not {top_k!r}.") from None
     if not 1 <= top_k <= 100:
         raise BadInput(f"top-k must be between 1 and 100 (got {top_k}).")
-    qvec = embedder(kb.meta().get("embedder")).encode([query])[0]
-    n = max(top_k, CANDIDATES)
-    vec = index.vector_search(kb, qvec, n) if mode != "keyword" else []
-    kw = index.keyword_search(kb, query, n) if mode != "vector" else []
-    ranked = vec if mode == "vector" else kw if mode == "keyword" else index.rrf([[i for i, _ in vec],
-                                                                                 [i for i, _ in kw]])
-    ranked = ranked[:top_k]
-    ids = [i for i, _ in ranked]
-    rows, sims = _rows(kb, ids), dict(vec)
-    missing = [i for i in ids if i not in sims]
-    sims.update(_similarities(kb, missing, qvec))
+    with kb.db() as con:  # one connection for the whole query
+        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta WHERE key IN "
+                                                          "('embedder', 'generation')")}
+        idx = index.load(kb, int(meta.get("generation", 0)))
+        qvec = embedder(meta.get("embedder")).encode([query])[0]
+        n = max(top_k, CANDIDATES)
+        vec = index.vector_search(idx, qvec, n) if mode != "keyword" else []
+        kw = index.keyword_search(idx, query, n) if mode != "vector" else []
+        ranked = vec if mode == "vector" else kw if mode == "keyword" else index.rrf([[i for i, _ in vec],
+                                                                                     [i for i, _ in kw]])
+        ranked = ranked[:top_k]
+        ids = [i for i, _ in ranked]
+        rows, sims = _rows(con, ids), dict(vec)
+        sims.update(_similarities(con, [i for i in ids if i not in sims], qvec))
     out = []
     for rank, (cid, score) in enumerate(ranked, 1):
         if cid in rows:

@@ -5,10 +5,10 @@
                      sources  sha256, name, kind, pages, chars, bytes, added     (one row per document)
                      chunks   id, sha256, page, start, end, heading, text, tokens  (origin: file, page, char span)
                      vectors  chunk id -> float32 embedding (the vector index is built from these)
-                     fts      SQLite FTS5 over the chunks' text (the keyword index)
     sources/       the documents as uploaded, named by content hash: <sha256>.<ext>
-    index.faiss    the FAISS index of the vectors, with index.json {"generation", "kind", "ids"}; written under a
-                   temporary name and renamed, and trusted only when its generation is the database's
+    index.faiss    the FAISS index of the vectors and bm25/ the keyword index (bm25s) of the chunks' text, with
+                   index-ids.npy and index.json {"generation", "kind", "count"}: derived data, written under temporary
+                   names and renamed, and trusted only when their generation is the database's
     manifest.json  a summary for people and listings (embedder, settings, counts, index kind, dates)
 
     kb = create(ws, "manuals")                 # or open_kb(ws, "manuals")
@@ -38,7 +38,6 @@ CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, sha256 TEXT, page INT
                                    heading TEXT, text TEXT, tokens INTEGER);
 CREATE INDEX IF NOT EXISTS chunks_sha ON chunks(sha256);
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, v BLOB);
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(text, tokenize='unicode61 remove_diacritics 2');
 """
 
 
@@ -70,10 +69,10 @@ class KB:
 
     @contextlib.contextmanager
     def db(self):
-        """A connection (WAL: the studio reads while an ingest job writes); commits on success."""
+        """A connection (the database is in WAL mode: the studio reads while an ingest job writes); commits on
+        success."""
         con = sqlite3.connect(self.db_path, timeout=30)
         try:
-            con.execute("PRAGMA journal_mode=WAL")
             yield con
             con.commit()
         finally:
@@ -146,6 +145,7 @@ def create(ws: Workspace, name: str, embedder: str | None = None, chunk_size: in
     (tmp / "sources").mkdir(parents=True)
     try:
         con = sqlite3.connect(tmp / "kb.sqlite")
+        con.execute("PRAGMA journal_mode=WAL")  # persistent: readers never wait for a writer
         con.executescript(SCHEMA)
         now = time.time()
         meta = {"embedder": emb.name if emb.name != DEFAULT else DEFAULT, "dim": emb.dim, "chunk_size": int(chunk_size),
@@ -187,7 +187,6 @@ def remove_documents(kb: KB, names_or_shas: list[str]) -> int:
             raise NotFound(f"{', '.join(sorted(missing))}: not in the knowledge base '{kb.name}'.")
         for sha in shas:
             ids = [r[0] for r in con.execute("SELECT id FROM chunks WHERE sha256=?", (sha,))]
-            con.executemany("DELETE FROM fts WHERE rowid=?", [(i,) for i in ids])
             con.executemany("DELETE FROM vectors WHERE id=?", [(i,) for i in ids])
             con.execute("DELETE FROM chunks WHERE sha256=?", (sha,))
             con.execute("DELETE FROM sources WHERE sha256=?", (sha,))
