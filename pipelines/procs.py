@@ -5,18 +5,26 @@ from the pid and start time a status file recorded, whether it is still alive (a
     alive({"pid": pid, "create_time": create_time})  -> bool
     exit_code(pid)                                     -> the exit status of a child this process started, or None
     log_tail(log_path, lines=None)                     -> the end of its log (the last `lines` lines)
+
+Every child started here is waited on by a small thread of its own as soon as it starts, so a finished job never
+lingers as a `<defunct>` zombie of the studio, whether or not anyone polls its status; its exit status is kept
+(the last few hundred) for `exit_code`.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import psutil
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_CHILDREN: dict[int, subprocess.Popen] = {}  # processes started here, reaped when polled
+_CHILDREN: dict[int, subprocess.Popen] = {}  # processes started here and still running (their reaper waits)
+_EXITED: dict[int, int] = {}  # pid -> exit status of children that ended, until exit_code asks (bounded)
+_MAX_EXITED = 256
+_LOCK = threading.Lock()
 
 
 def child_env(drop: set[str] = frozenset()) -> dict:
@@ -32,21 +40,31 @@ def spawn(cmd: list[str], log, env: dict | None = None) -> tuple[int, float | No
     pid and start time. OSError when it cannot start."""
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=env if env is not None else child_env())
-    _CHILDREN[proc.pid] = proc
+    with _LOCK:
+        _CHILDREN[proc.pid] = proc
+        _EXITED.pop(proc.pid, None)  # an earlier child's status under a recycled pid
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         create_time = None
+    threading.Thread(target=_reap, args=(proc,), name=f"reap-{proc.pid}", daemon=True).start()
     return proc.pid, create_time
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for `proc` to end (which reaps it) and keep its exit status for `exit_code`."""
+    code = proc.wait()
+    with _LOCK:
+        _CHILDREN.pop(proc.pid, None)
+        _EXITED[proc.pid] = code
+        while len(_EXITED) > _MAX_EXITED:
+            _EXITED.pop(next(iter(_EXITED)))
 
 
 def alive(st: dict) -> bool:
     """True while the process recorded in `st` ("pid", optional "create_time") runs."""
     pid = st.get("pid")
     if not isinstance(pid, int) or pid <= 0:
-        return False
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:  # reap our own child so it does not linger as a zombie
         return False
     try:
         p = psutil.Process(pid)
@@ -59,9 +77,19 @@ def alive(st: dict) -> bool:
 
 
 def exit_code(pid) -> int | None:
-    """The exit status of a finished child started by this process (forgotten afterwards), else None."""
-    child = _CHILDREN.pop(pid, None) if isinstance(pid, int) else None
-    return child.poll() if child is not None else None
+    """The exit status of a finished child started by this process (forgotten afterwards), else None. A child that
+    has just ended gets a moment for its reaper to record it."""
+    if not isinstance(pid, int):
+        return None
+    with _LOCK:
+        child = _CHILDREN.get(pid)
+    if child is not None:
+        try:
+            child.wait(timeout=2.0)  # returns once the reaper thread has reaped it
+        except subprocess.TimeoutExpired:
+            return None
+    with _LOCK:
+        return _EXITED.pop(pid, None)
 
 
 def log_tail(path: Path, lines: int | None = None, max_bytes: int = 20_000) -> str:

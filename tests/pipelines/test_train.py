@@ -470,6 +470,37 @@ def _wait_for(pred, timeout=60.0):
     return False
 
 
+def _reaped(pid: int, parent=None, timeout: float = 30.0) -> bool:
+    """True once `pid` is no child of `parent` (default: this process) any more, not even a <defunct> one."""
+    import psutil
+
+    parent = parent or psutil.Process()
+    return _wait_for(lambda: pid not in {c.pid for c in parent.children()}, timeout)
+
+
+def test_finished_job_processes_are_reaped(tmp_path):
+    """A job's process that ends is waited on at once, though nobody polls its status: no zombie is left."""
+    import psutil
+
+    from pipelines import jobs, procs
+
+    ended = []
+    for i, code in enumerate((0, 3)):
+        job = jobs.JobDir(tmp_path / f"job-{i}")
+        st = jobs.start(job, [sys.executable, "-c", f"raise SystemExit({code})"])
+        assert st["state"] == "running" and st["pid"]
+        ended.append((job, st["pid"], code))
+    for job, pid, _ in ended:
+        assert _reaped(pid), psutil.Process(pid).status()
+        assert not procs.alive(job.read())
+    zombies = [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    assert not {pid for _, pid, _ in ended} & set(zombies)
+    # its exit status is still known when the job is found dead (it never wrote its end)
+    job, pid, code = ended[1]
+    assert job.fail_if_dead(("running",), lambda c: {"state": "failed", "code": c})
+    assert job.read()["state"] == "failed" and job.read()["code"] == 3
+
+
 def test_second_launch_is_queued_then_started(ws, tiny_llama_dir):
     a = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=3), name="first")
     b = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=2), name="second")
@@ -486,6 +517,7 @@ def test_second_launch_is_queued_then_started(ws, tiny_llama_dir):
     listed = {r["name"]: r for r in runs.list_runs(ws)}
     assert listed["first"]["state"] == "finished" and listed["first"]["best_eval_loss"] is not None
     assert listed["first"]["duration"] > 0 and listed["second"]["dataset"] == "chat v1"
+    assert _reaped(sa["pid"], timeout=60), "the finished trainer lingers as a zombie of the process that started it"
 
 
 def test_kill_9_then_resume(ws, tiny_llama_dir):
