@@ -7,6 +7,7 @@ The run folder is the truth: a refreshed page or a second tab re-attaches by rea
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -16,14 +17,17 @@ import plotly.graph_objects as go
 
 from pipelines import data as pdata
 from pipelines import models, runs
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, MacTunerError
 from pipelines.training import DTYPES, METHODS, SCHEDULERS, TrainConfig, check_data, plan_training
 from pipelines.workspace import human_bytes
 
 from .common import Context, progress_bar_html, ui_errors
 
+log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 CHOICES = {"method": list(METHODS), "scheduler": list(SCHEDULERS), "dtype": list(DTYPES)}
+MARKERS_UP_TO = 30  # points per curve drawn with markers
+RATE_WINDOW = 20  # the ETA's rate: seconds per step over the last rows
 RUN_COLUMNS = ["name", "state", "dataset", "method", "step", "total_steps", "final_loss", "best_eval_loss",
                "duration", "reason"]
 
@@ -139,35 +143,70 @@ def _apply_rows(rows: list[dict], new: list[dict]) -> list[dict]:
     return rows
 
 
+def _mode(n: int) -> str:
+    """Markers while a curve has few points: one point drawn as a line alone is invisible."""
+    return "lines+markers" if n <= MARKERS_UP_TO else "lines"
+
+
 def _figures(rows: list[dict]):
     df = pd.DataFrame(rows)
     loss, lr, tps = go.Figure(), go.Figure(), go.Figure()
     if not df.empty:
+        mode = _mode(len(df))
         if "loss" in df:
-            loss.add_trace(go.Scatter(x=df["step"], y=df["loss"], mode="lines", name="train loss"))
+            loss.add_trace(go.Scatter(x=df["step"], y=df["loss"], mode=mode, name="train loss"))
         if "eval_loss" in df and df["eval_loss"].notna().any():
             ev = df[df["eval_loss"].notna()]
             loss.add_trace(go.Scatter(x=ev["step"], y=ev["eval_loss"], mode="lines+markers", name="eval loss"))
         if "learning_rate" in df:
-            lr.add_trace(go.Scatter(x=df["step"], y=df["learning_rate"], mode="lines", name="learning rate"))
+            lr.add_trace(go.Scatter(x=df["step"], y=df["learning_rate"], mode=mode, name="learning rate"))
         if "tokens_per_s" in df:
-            tps.add_trace(go.Scatter(x=df["step"], y=df["tokens_per_s"], mode="lines", name="tokens/s"))
+            tps.add_trace(go.Scatter(x=df["step"], y=df["tokens_per_s"], mode=mode, name="tokens/s"))
     for fig, title in ((loss, "Loss"), (lr, "Learning rate"), (tps, "Tokens per second")):
         fig.update_layout(title=title, height=260, margin=dict(l=40, r=10, t=40, b=30), xaxis_title="step")
+        if not fig.data:
+            fig.add_annotation(text="no steps yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return loss, lr, tps
 
 
-def _progress_html(st: dict, rows: list[dict]) -> str:
-    step, total = st.get("step") or (rows[-1]["step"] if rows else 0), st.get("total_steps") or 0
+def _duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _seconds_per_step(rows: list[dict], since: int = 0) -> float | None:
+    """Seconds per step from the recent rows of the current trainer process (rows after step `since`, the last
+    resume): None until two of its steps are done (the first one's elapsed time holds the model load)."""
+    seg = [r for r in rows[-RATE_WINDOW:] if r.get("step", 0) > since and isinstance(r.get("elapsed"), (int, float))]
+    if len(seg) < 2:
+        return None
+    steps, secs = seg[-1]["step"] - seg[0]["step"], seg[-1]["elapsed"] - seg[0]["elapsed"]
+    rate = secs / steps if steps > 0 else math.nan
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
+def _progress_html(st: dict, rows: list[dict], since: int = 0) -> str:
+    """The bar and its caption: step / total, and while running the ETA from the measured rate ("estimating…"
+    until two steps of this trainer process are done)."""
+    last = rows[-1] if rows else {}
+    step = last.get("step") or st.get("step") or 0
+    total = last.get("total_steps") or st.get("total_steps") or 0
     frac = min(1.0, step / total) if total else 0.0
-    eta = ""
-    if rows and total and step and st.get("state") in runs.ACTIVE:
-        el = rows[-1].get("elapsed")
-        first = rows[0].get("elapsed", 0)
-        done = step - rows[0]["step"] + 1
-        if el and done > 0:
-            eta = f" · ETA {max(0.0, (el - first) / done * (total - step)) / 60:.1f} min"
-    return progress_bar_html(frac, f"step {step} / {total or '?'} ({100 * frac:.0f}%){eta}")
+    caption = f"step {step} / {total or '?'} ({100 * frac:.0f}%)"
+    state = st.get("state")
+    if state == "queued":
+        caption += " · queued: it starts when the running job ends"
+    elif state == "running" and not rows:
+        caption += " · starting: loading the model and the data… · ETA estimating…"
+    elif state == "running" and total and step >= total:
+        caption += " · finishing: saving the adapter…"
+    elif state == "running":
+        rate = _seconds_per_step(rows, since)
+        caption += f" · ETA {_duration_text(rate * (total - step))}" if rate and total else " · ETA estimating…"
+    return progress_bar_html(frac, caption)
 
 
 def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
@@ -179,7 +218,7 @@ def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
     if st.get("reason"):
         bits.append(f"{st['reason']}")
     if last:
-        figs = [f"loss {last.get('loss', float('nan')):.4f}"]
+        figs = [f"loss {last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else "loss —"]
         if last.get("tokens_per_s"):
             figs.append(f"{last['tokens_per_s']:.0f} tok/s")
         if last.get("peak_memory"):
@@ -193,26 +232,37 @@ def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
     return "\n\n".join(bits)
 
 
+def stop_button(st: dict | None):
+    """Stop is for a run that is queued or running (a stopping one has its request already)."""
+    return gr.update(interactive=bool(st) and st.get("state") in ("queued", "running"))
+
+
 def poll(ctx: Context, selected: str | None, cache: dict | None):
-    """Follow the selected run: new metric rows since the last offset, status, progress, charts, log tail."""
+    """Follow the selected run: new metric rows since the last offset, status, progress, charts, log tail, and
+    whether Stop applies."""
     cache = dict(cache or {})
     if not selected:
         empty = _figures([])
         return (cache, "No run yet: set up a run on the left and start it.", "", *empty, "",
-                gr.update(choices=[]))
+                gr.update(choices=[]), stop_button(None))
     try:
         run = runs.get_run(ctx.ws, selected)
     except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
         empty = _figures([])
-        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]))
+        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]),
+                stop_button(None))
     if cache.get("run") != selected:
-        cache = {"run": selected, "offset": 0, "rows": []}
+        cache = {"run": selected, "offset": 0, "rows": [], "since": 0}
     new, cache["offset"] = runs.read_metrics(run, cache["offset"])
     cache["rows"] = _apply_rows(list(cache["rows"]), new)
+    for r in new:
+        if r.get("event") == "resume":  # the ETA's rate counts the resumed process's steps only
+            cache["since"] = int(r.get("step") or 0)
     st = runs.refresh_status(run)
     ckpts = [p.name for p in run.checkpoints()]
-    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"]), *_figures(cache["rows"]),
-            run.log_tail(18), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None))
+    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
+            *_figures(cache["rows"]), run.log_tail(18), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
+            stop_button(st))
 
 
 @ui_errors
@@ -237,6 +287,19 @@ def load_run_config(ctx: Context, selected: str):
     if not selected:
         raise BadInput("Select a run first.")
     return form_values(runs.get_run(ctx.ws, selected).config())
+
+
+def on_load(ctx: Context):
+    """A page (re)load: select the running or latest run and show its settings in the form (from its config.yaml),
+    so a reload keeps what was set up; with no run (or an unreadable config) the form keeps its values."""
+    sel = default_run(ctx)
+    values = [gr.update() for _ in FIELDS]
+    if sel:
+        try:
+            values = form_values(runs.get_run(ctx.ws, sel).config())
+        except MacTunerError as e:  # a broken config.yaml: the form keeps its values, the monitor shows the run
+            log.warning("run %s: its settings cannot be shown in the form (%s)", sel, e)
+    return gr.update(choices=run_choices(ctx), value=sel), *values
 
 
 @ui_errors

@@ -67,7 +67,8 @@ def build(ctx: h.Context) -> dict:
                 with gr.Row():
                     run_sel = gr.Dropdown(ht.run_choices(ctx), value=ht.default_run(ctx), label="Run", scale=3,
                                           elem_id="train-run", allow_custom_value=True)
-                    stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, elem_id="train-stop")
+                    stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, elem_id="train-stop",
+                                         interactive=False)  # the monitor enables it for a queued or running run
                 with gr.Row():
                     ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="train-ckpt", allow_custom_value=True)
                     resume_btn = gr.Button("Resume from checkpoint", scale=1, elem_id="train-resume")
@@ -92,18 +93,24 @@ def build(ctx: h.Context) -> dict:
         history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
     form = [widgets[n] for n in ht.FIELDS]
-    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt]
+    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, stop_btn]
     lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
     poll = h.bind(ht.poll, ctx)
     timer.tick(poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
     history_timer.tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
     run_sel.change(poll, [run_sel, cache], monitor_out, api_visibility="private")
     tab.select(h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
+    # a page (re)load: the running or latest run, its settings in the form, and the monitor on it
+    gr.on(None, h.bind(ht.on_load, ctx), None, [run_sel, *form], api_visibility="private",
+          show_progress="hidden").then(poll, [run_sel, cache], monitor_out, api_visibility="private",
+                                       show_progress="hidden")
     check_btn.click(h.bind(ht.preflight, ctx), form, preflight, api_name="train_check")
     start_btn.click(h.bind(ht.start, ctx), [run_name, *form], [action, run_sel], api_name="train_start").then(
         h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
-    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop")
-    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume")
+    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop").then(
+        poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
+    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume").then(
+        poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
     reuse_btn.click(h.bind(ht.load_run_config, ctx), run_sel, form, api_name="train_run_config")
     yaml_btn.click(ht.to_yaml, form, [yaml_text, command], api_name="train_yaml")
     yaml_file.upload(ht.from_yaml, yaml_file, form, api_visibility="private")

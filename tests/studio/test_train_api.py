@@ -1,15 +1,16 @@
 """The Train stage through the Gradio API: YAML of the form, pre-flight, start a short run on the tiny llama, follow
-it to the end through train_runs, and clear errors for bad settings."""
+it to the end through train_runs, and clear errors for bad settings. Also the Train handlers called directly: the
+form after a page load, the Stop button's state, and what the monitor shows at step 0, 1 and 2."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import pytest
 
 from studio_helpers import launch
-
-pytestmark = pytest.mark.slow
 
 
 def form(ctx_base: str, **over):
@@ -23,6 +24,7 @@ def form(ctx_base: str, **over):
     return form_values(cfg)
 
 
+@pytest.mark.slow
 def test_train_through_gradio_client(tmp_path_factory, tiny_llama_dir):
     from gradio_client import Client
 
@@ -57,3 +59,104 @@ def test_train_through_gradio_client(tmp_path_factory, tiny_llama_dir):
             c.predict("no-such-run", api_name="/train_stop")
     finally:
         demo.close()
+
+
+# ------------------------------------------------------------------------------------ handlers, called directly
+
+
+@pytest.fixture
+def ctx(workspace):
+    from pipelines.serving import registry
+    from studio.handlers.common import Context
+
+    return Context(workspace, registry.ModelRegistry(), prepare_hf=False)
+
+
+def fake_run(ws, name, state, created, **cfg_over):
+    """A run folder as the trainer leaves it (config.yaml, status.json); "running" points at this live process."""
+    import psutil
+
+    from pipelines.training import TrainConfig
+
+    d = ws.runs / name
+    d.mkdir(parents=True)
+    cfg = TrainConfig(**{"base_model": "/models/tiny", "dataset": "my-set", "dataset_version": 2, **cfg_over})
+    cfg.to_yaml(d / "config.yaml")
+    st = {"state": state, "created": created, "reason": None, "started": created}
+    if state in ("running", "stopping"):
+        st.update(pid=os.getpid(), create_time=psutil.Process().create_time())
+    (d / "status.json").write_text(json.dumps(st))
+    return cfg
+
+
+def test_page_load_shows_the_latest_runs_settings(ctx):
+    from studio.handlers import train as ht
+
+    sel, *values = ht.on_load(ctx)  # no run yet: the form keeps what it shows (its defaults)
+    assert sel["value"] is None and all("value" not in v for v in values)
+    fake_run(ctx.ws, "older", "finished", 1.0, max_steps=11)
+    cfg = fake_run(ctx.ws, "latest", "finished", 2.0, max_steps=77, learning_rate=3e-4, rank=4, packing=True,
+                   target_modules=["q_proj", "v_proj"])
+    sel, *values = ht.on_load(ctx)
+    assert sel["value"] == "latest" and sel["choices"] == ["latest", "older"]
+    assert values == ht.form_values(cfg)
+    form = dict(zip(ht.FIELDS, values))
+    assert form["max_steps"] == 77 and form["rank"] == 4 and form["packing"] is True
+    assert form["target_modules"] == "q_proj, v_proj" and form["dataset"] == "my-set"
+    fake_run(ctx.ws, "training", "running", 0.5, max_steps=5000)  # a running run wins over a newer finished one
+    sel, *values = ht.on_load(ctx)
+    assert sel["value"] == "training" and dict(zip(ht.FIELDS, values))["max_steps"] == 5000
+    (ctx.ws.runs / "training" / "config.yaml").write_text("max_steps: [oops\n")  # unreadable: form untouched
+    sel, *values = ht.on_load(ctx)
+    assert sel["value"] == "training" and all("value" not in v for v in values)
+
+
+def test_stop_button_follows_the_selected_run(ctx):
+    from studio.handlers import train as ht
+
+    assert ht.poll(ctx, None, {})[-1]["interactive"] is False  # nothing to stop
+    fake_run(ctx.ws, "done", "finished", 1.0)
+    fake_run(ctx.ws, "live", "running", 2.0)
+    assert ht.poll(ctx, "done", {})[-1]["interactive"] is False
+    assert ht.poll(ctx, "live", {})[-1]["interactive"] is True
+    assert ht.poll(ctx, "gone", {})[-1]["interactive"] is False
+    assert ht.stop_button({"state": "queued"})["interactive"] is True
+    for state in ("stopping", "stopped", "failed", "finished"):
+        assert ht.stop_button({"state": state})["interactive"] is False
+
+
+def test_monitor_at_step_0_1_and_2(ctx):
+    """No rate before two steps: the ETA says "estimating…" (never 0 s, NaN or a huge number); a one-point loss
+    curve is drawn with a marker; empty charts say why they are empty."""
+    from pipelines import runs
+    from studio.handlers import train as ht
+
+    fake_run(ctx.ws, "r", "running", 1.0, max_steps=100)
+    run = runs.get_run(ctx.ws, "r")
+    out = ht.poll(ctx, "r", {})
+    cache, progress, loss = out[0], out[2], out[3]
+    assert "step 0 / ?" in progress and "estimating" in progress and "starting" in progress
+    assert not loss.data and loss.layout.annotations[0].text == "no steps yet"
+    row = {"step": 1, "total_steps": 100, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 900.0, "elapsed": 41.0}
+    run.append_metrics(row)  # step 1's elapsed time holds the model load: no rate from it
+    out = ht.poll(ctx, "r", cache)
+    cache, progress, loss = out[0], out[2], out[3]
+    assert "step 1 / 100" in progress and "ETA estimating…" in progress
+    assert not any(bad in progress for bad in ("0 s", "nan", "inf", " min", " h "))
+    assert len(loss.data) == 1 and "markers" in loss.data[0].mode and list(loss.data[0].y) == [2.5]
+    assert "loss 2.5000" in out[1] and "nan" not in out[1]
+    run.append_metrics({**row, "step": 2, "loss": 2.4, "elapsed": 41.5})  # 0.5 s per step, 98 to go: 49 s
+    out = ht.poll(ctx, "r", out[0])
+    assert "step 2 / 100" in out[2] and "ETA 49 s" in out[2]
+    # a resumed run: the rate is measured on the new process's steps only
+    run.append_metrics({"event": "resume", "step": 2})
+    run.append_metrics({**row, "step": 3, "elapsed": 90.0})
+    out = ht.poll(ctx, "r", out[0])
+    assert "step 3 / 100" in out[2] and "ETA estimating…" in out[2]
+    run.append_metrics({**row, "step": 4, "elapsed": 91.0})
+    out = ht.poll(ctx, "r", out[0])
+    assert "ETA 2 min" in out[2]  # 1 s per step, 96 to go
+    many = [{**row, "step": i, "elapsed": 40.0 + 60.0 * i} for i in range(1, 60)]  # long curves: lines alone
+    assert ht._figures(many)[0].data[0].mode == "lines"
+    assert "ETA 41 min" in ht._progress_html({"state": "running"}, many)
+    assert "ETA" not in ht._progress_html({"state": "finished"}, many)
