@@ -43,7 +43,7 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
         header = gr.Markdown("**MacTuner**", elem_id="header")
         with gr.Tabs() as tabs:
             m = model_tab.build(ctx)
-            data_tab.build(ctx, max_upload_mb)
+            d = data_tab.build(ctx, max_upload_mb)
             train_tab.build(ctx)
             chat = chat_tab.build(ctx)
             rag_tab.build(ctx)
@@ -61,7 +61,8 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
         demo.load(h.bind(hm.header_md, ctx), None, header, api_visibility="private").then(
             hm.device_md, None, m["device"], api_visibility="private").then(
             h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private").then(
-            m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private")
+            m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private").then(
+            *d["on_load"], api_visibility="private")
     return demo
 
 

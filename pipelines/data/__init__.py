@@ -16,14 +16,17 @@ No gradio here; the Data tab calls these functions. From a notebook:
     cl.apply(data.filter_token_length, counter=counter, mapping=mapping, max_tokens=2048, train_max_length=1024)
     lengths = data.token_lengths(cl.df, mapping, counter)          # the counts are cached: no second tokenization
     fig = data.token_length_figure(lengths, max_length=1024)
-    saved = data.save_dataset(ws, "my-set", data.to_rows(cl.df, mapping), data.build_meta(res, mapping, cl))
+    conv = data.convert(cl.df, mapping)                             # rows, and every row left out with its reason
+    print(conv.summary())                                           # "300 rows → 296 usable; 4 left out: ..."
+    saved = data.save_dataset(ws, "my-set", conv.rows, data.build_meta(res, mapping, cl, conv))
 
 Conventions
 - Every cell is text (pandas `str` dtype, NaN for missing). Lists/objects found in JSON/Parquet become JSON text;
   `to_messages` parses `messages`/`conversations` cells back. Nothing is evaluated: a spreadsheet formula such as
   `=cmd|' /C calc'!A0` stays a string (a warning notes it).
-- Chat shape: `[{"role": "system"|"user"|"assistant", "content": str}, ...]`. The `text` format (plain text, for
-  continued pre-training) is stored as `{"text": ...}` rows instead of `{"messages": [...]}`.
+- Chat shape: `[{"role": "system"|"user"|"assistant"|"tool", "content": str, "tool_calls"?, "loss_weight"?}, ...]`.
+  The `text` format (plain text, for continued pre-training) is stored as `{"text": ...}` rows, preference pairs as
+  `{"prompt", "chosen", "rejected"}` and KTO rows as messages with a `label` (see map.py).
 - Token lengths count the *content* of the turns (prompt = system + user turns, response = assistant turns, total =
   the sum); a chat template adds a few tokens per turn on top.
 - Long functions take `progress(fraction, message)`.
@@ -65,27 +68,58 @@ from .explore import (
     role_balance_figure,
     token_length_figure,
     token_lengths,
+    trained_spans,
     turns_figure,
 )
 from .map import (
     FORMATS,
+    KINDS,
     ROLE_ALIASES,
+    Conversion,
     Mapping,
+    check_text_only,
+    chosen_as_sft,
+    convert,
     detect_mapping,
+    fill_placeholders,
+    media_columns,
+    parse_placeholder_values,
     required_columns,
     to_messages,
     to_rows,
     validate_mapping,
 )
-from .read import DELIMITERS, LONG_CELL_CHARS, MAX_BYTES, SUPPORTED, ProgressFn, ReadResult, read_table
-from .save import NAME_RE, DatasetVersion, build_meta, check_name, list_datasets, load_dataset_version, save_dataset
+from .read import (
+    DELIMITERS,
+    ENCODINGS,
+    LONG_CELL_CHARS,
+    MAX_BYTES,
+    SUPPORTED,
+    TEXT_MODES,
+    ProgressFn,
+    ReadResult,
+    read_table,
+)
+from .save import (
+    NAME_RE,
+    DatasetVersion,
+    build_meta,
+    check_name,
+    list_datasets,
+    load_dataset_version,
+    row_kind,
+    save_dataset,
+)
 
 __all__ = [
     "AppliedStep",
     "Cleaner",
+    "Conversion",
     "DELIMITERS",
     "DatasetVersion",
+    "ENCODINGS",
     "FORMATS",
+    "KINDS",
     "LONG_CELL_CHARS",
     "MAX_BYTES",
     "Mapping",
@@ -97,32 +131,41 @@ __all__ = [
     "ReadResult",
     "SUPPORTED",
     "StepReport",
+    "TEXT_MODES",
     "TokenCounter",
     "as_counter",
     "assistant_spans",
     "build_meta",
     "check_name",
+    "check_text_only",
+    "chosen_as_sft",
     "column_summary",
+    "convert",
     "default_tokenizer_path",
     "detect_mapping",
     "drop_duplicates",
     "duplicate_rows",
+    "fill_placeholders",
     "filter_token_length",
     "handle_missing",
     "length_stats",
     "list_datasets",
     "load_dataset_version",
     "load_tokenizer",
+    "media_columns",
     "normalize_text",
+    "parse_placeholder_values",
     "preview_example",
     "read_table",
     "required_columns",
     "role_balance_figure",
+    "row_kind",
     "save_dataset",
     "to_messages",
     "to_rows",
     "token_length_figure",
     "token_lengths",
+    "trained_spans",
     "turns_figure",
     "validate_mapping",
 ]

@@ -96,7 +96,7 @@ def _turns(df: pd.DataFrame, m: Mapping) -> tuple[np.ndarray, np.ndarray, list[s
         for i, conv in enumerate(_conversations(df, m)):
             for x in conv:
                 rows.append(i)
-                trained.append(x["role"] == "assistant")
+                trained.append(x["role"] == "assistant" and x.get("loss_weight", 1.0) != 0)
                 texts.append(x["content"])
         return np.array(rows, dtype=np.int64), np.array(trained, dtype=bool), texts
     parts = [(_user_series(df, m), False), (df[m.response].fillna("").astype(str), True)]
@@ -216,30 +216,32 @@ class Preview:
     template: str = field(metadata={"help": "'tokenizer' (its own chat template), 'fallback' or 'none' (text)"})
 
 
-def _render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool = False) -> str:
+def _render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool = False,
+            tools: list | None = None) -> str:
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools or None,
                                              add_generation_prompt=add_generation_prompt)
     except TemplateError as e:  # SecurityError (sandbox) is a TemplateError
         raise BadInput(f"The chat template failed on this example: {e}") from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], template: str | None = None,
+                    tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
     For assistant message i the span runs from the end of render(messages[:i], add_generation_prompt=True) to the
     end of render(messages[:i+1]) - the answer plus the template's end-of-turn markup, so the model learns to stop.
     When a template renders a prefix differently (e.g. it drops earlier reasoning), the content is searched for in
     the full text instead (then only the content itself is marked)."""
-    full = _render(tokenizer, messages, template)
+    full = _render(tokenizer, messages, template, tools=tools)
     spans, pos = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], template)
+        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True, tools=tools)
+        through = _render(tokenizer, messages[: i + 1], template, tools=tools)
         if through.startswith(before) and full.startswith(through) and len(before) >= pos:
             spans.append((len(before), len(through)))
         else:
@@ -252,17 +254,27 @@ def assistant_spans(tokenizer, messages: list[dict], template: str | None = None
     return full, spans
 
 
+def trained_spans(messages: list[dict], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The assistant spans the loss is computed on: all but those of replies with `loss_weight` 0."""
+    weights = [m.get("loss_weight", 1.0) for m in messages if m["role"] == "assistant"]
+    return [sp for sp, w in zip(spans, weights) if w is None or float(w) > 0]
+
+
 def preview_example(example: list[dict] | dict, tokenizer) -> Preview:
-    """Render one example (a conversation, or a {"text"} / {"messages"} row) and mark the trained tokens.
+    """Render one example (a conversation, or a saved row: {"text"}, {"messages", "tools"?, "label"?} or a
+    preference pair) and mark the trained tokens exactly as training masks them: assistant replies, not those with
+    `loss_weight` 0, nothing of a row labelled undesirable; a preference pair shows its prompt and chosen answer.
 
     Uses the tokenizer's chat template, or FALLBACK_CHAT_TEMPLATE when it has none (both rendered by transformers in
     its sandboxed Jinja environment). Text rows are trained in full."""
-    if isinstance(example, dict) and "text" in example:
-        text, spans, kind = str(example["text"]), None, "none"
+    row = example if isinstance(example, dict) else {"messages": example}
+    if "text" in row and "messages" not in row:
+        text, spans, kind = str(row["text"]), None, "none"
     else:
-        messages = example["messages"] if isinstance(example, dict) else example
+        messages = list(row["prompt"]) + list(row["chosen"]) if "chosen" in row else list(row["messages"])
         template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-        text, spans = assistant_spans(tokenizer, list(messages), template)
+        text, spans = assistant_spans(tokenizer, messages, template, tools=row.get("tools"))
+        spans = [] if row.get("label") is False else trained_spans(messages, spans)
         kind = "fallback" if template else "tokenizer"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

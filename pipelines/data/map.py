@@ -1,10 +1,22 @@
-"""Mapping a table to chat messages: the shape is recognised (Alpaca, prompt/completion, Q&A, OpenAI messages,
-ShareGPT, plain text) as a `Mapping` of columns, checked, and turned into rows of {"messages": [...]} or {"text"}.
+"""Mapping a table to training rows: the shape is recognised (Alpaca, prompt/completion, Q&A, OpenAI messages,
+ShareGPT, plain text) as a `Mapping` of columns, checked, and converted. What kind of data it is follows from the
+columns: conversations to learn from ("sft"), preference pairs ("preference": chosen / rejected answers), rows
+labelled desirable or not ("kto": a true/false `label`), or plain text ("text", for continued pre-training).
+
+`convert(df, mapping)` returns every usable row and, for every row it cannot use, the reason and the row's number (as
+the Data tab's preview numbers them) - nothing is dropped silently. Messages may carry content parts
+([{"type": "text", "text" | "value": ...}]) and a per-message `loss_weight` (0: read as context, never trained);
+ShareGPT tool calls (`function_call` / `observation` turns, a `tools` column) become OpenAI-style tool calls, kept
+for templates that have a tool format. Image, audio or video parts are refused: MacTuner tunes text models.
+
+Saved rows:  {"messages": [...]} (+ "tools", + "label" for kto) · {"text": ...} ·
+             {"prompt": [...], "chosen": [...], "rejected": [...]} (preference)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +35,8 @@ FORMATS: dict[str, dict] = {
                  "optional": ()},
     "text": {"label": "plain text (stored as {\"text\": ...} rows)", "required": ("text",), "optional": ()},
 }
-
+KINDS = {"sft": "conversations to learn from", "preference": "preference pairs (chosen / rejected answers)",
+         "kto": "answers labelled desirable or not (KTO)", "text": "plain text (continued pre-training)"}
 
 _SHAPES = [  # (format, {role: accepted column names}), first match wins; names compared case-insensitively
     ("messages", {"messages": ("messages",)}),
@@ -33,10 +46,21 @@ _SHAPES = [  # (format, {role: accepted column names}), first match wins; names 
     ("qa", {"prompt": ("question", "query"), "response": ("answer", "response")}),
     ("text", {"text": ("text", "content")}),
 ]
-
-
+_PREF_SHAPES = [  # preference data has no response column: the prompt alone, and the chosen / rejected columns
+    ("sharegpt", {"messages": ("conversations", "conversation")}),
+    ("messages", {"messages": ("messages",)}),
+    ("alpaca", {"prompt": ("instruction",)}),
+    ("prompt_completion", {"prompt": ("prompt", "question", "query")}),
+]
 ROLE_ALIASES = {"user": "user", "human": "user", "system": "system", "assistant": "assistant", "gpt": "assistant",
-                "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
+                "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "tool": "tool",
+                "observation": "tool", "function": "tool", "ipython": "tool", "function_call": "assistant"}
+MEDIA = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
+MEDIA_COLUMNS = ("image", "images", "image_url", "image_path", "img", "picture", "pixel_values", "audio", "audios",
+                 "audio_path", "speech", "video", "videos", "video_path")
+_BINARY_RE = r'^\s*[\[{].*(?:"<binary>"|"bytes"\s*:)'  # cells read from bytes (read.py's marker, HF Image/Audio)
+PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+TRUE, FALSE = ("true", "1", "yes", "y", "desirable", "good"), ("false", "0", "no", "n", "undesirable", "bad")
 
 
 @dataclass
@@ -54,29 +78,86 @@ class Mapping:
     system: str | None = field(default=None, metadata={"help": "optional column with a per-row system prompt"})
     system_prompt: str = field(default="", metadata={"help": "constant system prompt, used where the system column "
                                                                "is absent or empty"})
+    chosen: str | None = field(default=None, metadata={"help": "preference data: column with the preferred answer"})
+    rejected: str | None = field(default=None, metadata={"help": "preference data: column with the worse answer"})
+    label: str | None = field(default=None, metadata={"help": "KTO data: column saying whether the answer is "
+                                                                "desirable (true/false)"})
+    tools: str | None = field(default=None, metadata={"help": "column with the tools (functions) a conversation "
+                                                                "may call (ShareGPT / OpenAI JSON)"})
+
+    @property
+    def kind(self) -> str:
+        if self.format == "text":
+            return "text"
+        if self.chosen or self.rejected:
+            return "preference"
+        return "kto" if self.label else "sft"
 
     def columns(self) -> dict[str, str]:
         """role -> column for every role this mapping names."""
-        return {r: getattr(self, r) for r in ("prompt", "input", "response", "messages", "text", "system")
-                if getattr(self, r)}
+        roles = ("prompt", "input", "response", "messages", "text", "system", "chosen", "rejected", "label", "tools")
+        return {r: getattr(self, r) for r in roles if getattr(self, r)}
+
+
+def _find(lower: dict, names) -> str | None:
+    return next((lower[n] for n in names if n in lower), None)
 
 
 def detect_mapping(df: pd.DataFrame) -> Mapping | None:
     """Propose a mapping from the column names (case-insensitive); None when no known shape matches."""
     lower = {str(c).lower(): c for c in df.columns}
-    system = next((lower[n] for n in ("system", "system_prompt") if n in lower), None)
+    system = _find(lower, ("system", "system_prompt"))
+    chosen, rejected = _find(lower, ("chosen",)), _find(lower, ("rejected",))
+    extra = dict(system=system, tools=_find(lower, ("tools", "functions")))
+    if chosen and rejected:
+        for fmt, roles in _PREF_SHAPES:
+            found = {r: _find(lower, names) for r, names in roles.items()}
+            if all(found.values()):
+                m = Mapping(format=fmt, chosen=chosen, rejected=rejected, **found, **extra)
+                if fmt == "alpaca":
+                    m.input = _find(lower, ("input", "context"))
+                return m
+        return Mapping(format="messages", chosen=chosen, rejected=rejected, **extra)  # full chosen / rejected chats
     for fmt, roles in _SHAPES:
-        found = {r: next((lower[n] for n in names if n in lower), None) for r, names in roles.items()}
+        found = {r: _find(lower, names) for r, names in roles.items()}
         if all(found.values()):
-            m = Mapping(format=fmt, system=system, **found)
+            m = Mapping(format=fmt, label=_find(lower, ("label", "kto_tag")) if fmt != "text" else None,
+                        **found, **extra)
             if fmt == "alpaca":
-                m.input = next((lower[n] for n in ("input", "context") if n in lower), None)
+                m.input = _find(lower, ("input", "context"))
             return m
     return None
 
 
+def media_columns(df: pd.DataFrame) -> dict[str, int]:
+    """Columns holding images, audio or video (by name, or binary cells), with how many rows are filled."""
+    out = {}
+    for c in df.columns:
+        s = df[c]
+        filled = ~_blank(s) & ~s.fillna("").astype(str).str.strip().isin(["[]", "{}", "null", "None"])
+        if not filled.any():
+            continue
+        if str(c).lower() in MEDIA_COLUMNS or s[filled].astype(str).str.contains(_BINARY_RE, regex=True).any():
+            out[str(c)] = int(filled.sum())
+    return out
+
+
+def check_text_only(df: pd.DataFrame) -> None:
+    """BadInput when the table holds images, audio or video: a text model cannot learn from them, and training on
+    the text alone would teach answers about pictures it never saw."""
+    media = media_columns(df)
+    if media:
+        cols = ", ".join(f"'{c}' ({n:,} rows)" for c, n in media.items())
+        raise BadInput(f"This dataset holds images, audio or video in {cols}. MacTuner fine-tunes text models, which "
+                       "cannot see or hear them, and training on the text alone would teach answers about media the "
+                       "model never saw. Use a text-only dataset (or remove those columns and the rows that refer to "
+                       "them).")
+
+
 def required_columns(mapping: Mapping) -> list[str]:
     """The columns that must not be empty for a row to be usable (a good default for `handle_missing`)."""
+    if mapping.kind == "preference":
+        return [c for c in (mapping.prompt, mapping.chosen, mapping.rejected) if c]
     return [getattr(mapping, r) for r in FORMATS[mapping.format]["required"]]
 
 
@@ -84,7 +165,12 @@ def validate_mapping(df: pd.DataFrame, mapping: Mapping) -> Mapping:
     """BadInput unless the format is known, its required roles are set and every named column is in `df`."""
     if mapping.format not in FORMATS:
         raise BadInput(f"Unknown format '{mapping.format}'; choose one of: {', '.join(FORMATS)}.")
-    for role in FORMATS[mapping.format]["required"]:
+    if bool(mapping.chosen) != bool(mapping.rejected):
+        raise BadInput("Preference data needs both a 'chosen' and a 'rejected' column.")
+    required = FORMATS[mapping.format]["required"]
+    if mapping.kind == "preference":
+        required = [r for r in required if r != "response" and not (mapping.format in ("messages", "sharegpt"))]
+    for role in required:
         if not getattr(mapping, role):
             raise BadInput(f"Format '{mapping.format}' needs a column for the '{role}' role.")
     available = ", ".join(map(str, df.columns))
@@ -92,6 +178,49 @@ def validate_mapping(df: pd.DataFrame, mapping: Mapping) -> Mapping:
         if col not in df.columns:
             raise BadInput(f"Column '{col}' (the {role} role) is not in the file. Available columns: {available}.")
     return mapping
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+class _Drop(Exception):
+    """A row the mapping cannot use; the message is the reason (grouped in the report)."""
+
+
+@dataclass
+class Conversion:
+    rows: list[dict]
+    kind: str
+    total: int
+    dropped: dict[str, list] = field(default_factory=dict)  # reason -> row numbers (as the preview numbers them)
+    placeholders: dict[str, int] = field(default_factory=dict)  # {{name}} -> rows holding it
+    undesirable: int = 0  # kto rows labelled false (kept, never trained as targets by SFT)
+    tool_rows: int = 0
+    per_row: list = field(default_factory=list, repr=False)  # the row made from each df row, or None
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(len(v) for v in self.dropped.values())
+
+    def summary(self) -> str:
+        """'300 rows -> 296 usable; 4 left out: 3 have no assistant reply (rows 5, 17, 22), ...'"""
+        out = f"{self.total:,} rows → {len(self.rows):,} usable ({KINDS[self.kind]})"
+        if self.dropped:
+            out += f"; {self.n_dropped:,} left out: " + "; ".join(
+                f"{len(rows):,} {why} (row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}"
+                f"{', …' if len(rows) > 5 else ''})" for why, rows in self.dropped.items())
+        if self.undesirable:
+            out += (f"; {self.undesirable:,} labelled undesirable (label false): kept for KTO, never trained as "
+                    "targets by SFT")
+        if self.placeholders:
+            out += "; template placeholders " + ", ".join(f"{{{{{k}}}}} in {v:,} rows" for k, v in
+                                                          self.placeholders.items())
+        return out
+
+    def report(self) -> dict:
+        return {"kind": self.kind, "rows_in": self.total, "rows_out": len(self.rows),
+                "dropped": {k: {"count": len(v), "first_rows": v[:10]} for k, v in self.dropped.items()},
+                "undesirable": self.undesirable, "placeholders": self.placeholders, "tool_rows": self.tool_rows}
 
 
 def _blank(s: pd.Series) -> pd.Series:
@@ -115,74 +244,261 @@ def _user_series(df: pd.DataFrame, m: Mapping) -> pd.Series:
     return p.where(_blank(inp), p + "\n\n" + inp.fillna("").astype(str))
 
 
+def _json(cell: Any) -> Any:
+    if isinstance(cell, str):
+        s = cell.strip()
+        if s[:1] in "[{":
+            try:
+                return json.loads(s)
+            except json.JSONDecodeError as e:
+                raise _Drop(f"have a cell that is not valid JSON ({e.msg})") from None
+    return cell
+
+
 def _content(c: Any) -> str:
-    if c is None:
+    """Text of a message's content: a string, or content parts [{"type": "text", "text" | "value": ...}]."""
+    if c is None or (isinstance(c, float) and c != c):
         return ""
-    if isinstance(c, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in c)
+    if isinstance(c, dict):
+        c = [c]
+    if isinstance(c, list):
+        out = []
+        for p in c:
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            kind = p.get("type", "text") if isinstance(p, dict) else type(p).__name__
+            if kind in MEDIA or (isinstance(p, dict) and any(k in p for k in ("image", "image_url", "audio"))):
+                raise BadInput(f"This dataset's messages hold {kind} parts: MacTuner fine-tunes text models, which "
+                               "cannot learn from images, audio or video. Use a text-only dataset.")
+            if not isinstance(p, dict) or kind != "text":
+                raise _Drop(f"have a content part of an unknown type ({kind})")
+            out.append(str(p.get("text", p.get("value", p.get("content", ""))) or ""))
+        return "".join(out)
     return c if isinstance(c, str) else str(c)
 
 
-def _parse_conversation(cell: Any, row: Any) -> list[dict]:
-    if isinstance(cell, str):
+def _message(msg: Any) -> dict:
+    if isinstance(msg, str):
+        return {"role": "assistant", "content": msg}
+    if not isinstance(msg, dict):
+        raise _Drop(f"have a message that is a {type(msg).__name__}, not an object with a role and a content")
+    raw_role = msg.get("role", msg.get("from"))
+    role = ROLE_ALIASES.get(str(raw_role).lower())
+    if role is None:
+        raise _Drop(f"have an unknown role '{raw_role}' (known: {', '.join(sorted(ROLE_ALIASES))})")
+    raw = msg.get("content", msg.get("value"))
+    out = {"role": role, "content": ""}
+    if str(raw_role).lower() == "function_call":  # ShareGPT: the value is the call as JSON {"name", "arguments"}
+        call = _json(raw) if isinstance(raw, str) else raw
+        if not isinstance(call, dict) or not call.get("name"):
+            raise _Drop("have a function_call that is not JSON with a name")
+        args = call.get("arguments", {})
+        out["tool_calls"] = [{"type": "function", "function": {"name": str(call["name"]),
+                                                               "arguments": _json(args) if isinstance(args, str) else args}}]
+    else:
+        out["content"] = _content(raw)
+    if isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]:
+        out["tool_calls"] = msg["tool_calls"]
+    if "loss_weight" in msg and msg["loss_weight"] is not None:
         try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"Row {row}: the conversation cell is not valid JSON ({e.msg} at column {e.colno}).") \
-                from None
-    if cell is None or (isinstance(cell, float) and cell != cell):
-        return []
-    if not isinstance(cell, list):
-        raise BadInput(f"Row {row}: expected a list of messages, found {type(cell).__name__}.")
-    out = []
-    for msg in cell:
-        if not isinstance(msg, dict):
-            raise BadInput(f"Row {row}: a message is a {type(msg).__name__}, not an object with role and content.")
-        raw_role = msg.get("role", msg.get("from"))
-        role = ROLE_ALIASES.get(str(raw_role).lower())
-        if role is None:
-            raise BadInput(f"Row {row}: unknown role '{raw_role}' (known: {', '.join(sorted(ROLE_ALIASES))}).")
-        out.append({"role": role, "content": _content(msg.get("content", msg.get("value")))})
+            out["loss_weight"] = float(msg["loss_weight"])
+        except (TypeError, ValueError):
+            raise _Drop("have a loss_weight that is not a number") from None
+    if msg.get("name"):
+        out["name"] = str(msg["name"])
     return out
 
 
-def _conversations(df: pd.DataFrame, m: Mapping) -> list[list[dict]]:
-    """One conversation per df row (empty contents kept), in row order."""
-    system = _system_series(df, m)
+def _messages(cell: Any) -> list[dict]:
+    cell = _json(cell)
+    if cell is None or (isinstance(cell, float) and cell != cell) or cell == "":
+        return []
+    if isinstance(cell, dict):
+        cell = [cell]
+    if isinstance(cell, str):
+        return [{"role": "assistant", "content": cell}]
+    if not isinstance(cell, list):
+        raise _Drop(f"hold a {type(cell).__name__} where a list of messages belongs")
+    return [_message(m) for m in cell]
+
+
+def _merge(conv: list[dict]) -> list[dict]:
+    """Consecutive assistant tool calls belong to one assistant turn (ShareGPT writes call and text apart)."""
+    return [m for m in conv if m["content"].strip() or m.get("tool_calls") or m["role"] == "tool"]
+
+
+def _label(v: Any) -> bool:
+    s = str(v).strip().lower()
+    if s in TRUE:
+        return True
+    if s in FALSE:
+        return False
+    raise _Drop("have a label that is not true or false")
+
+
+def _prompt_turns(df: pd.DataFrame, m: Mapping, system: list[str]) -> list:
+    """Per row: the conversation before the answer (column formats: system + user; chat formats: the cell)."""
     if m.format in ("messages", "sharegpt"):
-        convs = [_parse_conversation(c, i + 1 if isinstance(i, (int, np.integer)) else i)
-                 for i, c in zip(df.index, df[m.messages].tolist())]
-        if system is not None:
-            convs = [c if any(x["role"] == "system" for x in c) or not s else [{"role": "system", "content": s}] + c
-                     for c, s in zip(convs, system.tolist())]
-        return convs
-    user, resp = _user_series(df, m).tolist(), df[m.response].fillna("").astype(str).tolist()
-    sys_list = system.fillna("").tolist() if system is not None else [""] * len(df)
-    return [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": u},
-                                                                  {"role": "assistant", "content": r}]
-            for s, u, r in zip(sys_list, user, resp)]
+        cells = df[m.messages].tolist() if m.messages else [None] * len(df)
+        return [("cell", c, s) for c, s in zip(cells, system)]
+    return [("user", u, s) for u, s in zip(_user_series(df, m).tolist(), system)]
+
+
+def _row_label(i) -> Any:
+    return int(i) if isinstance(i, (int, np.integer)) else i
+
+
+def convert(df: pd.DataFrame, mapping: Mapping) -> Conversion:
+    """Every usable row of `df` under `mapping`, and why each other row was left out (see the module docstring).
+    BadInput for what makes the whole dataset unusable (image parts, a bad mapping)."""
+    validate_mapping(df, mapping)
+    check_text_only(df)
+    m = mapping
+    conv = Conversion([], m.kind, len(df))
+
+    def drop(i, why: str):
+        conv.dropped.setdefault(why, []).append(_row_label(i))
+        conv.per_row.append(None)
+
+    if m.kind == "text":
+        for i, t, blank in zip(df.index, df[m.text].tolist(), _blank(df[m.text]).tolist()):
+            if blank:
+                drop(i, "have no text")
+            else:
+                conv.rows.append({"text": str(t)})
+                conv.per_row.append(conv.rows[-1])
+        _placeholders(conv)
+        return conv
+    sys_series = _system_series(df, m)
+    system = sys_series.fillna("").tolist() if sys_series is not None else [""] * len(df)
+    prompts = _prompt_turns(df, m, system)
+    tools = df[m.tools].tolist() if m.tools else [None] * len(df)
+    resp = df[m.response].fillna("").astype(str).tolist() if m.response else [None] * len(df)
+    chosen = df[m.chosen].tolist() if m.chosen else None
+    rejected = df[m.rejected].tolist() if m.rejected else None
+    labels = df[m.label].tolist() if m.label else None
+    for j, i in enumerate(df.index):
+        try:
+            kind, cell, sys_text = prompts[j]
+            base = _messages(cell) if kind == "cell" else [{"role": "user", "content": str(cell)}]
+            if sys_text and not any(x["role"] == "system" for x in base):
+                base = [{"role": "system", "content": sys_text}] + base
+            row_tools = _json(tools[j]) if tools[j] not in (None, "") and tools[j] == tools[j] else None
+            if row_tools is not None and not isinstance(row_tools, list):
+                raise _Drop("have tools that are not a JSON list")
+            if m.kind == "preference":
+                row = _preference_row(base, chosen[j], rejected[j])
+            else:
+                msgs = base + ([{"role": "assistant", "content": resp[j]}] if resp[j] is not None else [])
+                msgs = _merge(msgs)
+                roles = {x["role"] for x in msgs}
+                if "user" not in roles:
+                    raise _Drop("have no user message")
+                if "assistant" not in roles:
+                    raise _Drop("have no assistant reply")
+                row = {"messages": msgs}
+                if labels is not None:
+                    row["label"] = _label(labels[j])
+                    conv.undesirable += not row["label"]
+            if row_tools:
+                row["tools"] = row_tools
+            if row_tools or any(x.get("tool_calls") or x["role"] == "tool" for x in row.get("messages", [])):
+                conv.tool_rows += 1
+        except _Drop as e:
+            drop(i, str(e))
+            continue
+        conv.rows.append(row)
+        conv.per_row.append(row)
+    _placeholders(conv)
+    return conv
+
+
+def _preference_row(prompt: list[dict], chosen: Any, rejected: Any) -> dict:
+    c, r = _merge(_messages(chosen)), _merge(_messages(rejected))
+    if prompt == [] and c and r:  # full conversations in chosen / rejected: the prompt is their common start
+        k = 0
+        while k < min(len(c), len(r)) and c[k] == r[k]:
+            k += 1
+        prompt, c, r = c[:k], c[k:], r[k:]
+    prompt = _merge(prompt)
+    if not any(x["role"] == "user" for x in prompt):
+        raise _Drop("have no user message before the answers")
+    if not c or not r or not any(x["role"] == "assistant" for x in c) or not any(x["role"] == "assistant" for x in r):
+        raise _Drop("lack a chosen or a rejected answer")
+    if c == r:
+        raise _Drop("have the same chosen and rejected answer")
+    return {"prompt": prompt, "chosen": c, "rejected": r}
+
+
+def _texts(row: dict) -> list[str]:
+    if "text" in row:
+        return [row["text"]]
+    return [x["content"] for k in ("messages", "prompt", "chosen", "rejected") for x in row.get(k, [])]
+
+
+def _placeholders(conv: Conversion) -> None:
+    for row in conv.rows:
+        for name in {n for t in _texts(row) for n in PLACEHOLDER_RE.findall(t)}:
+            conv.placeholders[name] = conv.placeholders.get(name, 0) + 1
+
+
+def fill_placeholders(rows: list[dict], values: dict[str, str]) -> list[dict]:
+    """The rows with {{name}} replaced by values[name] (names not given stay as written)."""
+    if not values:
+        return rows
+
+    def sub(text: str) -> str:
+        return PLACEHOLDER_RE.sub(lambda mt: values.get(mt.group(1), mt.group(0)), text)
+
+    out = []
+    for row in rows:
+        row = json.loads(json.dumps(row))
+        if "text" in row:
+            row["text"] = sub(row["text"])
+        for k in ("messages", "prompt", "chosen", "rejected"):
+            for x in row.get(k, []):
+                x["content"] = sub(x["content"])
+        out.append(row)
+    return out
+
+
+def parse_placeholder_values(text: str) -> dict[str, str]:
+    """'name=MacTuner, author=Ann' -> {"name": "MacTuner", "author": "Ann"}; BadInput for a malformed pair."""
+    out = {}
+    for part in [p for p in re.split(r"[,\n]", text or "") if p.strip()]:
+        key, sep, value = part.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise BadInput(f"'{part.strip()}' is not name=value (for example: name=MacTuner, author=Ann).")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def chosen_as_sft(rows: list[dict]) -> list[dict]:
+    """Preference rows as conversations that learn the chosen answers (the rejected ones are left out)."""
+    return [{"messages": r["prompt"] + r["chosen"], **({"tools": r["tools"]} if r.get("tools") else {})}
+            for r in rows]
 
 
 def to_rows(df: pd.DataFrame, mapping: Mapping) -> list[dict]:
-    """Rows ready to save: `{"messages": [...]}` per row, or `{"text": ...}` for the text format.
-
-    Messages with empty content are dropped; a row left without a user or an assistant turn (or an empty text) is
-    left out - compare `len(result)` with `len(df)`."""
-    validate_mapping(df, mapping)
-    if mapping.format == "text":
-        s = df[mapping.text]
-        return [{"text": t} for t in s[~_blank(s)].astype(str).tolist()]
-    rows = []
-    for conv in _conversations(df, mapping):
-        conv = [x for x in conv if x["content"].strip()]
-        roles = {x["role"] for x in conv}
-        if "assistant" in roles and "user" in roles:
-            rows.append({"messages": conv})
-    return rows
+    """The usable rows of `convert` (see there for the ones left out and why)."""
+    return convert(df, mapping).rows
 
 
 def to_messages(df: pd.DataFrame, mapping: Mapping) -> list[list[dict]]:
-    """The conversations of `to_rows` (chat formats only; the text format has none - use `to_rows`)."""
+    """The conversations of `to_rows` (preference rows: the prompt and the chosen answer)."""
     if mapping.format == "text":
         raise BadInput("The 'text' format has no conversations; its rows are saved as {\"text\": ...} (to_rows).")
-    return [r["messages"] for r in to_rows(df, mapping)]
+    rows = to_rows(df, mapping)
+    return [r["messages"] for r in (chosen_as_sft(rows) if mapping.kind == "preference" else rows)]
+
+
+def _conversations(df: pd.DataFrame, m: Mapping) -> list[list[dict]]:
+    """One conversation per df row, in order ([] for a row that cannot be used): for token counts per row."""
+    out = []
+    for row in convert(df, m).per_row:
+        if row is None:
+            out.append([])
+        else:
+            out.append(row["prompt"] + row["chosen"] if "chosen" in row else row["messages"])
+    return out

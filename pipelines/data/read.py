@@ -1,5 +1,13 @@
-"""Reading a dataset file: CSV, TSV, JSON, JSONL or Parquet into a text-only DataFrame, with the encoding and CSV dialect
-detected, and warnings for what a user should look at (formula-like cells, very long cells, mixed types).
+"""Reading a dataset file: CSV, TSV, JSON, JSONL, Parquet, Excel (.xlsx) or plain text (.txt) into a text-only
+DataFrame, with the encoding and CSV dialect detected, and warnings for what a user should look at (formula-like cells,
+very long cells, mixed types, a guessed encoding).
+
+Encodings: a byte-order mark decides (UTF-8, UTF-16); else valid UTF-8 is UTF-8; else UTF-16 without a mark is
+recognised by its zero bytes; else charset-normalizer guesses (cp949/EUC-KR, Shift-JIS, GBK/GB18030, Big5, ...), and a
+Western single-byte guess is read as cp1252 (Latin-1 where cp1252 has holes). `encoding=` overrides the detection.
+
+Plain text: `text_mode="blocks"` makes one row per blank-line-separated block, `"document"` one row of the whole file
+(the trainer cuts long text into windows of its max length); `"auto"` takes blocks when there are several.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +38,14 @@ LONG_CELL_CHARS = 100_000
 
 
 SUPPORTED = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-             ".parquet": "parquet", ".pq": "parquet"}
+             ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx", ".txt": "txt"}
+ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "cp949", "euc-kr", "shift_jis", "cp932",
+             "euc-jp", "gbk", "gb18030", "big5", "cp1252", "latin-1", "cp1251", "koi8-r", "cp1250", "iso-8859-7",
+             "cp1253", "cp1254", "cp1255", "cp1256", "tis-620")  # offered as overrides; any Python codec name works
+TEXT_MODES = ("auto", "blocks", "document")
+_WESTERN = {"cp1252", "latin_1", "iso8859_15", "cp1250", "iso8859_2", "cp437", "cp850", "mac_roman", "cp858",
+            "iso8859_9", "cp1254", "mac_latin2", "cp1257", "iso8859_4", "iso8859_13", "iso8859_10", "iso8859_3",
+            "iso8859_14", "iso8859_16", "ascii", "cp775", "cp852", "hp_roman8", "mac_iceland", "mac_turkish"}
 
 
 DELIMITERS = ",;\t|"
@@ -58,7 +74,7 @@ class ReadResult:
     df: pd.DataFrame = field(metadata={"help": "the table; every cell is text (NaN = missing)"})
     path: str = field(metadata={"help": "the file that was read"})
     format: str = field(metadata={"help": "csv | tsv | json | jsonl | parquet"})
-    encoding: str | None = field(metadata={"help": "utf-8, utf-8-sig, utf-16 or latin-1 (None for Parquet)"})
+    encoding: str | None = field(metadata={"help": "the text encoding used (None for Parquet and Excel)"})
     delimiter: str | None = field(metadata={"help": "CSV/TSV delimiter that was detected"})
     sha256: str = field(metadata={"help": "sha256 of the file's bytes"})
     size_bytes: int = field(metadata={"help": "file size"})
@@ -77,8 +93,10 @@ class ReadResult:
                 "delimiter": self.delimiter, "rows": self.n_rows, "cols": self.n_cols, "size_bytes": self.size_bytes}
 
 
-def read_table(path: str | os.PathLike, max_bytes: int = MAX_BYTES, progress: ProgressFn = _noop) -> ReadResult:
-    """Read CSV/TSV/JSON/JSONL/Parquet into a text-only DataFrame; BadInput (one plain line) for anything unusable."""
+def read_table(path: str | os.PathLike, max_bytes: int = MAX_BYTES, progress: ProgressFn = _noop,
+               encoding: str | None = None, text_mode: str = "auto") -> ReadResult:
+    """Read a data file into a text-only DataFrame; BadInput (one plain line) for anything unusable. `encoding`
+    (a codec name; None or "auto": detected) overrides the detection for text files; `text_mode` is for .txt."""
     p = Path(path)
     kind = SUPPORTED.get(p.suffix.lower())
     if kind is None:
@@ -94,17 +112,24 @@ def read_table(path: str | os.PathLike, max_bytes: int = MAX_BYTES, progress: Pr
     raw = p.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     warnings: list[str] = []
-    encoding = delimiter = None
+    delimiter = None
+    forced = encoding if encoding and encoding != "auto" else None
+    encoding = None
     if kind == "parquet":
         progress(0.3, "Parsing Parquet...")
         df = _read_parquet(raw, p.name, warnings)
+    elif kind == "xlsx":
+        progress(0.3, "Parsing the spreadsheet...")
+        df = _read_xlsx(raw, p.name, warnings)
     else:
-        encoding = _detect_encoding(raw, p.name, warnings)
+        encoding = _forced_encoding(raw, forced, p.name) if forced else _detect_encoding(raw, p.name, warnings)
         sample = _text_sample(raw, encoding)
-        if not sample.strip() and not raw.decode(encoding).strip():
+        if not sample.strip() and not raw.decode(encoding, errors="replace").strip():
             raise BadInput(f"{p.name} is empty (only whitespace).")
         progress(0.3, f"Parsing {kind.upper()}...")
-        if kind in ("csv", "tsv"):
+        if kind == "txt":
+            df = _read_txt(raw.decode(encoding), text_mode, warnings)
+        elif kind in ("csv", "tsv"):
             delimiter = _sniff_delimiter(sample, kind)
             df = _read_csv(raw, encoding, delimiter, p.name)
         elif kind == "json":
@@ -136,25 +161,76 @@ def _first_bad_utf8(raw: bytes | memoryview, step: int = 1 << 24) -> int | None:
     return None
 
 
+def _forced_encoding(raw: bytes, enc: str, name: str) -> str:
+    import codecs  # noqa: PLC0415
+
+    try:
+        codecs.lookup(enc)
+        raw.decode(enc)
+    except LookupError:
+        raise BadInput(f"Unknown encoding '{enc}'. Examples: {', '.join(ENCODINGS[:10])}.") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{name} is not valid {enc} (byte {e.start} cannot be decoded): choose another encoding, or "
+                       "'auto' to detect it.") from None
+    return enc
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """'utf-16-le' / 'utf-16-be' when the zero bytes sit at odd / even offsets as in UTF-16 text, and it decodes."""
+    head = raw[:65536]
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    half = len(head) // 2 or 1
+    for enc, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if zeros > 0.3 * half and other < 0.05 * half:
+            try:
+                raw[: len(raw) - len(raw) % 2].decode(enc)
+                return enc
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _guess_legacy(raw: bytes, bad: int, warnings: list[str]) -> str:
+    """Not UTF-8: charset-normalizer's guess (CJK and other multi-byte code pages kept as guessed); a Western
+    single-byte guess is read as cp1252 (latin-1 where cp1252 has no character)."""
+    from charset_normalizer import from_bytes  # noqa: PLC0415 - a dependency of requests
+
+    best = from_bytes(raw[: 1 << 20]).best()
+    enc = best.encoding if best is not None else "latin_1"
+    if enc in _WESTERN:
+        enc = "cp1252"
+    try:
+        raw.decode(enc)
+    except (UnicodeDecodeError, LookupError):
+        enc = "latin-1"  # decodes anything
+    shown = {"cp1252": "cp1252 (Western European)", "latin-1": "Latin-1"}.get(enc, enc)
+    warnings.append(f"The file is not UTF-8 (first non-UTF-8 byte at offset {bad}); it was read as {shown}, the "
+                    "detected encoding. If the preview shows garbled characters, choose the right encoding and open "
+                    "it again (or re-save the file as UTF-8).")
+    return enc.replace("_", "-")
+
+
 def _detect_encoding(raw: bytes, name: str, warnings: list[str]) -> str:
-    """utf-16 (BOM), utf-8-sig (BOM), utf-8, else latin-1 with a warning; BadInput for binary files."""
+    """A byte-order mark (UTF-16, UTF-8), else UTF-8, else UTF-16 without a mark, else a guess with a warning;
+    BadInput for binary files."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             raw.decode("utf-16")
         except UnicodeDecodeError:
             raise BadInput(f"{name} starts with a UTF-16 byte-order mark but is not valid UTF-16.") from None
         enc = "utf-16"
-    else:
-        if b"\x00" in raw:
+    elif b"\x00" in raw:
+        enc = _utf16_without_bom(raw)
+        if enc is None:
             raise BadInput(f"{name} is not a text file (it contains NUL bytes: a binary file, maybe a spreadsheet "
                            "or an archive renamed). Export it as CSV/JSON text first.")
+        warnings.append(f"The file is UTF-16 without a byte-order mark; it was read as {enc}.")
+    else:
         bom = raw.startswith(b"\xef\xbb\xbf")
         bad = _first_bad_utf8(memoryview(raw)[3:] if bom else raw)
         enc = "utf-8-sig" if bom else "utf-8"
         if bad is not None:
-            enc = "latin-1"
-            warnings.append(f"The file is not valid UTF-8 (first bad byte at offset {bad + 3 * bom}); it was read as "
-                            "Latin-1. Check accented characters in the preview, or re-save the file as UTF-8.")
+            enc = _guess_legacy(raw, bad + 3 * bom, warnings)
     sample = _text_sample(raw, enc)
     controls = sum(1 for ch in sample if ch < " " and ch not in "\t\n\r\f\v" or "\x7f" <= ch <= "\x9f")
     if "\x00" in sample or controls > 0.05 * len(sample):
@@ -195,6 +271,44 @@ def _read_csv(raw: bytes, encoding: str, delimiter: str, name: str) -> pd.DataFr
         msg = str(e).strip().splitlines()[-1]
         raise BadInput(f"Malformed {'TSV' if delimiter == chr(9) else 'CSV'} in {name} (delimiter {delimiter!r}): "
                        f"{msg}. Check the quoting and the delimiter.") from None
+
+
+def _read_txt(text: str, mode: str, warnings: list[str]) -> pd.DataFrame:
+    if mode not in TEXT_MODES:
+        raise BadInput(f"Text mode must be one of {', '.join(TEXT_MODES)} (got {mode!r}).")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    blocks = [b.strip("\n") for b in re.split(r"\n(?:[ \t]*\n)+", text) if b.strip()]
+    if mode == "auto":
+        mode = "blocks" if len(blocks) > 1 else "document"
+        warnings.append("Plain text: one example per blank-line-separated block (choose 'whole file as one document' "
+                        "to keep it in one piece)." if mode == "blocks" else "Plain text: the whole file is one "
+                        "document (the trainer cuts it into pieces of its max length).")
+    rows = blocks if mode == "blocks" else [text.strip("\n")]
+    return pd.DataFrame({"text": pd.Series(rows, dtype=str)})
+
+
+def _read_xlsx(raw: bytes, name: str, warnings: list[str]) -> pd.DataFrame:
+    import zipfile  # noqa: PLC0415
+
+    if not raw.startswith(b"PK\x03\x04"):
+        raise BadInput(f"{name} is not an Excel .xlsx workbook (an .xlsx file is a zip archive). An old .xls "
+                       "workbook must be saved as .xlsx or CSV first.")
+    try:
+        sheets = pd.read_excel(io.BytesIO(raw), sheet_name=None, dtype=object, engine="openpyxl")
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise BadInput(f"Could not read the workbook {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                       " (truncated, or not an Excel workbook?).") from None
+    used = {k: v for k, v in sheets.items() if not v.dropna(how="all").empty}
+    if not used:
+        raise BadInput(f"{name} has no data in any sheet.")
+    first = next(iter(used))
+    if len(used) > 1:
+        warnings.append(f"The workbook has {len(used)} sheets with data; the first, '{first}', was read "
+                        f"(the others: {', '.join(list(used)[1:])}). Save the sheet you want first, or as CSV.")
+    df = used[first].dropna(how="all")
+    cols = {str(c): [_to_text(v.isoformat() if hasattr(v, "isoformat") else v) for v in df[c].tolist()]
+            for c in df.columns}
+    return pd.DataFrame({c: pd.Series(v, dtype=str) for c, v in cols.items()})
 
 
 def _parse_json(text: str, name: str, warnings: list[str]) -> dict[str, list]:
@@ -259,7 +373,17 @@ def _to_text(v: Any) -> str | None:
         return None
     if isinstance(v, str):
         return v
-    return json.dumps(v, ensure_ascii=False)
+    return json.dumps(v, ensure_ascii=False, default=_binary)
+
+
+def _binary(v: Any) -> Any:
+    """JSON for what json cannot write: bytes (an image or audio file inside the table) become a marker that the
+    mapping refuses by name; anything else its text."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"<binary>": len(bytes(v))}
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
 
 
 def _columns_to_df(columns: dict[str, list], warnings: list[str]) -> pd.DataFrame:

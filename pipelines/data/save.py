@@ -17,7 +17,7 @@ from typing import Sequence
 from ..errors import BadInput, Conflict, NotFound
 from ..workspace import Workspace, atomic_dir
 from .clean import Cleaner, _jsonable
-from .map import Mapping
+from .map import Conversion, Mapping
 from .read import ProgressFn, ReadResult, _noop
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,27 +45,46 @@ def _versions(folder: Path) -> list[int]:
     return sorted(int(p.name[1:]) for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name))
 
 
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _msgs_ok(msgs) -> bool:
+    return isinstance(msgs, list) and bool(msgs) and all(
+        isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in msgs)
+
+
+def row_kind(r: dict) -> str | None:
+    """"text" | "messages" | "preference" for a valid saved row, else None."""
+    if not isinstance(r, dict):
+        return None
+    if isinstance(r.get("text"), str):
+        return "text"
+    if _msgs_ok(r.get("messages")):
+        return "messages"
+    if all(_msgs_ok(r.get(k)) for k in ("prompt", "chosen", "rejected")):
+        return "preference"
+    return None
+
+
 def _check_rows(rows: Sequence) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         if isinstance(r, list):
             r = {"messages": r}
-        ok = isinstance(r, dict) and (
-            isinstance(r.get("text"), str) or
-            (isinstance(r.get("messages"), list) and r["messages"] and
-             all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and
-                 isinstance(m.get("content"), str) for m in r["messages"])))
-        if not ok:
-            raise BadInput(f"Row {i + 1} is neither {{\"messages\": [{{role, content}}...]}} nor {{\"text\": ...}}.")
+        if row_kind(r) is None:
+            raise BadInput(f"Row {i + 1} is neither {{\"messages\": [{{role, content}}...]}}, {{\"text\": ...}} nor "
+                           "{\"prompt\", \"chosen\", \"rejected\"}.")
         out.append(r)
     return out
 
 
 def build_meta(read: ReadResult | None = None, mapping: Mapping | None = None, cleaner: Cleaner | None = None,
-               **extra) -> dict:
-    """What save_dataset records about where the rows came from."""
+               conversion: Conversion | None = None, **extra) -> dict:
+    """What save_dataset records about where the rows came from (and, from the conversion, which rows were left
+    out and why)."""
     return {"source": read.meta() if read else None, "mapping": asdict(mapping) if mapping else None,
-            "cleaning": cleaner.history() if cleaner else [], "warnings": read.warnings if read else [], **extra}
+            "cleaning": cleaner.history() if cleaner else [], "warnings": read.warnings if read else [],
+            "conversion": conversion.report() if conversion else None, **extra}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -113,7 +132,9 @@ def save_dataset(ws: Workspace, name: str, rows: Sequence[dict | list], meta: di
                 _write_jsonl(tmp / "validation.jsonl", val)
                 full_meta = {**(meta or {}), "name": name, "version": version,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "shape": "text" if "text" in train[0] else "messages",
+                             "shape": row_kind(train[0]),
+                             "kind": (meta or {}).get("kind") or {"text": "text", "preference": "preference"}.get(
+                                 row_kind(train[0]), "kto" if "label" in train[0] else "sft"),
                              "counts": {"train": len(train), "validation": len(val), "total": n},
                              "split": {"val_ratio": val_ratio if val_count is None else None,
                                        "val_count": val_count, "seed": seed}}
@@ -144,8 +165,9 @@ def list_datasets(ws: Workspace) -> list[dict]:
         for v in _versions(folder):
             meta = _read_meta(folder / f"v{v}")
             counts, source = meta.get("counts", {}), meta.get("source") or {}
-            out.append({"name": folder.name, "version": v, "train": counts.get("train"),
-                        "validation": counts.get("validation"), "created": meta.get("created"),
+            out.append({"name": folder.name, "version": v, "kind": meta.get("kind") or "sft",
+                        "train": counts.get("train"), "validation": counts.get("validation"),
+                        "created": meta.get("created"),
                         "source": source.get("path") if isinstance(source, dict) else source})
     return out
 

@@ -17,8 +17,9 @@ IGNORE = -100
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content"}, ...]} or, for plain
-    text (continued pre-training), {"text": str}. A missing file is an empty split."""
+    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content", "loss_weight"?,
+    "tool_calls"?}, ...], "tools"?, "label"?} or, for plain text (continued pre-training), {"text": str}. A missing
+    file is an empty split; a preference row (chosen / rejected) is BadInput: SFT does not train on those."""
     if not path.exists():
         return []
     out = []
@@ -33,13 +34,52 @@ def read_rows(path: Path) -> list[dict]:
             if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
                 out.append({"text": row["text"]})
                 continue
+            if isinstance(row, dict) and "chosen" in row and "rejected" in row:
+                raise BadInput(f"{path.name} holds preference pairs (chosen / rejected), which supervised fine-tuning "
+                               "does not train on. In the Data tab, save its chosen answers as SFT data.")
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
                 raise BadInput(f"{path.name} line {i} has neither a 'messages' list of {{role, content}} objects nor "
                                "a 'text'.")
-            out.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+            keep = ("role", "content", "loss_weight", "tool_calls", "name")
+            item = {"messages": [{k: m[k] for k in keep if k in m} for m in msgs]}
+            for k in ("tools", "label"):
+                if k in row:
+                    item[k] = row[k]
+            out.append(item)
     return out
+
+
+_TOOL_PROBE = "mactuner_probe_tool"
+
+
+class NoToolFormat(BadInput):
+    """The dataset has tool calls and the chat template cannot write them: the whole dataset is refused."""
+
+
+def check_tool_format(tok) -> None:
+    """BadInput unless the tokenizer's chat template writes tool calls and tool definitions into the prompt."""
+    from ..data import assistant_spans  # noqa: PLC0415
+
+    cache = tok.__dict__.setdefault("_mactuner_tools_ok", {}) if hasattr(tok, "__dict__") else {}
+    key = hash(getattr(tok, "chat_template", "") or "")
+    if key not in cache:
+        msgs = [{"role": "user", "content": "call it"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": _TOOL_PROBE, "arguments": {"x": 1}}}]},
+                {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}]
+        tools = [{"type": "function", "function": {"name": _TOOL_PROBE, "description": "probe",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        try:
+            text, _ = assistant_spans(tok, msgs, tools=tools)
+            cache[key] = _TOOL_PROBE in text and "42" in text
+        except BadInput:
+            cache[key] = False
+    if not cache[key]:
+        raise NoToolFormat("This dataset has tool calls (function_call / observation turns, or tools), but the model's "
+                       "chat template has no tool format: the calls would be lost from what it learns. Train a model "
+                       "whose chat template supports tools, or leave the tool rows out.")
 
 
 def ensure_chat_template(tok) -> str | None:
@@ -53,14 +93,19 @@ def ensure_chat_template(tok) -> str | None:
     return "The tokenizer had no chat template: using ChatML turns (<|im_start|>role ... <|im_end|>), saved with the adapter."
 
 
-def encode_conversation(tok, messages: list[dict], responses_only: bool = True) -> tuple[list[int], list[int]]:
+def encode_conversation(tok, messages: list[dict], responses_only: bool = True,
+                        tools: list | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation rendered with the tokenizer's chat template. With `responses_only`,
-    labels are IGNORE except on the tokens of each assistant reply including its end-of-turn markup; otherwise every
-    token is a label. The reply spans come from `data.assistant_spans` (the same function as the Data tab's preview:
-    rendered prefixes compared in characters) and are mapped to tokens through the offsets."""
-    from ..data import assistant_spans  # noqa: PLC0415
+    labels are IGNORE except on the tokens of each assistant reply including its end-of-turn markup - but not of a
+    reply whose `loss_weight` is 0; otherwise every token is a label. The reply spans come from
+    `data.assistant_spans` (the same function as the Data tab's preview: rendered prefixes compared in characters)
+    and are mapped to tokens through the offsets. Tool calls need a template with a tool format (BadInput)."""
+    from ..data import assistant_spans, trained_spans  # noqa: PLC0415
 
-    full, spans = assistant_spans(tok, messages)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        check_tool_format(tok)
+    full, spans = assistant_spans(tok, messages, tools=tools)
+    spans = trained_spans(messages, spans)
     if getattr(tok, "is_fast", False):
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -101,15 +146,21 @@ class EncodedSplit:
     dropped: int = 0  # no label left after masking and truncation
     no_response: int = 0  # no assistant message at all (responses_only)
     unrenderable: int = 0  # the chat template failed on the row, or a reply could not be located in it
+    undesirable: int = 0  # KTO rows labelled false: never trained as targets
+    windows: int = 0  # extra examples made by cutting long plain-text rows into max_length pieces
     shortest_prompt: int = 0  # tokens before the first label, over rows that lost all labels to truncation
     first_error: str = ""
 
     def note(self, split: str, max_length: int) -> str:
-        parts = [f"{split}: {len(self.examples)} of {self.rows} rows usable"]
+        parts = [f"{split}: {len(self.examples) - self.windows} of {self.rows} rows usable"]
+        if self.windows:
+            parts.append(f"long texts cut into {self.windows} more pieces of {max_length} tokens")
         if self.truncated:
             parts.append(f"{self.truncated} cut to {max_length} tokens")
-        if self.dropped:
-            parts.append(f"{self.dropped} dropped (no trainable token within max_length"
+        if self.undesirable:
+            parts.append(f"{self.undesirable} labelled undesirable (label false) left out: never trained as targets")
+        if self.dropped - self.undesirable:
+            parts.append(f"{self.dropped - self.undesirable} dropped (no trainable token within max_length"
                          + (f"; {self.unrenderable} not renderable: {self.first_error}" if self.unrenderable else "")
                          + ")")
         return ", ".join(parts)
@@ -121,14 +172,26 @@ def encode_split(tok, rows: list[dict], max_length: int, responses_only: bool) -
     for row in rows:
         if "text" in row:
             ids, labels = encode_text(tok, row["text"]) if row["text"].strip() else ([], [])
+            if len(ids) > max_length:  # continued pre-training: every piece of a long text is learned
+                pieces = [ids[k:k + max_length] for k in range(0, len(ids), max_length)]
+                pieces = [p for p in pieces if len(p) > 1]
+                out.examples.extend((p, list(p)) for p in pieces)
+                out.windows += len(pieces) - 1
+                continue
         else:
             msgs = row["messages"]
+            if row.get("label") is False:  # KTO data: an undesirable answer is never a target
+                out.undesirable += 1
+                out.dropped += 1
+                continue
             if not msgs or (responses_only and not any(m["role"] == "assistant" for m in msgs)):
                 out.no_response += 1
                 out.dropped += 1
                 continue
             try:
-                ids, labels = encode_conversation(tok, msgs, responses_only)
+                ids, labels = encode_conversation(tok, msgs, responses_only, row.get("tools"))
+            except NoToolFormat:
+                raise
             except BadInput as e:  # one odd row must not sink the dataset: count it and go on
                 out.unrenderable += 1
                 out.dropped += 1

@@ -65,6 +65,50 @@ def ui_errors(fn):
     return wrapper
 
 
+def from_api(request) -> bool:
+    """True for a call through gradio_client (it marks its requests), False for the browser page."""
+    headers = getattr(request, "headers", None) or {}
+    return str(headers.get("x-gradio-user", "")).lower() in ("api", "mcp")
+
+
+def keep_last_good(n_outputs: int, message_at: int = -1):
+    """For handlers whose outputs fill a whole panel: in the browser, a MacTunerError leaves every output as it was
+    (the last good state, no red 'Error' over each of them) and puts the one message in output `message_at` (and a
+    warning toast); through the API it is an error as with `ui_errors`. Anything unexpected stays an error."""
+    def deco(fn):
+        strict = ui_errors(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            request = kwargs.pop("request", None)
+            if args and (args[-1] is None or isinstance(args[-1], gr.Request)) and len(args) > n_params:
+                request, args = args[-1], args[:-1]
+            if from_api(request):
+                return strict(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except MacTunerError as e:
+                gr.Warning(e.message)
+                out = [gr.skip()] * n_outputs
+                out[message_at] = f"⚠️ {e.message}"
+                return tuple(out)
+            except Exception as e:  # noqa: BLE001 - translated for the user
+                raise _as_gr_error(fn.__name__, e) from None
+
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        n_params = len(params)
+        if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) or p.name == "request" for p in params):
+            raise TypeError(f"keep_last_good: {fn.__name__} must take plain parameters only")
+        wrapper.__signature__ = sig.replace(parameters=params + [inspect.Parameter(
+            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)])
+        wrapper.__annotations__ = {"request": gr.Request}  # what gradio reads to inject the request
+        del wrapper.__wrapped__  # inspect.signature must see __signature__, not fn's
+        return wrapper
+
+    return deco
+
+
 def bind(fn, ctx: "Context", **fixed):
     """fn with `ctx` (its first parameter) and `fixed` keyword arguments filled in, keeping the rest of its
     signature and type hints: gradio injects gr.Request / gr.SelectData by annotation, which functools.partial

@@ -1,11 +1,14 @@
-"""Data tab handlers: file → table → mapping → cleaning steps (undoable) → EDA → saved dataset version.
+"""Data tab handlers: file → table → mapping → row check → cleaning steps (undoable) → EDA → saved dataset version.
 
 The work in progress of one browser tab lives in a `DataSession` kept in `gr.State` (two tabs never share it);
-uploaded files are copied into the workspace (datasets/.uploads/) so they can be picked again later.
+uploaded files are copied into the workspace (datasets/.uploads/, one copy per content) so they can be picked again
+later. In the browser a refused action leaves the tab as it was, with one message (`keep_last_good`); through the
+API it is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -17,14 +20,18 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import data
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, MacTunerError
 from pipelines.workspace import human_bytes
 
-from .common import Context, _gr_progress, ui_errors
+from .common import Context, _gr_progress, keep_last_good
 
+data_errors = (MacTunerError,)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SAMPLE = ASSETS / "sample_dataset.jsonl"
-ROLES = ("prompt", "input", "response", "messages", "text", "system")
+ROLES = ("prompt", "input", "response", "messages", "text", "system", "chosen", "rejected", "label", "tools")
+SAVE_AS = ("preference pairs (for preference training)", "the chosen answers as SFT conversations")
+TEXT_MODES = {"auto": "auto (blocks when there are several)", "blocks": "one example per blank-line block",
+              "document": "the whole file as one document"}
 PREVIEW_ROWS = 20
 _tok_lock = threading.Lock()
 _counters: OrderedDict[str, data.TokenCounter] = OrderedDict()  # the last few tokenizers' counts (each caches)
@@ -38,6 +45,19 @@ class DataSession:
     read: data.ReadResult | None = None
     cleaner: data.Cleaner | None = None
     mapping: data.Mapping | None = None
+    _conv: tuple | None = None  # (id of the table, mapping, Conversion): converted once per table and mapping
+
+    def conversion(self) -> data.Conversion | None:
+        """Every row of the current table under the current mapping (None without one); BadInput if unusable."""
+        if self.cleaner is None or self.mapping is None:
+            return None
+        df = self.cleaner.df
+        if self._conv is None or self._conv[0] is not df or self._conv[1] != self.mapping:
+            self._conv = (df, self.mapping, data.convert(df, self.mapping))
+        return self._conv[2]
+
+    def __deepcopy__(self, memo):  # gr.State copies the empty session per tab; a loaded one is not shared
+        return DataSession(self.read, self.cleaner, self.mapping)
 
 
 def uploads_dir(ctx: Context) -> Path:
@@ -51,10 +71,23 @@ def workspace_files(ctx: Context) -> list[str]:
     return files + ([str(SAMPLE)] if SAMPLE.exists() else [])
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _keep_upload(ctx: Context, src: str) -> Path:
-    """Copy an uploaded file into the workspace under its own name (never overwriting: name-2.csv, ...)."""
+    """Copy an uploaded file into the workspace under its own name (never overwriting: name-2.csv, ...); a file
+    with the same content uploaded before is reused instead of copied again."""
     d = uploads_dir(ctx)
     d.mkdir(parents=True, exist_ok=True)
+    size, digest = os.path.getsize(src), None
+    for old in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if old.stat().st_size == size and (digest := digest or _sha256(Path(src))) == _sha256(old):
+            return old
     name = Path(src).name
     stem, suffix = Path(name).stem, Path(name).suffix
     target, n = d / name, 2
@@ -108,6 +141,43 @@ def _info_md(s: DataSession) -> str:
     return md
 
 
+def check_md(ctx: Context, s: DataSession) -> str:
+    """What the mapping makes of every row: kind, usable rows, each reason for leaving rows out (with row numbers
+    as the table numbers them), labels, placeholders, tool calls and whether the current model can learn them."""
+    try:
+        conv = s.conversion()
+    except data_errors as e:
+        return f"⚠️ {e.message}"
+    if conv is None:
+        return "Choose a mapping to see which rows can be used."
+    lines = [f"**Rows:** {conv.summary()}."]
+    if conv.kind == "preference":
+        lines.append("ℹ️ This is **preference data** (a chosen and a rejected answer per prompt). Save it as "
+                     "preference pairs for preference training (DPO/ORPO), or keep only the chosen answers as "
+                     "conversations for supervised fine-tuning (choose under Save).")
+    if conv.kind == "kto":
+        lines.append("ℹ️ Rows labelled undesirable are kept with their label; supervised fine-tuning never trains "
+                     "on them as targets.")
+    if conv.placeholders:
+        lines.append("⚠️ Template placeholders such as " + ", ".join(f"`{{{{{k}}}}}`" for k in conv.placeholders)
+                     + " are in the answers: fill them in under Save, or they will be trained literally.")
+    if conv.tool_rows:
+        counter = tokenizer_counter(ctx)
+        tok = getattr(counter, "tokenizer", None)
+        verdict = "load the model to train to check its chat template"
+        if tok is not None and hasattr(tok, "apply_chat_template"):
+            from pipelines.training.encode import check_tool_format  # noqa: PLC0415
+
+            try:
+                check_tool_format(tok)
+                verdict = "the current model's chat template writes them in its tool format"
+            except BadInput:
+                verdict = ("**the current model's chat template has no tool format: training it on these rows is "
+                           "refused** (choose a model whose template supports tools)")
+        lines.append(f"ℹ️ {conv.tool_rows:,} rows have tool calls or tools; {verdict}.")
+    return "\n\n".join(lines)
+
+
 def _preview(s: DataSession) -> pd.DataFrame:
     if s.cleaner is None:
         return pd.DataFrame()
@@ -133,15 +203,45 @@ def _mapping_updates(s: DataSession) -> list:
     return ups
 
 
-def _all(s: DataSession, message: str = "") -> tuple:
-    """Everything the tab shows for a session: state, info, preview, mapping widgets, history, message."""
-    return (s, _info_md(s), _preview(s), *_mapping_updates(s), _history_md(s), message)
+def _save_updates(s: DataSession) -> list:
+    """The Save options that apply: 'save as' for preference data, the placeholder values when there are some."""
+    try:
+        conv = s.conversion()
+    except data_errors:
+        conv = None
+    pref = conv is not None and conv.kind == "preference"
+    holders = sorted(conv.placeholders) if conv is not None else []
+    return [gr.update(visible=pref), gr.update(visible=bool(holders), placeholder=", ".join(
+        f"{k}=…" for k in holders) or "name=value")]
 
 
-@ui_errors
-def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | None, max_mb: float = 500,
-              progress=gr.Progress()):
-    """Read an uploaded file (kept in the workspace) or a picked one; propose a mapping."""
+def _all(ctx: Context, s: DataSession, message: str = "") -> tuple:
+    """Everything the tab shows for a session: state, info, preview, mapping widgets, row check, save options,
+    history, message (last)."""
+    return (s, _info_md(s), _preview(s), *_mapping_updates(s), check_md(ctx, s), *_save_updates(s), _history_md(s),
+            message)
+
+
+N_ALL = 3 + 1 + len(ROLES) + 1 + 1 + 2 + 1 + 1  # the length of _all
+
+
+def _open(ctx: Context, path: Path, max_mb: float, encoding: str, text_mode: str, progress) -> tuple:
+    read = data.read_table(path, max_bytes=int(max_mb * 1024 * 1024), progress=_gr_progress(progress),
+                           encoding=encoding or None, text_mode=text_mode or "auto")
+    s = DataSession(read=read, cleaner=data.Cleaner(read.df), mapping=data.detect_mapping(read.df))
+    s.conversion()  # refused here (images, audio...), before the tab shows the file as usable
+    if s.mapping is None:
+        msg = "No known shape recognised: choose the format and the columns below."
+    else:
+        kind = data.KINDS[s.mapping.kind]
+        msg = f"Recognised the **{s.mapping.format}** shape ({kind}); check the mapping and the row check below."
+    return _all(ctx, s, msg)
+
+
+@keep_last_good(N_ALL)
+def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | None, encoding: str = "auto",
+              text_mode: str = "auto", max_mb: float = 500, progress=gr.Progress()):
+    """Read an uploaded file (kept in the workspace) or a picked one; propose a mapping and check its rows."""
     if upload:
         path = _keep_upload(ctx, upload)
     elif picked:
@@ -150,17 +250,13 @@ def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | No
         if path not in allowed:
             raise BadInput("Pick a file from the list (earlier uploads in this workspace, or the sample).")
     else:
-        raise BadInput("Upload a file (CSV, TSV, JSON, JSONL or Parquet) or pick one from the list.")
-    read = data.read_table(path, max_bytes=int(max_mb * 1024 * 1024), progress=_gr_progress(progress))
-    s = DataSession(read=read, cleaner=data.Cleaner(read.df), mapping=data.detect_mapping(read.df))
-    msg = (f"Recognised the **{s.mapping.format}** shape; check the mapping below." if s.mapping else
-           "No known shape recognised: choose the format and the columns below.")
-    return _all(s, msg)
+        raise BadInput("Upload a file (CSV, TSV, JSON, JSONL, Parquet, Excel or text) or pick one from the list.")
+    return _open(ctx, path, max_mb, encoding, text_mode, progress)
 
 
-@ui_errors
+@keep_last_good(N_ALL)
 def open_sample(ctx: Context, s: DataSession, progress=gr.Progress()):
-    return open_file(ctx, s, None, str(SAMPLE), progress=progress)
+    return _open(ctx, SAMPLE, 500, "auto", "auto", progress)
 
 
 def _need(s: DataSession) -> data.Cleaner:
@@ -169,17 +265,19 @@ def _need(s: DataSession) -> data.Cleaner:
     return s.cleaner
 
 
-@ui_errors
-def set_mapping(s: DataSession, fmt: str, prompt: str, input_: str, response: str, messages: str, text: str,
-                system: str, system_prompt: str):
-    """Apply the mapping the user chose; it is checked against the table's columns."""
+@keep_last_good(N_ALL)
+def set_mapping(ctx: Context, s: DataSession, fmt: str, prompt: str, input_: str, response: str, messages: str,
+                text: str, system: str, chosen: str, rejected: str, label: str, tools: str, system_prompt: str):
+    """Apply the mapping the user chose; it is checked against the table's columns, and every row is converted."""
     cl = _need(s)
     m = data.Mapping(format=fmt, prompt=prompt or None, input=input_ or None, response=response or None,
-                     messages=messages or None, text=text or None, system=system or None,
+                     messages=messages or None, text=text or None, system=system or None, chosen=chosen or None,
+                     rejected=rejected or None, label=label or None, tools=tools or None,
                      system_prompt=system_prompt or "")
     data.validate_mapping(cl.df, m)
-    s.mapping = m
-    return s, f"Mapping set: **{fmt}** ({', '.join(f'{k} ← {v}' for k, v in m.columns().items())})."
+    data.convert(cl.df, m)  # refused before it is kept
+    s = DataSession(s.read, cl, m)
+    return _all(ctx, s, f"Mapping set: **{fmt}** ({', '.join(f'{k} ← {v}' for k, v in m.columns().items())}).")
 
 
 def _mapped(s: DataSession) -> data.Mapping:
@@ -188,56 +286,68 @@ def _mapped(s: DataSession) -> data.Mapping:
     return s.mapping
 
 
-def _apply(s: DataSession, step, **params) -> tuple:
+def _apply(ctx: Context, s: DataSession, step, **params) -> tuple:
     cl = _need(s)
     report = cl.apply(step, **params)
-    return _all(s, report.text())
+    return _all(ctx, s, report.text())
 
 
-@ui_errors
-def clean_missing(s: DataSession, columns: list[str], action: str, fill_value: str):
+@keep_last_good(N_ALL)
+def clean_missing(ctx: Context, s: DataSession, columns: list[str], action: str, fill_value: str):
     cl = _need(s)
     cols = columns or (data.required_columns(s.mapping) if s.mapping else list(cl.df.columns))
-    return _apply(s, data.handle_missing, columns=cols, action=action, fill_value=fill_value or "")
+    return _apply(ctx, s, data.handle_missing, columns=cols, action=action, fill_value=fill_value or "")
 
 
-@ui_errors
-def clean_duplicates(s: DataSession, columns: list[str], near: bool):
-    return _apply(s, data.drop_duplicates, columns=columns or None, near=bool(near))
+@keep_last_good(N_ALL)
+def clean_duplicates(ctx: Context, s: DataSession, columns: list[str], near: bool):
+    return _apply(ctx, s, data.drop_duplicates, columns=columns or None, near=bool(near))
 
 
-@ui_errors
-def clean_normalize(s: DataSession):
-    return _apply(s, data.normalize_text)
+@keep_last_good(N_ALL)
+def clean_normalize(ctx: Context, s: DataSession):
+    return _apply(ctx, s, data.normalize_text)
 
 
-@ui_errors
+@keep_last_good(N_ALL)
 def clean_length(ctx: Context, s: DataSession, min_tokens: int, max_tokens: int, train_max_length: int,
                  progress=gr.Progress()):
     m = _mapped(s)
     counter = tokenizer_counter(ctx)
     if counter is None:
         raise BadInput(NO_TOKENIZER)
-    return _apply(s, data.filter_token_length, counter=counter, mapping=m, min_tokens=int(min_tokens),
+    return _apply(ctx, s, data.filter_token_length, counter=counter, mapping=m, min_tokens=int(min_tokens),
                   max_tokens=int(max_tokens) or None, train_max_length=int(train_max_length) or None,
                   progress=_gr_progress(progress))
 
 
-@ui_errors
-def undo(s: DataSession):
+@keep_last_good(N_ALL)
+def undo(ctx: Context, s: DataSession):
     cl = _need(s)
     r = cl.undo()
-    return _all(s, f"Undid: {r.name}." if r else "Nothing to undo.")
+    return _all(ctx, s, f"Undid: {r.name}." if r else "Nothing to undo.")
 
 
-@ui_errors
-def reset(s: DataSession):
+@keep_last_good(N_ALL)
+def reset(ctx: Context, s: DataSession):
     cl = _need(s)
     cl.reset()
-    return _all(s, "Back to the file as read.")
+    return _all(ctx, s, "Back to the file as read.")
 
 
-@ui_errors
+def _example(conv: data.Conversion, df: pd.DataFrame, example: int) -> tuple[dict, str]:
+    """The saved row made from table row `example` (numbered as the table shows them), else why there is none."""
+    labels = list(df.index)
+    if example not in labels:
+        return None, f"There is no row {example} (rows {labels[0]}–{labels[-1]}; cleaning may have removed it)."
+    row = conv.per_row[labels.index(example)]
+    if row is None:
+        why = next((w for w, rows in conv.dropped.items() if example in rows), "cannot be used")
+        return None, f"Row {example} is left out: it is one of the rows that {why}."
+    return row, ""
+
+
+@keep_last_good(7)
 def explore(ctx: Context, s: DataSession, max_length: int, example: int, progress=gr.Progress()):
     """Column summary, token-length histogram and stats, turns and role balance, one example through the template."""
     cl = _need(s)
@@ -245,8 +355,9 @@ def explore(ctx: Context, s: DataSession, max_length: int, example: int, progres
     df = cl.df
     if df.empty:
         raise BadInput("The table has no rows left: undo a cleaning step.")
+    conv = s.conversion()
     summary = data.column_summary(df)
-    dup_note = f"{len(df):,} rows · {data.duplicate_rows(df):,} exact duplicate rows"
+    dup_note = f"{len(df):,} rows ({len(conv.rows):,} usable) · {data.duplicate_rows(df):,} exact duplicate rows"
     counter = tokenizer_counter(ctx)
     note = ""
     len_fig = stats = None
@@ -256,38 +367,63 @@ def explore(ctx: Context, s: DataSession, max_length: int, example: int, progres
         stats = data.length_stats(lengths, int(max_length) or None).round(1).reset_index(names="")
     else:
         note = NO_TOKENIZER
-    rows = data.to_rows(df.iloc[: max(1, int(example) + 1)], m)
-    conversations = [r["messages"] for r in data.to_rows(df, m)] if m.format != "text" else []
+    conversations = [] if conv.kind == "text" else [
+        r["prompt"] + r["chosen"] if "chosen" in r else r["messages"] for r in conv.rows]
     turns_fig = data.turns_figure(conversations) if conversations else None
     roles_fig = data.role_balance_figure(conversations) if conversations else None
     preview_html, preview_md = "", ""
-    if counter is not None and counter.tokenizer is not None and hasattr(counter.tokenizer, "apply_chat_template"):
-        i = min(int(example), len(rows) - 1)
-        pv = data.preview_example(rows[i], counter.tokenizer)
+    row, why = _example(conv, df, int(example or 0))
+    if row is None:
+        preview_md = why
+    elif counter is not None and counter.tokenizer is not None and hasattr(counter.tokenizer, "apply_chat_template"):
+        pv = data.preview_example(row, counter.tokenizer)
         preview_html = PREVIEW_CSS + pv.html
-        preview_md = (f"Row {i}: **{pv.trained_tokens}** tokens trained (highlighted), {pv.masked_tokens} masked · "
-                      f"template: {pv.template}")
-    return summary, len_fig, stats, turns_fig, roles_fig, preview_html, " · ".join(x for x in (dup_note, preview_md or note) if x)
+        extra = (" · preference pair: the prompt and the chosen answer" if "chosen" in row else
+                 " · labelled undesirable: never trained" if row.get("label") is False else "")
+        preview_md = (f"Row {int(example or 0)}: **{pv.trained_tokens}** tokens trained (highlighted), "
+                      f"{pv.masked_tokens} masked · template: {pv.template}{extra}")
+    return (summary, len_fig, stats, turns_fig, roles_fig, preview_html,
+            " · ".join(x for x in (dup_note, preview_md or note) if x))
 
 
 PREVIEW_CSS = ("<style>.mt-preview{white-space:pre-wrap;font-family:monospace;font-size:13px;line-height:1.5}"
                ".mt-trained{background:#d9f2d9;color:#14501a}.mt-masked{color:#888}</style>")
 
 
-DATASET_COLUMNS = ["name", "version", "train", "validation", "created", "source"]
+DATASET_COLUMNS = ["name", "version", "kind", "train", "validation", "created", "source"]
 
 
 def datasets_table(ctx: Context) -> pd.DataFrame:
     return pd.DataFrame(data.list_datasets(ctx.ws), columns=DATASET_COLUMNS)
 
 
-@ui_errors
-def save(ctx: Context, s: DataSession, name: str, val_ratio: float, seed: int, progress=gr.Progress()):
+@keep_last_good(2, message_at=0)
+def save(ctx: Context, s: DataSession, name: str, val_ratio: float, seed: int, save_as: str = SAVE_AS[0],
+         placeholders: str = "", progress=gr.Progress()):
+    """Save the usable rows as the next version of `name`: preference data as pairs or as its chosen answers,
+    placeholders filled with the values given; the rows left out and why are in the message and the metadata."""
     cl = _need(s)
     m = _mapped(s)
-    rows = data.to_rows(cl.df, m)
-    v = data.save_dataset(ctx.ws, (name or "").strip(), rows, data.build_meta(s.read, m, cl), val_ratio=float(val_ratio),
-                          seed=int(seed), progress=_gr_progress(progress))
+    conv = s.conversion()
+    if not conv.rows:
+        raise BadInput(f"Nothing to save: none of the rows can be used ({conv.summary()}). Check the mapping.")
+    rows, kind = conv.rows, conv.kind
+    if kind == "preference" and save_as == SAVE_AS[1]:
+        rows, kind = data.chosen_as_sft(rows), "sft"
+    values = data.parse_placeholder_values(placeholders)
+    rows = data.fill_placeholders(rows, values)
+    unfilled = sorted(set(conv.placeholders) - set(values))
+    meta = data.build_meta(s.read, m, cl, conv, kind=kind, placeholders_filled=values,
+                           placeholders_unfilled=unfilled)
+    v = data.save_dataset(ctx.ws, (name or "").strip(), rows, meta, val_ratio=float(val_ratio), seed=int(seed),
+                          progress=_gr_progress(progress))
     cl.mark_saved()
-    return (f"Saved **{v.name} v{v.version}**: {len(v.train):,} train + {len(v.validation):,} validation rows "
-            f"in `{v.path}`."), datasets_table(ctx)
+    msg = (f"Saved **{v.name} v{v.version}** ({data.KINDS[kind]}): {len(v.train):,} train + {len(v.validation):,} "
+           f"validation rows in `{v.path}`.")
+    if conv.dropped:
+        msg += f" ⚠️ {conv.n_dropped:,} of {conv.total:,} rows were left out (see the row check; recorded in meta.json)."
+    if unfilled:
+        msg += " ⚠️ Placeholders " + ", ".join(f"{{{{{k}}}}}" for k in unfilled) + " were saved as written."
+    if kind == "preference":
+        msg += " It is preference data: supervised fine-tuning does not train on it."
+    return msg, datasets_table(ctx)

@@ -17,11 +17,17 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
 
         gr.Markdown("#### 1 · Load")
         with gr.Row():
-            upload = gr.File(label="Upload CSV, TSV, JSON, JSONL or Parquet", type="filepath", scale=3,
-                             file_types=sorted(pdata.SUPPORTED), elem_id="data-upload")
+            upload = gr.File(label="Upload CSV, TSV, JSON, JSONL, Parquet, Excel (.xlsx) or text (.txt)",
+                             type="filepath", scale=3, file_types=sorted(pdata.SUPPORTED), elem_id="data-upload")
             with gr.Column(scale=2):
                 picked = gr.Dropdown(label="…or pick a file in the workspace", choices=hd.workspace_files(ctx),
                                      value=None, allow_custom_value=False, elem_id="data-pick")
+                with gr.Row():
+                    encoding = gr.Dropdown(["auto", *pdata.ENCODINGS], value="auto", label="Text encoding",
+                                           info="auto: detected (shown below); choose one if the preview is garbled",
+                                           elem_id="data-encoding")
+                    text_mode = gr.Dropdown([(v, k) for k, v in hd.TEXT_MODES.items()], value="auto",
+                                            label="Plain-text files (.txt)", elem_id="data-text-mode")
                 with gr.Row():
                     open_btn = gr.Button("Open", variant="primary", elem_id="data-open")
                     sample_btn = gr.Button("Try the sample dataset", elem_id="data-sample")
@@ -33,10 +39,18 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
         with gr.Row():
             fmt = gr.Dropdown(list(pdata.FORMATS), value="alpaca", label="Format", elem_id="map-format")
             roles = {r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=True, elem_id=f"map-{r}")
-                     for r in hd.ROLES}
+                     for r in hd.ROLES[:6]}
+        with gr.Row():
+            roles.update({r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=True,
+                                         elem_id=f"map-{r}", info=info)
+                          for r, info in zip(hd.ROLES[6:], ("preference: the preferred answer",
+                                                            "preference: the worse answer",
+                                                            "KTO: true / false per answer",
+                                                            "tools (functions) the rows may call"))})
         with gr.Row():
             system_prompt = gr.Textbox(label="Constant system prompt (optional)", scale=4, elem_id="map-system-prompt")
             map_btn = gr.Button("Use this mapping", scale=1, elem_id="map-apply")
+        check = gr.Markdown("Choose a mapping to see which rows can be used.", elem_id="data-check")
 
         gr.Markdown("#### 3 · Clean (each step reports rows before → after; undo until saved)")
         with gr.Row():
@@ -87,12 +101,19 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
             val_ratio = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Validation share")
             seed = gr.Number(label="Split seed", value=0, precision=0)
             save_btn = gr.Button("Save new version", variant="primary", elem_id="save-dataset")
+        with gr.Row():
+            save_as = gr.Radio(list(hd.SAVE_AS), value=hd.SAVE_AS[0], label="Preference data: save as",
+                               visible=False, elem_id="save-as")
+            placeholders = gr.Textbox(label="Fill the template placeholders (name=value, comma-separated)",
+                                      value="", visible=False, elem_id="save-placeholders")
         saved_msg = gr.Markdown(elem_id="save-message")
         datasets = gr.Dataframe(value=hd.datasets_table(ctx), headers=hd.DATASET_COLUMNS, interactive=False,
                                 label="Saved datasets (offered by the Train tab)", elem_id="datasets-table")
 
     role_boxes = [roles[r] for r in hd.ROLES]
-    everything = [session, info, table, fmt, *role_boxes, system_prompt, history, message]
+    everything = [session, info, table, fmt, *role_boxes, system_prompt, check, save_as, placeholders, history,
+                  message]
+    assert len(everything) == hd.N_ALL
 
     def refresh_columns(s: hd.DataSession):
         cols = [str(c) for c in s.read.df.columns] if s and s.read is not None else []
@@ -100,26 +121,34 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
             choices=hd.workspace_files(ctx))
 
     col_outputs = [miss_cols, dup_cols, picked]
-    opened = open_btn.click(h.bind(hd.open_file, ctx, max_mb=max_upload_mb), [session, upload, picked], everything,
-                            api_name="data_open")
+    opened = open_btn.click(h.bind(hd.open_file, ctx, max_mb=max_upload_mb),
+                            [session, upload, picked, encoding, text_mode], everything, api_name="data_open")
     opened.then(refresh_columns, session, col_outputs, api_visibility="private")
     sample_btn.click(h.bind(hd.open_sample, ctx), session, everything, api_name="data_open_sample").then(
         refresh_columns, session, col_outputs, api_visibility="private")
-    upload.upload(h.bind(hd.open_file, ctx, picked=None, max_mb=max_upload_mb), [session, upload], everything,
+    upload.upload(h.bind(hd.open_file, ctx, picked=None, max_mb=max_upload_mb), [session, upload, encoding,
+                                                                                 text_mode], everything,
                   api_visibility="private").then(refresh_columns, session, col_outputs, api_visibility="private")
-    map_btn.click(hd.set_mapping, [session, fmt, *role_boxes, system_prompt], [session, message], api_name="data_map")
-    miss_btn.click(hd.clean_missing, [session, miss_cols, miss_action, fill_value], everything, api_name="data_clean_missing")
-    dup_btn.click(hd.clean_duplicates, [session, dup_cols, near], everything, api_name="data_clean_duplicates")
-    norm_btn.click(hd.clean_normalize, session, everything, api_name="data_clean_normalize")
+    map_btn.click(h.bind(hd.set_mapping, ctx), [session, fmt, *role_boxes, system_prompt], everything,
+                  api_name="data_map")
+    miss_btn.click(h.bind(hd.clean_missing, ctx), [session, miss_cols, miss_action, fill_value], everything,
+                   api_name="data_clean_missing")
+    dup_btn.click(h.bind(hd.clean_duplicates, ctx), [session, dup_cols, near], everything,
+                  api_name="data_clean_duplicates")
+    norm_btn.click(h.bind(hd.clean_normalize, ctx), session, everything, api_name="data_clean_normalize")
     len_btn.click(h.bind(hd.clean_length, ctx), [session, min_tok, max_tok, train_max], everything,
                   api_name="data_clean_length")
-    undo_btn.click(hd.undo, session, everything, api_name="data_undo")
-    reset_btn.click(hd.reset, session, everything, api_name="data_reset")
+    undo_btn.click(h.bind(hd.undo, ctx), session, everything, api_name="data_undo")
+    reset_btn.click(h.bind(hd.reset, ctx), session, everything, api_name="data_reset")
     explore_btn.click(h.bind(hd.explore, ctx), [session, train_max, example],
                       [summary, len_plot, stats, turns_plot, roles_plot, preview, preview_note], api_name="data_explore")
-    save_btn.click(h.bind(hd.save, ctx), [session, ds_name, val_ratio, seed], [saved_msg, datasets],
-                   api_name="data_save")
-    return {"datasets": datasets}
+    save_btn.click(h.bind(hd.save, ctx), [session, ds_name, val_ratio, seed, save_as, placeholders],
+                   [saved_msg, datasets], api_name="data_save")
+
+    def on_load():  # a fresh page lists the uploads and datasets made since the app was built
+        return gr.update(choices=hd.workspace_files(ctx)), hd.datasets_table(ctx)
+
+    return {"datasets": datasets, "on_load": (on_load, None, [picked, datasets])}
 
 
 def register_api(ctx: h.Context) -> None:

@@ -93,12 +93,58 @@ def test_read_utf8_bom_and_utf16(tmp_path):
     assert res.encoding == "utf-16" and res.delimiter == "\t" and res.df.loc[0, "instruction"] == "naïve"
 
 
-def test_read_latin1_falls_back_with_warning(tmp_path):
-    f = tmp_path / "l1.csv"
-    f.write_bytes("instruction,output\ncafé crème,déjà vu\n".encode("latin-1"))
+ENCODED = {  # encoding -> (the text of a two-column CSV in that language, what the detection must report)
+    "cp949": ("질문,답변\n안녕하세요?,반갑습니다. 오늘 날씨가 좋네요.\n이름이 뭐예요?,저는 맥튜너입니다.\n", ("cp949", "euc-kr")),
+    "shift_jis": ("質問,回答\nこんにちは,元気です。今日はいい天気ですね。\n名前は？,マックチューナーです。\n",
+                  ("cp932", "shift-jis", "shift_jis")),
+    "gbk": ("问题,回答\n你好,我很好，今天天气很好。\n你叫什么名字？,我叫麦克调音器。\n", ("gb18030", "gbk", "gb2312")),
+    "utf-16-le": ("question,answer\nnaïve,déjà vu\n", ("utf-16-le",)),
+    "utf-16-be": ("question,answer\nnaïve,déjà vu\n", ("utf-16-be",)),
+    "latin-1": ("instruction,output\ncafé crème,déjà vu\n", ("cp1252",)),
+    "cp1252": ("instruction,output\n“smart” quotes,costs €100\n", ("cp1252",)),
+}
+
+
+@pytest.mark.parametrize("enc", list(ENCODED))
+def test_read_detects_legacy_encodings(tmp_path, enc):
+    text, expected = ENCODED[enc]
+    f = tmp_path / f"{enc}.csv"
+    f.write_bytes(text.encode(enc))
     res = data.read_table(f)
-    assert res.encoding == "latin-1" and res.df.loc[0, "output"] == "déjà vu"
-    assert any("Latin-1" in w and "offset 22" in w for w in res.warnings), res.warnings
+    assert res.encoding in expected, res.encoding
+    assert res.df.iloc[0].tolist() == text.splitlines()[1].split(",")
+    assert res.warnings and res.encoding.split("-")[0] in res.warnings[0].lower(), res.warnings
+    # the override: read as Latin-1 on purpose (mojibake), and a codec that cannot decode it is refused
+    if enc == "cp949":
+        assert data.read_table(f, encoding="latin-1").df.columns[0] != "질문"
+        with pytest.raises(BadInput, match="not valid utf-8"):
+            data.read_table(f, encoding="utf-8")
+        with pytest.raises(BadInput, match="Unknown encoding"):
+            data.read_table(f, encoding="klingon")
+
+
+def test_read_plain_text_blocks_and_document(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("First block,\nsecond line.\n\n  \nSecond block.\r\n\r\nThird.\n")
+    res = data.read_table(f)
+    assert res.format == "txt" and res.df["text"].tolist() == ["First block,\nsecond line.", "Second block.", "Third."]
+    assert any("block" in w for w in res.warnings)
+    one = data.read_table(f, text_mode="document").df["text"].tolist()
+    assert len(one) == 1 and one[0].startswith("First block") and one[0].endswith("Third.")
+    assert data.detect_mapping(res.df).format == "text"
+    with pytest.raises(BadInput, match="Text mode"):
+        data.read_table(f, text_mode="chapters")
+
+
+def test_read_xlsx(tmp_path):
+    f = tmp_path / "book.xlsx"
+    with pd.ExcelWriter(f, engine="openpyxl") as xw:
+        pd.DataFrame({"instruction": ["Say hi", "Add 2 and 3"], "output": ["Hi!", 5]}).to_excel(xw, sheet_name="qa", index=False)
+        pd.DataFrame({"notes": ["other sheet"]}).to_excel(xw, sheet_name="notes", index=False)
+    res = data.read_table(f)
+    assert res.format == "xlsx" and res.df["output"].tolist() == ["Hi!", "5"]
+    assert any("2 sheets" in w and "'qa'" in w for w in res.warnings), res.warnings
+    assert data.detect_mapping(res.df).format == "alpaca"
 
 
 def test_read_json_shapes(tmp_path):
@@ -173,8 +219,9 @@ BAD_INPUTS = {
     "image.csv": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, ["not a text file", "nul"]),
     "controls.csv": (bytes(range(1, 32)) * 100, ["does not look like text"]),
     "fake.parquet": (b"a,b\n1,2\n", ["not a parquet file"]),
-    "sheet.xlsx": (b"PK\x03\x04", ["unsupported file type '.xlsx'", ".csv", ".parquet"]),
-    "notes.txt": (b"hello", ["unsupported file type '.txt'"]),
+    "sheet.xlsx": (b"PK\x03\x04", ["could not read the workbook sheet.xlsx"]),
+    "old.xlsx": (b"\xd0\xcf\x11\xe0 old xls", ["not an excel .xlsx workbook", "save"]),
+    "slides.pptx": (b"PK\x03\x04", ["unsupported file type '.pptx'", ".csv", ".parquet", ".xlsx", ".txt"]),
 }
 
 
@@ -280,16 +327,20 @@ def test_mapping_with_missing_column_lists_available():
     user_error(ei, BadInput, "unknown format 'yaml'")
 
 
-def test_conversion_errors_and_skipped_rows():
-    df = pd.DataFrame({"messages": ['[{"role": "user", "content": "hi"}', "[]"]})
-    with pytest.raises(BadInput) as ei:
-        data.to_messages(df, Mapping(format="messages", messages="messages"))
-    user_error(ei, BadInput, "row 1", "not valid json")
-    df = pd.DataFrame({"messages": ['[{"role": "tool", "content": "x"}]']})
-    with pytest.raises(BadInput) as ei:
-        data.to_messages(df, Mapping(format="messages", messages="messages"))
-    user_error(ei, BadInput, "row 1", "unknown role 'tool'")
-    df = pd.DataFrame({"q": ["a", "b", None], "r": ["x", " ", "z"]}, dtype=str)  # rows 2 and 3 have no pair
+def test_conversion_names_every_row_left_out():
+    df = pd.DataFrame({"messages": ['[{"role": "user", "content": "hi"}', "[]",
+                                    '[{"role": "robot", "content": "x"}]',
+                                    '[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]',
+                                    '[{"role": "user", "content": "only a question"}]']})
+    conv = data.convert(df, Mapping(format="messages", messages="messages"))
+    assert len(conv.rows) == 1 and conv.total == 5 and conv.n_dropped == 4
+    assert conv.dropped == {"have a cell that is not valid JSON (Expecting ',' delimiter)": [0],
+                            "have no user message": [1], "have no assistant reply": [4],
+                            "have an unknown role 'robot' (known: " + ", ".join(sorted(data.ROLE_ALIASES)) + ")": [2]}
+    summary = conv.summary()
+    assert summary.startswith("5 rows → 1 usable") and "4 left out" in summary and "(row 4)" in summary
+    assert conv.report()["dropped"]["have no user message"] == {"count": 1, "first_rows": [1]}
+    df = pd.DataFrame({"q": ["a", "b", None], "r": ["x", " ", "z"]}, dtype=str)  # rows 1 and 2 have no pair
     assert data.to_messages(df, Mapping(format="qa", prompt="q", response="r")) == \
         [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}]]
     with pytest.raises(BadInput) as ei:
@@ -553,7 +604,7 @@ def test_save_list_load_round_trip(workspace, tmp_path):
     assert meta["split"] == {"val_ratio": None, "val_count": 1, "seed": 3} and meta["shape"] == "messages"
     assert meta["created"] and meta["version"] == 1
     [row] = data.list_datasets(workspace)
-    assert row == {"name": "my-set_1", "version": 1, "train": 2, "validation": 1, "created": meta["created"],
+    assert row == {"name": "my-set_1", "version": 1, "kind": "sft", "train": 2, "validation": 1, "created": meta["created"],
                    "source": str(f)}
 
 
