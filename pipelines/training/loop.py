@@ -60,8 +60,10 @@ def _torch_dtype(cfg: TrainConfig, prof):
     return getattr(torch, name), name
 
 
-def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0):
-    """The base model (frozen) with a fresh adapter as configured; returns the PEFT model."""
+def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=()):
+    """The base model (frozen) with a fresh adapter as configured; returns the PEFT model. Target tokens (of
+    `label_ids`) the base never learned get their embedding rows trained too (tokens.py); their ids are in
+    `model.mactuner_token_rows`."""
     import torch  # noqa: PLC0415
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
@@ -90,14 +92,18 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0):
         targets = _attention_targets(model)
     elif isinstance(targets, (list, tuple)):
         targets = list(targets)
+    from .tokens import untrained_targets  # noqa: PLC0415
+
+    rows = untrained_targets(model, label_ids)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora", bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", trainable_token_indices=rows or None)
     try:
         model = get_peft_model(model, lcfg)
     except ValueError as e:
         raise BadInput(f"The adapter cannot be placed: {str(e).splitlines()[0][:300]}") from None
     torch.nn.Module.train(model)
+    model.mactuner_token_rows = rows
     return model
 
 
@@ -267,7 +273,12 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
     total_steps = plan.total_steps(cfg, steps_per_epoch)
 
     # --- model, optimizer, schedule -----------------------------------------------------------------------
-    model = build_model(cfg, dtype, device, dist.local_rank)
+    label_ids = {t for _ids, labels in train_enc.examples for t in labels if t != IGNORE}
+    model = build_model(cfg, dtype, device, dist.local_rank, label_ids)
+    if model.mactuner_token_rows and dist.main:
+        names = ", ".join(tok.convert_ids_to_tokens(model.mactuner_token_rows[:8]))
+        log(f"The base model never learned the target token(s) {names} (their embeddings match its unused "
+            "tokens'): their embedding rows are trained too, so the model learns to end its turns.")
     loss_mod = _loss_module_class()(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

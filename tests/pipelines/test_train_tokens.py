@@ -1,0 +1,108 @@
+"""pipelines/training/tokens.py: target tokens whose embedding the base never trained (Gemma 3 270M's <end_of_turn>
+is a copy of its <unused…> rows) are found and trained as rows of their own; a model without such rows gets a plain
+LoRA adapter. Tiny llama with rows made untrained on purpose."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_train import tiny_cfg, write_dataset
+
+from pipelines import training as train
+from pipelines.training import IGNORE, run_training, validate
+from pipelines.training.tokens import MIN_HITS, untrained_targets
+
+
+def _untrained_copy(src, dst, ids):
+    """`src` model saved to `dst` with the embedding rows `ids` (and 40 unused-like rows) one shared vector plus
+    noise, the way an untrained row of a big vocabulary looks; returns the rows made alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    emb = model.get_input_embeddings().weight
+    vocab = emb.shape[0]
+    alike = sorted(set(ids) | set(range(vocab - 40, vocab)))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        base = torch.randn(emb.shape[1], generator=g)
+        for i in alike:
+            emb[i] = base + 1e-3 * torch.randn(emb.shape[1], generator=g)
+    model.save_pretrained(dst, safe_serialization=True)
+    return alike
+
+
+def _label_ids(cfg, ws):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    enc, _ = train.encode_dataset(cfg, ws, tok)
+    return tok, {t for _ids, labels in enc.examples for t in labels if t != IGNORE}
+
+
+@pytest.fixture
+def ws(workspace):
+    write_dataset(workspace)
+    return workspace
+
+
+def test_trained_vocabulary_has_no_untrained_targets(ws, tiny_llama_dir):
+    import torch
+
+    cfg = validate(tiny_cfg(tiny_llama_dir), ws)
+    _tok, labels = _label_ids(cfg, ws)
+    model = train.build_model(cfg, torch.float32, torch.device("cpu"), label_ids=labels)
+    assert model.mactuner_token_rows == []
+    assert not any("trainable_tokens" in n for n, _ in model.named_parameters())
+
+
+def test_untrained_end_token_is_found_and_trained(ws, tiny_llama_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg0 = validate(tiny_cfg(tiny_llama_dir, max_length=128), ws)
+    tok, labels = _label_ids(cfg0, ws)
+    eos = tok.eos_token_id
+    assert eos in labels  # the turn's end is a target
+    model_dir = tmp_path / "tiny-untrained"
+    alike = _untrained_copy(tiny_llama_dir, model_dir, [eos])
+    assert len(alike) - 1 >= MIN_HITS
+
+    # Only targets are returned, and among them only the alike ones.
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    found = untrained_targets(base, labels, sample=base.get_input_embeddings().weight.shape[0])
+    assert found == sorted(set(alike) & labels)
+    assert eos in found
+    assert untrained_targets(base, labels - set(alike)) == []
+
+    cfg = validate(tiny_cfg(model_dir, max_steps=6, learning_rate=5e-2, max_length=128), ws)
+    lines = []
+    res = run_training(cfg, tmp_path / "run", None, ws=ws, log=lines.append)
+    assert res.state == "finished"
+    assert any("never learned" in line and tok.eos_token in line for line in lines), lines
+    adapter = tmp_path / "run" / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("trainable_tokens" in k for k in saved), sorted(saved)[:10]
+
+    # The end token's row moved away from the copy it started as; a row not trained stayed.
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).merge_and_unload()
+    before, after = base.get_input_embeddings().weight.detach(), tuned.get_input_embeddings().weight.detach()
+    assert not torch.allclose(before[eos], after[eos], atol=1e-4)
+    untouched = next(i for i in range(before.shape[0]) if i not in found)
+    torch.testing.assert_close(before[untouched], after[untouched])
+
+    # The chat attaches such an adapter (its token rows included) and answers with it, and without it.
+    from pipelines import chat, models
+
+    lm = models.load_hf(model_dir)
+    info = chat.attach_adapter(lm, adapter, "tok")
+    assert info.name == "tok"
+    for name in ("tok", None):
+        out = list(chat.stream_chat(lm, [{"role": "user", "content": "hi"}],
+                                    chat.ChatParams(max_new_tokens=3, temperature=0.0, adapter=name)))
+        assert out[-1].n_tokens >= 1
