@@ -210,6 +210,9 @@ def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = 
             raise BadInput(f"PEFT could not load the adapter {Path(info.path).name}: "
                            f"{str(e).splitlines()[0][:240]}") from None
         lm.model.eval()
+        from .training.tokens import fast_token_rows  # noqa: PLC0415
+
+        fast_token_rows(lm.model)  # trained token rows without a copy of the vocabulary per token
         lm.adapters[name] = info
     return info
 

@@ -92,7 +92,7 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=
         targets = _attention_targets(model)
     elif isinstance(targets, (list, tuple)):
         targets = list(targets)
-    from .tokens import untrained_targets  # noqa: PLC0415
+    from .tokens import fast_token_rows, untrained_targets  # noqa: PLC0415
 
     rows = untrained_targets(model, label_ids)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
@@ -103,6 +103,7 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=
     except ValueError as e:
         raise BadInput(f"The adapter cannot be placed: {str(e).splitlines()[0][:300]}") from None
     torch.nn.Module.train(model)
+    fast_token_rows(model)
     model.mactuner_token_rows = rows
     return model
 

@@ -106,3 +106,49 @@ def test_untrained_end_token_is_found_and_trained(ws, tiny_llama_dir, tmp_path):
         out = list(chat.stream_chat(lm, [{"role": "user", "content": "hi"}],
                                     chat.ChatParams(max_new_tokens=3, temperature=0.0, adapter=name)))
         assert out[-1].n_tokens >= 1
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_token_rows_match_peft(tiny_llama_dir, tmp_path, tied):
+    """The rows-only forward gives PEFT's own outputs and gradients (embedding and tied output layer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from pipelines.training.tokens import fast_token_rows
+
+    if tied:
+        cfg = LlamaConfig.from_pretrained(tiny_llama_dir)
+        cfg.tie_word_embeddings = True
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(cfg)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    idx = [2, 5, 17]
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=idx))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn_like(p))
+    x = torch.tensor([[1, 2, 3, 5, 17, 17, 40]])
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=x).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    ref, ref_g = run()
+    with model.disable_adapter(), torch.no_grad():
+        ref_base = model(input_ids=x).logits
+    assert fast_token_rows(model) == (2 if tied else 1)  # the embedding, and the output layer tied to it
+    assert fast_token_rows(model) == 0  # once
+    out, g = run()
+    torch.testing.assert_close(out, ref)
+    assert ref_g.keys() == g.keys() and any("trainable_tokens_delta" in k for k in g)
+    for k in g:
+        torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6)
+    with model.disable_adapter(), torch.no_grad():  # the base model: the rows as they were
+        torch.testing.assert_close(model(input_ids=x).logits, ref_base)
+    assert not torch.allclose(ref_base, ref)
