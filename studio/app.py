@@ -25,6 +25,7 @@ from .handlers import model as hm  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
 from .tabs import export as export_tab  # noqa: E402
+from .tabs import journey as journey_tab  # noqa: E402
 from .tabs import model as model_tab  # noqa: E402
 from .tabs import rag as rag_tab  # noqa: E402
 from .tabs import train as train_tab  # noqa: E402
@@ -41,6 +42,7 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
     with gr.Blocks(title="MacTuner") as demo:
         # Header and device panel are filled on page load: building them here would import torch before serving.
         header = gr.Markdown("**MacTuner**", elem_id="header")
+        journey = journey_tab.build(ctx)
         with gr.Tabs() as tabs:
             m = model_tab.build(ctx)
             d = data_tab.build(ctx, max_upload_mb)
@@ -48,6 +50,7 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
             chat = chat_tab.build(ctx)
             rag_tab.build(ctx)
             export_tab.build(ctx, tabs, chat)
+        journey_tab.wire(ctx, demo, journey, tabs, chat)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)

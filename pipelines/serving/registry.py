@@ -66,6 +66,8 @@ class ModelRegistry:
             progress(0.1, f"Loading {path.name}...")
             if path.is_dir() and not (path / "config.json").exists():
                 path = _single_gguf(path)
+            if name is None and ws is not None and path.resolve() == models.default_hf_path(ws).resolve():
+                name = models.DEFAULT_HF_NAME  # not "hf", its folder's name
             if path.is_file():
                 lm = models.load_gguf(path, name)
             else:

@@ -9,6 +9,7 @@ own lock, so two tabs chatting at once both get answers. The sampling settings a
 
 from __future__ import annotations
 
+import html
 import tempfile
 import threading
 from pathlib import Path
@@ -16,12 +17,13 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import chat
-from pipelines.errors import BadInput, NotFound
+from pipelines.errors import BadInput, MacTunerError, NotFound
 from pipelines.serving.client import ModelCrashed
 
 from .common import Context, SessionState, ui_errors
 
 BASE = "(base model)"
+DISK = "run:"  # Adapter menu values of adapters on disk (not attached yet): "run:<folder>"
 _stops = SessionState()  # the Event of each browser session's answer in progress
 
 
@@ -83,8 +85,80 @@ def adapter_choices(ctx: Context, name: str | None) -> list[str]:
     return [BASE] + [a.name for a in chat.list_adapters(lm)]
 
 
+def adapter_menu(ctx: Context, name: str | None) -> list[tuple[str, str]]:
+    """The Adapter menu: the base model, the adapters attached to this model, then every run's adapter and
+    checkpoint on disk (choosing one loads the base it was trained on if needed: see `choose_adapter`)."""
+    from pipelines.adapters import adapter_label  # noqa: PLC0415
+    from pipelines.runs import resolve_adapter  # noqa: PLC0415
+
+    attached = adapter_choices(ctx, name)[1:]
+    out = [(BASE, BASE)] + [(f"{a} (attached)", a) for a in attached]
+    for path in adapter_sources(ctx):
+        try:
+            adapter_dir, run_dir = resolve_adapter(path)
+        except MacTunerError:
+            continue
+        label = adapter_label(adapter_dir, run_dir)
+        if label in attached:
+            continue
+        what = "final adapter" if adapter_dir.name == "adapter" else adapter_dir.name.replace("-", " ")
+        out.append((f"{run_dir.name if run_dir else adapter_dir.name} · {what}", DISK + path))
+    return out
+
+
+def _is_base(ctx: Context, lm) -> bool:
+    """The embedded default (either copy), or a model whose chat template is not its own (a built-in fallback)."""
+    from pipelines import models  # noqa: PLC0415
+
+    defaults = {models.default_gguf_path(ctx.ws).resolve(), models.default_hf_path(ctx.ws).resolve()}
+    if Path(lm.model_path).resolve() in defaults:
+        return True
+    try:
+        return chat.chat_template_of(lm)[1].startswith(("built-in", "plain fallback"))
+    except MacTunerError:
+        return False
+
+
+def model_note(ctx: Context, name: str | None, adapter: str | None = None) -> str:
+    """A plain word on the chosen model when it is a base model (no chat template of its own): it continues text,
+    it was never taught to chat - with what to do about it."""
+    try:
+        lm = _model(ctx, name)
+    except NotFound:
+        return ""
+    if adapter not in (None, "", BASE) or not _is_base(ctx, lm):
+        return ""
+    return (f"ℹ️ **{lm.name} is a base model**: it was trained to continue text, never taught to chat, so its "
+            "answers will wander. Fine-tune it (the **Quick start** at the top trains a LoRA adapter on the sample "
+            "in a few minutes), then pick the run's adapter in the Adapter menu.")
+
+
+@ui_errors
+def choose_adapter(ctx: Context, model_name: str | None, value: str | None, progress=gr.Progress()):
+    """An Adapter menu choice: an attached adapter is used as it is; one on disk is attached to its base model,
+    which is loaded first when it is not (the embedded GGUF cannot take a LoRA adapter: its HF copy, prepared for
+    training, answers instead). Returns (model menu, adapter menu, adapter B menu, note)."""
+    if not (value or "").startswith(DISK):
+        return gr.skip(), gr.skip(), gr.skip(), model_note(ctx, model_name, value)
+    from pipelines.adapters import open_adapter  # noqa: PLC0415
+
+    progress(0.1, desc="Loading the adapter's base model…")
+    lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True)
+    names = model_choices(ctx)
+    menu = adapter_menu(ctx, lm.name)
+    said = f"Answering with **{lm.name}** + adapter **{name}**"
+    if note:
+        said += f" ({note}; a GGUF model cannot take a LoRA adapter, so its HF copy answers)" if model_name and \
+            model_name != lm.name else f" ({note})"
+    return (gr.update(choices=names, value=lm.name), gr.update(choices=menu, value=name),
+            gr.update(choices=adapter_choices(ctx, lm.name)), said + ".")
+
+
 def params_from(sampling: tuple | list, adapter: str | None) -> chat.ChatParams:
     """The form's sampling values (ChatParams.sampling_fields() order) and the adapter choice -> ChatParams."""
+    if (adapter or "").startswith(DISK):
+        raise BadInput("That adapter is not attached yet: wait until the Adapter menu shows its name (its base model "
+                       "is loading), then send again.")
     return chat.ChatParams.from_form(list(sampling), None if adapter in (None, "", BASE) else adapter)
 
 
@@ -128,20 +202,21 @@ def send(ctx: Context, request: gr.Request, message: str, history: list, model_n
 def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Event, textbox: str):
     answer = {"role": "assistant", "content": ""}
     shown = history + [answer]
-    yield shown, textbox, f"**{lm.name}** · thinking…"
+    who = lm.name + (f" + {params.adapter}" if params.adapter else "")  # which adapter answered, too
+    yield shown, textbox, f"**{who}** · thinking…"
     last = None
     try:
         for ch in chat.stream_chat(lm, history, params, ev):
             answer["content"] += ch.text
             last = ch
-            yield shown, textbox, _speed(ch, lm.name)
+            yield shown, textbox, _speed(ch, who)
     except ModelCrashed as e:
         # The conversation goes back to before this turn, with the message in the box to send again: nothing the
         # crash cut off enters the history. The model process is already being restarted.
         gr.Warning(e.message)
         yield history[:-1], history[-1]["content"], f"⚠️ **{lm.name}**: {e.message}"
         return
-    yield shown, textbox, _speed(last, lm.name)
+    yield shown, textbox, _speed(last, who)
 
 
 @ui_errors
@@ -193,7 +268,7 @@ def import_(path: str | None):
 def template_info(ctx: Context, model_name: str):
     lm = _model(ctx, model_name)
     text, source = chat.chat_template_of(lm)
-    return f"Template in use: **{source}**", text
+    return f"Template in use: **{html.escape(source)}**", text  # escaped: <start_of_turn> is no HTML tag
 
 
 @ui_errors
@@ -204,7 +279,7 @@ def attach(ctx: Context, model_name: str, path: str, name: str):
     info = chat.attach_adapter(lm, path.strip(), name)
     choices = adapter_choices(ctx, lm.name)
     warn = ("\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)) if info.warnings else ""
-    return (gr.update(choices=choices, value=info.name), gr.update(choices=choices),
+    return (gr.update(choices=adapter_menu(ctx, lm.name), value=info.name), gr.update(choices=choices),
             f"Attached adapter **{info.name}** (rank {info.rank}) to {lm.name}: pick it as Adapter (or Adapter B to "
             f"compare with the base).{warn}")
 
@@ -217,13 +292,17 @@ def load_extra(ctx: Context, path: str, progress=gr.Progress()):
     return gr.update(choices=names), gr.update(choices=names, value=lm.name), f"Loaded **{lm.name}** for comparison."
 
 
-def refresh_models(ctx: Context, a: str | None, b: str | None):
+def refresh_models(ctx: Context, a: str | None, b: str | None, adapter: str | None = None):
+    """The model and adapter menus again (the Chat tab selected, ↻); the note on a base model, unless an adapter is
+    chosen (what was said on choosing it stays)."""
     names = model_choices(ctx)
     cur = ctx.registry.current()
-    a = a if a in names else (cur.name if cur else None)
+    kept = a in names
+    a = a if kept else (cur.name if cur else None)
     b = b if b in names else a
+    note = gr.skip() if kept and adapter not in (None, "", BASE) else model_note(ctx, a)
     return (gr.update(choices=names, value=a), gr.update(choices=names, value=b),
-            gr.update(choices=adapter_choices(ctx, a)), gr.update(choices=adapter_choices(ctx, b)))
+            gr.update(choices=adapter_menu(ctx, a)), gr.update(choices=adapter_choices(ctx, b)), note)
 
 
 @ui_errors

@@ -35,9 +35,11 @@ def build(ctx: h.Context) -> dict:
         with gr.Row():
             model_a = gr.Dropdown(hc.model_choices(ctx), label="Model", scale=3, elem_id="chat-model",
                                   allow_custom_value=True)
-            adapter_a = gr.Dropdown([hc.BASE], value=hc.BASE, label="Adapter", scale=2, elem_id="chat-adapter",
-                                    allow_custom_value=True)
+            adapter_a = gr.Dropdown(hc.adapter_menu(ctx, None), value=hc.BASE, label="Adapter", scale=2,
+                                    elem_id="chat-adapter", allow_custom_value=True,
+                                    info="attached adapters, then every run's adapter and checkpoints")
             refresh = gr.Button("↻ Models", scale=1, elem_id="chat-refresh")
+        model_note = gr.Markdown(elem_id="chat-model-note")
         with gr.Row():
             with gr.Column(scale=3):
                 bot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-bot", buttons=["copy"])
@@ -108,17 +110,21 @@ def build(ctx: h.Context) -> dict:
     template_btn.click(h.bind(hc.template_info, ctx), model_a, [template_src, template_text], api_name="chat_template")
     attach_btn.click(h.bind(hc.attach, ctx), [model_a, adapter_path, adapter_name], [adapter_a, adapter_b, adapter_msg],
                      api_name="chat_attach_adapter")
-    refresh_out = [model_a, model_b, adapter_a, adapter_b]
-    refresh.click(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
-    tab.select(h.bind(hc.refresh_models, ctx), [model_a, model_b], refresh_out, api_visibility="private")
+    refresh_out = [model_a, model_b, adapter_a, adapter_b, model_note]
+    refresh.click(h.bind(hc.refresh_models, ctx), [model_a, model_b, adapter_a], refresh_out, api_visibility="private")
+    tab.select(h.bind(hc.refresh_models, ctx), [model_a, model_b, adapter_a], refresh_out, api_visibility="private")
     tab.select(lambda: (gr.update(choices=hc.adapter_sources(ctx)), gr.update(choices=hc.gguf_files(ctx))), None,
                [adapter_path, extra_path], api_visibility="private")
-    model_a.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_a, adapter_a,
-                   api_visibility="private")
-    model_b.change(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_b, adapter_b,
-                   api_visibility="private")
+    # .input (the user's choice), not .change: choosing an adapter on disk sets the model menu itself
+    model_a.input(lambda n: (gr.update(choices=hc.adapter_menu(ctx, n), value=hc.BASE), hc.model_note(ctx, n)),
+                  model_a, [adapter_a, model_note], api_visibility="private")
+    model_b.input(lambda n: gr.update(choices=hc.adapter_choices(ctx, n), value=hc.BASE), model_b, adapter_b,
+                  api_visibility="private")
+    adapter_a.input(h.bind(hc.choose_adapter, ctx), [model_a, adapter_a], [model_a, adapter_a, adapter_b, model_note],
+                    api_name="chat_choose_adapter")
     extra_btn.click(h.bind(hc.load_extra, ctx), extra_path, [model_a, model_b, compare_msg], api_name="chat_load_extra")
     cmp_btn.click(h.bind(hc.compare, ctx), [cmp_prompt, model_a, adapter_a, model_b, adapter_b, *sampling],
                   [bot_a, bot_b, speed_a, speed_b], api_name="chat_compare")
     cmp_stop.click(hc.stop, None, None, api_visibility="private")
-    return {"events": [sent, submitted, regen], "model": model_a, "model_b": model_b}
+    return {"events": [sent, submitted, regen], "model": model_a, "model_b": model_b, "adapter": adapter_a,
+            "adapter_b": adapter_b, "note": model_note, "message": msg}

@@ -1,0 +1,91 @@
+"""The journey bar and the quick start: where the user is (model → data → train → chat → export) and one click that
+fine-tunes the embedded model on the sample through the Train stage's machinery, then opens the chat with it.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from pipelines import adapters, quickstart, runs
+from pipelines.errors import MacTunerError
+
+from .chat import adapter_choices, adapter_menu, model_choices
+from .common import Context, SessionState, ui_errors
+from .train import _progress_html
+
+_opened = SessionState()  # per page: the quick-start run whose adapter the chat was opened with
+
+
+def journey_md(ctx: Context) -> str:
+    steps = quickstart.journey(ctx.ws, ctx.registry)
+    nxt = next((s for s in steps if not s.done), None)
+    cells = [f"{'✅' if s.done else ('👉' if s is nxt else '⬜')} **{i}. {s.name}** <small>{s.detail}</small>"
+             for i, s in enumerate(steps, 1)]
+    hint = {"Model": "load a model in the **Model** tab (the embedded default loads by itself).",
+            "Data": "open your data in the **Data** tab, or press **Quick start** to try the whole journey on the "
+                    "sample first.",
+            "Train": "train an adapter in the **Train** tab, or press **Quick start** (a few minutes on a laptop "
+                     "CPU).",
+            "Chat": "in the **Chat** tab, pick a run's adapter in the Adapter menu and talk to your fine-tune.",
+            "Export": "turn your fine-tune into a GGUF for llama.cpp, Ollama or LM Studio in the **Export** tab."}
+    tail = f"\n\n**Next:** {hint[nxt.name]}" if nxt else "\n\nEvery stage done: export again or train another run."
+    return " → ".join(cells) + tail
+
+
+def _status(run: runs.RunDir | None) -> tuple[str, dict]:
+    if run is None:
+        return "", {}
+    st = runs.refresh_status(run)
+    rows, _ = runs.read_metrics(run)
+    state = st.get("state")
+    if state in runs.ACTIVE or state == "queued":
+        return f"**Quick start** · run **{run.name}** " + _progress_html(st, rows), st
+    if state == "finished":
+        return f"✅ **Quick start** finished: run **{run.name}** ({st.get('reason') or ''}).", st
+    return f"⚠️ **Quick start** run **{run.name}** is {state}: {st.get('reason') or 'see the Train tab'}.", st
+
+
+@ui_errors
+def start(ctx: Context, progress=gr.Progress()):
+    """Start the quick-start run (preparing the HF copy and the sample dataset first when needed)."""
+    run = quickstart.start(ctx.ws, progress=lambda f, m: progress(f, desc=m))
+    text, _ = _status(run)
+    return text, gr.Timer(active=True)
+
+
+def poll(ctx: Context, request: gr.Request):
+    """Progress of the newest quick-start run; when it has finished (and this page has not opened it yet), the chat
+    opens with its adapter on the default model's HF copy, a question of the sample in the message box.
+    Outputs: status, timer, tabs, chat model, adapter, adapter B, chat note, chat message, journey."""
+    run = quickstart.latest(ctx.ws)
+    text, st = _status(run)
+    skip = [gr.skip()] * 6
+    if run is None or st.get("state") in runs.ACTIVE or st.get("state") == "queued":
+        return text, gr.Timer(active=run is not None), *skip, journey_md(ctx)
+    if st.get("state") != "finished" or _opened.get(request) == run.name or not run.adapter_dir.exists():
+        return text, gr.Timer(active=False), *skip, journey_md(ctx)
+    _opened.set(request, run.name)  # once per page, whatever happens next
+    try:
+        lm, name, note = adapters.open_adapter(ctx.ws, ctx.registry, str(run.path), current=True)
+    except MacTunerError as e:
+        return (f"{text}<br>⚠️ The chat could not open the adapter: {html.escape(str(e))}", gr.Timer(active=False),
+                *skip, journey_md(ctx))
+    said = (f"✅ Fine-tuned: **{lm.name}** + adapter **{name}** (the quick-start run). {note[0].upper() + note[1:]}; "
+            "the embedded GGUF cannot take a LoRA adapter, so its HF copy answers. Ask it something like the "
+            "sample's questions." if note else f"✅ Fine-tuned: **{lm.name}** + adapter **{name}**.")
+    return (text, gr.Timer(active=False), gr.Tabs(selected="chat"), gr.update(choices=model_choices(ctx), value=lm.name),
+            gr.update(choices=adapter_menu(ctx, lm.name), value=name), gr.update(choices=adapter_choices(ctx, lm.name)),
+            said, quickstart.QUESTION, journey_md(ctx))
+
+
+def on_load(ctx: Context, request: gr.Request):
+    """A fresh page: the journey, and the quick start's progress when one runs (the timer re-attaches). A run
+    that finished before this page opened does not move the page to the Chat tab."""
+    run = quickstart.latest(ctx.ws)
+    text, st = _status(run)
+    active = run is not None and (st.get("state") in runs.ACTIVE or st.get("state") == "queued")
+    if run is not None and not active:
+        _opened.set(request, run.name)
+    return journey_md(ctx), text, gr.Timer(active=active)
