@@ -1,9 +1,13 @@
-"""Browser test of the Train tab on the tiny llama: pre-flight, start, reload the page mid-run and see it re-attach,
-stop (a checkpoint is saved), resume from it and watch the run finish; a second start while one runs is queued."""
+"""Browser test of the Train tab on the tiny llama: pre-flight, start, reload the page mid-run and see it re-attach
+(the form shows the run's settings again), stop (a checkpoint is saved; Stop is enabled only while a run is queued
+or running), resume from it and watch the run finish; a second start while one runs is queued; no trainer that
+ended is left as a zombie of the studio."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,7 @@ def studio(tmp_path_factory):
                           {"role": "assistant", "content": f"answer {i}: the sea is wide and deep"}]} for i in range(40)]
     data.save_dataset(ws, "tiny-set", rows, {"source": "test"}, val_ratio=0.1)
     proc, url = start_studio(root)
-    yield url, root
+    yield url, root, proc
     stop_studio(proc)
 
 
@@ -54,10 +58,35 @@ def set_form(page, base, steps, name):
     fill(page, "train-run-name", name)
 
 
+def value_of(page, eid):
+    return page.locator(f"#{eid} input, #{eid} textarea").first
+
+
+def assert_reaped(studio_pid: int, pids: list[int], timeout: float = 60.0) -> None:
+    """The trainers in `pids` have ended and the studio waited on them: none is left as its <defunct> child."""
+    import psutil
+
+    studio = psutil.Process(studio_pid)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = {c.pid: c for c in studio.children()}
+        if not set(pids) & set(kids):
+            return
+        time.sleep(0.2)
+    left = {}
+    for pid in set(pids) & set(kids):
+        try:
+            left[pid] = kids[pid].status()
+        except psutil.Error:
+            left[pid] = "gone"
+    raise AssertionError(f"trainer processes still children of the studio: {left}")
+
+
 def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
     from playwright.sync_api import expect
 
-    url, root = studio
+    url, root, proc = studio
+    expect(page.locator("#train-stop")).to_be_disabled()  # nothing to stop yet
     set_form(page, str(tiny_llama_dir), 3000, "long-run")
     page.locator("#train-check").click()
     expect(page.locator("#train-preflight")).to_contain_text("36 usable training conversations")
@@ -65,6 +94,7 @@ def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
     page.locator("#train-start").click()
     expect(page.locator("#train-action")).to_contain_text("Started")
     expect(page.locator("#train-status")).to_contain_text("running")
+    expect(page.locator("#train-stop")).to_be_enabled()
     expect(page.locator("#train-status")).to_contain_text("loss")
     # a second run while this one trains is queued, not dropped
     fill(page, "train-run-name", "second-run")
@@ -76,14 +106,26 @@ def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
     expect(page.locator("#train-run input")).to_have_value("long-run")
     expect(page.locator("#train-status")).to_contain_text("running")
     expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step \d+ / 3000"))
+    expect(page.locator("#train-progress")).not_to_contain_text(re.compile(r"NaN|nan|ETA 0"))
+    # ... and the form shows that run's settings again (from its config.yaml), not the defaults
+    expect(value_of(page, "train-max-steps")).to_have_value("3000")
+    expect(value_of(page, "train-batch-size")).to_have_value("2")
+    expect(value_of(page, "train-max-length")).to_have_value("64")
+    page.get_by_text("More settings").click()  # closed again on the fresh page
+    expect(value_of(page, "train-save-every")).to_have_value("20")
+    expect(value_of(page, "train-dataset")).to_have_value("tiny-set")
+    expect(value_of(page, "train-base-model")).to_have_value(str(tiny_llama_dir))
+    first_pid = json.loads((root / "runs" / "long-run" / "status.json").read_text())["pid"]
     page.locator("#train-stop").click()
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=120_000)
+    expect(page.locator("#train-stop")).to_be_disabled()  # the selected run is over
     ckpts = sorted((root / "runs" / "long-run" / "checkpoints").glob("step-*"))
     assert ckpts and (ckpts[-1] / "COMPLETE").exists()
     # the queued run starts by itself once the first one ends; stop it too
     page.locator("#train-run input").fill("second-run")
     page.locator("#train-run input").press("Enter")
-    expect(page.locator("#train-status")).to_contain_text(re.compile("running|finished"))
+    expect(page.locator("#train-status")).to_contain_text("running")
+    expect(page.locator("#train-stop")).to_be_enabled()
     page.locator("#train-stop").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile("stopped|finished"), timeout=120_000)
     # resume the first one from its checkpoint
@@ -92,13 +134,14 @@ def test_preflight_start_reload_stop_resume(page, studio, tiny_llama_dir):
     expect(page.locator("#train-ckpt input")).to_have_value(re.compile(r"step-\d+"))
     page.locator("#train-resume").click()
     expect(page.locator("#train-status")).to_contain_text("running")
-    import json
-
     status = json.loads((root / "runs" / "long-run" / "status.json").read_text())
     assert status["resume_from"].endswith(ckpts[-1].name)
     page.locator("#train-stop").click()
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=120_000)
+    expect(page.locator("#train-stop")).to_be_disabled()
     expect(page.locator("#train-history")).to_contain_text("long-run")
+    # the studio started the first trainer and the resumed one (the second run was started by the first trainer)
+    assert_reaped(proc.pid, [first_pid, status["pid"]])
 
 
 def test_bad_settings_are_explained(page, tiny_llama_dir):
@@ -106,6 +149,8 @@ def test_bad_settings_are_explained(page, tiny_llama_dir):
 
     page.reload()
     page.get_by_role("tab", name="Train").click()
+    # the page load fills the form from the latest run first (waiting for it keeps it from overwriting the typing)
+    expect(value_of(page, "train-max-steps")).to_have_value("3000")
     set_form(page, str(tiny_llama_dir), 10, "")
     fill(page, "train-learning-rate", 0)
     page.locator("#train-check").click()
