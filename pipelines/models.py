@@ -144,15 +144,12 @@ def start_default_hf_materialization(ws: Workspace) -> dict:
     st = default_hf_status(ws)
     if st["state"] in ("ready", "running"):
         return st
-    import subprocess  # noqa: PLC0415
+    from . import procs  # noqa: PLC0415 - its reaper waits for the process: no <defunct> child of the studio
 
-    log = open(default_dir(ws) / "hf.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.models", "materialize-default", "--root", str(ws.root)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
-    )
-    st = {"state": "running", "pid": proc.pid, "stage": "starting", "fraction": 0.0, "started": time.time()}
+    with open(default_dir(ws) / "hf.log", "ab") as log:
+        pid, _ = procs.spawn([sys.executable, "-m", "pipelines.models", "materialize-default", "--root", str(ws.root)],
+                             log)
+    st = {"state": "running", "pid": pid, "stage": "starting", "fraction": 0.0, "started": time.time()}
     write_json(default_dir(ws) / "hf.status.json", st)
     return st
 
