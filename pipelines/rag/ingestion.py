@@ -9,7 +9,6 @@ the same job mechanism as training and export) with progress: documents, pages a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -19,7 +18,7 @@ from typing import Callable
 
 from .. import jobs
 from ..errors import BadInput
-from ..workspace import Workspace, write_json
+from ..workspace import Workspace, sha256_file, write_json
 from . import index
 from .chunk import chunk_document
 from .embed import embedder
@@ -51,14 +50,6 @@ class IngestReport:
         if self.failed:
             bits.append(f"{len(self.failed)} refused: " + "; ".join(f"{f['error']}" for f in self.failed))
         return ". ".join(bits)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _noop(*_a, **_k) -> None:

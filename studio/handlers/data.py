@@ -8,7 +8,6 @@ API it is an error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -21,7 +20,7 @@ import pandas as pd
 
 from pipelines import data
 from pipelines.errors import BadInput, MacTunerError
-from pipelines.workspace import human_bytes
+from pipelines.workspace import human_bytes, sha256_file
 
 from .common import Context, _gr_progress, keep_last_good
 
@@ -71,14 +70,6 @@ def workspace_files(ctx: Context) -> list[str]:
     return files + ([str(SAMPLE)] if SAMPLE.exists() else [])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _keep_upload(ctx: Context, src: str) -> Path:
     """Copy an uploaded file into the workspace under its own name (never overwriting: name-2.csv, ...); a file
     with the same content uploaded before is reused instead of copied again."""
@@ -86,7 +77,7 @@ def _keep_upload(ctx: Context, src: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     size, digest = os.path.getsize(src), None
     for old in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if old.stat().st_size == size and (digest := digest or _sha256(Path(src))) == _sha256(old):
+        if old.stat().st_size == size and (digest := digest or sha256_file(Path(src))) == sha256_file(old):
             return old
     name = Path(src).name
     stem, suffix = Path(name).stem, Path(name).suffix
