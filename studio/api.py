@@ -52,7 +52,13 @@ def _call(fn, *args, **kwargs):
         return _error(e.status, e.message)
 
 
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
 async def _body(request: Request, model: type[BaseModel]):
+    if not _is_json(request):
+        raise _BadBody("Send the request body as JSON (Content-Type: application/json).", 415)
     try:
         return model.model_validate(await request.json())
     except ValidationError as e:
@@ -64,7 +70,9 @@ async def _body(request: Request, model: type[BaseModel]):
 
 
 class _BadBody(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 def _schema(model: type[BaseModel]) -> dict:
@@ -127,7 +135,7 @@ def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> 
         try:
             body = await _body(request, DownloadRequest)
         except _BadBody as e:
-            return _error(400, str(e))
+            return _error(e.status, str(e))
         def run():
             path = hub.download(body.model_id, body.access_token)
             return {"model_id": body.model_id.strip(), "path": str(path)}
@@ -139,7 +147,7 @@ def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> 
         try:
             body = await _body(request, LoadRequest)
         except _BadBody as e:
-            return _error(400, str(e))
+            return _error(e.status, str(e))
         def run():
             lm = ctx.registry.load(body.path, ctx.ws, trust_remote_code=body.trust_remote_code)
             return {"loaded": True, "model": lm.describe()}
@@ -162,7 +170,7 @@ def _v1_error(e: openai.APIError) -> JSONResponse:
 
 
 async def _v1_body(request: Request):
-    if not request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+    if not _is_json(request):
         raise openai.APIError(415, "Send the request body as JSON (Content-Type: application/json).")
     try:
         return json.loads(await request.body())

@@ -9,17 +9,19 @@ import logging
 import os
 import threading
 import time
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from pipelines import device as devicemod  # noqa: E402
 from pipelines.serving import registry  # noqa: E402
 from pipelines.workspace import Workspace  # noqa: E402
 
-from . import api  # noqa: E402
+from . import api, guard  # noqa: E402
 from .handlers import common as h  # noqa: E402
 from .handlers import model as hm  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
@@ -79,12 +81,16 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
         registry.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
     demo = build_app(ctx, max_upload_mb)
     demo.queue(default_concurrency_limit=4)
+    hosts = guard.allowed_hosts(host)  # the share host joins it once known
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
         prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
         if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,
-        app_kwargs={"docs_url": "/docs", "title": "MacTuner API", "exception_handlers": api.EXCEPTION_HANDLERS},
+        app_kwargs={"docs_url": "/docs", "title": "MacTuner API", "exception_handlers": api.EXCEPTION_HANDLERS,
+                    "middleware": [Middleware(guard.HostOriginGuard, hosts=hosts)]},
     )
+    if share_url:
+        hosts.add(guard.hostname(urlsplit(share_url).netloc))
     api.install(app, ctx, dict([auth]) if auth else None)
     threading.Thread(target=devicemod.profile, daemon=True).start()  # import torch now, off the request path
     shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{demo.server_port}"

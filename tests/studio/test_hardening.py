@@ -1,0 +1,97 @@
+"""Hardening against a launched studio (issue 12): a foreign web page cannot drive it (forged Origin / Host, as a
+cross-site page or a DNS-rebinding page would send them), JSON routes want JSON, refusals are clear 403s.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from studio_helpers import launch  # noqa: E402
+
+EVIL = "http://evil.example"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    demo, url, ctx = launch(tmp_path_factory, load_default=False)
+    yield url, ctx
+    demo.close()
+
+
+def _refused(r, word):
+    assert r.status_code == 403, (r.status_code, r.text[:300])
+    body = r.json()
+    message = body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+    assert message.startswith("Refused") and word in message
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/"), ("GET", "/config"), ("GET", "/api/model/current"), ("GET", "/api/model/health"),
+    ("GET", "/v1/models"), ("POST", "/api/model/unload"), ("GET", "/gradio_api/info"),
+])
+def test_foreign_host_is_refused(studio, method, path):
+    """DNS rebinding: the page's own name resolves to 127.0.0.1, so the request carries Host: evil.example."""
+    url, _ = studio
+    r = requests.request(method, url + path, headers={"Host": "evil.example"}, timeout=10)
+    _refused(r, "evil.example")
+    assert "loaded" not in r.text and "gemma" not in r.text.lower()
+
+
+def test_v1_refusal_is_an_openai_error(studio):
+    url, _ = studio
+    r = requests.get(url + "/v1/models", headers={"Host": "evil.example:7860"}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
+
+
+@pytest.mark.parametrize("path,kwargs", [
+    ("/api/model/load", {"data": '{"path": "x"}', "headers": {"Content-Type": "text/plain"}}),
+    ("/api/model/unload", {"headers": {"Content-Type": "text/plain"}}),
+    ("/api/model/load-default", {}),
+    ("/api/model/download", {"json": {"model_id": "org/model"}}),
+    ("/gradio_api/upload", {"files": {"files": ("a.csv", b"a,b\n1,2\n")}}),
+    ("/gradio_api/queue/join", {"json": {"fn_index": 0, "data": [], "session_hash": "abc"}}),
+    ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}]}}),
+])
+@pytest.mark.parametrize("origin", [EVIL, "null", "http://127.0.0.1:1"])
+def test_foreign_origin_is_refused(studio, path, kwargs, origin):
+    """A cross-site page's POST (text/plain needs no preflight; the browser still sends its Origin)."""
+    url, ctx = studio
+    headers = {**kwargs.get("headers", {}), "Origin": origin}
+    r = requests.post(url + path, **{**kwargs, "headers": headers}, timeout=10)
+    _refused(r, origin)
+    assert ctx.registry.current() is None
+
+
+def test_own_origin_and_no_origin_are_served(studio):
+    url, _ = studio
+    assert requests.get(url + "/api/model/current", timeout=10).json()["loaded"] is False
+    assert requests.get(url.replace("127.0.0.1", "localhost") + "/api/model/health", timeout=10).status_code == 200
+    r = requests.post(url + "/gradio_api/upload", files={"files": ("a.csv", b"a,b\n1,2\n")}, headers={"Origin": url},
+                      timeout=10)
+    assert r.status_code == 200, r.text
+    r = requests.post(url + "/api/model/unload", headers={"Origin": url}, timeout=10)
+    assert r.status_code == 404 and "No model" in r.json()["error"]
+
+
+def test_json_routes_want_json(studio):
+    url, _ = studio
+    for path in ("/api/model/load", "/api/model/download"):
+        r = requests.post(url + path, data='{"path": "x", "model_id": "x"}', headers={"Content-Type": "text/plain"},
+                          timeout=10)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = requests.post(url + "/v1/chat/completions", data='{"messages": []}', headers={"Content-Type": "text/plain"},
+                      timeout=10)
+    assert r.status_code == 415
+
+
+def test_gradio_client_still_works(studio):
+    from gradio_client import Client
+
+    url, _ = studio
+    api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
+    assert api["named_endpoints"]
