@@ -4,9 +4,11 @@ Data tab's preview, training, export validation), and the templates MacTuner bri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -44,7 +46,65 @@ GEMMA_CHAT_TEMPLATE = r"""{{ bos_token }}
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
 
 
-MAX_TEMPLATE_OUTPUT = 10_000_000  # characters a sandboxed template may build with + or *
+MAX_TEMPLATE_OUTPUT = 10_000_000  # characters a sandboxed template may build with + or *, or write
+MAX_TEMPLATE_SECONDS = 10.0  # wall time one rendering may take (a real chat template needs milliseconds)
+
+
+class TemplateTimeout(Exception):
+    """Raised inside a rendering that ran past its time bound (see `bounded`)."""
+
+    def __init__(self, *args):
+        super().__init__(*(args or (f"The chat template took more than {MAX_TEMPLATE_SECONDS:g} s to render and was "
+                                    "stopped (a loop that never ends, or one far too large). Use a template from a "
+                                    "source you trust.",)))
+
+
+_BOUNDED: dict[int, list] = {}  # thread id -> [deadline, fired] of the rendering under way in that thread
+_BOUNDED_LOCK = threading.Lock()
+_WATCHDOG: threading.Thread | None = None
+
+
+def _watch() -> None:
+    """One daemon thread for all renderings: a rendering past its deadline gets TemplateTimeout raised in its own
+    thread (CPython's PyThreadState_SetAsyncExc, delivered at its next bytecode), so nothing costs a thing until then."""
+    import ctypes  # noqa: PLC0415
+
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        with _BOUNDED_LOCK:
+            for tid, entry in _BOUNDED.items():
+                if not entry[1] and now > entry[0]:
+                    entry[1] = True
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(TemplateTimeout))
+
+
+@contextlib.contextmanager
+def bounded(seconds: float | None = None):
+    """Stop any template rendered inside this block (ours or transformers' apply_chat_template) after `seconds`
+    (MAX_TEMPLATE_SECONDS by default) with TemplateTimeout. A block inside another one keeps the outer bound."""
+    global _WATCHDOG
+    tid = threading.get_ident()
+    with _BOUNDED_LOCK:
+        if tid in _BOUNDED and not _BOUNDED[tid][1]:
+            outer = True
+        else:
+            outer = False
+            _BOUNDED[tid] = [time.monotonic() + (MAX_TEMPLATE_SECONDS if seconds is None else seconds), False]
+            if _WATCHDOG is None:
+                _WATCHDOG = threading.Thread(target=_watch, name="template-watchdog", daemon=True)
+                _WATCHDOG.start()
+    if outer:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with _BOUNDED_LOCK:
+            if _BOUNDED.pop(tid)[1]:  # fired: drop the exception if it is still pending (it may have been raised)
+                import ctypes  # noqa: PLC0415
+
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
 
 
 def _sandbox():
@@ -157,11 +217,23 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
 
     tpl = _compiled(template)
     try:
-        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        with bounded():
+            out, size = [], 0
+            for piece in tpl.generate(messages=messages, add_generation_prompt=add_generation_prompt, **extra):
+                size += len(piece)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise BadInput(f"The chat template wrote more than {MAX_TEMPLATE_OUTPUT:,} characters for this "
+                                   "conversation and was stopped.")
+                out.append(piece)
+            return "".join(out)
+    except TemplateTimeout as e:
+        raise BadInput(str(e)) from None
     except jinja2.exceptions.SecurityError as e:
         raise BadInput(f"The chat template tried something the sandbox does not allow ({e}); it was not run. "
                        "Use a template from a source you trust.") from None
     except jinja2.TemplateError as e:  # raise_exception(...) in the template, undefined misuse, ...
         raise BadInput(f"The chat template refused this conversation: {e.message or type(e).__name__}.") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+    except OverflowError as e:  # the sandbox's range() refuses more than 100,000 items
+        raise BadInput(f"The chat template tried to loop too far ({e}).") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
         raise BadInput(f"The chat template failed on this conversation ({type(e).__name__}: {e}).") from None

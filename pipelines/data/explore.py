@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BadInput, NotFound
-from ..templates import FALLBACK_CHAT_TEMPLATE
+from ..templates import FALLBACK_CHAT_TEMPLATE, TemplateTimeout, bounded
 from ..workspace import Workspace
 from .map import Mapping, _blank, _conversations, _system_series, _user_series, validate_mapping
 from .read import _WS, ProgressFn, _noop
@@ -221,10 +221,15 @@ def _render(tokenizer, messages: list[dict], template: str | None, add_generatio
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools or None,
-                                             add_generation_prompt=add_generation_prompt)
+        with bounded():
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools or None,
+                                                 add_generation_prompt=add_generation_prompt)
+    except TemplateTimeout as e:
+        raise BadInput(str(e)) from None
     except TemplateError as e:  # SecurityError (sandbox) is a TemplateError
         raise BadInput(f"The chat template failed on this example: {e}") from None
+    except OverflowError as e:  # the sandbox's range() refuses more than 100,000 items
+        raise BadInput(f"The chat template tried to loop too far ({e}).") from None
 
 
 def assistant_spans(tokenizer, messages: list[dict], template: str | None = None,

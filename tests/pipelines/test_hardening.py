@@ -1,0 +1,92 @@
+"""Hardening (issue 12): inputs that used to hang or burn the server are stopped with one clear message, and
+errors a user should never see are plain BadInput messages. Each hanging case runs in a thread with a time bound on
+the test itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipelines import templates
+from pipelines.errors import BadInput
+
+NESTED = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+NESTED_LIST = "{% set x = range(99999) | list %}{% for a in x %}{% for b in x %}{% endfor %}{% endfor %}"
+HUGE_RANGE = "{% for i in range(10**9) %}{{ i }}{% endfor %}"
+MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def within(seconds, fn, *args, **kwargs):
+    """fn(*args) in a thread; its exception or result, failing the test when it takes longer than `seconds`."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    box["seconds"] = time.monotonic() - t0
+    return box
+
+
+@pytest.fixture
+def short_bound(monkeypatch):
+    monkeypatch.setattr(templates, "MAX_TEMPLATE_SECONDS", 1.0)
+
+
+@pytest.mark.parametrize("template", [NESTED, NESTED_LIST])
+def test_endless_template_is_stopped_in_chat_rendering(short_bound, template):
+    box = within(15, templates.render_template, template, MSGS)
+    assert isinstance(box.get("error"), BadInput), box
+    assert "took more than 1 s" in str(box["error"])
+
+
+def test_template_output_is_bounded(monkeypatch):
+    monkeypatch.setattr(templates, "MAX_TEMPLATE_OUTPUT", 100_000)
+    box = within(15, templates.render_template, "{% for i in range(99999) %}{{ 'xx' }}{% endfor %}", MSGS)
+    assert isinstance(box.get("error"), BadInput) and "more than 100,000 characters" in str(box["error"])
+
+
+def test_huge_range_is_a_clear_message():
+    with pytest.raises(BadInput, match="loop too far"):
+        templates.render_template(HUGE_RANGE, MSGS)
+
+
+def test_a_normal_render_is_not_slowed_and_the_bound_goes_away():
+    big = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello " * 20} for i in range(2000)]
+    t0 = time.monotonic()
+    templates.render_template(templates.GEMMA_CHAT_TEMPLATE, big, bos_token="<bos>")
+    assert time.monotonic() - t0 < 2
+    assert not templates._BOUNDED  # nothing left armed once rendering is over
+    time.sleep(0.3)  # a bound that has ended never fires later
+    assert templates.render_template(templates.PLAIN_CHAT_TEMPLATE, MSGS).startswith("User: hi")
+
+
+@pytest.fixture
+def tok(tiny_tokenizer_dir):
+    from pipelines import data
+
+    return data.load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("template", [NESTED, HUGE_RANGE])
+def test_data_preview_and_train_check_stop_a_bad_template(short_bound, tok, template):
+    """The Data tab's preview and the train check render through transformers (data.assistant_spans)."""
+    from pipelines import data
+    from pipelines.training import encode
+
+    tok.chat_template = template
+    box = within(15, data.preview_example, MSGS, tok)
+    assert isinstance(box.get("error"), BadInput), box
+    assert ("took more than 1 s" if template == NESTED else "loop too far") in str(box["error"])
+    box = within(15, encode.encode_conversation, tok, MSGS)
+    assert isinstance(box.get("error"), BadInput), box
