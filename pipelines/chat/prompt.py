@@ -167,6 +167,9 @@ def _split(messages: list[dict], params: ChatParams) -> tuple[str, list[dict]]:
     return system, turns
 
 
+MAX_CHARS_PER_TOKEN = 16  # more than any real text averages (English is about 4)
+
+
 def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | None = None) -> RenderedPrompt:
     """Render and tokenize the conversation, trimming the oldest turns to fit the context window.
 
@@ -188,8 +191,18 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
         return text, tokenize(lm, text), msgs
 
     starts = [i for i, m in enumerate(turns) if m["role"] == "user"]  # where a trimmed history may begin
-    text, ids, msgs = render(0)
-    start = 0
+    # Trim first: history whose text alone is longer than the window could hold at MAX_CHARS_PER_TOKEN cannot fit,
+    # so it is never rendered nor tokenized (a turn's cost does not grow with a long history).
+    budget, chars, first = n_ctx * MAX_CHARS_PER_TOKEN - len(system), 0, len(starts) - 1
+    where = {i: k for k, i in enumerate(starts)}
+    for i in range(len(turns) - 1, -1, -1):
+        chars += len(str(turns[i]["content"] or ""))
+        if chars > budget:
+            break
+        first = where.get(i, first)
+    starts = starts[first:]
+    start = starts[0]
+    text, ids, msgs = render(start)
     if len(ids) + reserve > n_ctx and len(starts) > 1:
         lo, hi = 1, len(starts) - 1  # first index into starts whose render fits; the last one is the fallback
         best = None

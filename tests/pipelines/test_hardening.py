@@ -90,3 +90,27 @@ def test_data_preview_and_train_check_stop_a_bad_template(short_bound, tok, temp
     assert ("took more than 1 s" if template == NESTED else "loop too far") in str(box["error"])
     box = within(15, encode.encode_conversation, tok, MSGS)
     assert isinstance(box.get("error"), BadInput), box
+
+
+# ------------------------------------------------------------------------------------------- long histories
+
+
+def test_a_huge_history_is_trimmed_before_it_is_rendered(tiny_llama_dir, monkeypatch):
+    """100k messages (what a 10 MB import holds): the turn costs what fits the window, not the whole history."""
+    from pipelines import chat, models
+    from pipelines.chat import prompt
+
+    lm = models.load_hf(tiny_llama_dir)
+    msgs = []
+    for i in range(50_000):
+        msgs += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "an answer"}]
+    msgs.append({"role": "user", "content": "and the last one"})
+    rendered = []
+    real = prompt.render_template
+    monkeypatch.setattr(prompt, "render_template", lambda t, m, *a, **k: rendered.append(len(m)) or real(t, m, *a, **k))
+    box = within(20, chat.build_prompt, lm, msgs, chat.ChatParams(max_new_tokens=16))
+    assert "error" not in box, box
+    p = box["result"]
+    assert p.dropped > 99_000 and p.messages[-1]["content"] == "and the last one"
+    assert max(rendered) < 2 * 128 * prompt.MAX_CHARS_PER_TOKEN // len("question 1")  # only what could fit
+    assert box["seconds"] < 5
