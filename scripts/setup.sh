@@ -44,6 +44,11 @@ if [ "${1:-}" = test ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium fonts-dejavu-core
   fi
+  # The export tests render the Ollama Modelfile templates with Go's own text/template (Debian's golang-go).
+  if ! command -v go >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q golang-go
+  fi
 else
   "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi

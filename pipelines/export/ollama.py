@@ -12,49 +12,60 @@ from pathlib import Path
 from ..errors import MacTunerError
 from ..workspace import atomic_write
 
+# Ollama passes every message as .Messages (system ones included) and the system text as .System (see
+# gotemplate.py): the templates render the system prompt from one place only, and each is checked by rendering it
+# with Go against its Jinja original (tests/pipelines/test_export_gotemplate.py, and each export's validation).
 GO_TEMPLATES = {
-    "gemma": ('{{- if .System }}<start_of_turn>user\n{{ .System }}\n\n{{ end }}'
-              '{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
-              '{{- if eq .Role "user" }}{{ if or $.System (ne $i 0) }}<start_of_turn>user\n{{ end }}{{ .Content }}'
-              '<end_of_turn>\n{{ if $last }}<start_of_turn>model\n{{ end }}'
-              '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}'
-              '{{ if not $last }}<end_of_turn>\n{{ end }}{{- end }}{{- end }}',
+    # Gemma folds the system prompt into the first turn after it: "<start_of_turn>user\n{system}\n\n{question}".
+    "gemma": ('{{- $first := true }}{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
+              '{{- if eq .Role "user" }}<start_of_turn>user\n{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}'
+              '{{- $first = false }}{{ .Content }}<end_of_turn>\n{{ if $last }}<start_of_turn>model\n{{ end }}'
+              '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ if and $first $.System }}{{ $.System }}'
+              '\n\n{{ end }}{{- $first = false }}{{ .Content }}{{ if not $last }}<end_of_turn>\n{{ end }}'
+              '{{- end }}{{- end }}',
               ["<end_of_turn>", "<start_of_turn>"]),
-    "chatml": ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-               '{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
+    "chatml": ('{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
                '<|im_start|>{{ .Role }}\n{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>\n'
                '{{ end }}{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}{{- end }}',
                ["<|im_end|>", "<|im_start|>"]),
-    "plain": ('{{- if .System }}System: {{ .System }}\n{{ end }}'
-              '{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
-              '{{- if eq .Role "user" }}User: {{ .Content }}\n{{ if $last }}Assistant:{{ end }}'
+    "plain": ('{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
+              '{{- if eq .Role "system" }}System: {{ .Content }}\n'
+              '{{ else if eq .Role "user" }}User: {{ .Content }}\n{{ if $last }}Assistant:{{ end }}'
               '{{- else if eq .Role "assistant" }}Assistant: {{ .Content }}\n{{ end }}{{- end }}',
               ["\nUser:"]),
 }
 
 
+_FAMILY_PROBES = {  # family -> what its Jinja renders for (Q1, A1, Q2) and for (system S, Q1), generation prompt on
+    "gemma": ("<start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+              "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model",
+              "<start_of_turn>user\nS\n\nQ1<end_of_turn>\n<start_of_turn>model"),
+    "chatml": ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+               "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant",
+               "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant"),
+    "plain": ("User: Q1\nAssistant: A1\nUser: Q2\nAssistant:", "System: S\nUser: Q1\nAssistant:"),
+}
+
+
 def template_family(chat_template: str | None) -> str | None:
-    """'gemma' | 'chatml' | 'plain' when the template renders a probe conversation the way that family does
-    (decided by rendering, not by reading the Jinja), else None."""
+    """'gemma' | 'chatml' | 'plain' when the template renders two probe conversations (several turns; a system
+    prompt) the way that family does (decided by rendering, not by reading the Jinja), else None."""
     from ..templates import render_template  # noqa: PLC0415
 
     if not chat_template:
         return None
-    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
-    try:
-        out = render_template(chat_template, msgs, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")
-    except MacTunerError:
-        return None
-    out = out.replace("<bos>", "").replace("<s>", "")
-    if out.strip() == ("<start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
-                       "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model").strip():
-        return "gemma"
-    if out.strip() == ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-                       "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant").strip():
-        return "chatml"
-    if out.strip() == "User: Q1\nAssistant: A1\nUser: Q2\nAssistant:":
-        return "plain"
-    return None
+    probes = ([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+               {"role": "user", "content": "Q2"}],
+              [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}])
+    outs = []
+    for msgs in probes:
+        try:
+            out = render_template(chat_template, msgs, add_generation_prompt=True, bos_token="<bos>",
+                                  eos_token="<eos>")
+        except MacTunerError:
+            out = ""  # e.g. a template that refuses a system role
+        outs.append(out.replace("<bos>", "").replace("<s>", "").strip())
+    return next((fam for fam, want in _FAMILY_PROBES.items() if tuple(outs) == want), None)
 
 
 def modelfile(gguf_path: str | os.PathLike, chat_template: str | None, system: str | None = None,

@@ -43,7 +43,8 @@ VALIDATION_PROMPTS = ["Write one sentence about the sea.", "What is 2 + 2?", "Na
 
 @dataclass
 class CheckItem:
-    name: str = field(metadata=_h("loads | chat_template | generation | perplexity | finetune_survived"))
+    name: str = field(metadata=_h(
+        "loads | chat_template | modelfile_template | generation | perplexity | finetune_survived"))
     ok: bool | None = field(metadata=_h("True passed, False failed, None skipped / inconclusive."))
     detail: str = field(default="", metadata=_h("What was checked and what was seen."))
 
@@ -234,6 +235,9 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
                 v.items.append(CheckItem("chat_template", same, detail))
             except Exception as e:  # noqa: BLE001
                 v.items.append(CheckItem("chat_template", False, f"rendering failed: {str(e)[:200]}"))
+        # (b2) the Ollama Modelfile's template, rendered by Go as Ollama renders it
+        progress(0.2, "Rendering the Modelfile template with Go...")
+        v.items.append(_modelfile_item(gguf_path, h_tpl or g_tpl, specials))
         # (c) generations
         progress(0.3, "Generating from fixed prompts...")
         bad = []
@@ -280,6 +284,27 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
         write_json(gguf_path.with_name(f"{gguf_path.stem}.validation.json"), v.as_dict())
     progress(1.0, "Validation " + ("passed" if v.ok else "found problems"))
     return v
+
+
+def _modelfile_item(gguf_path: Path, jinja: str | None, specials: dict) -> CheckItem:
+    """The "Modelfile template" row: <stem>.Modelfile's TEMPLATE rendered by Go's text/template (gotemplate.py) on
+    test conversations, against the chat template (Jinja) - identical text required."""
+    from .gotemplate import compare_with_jinja, modelfile_template  # noqa: PLC0415
+
+    mf = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
+    if not mf.is_file():
+        return CheckItem("modelfile_template", None, "skipped: no Modelfile beside this GGUF")
+    tpl = modelfile_template(mf.read_text())
+    if tpl is None:
+        return CheckItem("modelfile_template", None, "skipped: the Modelfile has no TEMPLATE (Ollama uses the one it "
+                         "derives from the GGUF)")
+    if not jinja:
+        return CheckItem("modelfile_template", None, "skipped: no chat template to compare the Modelfile's with")
+    try:
+        ok, detail = compare_with_jinja(tpl, jinja, specials.get("bos_token", ""), specials.get("eos_token", ""))
+    except Exception as e:  # noqa: BLE001 - the Jinja side failing is a result too
+        ok, detail = False, f"could not compare: {str(e)[:200]}"
+    return CheckItem("modelfile_template", ok, detail)
 
 
 _validate_gguf = validate  # export() has a `validate` flag that shadows the function
