@@ -25,21 +25,35 @@ from .merge import saved_chat_template
 from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
 from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
 from .quantize import quant_name, tensor_types
-from .run import ExportResult, export, export_details, list_exports, validation_sources
+from .run import (
+    ExportResult,
+    export,
+    export_details,
+    gguf_choices,
+    gguf_label,
+    list_exports,
+    preferred_gguf,
+    problems_text,
+    validation_sources,
+)
 from .validate import (
+                       CHECK_LABELS,
                        HELDOUT_TEXT,
                        VALIDATION_CONVERSATION,
                        VALIDATION_PROMPTS,
                        CheckItem,
                        PerplexityRow,
                        Validation,
+                       degenerate,
+                       failed_checks,
                        gguf_perplexity,
                        hf_perplexity,
 )
 
-__all__ = ["BYTES_PER_PARAM", "CONVERTER_ENV", "GO_TEMPLATES", "HELDOUT_TEXT", "OUTTYPES", "QUANT_TYPES",
-           "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed", "ExportPlan", "ExportRequest",
-           "ExportResult", "PerplexityRow", "Validation", "check_architecture", "converter_dir",
-           "count_params", "disk_check", "estimate_bytes", "export", "export_details", "gguf_perplexity",
-           "hf_perplexity", "how_to_run", "list_exports", "modelfile", "plan_export", "quant_name",
-           "saved_chat_template", "supported_architectures", "template_family", "tensor_types", "validation_sources"]
+__all__ = ["BYTES_PER_PARAM", "CHECK_LABELS", "CONVERTER_ENV", "GO_TEMPLATES", "HELDOUT_TEXT", "OUTTYPES",
+           "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed", "ExportPlan",
+           "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture", "converter_dir",
+           "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details", "failed_checks",
+           "gguf_choices", "gguf_label", "gguf_perplexity", "hf_perplexity", "how_to_run", "list_exports",
+           "modelfile", "plan_export", "preferred_gguf", "problems_text", "quant_name", "saved_chat_template",
+           "supported_architectures", "template_family", "tensor_types", "validation_sources"]

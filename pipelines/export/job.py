@@ -25,13 +25,13 @@ from pathlib import Path
 from .. import jobs
 from ..errors import BadInput
 from ..workspace import Workspace
-from .common import ProgressFn, _slug
+from .common import ProgressFn, _gguf_type, _slug
 from .convert import _model_stem, convert
 from .merge import merge
 from .plan import ExportRequest
 from .quantize import quantize
-from .run import export, validation_sources
-from .validate import validate
+from .run import export, problems_text, validation_sources
+from .validate import failed_checks, validate
 
 STEPS = {"run": "source", "merge": "source", "convert": "hf_dir", "quantize": "gguf", "validate": "gguf"}
 FINAL = ("complete", "failed", "cancelled")
@@ -60,8 +60,9 @@ def run_step(ws: Workspace, step: str, args: dict, progress: ProgressFn) -> dict
     check_args(step, args)
     if step == "run":
         r = export(ws, ExportRequest.from_dict(args), progress)
+        rows = [{"type": _gguf_type(Path(v.gguf)), "failed": failed_checks(v.as_dict())} for v in r.validations]
         return {"name": r.name, "folder": r.folder, "merged": r.merged, "ggufs": r.ggufs, "table": r.table,
-                "ok": all(v.ok for v in r.validations) if r.validations else None}
+                "ok": all(v.ok for v in r.validations) if r.validations else None, "problems": problems_text(rows)}
     if step == "merge":
         return {"merged": str(merge(ws, args["source"], args.get("base_model"), args.get("name"), progress))}
     if step == "convert":

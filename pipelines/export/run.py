@@ -21,7 +21,7 @@ from .merge import merge, saved_chat_template
 from .ollama import how_to_run, modelfile
 from .plan import ExportPlan, ExportRequest, plan_export
 from .quantize import quantize
-from .validate import Validation, _validate_gguf
+from .validate import Validation, _validate_gguf, failed_checks
 
 
 @dataclass
@@ -162,6 +162,30 @@ def _manifest(folder: Path) -> dict | None:
         return None
 
 
+def _validation_of(g: Path, manifest: dict | None) -> dict | None:
+    """A GGUF's latest validation: <stem>.validation.json (a later `validate` rewrites it), else the manifest's."""
+    try:
+        return json.loads(g.with_name(f"{g.stem}.validation.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return next((v for v in (manifest or {}).get("validations", []) if Path(v.get("gguf", "")).name == g.name),
+                    None)
+
+
+def _gguf_row(g: Path, manifest: dict | None) -> dict:
+    val = _validation_of(g, manifest)
+    failed = failed_checks(val)
+    return {"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size, "size": human_bytes(g.stat().st_size),
+            "ok": (not failed) if val else None, "failed": failed}
+
+
+def problems_text(rows: list[dict]) -> str:
+    """"1 check failed: fine-tune survived (Q4_K_M)" for GGUF rows (list_exports' "ggufs"); "" when none failed."""
+    failed = [f"{label} ({r['type']})" for r in rows for label in r.get("failed", [])]
+    if not failed:
+        return ""
+    return f"{len(failed)} check{'s' if len(failed) > 1 else ''} failed: " + ", ".join(failed)
+
+
 def _export_row(d: Path, m: dict | None) -> dict:
     """The list_exports row of folder `d`, whose export.json is `m` (None when missing or unreadable)."""
     failed, why = None, None
@@ -173,17 +197,47 @@ def _export_row(d: Path, m: dict | None) -> dict:
             failed = "unreadable failed.json"
     state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
                                   "failed" if failed else "incomplete")
+    ggufs = [_gguf_row(g, m) for g in _ggufs(d)]
+    checked = [g for g in ggufs if g["ok"] is not None]
     return {"name": d.name, "folder": str(d), "state": state, "error": failed,
             "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
-            "ggufs": [{"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size,
-                       "size": human_bytes(g.stat().st_size)} for g in _ggufs(d)],
-            "table": (m or {}).get("table", []),
-            "ok": all(v.get("ok") for v in (m or {}).get("validations", [])) if m else None}
+            "ggufs": ggufs, "table": (m or {}).get("table", []),
+            "ok": all(g["ok"] for g in checked) if m and checked else None, "problems": problems_text(ggufs)}
+
+
+FAILED_MARK = {"fine-tune survived": "⚠ fine-tune lost"}
+
+
+def gguf_label(name: str, failed: list[str]) -> str:
+    """A GGUF's label in a picker: its file name, with "⚠ fine-tune lost" (or "⚠ <check> failed") when its
+    validation failed a check."""
+    if not failed:
+        return name
+    marks = [FAILED_MARK.get(f, f"⚠ {f} failed") for f in failed]
+    return f"{name} · " + ", ".join(marks[:2]) + (f" (+{len(marks) - 2})" if len(marks) > 2 else "")
+
+
+def gguf_choices(ws: Workspace, include_models: bool = True) -> list[tuple[str, str]]:
+    """(label, path) of every GGUF in the workspace (exports, then models/ when include_models) for a picker: an
+    exported GGUF whose validation failed a check is labelled so (gguf_label)."""
+    out = []
+    for r in list_exports(ws):
+        out += [(gguf_label(g["file"], g["failed"]), str(Path(r["folder"]) / g["file"])) for g in r["ggufs"]]
+    if include_models and ws.models.is_dir():
+        out += [(p.name, str(p)) for p in sorted(ws.models.rglob("*.gguf")) if not p.name.startswith(".")]
+    return out
+
+
+def preferred_gguf(rows: list[dict]) -> dict | None:
+    """The GGUF a picker preselects among one export's rows (float first, then large to small quants): the smallest
+    one whose validation failed nothing, else the smallest."""
+    return next((g for g in reversed(rows) if not g.get("failed")), rows[-1] if rows else None)
 
 
 def list_exports(ws: Workspace) -> list[dict]:
     """One row per exports/<name>/: state complete | failed (with error) | cancelled | incomplete (in progress,
-    made by single steps, or the process died), GGUFs with sizes, the validation table, created, ok (all validations passed)."""
+    made by single steps, or the process died), GGUFs with sizes and failed checks, the validation table, created,
+    ok (no validated GGUF failed a check; None when none was validated), problems ("1 check failed: ...")."""
     if not ws.exports.is_dir():
         return []
     return [_export_row(d, _manifest(d))
@@ -204,14 +258,12 @@ def export_details(ws: Workspace, name: str) -> dict:
     man = man or {}
     ggufs, table = [], []
     for g in _ggufs(folder):
-        val = None
-        try:
-            val = json.loads(g.with_name(f"{g.stem}.validation.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+        val = _validation_of(g, man)
         mf = g.with_name(f"{g.stem}.Modelfile")
+        failed = failed_checks(val)
         ggufs.append({"file": g.name, "path": str(g), "type": _gguf_type(g), "bytes": g.stat().st_size,
                       "size": human_bytes(g.stat().st_size), "validation": val,
+                      "ok": (not failed) if val else None, "failed": failed, "label": gguf_label(g.name, failed),
                       "modelfile": mf.read_text() if mf.is_file() else None, "how_to_run": how_to_run(g)})
         for r in (val or {}).get("table", []):
             if r["type"] == "HF (merged)" and any(t["type"] == r["type"] for t in table):

@@ -41,6 +41,16 @@ VALIDATION_CONVERSATION = [
 VALIDATION_PROMPTS = ["Write one sentence about the sea.", "What is 2 + 2?", "Name three colours."]
 
 
+CHECK_LABELS = {"loads": "loads", "chat_template": "chat template", "modelfile_template": "Modelfile template",
+                "generation": "generation", "perplexity": "perplexity", "finetune_survived": "fine-tune survived"}
+
+
+def failed_checks(validation: dict | None) -> list[str]:
+    """The labels of a validation's failed checks (its JSON form), e.g. ["fine-tune survived"]."""
+    return [CHECK_LABELS.get(i.get("name"), i.get("name")) for i in (validation or {}).get("items", [])
+            if i.get("ok") is False]
+
+
 @dataclass
 class CheckItem:
     name: str = field(metadata=_h(
@@ -149,12 +159,29 @@ def _hf_answer_logprob(model, tok, prompt: str, answer_ids: list[int] | None = N
     return answer_ids, float(lp.mean())
 
 
-def _collapsed(ids: list[int]) -> str | None:
-    if not ids:
+def degenerate(ids: list[int], text: str | None = None) -> str | None:
+    """Why a generation is collapsed text, or None when it looks like language: empty (or whitespace only); one
+    token over half of it; one word over half of its words; few distinct tokens (under 30% of 16 or more); or its
+    tail a phrase of 1-8 tokens repeated 4 times or more, covering at least half of it."""
+    if not ids or (text is not None and not text.strip()):
         return "empty output"
-    tok, n = Counter(ids).most_common(1)[0]
-    if len(ids) >= 8 and n / len(ids) > 0.5:
-        return f"repeated-token collapse: one token is {n}/{len(ids)} of the output"
+    n = len(ids)
+    top, count = Counter(ids).most_common(1)[0]
+    if n >= 8 and count / n > 0.5:
+        return f"repeated-token collapse: one token is {count}/{n} of the output"
+    words = (text or "").lower().split()
+    if len(words) >= 6:
+        w, wc = Counter(words).most_common(1)[0]
+        if wc / len(words) > 0.5:
+            return f"one word repeated: {w[:20]!r} is {wc}/{len(words)} of the words"
+    if n >= 16 and len(set(ids)) / n < 0.3:
+        return f"low variety: {len(set(ids))} distinct tokens in {n}"
+    for period in range(1, 9):
+        reps = 1
+        while (reps + 1) * period <= n and ids[n - (reps + 1) * period: n - reps * period] == ids[n - period:]:
+            reps += 1
+        if reps >= 4 and reps * period * 2 >= n:
+            return f"loops: a {period}-token phrase repeated {reps} times at the end"
     return None
 
 
@@ -180,7 +207,8 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
              progress: ProgressFn = _noop, extra_text: str = "") -> Validation:
     """Check a GGUF and write <stem>.validation.json beside it. Never raises for a broken file: each problem is a
     failed CheckItem. Checks: loads in llama.cpp; its chat template renders VALIDATION_CONVERSATION exactly like
-    the HF tokenizer's; greedy answers to fixed prompts are non-empty and not collapsed onto one token; perplexity
+    the HF tokenizer's; the Modelfile's template renders like it in Go; greedy answers to fixed prompts are not
+    degenerate (empty, one token or word repeated, few distinct tokens, a loop); perplexity
     on HELDOUT_TEXT (+ extra_text) vs the HF model; and, given base_dir and a training prompt, that the fine-tune
     survived: the tuned HF model's greedy answer is scored (mean log-prob per token) by the GGUF, the tuned HF
     model and the base model - it survived when the GGUF's score is closer to the tuned model's than the base's.
@@ -251,7 +279,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
                 out = llm.create_completion(p_ids, max_tokens=32, temperature=0.0, top_k=1, seed=0)
                 txt = out["choices"][0]["text"]
                 ids = llm.tokenize(txt.encode("utf-8"), add_bos=False, special=True) if txt else []
-                why = _collapsed(ids)
+                why = degenerate(ids, txt)
                 samples.append(txt[:60])
                 if why:
                     bad.append(f"{p!r}: {why}")

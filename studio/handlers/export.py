@@ -100,13 +100,30 @@ def cancel(ctx: Context, job: str | None) -> str:
     return f"Export job `{job}`: {st.get('state')}" + (f" — {why}" if why else "")
 
 
+def job_problems(st: dict) -> str:
+    """"1 check failed: fine-tune survived (Q4_K_M)" for a finished job whose validation failed checks, else ""."""
+    res = st.get("result") or {}
+    if st.get("state") != "complete" or not isinstance(res, dict):
+        return ""
+    if st.get("step") == "validate":
+        failed = ex.failed_checks(res)
+        return ex.problems_text([{"type": Path(str(res.get("gguf", ""))).name, "failed": failed}])
+    return res.get("problems") or ""
+
+
 def _job_md(st: dict) -> str:
     state = st.get("state")
+    problems = job_problems(st)
     badge = {"running": "🟢 running", "complete": "✅ complete", "failed": "❌ failed",
              "cancelled": "⏹ cancelled"}.get(state, state)
+    if problems:
+        badge = f"⚠️ done — {problems}"
     line = f"**{st.get('step')} {st.get('label', '')}** · {badge}"
     if state == "failed" and st.get("error"):
         line += f"\n\n{st['error']}"
+    if problems:
+        line += ("\n\nThe files are written, but a failed check means this GGUF does not behave like the model you "
+                 "tuned; see its checks below (a finer quantization such as Q8_0 keeps a small fine-tune).")
     return line
 
 
@@ -124,8 +141,9 @@ def poll(ctx: Context, job: str | None, seen: str | None):
     if st is None:
         return None, "", "No export has run yet.", "", seen, gr.update(), gr.update()
     state, frac = st.get("state"), st.get("fraction") or 0.0
+    problems = job_problems(st)
     caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
-        f"{state} · {st.get('message') or ''}"
+        f"⚠️ done — {problems}" if problems else f"{state} · {st.get('message') or ''}"
     key = f"{st['id']}:{state}"
     changed = key != seen
     table = exports_table(ctx, running or {}) if changed or state == "running" else gr.update()
@@ -138,6 +156,8 @@ def poll(ctx: Context, job: str | None, seen: str | None):
 
 
 def _validation_cell(row: dict) -> str:
+    if row.get("problems"):
+        return f"⚠️ {row['problems']}"
     if row["ok"] is None:
         return "–"
     return "✅ passed" if row["ok"] else "⚠️ problems"
@@ -193,12 +213,15 @@ def details(ctx: Context, name: str | None):
     for g in d["gguf_files"]:
         for item in (g["validation"] or {}).get("items", []):
             mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
-            checks.append([g["file"], item["name"], mark, item["detail"]])
+            checks.append([g["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
         if not g["validation"]:
             checks.append([g["file"], "(all)", "– not validated", ""])
-    files = [g["path"] for g in d["gguf_files"]]
+    problems = ex.problems_text(d["gguf_files"])
+    if problems:
+        lines.insert(1, f"⚠️ {problems}")
+    best = ex.preferred_gguf(d["gguf_files"])
     return ("\n".join(lines), table, pd.DataFrame(checks, columns=CHECK_COLUMNS),
-            gr.update(choices=[(Path(f).name, f) for f in files], value=files[-1] if files else None))
+            gr.update(choices=[(g["label"], g["path"]) for g in d["gguf_files"]], value=best["path"] if best else None))
 
 
 @ui_errors
@@ -223,8 +246,12 @@ def open_in_chat(ctx: Context, gguf: str | None, progress=gr.Progress()):
     lm = ctx.registry.load(gguf, ctx.ws, name=Path(gguf).stem, progress=lambda f, m: progress(f, desc=m),
                            replace=False)
     names = model_choices(ctx)
+    failed = next((g["failed"] for r in ex.list_exports(ctx.ws) for g in r["ggufs"]
+                   if str(Path(r["folder"]) / g["file"]) == str(gguf)), [])
+    warn = (f" ⚠️ Its validation failed: {', '.join(failed)} — it may not answer like your fine-tune."
+            if failed else "")
     return (gr.Tabs(selected="chat"), gr.update(choices=names, value=lm.name), gr.update(choices=names),
-            f"Loaded **{lm.name}**: it is selected in the Chat tab.")
+            f"Loaded **{lm.name}**: it is selected in the Chat tab.{warn}")
 
 
 # ------------------------------------------------------------------------------------------------ API

@@ -1,0 +1,140 @@
+"""Export validation results made visible: the generation check's collapse heuristic (`degenerate`), failed checks
+in list_exports / export_details, the GGUF picker's labels and preselection, and the Export tab's progress panel
+and table (handlers called directly on a workspace whose export folder is written here: no model is run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import export as ex
+from pipelines.export.validate import degenerate
+
+# ------------------------------------------------------------------------------------------ collapsed text
+
+
+@pytest.mark.parametrize("ids,text,why", [
+    ([], "", "empty"),
+    ([5, 6], "  \n ", "empty"),
+    ([7] * 12, "the the the the the the the the the the the the", "repeated-token"),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "sea sea sea sea sea the a an sea sea", "one word repeated"),
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], None, "low variety"),
+    ([9, 8, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45,
+      1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5],
+     None, "loops"),
+])
+def test_degenerate_output_is_caught(ids, text, why):
+    assert why in (degenerate(ids, text) or ""), degenerate(ids, text)
+
+
+@pytest.mark.parametrize("ids,text", [
+    ([42], "4"),
+    ([10, 11, 12, 13], "Red, blue, green."),
+    (list(range(100, 132)), "The sea is calm today, and the boats rock gently in the harbour while gulls circle."),
+    ([1, 50, 2, 50, 3, 50, 4, 50, 5, 50, 6, 50], "1, 2, 3, 4, 5, 6"),
+])
+def test_ordinary_answers_pass(ids, text):
+    assert degenerate(ids, text) is None
+
+
+# ------------------------------------------------------------------------------------------ failed checks
+
+
+def _item(name, ok):
+    return {"name": name, "ok": ok, "detail": f"{name} detail"}
+
+
+def _fake_export(ws, name="tune", lost=("Q4_K_M",)) -> Path:
+    """exports/<name>/ with an f16, a Q8_0 and a Q4_K_M 'GGUF' (magic only), each validated; the types in `lost`
+    failed finetune_survived."""
+    d = ws.exports / name
+    d.mkdir(parents=True)
+    vals = []
+    for t in ("f16", "Q8_0", "Q4_K_M"):
+        g = d / f"{name}-{t}.gguf"
+        g.write_bytes(b"GGUF" + b"\0" * 16)
+        items = [_item("loads", True), _item("generation", True), _item("finetune_survived", t not in lost)]
+        v = {"gguf": str(g), "ok": t not in lost, "items": items, "table": [], "seconds": 1.0}
+        g.with_name(f"{g.stem}.validation.json").write_text(json.dumps(v))
+        vals.append(v)
+    (d / "export.json").write_text(json.dumps({"name": name, "created": "2026-01-01T00:00:00", "validations": vals,
+                                               "table": [], "steps": []}))
+    return d
+
+
+def test_failed_checks_in_list_and_details(workspace):
+    _fake_export(workspace)
+    (row,) = ex.list_exports(workspace)
+    assert row["ok"] is False and row["problems"] == "1 check failed: fine-tune survived (Q4_K_M)"
+    by_type = {g["type"]: g for g in row["ggufs"]}
+    assert by_type["Q4_K_M"]["failed"] == ["fine-tune survived"] and by_type["Q8_0"]["ok"] is True
+    d = ex.export_details(workspace, "tune")
+    q4 = next(g for g in d["gguf_files"] if g["type"] == "Q4_K_M")
+    assert q4["label"] == "tune-Q4_K_M.gguf · ⚠ fine-tune lost" and q4["ok"] is False
+    assert ex.preferred_gguf(d["gguf_files"])["type"] == "Q8_0"  # not the smallest: its fine-tune is lost
+
+
+def test_picker_labels_and_preselection(workspace):
+    _fake_export(workspace)
+    _fake_export(workspace, "all-lost", lost=("f16", "Q8_0", "Q4_K_M"))
+    _fake_export(workspace, "all-good", lost=())
+    labels = dict((p, label) for label, p in ex.gguf_choices(workspace))
+    assert labels[str(workspace.exports / "tune" / "tune-Q4_K_M.gguf")].endswith("⚠ fine-tune lost")
+    assert labels[str(workspace.exports / "tune" / "tune-Q8_0.gguf")] == "tune-Q8_0.gguf"
+    rows = {r["name"]: r for r in ex.list_exports(workspace)}
+    assert ex.preferred_gguf(rows["all-good"]["ggufs"])["type"] == "Q4_K_M"
+    assert ex.preferred_gguf(rows["all-lost"]["ggufs"])["type"] == "Q4_K_M"  # none passes: the usual choice
+    assert ex.gguf_label("x.gguf", ["generation", "chat template"]) == "x.gguf · ⚠ generation failed, ⚠ chat template failed"
+    # a later single `validate` rewrites the file's validation.json: the list follows it
+    v = json.loads((workspace.exports / "tune" / "tune-Q4_K_M.validation.json").read_text())
+    v["items"][-1]["ok"] = True
+    (workspace.exports / "tune" / "tune-Q4_K_M.validation.json").write_text(json.dumps(v))
+    assert next(r for r in ex.list_exports(workspace) if r["name"] == "tune")["problems"] == ""
+
+
+# ------------------------------------------------------------------------------------------ the Export tab
+
+
+@pytest.fixture
+def ctx(workspace):
+    from pipelines.serving.registry import ModelRegistry
+    from studio.handlers.common import Context
+
+    return Context(workspace, ModelRegistry(), prepare_hf=False)
+
+
+def test_progress_panel_and_table_warn(ctx, workspace):
+    from studio.handlers import export as hx
+
+    _fake_export(workspace)
+    st = {"id": "j1", "step": "run", "label": "tune", "state": "complete", "message": "Export 'tune' ready",
+          "result": {"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"}}
+    md = hx._job_md(st)
+    assert "⚠️ done — 1 check failed: fine-tune survived (Q4_K_M)" in md and "✅" not in md
+    good = {**st, "result": {"ok": True, "problems": ""}}
+    assert "✅ complete" in hx._job_md(good)
+    table = hx.exports_table(ctx, {})
+    assert table.iloc[0]["validation"] == "⚠️ 1 check failed: fine-tune survived (Q4_K_M)"
+    _summary, _ppl, checks, pick = hx.details(ctx, "tune")
+    assert pick["value"].endswith("tune-Q8_0.gguf")
+    assert ("tune-Q4_K_M.gguf · ⚠ fine-tune lost", str(workspace.exports / "tune" / "tune-Q4_K_M.gguf")) \
+        in [tuple(c) for c in pick["choices"]]
+    assert "fine-tune survived" in set(checks["check"]) and "⚠️ 1 check failed" in _summary
+
+
+def test_progress_caption_of_a_finished_job_with_a_failed_check(ctx, workspace, monkeypatch):
+    from studio.handlers import export as hx
+
+    st = {"id": "j1", "step": "run", "label": "tune", "state": "complete", "message": "Export 'tune' ready",
+          "fraction": 1.0, "result": {"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"}}
+    monkeypatch.setattr(hx.export_job, "list_jobs", lambda _ws: [st])
+    monkeypatch.setattr(hx.export_job, "log_tail", lambda *_a, **_k: "")
+    _job, bar, job_md, *_rest = hx.poll(ctx, "j1", None)
+    assert "⚠️ done — 1 check failed: fine-tune survived" in bar and "complete ·" not in bar
+    assert "⚠️ done" in job_md
+    vst = {"id": "j2", "step": "validate", "label": "x", "state": "complete",
+           "result": {"gguf": "/w/x-Q4_K_M.gguf", "items": [_item("finetune_survived", False)]}}
+    assert hx.job_problems(vst) == "1 check failed: fine-tune survived (x-Q4_K_M.gguf)"
