@@ -65,8 +65,8 @@ async def _body(request: Request, model: type[BaseModel]):
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "body"
         raise _BadBody(f"{where}: {first.get('msg')}") from None
-    except ValueError:
-        raise _BadBody("The request body must be JSON.") from None
+    except (ValueError, RecursionError):
+        raise _BadBody("The request body must be JSON (and not nested hundreds of levels deep).") from None
 
 
 class _BadBody(Exception):
@@ -174,8 +174,9 @@ async def _v1_body(request: Request):
         raise openai.APIError(415, "Send the request body as JSON (Content-Type: application/json).")
     try:
         return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise openai.APIError(400, "The request body is not valid JSON.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise openai.APIError(400, "The request body is not valid JSON (or is nested hundreds of levels deep).") \
+            from None
 
 
 def build_v1_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> APIRouter:

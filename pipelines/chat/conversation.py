@@ -46,6 +46,9 @@ def import_conversation(data: str | bytes) -> list[dict]:
         doc = json.loads(data)
     except json.JSONDecodeError as e:
         raise BadInput(f"Not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    except RecursionError:
+        raise BadInput("This JSON is nested too deeply to read (hundreds of levels); a conversation export is a "
+                       "flat list of messages.") from None
     if isinstance(doc, dict):
         if "messages" not in doc:
             raise BadInput("This JSON has no 'messages' list; it is not a conversation export.")

@@ -324,6 +324,9 @@ def _parse_json(text: str, name: str, warnings: list[str]) -> dict[str, list]:
                 warnings.append(f"{name} holds one JSON object per line (JSONL); it was read as JSONL.")
                 return cols
         raise BadInput(f"Malformed JSON in {name} at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+    except RecursionError:
+        raise BadInput(f"{name} is nested too deeply to read (hundreds of levels of arrays or objects inside each "
+                       "other); a dataset is a list of records with flat fields.") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -340,6 +343,9 @@ def _parse_jsonl(text: str, name: str) -> dict[str, list]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise BadInput(f"Malformed JSONL in {name} at line {n} (column {e.colno}): {e.msg}.") from None
+        except RecursionError:
+            raise BadInput(f"{name} line {n} is nested too deeply to read (hundreds of levels of arrays or objects "
+                           "inside each other); a dataset is a list of records with flat fields.") from None
         lines.append(n)
     return _records_to_columns(records, name, "line", lines)
 

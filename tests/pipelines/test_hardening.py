@@ -114,3 +114,24 @@ def test_a_huge_history_is_trimmed_before_it_is_rendered(tiny_llama_dir, monkeyp
     assert p.dropped > 99_000 and p.messages[-1]["content"] == "and the last one"
     assert max(rendered) < 2 * 128 * prompt.MAX_CHARS_PER_TOKEN // len("question 1")  # only what could fit
     assert box["seconds"] < 5
+
+
+# ------------------------------------------------------------------------------------------------ deep JSON
+
+DEEP = "[" * 10_000 + "]" * 10_000
+
+
+@pytest.mark.parametrize("name,text", [("deep.json", '[{"a": ' + DEEP + "}]"), ("deep.jsonl", '{"a": ' + DEEP + "}\n")])
+def test_deeply_nested_json_upload_is_refused_plainly(tmp_path, name, text):
+    from pipelines.data import read_table
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(BadInput, match="nested too deeply"):
+        read_table(tmp_path / name)
+
+
+def test_deeply_nested_conversation_import_is_refused_plainly():
+    from pipelines.chat.conversation import import_conversation
+
+    with pytest.raises(BadInput, match="nested too deeply"):
+        import_conversation('{"messages": ' + DEEP + "}")

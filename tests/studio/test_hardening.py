@@ -95,3 +95,14 @@ def test_gradio_client_still_works(studio):
     url, _ = studio
     api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
     assert api["named_endpoints"]
+
+
+def test_deeply_nested_json_bodies_are_400s(studio):
+    url, _ = studio
+    deep = "[" * 10_000 + "]" * 10_000
+    r = requests.post(url + "/api/model/load", data='{"path": ' + deep + "}", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]
+    r = requests.post(url + "/v1/chat/completions", data='{"messages": ' + deep + "}", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
