@@ -106,3 +106,36 @@ def test_deeply_nested_json_bodies_are_400s(studio):
     r = requests.post(url + "/v1/chat/completions", data='{"messages": ' + deep + "}", timeout=10,
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+
+
+def test_an_unload_waiting_for_an_answer_blocks_no_reader(studio):
+    """The unload waits (up to 30 s) for the answer in progress; health, the header, the model lists answer meanwhile."""
+    import threading
+    import time
+
+    from pipelines.models import LoadedModel
+    from studio.handlers import model as hm
+
+    url, ctx = studio
+    requests.get(url + "/api/model/health", timeout=60)  # the device profile (torch import) done once, beforehand
+    lm = LoadedModel("fake", "/nowhere", "transformers", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0,
+                     time.time(), model=object())
+    with ctx.registry._lock:
+        ctx.registry._models["fake"], ctx.registry._current = lm, "fake"
+    lm.lock.acquire()  # an answer is running on it
+    done = {}
+    t = threading.Thread(target=lambda: done.update(r=requests.post(url + "/api/model/unload", timeout=60)))
+    try:
+        t.start()
+        time.sleep(0.5)
+        for path in ("/api/model/health", "/api/model/current", "/v1/models"):
+            t0 = time.monotonic()
+            assert requests.get(url + path, timeout=10).status_code == 200
+            assert time.monotonic() - t0 < 3, path
+        t0 = time.monotonic()
+        assert "fake" in hm.header_md(ctx) and time.monotonic() - t0 < 3
+        assert t.is_alive()  # still waiting for the answer
+    finally:
+        lm.lock.release()
+        t.join(60)
+    assert done["r"].status_code == 200 and ctx.registry.current() is None
