@@ -30,6 +30,9 @@ def journey_md(ctx: Context) -> str:
                      "CPU).",
             "Chat": "in the **Chat** tab, pick a run's adapter in the Adapter menu and talk to your fine-tune.",
             "Export": "turn your fine-tune into a GGUF for llama.cpp, Ollama or LM Studio in the **Export** tab."}
+    if nxt is not None and nxt.name == "Data" and steps[2].done:  # the quick start trained on the sample
+        hint["Data"] = ("train on your own data: open it in the **Data** tab - or turn the fine-tune you have into a "
+                        "GGUF in the **Export** tab.")
     tail = f"\n\n**Next:** {hint[nxt.name]}" if nxt else "\n\nEvery stage done: export again or train another run."
     return " → ".join(cells) + tail
 
@@ -41,10 +44,12 @@ def _status(run: runs.RunDir | None) -> tuple[str, dict]:
     rows, _ = runs.read_metrics(run)
     state = st.get("state")
     if state in runs.ACTIVE or state == "queued":
-        return f"**Quick start** · run **{run.name}** " + _progress_html(st, rows), st
+        return f"<b>Quick start</b> · run <b>{html.escape(run.name)}</b> " + _progress_html(st, rows), st
+    reason = html.escape(st.get("reason") or "")
     if state == "finished":
-        return f"✅ **Quick start** finished: run **{run.name}** ({st.get('reason') or ''}).", st
-    return f"⚠️ **Quick start** run **{run.name}** is {state}: {st.get('reason') or 'see the Train tab'}.", st
+        return f"✅ <b>Quick start</b> finished: run <b>{html.escape(run.name)}</b> ({reason}).", st
+    return (f"⚠️ <b>Quick start</b> run <b>{html.escape(run.name)}</b> is {html.escape(str(state))}: "
+            f"{reason or 'see the Train tab'}."), st
 
 
 @ui_errors

@@ -87,6 +87,7 @@ def test_quick_start_opens_the_chat_with_its_adapter(page, studio, tmp_path):
     status = page.locator("#quick-start-status")
     expect(status).to_contain_text("quick-start", timeout=120_000)
     expect(status).to_contain_text("finished", timeout=300_000)
+    expect(status).not_to_contain_text("**")  # HTML, not Markdown shown raw
     # the page moved to the Chat tab, with the run's adapter on the default model's HF copy, a question ready
     expect(page.locator("#chat-model-note")).to_contain_text("Fine-tuned", timeout=120_000)
     expect(page.locator("#chat-model input")).to_have_value("gemma-3-270m (HF copy)")
@@ -96,6 +97,7 @@ def test_quick_start_opens_the_chat_with_its_adapter(page, studio, tmp_path):
     expect(page.locator("#chat-speed")).to_contain_text("gemma-3-270m (HF copy) + quick-start")
     expect(page.locator("#chat-speed")).to_contain_text("seed", timeout=120_000)
     expect(page.locator("#journey")).to_contain_text("1 run(s) finished")
+    expect(page.locator("#journey")).to_contain_text("train on your own data")
     page.screenshot(path=str(tmp_path / "quick-start.png"), full_page=True)
     # the run is in the run history like any other
     page.get_by_role("tab", name="Train").click()
