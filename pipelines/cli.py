@@ -28,6 +28,7 @@ Only `studio` imports gradio (lazily), so the other subcommands stay light.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import sys
@@ -76,16 +77,51 @@ def _studio(args) -> int:
     from .serving.registry import REGISTRY, load_default_in_background  # noqa: PLC0415
     from .workspace import Workspace  # noqa: PLC0415
 
-    ws = Workspace.open(args.root)
+    try:
+        ws = Workspace.open(args.root)
+    except MacTunerError as e:
+        print(f"mactuner: {e.message}", file=sys.stderr)
+        return 2
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        print(f"mactuner: {busy}", file=sys.stderr)
+        return 2
     if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
         load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
     from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
     from studio.handlers.common import Context  # noqa: PLC0415
 
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
-          load_default=False, ctx=Context(ws, REGISTRY, prepare_hf=not args.no_prepare_hf))
+    try:
+        serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
+              load_default=False, ctx=Context(ws, REGISTRY, prepare_hf=not args.no_prepare_hf))
+    except OSError as e:  # the port was taken between the check and the start, or the host cannot be bound
+        print(f"mactuner: the studio cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why the studio cannot listen on host:port (in use, or a host this machine does not have), or None."""
+    import socket  # noqa: PLC0415
+
+    if not 0 < port < 65536:
+        return f"--port {port} is not a port number (1-65535)."
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"--host {host} cannot be resolved ({e.strerror or e})."
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use (another studio?): stop it, or choose another "
+                        "with --port.")
+            return f"the studio cannot listen on {host}:{port} ({e.strerror or e})."
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

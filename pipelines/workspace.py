@@ -31,8 +31,13 @@ class Workspace:
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "Workspace":
         ws = cls(Path(root).expanduser().resolve() if root else default_root().resolve())
-        for sub in SUBDIRS:
-            (ws.root / sub).mkdir(parents=True, exist_ok=True)
+        if ws.root.exists() and not ws.root.is_dir():
+            raise BadInput(f"The workspace {ws.root} is a file, not a folder: give a folder (or a new name) as --root.")
+        try:
+            for sub in SUBDIRS:
+                (ws.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"The workspace {ws.root} cannot be created or used: {e.strerror or e}.") from None
         return ws
 
     @property

@@ -139,3 +139,34 @@ def test_an_unload_waiting_for_an_answer_blocks_no_reader(studio):
         lm.lock.release()
         t.join(60)
     assert done["r"].status_code == 200 and ctx.registry.current() is None
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _studio_cli(*args, tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "studio", "--no-default", "--no-prepare-hf", *args],
+                          capture_output=True, text=True, timeout=120, cwd=root, env={**__import__("os").environ,
+                                                                                    "MACTUNER_HOME": str(tmp_path)})
+
+
+def test_cli_root_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = _studio_cli("--root", str(tmp_path / "afile"), tmp_path=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "is a file, not a folder" in r.stderr
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _studio_cli("--root", str(tmp_path / "ws"), "--port", str(port), tmp_path=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and f"port {port}" in r.stderr and "already in use" in r.stderr
