@@ -19,6 +19,7 @@ from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, _h, _slug
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype
 from .quantize import _ftype
+from .sizes import gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
 
 
 @dataclass
@@ -54,21 +55,28 @@ class ExportRequest:
         return asdict(self)
 
 
-def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged_bytes_per_param: float = 4.0) -> dict:
-    """Bytes an export will write: the merged HF copy, each float GGUF and each quantization."""
+def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged_bytes_per_param: float = 4.0,
+                   hf_dir: str | Path | None = None) -> dict:
+    """Bytes an export will write: the merged HF copy, each float GGUF and each quantization. Given the HF folder,
+    each GGUF is sized tensor by tensor (sizes.gguf_bytes: the type llama.cpp gives each tensor, the tokenizer in
+    the metadata), within about 1% of the file written; else n_params x an average bytes-per-parameter."""
     parts = {"merged HF": n_params * merged_bytes_per_param} if merged_bytes_per_param else {}
+    shapes = tensor_shapes(hf_dir) if hf_dir else None
+    tied = tied_embeddings(shapes) if shapes else True
+    meta = metadata_bytes(hf_dir, len(shapes)) if shapes else 0
     for t in list(outtypes) + list(quants):
         key = t if t in BYTES_PER_PARAM else t.upper()
         if key not in BYTES_PER_PARAM:
             raise BadInput(f"Unknown type {t!r}; choose from {', '.join(BYTES_PER_PARAM)}.")
-        parts[key] = n_params * BYTES_PER_PARAM[key]
+        parts[key] = gguf_bytes(shapes, key, tied, meta) if shapes else n_params * BYTES_PER_PARAM[key]
     return {"parts": {k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
 
 def disk_check(ws: Workspace, n_params: int, outtypes: list[str], quants: list[str],
-               free_fn: Callable[[Path], int] | None = None, merged_bytes_per_param: float = 4.0) -> dict:
+               free_fn: Callable[[Path], int] | None = None, merged_bytes_per_param: float = 4.0,
+               hf_dir: str | Path | None = None) -> dict:
     """Refuse (BadInput) when exports/ lacks the space the export needs (+5% margin); else the estimate."""
-    est = estimate_bytes(n_params, outtypes, quants, merged_bytes_per_param)
+    est = estimate_bytes(n_params, outtypes, quants, merged_bytes_per_param, hf_dir)
     ws.exports.mkdir(parents=True, exist_ok=True)
     free = int(free_fn(ws.exports) if free_fn else shutil.disk_usage(ws.exports).free)
     need = int(est["total"] * 1.05)
@@ -143,5 +151,5 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
         raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
     arch = check_architecture(hf_src)
     bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
-    est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp)
+    est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp, hf_src)
     return ExportPlan(name, folder, src, hf_src, arch, adapter, base, run_dir, outtypes, quants, est)

@@ -13,16 +13,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from tiny_models import TINY_CHAT_TEMPLATE
 
 from pipelines import export as ex
+from pipelines.errors import BadInput, Conflict, Unavailable
 from pipelines.export import quantize as export_quantize
 from pipelines.export.convert import convert
 from pipelines.export.merge import merge
 from pipelines.export.quantize import quantize
 from pipelines.export.validate import validate
-from pipelines.errors import BadInput, Conflict, Unavailable
 
 
 def _make_adapter(base: Path, out: Path, seed: int = 7) -> Path:
@@ -155,6 +154,25 @@ def test_validation_of_a_good_export(exported):
         gguf_row = v.table[-1]
         assert abs(gguf_row.delta_pct) < (10 if "Q4" in gguf_row.type else 3), v.table
         assert items["generation"].ok is not None  # a random tiny model may well collapse; it is reported
+        # the tiny tokenizer's template is no family MacTuner translates: the row says why it is skipped
+        assert items["modelfile_template"].ok is None and "no TEMPLATE" in items["modelfile_template"].detail
+
+
+@pytest.mark.slow
+def test_size_estimate_matches_the_files(exported):
+    """The Check's estimate (export.json "estimate", made before anything was written) is within 10% of each GGUF
+    written: tensor by tensor, with the types llama.cpp's quantizer picks."""
+    _ws, result, _seen, _adapter = exported
+    man = json.loads((Path(result.folder) / "export.json").read_text())
+    for g in map(Path, result.ggufs):
+        t = g.stem.rsplit("-", 1)[1]
+        est, real = man["estimate"]["parts"][t], g.stat().st_size
+        print(t, est, real)
+        assert abs(est / real - 1) < 0.10, (t, est, real)
+    from pipelines.export.sizes import gguf_types, tensor_shapes
+
+    types = gguf_types(tensor_shapes(result.merged), "Q4_K_M")
+    assert types["model.embed_tokens.weight"] in ("Q6_K", "Q8_0") or "lm_head.weight" in types
 
 
 @pytest.mark.slow
@@ -276,12 +294,34 @@ def test_existing_export_never_overwritten(workspace, tiny_llama_dir):
     assert (workspace.exports / "taken" / "keep.txt").read_text() == "mine"
 
 
+def test_size_estimate_follows_llama_cpps_types():
+    """Gemma 3 270M's shapes: the tied 262k x 640 embedding is the output too (Q6_K wanted, 640 columns are no
+    multiple of 256: Q8_0), 640-column matrices fall back from Q4_K to Q5_0, ffn_down (2048 columns) is Q6_K in the
+    layers use_more_bits picks: 235 MiB of tensors, as llama.cpp reports (0.6 bytes/parameter said 153 MB)."""
+    from pipelines.export.sizes import gguf_bytes, gguf_types
+
+    shapes = {"model.embed_tokens.weight": [262144, 640], "model.norm.weight": [640]}
+    for i in range(18):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": [1024, 640], p + "self_attn.k_proj.weight": [256, 640],
+                   p + "self_attn.v_proj.weight": [256, 640], p + "self_attn.o_proj.weight": [640, 1024],
+                   p + "mlp.gate_proj.weight": [2048, 640], p + "mlp.up_proj.weight": [2048, 640],
+                   p + "mlp.down_proj.weight": [640, 2048], p + "input_layernorm.weight": [640]}
+    types = gguf_types(shapes, "Q4_K_M", tied=True)
+    assert types["model.embed_tokens.weight"] == "Q8_0" and types["model.norm.weight"] == "F32"
+    assert types["model.layers.0.self_attn.q_proj.weight"] == "Q5_0"
+    assert types["model.layers.0.self_attn.o_proj.weight"] == "Q4_K"
+    assert types["model.layers.0.mlp.down_proj.weight"] == "Q6_K" and types["model.layers.3.mlp.down_proj.weight"] == "Q4_K"
+    assert types["model.layers.0.self_attn.v_proj.weight"] == "Q8_0"  # Q6_K wanted, 640 columns: Q8_0
+    assert abs(gguf_bytes(shapes, "Q4_K_M", tied=True) / 2**20 - 235.16) < 1  # llama.cpp: "quant size = 235.16 MiB"
+    assert gguf_types(shapes, "Q4_K_M", tied=False)["model.embed_tokens.weight"] == "Q5_0"  # not the output
+
+
 # ------------------------------------------------------------------------------------------------ Modelfile
 
 
 def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
-    from pipelines.templates import FALLBACK_CHAT_TEMPLATE
-    from pipelines.templates import GEMMA_CHAT_TEMPLATE
+    from pipelines.templates import FALLBACK_CHAT_TEMPLATE, GEMMA_CHAT_TEMPLATE
 
     g = tmp_path / "gem-Q4_K_M.gguf"
     g.write_bytes(b"GGUF")
