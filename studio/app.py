@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from pipelines import device as devicemod  # noqa: E402
@@ -53,6 +55,7 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
             rag_tab.build(ctx)
             export_tab.build(ctx, tabs, chat)
         journey_tab.wire(ctx, demo, journey, tabs, chat)
+        _explain_input_errors(demo)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)
@@ -69,6 +72,44 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
             m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private").then(
             *d["on_load"], api_visibility="private")
     return demo
+
+
+def _input_message(component, value, cause: BaseException | None) -> str:
+    label = getattr(component, "label", None) or type(component).__name__
+    shown = repr(value)[:60]
+    if isinstance(component, (gr.Slider, gr.Number)):
+        return f"'{label}' must be a number, not {shown}."
+    if isinstance(component, gr.Chatbot):
+        return (f"The chat history ('{label}') is malformed: it must be a list of messages, each "
+                "{'role': 'user' or 'assistant', 'content': text}.")
+    why = str(cause).strip().splitlines()[0][:200] if cause is not None and str(cause).strip() else type(cause).__name__
+    return f"'{label}' does not accept {shown}: {why}."
+
+
+def _explain_input_errors(demo: gr.Blocks) -> None:
+    """A value a component cannot take (text in a number field, a malformed chat history, through the API) is
+    refused with a message that names the field, not Gradio's generic 'has raised an exception'."""
+    original = demo.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state, *args, **kwargs):
+        try:
+            return await original(block_fn, inputs, state, *args, **kwargs)
+        except gr.exceptions.ComponentProcessingError as e:
+            found = re.search(r"at index (\d+)", str(e))
+            i = int(found.group(1)) if found else -1
+            if not 0 <= i < min(len(block_fn.inputs), len(inputs)):
+                raise gr.Error("One of the values sent is not accepted by its field.") from None
+            log.info("refused input for %s: %s", getattr(block_fn, "name", "?"), e.__cause__ or e)
+            raise gr.Error(_input_message(block_fn.inputs[i], inputs[i], e.__cause__)) from None
+        except ValidationError as e:  # a component's data model (the chat history's messages, a file's shape)
+            for component, value in zip(block_fn.inputs, inputs):
+                model = getattr(component, "data_model", None)
+                if model is not None and getattr(model, "__name__", None) == e.title:
+                    log.info("refused input for %s: %s", getattr(block_fn, "name", "?"), e)
+                    raise gr.Error(_input_message(component, value, e.errors()[0].get("msg"))) from None
+            raise gr.Error("One of the values sent is not accepted by its field.") from None
+
+    demo.preprocess_data = preprocess_data
 
 
 def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -170,3 +170,42 @@ def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
         r = _studio_cli("--root", str(tmp_path / "ws"), "--port", str(port), tmp_path=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and f"port {port}" in r.stderr and "already in use" in r.stderr
+
+
+# ------------------------------------------------------------------------------------- refused inputs, named
+
+
+@pytest.fixture
+def fake_model(studio):
+    import time
+
+    from pipelines.models import LoadedModel
+
+    url, ctx = studio
+    lm = LoadedModel("fake", "/nowhere", "transformers", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0,
+                     time.time(), model=object())
+    with ctx.registry._lock:
+        ctx.registry._models["fake"], ctx.registry._current = lm, "fake"
+    yield lm
+    with ctx.registry._lock:
+        ctx.registry._models.pop("fake", None)
+        ctx.registry._current = None
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"param_11": "\\x"}, "Stop string '\\\\x' has a bad escape"),
+    ({"param_5": "abc"}, "'Temperature' must be a number, not 'abc'"),
+    ({"param_12": "seven"}, "must be a number, not 'seven'"),
+    ({"history": [{"role": "wizard", "content": 3}]}, "chat history ('Conversation') is malformed"),
+    ({"history": "nope"}, "chat history ('Conversation') is malformed"),
+    ({"history": ["a", "b"]}, "chat history ('Conversation') is malformed"),
+])
+def test_refused_chat_inputs_name_the_field(studio, fake_model, change, needle):
+    from gradio_client import Client
+
+    url, _ = studio
+    args = dict(message="hi", history=[], model_name="fake", adapter=None, param_4="", param_5=0.7, param_6=0.9,
+                param_7=40, param_8=0.05, param_9=1.1, param_10=16, param_11="", param_12=-1)
+    with pytest.raises(Exception) as e:
+        Client(url, verbose=False).predict(**{**args, **change}, api_name="/chat_send")
+    assert needle in str(e.value) and "verbose error reporting" not in str(e.value)
