@@ -216,9 +216,10 @@ def _all(ctx: Context, s: DataSession, message: str = "") -> tuple:
 N_ALL = 3 + 1 + len(ROLES) + 1 + 1 + 2 + 1 + 1  # the length of _all
 
 
-def _open(ctx: Context, path: Path, max_mb: float, encoding: str, text_mode: str, progress) -> tuple:
+def _open(ctx: Context, path: Path, max_mb: float, encoding: str, text_mode: str, progress,
+          header: bool = True) -> tuple:
     read = data.read_table(path, max_bytes=int(max_mb * 1024 * 1024), progress=_gr_progress(progress),
-                           encoding=encoding or None, text_mode=text_mode or "auto")
+                           encoding=encoding or None, text_mode=text_mode or "auto", header=header is not False)
     s = DataSession(read=read, cleaner=data.Cleaner(read.df), mapping=data.detect_mapping(read.df))
     s.conversion()  # refused here (images, audio...), before the tab shows the file as usable
     if s.mapping is None:
@@ -231,7 +232,7 @@ def _open(ctx: Context, path: Path, max_mb: float, encoding: str, text_mode: str
 
 @keep_last_good(N_ALL)
 def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | None, encoding: str = "auto",
-              text_mode: str = "auto", max_mb: float = 500, progress=gr.Progress()):
+              text_mode: str = "auto", header: bool = True, max_mb: float = 500, progress=gr.Progress()):
     """Read an uploaded file (kept in the workspace) or a picked one; propose a mapping and check its rows."""
     if upload:
         path = _keep_upload(ctx, upload)
@@ -242,7 +243,7 @@ def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | No
             raise BadInput("Pick a file from the list (earlier uploads in this workspace, or the sample).")
     else:
         raise BadInput("Upload a file (CSV, TSV, JSON, JSONL, Parquet, Excel or text) or pick one from the list.")
-    return _open(ctx, path, max_mb, encoding, text_mode, progress)
+    return _open(ctx, path, max_mb, encoding, text_mode, progress, header)
 
 
 @keep_last_good(N_ALL)

@@ -28,6 +28,9 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
                                            elem_id="data-encoding")
                     text_mode = gr.Dropdown([(v, k) for k, v in hd.TEXT_MODES.items()], value="auto",
                                             label="Plain-text files (.txt)", elem_id="data-text-mode")
+                    header = gr.Checkbox(value=True, label="First line is a header (CSV, TSV)",
+                                         info="untick when the file's first line is a row of data",
+                                         elem_id="data-header")
                 with gr.Row():
                     open_btn = gr.Button("Open", variant="primary", elem_id="data-open")
                     sample_btn = gr.Button("Try the sample dataset", elem_id="data-sample")
@@ -122,12 +125,12 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
 
     col_outputs = [miss_cols, dup_cols, picked]
     opened = open_btn.click(h.bind(hd.open_file, ctx, max_mb=max_upload_mb),
-                            [session, upload, picked, encoding, text_mode], everything, api_name="data_open")
+                            [session, upload, picked, encoding, text_mode, header], everything, api_name="data_open")
     opened.then(refresh_columns, session, col_outputs, api_visibility="private")
     sample_btn.click(h.bind(hd.open_sample, ctx), session, everything, api_name="data_open_sample").then(
         refresh_columns, session, col_outputs, api_visibility="private")
     upload.upload(h.bind(hd.open_file, ctx, picked=None, max_mb=max_upload_mb), [session, upload, encoding,
-                                                                                 text_mode], everything,
+                                                                                 text_mode, header], everything,
                   api_visibility="private").then(refresh_columns, session, col_outputs, api_visibility="private")
     map_btn.click(h.bind(hd.set_mapping, ctx), [session, fmt, *role_boxes, system_prompt], everything,
                   api_name="data_map")

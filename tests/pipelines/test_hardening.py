@@ -135,3 +135,22 @@ def test_deeply_nested_conversation_import_is_refused_plainly():
 
     with pytest.raises(BadInput, match="nested too deeply"):
         import_conversation('{"messages": ' + DEEP + "}")
+
+
+# ------------------------------------------------------------------------------------ headerless CSV
+
+
+def test_one_column_csv_says_its_first_line_was_the_header_and_can_be_read_as_data(tmp_path):
+    from pipelines.data import read_table
+
+    f = tmp_path / "lines.csv"
+    f.write_text("hello there\nsecond row\nthird\n")
+    r = read_table(f)
+    assert list(r.df.columns) == ["hello there"] and len(r.df) == 2
+    assert any("'hello there'" in w and "taken as the column name" in w for w in r.warnings)
+    r = read_table(f, header=False)
+    assert list(r.df.columns) == ["text"] and r.df["text"].tolist() == ["hello there", "second row", "third"]
+    assert not any("column name" in w for w in r.warnings)
+    (tmp_path / "two.csv").write_text("a,b\nc,d\n")
+    r = read_table(tmp_path / "two.csv", header=False)
+    assert list(r.df.columns) == ["column_1", "column_2"] and len(r.df) == 2

@@ -209,3 +209,18 @@ def test_refused_chat_inputs_name_the_field(studio, fake_model, change, needle):
     with pytest.raises(Exception) as e:
         Client(url, verbose=False).predict(**{**args, **change}, api_name="/chat_send")
     assert needle in str(e.value) and "verbose error reporting" not in str(e.value)
+
+
+def test_one_column_csv_without_header_keeps_its_first_row(studio, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = studio
+    f = tmp_path / "lines.csv"
+    f.write_text("hello there\nsecond row\nthird row\n")
+    c = Client(url, verbose=False)
+    out = c.predict(handle_file(str(f)), None, "auto", "auto", True, api_name="/data_open")
+    text = " ".join(str(x) for x in out)
+    assert "2 rows" in text and "was taken as the column name" in text and "First line is a header" in text
+    out = c.predict(handle_file(str(f)), None, "auto", "auto", False, api_name="/data_open")
+    text = " ".join(str(x) for x in out)
+    assert "3 rows" in text and "hello there" in text and "was taken as the column name" not in text
