@@ -88,6 +88,7 @@ def _studio(args) -> int:
         return 2
     if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
         load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
+    _studio_logging()
     from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
     from studio.handlers.common import Context  # noqa: PLC0415
 
@@ -99,6 +100,19 @@ def _studio(args) -> int:
         print(f"mactuner: the studio cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _studio_logging() -> None:
+    """MacTuner's own log lines on stderr: a user's refused input as one INFO line, a bug with its traceback."""
+    import logging  # noqa: PLC0415
+
+    logger = logging.getLogger("mactuner")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _port_in_use(host: str, port: int) -> str | None:

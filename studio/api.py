@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import threading
 
@@ -29,6 +30,8 @@ from pipelines.serving import openai, registry
 
 from .handlers.common import Context
 from .handlers.model import current_model
+
+log = logging.getLogger("mactuner.studio")
 
 
 class DownloadRequest(BaseModel):
@@ -49,6 +52,7 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except MacTunerError as e:
+        log.info("refused (%s %s): %s", type(e).__name__, e.status, e.message)  # one line: a user error, not a bug
         return _error(e.status, e.message)
 
 

@@ -98,16 +98,18 @@ def _explain_input_errors(demo: gr.Blocks) -> None:
             found = re.search(r"at index (\d+)", str(e))
             i = int(found.group(1)) if found else -1
             if not 0 <= i < min(len(block_fn.inputs), len(inputs)):
-                raise gr.Error("One of the values sent is not accepted by its field.") from None
-            log.info("refused input for %s: %s", getattr(block_fn, "name", "?"), e.__cause__ or e)
-            raise gr.Error(_input_message(block_fn.inputs[i], inputs[i], e.__cause__)) from None
+                raise gr.Error("One of the values sent is not accepted by its field.", print_exception=False) from None
+            message = _input_message(block_fn.inputs[i], inputs[i], e.__cause__)
+            log.info("refused in %s (input): %s", getattr(block_fn, "name", "?"), message)
+            raise gr.Error(message, print_exception=False) from None
         except ValidationError as e:  # a component's data model (the chat history's messages, a file's shape)
             for component, value in zip(block_fn.inputs, inputs):
                 model = getattr(component, "data_model", None)
                 if model is not None and getattr(model, "__name__", None) == e.title:
-                    log.info("refused input for %s: %s", getattr(block_fn, "name", "?"), e)
-                    raise gr.Error(_input_message(component, value, e.errors()[0].get("msg"))) from None
-            raise gr.Error("One of the values sent is not accepted by its field.") from None
+                    message = _input_message(component, value, e.errors()[0].get("msg"))
+                    log.info("refused in %s (input): %s", getattr(block_fn, "name", "?"), message)
+                    raise gr.Error(message, print_exception=False) from None
+            raise gr.Error("One of the values sent is not accepted by its field.", print_exception=False) from None
 
     demo.preprocess_data = preprocess_data
 

@@ -31,8 +31,14 @@ class Context:
     prepare_hf: bool = True  # prepare the default model's HF copy (for training) when it is loaded
 
 
+def log_refused(fn_name: str, e: MacTunerError) -> None:
+    """An expected user error: one line in the log (tracebacks are for bugs)."""
+    log.info("refused in %s (%s): %s", fn_name, type(e).__name__, e.message)
+
+
 def _as_gr_error(fn_name: str, e: Exception) -> gr.Error:
     if isinstance(e, MacTunerError):
+        log_refused(fn_name, e)
         return gr.Error(e.message, print_exception=False)
     log.error("unexpected error in %s", fn_name, exc_info=e)  # a bug: the traceback goes to the log only
     return gr.Error(f"Unexpected error ({type(e).__name__}: {e}). Details are in the studio's log.", print_exception=False)
@@ -88,6 +94,7 @@ def keep_last_good(n_outputs: int, message_at: int = -1):
             try:
                 return fn(*args, **kwargs)
             except MacTunerError as e:
+                log_refused(fn.__name__, e)
                 gr.Warning(e.message)
                 out = [gr.skip()] * n_outputs
                 out[message_at] = f"⚠️ {e.message}"

@@ -224,3 +224,28 @@ def test_one_column_csv_without_header_keeps_its_first_row(studio, tmp_path):
     out = c.predict(handle_file(str(f)), None, "auto", "auto", False, api_name="/data_open")
     text = " ".join(str(x) for x in out)
     assert "3 rows" in text and "hello there" in text and "was taken as the column name" not in text
+
+
+def test_user_errors_are_one_log_line_without_traceback(tmp_path):
+    """`mactuner studio` logs a refused input as one line; tracebacks are kept for bugs."""
+    from gradio_client import Client
+
+    from studio_process import start_studio, stop_studio
+
+    proc, url = start_studio(tmp_path / "ws", args=["--no-default"])
+    try:
+        requests.post(url + "/api/model/load", json={"path": "/nowhere/at/all"}, timeout=10)
+        c = Client(url, verbose=False)
+        for args, api in ((("/nowhere/either", False), "/model_load"), ((), "/data_clean_normalize")):
+            with pytest.raises(Exception):
+                c.predict(*args, api_name=api)
+        with pytest.raises(Exception, match="must be a number"):
+            c.predict(1, "lots", 0, api_name="/data_clean_length")
+    finally:
+        stop_studio(proc)
+    log = (tmp_path / "studio.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    lines = [line for line in log.splitlines() if "refused" in line]
+    assert any("/nowhere/at/all" in line for line in lines), log[-3000:]
+    assert any("/nowhere/either" in line for line in lines) and any("Load a file first" in line for line in lines)
+    assert any("must be a number" in line for line in lines)
