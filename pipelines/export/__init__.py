@@ -19,7 +19,7 @@ complete (temp name + rename) and nothing existing is overwritten.
     result = ex.export(ws, ex.ExportRequest(source="runs/my-run", quants=["Q8_0"]))
 """
 
-from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, ExportFailed
+from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, ExportFailed
 from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
 from .merge import saved_chat_template
 from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
@@ -50,10 +50,10 @@ from .validate import (
                        hf_perplexity,
 )
 
-__all__ = ["BYTES_PER_PARAM", "CHECK_LABELS", "CONVERTER_ENV", "GO_TEMPLATES", "HELDOUT_TEXT", "OUTTYPES",
-           "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed", "ExportPlan",
-           "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture", "converter_dir",
-           "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details", "failed_checks",
-           "gguf_choices", "gguf_label", "gguf_perplexity", "hf_perplexity", "how_to_run", "list_exports",
-           "modelfile", "plan_export", "preferred_gguf", "problems_text", "quant_name", "saved_chat_template",
-           "supported_architectures", "template_family", "tensor_types", "validation_sources"]
+__all__ = ["BYTES_PER_PARAM", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "GO_TEMPLATES", "HELDOUT_TEXT",
+           "OUTTYPES", "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed",
+           "ExportPlan", "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture",
+           "converter_dir", "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details",
+           "failed_checks", "gguf_choices", "gguf_label", "gguf_perplexity", "hf_perplexity", "how_to_run",
+           "list_exports", "modelfile", "plan_export", "preferred_gguf", "problems_text", "quant_name",
+           "saved_chat_template", "supported_architectures", "template_family", "tensor_types", "validation_sources"]

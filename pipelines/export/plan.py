@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import BadInput, Conflict
 from ..runs import resolve_adapter, resolve_base
 from ..workspace import Workspace, human_bytes
-from .common import BYTES_PER_PARAM, OUTTYPES, QUANT_TYPES, _h, _slug
+from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, _h, _slug
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype
 from .quantize import _ftype
@@ -32,8 +32,9 @@ class ExportRequest:
     base_model: str = field(default="", metadata=_h("Base model of the adapter (empty: from the run's config.yaml)."))
     outtypes: list[str] = field(default_factory=lambda: ["f16"], metadata=_h(
         "GGUF float types written by the converter: f32 | f16 | bf16. The first one is quantized."))
-    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"], metadata=_h(
-        "llama.cpp quantizations made from the first float GGUF: " + ", ".join(QUANT_TYPES) + "."))
+    quants: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTS), metadata=_h(
+        "llama.cpp quantizations made from the first float GGUF: " + ", ".join(QUANT_TYPES) + ". Q8_0 by "
+        "default: it keeps a small fine-tune, which Q4_K_M can lose (the validation says when)."))
     validate: bool = field(default=True, metadata=_h(
         "Check each GGUF: loads, chat template, sane generations, perplexity vs HF, fine-tune survived."))
     system: str = field(default="", metadata=_h("SYSTEM prompt written into the Ollama Modelfiles (optional)."))

@@ -24,7 +24,7 @@ from .common import Context, progress_bar_html, selected_cell, ui_errors
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
 CHECK_COLUMNS = ["GGUF", "check", "result", "detail"]
-DEFAULT_QUANTS = ["Q4_K_M"]
+DEFAULT_QUANTS = list(ex.DEFAULT_QUANTS)  # Q8_0: keeps a small fine-tune (pipelines/export/common.py)
 LOG_LINES = 14  # the log box shows its first lines: give it only the end
 
 

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from e2e_helpers import CHROMIUM, new_page, start_studio, stop_studio
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -41,8 +40,9 @@ def test_export_then_chat(studio, browser):
     page.locator("#export-source input").click()
     page.get_by_role("option", name="HF model · tiny-spm").click()
     page.locator("#export-name textarea").fill("tiny-e2e")
-    page.locator("#export-quants").get_by_text("Q4_K_M", exact=True).click()  # off
-    page.locator("#export-quants").get_by_text("Q8_0", exact=True).click()  # on
+    # Q8_0 is the default quantization (it keeps a small fine-tune; Q4_K_M lost it in bench figures)
+    expect(page.locator("#export-quants input[value='Q8_0']")).to_be_checked()
+    expect(page.locator("#export-quants input[value='Q4_K_M']")).not_to_be_checked()
     page.locator("#export-check").click()
     expect(page.locator("#export-plan")).to_contain_text("Ready to export tiny-e2e")
     expect(page.locator("#export-plan")).to_contain_text("LlamaForCausalLM")
@@ -53,14 +53,16 @@ def test_export_then_chat(studio, browser):
     page.reload()
     page.get_by_role("tab", name="Export").click()
     expect(page.locator("#export-job")).to_contain_text("run tiny-e2e")
-    expect(page.locator("#export-job")).to_contain_text("complete", timeout=300_000)
+    # "✅ complete", or "⚠️ done — N check(s) failed: ..." (a random tiny model may well fail the generation check)
+    expect(page.locator("#export-job")).to_contain_text(re.compile("complete|⚠️ done"), timeout=300_000)
     expect(page.locator("#export-list")).to_contain_text("tiny-e2e")
     page.locator('#export-list [role="gridcell"]').filter(has_text="tiny-e2e").first.click()
     expect(page.locator("#export-summary")).to_contain_text("tiny-e2e · complete")
     expect(page.locator("#export-table")).to_contain_text("HF (merged)")
     expect(page.locator("#export-table")).to_contain_text("tiny-e2e-Q8_0.gguf")
-    expect(page.locator("#export-checks")).to_contain_text("chat_template")
-    expect(page.locator("#export-gguf input")).to_have_value("tiny-e2e-Q8_0.gguf")
+    expect(page.locator("#export-checks")).to_contain_text("Modelfile template")
+    expect(page.locator("#export-checks")).to_contain_text("chat template")
+    expect(page.locator("#export-gguf input")).to_have_value(re.compile(r"^tiny-e2e-Q8_0\.gguf"))
     expect(page.locator("#export-modelfile")).to_contain_text("FROM ./tiny-e2e-Q8_0.gguf")
     expect(page.locator("#export-run")).to_contain_text("ollama create tiny-e2e-q8_0")
     assert (root / "exports" / "tiny-e2e" / "export.json").is_file()

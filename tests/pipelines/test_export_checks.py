@@ -87,7 +87,8 @@ def test_picker_labels_and_preselection(workspace):
     rows = {r["name"]: r for r in ex.list_exports(workspace)}
     assert ex.preferred_gguf(rows["all-good"]["ggufs"])["type"] == "Q4_K_M"
     assert ex.preferred_gguf(rows["all-lost"]["ggufs"])["type"] == "Q4_K_M"  # none passes: the usual choice
-    assert ex.gguf_label("x.gguf", ["generation", "chat template"]) == "x.gguf · ⚠ generation failed, ⚠ chat template failed"
+    assert ex.gguf_label("x.gguf", ["generation", "chat template"]) == \
+        "x.gguf · ⚠ generation failed, ⚠ chat template failed"
     # a later single `validate` rewrites the file's validation.json: the list follows it
     v = json.loads((workspace.exports / "tune" / "tune-Q4_K_M.validation.json").read_text())
     v["items"][-1]["ok"] = True
