@@ -41,6 +41,11 @@ class Workspace:
         return ws
 
     @property
+    def tmp(self) -> Path:
+        """Scratch files of the studio (Gradio's cache, files handed to the browser); created when needed."""
+        return self.root / "tmp"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 

@@ -43,7 +43,8 @@ CSS = """
 
 
 def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
-    with gr.Blocks(title="MacTuner") as demo:
+    # Gradio's cache (uploads, files it serves) is emptied of files older than a day, hourly, and wholly at shutdown.
+    with gr.Blocks(title="MacTuner", delete_cache=(3600, 86400)) as demo:
         # Header and device panel are filled on page load: building them here would import torch before serving.
         header = gr.Markdown("**MacTuner**", elem_id="header")
         journey = journey_tab.build(ctx)
@@ -114,12 +115,29 @@ def _explain_input_errors(demo: gr.Blocks) -> None:
     demo.preprocess_data = preprocess_data
 
 
+_OUR_GRADIO_TEMP: str | None = None
+
+
+def _gradio_cache_in(ws: Workspace) -> None:
+    """Gradio's upload and file cache (GRADIO_TEMP_DIR, read when the Blocks and the app are made) goes into the
+    workspace's tmp/gradio, not the system temp folder: nothing is written outside the workspace. A
+    GRADIO_TEMP_DIR the user set is kept."""
+    global _OUR_GRADIO_TEMP
+    current = os.environ.get("GRADIO_TEMP_DIR")
+    if current and current != _OUR_GRADIO_TEMP:
+        return
+    path = ws.tmp / "gradio"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = _OUR_GRADIO_TEMP = str(path)
+
+
 def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, max_upload_mb: int = 500, load_default: bool = True,
           prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None):
     """Launch the studio. Returns (demo, url) when block=False."""
     started = time.time()
     ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
+    _gradio_cache_in(ctx.ws)
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
         registry.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
     demo = build_app(ctx, max_upload_mb)

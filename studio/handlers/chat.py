@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -251,7 +252,13 @@ def export(ctx: Context, history: list, model_name: str):
     if not msgs:
         raise BadInput("The conversation is empty: nothing to export.")
     text = chat.export_conversation(msgs, model=model_name or None)
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="conversation-", delete=False, encoding="utf-8")
+    folder = ctx.ws.tmp / "chat"  # in the workspace; Gradio serves its own copy, so an hour is plenty
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("conversation-*.json"):
+        if time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="conversation-", dir=folder, delete=False,
+                                    encoding="utf-8")
     with f:
         f.write(text)
     return f.name

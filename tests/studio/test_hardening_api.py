@@ -229,7 +229,6 @@ def test_one_column_csv_without_header_keeps_its_first_row(studio, tmp_path):
 def test_user_errors_are_one_log_line_without_traceback(tmp_path):
     """`mactuner studio` logs a refused input as one line; tracebacks are kept for bugs."""
     from gradio_client import Client
-
     from studio_process import start_studio, stop_studio
 
     proc, url = start_studio(tmp_path / "ws", args=["--no-default"])
@@ -249,3 +248,41 @@ def test_user_errors_are_one_log_line_without_traceback(tmp_path):
     assert any("/nowhere/at/all" in line for line in lines), log[-3000:]
     assert any("/nowhere/either" in line for line in lines) and any("Load a file first" in line for line in lines)
     assert any("must be a number" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------ files stay in the workspace
+
+
+def test_uploads_and_served_files_stay_in_the_workspace(studio, tmp_path):
+    import tempfile
+
+    from gradio_client import Client
+
+    url, ctx = studio
+    system_gradio = Path(tempfile.gettempdir()) / "gradio"
+    before = set(system_gradio.rglob("*")) if system_gradio.exists() else set()
+    loose = set(Path(tempfile.gettempdir()).glob("conversation-*.json"))
+    r = requests.post(url + "/gradio_api/upload", files={"files": ("data.csv", b"a,b\n1,2\n")}, timeout=10)
+    uploaded = Path(r.json()[0])
+    assert uploaded.is_file() and uploaded.resolve().is_relative_to(ctx.ws.root / "tmp" / "gradio")
+    history = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+    Client(url, verbose=False, download_files=str(tmp_path)).predict(history, None, api_name="/chat_export")
+    made = list((ctx.ws.root / "tmp" / "chat").glob("conversation-*.json"))
+    assert len(made) == 1 and '"hello"' in made[0].read_text()
+    cached = [p for p in (ctx.ws.root / "tmp" / "gradio").rglob("conversation-*.json")]
+    assert cached  # the copy Gradio served
+    after = set(system_gradio.rglob("*")) if system_gradio.exists() else set()
+    assert after <= before, sorted(map(str, after - before))[:5]
+    assert set(Path(tempfile.gettempdir()).glob("conversation-*.json")) <= loose
+
+
+def test_gradio_cache_is_cleaned_by_age():
+    from pipelines.serving import registry
+    from pipelines.workspace import Workspace
+    from studio.app import build_app
+    from studio.handlers.common import Context
+
+    ws = Workspace.open(Path(__import__("tempfile").mkdtemp()) / "ws")
+    demo = build_app(Context(ws, registry.ModelRegistry(), prepare_hf=False))
+    assert demo.delete_cache == (3600, 86400)
