@@ -159,12 +159,14 @@ def _hf_answer_logprob(model, tok, prompt: str, answer_ids: list[int] | None = N
     return answer_ids, float(lp.mean())
 
 
-def degenerate(ids: list[int], text: str | None = None) -> str | None:
-    """Why a generation is collapsed text, or None when it looks like language: empty (or whitespace only); one
-    token over half of it; one word over half of its words; few distinct tokens (under 30% of 16 or more); or its
-    tail a phrase of 1-8 tokens repeated 4 times or more, covering at least half of it."""
+def degenerate(ids: list[int], text: str | None = None, prompt: str | None = None) -> str | None:
+    """Why a generation is collapsed text, or None when it looks like language: empty (or whitespace only); the
+    prompt said back; one token over half of it; one word over half of its words; few distinct tokens (under 30% of
+    16 or more); or its tail a phrase of 1-8 tokens repeated 4 times or more, covering at least half of it."""
     if not ids or (text is not None and not text.strip()):
         return "empty output"
+    if prompt and text and text.strip().lower() == prompt.strip().lower():
+        return "the prompt said back, word for word"
     n = len(ids)
     top, count = Counter(ids).most_common(1)[0]
     if n >= 8 and count / n > 0.5:
@@ -279,7 +281,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
                 out = llm.create_completion(p_ids, max_tokens=32, temperature=0.0, top_k=1, seed=0)
                 txt = out["choices"][0]["text"]
                 ids = llm.tokenize(txt.encode("utf-8"), add_bos=False, special=True) if txt else []
-                why = degenerate(ids, txt)
+                why = degenerate(ids, txt, p)
                 samples.append(txt[:60])
                 if why:
                     bad.append(f"{p!r}: {why}")

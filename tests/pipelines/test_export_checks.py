@@ -30,6 +30,15 @@ def test_degenerate_output_is_caught(ids, text, why):
     assert why in (degenerate(ids, text) or ""), degenerate(ids, text)
 
 
+def test_degenerate_as_seen_from_a_q4_k_m_that_lost_its_fine_tune():
+    """Two answers of the quick start's Q4_K_M export (bench figures in the README)."""
+    text = "2 + 2 = 4\n4 = 4\n4 = 4\n4 = 4\n4 = 4\n4 = 4"
+    assert "one word repeated" in degenerate(list(range(20)), text)
+    assert "said back" in degenerate([1, 2, 3, 4, 5, 6, 7], "Write one sentence about the sea.",
+                                     prompt="Write one sentence about the sea.")
+    assert degenerate([1, 2, 3, 4, 5, 6], "2 + 2 = 4.", prompt="What is 2 + 2?") is None
+
+
 @pytest.mark.parametrize("ids,text", [
     ([42], "4"),
     ([10, 11, 12, 13], "Red, blue, green."),
