@@ -6,8 +6,10 @@ An ASGI middleware on the app gradio builds, so it covers every route: the UI, G
 - the `Host` header must name a host the studio was started for: a loopback name, an IP address (a rebinding page
   has a DNS name), the `--host` given, this machine's name, the share or Space host, or one listed in
   `MACTUNER_ALLOWED_HOSTS` (comma-separated, for a reverse proxy);
-- an `Origin` header, when there is one, must be the studio's own (same host and port as the request); a browser
-  sends it on every cross-site POST, so a page elsewhere cannot load, unload or download models, nor upload.
+- an `Origin` header, when there is one, must be the studio's own (same host and port as the request, or a name
+  of the list above other than loopback and IP addresses: a reverse proxy's); a browser sends it on every
+  cross-site POST, so a page elsewhere (another local server included) cannot load, unload or download models,
+  nor upload.
 
 A refused request gets a 403 whose body says why.
 """
@@ -60,7 +62,10 @@ class HostOriginGuard:
         origin = headers.get("origin")
         if origin is not None:
             parts = urlsplit(origin)
-            if origin == "null" or not parts.netloc or parts.netloc.lower() != host.strip().lower():
+            name = hostname(parts.netloc)
+            own = parts.netloc.lower() == host.strip().lower() or (
+                name in self.hosts and name not in LOOPBACK_NAMES and not _is_ip(name))  # a proxy's name
+            if origin == "null" or not parts.netloc or not own:
                 return (f"Refused: a request from another web page ({origin}) may not use this studio. "
                         "Use the studio's own page, or call its API without an Origin header.")
         return None

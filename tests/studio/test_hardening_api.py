@@ -286,3 +286,25 @@ def test_gradio_cache_is_cleaned_by_age():
     ws = Workspace.open(Path(__import__("tempfile").mkdtemp()) / "ws")
     demo = build_app(Context(ws, registry.ModelRegistry(), prepare_hf=False))
     assert demo.delete_cache == (3600, 86400)
+
+
+def test_guard_hosts_from_the_start_options(monkeypatch):
+    from studio import guard
+
+    monkeypatch.setenv("MACTUNER_ALLOWED_HOSTS", "studio.example.com, Other.Example:8443")
+    monkeypatch.setenv("SPACE_HOST", "me-mactuner.hf.space")
+    g = guard.HostOriginGuard(None, guard.allowed_hosts("myhost.lan"))
+
+    def scope(host, origin=None):
+        headers = [(b"host", host.encode())] + ([(b"origin", origin.encode())] if origin else [])
+        return {"type": "http", "headers": headers}
+
+    for host in ("127.0.0.1:7860", "[::1]:7860", "localhost:7860", "192.168.1.5:7860", "myhost.lan:7860",
+                 "studio.example.com", "other.example:8443", "me-mactuner.hf.space"):
+        assert g.refusal(scope(host)) is None, host
+    for host in ("evil.example", "localhost.evil.example", "", "127.0.0.1.evil.example:7860"):
+        assert g.refusal(scope(host)), host
+    assert g.refusal(scope("127.0.0.1:7860", "http://127.0.0.1:7860")) is None
+    assert g.refusal(scope("127.0.0.1:7860", "https://studio.example.com")) is None  # behind a reverse proxy
+    for origin in ("http://127.0.0.1:3000", "http://localhost:7860", "null", "http://evil.example", "file://"):
+        assert g.refusal(scope("127.0.0.1:7860", origin)), origin
