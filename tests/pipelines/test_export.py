@@ -115,6 +115,38 @@ def test_merge_equals_base_plus_adapter(workspace, tiny_llama_dir, tmp_path):
         merge(workspace, adapter, base_model=str(tiny_llama_dir), name="m1")
 
 
+def test_merge_keeps_trained_token_rows(workspace, tiny_llama_dir, tmp_path):
+    """An adapter with PEFT trainable_token_indices (the quick start trains <end_of_turn>'s row): merge_and_unload
+    writes the tuned rows into the embedding (and so into a tied output), the others untouched."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    rows = [5, 42]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                      trainable_token_indices=rows))
+    deltas = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert deltas, "PEFT made no trainable token rows"
+    with torch.no_grad():
+        for p in deltas:
+            p.copy_(torch.randn_like(p) * 0.5)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(adapter)
+    merged = merge(workspace, adapter, base_model=str(tiny_llama_dir), name="rows")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    got = AutoModelForCausalLM.from_pretrained(merged)
+    e0, e1 = base.get_input_embeddings().weight, got.get_input_embeddings().weight
+    changed = sorted(int(i) for i in torch.nonzero((e1 - e0).abs().sum(1) > 1e-6))
+    assert changed == rows
+    x = torch.tensor([[1, 5, 9, 42, 77, 5]])
+    with torch.inference_mode():
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)(x).logits
+        torch.testing.assert_close(got(x).logits, ref, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ round trip
 
 
