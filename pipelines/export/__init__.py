@@ -5,8 +5,11 @@
     merge.py      merge a LoRA adapter into its base (PEFT merge_and_unload)       -> exports/<name>/merged/
     convert.py    HF -> GGUF with llama.cpp's converter, in a subprocess            -> <name>-f16.gguf
     quantize.py   llama_model_quantize                                              -> <name>-Q4_K_M.gguf
-    validate.py   loads, chat template, generations, perplexity vs HF, fine-tune survived -> <stem>.validation.json
+    validate.py   loads, chat template, Modelfile template, generations, perplexity, fine-tune survived
+                                                                                    -> <stem>.validation.json
     ollama.py     the Ollama Modelfile (Go template) and the run commands           -> <stem>.Modelfile
+    gotemplate.py a Modelfile TEMPLATE rendered by Go's text/template as Ollama does, compared with the Jinja one
+    sizes.py      each GGUF's size, tensor by tensor, before anything is written (the Check's disk estimate)
     run.py        export(): all of the above into exports/<name>/ with export.json; list_exports, export_details
     job.py        the Export stage's jobs (a whole export, or one step) in a process of their own
     common.py     file types, progress callbacks, ExportFailed
