@@ -31,6 +31,7 @@ import argparse
 import errno
 import ipaddress
 import json
+import os
 import sys
 
 from .errors import MacTunerError
@@ -89,6 +90,9 @@ def _studio(args) -> int:
     if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
         load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
     _studio_logging()
+    if not os.environ.get("GRADIO_TEMP_DIR"):  # before gradio is imported: some of it reads it at import
+        (ws.tmp / "gradio").mkdir(parents=True, exist_ok=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(ws.tmp / "gradio")
     from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
     from studio.handlers.common import Context  # noqa: PLC0415
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from urllib.parse import urlsplit
@@ -118,16 +119,23 @@ def _explain_input_errors(demo: gr.Blocks) -> None:
 _OUR_GRADIO_TEMP: str | None = None
 
 
-def _gradio_cache_in(ws: Workspace) -> None:
+def _gradio_cache_in(ws: Workspace, max_age: float = 86400) -> None:
     """Gradio's upload and file cache (GRADIO_TEMP_DIR, read when the Blocks and the app are made) goes into the
     workspace's tmp/gradio, not the system temp folder: nothing is written outside the workspace. A
-    GRADIO_TEMP_DIR the user set is kept."""
+    GRADIO_TEMP_DIR the user set is kept. What an earlier studio left there (Gradio cleans only its own files, and
+    a studio that was killed cleans nothing) is removed once over a day old."""
     global _OUR_GRADIO_TEMP
-    current = os.environ.get("GRADIO_TEMP_DIR")
-    if current and current != _OUR_GRADIO_TEMP:
-        return
     path = ws.tmp / "gradio"
+    current = os.environ.get("GRADIO_TEMP_DIR")
+    if current and current not in (_OUR_GRADIO_TEMP, str(path)):
+        return
     path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        try:
+            if time.time() - entry.lstat().st_mtime > max_age:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except OSError as e:
+            log.warning("could not remove the old cache entry %s: %s", entry, e)
     os.environ["GRADIO_TEMP_DIR"] = _OUR_GRADIO_TEMP = str(path)
 
 

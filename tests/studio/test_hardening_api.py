@@ -308,3 +308,27 @@ def test_guard_hosts_from_the_start_options(monkeypatch):
     assert g.refusal(scope("127.0.0.1:7860", "https://studio.example.com")) is None  # behind a reverse proxy
     for origin in ("http://127.0.0.1:3000", "http://localhost:7860", "null", "http://evil.example", "file://"):
         assert g.refusal(scope("127.0.0.1:7860", origin)), origin
+
+
+def test_old_cache_entries_of_earlier_studios_are_swept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from pipelines.workspace import Workspace
+    from studio import app
+
+    ws = Workspace.open(tmp_path / "ws")
+    cache = ws.tmp / "gradio"
+    (cache / "old").mkdir(parents=True)
+    (cache / "old" / "f.csv").write_text("x")
+    (cache / "new").mkdir()
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(cache / "old", (two_days_ago, two_days_ago))
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.setattr(app, "_OUR_GRADIO_TEMP", None)
+    app._gradio_cache_in(ws)
+    assert not (cache / "old").exists() and (cache / "new").is_dir()
+    assert os.environ["GRADIO_TEMP_DIR"] == str(cache)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "mine"))  # one the user chose is kept
+    app._gradio_cache_in(ws)
+    assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "mine")
