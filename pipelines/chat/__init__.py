@@ -14,9 +14,10 @@ How a turn goes:
    ("stop": end of turn or a stop string, "length": max_new_tokens or the context, "stopped": the caller's Event).
 
 Template choice (`chat_template_of`): the tokenizer's `chat_template`; a GGUF's `tokenizer.chat_template` metadata;
-Gemma's turn format (`templates.GEMMA_CHAT_TEMPLATE`) for a model with `<start_of_turn>` in its vocabulary but no
-template (the embedded default GGUF); otherwise `PLAIN_CHAT_TEMPLATE` ("System: ...\\nUser: ...\\nAssistant:",
-stopping at "\\nUser:").
+otherwise `PLAIN_CHAT_TEMPLATE` ("System: ...\\nUser: ...\\nAssistant:", stopping at "\\nUser:") - also for a base model
+with Gemma's turn tokens in its vocabulary (the embedded default GGUF): it never learned them, and plain lines keep
+its answers in the question's language and let them end (bench/sampling.py). Its HF copy carries Gemma's turn
+format as its template (`templates.GEMMA_CHAT_TEMPLATE`): fine-tunes learn those turns.
 
 Sampling is seeded on both backends: the same seed and settings give the same answer on the same backend (llama.cpp
 seeds its sampler; transformers samples with a private torch.Generator, so concurrent chats on other models

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import BadInput, NotFound
 from ..models import LoadedModel
-from ..templates import GEMMA_CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, PLAIN_STOP, render_template
+from ..templates import PLAIN_CHAT_TEMPLATE, PLAIN_STOP, render_template
 from .params import LLAMA_UTF8_MARGIN, ROLES, ChatParams, ContextTooLong, RenderedPrompt
 
 
@@ -57,9 +57,10 @@ def chat_template_of(lm: LoadedModel) -> tuple[str, str]:
         source = f"tokenizer chat_template of {lm.name}"
     if tpl:
         return tpl, source
-    if gemma:
-        return GEMMA_CHAT_TEMPLATE, ("built-in Gemma turn format (the model carries no chat template; its vocabulary "
-                                     "has <start_of_turn>)")
+    if gemma:  # a base model: its turn tokens were never trained (bench/sampling.py: plain text drifts far less)
+        return PLAIN_CHAT_TEMPLATE, ("plain fallback (a base model: no chat template; its vocabulary has "
+                                     "<start_of_turn>, but a base model never learned those turns, so plain "
+                                     "'System: / User: / Assistant:' lines are used, stopping at '\\nUser:')")
     return PLAIN_CHAT_TEMPLATE, ("plain fallback (the model has no chat template): 'System: / User: / Assistant:' "
                                  "lines, stopping at '\\nUser:'")
 

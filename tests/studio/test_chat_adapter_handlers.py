@@ -65,7 +65,7 @@ def test_base_model_note_and_template_source(ctx, tiny_llama_dir, tmp_path):
 
     lm = ctx.registry.load(str(tiny_llama_dir), ctx.ws)
     assert hc.model_note(ctx, lm.name) == ""  # the tiny llama has a chat template of its own
-    # A base model: no chat template, Gemma's turn tokens in its vocabulary (the built-in Gemma format is used).
+    # A base model: no chat template, Gemma's turn tokens in its vocabulary (the plain format is used, said why).
     base = tmp_path / "tiny-base"
     shutil.copytree(tiny_llama_dir, base)
     tok = AutoTokenizer.from_pretrained(base)
@@ -78,8 +78,8 @@ def test_base_model_note_and_template_source(ctx, tiny_llama_dir, tmp_path):
     assert "tiny-base is a base model" in note and "Quick start" in note
     assert hc.model_note(ctx, lm2.name, "some-adapter") == ""  # with an adapter: a fine-tune, no note
     source, text = hc.template_info(ctx, lm2.name)
-    assert "&lt;start_of_turn&gt;)" in source  # the sentence whole, not cut at a would-be HTML tag
-    assert "<start_of_turn>" in text
+    assert "&lt;start_of_turn&gt;, but a base model" in source  # the sentence whole, not cut at a would-be tag
+    assert "Assistant:" in text
 
 
 def test_journey_text(ctx):
