@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import make_adapter
 
 from pipelines import chat, models
 from pipelines.chat import ChatParams, stream_chat
 from pipelines.errors import BadInput, Conflict, NotFound
 from pipelines.serving import llamacpp
-from tiny_models import make_adapter
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 HELLO = [{"role": "user", "content": "hello world what is the model"}]
