@@ -10,7 +10,7 @@
     mactuner runs [--root DIR]           list training runs
     mactuner stop RUN [--root DIR]       stop a run at its next step end (it saves a checkpoint)
     mactuner resume RUN [--checkpoint step-N] [--root DIR] [--detach]
-    mactuner export run SOURCE [--name N] [--outtype f16] [--quant Q4_K_M]... [--no-validate] [--base-model B]
+    mactuner export run SOURCE [--name N] [--outtype f16] [--quant Q8_0]... [--no-validate] [--base-model B]
                                          merge (if an adapter) -> GGUF -> quantize -> validate -> Modelfiles
     mactuner export merge ADAPTER [--base-model B] [--name N]      exports/<name>/merged/
     mactuner export convert HF_DIR [--outtype f16] [--name N]      exports/<name>/<name>-f16.gguf
@@ -333,8 +333,10 @@ def _add_training(sub) -> None:
 def _export_args(a) -> dict:
     """The step's args (pipelines.export.job.STEPS) from the command line."""
     if a.step == "run":
+        from .export import DEFAULT_QUANTS  # noqa: PLC0415
+
         return {"source": a.source, "name": a.name or "", "base_model": a.base_model or "",
-                "outtypes": a.outtype or ["f16"], "quants": a.quant if a.quant is not None else ["Q4_K_M"],
+                "outtypes": a.outtype or ["f16"], "quants": a.quant if a.quant is not None else list(DEFAULT_QUANTS),
                 "validate": not a.no_validate, "system": a.system or ""}
     if a.step == "merge":
         return {"source": a.source, "base_model": a.base_model, "name": a.name}
@@ -377,7 +379,7 @@ def _add_export(sub) -> None:
     r.add_argument("--base-model", default=None, help="the adapter's base (default: from the run's config.yaml)")
     r.add_argument("--outtype", action="append", choices=OUTTYPES, help="GGUF float type (repeatable; default f16)")
     r.add_argument("--quant", action="append", type=str.upper, choices=QUANT_TYPES,
-                   help="quantization of the first float GGUF (repeatable; default Q4_K_M)")
+                   help="quantization of the first float GGUF (repeatable; default Q8_0, which keeps a small fine-tune)")
     r.add_argument("--no-quant", dest="quant", action="store_const", const=[], help="no quantization")
     r.add_argument("--no-validate", action="store_true")
     r.add_argument("--system", default=None, help="SYSTEM prompt for the Ollama Modelfiles")

@@ -113,7 +113,8 @@ class ChatParams:
         for s in str(d.get("stop") or "").split(","):
             if s.strip():
                 try:
-                    stops.append(s.encode("utf-8").decode("unicode_escape"))
+                    # escapes only: non-ASCII text passes as it is ("é" stays "é", not the Latin-1 of its bytes)
+                    stops.append(s.encode("latin-1", "backslashreplace").decode("unicode_escape"))
                 except UnicodeDecodeError:
                     raise BadInput(f"Stop string {s!r} has a bad escape (use \\n for a newline, \\t for a tab, "
                                    "\\\\ for a backslash).") from None

@@ -56,10 +56,12 @@ def adapter_sources(ctx: Context) -> list[str]:
     return out
 
 
-def gguf_files(ctx: Context) -> list[str]:
-    """GGUF files in the workspace (exports included), for chatting or comparing."""
-    found = [p for d in (ctx.ws.exports, ctx.ws.models) for p in d.rglob("*.gguf") if not p.name.startswith(".")]
-    return [str(p) for p in sorted(found)]
+def gguf_files(ctx: Context) -> list[tuple[str, str]]:
+    """(label, path) of the GGUF files in the workspace (exports, then models/), for chatting or comparing; an
+    export whose validation failed a check is labelled so ("⚠ fine-tune lost")."""
+    from pipelines import export  # noqa: PLC0415
+
+    return [(f"{label} — {path}", path) for label, path in export.gguf_choices(ctx.ws)]
 
 
 def model_choices(ctx: Context) -> list[str]:

@@ -683,3 +683,17 @@ def test_bad_conversation_imports(data, needle):
     with pytest.raises(BadInput) as e:
         chat.import_conversation(data)
     one_line_error(e, BadInput, needle)
+
+
+def test_stop_strings_from_the_form_keep_non_ascii_text():
+    """Escapes are read (\\n, \\t); text in any script passes as typed; a bad escape names the string."""
+    fields = [f.name for f in ChatParams.sampling_fields()]
+
+    def stops(text):
+        values = [None] * len(fields)
+        values[fields.index("stop")] = text
+        return ChatParams.from_form(values, None).stop
+
+    assert stops("é\\n, 終わり,\\tx, ,") == ["é\n", " 終わり", "\tx"]
+    with pytest.raises(BadInput, match="bad escape"):
+        stops("fin\\x")
