@@ -4,7 +4,6 @@ and the list of exports as their folders have them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ from typing import Callable
 
 from ..errors import BadInput, MacTunerError, NotFound
 from ..runs import run_config as _run_config
-from ..workspace import Workspace, human_bytes, write_json
+from ..workspace import Workspace, human_bytes, sha256_file, write_json
 from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
 from .convert import convert
 from .merge import merge, saved_chat_template
@@ -38,14 +37,6 @@ class ExportResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _train_prompt(ws: Workspace, run_dir: Path | None) -> list[dict] | None:
@@ -137,7 +128,7 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
             files.append({"path": str(p.relative_to(folder)), "bytes": p.stat().st_size,
-                          "sha256": _sha256(p) if p.suffix in (".gguf", ".safetensors") else None})
+                          "sha256": sha256_file(p) if p.suffix in (".gguf", ".safetensors") else None})
     result = ExportResult(name=name, folder=str(folder), merged=str(merged) if merged else None,
                           ggufs=[str(g) for g in ggufs], files=files, validations=validations, table=table,
                           steps=steps, how_to_run={g.name: how_to_run(g) for g in ggufs})
