@@ -104,7 +104,8 @@ def journey(ws: Workspace, registry) -> list[Step]:
     all_runs = runs.list_runs(ws)
     done_runs = [r for r in all_runs if r.get("state") == "finished"]
     exports = [p for p in ws.exports.glob("*/*.gguf")] if ws.exports.is_dir() else []
-    adapters_in_chat = cur is not None and bool(getattr(cur, "adapters", None))
+    loaded = [registry.get(n) for n in registry.names()] if hasattr(registry, "names") else [cur]
+    adapters_in_chat = any(getattr(m, "adapters", None) for m in loaded if m is not None)
     return [
         Step("Model", cur is not None, f"{cur.name} loaded" if cur else "no model loaded"),
         Step("Data", bool(datasets), f"{len(datasets)} dataset version(s) saved" if datasets else
