@@ -139,6 +139,33 @@ def korean_cp949(d: Path) -> Path:
     return path
 
 
+def reasoning_tools(d: Path) -> Path:
+    """LLaMA-Factory v1 messages: content parts of type reasoning and tool_call, tool results, a tools column."""
+    rows = []
+    for i in range(4):
+        rows.append({"tools": json.dumps([{"type": "function", "function": TOOLS[0]}]), "messages": [
+            {"role": "user", "content": [{"type": "text", "value": f"Weather in city {i}?"}]},
+            {"role": "assistant", "content": [{"type": "reasoning", "value": "I should call the weather tool."},
+                                              {"type": "tool_call", "value": json.dumps(
+                                                  {"name": "get_weather", "arguments": {"city": f"c{i}"}})}]},
+            {"role": "tool", "content": [{"type": "text", "value": '{"temp": 20}'}]},
+            {"role": "assistant", "content": [{"type": "reasoning", "value": "20 degrees."},
+                                              {"type": "text", "value": "It is 20 degrees."}]}]})
+    rows.append({"messages": [{"role": "user", "content": [{"type": "text", "value": "Hi"}]},
+                              {"role": "assistant", "content": [{"type": "hologram", "value": "?"}]}]})
+    return _jsonl(d / "reason_tool_use.jsonl", rows)
+
+
+def v1_preference(d: Path) -> Path:
+    """LLaMA-Factory v1 DPO: full conversations in chosen_messages / rejected_messages, content parts, loss_weight."""
+    def conv(q, a):
+        return [{"role": "user", "content": [{"type": "text", "value": q}], "loss_weight": 0.0},
+                {"role": "assistant", "content": [{"type": "text", "value": a}], "loss_weight": 1.0}]
+    rows = [{"chosen_messages": conv(f"Translate {w}", w.upper()), "rejected_messages": conv(f"Translate {w}", "?")}
+            for w in ("casa", "perro", "gato")]
+    return _jsonl(d / "v1_dpo.jsonl", rows)
+
+
 EXPECTED = {  # writer -> (format, kind, usable rows, rows left out) ; None for a refused file
     sharegpt_preference: ("sharegpt", "preference", 300, 0),
     sharegpt_tools: ("sharegpt", "sft", 6, 1),
@@ -150,6 +177,8 @@ EXPECTED = {  # writer -> (format, kind, usable rows, rows left out) ; None for 
     plain_text: ("text", "text", 3, 0),
     excel: ("qa", "sft", 3, 0),
     korean_cp949: ("qa", "sft", 3, 0),
+    reasoning_tools: ("messages", "sft", 4, 1),
+    v1_preference: ("messages", "preference", 3, 0),
     images: None,
     image_parts: None,
 }

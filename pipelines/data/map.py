@@ -107,7 +107,8 @@ def detect_mapping(df: pd.DataFrame) -> Mapping | None:
     """Propose a mapping from the column names (case-insensitive); None when no known shape matches."""
     lower = {str(c).lower(): c for c in df.columns}
     system = _find(lower, ("system", "system_prompt"))
-    chosen, rejected = _find(lower, ("chosen",)), _find(lower, ("rejected",))
+    chosen = _find(lower, ("chosen", "chosen_messages"))  # *_messages: LLaMA-Factory's v1 DPO files
+    rejected = _find(lower, ("rejected", "rejected_messages"))
     extra = dict(system=system, tools=_find(lower, ("tools", "functions")))
     if chosen and rejected:
         for fmt, roles in _PREF_SHAPES:
@@ -255,8 +256,13 @@ def _json(cell: Any) -> Any:
     return cell
 
 
-def _content(c: Any) -> str:
-    """Text of a message's content: a string, or content parts [{"type": "text", "text" | "value": ...}]."""
+REASONING = ("reasoning", "thinking", "thought")  # content parts of a model's reasoning: kept as <think>...</think>
+
+
+def _content(c: Any, calls: list | None = None) -> str:
+    """Text of a message's content: a string, or content parts [{"type": "text", "text" | "value": ...}]. Reasoning
+    parts become "<think>\n...\n</think>" before the text (the convention of reasoning models' templates); tool_call
+    parts ({"name", "arguments"} as JSON) are appended to `calls` as OpenAI tool calls."""
     if c is None or (isinstance(c, float) and c != c):
         return ""
     if isinstance(c, dict):
@@ -271,11 +277,27 @@ def _content(c: Any) -> str:
             if kind in MEDIA or (isinstance(p, dict) and any(k in p for k in ("image", "image_url", "audio"))):
                 raise BadInput(f"This dataset's messages hold {kind} parts: MacTuner fine-tunes text models, which "
                                "cannot learn from images, audio or video. Use a text-only dataset.")
-            if not isinstance(p, dict) or kind != "text":
+            value = p.get("text", p.get("value", p.get("content", ""))) if isinstance(p, dict) else None
+            if kind in REASONING:
+                out.append(f"<think>\n{str(value or '').strip()}\n</think>\n\n")
+            elif kind in ("tool_call", "function_call") and calls is not None:
+                calls.append(_tool_call(value))
+            elif not isinstance(p, dict) or kind != "text":
                 raise _Drop(f"have a content part of an unknown type ({kind})")
-            out.append(str(p.get("text", p.get("value", p.get("content", ""))) or ""))
+            else:
+                out.append(str(value or ""))
         return "".join(out)
     return c if isinstance(c, str) else str(c)
+
+
+def _tool_call(raw: Any) -> dict:
+    """{"name", "arguments"} (a dict or its JSON) -> an OpenAI tool call."""
+    call = _json(raw) if isinstance(raw, str) else raw
+    if not isinstance(call, dict) or not call.get("name"):
+        raise _Drop("have a function_call that is not JSON with a name")
+    args = call.get("arguments", {})
+    return {"type": "function", "function": {"name": str(call["name"]),
+                                             "arguments": _json(args) if isinstance(args, str) else args}}
 
 
 def _message(msg: Any) -> dict:
@@ -290,14 +312,12 @@ def _message(msg: Any) -> dict:
     raw = msg.get("content", msg.get("value"))
     out = {"role": role, "content": ""}
     if str(raw_role).lower() == "function_call":  # ShareGPT: the value is the call as JSON {"name", "arguments"}
-        call = _json(raw) if isinstance(raw, str) else raw
-        if not isinstance(call, dict) or not call.get("name"):
-            raise _Drop("have a function_call that is not JSON with a name")
-        args = call.get("arguments", {})
-        out["tool_calls"] = [{"type": "function", "function": {"name": str(call["name"]),
-                                                               "arguments": _json(args) if isinstance(args, str) else args}}]
+        out["tool_calls"] = [_tool_call(raw)]
     else:
-        out["content"] = _content(raw)
+        calls: list = []
+        out["content"] = _content(raw, calls if role == "assistant" else None)
+        if calls:
+            out["tool_calls"] = calls
     if isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]:
         out["tool_calls"] = msg["tool_calls"]
     if "loss_weight" in msg and msg["loss_weight"] is not None:

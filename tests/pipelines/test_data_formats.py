@@ -153,3 +153,24 @@ def test_korean_cp949_is_read_as_korean(tmp_path):
     assert res.encoding in ("cp949", "euc-kr")
     assert conv.rows[0]["messages"] == [{"role": "user", "content": fx.KOREAN[0][0]},
                                         {"role": "assistant", "content": fx.KOREAN[0][1]}]
+
+
+def test_reasoning_and_tool_call_parts(tmp_path):
+    """LLaMA-Factory v1 content parts: reasoning kept as <think>...</think> before the answer, tool_call parts as
+    OpenAI tool calls, an unknown part type counted and named."""
+    _res, m, conv = opened(fx.reasoning_tools(tmp_path))
+    assert m.tools == "tools"
+    msgs = conv.rows[0]["messages"]
+    assert [x["role"] for x in msgs] == ["user", "assistant", "tool", "assistant"]
+    assert msgs[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "c0"}}
+    assert msgs[1]["content"].startswith("<think>\nI should call the weather tool.\n</think>")
+    assert msgs[3]["content"] == "<think>\n20 degrees.\n</think>\n\nIt is 20 degrees."
+    assert "unknown type (hologram)" in conv.summary()
+
+
+def test_v1_preference_files(tmp_path):
+    _res, m, conv = opened(fx.v1_preference(tmp_path))
+    assert (m.chosen, m.rejected) == ("chosen_messages", "rejected_messages")
+    row = conv.rows[0]
+    assert [x["content"] for x in row["prompt"]] == ["Translate casa"]
+    assert row["chosen"][0]["content"] == "CASA" and row["rejected"][0]["content"] == "?"
