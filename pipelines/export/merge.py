@@ -50,6 +50,12 @@ def _model_card(base: Path, adapter: Path, run_dir: Path | None, dtype: str) -> 
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")
     if status.get("reason"):
         lines.append(f"- Run: {status.get('state')} - {status['reason']}")
+    if run_dir:
+        from ..training.verdict import read_verdict  # noqa: PLC0415
+
+        v = read_verdict(run_dir)
+        if v and v.get("verdict"):
+            lines.append(f"- Did the fine-tune help? {v['verdict']}")
     if cfg:
         import yaml  # noqa: PLC0415
 

@@ -445,6 +445,12 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         reason = f"finished {step} steps in {time.time() - t_train:.0f} s"
     if dist.world > 1:
         dist.dist.barrier()
+    if adapter is not None and val_items:  # did it help? base vs tuned on the validation split; never fails the run
+        from . import verdict  # noqa: PLC0415
+
+        verdict.after_training(run_dir, log, cfg=cfg, ws=ws, model=model, loss_mod=loss_mod, tok=tok,
+                               val_items=val_items, collate=lambda its: collate(its, pad_id, cfg.packing),
+                               pad_id=pad_id, device=device)
     return TrainResult(state=state_out, step=step, total_steps=total_steps, reason=reason,
                        adapter=str(adapter) if adapter else None, checkpoint=str(last_ckpt) if last_ckpt else None,
                        final_loss=last_loss, best_eval_loss=best_eval, elapsed=elapsed_before + time.time() - t_start)

@@ -19,6 +19,7 @@ from pipelines import data as pdata
 from pipelines import models, runs
 from pipelines.errors import BadInput, MacTunerError
 from pipelines.training import DTYPES, METHODS, SCHEDULERS, TrainConfig, check_data, plan_training
+from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
 from .common import Context, progress_bar_html, ui_errors
@@ -244,12 +245,12 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
     if not selected:
         empty = _figures([])
         return (cache, "No run yet: set up a run on the left and start it.", "", *empty, "",
-                gr.update(choices=[]), stop_button(None))
+                gr.update(choices=[]), "", stop_button(None))
     try:
         run = runs.get_run(ctx.ws, selected)
     except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
         empty = _figures([])
-        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]),
+        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]), "",
                 stop_button(None))
     if cache.get("run") != selected:
         cache = {"run": selected, "offset": 0, "rows": [], "since": 0}
@@ -262,7 +263,14 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
     ckpts = [p.name for p in run.checkpoints()]
     return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
             *_figures(cache["rows"]), run.log_tail(18), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
-            stop_button(st))
+            verdict_md(run, st), stop_button(st))
+
+
+def verdict_md(run: runs.RunDir, st: dict) -> str:
+    """Base vs tuned for a finished run (its verdict.json, written by the trainer), else nothing."""
+    if st.get("state") != "finished":
+        return ""
+    return tverdict.verdict_markdown(tverdict.read_verdict(run.path))
 
 
 @ui_errors

@@ -76,6 +76,7 @@ def build(ctx: h.Context) -> dict:
                 action = gr.Markdown(elem_id="train-action")
                 status = gr.Markdown(elem_id="train-status")
                 progress = gr.HTML(elem_id="train-progress")
+                verdict = gr.Markdown(elem_id="train-verdict")
                 loss_plot = gr.Plot(elem_id="train-loss")
                 with gr.Row():
                     lr_plot = gr.Plot(elem_id="train-lr")
@@ -93,7 +94,7 @@ def build(ctx: h.Context) -> dict:
         history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
     form = [widgets[n] for n in ht.FIELDS]
-    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, stop_btn]
+    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, verdict, stop_btn]
     lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
     poll = h.bind(ht.poll, ctx)
     timer.tick(poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
