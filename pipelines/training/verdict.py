@@ -78,8 +78,8 @@ def compare(model, loss_mod, tok, val_items, val_rows, *, collate: Callable, pad
                 s, n = s + float(ls), n + int(ln)
         return s / n if n else float("nan")
 
-    eos = [t for t in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
-    eos_ids = sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+    eos = [t for t in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None]
+    eos_ids = sorted({x for t in eos for x in (t if isinstance(t, (list, tuple)) else [t])})  # Gemma: a list
 
     def answer(ids: list[int]) -> str:
         with torch.no_grad():
