@@ -41,7 +41,7 @@ folder renamed when complete; a save never overwrites, it takes the next version
 
     read.py     files -> ReadResult (formats, encodings, dialects)      map.py      Mapping: columns -> chat messages
     clean.py    cleaning steps and the undoable Cleaner                  explore.py  token counts, stats, charts, preview
-    save.py     versioned datasets in the workspace
+    save.py     versioned datasets in the workspace                      placeholders.py  {{name}} found and filled
 """
 
 from .clean import (
@@ -81,14 +81,13 @@ from .map import (
     chosen_as_sft,
     convert,
     detect_mapping,
-    fill_placeholders,
     media_columns,
-    parse_placeholder_values,
     required_columns,
     to_messages,
     to_rows,
     validate_mapping,
 )
+from .placeholders import fill_placeholders, parse_placeholder_values
 from .read import (
     DELIMITERS,
     ENCODINGS,

@@ -16,7 +16,6 @@ Saved rows:  {"messages": [...]} (+ "tools", + "label" for kto) · {"text": ...}
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BadInput
+from .placeholders import count_placeholders
 
 FORMATS: dict[str, dict] = {
     "alpaca": {"label": "instruction / input / output (Alpaca)", "required": ("prompt", "response"),
@@ -59,7 +59,6 @@ MEDIA = ("image", "image_url", "input_image", "audio", "input_audio", "video", "
 MEDIA_COLUMNS = ("image", "images", "image_url", "image_path", "img", "picture", "pixel_values", "audio", "audios",
                  "audio_path", "speech", "video", "videos", "video_path")
 _BINARY_RE = r'^\s*[\[{].*(?:"<binary>"|"bytes"\s*:)'  # cells read from bytes (read.py's marker, HF Image/Audio)
-PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 TRUE, FALSE = ("true", "1", "yes", "y", "desirable", "good"), ("false", "0", "no", "n", "undesirable", "bad")
 
 
@@ -388,7 +387,7 @@ def convert(df: pd.DataFrame, mapping: Mapping) -> Conversion:
             else:
                 conv.rows.append({"text": str(t)})
                 conv.per_row.append(conv.rows[-1])
-        _placeholders(conv)
+        count_placeholders(conv)
         return conv
     sys_series = _system_series(df, m)
     system = sys_series.fillna("").tolist() if sys_series is not None else [""] * len(df)
@@ -430,7 +429,7 @@ def convert(df: pd.DataFrame, mapping: Mapping) -> Conversion:
             continue
         conv.rows.append(row)
         conv.per_row.append(row)
-    _placeholders(conv)
+    count_placeholders(conv)
     return conv
 
 
@@ -449,49 +448,6 @@ def _preference_row(prompt: list[dict], chosen: Any, rejected: Any) -> dict:
     if c == r:
         raise _Drop("have the same chosen and rejected answer")
     return {"prompt": prompt, "chosen": c, "rejected": r}
-
-
-def _texts(row: dict) -> list[str]:
-    if "text" in row:
-        return [row["text"]]
-    return [x["content"] for k in ("messages", "prompt", "chosen", "rejected") for x in row.get(k, [])]
-
-
-def _placeholders(conv: Conversion) -> None:
-    for row in conv.rows:
-        for name in {n for t in _texts(row) for n in PLACEHOLDER_RE.findall(t)}:
-            conv.placeholders[name] = conv.placeholders.get(name, 0) + 1
-
-
-def fill_placeholders(rows: list[dict], values: dict[str, str]) -> list[dict]:
-    """The rows with {{name}} replaced by values[name] (names not given stay as written)."""
-    if not values:
-        return rows
-
-    def sub(text: str) -> str:
-        return PLACEHOLDER_RE.sub(lambda mt: values.get(mt.group(1), mt.group(0)), text)
-
-    out = []
-    for row in rows:
-        row = json.loads(json.dumps(row))
-        if "text" in row:
-            row["text"] = sub(row["text"])
-        for k in ("messages", "prompt", "chosen", "rejected"):
-            for x in row.get(k, []):
-                x["content"] = sub(x["content"])
-        out.append(row)
-    return out
-
-
-def parse_placeholder_values(text: str) -> dict[str, str]:
-    """'name=MacTuner, author=Ann' -> {"name": "MacTuner", "author": "Ann"}; BadInput for a malformed pair."""
-    out = {}
-    for part in [p for p in re.split(r"[,\n]", text or "") if p.strip()]:
-        key, sep, value = part.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
-            raise BadInput(f"'{part.strip()}' is not name=value (for example: name=MacTuner, author=Ann).")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def chosen_as_sft(rows: list[dict]) -> list[dict]:
