@@ -70,12 +70,11 @@ def _rows_forward(self, x, active_adapters, *args, **kwargs):
         scale = self._get_embed_scale()
         for name in active_adapters:
             idx = torch.as_tensor(self.token_indices[name], device=x.device)
-            pos = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=x.device)
-            pos[idx] = torch.arange(len(idx), device=x.device)
-            p = pos[x]
-            sel = p >= 0
+            order = torch.argsort(idx)  # a few ids: find each input token among them without a vocabulary-sized table
+            j = torch.searchsorted(idx[order], x).clamp(max=len(idx) - 1)
+            sel = idx[order][j] == x
             if bool(sel.any()):
-                rows = self.trainable_tokens_delta[name][p[sel]].to(out.dtype)
+                rows = self.trainable_tokens_delta[name][order[j[sel]]].to(out.dtype)
                 out = out.index_put((sel,), rows * scale.to(out.dtype) if scale is not None else rows)
         return out
     if isinstance(base, torch.nn.Linear) and base.bias is None:  # a tied output layer
