@@ -81,8 +81,7 @@ def start(ws: Workspace, progress=lambda f, m: None) -> runs.RunDir:
     progress(0.7, "Saving the sample dataset...")
     ensure_dataset(ws)
     progress(0.8, "Starting the run...")
-    n = sum(1 for r in runs.list_runs(ws) if r["name"].startswith(RUN_PREFIX)) + 1
-    name = RUN_PREFIX if n == 1 else f"{RUN_PREFIX}-{n}"
+    name, n = RUN_PREFIX, 1
     while (ws.runs / name).exists():
         n += 1
         name = f"{RUN_PREFIX}-{n}"
@@ -104,8 +103,7 @@ def journey(ws: Workspace, registry) -> list[Step]:
     all_runs = runs.list_runs(ws)
     done_runs = [r for r in all_runs if r.get("state") == "finished"]
     exports = [p for p in ws.exports.glob("*/*.gguf")] if ws.exports.is_dir() else []
-    loaded = [registry.get(n) for n in registry.names()] if hasattr(registry, "names") else [cur]
-    adapters_in_chat = any(getattr(m, "adapters", None) for m in loaded if m is not None)
+    adapters_in_chat = any(m is not None and m.adapters for m in map(registry.get, registry.names()))
     return [
         Step("Model", cur is not None, f"{cur.name} loaded" if cur else "no model loaded"),
         Step("Data", bool(datasets), f"{len(datasets)} dataset version(s) saved" if datasets else

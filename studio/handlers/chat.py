@@ -110,14 +110,14 @@ def adapter_menu(ctx: Context, name: str | None) -> list[tuple[str, str]]:
 
 
 def _is_base(ctx: Context, lm) -> bool:
-    """The embedded default (either copy), or a model whose chat template is not its own (a built-in fallback)."""
+    """The embedded default (either copy), or a model prompted with the plain fallback (no chat template of its own)."""
     from pipelines import models  # noqa: PLC0415
 
     defaults = {models.default_gguf_path(ctx.ws).resolve(), models.default_hf_path(ctx.ws).resolve()}
     if Path(lm.model_path).resolve() in defaults:
         return True
     try:
-        return chat.chat_template_of(lm)[1].startswith(("built-in", "plain fallback"))
+        return chat.chat_template_of(lm)[0] == chat.PLAIN_CHAT_TEMPLATE
     except MacTunerError:
         return False
 

@@ -37,13 +37,17 @@ def journey_md(ctx: Context) -> str:
     return " → ".join(cells) + tail
 
 
+def _busy(st: dict) -> bool:
+    return st.get("state") in (*runs.ACTIVE, "queued")
+
+
 def _status(run: runs.RunDir | None) -> tuple[str, dict]:
     if run is None:
         return "", {}
     st = runs.refresh_status(run)
     rows, _ = runs.read_metrics(run)
     state = st.get("state")
-    if state in runs.ACTIVE or state == "queued":
+    if _busy(st):
         return f"<b>Quick start</b> · run <b>{html.escape(run.name)}</b> " + _progress_html(st, rows), st
     reason = html.escape(st.get("reason") or "")
     if state == "finished":
@@ -67,8 +71,8 @@ def poll(ctx: Context, request: gr.Request):
     run = quickstart.latest(ctx.ws)
     text, st = _status(run)
     skip = [gr.skip()] * 6
-    if run is None or st.get("state") in runs.ACTIVE or st.get("state") == "queued":
-        return text, gr.Timer(active=run is not None), *skip, journey_md(ctx)
+    if run is None or _busy(st):  # nothing new on the journey until it ends (its own timer refreshes it)
+        return text, gr.Timer(active=run is not None), *skip, gr.skip()
     if st.get("state") != "finished" or _opened.get(request) == run.name or not run.adapter_dir.exists():
         return text, gr.Timer(active=False), *skip, journey_md(ctx)
     _opened.set(request, run.name)  # once per page, whatever happens next
@@ -90,7 +94,7 @@ def on_load(ctx: Context, request: gr.Request):
     that finished before this page opened does not move the page to the Chat tab."""
     run = quickstart.latest(ctx.ws)
     text, st = _status(run)
-    active = run is not None and (st.get("state") in runs.ACTIVE or st.get("state") == "queued")
+    active = run is not None and _busy(st)
     if run is not None and not active:
         _opened.set(request, run.name)
     return journey_md(ctx), text, gr.Timer(active=active)

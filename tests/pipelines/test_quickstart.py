@@ -16,6 +16,12 @@ class _NoModel:
     def current(self):
         return None
 
+    def names(self):
+        return []
+
+    def get(self, name):
+        return None
+
 
 def test_sample_dataset_saved_once(workspace):
     assert quickstart.ensure_dataset(workspace) == quickstart.DATASET
