@@ -17,6 +17,7 @@
     mactuner export quantize GGUF --quant Q8_0 [--quant Q4_K_M]    beside the GGUF
     mactuner export validate GGUF [--hf DIR] [--base-model DIR] [--prompt TEXT]
     mactuner export list | architectures
+    mactuner push EXPORT REPO_ID [--token T] [--public] [--what adapter,merged,gguf]   publish an export to the Hub
     mactuner rag list [--root DIR]                                 knowledge bases
     mactuner rag ingest KB FILE... [--create] [--password P]      add PDF / .txt / .md documents
     mactuner rag search KB "query" [--top-k 5] [--mode hybrid]    ranked passages (no model)
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_training(sub)
     _add_export(sub)
+    from .export.push import add_cli as _add_push  # noqa: PLC0415 - light: huggingface_hub only when pushing
+
+    _add_push(sub)
     _add_rag(sub)
 
     args = ap.parse_args(argv)

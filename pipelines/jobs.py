@@ -3,7 +3,8 @@ folder that is the record of truth - a refreshed page, a second tab or the CLI r
 
 A job folder holds:
 
-    job.json      what to do: {"kind": "train" | "export" | "ingest", ...} (a run folder's config.yaml says "train")
+    job.json      what to do: {"kind": "train" | "export" | "ingest" | "push", ...} (a run folder's config.yaml
+                  says "train")
     status.json   {"state", "pid", "create_time", "started", "ended", ...}: read-modify-written under a file lock
                   (.status.lock) by the studio and the job process alike; each kind adds its own fields
     log.txt       the job process's stdout and stderr
@@ -39,7 +40,7 @@ from .workspace import write_json
 
 # kind -> "module:function" called as function(JobDir) in the job process; imported only there
 RUNNERS = {"train": "pipelines.runs:run_job", "export": "pipelines.export.job:run_job",
-           "ingest": "pipelines.rag.ingestion:run_job"}
+           "ingest": "pipelines.rag.ingestion:run_job", "push": "pipelines.export.push:run_job"}
 _THREAD_LOCK = threading.RLock()  # fcntl locks are per open file: threads of one process need this too
 
 
@@ -224,10 +225,11 @@ class JobQueue:
     def active(self) -> dict | None:
         return next((j for j in self.list() if j.get("state") == "running"), None)
 
-    def start(self, label: str, spec: dict, id_label: str | None = None, **fields) -> str:
+    def start(self, label: str, spec: dict, id_label: str | None = None, env: dict | None = None, **fields) -> str:
         """Write the job's folder (job.json = `spec` with this queue's kind) and start its process; Conflict while
         another job of the queue runs. `label` (what the job works on) is shown; the id is a time stamp and
-        `id_label` (default: the label)."""
+        `id_label` (default: the label). `env`: variables added to the process's environment only (a secret such as
+        a Hub token, which must not be written into the job folder)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with file_lock(self.folder / ".lock"):
             running = self.active()
@@ -242,7 +244,7 @@ class JobQueue:
             write_json(j.spec_path, {**spec, "kind": self.kind})
             os.chmod(j.spec_path, 0o600)  # it may hold a document's password until the job has read it
             j.update(label=label, fraction=0.0, message="starting…", error=None, result=None, **fields)
-            start(j)
+            start(j, env={**procs.child_env(), **env} if env else None)
         return job_id
 
     def cancel(self, job_id: str) -> dict:

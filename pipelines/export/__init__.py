@@ -12,6 +12,9 @@
     sizes.py      each GGUF's size, tensor by tensor, before anything is written (the Check's disk estimate)
     run.py        export(): all of the above into exports/<name>/ with export.json; list_exports, export_details
     job.py        the Export stage's jobs (a whole export, or one step) in a process of their own
+    push.py       publish an export (adapter, merged model, GGUFs) to a Hub model repository, as a job too
+                                                                                    -> <name>/pushes.json
+    card.py       the pushed repository's model card: metadata, training, validation tables, run commands
     common.py     file types, progress callbacks, ExportFailed
 
 Every step works alone (`from pipelines.export.quantize import quantize`: the modules are named after their steps,

@@ -3,6 +3,7 @@
     common.py    Context, ui_errors, bind, per-session state, small UI helpers
     model.py     the Model tab (and the header)
     data.py, train.py, chat.py, export.py    one module per tab
+    push.py      the Export tab's "Publish to the Hub" section
 
 Every handler is a plain function (tests call them directly).
 """

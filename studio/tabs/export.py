@@ -1,5 +1,6 @@
 """Export tab: merge a run's adapter, convert to GGUF, quantize, validate (in its own process, followed live), the
-exports with their validation tables, Modelfiles and run commands, and "open in Chat" for any exported GGUF."""
+exports with their validation tables, Modelfiles and run commands, "open in Chat" for any exported GGUF, and
+"Publish to the Hub" (export_push.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pipelines.export import job as export_job
 
 from ..handlers import common as h
 from ..handlers import export as hx
+from . import export_push
 
 HELP = ex.ExportRequest.help()
 
@@ -66,6 +68,7 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
         job = gr.Textbox(visible=False, elem_id="export-job-id")  # not gr.State: API clients get the job id
         seen = gr.State(None)
         timer = gr.Timer(2.0)
+        export_push.build(ctx, pick, timer, tab)
 
     form = [source, base, name, outtypes, quants]
     check_btn.click(h.bind(hx.check, ctx), form, plan, api_name="export_check")

@@ -1,0 +1,105 @@
+"""Export tab, "Publish to the Hub": what the picked export can push (adapter, merged model, GGUF files), the push
+job (its own process, pipelines.export.push; the token reaches it in its environment only, never a file), and
+following it with a progress bar of files and bytes. A refreshed page re-attaches by reading exports/.pushes/.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines.errors import BadInput, Unauthorized
+from pipelines.export import push as hp
+
+from .common import Context, progress_bar_html, ui_errors
+
+PART_LABELS = {"adapter": "LoRA adapter", "merged": "merged model", "gguf": "GGUF files"}
+
+
+def _last_push_md(ctx: Context, name: str) -> str:
+    done = [p for p in hp.pushes(ctx.ws, name) if p.get("commit")]
+    if not done:
+        return "Not pushed yet. The repository is created **private** unless you tick *Public*."
+    p = done[-1]
+    return (f"Last pushed to [{p['repo_id']}]({p['url']}) on {p.get('when', '?').replace('T', ' ')} "
+            f"(commit `{str(p['commit'])[:8]}`); pushing again updates that repository.")
+
+
+@ui_errors
+def form(ctx: Context, name: str | None):
+    """(parts, GGUF files, repository, note) for the picked export: only what it has, all ticked; the repository of
+    its last push, so a second push goes to the same place."""
+    if not name:
+        return (gr.update(choices=[], value=[]), gr.update(choices=[], value=[], visible=False), gr.update(),
+                "Pick an export above to publish it.")
+    have = hp.available(ctx.ws, name)
+    parts = gr.update(choices=[(PART_LABELS[p], p) for p in have["parts"]], value=list(have["parts"]))
+    ggufs = gr.update(choices=have["ggufs"], value=list(have["ggufs"]), visible=bool(have["ggufs"]))
+    repo = gr.update(value=have["last_repo"] or "", placeholder=f"your-name/{name}")
+    return parts, ggufs, repo, _last_push_md(ctx, name)
+
+
+def request(name: str | None, repo_id: str | None, public: bool, parts: list | None,
+            ggufs: list | None) -> hp.PushRequest:
+    """The form's values -> the push request (the token stays out of it)."""
+    if not parts:
+        raise BadInput("Tick what to push: the adapter, the merged model and/or GGUF files.")
+    what = [p for p in hp.PARTS if p in parts] + [p for p in parts if p not in hp.PARTS]  # unknown ones: refused
+    return hp.PushRequest(export=(name or "").strip(), repo_id=(repo_id or "").strip(), what=what,
+                          ggufs=list(ggufs or []) if "gguf" in parts else [], private=not public)
+
+
+@ui_errors
+def start(ctx: Context, name: str | None, repo_id: str | None, token: str | None, public: bool,
+          parts: list | None, ggufs: list | None):
+    """Start the push in its own process. Returns (message, job id, the token field emptied). A studio reachable
+    from other machines (a confined workspace: a Space, a share link) wants the token typed: the server's own
+    HF_TOKEN is not lent to whoever has the page."""
+    req = request(name, repo_id, public, parts, ggufs)
+    if getattr(ctx.ws, "confined", False) and not (token or "").strip():
+        raise Unauthorized("Type your Hub access token (write) in the token field: this studio is reachable from "
+                           "other machines, so the server's own HF_TOKEN is not used for pushes.")
+    job = hp.start(ctx.ws, req, token)
+    what = ", ".join(PART_LABELS[p] for p in req.what)
+    return (f"Pushing **{req.export}** ({what}) to `{req.repo_id}` (job `{job}`); it runs in its own process — "
+            "closing this page does not stop it."), job, ""
+
+
+@ui_errors
+def cancel(ctx: Context, job: str | None) -> str:
+    job = job or next((j["id"] for j in hp.list_jobs(ctx.ws) if j.get("state") == "running"), None)
+    if not job:
+        raise BadInput("No push is running.")
+    st = hp.cancel(ctx.ws, job)
+    return f"Push job `{job}`: {st.get('state')}" + (" — nothing was committed." if st.get("state") == "cancelled"
+                                                      else "")
+
+
+def _status_md(st: dict) -> str:
+    state = st.get("state")
+    badge = {"running": "🟢 running", "complete": "✅ complete", "failed": "❌ failed",
+             "cancelled": "⏹ cancelled"}.get(state, state)
+    line = f"**push {st.get('label', '')}** · {badge}"
+    res = st.get("result") if isinstance(st.get("result"), dict) else {}
+    if state == "complete" and res:
+        line += f"\n\n{res.get('message', '')}\n\n[{res.get('repo_id')}]({res.get('url')})"
+        if res.get("commit"):
+            line += f" · commit `{str(res['commit'])[:8]}`"
+    if state == "failed" and st.get("error"):
+        line += f"\n\n{st['error']}"
+    return line
+
+
+def poll(ctx: Context, job: str | None):
+    """Follow `job` (default: the running push, else the newest): (job, progress html, status)."""
+    jobs = hp.list_jobs(ctx.ws)
+    running = next((j for j in jobs if j.get("state") == "running"), None)
+    st = next((j for j in jobs if j["id"] == job), None) if job else None
+    if running and (st is None or st.get("state") != "running"):
+        st = running
+    st = st or (jobs[0] if jobs else None)
+    if st is None:
+        return None, "", ""
+    state, frac = st.get("state"), st.get("fraction") or 0.0
+    caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
+        f"{state} · {st.get('message') or ''}"  # the message counts files and bytes (pipelines.export.push)
+    return st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _status_md(st)

@@ -1,0 +1,44 @@
+"""The Export tab's "Publish to the Hub" section: push the picked export's adapter, merged model and/or GGUF files
+to a Hub model repository (private unless ticked public), followed with its own progress bar. Handlers:
+studio/handlers/push.py; the work: pipelines/export/push.py."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines.export.push import PushRequest
+
+from ..handlers import common as h
+from ..handlers import push as hp
+
+HELP = PushRequest.help()
+
+
+def build(ctx: h.Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> None:
+    """The section (under the exports list) and its events; `pick` is the export picker it publishes."""
+    with gr.Accordion("Publish to the Hub", open=False, elem_id="push-section"):
+        note = gr.Markdown("Pick an export above to publish it.", elem_id="push-note")
+        with gr.Row():
+            repo = gr.Textbox(label="Hub repository", info=HELP["repo_id"], scale=3, elem_id="push-repo")
+            token = gr.Textbox(label="Access token (write)", type="password", scale=2, elem_id="push-token",
+                               info="Empty: HF_TOKEN (or your `hf auth login`). Never written to disk.")
+        with gr.Row():
+            parts = gr.CheckboxGroup([], label="What to push", info=HELP["what"], elem_id="push-parts")
+            ggufs = gr.CheckboxGroup([], label="GGUF files", visible=False, elem_id="push-ggufs")
+        public = gr.Checkbox(value=False, label="Public (new repositories only; default private)",
+                             elem_id="push-public")
+        with gr.Row():
+            push_btn = gr.Button("Push to the Hub", variant="primary", elem_id="push-start")
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="push-cancel")
+        msg = gr.Markdown(elem_id="push-msg")
+        bar = gr.HTML(elem_id="push-progress")
+        status = gr.Markdown(elem_id="push-status")
+        job = gr.Textbox(visible=False, elem_id="push-job-id")
+
+    pick.change(h.bind(hp.form, ctx), pick, [parts, ggufs, repo, note], api_visibility="private")
+    push_btn.click(h.bind(hp.start, ctx), [pick, repo, token, public, parts, ggufs], [msg, job, token],
+                   api_name="export_push")
+    cancel_btn.click(h.bind(hp.cancel, ctx), job, msg, api_visibility="private")
+    poll = h.bind(hp.poll, ctx)
+    timer.tick(poll, job, [job, bar, status], api_visibility="private", show_progress="hidden")
+    tab.select(poll, job, [job, bar, status], api_visibility="private")
