@@ -9,7 +9,19 @@ dataset, batch 4, max length 256, the same steps three ways, each in its own pro
 (ours) and (plain) see the same batches in the same order from the same seed, so their per-step losses must match.
 Prints tokens/s, s/step, peak RSS and final loss for each, and the ratios. Target: ours >= 1.3x plain.
 
+--method dpo compares DPO steps instead (LoRA r=16 all-linear, dropout 0, beta 0.1, batch 4 pairs, max length 256,
+constant lr 2e-4, fp32) on preference pairs made from the same rows (rejected: another row's answer):
+
+  ours-dpo  pipelines.training.run_training with objective dpo (reference = the adapter switched off)
+  trl-dpo   TRL's DPOTrainer (sigmoid loss, reference = the adapter switched off, bf16 off, gradient checkpointing
+            off) given our tokenized pairs in our batch order and our initial adapter (same seed): the same batches,
+            so the per-step losses must agree (step 1 is log 2 for both: policy = reference)
+
+Both train the LoRA alone, without the trainable embedding rows our trainer adds for target tokens the base never
+learned (Gemma's <end_of_turn>, tokens.py): TRL's fused output layer fails on PEFT's wrapped tied head.
+
     .venv/bin/python bench/train.py [--model PATH] [--steps 5] [--warmup 1] [--threads N] [--skip-trl] [--json OUT]
+    .venv/bin/python bench/train.py --method dpo [--model PATH] [--steps 5] [--warmup 1] [--max-length 256]
 
 --model defaults to the workspace's default-model HF copy (models.default_hf_path; --root picks the workspace).
 """
@@ -61,6 +73,13 @@ def make_rows(n: int = 64) -> list[dict]:
     return rows
 
 
+def make_pairs(n: int = 64) -> list[dict]:
+    """Preference pairs from make_rows: the prompt, its own answer (chosen) and another topic's answer (rejected)."""
+    rows = make_rows(n)
+    return [{"prompt": r["messages"][:2], "chosen": r["messages"][2:],
+             "rejected": rows[(i + 3) % n]["messages"][2:]} for i, r in enumerate(rows)]
+
+
 def _setup(root: Path, args):
     from pipelines.training import TrainConfig, validate
     from pipelines.workspace import Workspace
@@ -88,6 +107,121 @@ def _summary(step_times: list[float], step_tokens: list[int], losses: list[float
             "tokens_per_s": sum(k) / sum(t), "losses": losses,
             "final_loss": losses[-1], "peak_rss": _peak_rss(), "tokens_per_step": statistics.mean(k),
             "step_times": step_times}
+
+
+def _setup_dpo(root: Path, args):
+    from pipelines.training import TrainConfig, validate
+    from pipelines.workspace import Workspace
+
+    ws = Workspace.open(root)
+    d = ws.datasets / "bench-dpo" / "v1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_pairs()))
+    cfg = TrainConfig(base_model=args.model, dataset="bench-dpo", method="lora", objective="dpo", beta=0.1, rank=16,
+                      alpha=32, dropout=0.0, target_modules="all-linear", max_steps=args.warmup + args.steps,
+                      learning_rate=2e-4, scheduler="constant", warmup_steps=0, batch_size=4, grad_accum=1,
+                      max_length=args.max_length, save_every=0, eval_every=0, seed=0, threads=args.threads)
+    return ws, validate(cfg, ws)
+
+
+def _no_token_rows() -> None:
+    """Both DPO workers train the LoRA alone: TRL's fused output layer cannot take PEFT's trainable-token rows
+    (Gemma's untrained <end_of_turn>, tokens.py), which our trainer would otherwise add."""
+    from pipelines.training import tokens
+
+    tokens.untrained_targets = lambda *a, **kw: []
+
+
+def worker_ours_dpo(args) -> dict:
+    from pipelines.training import run_training
+
+    _no_token_rows()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws, cfg = _setup_dpo(Path(tmp), args)
+        rows = []
+        run_training(cfg, ws.runs / "bench", rows.append, ws=ws, validated=True, log=lambda m: print(m, file=sys.stderr))
+    res = _summary([r["step_time"] for r in rows], [r["tokens"] for r in rows], [r["loss"] for r in rows], args.warmup)
+    res["margins"] = [r["rewards/margins"] for r in rows]
+    return res
+
+
+def _trl_pairs(pairs) -> tuple[list[dict], int]:
+    """Our encoded pairs as TRL's tokenized columns: the shared prompt, then each answer up to its last labelled
+    token (what follows it cannot change the log-probs before it). Also the pairs whose prompt is not shared
+    exactly (answers that would then include unlabelled tokens: the formulations differ there)."""
+    out, differ = [], 0
+    for (c_ids, c_lab), (r_ids, r_lab) in pairs:
+        firsts = [next(j for j, x in enumerate(lab) if x != -100) for lab in (c_lab, r_lab)]
+        k = min(firsts)
+        differ += firsts[0] != firsts[1] or c_ids[:k] != r_ids[:k]
+        ends = [max(j for j, x in enumerate(lab) if x != -100) + 1 for lab in (c_lab, r_lab)]
+        out.append({"prompt_ids": c_ids[:k], "chosen_ids": c_ids[k:ends[0]], "rejected_ids": r_ids[k:ends[1]]})
+    return out, differ
+
+
+def worker_trl_dpo(args) -> dict:
+    import random
+
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import DistributedSampler
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from pipelines import device as devicemod
+    from pipelines.training import IGNORE, build_model, encode_dataset, ensure_chat_template
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws, cfg = _setup_dpo(Path(tmp), args)
+        torch.set_num_threads(cfg.threads or devicemod.profile().threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # as our trainer seeds before building the adapter: the same initial LoRA A
+        tok = AutoTokenizer.from_pretrained(cfg.base_model)
+        ensure_chat_template(tok)
+        enc, _ = encode_dataset(cfg, ws, tok)
+    sampler = DistributedSampler(enc.pairs, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(0)
+    order = list(sampler)  # our trainer's batch order (one epoch is more than the steps measured)
+    rows, differ = _trl_pairs([enc.pairs[i] for i in order])
+    label_ids = {t for _ids, labels in enc.examples for t in labels if t != IGNORE}
+    _no_token_rows()
+    model = build_model(cfg, torch.float32, torch.device("cpu"), 0, label_ids)
+    times, toks, losses, margins = [], [], [], []
+    batch_tokens = [sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                        for r in rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.time()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.time() - self.t0)
+            toks.append(batch_tokens[len(times) - 1])
+            print(f"trl-dpo step {len(times)}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                margins.append(float(logs.get("rewards/margins", float("nan"))))
+
+    class Pretokenized(DPOTrainer):  # our tokenization as it is: the same tokens on both sides
+        def _prepare_dataset(self, dataset, *a, **kw):
+            return dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dpo_args = DPOConfig(output_dir=tmp, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                             max_length=cfg.max_length, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
+                             beta=cfg.beta, loss_type=["sigmoid"], logging_steps=1, report_to="none",
+                             save_strategy="no", seed=cfg.seed, disable_tqdm=True, bf16=False,
+                             gradient_checkpointing=False, train_sampling_strategy="sequential",
+                             max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
+                             use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+        trainer = Pretokenized(model=model, args=dpo_args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tok, callbacks=[Timer()])
+        trainer.train()
+    res = _summary(times, toks, losses or [float("nan")], args.warmup)
+    res.update(margins=margins, prompt_differs=int(differ))
+    return res
 
 
 def worker_ours(args) -> dict:
@@ -217,7 +351,7 @@ def worker_trl(args) -> dict:
 def run_worker(method: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--trl-steps", str(args.trl_steps)]
+           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -238,6 +372,9 @@ def main() -> int:
     ap.add_argument("--skip-trl", action="store_true", help="leave out TRL's SFTTrainer (bf16 autocast: very slow on CPU)")
     ap.add_argument("--trl-steps", type=int, default=0, help="measured steps for TRL (default: --steps)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                    help="sft: ours / plain / TRL SFTTrainer; dpo: our DPO step / TRL DPOTrainer")
+    ap.add_argument("--max-length", type=int, default=256, help="--method dpo: longest sequence in tokens")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -251,9 +388,12 @@ def main() -> int:
               "(python -m pipelines.models materialize-default), or pass --model PATH.", file=sys.stderr)
         return 2
     if args.worker:
-        fn = {"ours": worker_ours, "plain": worker_plain, "trl": worker_trl}[args.worker]
+        fn = {"ours": worker_ours, "plain": worker_plain, "trl": worker_trl, "ours-dpo": worker_ours_dpo,
+              "trl-dpo": worker_trl_dpo}[args.worker]
         print(json.dumps(fn(args)))
         return 0
+    if args.method == "dpo":
+        return main_dpo(args)
 
     from pipelines import device as devicemod
 
@@ -289,6 +429,41 @@ def main() -> int:
               f"(trl: bf16 autocast={trl.get('bf16')}, loss over all tokens, its own batches)")
     elif "trl" not in results:
         print("trl: skipped (--skip-trl)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0
+
+
+def main_dpo(args) -> int:
+    from pipelines import device as devicemod
+
+    prof = devicemod.profile()
+    print(f"model {args.model}; {prof.name}, {prof.physical_cores} cores, threads {args.threads or prof.threads}; "
+          f"DPO beta 0.1, LoRA r=16 all-linear, batch 4 pairs, max length {args.max_length}, fp32, "
+          f"{args.warmup} warm-up + {args.steps} measured steps")
+    results = {}
+    for method in ("ours-dpo", "trl-dpo"):
+        print(f"running {method}...", flush=True)
+        results[method] = run_worker(method, args, timeout=7200)
+    print()
+    print(f"{'method':8} {'tokens/s':>9} {'s/step':>8} {'median':>7} {'peak RSS':>9}  losses per step | reward margins")
+    for m, r in results.items():
+        if "error" in r:
+            print(f"{m:8} failed: {r['error']}")
+            continue
+        print(f"{m:8} {r['tokens_per_s']:9.1f} {r['s_per_step']:8.2f} {r['median_s_per_step']:7.2f} "
+              f"{r['peak_rss'] / 2**30:7.2f} GB  {' '.join(f'{x:.5f}' for x in r['losses'])} | "
+              f"{' '.join(f'{x:.4f}' for x in r['margins'])}")
+    ours, trl = results["ours-dpo"], results["trl-dpo"]
+    if "error" in ours or "error" in trl:
+        return 1
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], trl["losses"])]
+    print()
+    print(f"ours / trl DPOTrainer ratio: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s "
+          f"({trl['s_per_step'] / ours['s_per_step']:.2f}x s/step, median "
+          f"{trl['median_s_per_step'] / ours['median_s_per_step']:.2f}x), peak RSS {ours['peak_rss'] / trl['peak_rss']:.2f}x; "
+          f"max |loss difference| over the same batches {max(diffs):.2e} (step 1: {diffs[0]:.1e}, log 2 for both); "
+          f"pairs whose prompt tokens differ between the answers: {trl['prompt_differs']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0

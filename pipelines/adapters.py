@@ -233,7 +233,7 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True) -> tupl
     from .models import DEFAULT_HF_NAME, default_hf_path  # noqa: PLC0415
     from .runs import resolve_adapter, resolve_base  # noqa: PLC0415
 
-    adapter_dir, run_dir = resolve_adapter(source)
+    adapter_dir, run_dir = resolve_adapter(ws.check_path(source) if ws is not None else source)
     base = resolve_base(ws, adapter_dir, run_dir)
     name = adapter_label(adapter_dir, run_dir)
     note = None

@@ -23,142 +23,25 @@
     mactuner rag search KB "query" [--top-k 5] [--mode hybrid]    ranked passages (no model)
     mactuner rag ask KB "question" [--model GGUF_OR_HF_DIR]       a cited answer (default: the embedded model)
 
-Only `studio` imports gradio (lazily), so the other subcommands stay light.
+Only `studio` (pipelines.studio_cmd) imports gradio (lazily), so the other subcommands stay light.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import ipaddress
 import json
-import os
 import sys
 
+from . import studio_cmd
 from .errors import MacTunerError
-
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(host: str, share: bool, auth: str | None, no_auth: bool) -> str | None:
-    """Why the studio must not start as asked, or None. A public link or a non-loopback host needs --auth
-    (or an explicit --no-auth: whoever has the link can use the studio, its files and its models)."""
-    if auth is not None:
-        user, sep, pwd = auth.partition(":")
-        if not sep or not user or not pwd:
-            return "--auth expects USER:PASS (both non-empty)."
-        return None
-    if no_auth:
-        return None
-    if share:
-        return ("--share makes a public link: anyone who has it can use this studio and this machine's files. "
-                "Add --auth USER:PASS, or --no-auth if you really want it open.")
-    if not _is_loopback(host):
-        return (f"--host {host} exposes the studio beyond this machine. Add --auth USER:PASS, or --no-auth if "
-                "the network is trusted.")
-    return None
-
-
-def _studio(args) -> int:
-    why = check_exposure(args.host, args.share, args.auth, args.no_auth)
-    if why:
-        print(f"mactuner: refusing to start: {why}", file=sys.stderr)
-        return 2
-    if args.max_upload_mb <= 0:
-        print("mactuner: --max-upload-mb must be positive", file=sys.stderr)
-        return 2
-    from .serving.registry import REGISTRY, load_default_in_background  # noqa: PLC0415
-    from .workspace import Workspace  # noqa: PLC0415
-
-    try:
-        ws = Workspace.open(args.root)
-    except MacTunerError as e:
-        print(f"mactuner: {e.message}", file=sys.stderr)
-        return 2
-    busy = _port_in_use(args.host, args.port)
-    if busy:
-        print(f"mactuner: {busy}", file=sys.stderr)
-        return 2
-    if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
-        load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
-    _studio_logging()
-    if not os.environ.get("GRADIO_TEMP_DIR"):  # before gradio is imported: some of it reads it at import
-        (ws.tmp / "gradio").mkdir(parents=True, exist_ok=True)
-        os.environ["GRADIO_TEMP_DIR"] = str(ws.tmp / "gradio")
-    from studio.app import serve  # noqa: PLC0415 - gradio only for this subcommand
-    from studio.handlers.common import Context  # noqa: PLC0415
-
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    try:
-        serve(host=args.host, port=args.port, share=args.share, auth=auth, max_upload_mb=args.max_upload_mb,
-              load_default=False, ctx=Context(ws, REGISTRY, prepare_hf=not args.no_prepare_hf))
-    except OSError as e:  # the port was taken between the check and the start, or the host cannot be bound
-        print(f"mactuner: the studio cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _studio_logging() -> None:
-    """MacTuner's own log lines on stderr: a user's refused input as one INFO line, a bug with its traceback."""
-    import logging  # noqa: PLC0415
-
-    logger = logging.getLogger("mactuner")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-def _port_in_use(host: str, port: int) -> str | None:
-    """Why the studio cannot listen on host:port (in use, or a host this machine does not have), or None."""
-    import socket  # noqa: PLC0415
-
-    if not 0 < port < 65536:
-        return f"--port {port} is not a port number (1-65535)."
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        return f"--host {host} cannot be resolved ({e.strerror or e})."
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
-        try:
-            s.bind(addr)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return (f"port {port} on {host} is already in use (another studio?): stop it, or choose another "
-                        "with --port.")
-            return f"the studio cannot listen on {host}:{port} ({e.strerror or e})."
-    return None
+from .studio_cmd import check_exposure  # noqa: F401 - its home was here
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mactuner", description="MacTuner: download, fine-tune, quantize small LLMs locally.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("studio", help="serve the browser studio")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--root", default=None, help="workspace folder (default ~/.mactuner, or $MACTUNER_HOME)")
-    s.add_argument("--share", action="store_true", help="also serve on a public gradio.live link (needs --auth)")
-    s.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
-    s.add_argument("--no-auth", action="store_true", help="allow --share / a non-loopback host without a login")
-    s.add_argument("--max-upload-mb", type=int, default=500, help="largest file a browser may upload (MB)")
-    s.add_argument("--no-default", action="store_true", help="do not load the embedded default model at start")
-    s.add_argument("--no-prepare-hf", action="store_true",
-                   help="do not prepare the default model's HF copy (for training) in the background")
-    s.set_defaults(fn=_studio)
+    studio_cmd.add_parser(sub)
 
     d = sub.add_parser("device", help="print the device profile")
     d.set_defaults(fn=lambda a: print(json.dumps(__import__("pipelines.device").device.profile().as_dict(), indent=2)) or 0)

@@ -244,13 +244,18 @@ def resolve_source(source: str, ws: Workspace | None = None) -> Path:
     if not source:
         raise BadInput("Enter a model folder, a .gguf file, or a downloaded Hub id.")
     p = Path(source).expanduser()
-    if p.exists():
+    confined = ws is not None and ws.confined  # reachable from elsewhere: only the workspace and the HF cache
+    if confined and (p.is_absolute() or source.startswith((".", "~"))) and ws.check_path(source).exists():
+        return ws.check_path(source)
+    if not confined and p.exists():
         return p.resolve()
     if ws is not None and not p.is_absolute():
         cand = (ws.models / p).resolve()
         if cand.exists() and ws.models in cand.parents:
             return cand
-    if not p.is_absolute() and not source.startswith(".") and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+        if confined and ".." not in p.parts and (ws.root / p).exists():  # relative to the workspace itself
+            return ws.check_path(source)
+    if not p.is_absolute() and not source.startswith((".", "~")) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         from huggingface_hub import snapshot_download  # noqa: PLC0415
         from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError  # noqa: PLC0415
 

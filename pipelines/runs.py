@@ -3,7 +3,7 @@
 A run is a folder `<workspace>/runs/<name>/`, the record of truth that the studio, a second tab and the CLI all read:
 
     config.yaml      the resolved TrainConfig (written once)
-    status.json      {"state": queued|running|stopping|stopped|finished|failed, "reason", "pid", "started", ...}
+    status.json      {"state": queued|running|stopping|stopped|finished|failed|interrupted, "reason", "pid", ...}
     metrics.jsonl    one JSON object per optimizer step, appended by the trainer (plus {"event": "resume"} markers)
     log.txt          the trainer's stdout and stderr
     checkpoints/     step-N/ folders (complete ones carry a COMPLETE marker)
@@ -17,7 +17,8 @@ for DDP), which lands in `run_job` here.
 is active. Starting happens under an fcntl lock on runs/.queue.lock, so two studio tabs (or a tab and a finishing
 trainer) never both start one. When a trainer ends it starts the next queued run itself; `refresh_status` (any
 poll) does the same, and also notices a trainer that died (kill -9, crash): that run becomes "failed" with its last
-complete checkpoint intact for `resume`.
+complete checkpoint intact for `resume` - or "interrupted" when its process was not this one's child (it stopped
+with the machine, a restarted Space or an earlier studio, and nobody saw how it ended).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from .errors import BadInput, Conflict, MacTunerError, NotFound
 from .training import STOP_FLAG, TrainConfig, check_resume, list_checkpoints, resolve_base_model, run_training, validate
 from .workspace import Workspace, atomic_dir, write_json
 
-STATES = ("queued", "running", "stopping", "stopped", "finished", "failed")
+STATES = ("queued", "running", "stopping", "stopped", "finished", "failed", "interrupted")
 ACTIVE = ("running", "stopping")
-FINAL = ("stopped", "finished", "failed")
+FINAL = ("stopped", "finished", "failed", "interrupted")
 # torchrun's variables: a trainer that starts the next queued run must not hand them down (it would think it is DDP)
 _DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
@@ -173,7 +174,10 @@ def _fail_if_dead(run: RunDir) -> bool:
         ckpts = run.checkpoints()
         where = (f"; the last complete checkpoint {ckpts[-1].name} can be resumed" if ckpts
                  else "; no checkpoint was written, so it has to start again")
-        how = f" (exit code {code})" if code not in (None, 0) else ""
+        if code is None:  # not this process's child: it stopped with the machine, the Space or an earlier studio
+            return {"state": "interrupted", "reason": "interrupted: the training process stopped without finishing "
+                    f"(the machine, the Space or the studio that started it stopped){where}"}
+        how = f" (exit code {code})" if code != 0 else ""
         return {"state": "failed", "reason": f"the training process ended unexpectedly{how}{where}"}
 
     if not run.fail_if_dead(ACTIVE, failed):

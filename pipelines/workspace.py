@@ -1,4 +1,9 @@
-"""Where things live: one folder (default ~/.mactuner, or --root) with models/, datasets/, runs/, rag/, exports/.
+"""Where things live: one folder (default ~/.mactuner, or --root; /data/mactuner on a Space with persistent storage)
+with models/, datasets/, runs/, rag/, exports/.
+
+A workspace opened `confined` (the studio reachable from other machines: a non-loopback host, a share link, a Space)
+takes paths a user typed only inside itself and the HF cache (`check_path`), so a remote user cannot read or load
+arbitrary files of the host.
 
 Also the two helpers every stage uses to write safely: `atomic_write` (file) and `atomic_dir` (folder) write
 under a temporary name beside the target and rename when complete, so nothing looks finished before it is.
@@ -12,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, Conflict
@@ -24,13 +29,21 @@ def default_root() -> Path:
     return Path(os.environ.get("MACTUNER_HOME", Path.home() / ".mactuner")).expanduser()
 
 
+def hf_cache() -> Path:
+    """The HF hub cache (downloads), as huggingface_hub sees it."""
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    confined: bool = field(default=False, compare=False)  # user paths only inside it and the HF cache
 
     @classmethod
-    def open(cls, root: str | os.PathLike | None = None) -> "Workspace":
-        ws = cls(Path(root).expanduser().resolve() if root else default_root().resolve())
+    def open(cls, root: str | os.PathLike | None = None, confined: bool = False) -> "Workspace":
+        ws = cls(Path(root).expanduser().resolve() if root else default_root().resolve(), confined)
         if ws.root.exists() and not ws.root.is_dir():
             raise BadInput(f"The workspace {ws.root} is a file, not a folder: give a folder (or a new name) as --root.")
         try:
@@ -71,6 +84,21 @@ class Workspace:
         if target != self.root and self.root not in target.parents:
             raise BadInput(f"'{relative}' points outside the workspace ({self.root}).")
         return target
+
+    def check_path(self, path: str | os.PathLike) -> Path:
+        """A path a user typed. Unconfined: as typed (~ expanded). Confined: resolved (relative to the workspace)
+        and refused unless inside the workspace or the HF cache - before anything looks at it, so the answer never
+        says whether a file outside exists."""
+        p = Path(str(path).strip()).expanduser()
+        if not self.confined:
+            return p
+        target = (p if p.is_absolute() else self.root / p).resolve()
+        for allowed in (self.root, hf_cache()):
+            if target == allowed or allowed in target.parents:
+                return target
+        raise BadInput(f"'{path}' is outside the workspace: this studio is reachable from other machines, so it "
+                       f"opens only files under its workspace ({self.root}) or the Hugging Face cache. Put the model "
+                       "or file under the workspace's models/ (or download it from the Hub) and use that path.")
 
 
 def _temp_sibling(target: Path) -> Path:

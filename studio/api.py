@@ -6,16 +6,16 @@
   `POST /v1/completions`, streamed as server-sent events when asked; errors `{"error": {"message", "type",
   "param", "code"}}`.
 
-When the studio runs with --auth, every route needs the same credentials: the studio's login cookie, HTTP Basic,
-or `Authorization: Bearer USER:PASS` (what an OpenAI client sends as its api_key).
+When the studio has a login (studio.access), every route needs it: with --auth (or a Space's password) the studio's
+login cookie, HTTP Basic, or `Authorization: Bearer USER:PASS` (what an OpenAI client sends as its api_key); with
+Hugging Face login on a Space the signed-in session or `Bearer <an admitted user's HF token>`. A client that failed
+to log in too often gets 429.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import secrets
 import threading
 
 from fastapi import APIRouter, Depends, Request
@@ -28,6 +28,7 @@ from pipelines import device as devicemod
 from pipelines.errors import MacTunerError
 from pipelines.serving import openai, registry
 
+from .access import Access, too_many_message
 from .handlers.common import Context
 from .handlers.model import current_model
 
@@ -83,34 +84,24 @@ def _schema(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def authenticated(request: Request, auth: dict[str, str] | None, app=None) -> bool:
-    """True when the studio has no login, or the request carries the studio's login cookie, HTTP Basic
-    credentials, or `Bearer USER:PASS`."""
-    if not auth:
+def authenticated(request: Request, access: Access | None, app=None) -> bool:
+    """True when the studio has no login or `request` carries an admitted one (see studio.access); raises
+    _Throttled for a client that failed to log in too often."""
+    if access is None or access.mode == "none":
         return True
-    token = request.cookies.get(f"access-token-{app.cookie_id}") or request.cookies.get(
-        f"access-token-unsecure-{app.cookie_id}") if app is not None else None
-    if token and app.tokens.get(token):
+    wait = access.throttled(request)  # before this attempt: the attempt that reaches the limit still gets its 401
+    if access.user(request, app):
         return True
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    pair = ""
-    if scheme.lower() == "basic":
-        try:
-            pair = base64.b64decode(value.strip()).decode()
-        except (ValueError, UnicodeDecodeError):
-            pair = ""
-    elif scheme.lower() == "bearer":
-        pair = value.strip()
-    user, _, pwd = pair.partition(":")
-    return user in auth and secrets.compare_digest(auth[user], pwd)
+    if wait:
+        raise _Throttled(wait)
+    return False
 
 
-def build_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> APIRouter:
-    """The /api/model routes for this studio. `auth` maps user to password; `app` is the gradio App (its cookie)."""
+def build_router(ctx: Context, access: Access | None = None, app=None) -> APIRouter:
+    """The /api/model routes for this studio. `access`: who may use it; `app` is the gradio App (its cookie)."""
 
     def check_auth(request: Request):
-        if not authenticated(request, auth, app):
+        if not authenticated(request, access, app):
             raise _Unauthenticated()
 
     r = APIRouter(prefix="/api/model", tags=["model"], dependencies=[Depends(check_auth)])
@@ -183,11 +174,15 @@ async def _v1_body(request: Request):
             from None
 
 
-def build_v1_router(ctx: Context, auth: dict[str, str] | None = None, app=None) -> APIRouter:
+def build_v1_router(ctx: Context, access: Access | None = None, app=None) -> APIRouter:
     """The OpenAI-compatible /v1 routes (pipelines.serving.openai does the work)."""
 
     def check_auth(request: Request):
-        if not authenticated(request, auth, app):
+        try:
+            ok = authenticated(request, access, app)
+        except _Throttled as e:
+            raise _V1Throttled(e.wait) from None
+        if not ok:
             raise _V1Unauthenticated()
 
     r = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(check_auth)])
@@ -238,23 +233,46 @@ class _V1Unauthenticated(Exception):
     pass
 
 
+class _Throttled(Exception):
+    def __init__(self, wait: int):
+        super().__init__(wait)
+        self.wait = wait
+
+
+class _V1Throttled(_Throttled):
+    pass
+
+
 def unauthenticated_handler(request, exc):
-    return _error(401, "Authentication required (HTTP Basic or the studio's login).")
+    return _error(401, "Authentication required (the studio's login: HTTP Basic, or on a Space with Hugging Face "
+                       "login an admitted user's HF token as Bearer).")
 
 
 def v1_unauthenticated_handler(request, exc):
     return _v1_error(openai.APIError(401, "Authentication required: pass the studio's login as the API key "
-                                          "(USER:PASS), or HTTP Basic.", "authentication_error",
+                                          "(USER:PASS; on a Space with Hugging Face login, an admitted user's HF "
+                                          "token), or HTTP Basic.", "authentication_error",
                                      code="invalid_api_key"))
 
 
+def throttled_handler(request, exc):
+    return JSONResponse({"error": too_many_message(exc.wait)}, status_code=429,
+                        headers={"Retry-After": str(exc.wait)})
+
+
+def v1_throttled_handler(request, exc):
+    err = openai.APIError(429, too_many_message(exc.wait), "rate_limit_error", code="too_many_failed_logins")
+    return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(exc.wait)})
+
+
 # Passed to the FastAPI constructor (launch's app_kwargs): handlers added after start-up would not be seen.
-EXCEPTION_HANDLERS = {_Unauthenticated: unauthenticated_handler, _V1Unauthenticated: v1_unauthenticated_handler}
+EXCEPTION_HANDLERS = {_Unauthenticated: unauthenticated_handler, _V1Unauthenticated: v1_unauthenticated_handler,
+                      _V1Throttled: v1_throttled_handler, _Throttled: throttled_handler}
 
 
-def install(app, ctx: Context, auth: dict[str, str] | None = None) -> None:
+def install(app, ctx: Context, access: Access | None = None) -> None:
     """Add the REST and /v1 routes to the running gradio App (routes are matched per request, so adding them now
-    works)."""
-    app.include_router(build_router(ctx, auth, app))
-    app.include_router(build_v1_router(ctx, auth, app))
+    works). `access`: who may use them (None: anybody)."""
+    app.include_router(build_router(ctx, access, app))
+    app.include_router(build_v1_router(ctx, access, app))
     app.openapi_schema = None  # regenerate /docs with our routes

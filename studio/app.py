@@ -1,10 +1,15 @@
 """The MacTuner studio: `build_app(ctx)` returns the gr.Blocks; `serve(...)` launches it with the REST API.
 
-Run it with `mactuner studio [--host 127.0.0.1] [--port 7860] [--root DIR] [--share] [--auth USER:PASS]`.
+Run it with `mactuner studio [--host 127.0.0.1] [--port 7860] [--root DIR] [--share] [--auth USER:PASS]`; on a
+Hugging Face Space the root app.py runs the same command (pipelines.space says how the Space is set up).
+
+A studio reachable from other machines (a non-loopback host, a share link, a Space) opens typed paths only inside
+its workspace and the HF cache (Workspace.confined), and says so in a banner when it is reachable without a login.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,9 +27,11 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from pipelines import device as devicemod  # noqa: E402
 from pipelines.serving import registry  # noqa: E402
+from pipelines.space import Login, Space, storage_note  # noqa: E402
 from pipelines.workspace import Workspace  # noqa: E402
 
 from . import api, guard  # noqa: E402
+from .access import Access, AccessGuard  # noqa: E402
 from .handlers import common as h  # noqa: E402
 from .handlers import model as hm  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
@@ -40,14 +47,22 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 CSS = """
 #header {padding: 6px 12px; border-radius: 8px; background: var(--block-background-fill);}
 #header p {margin: 0;}
+#banner {padding: 6px 12px; border-radius: 8px; border: 1px solid #d97706; background: #fef3c7; color: #78350f;}
+#banner p {margin: 2px 0;}
 """
 
 
-def build_app(ctx: h.Context, max_upload_mb: int = 500) -> gr.Blocks:
+def build_app(ctx: h.Context, max_upload_mb: int = 500, banner: str = "", login_button: bool = False) -> gr.Blocks:
+    """The studio's Blocks. `banner`: warnings shown under the header (reachable without login, storage lost at a
+    restart); `login_button`: Hugging Face sign-in / sign-out (a Space with OAuth login)."""
     # Gradio's cache (uploads, files it serves) is emptied of files older than a day, hourly, and wholly at shutdown.
     with gr.Blocks(title="MacTuner", delete_cache=(3600, 86400)) as demo:
         # Header and device panel are filled on page load: building them here would import torch before serving.
-        header = gr.Markdown("**MacTuner**", elem_id="header")
+        with gr.Row(equal_height=True):
+            header = gr.Markdown("**MacTuner**", elem_id="header")
+            if login_button:
+                gr.LoginButton(size="sm", scale=0, min_width=200, elem_id="login-button")
+        gr.Markdown(banner, elem_id="banner", visible=bool(banner))
         journey = journey_tab.build(ctx)
         with gr.Tabs() as tabs:
             m = model_tab.build(ctx)
@@ -139,28 +154,56 @@ def _gradio_cache_in(ws: Workspace, max_age: float = 86400) -> None:
     os.environ["GRADIO_TEMP_DIR"] = _OUR_GRADIO_TEMP = str(path)
 
 
+def notices(exposed: str | None, access: Access, space: Space | None) -> str:
+    """The banner's lines: reachable without a login (`exposed` says how it is reachable), storage lost at a
+    restart, training refused on ZeroGPU."""
+    lines = []
+    if exposed and access.mode == "none":
+        fix = ("remove the MACTUNER_OPEN secret (Hugging Face login then admits you and MACTUNER_ALLOWED_USERS) or set "
+               "MACTUNER_PASSWORD" if space is not None else "restart it with --auth USER:PASS")
+        lines.append(f"⚠️ **Reachable without a login** ({exposed}): anyone who can open this address can use the "
+                     f"studio, its files and this machine's hardware. To require a login, {fix}.")
+    note = storage_note(space)
+    if note:
+        lines.append(f"⚠️ **Storage is not persistent** on this Space: {note}")
+    if space is not None and space.zero_gpu:
+        lines.append("ℹ️ **ZeroGPU hardware**: chat runs on a GPU lent per answer; training is not available here "
+                     "(duplicate the Space onto paid GPU or CPU hardware to train).")
+    return "\n\n".join(lines)
+
+
 def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, max_upload_mb: int = 500, load_default: bool = True,
-          prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None):
-    """Launch the studio. Returns (demo, url) when block=False."""
+          prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None, login: Login | None = None,
+          space: Space | None = None):
+    """Launch the studio. Returns (demo, url) when block=False. `login`: Hugging Face login on a Space (mode
+    "oauth"); `space`: the Space it runs on (pipelines.space.detect())."""
     started = time.time()
     ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
+    exposed = ("a public share link" if share else f"this Space{f' at {space.host}' if space.host else ''}"
+               if space is not None else None if guard.is_loopback(host) else f"host {host}")
+    if exposed and not ctx.ws.confined:  # typed paths: only the workspace and the HF cache
+        ctx = dataclasses.replace(ctx, ws=dataclasses.replace(ctx.ws, confined=True))
+    access = Access(users=dict([auth]) if auth else None, login=login if login and login.mode == "oauth" else None,
+                    trust_proxy=space is not None)
     _gradio_cache_in(ctx.ws)
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
         registry.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
-    demo = build_app(ctx, max_upload_mb)
+    demo = build_app(ctx, max_upload_mb, notices(exposed, access, space), login_button=access.mode == "oauth")
     demo.queue(default_concurrency_limit=4)
     hosts = guard.allowed_hosts(host)  # the share host joins it once known
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
+        auth_dependency=access.gradio_dependency if access.mode == "oauth" else None,
         prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
         if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,
         app_kwargs={"docs_url": "/docs", "title": "MacTuner API", "exception_handlers": api.EXCEPTION_HANDLERS,
-                    "middleware": [Middleware(guard.HostOriginGuard, hosts=hosts)]},
+                    "middleware": [Middleware(guard.HostOriginGuard, hosts=hosts),
+                                   Middleware(AccessGuard, access=access)]},
     )
     if share_url:
         hosts.add(guard.hostname(urlsplit(share_url).netloc))
-    api.install(app, ctx, dict([auth]) if auth else None)
+    api.install(app, ctx, access)
     threading.Thread(target=devicemod.profile, daemon=True).start()  # import torch now, off the request path
     shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{demo.server_port}"
     print(f"MacTuner studio on {shown} (workspace {ctx.ws.root})", flush=True)

@@ -33,6 +33,17 @@ def hostname(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
 
 
+def is_loopback(host: str) -> bool:
+    """True for a host only this machine reaches (127.0.0.1, ::1, localhost)."""
+    name = hostname(host) if not _is_ip(host) else host
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

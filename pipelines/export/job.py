@@ -103,6 +103,13 @@ def active(ws: Workspace) -> dict | None:
 def start(ws: Workspace, step: str, args: dict) -> str:
     """Start one export step in its own process; returns the job id. Conflict while another job runs."""
     check_args(step, args)
+    if ws.confined:  # a studio reachable from elsewhere: every path inside the workspace or the HF cache
+        from ..models import resolve_source  # noqa: PLC0415
+
+        args = dict(args)
+        for key in ("source", "hf_dir", "gguf", "hf", "base_model"):
+            if str(args.get(key) or "").strip():
+                args[key] = str(resolve_source(str(args[key]), ws))
     if step in ("quantize", "validate"):  # they write beside the GGUF: only inside the workspace
         gguf = Path(str(args["gguf"])).expanduser().resolve()
         if ws.root not in gguf.parents:

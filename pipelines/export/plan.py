@@ -136,7 +136,11 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
         _ftype(llama_cpp, q)
     if not str(source or "").strip():
         raise BadInput("Choose what to export: a training run (its adapter or a checkpoint) or an HF model folder.")
-    src = Path(source).expanduser().resolve()
+    src = ws.check_path(source).resolve()  # confined (a studio reachable from elsewhere): workspace, HF cache
+    if ws.confined and base_model:
+        from ..models import resolve_source  # noqa: PLC0415
+
+        base_model = str(resolve_source(base_model, ws))
     is_hf = (src / "config.json").is_file() and not (src / "adapter_config.json").is_file()
     adapter = base = run_dir = None
     if is_hf:

@@ -135,6 +135,8 @@ def create(ws: Workspace, name: str, embedder: str | None = None, chunk_size: in
     path = kb_path(ws, name)
     if path.exists():
         raise Conflict(f"A knowledge base named '{name}' already exists.")
+    if embedder and embedder.strip() not in ("", DEFAULT):
+        embedder = str(ws.check_path(embedder)) if ws.confined else embedder  # a folder: inside, when confined
     emb = get_embedder(embedder)
     if not 16 <= int(chunk_size) <= emb.max_tokens:
         raise BadInput(f"The chunk size must be between 16 and {emb.max_tokens} tokens (what {emb.name} reads), "

@@ -3,6 +3,7 @@
     config.py       TrainConfig (the one request: form, YAML, job and tests), validate(), check_resume()
     encode.py       dataset rows -> (input_ids, labels) with the chat template; packing, batches; check_data()
     loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
+    preference.py   DPO / ORPO on (chosen, rejected) pairs (encode.py encodes them): the losses, the step, eval, verdict
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
     loop.py         run_training(): the loop, single process or DDP under torchrun
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
@@ -21,6 +22,7 @@ from .config import (
                      COMPLETE_MARKER,
                      DTYPES,
                      METHODS,
+                     OBJECTIVES,
                      SCHEDULERS,
                      TrainConfig,
                      TrainingFailed,
@@ -45,9 +47,9 @@ from .loop import STOP_FLAG, TrainResult, build_model, peak_rss, run_training
 from .loss import linear_cross_entropy, reference_loss
 from .plan import TrainingPlan, memory_advice, plan_training
 
-__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "SCHEDULERS", "STOP_FLAG", "TrainConfig", "TrainResult",
-           "TrainingFailed", "TrainingPlan", "build_model", "check_data", "check_resume", "collate", "dataset_dir",
-           "dataset_versions", "encode_conversation", "encode_dataset", "encode_split", "ensure_chat_template",
-           "linear_cross_entropy", "list_checkpoints", "load_checkpoint", "memory_advice", "pack_examples",
-           "peak_rss", "plan_training", "read_rows", "reference_loss", "resolve_base_model", "run_training",
-           "save_checkpoint", "validate"]
+__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS", "STOP_FLAG", "TrainConfig",
+           "TrainResult", "TrainingFailed", "TrainingPlan", "build_model", "check_data", "check_resume", "collate",
+           "dataset_dir", "dataset_versions", "encode_conversation", "encode_dataset", "encode_split",
+           "ensure_chat_template", "linear_cross_entropy", "list_checkpoints", "load_checkpoint", "memory_advice",
+           "pack_examples", "peak_rss", "plan_training", "read_rows", "reference_loss", "resolve_base_model",
+           "run_training", "save_checkpoint", "validate"]

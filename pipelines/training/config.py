@@ -224,7 +224,11 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
     concrete dataset version). Raises BadInput with a message a user can act on. `resume`: a checkpoint folder
     whose settings must be compatible."""
     from .. import device as devicemod  # noqa: PLC0415
+    from ..space import training_refusal  # noqa: PLC0415
 
+    refused = training_refusal()  # ZeroGPU hardware: no GPU outside a short call
+    if refused:
+        raise BadInput(refused)
     prof = device or devicemod.profile()
     if cfg.method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r}).")

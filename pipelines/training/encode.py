@@ -1,12 +1,13 @@
 """Training data as the trainer sees it: dataset rows read from a version folder, rendered with the chat template and
 tokenized into (input_ids, labels) with only the assistant replies as labels (or every token for plain text),
-packed and collated into batches. `check_data` is the pre-flight count of what is usable.
+packed and collated into batches. `check_data` is the pre-flight count of what is usable. Preference rows (DPO /
+ORPO) become (chosen, rejected) pairs of such examples, labelled on each answer alone (`encode_pairs`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
@@ -14,6 +15,7 @@ from ..workspace import Workspace
 from .config import TrainConfig, dataset_dir, validate
 
 IGNORE = -100
+PAIR_KEEP = ("role", "content", "loss_weight", "tool_calls", "name")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -36,7 +38,8 @@ def read_rows(path: Path) -> list[dict]:
                 continue
             if isinstance(row, dict) and "chosen" in row and "rejected" in row:
                 raise BadInput(f"{path.name} holds preference pairs (chosen / rejected), which supervised fine-tuning "
-                               "does not train on. In the Data tab, save its chosen answers as SFT data.")
+                               "does not train on: choose objective 'dpo' or 'orpo', or in the Data tab save its "
+                               "chosen answers as SFT data.")
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
@@ -151,6 +154,11 @@ class EncodedSplit:
     shortest_prompt: int = 0  # tokens before the first label, over rows that lost all labels to truncation
     first_error: str = ""
 
+    @property
+    def items(self) -> list:
+        """What the trainer batches: the examples (preference.py's split: the pairs)."""
+        return self.examples
+
     def note(self, split: str, max_length: int) -> str:
         parts = [f"{split}: {len(self.examples) - self.windows} of {self.rows} rows usable"]
         if self.windows:
@@ -230,7 +238,10 @@ def explain_unusable(enc: EncodedSplit, max_length: int, responses_only: bool) -
 
 def encode_dataset(cfg: TrainConfig, ws: Workspace, tok) -> tuple[EncodedSplit, EncodedSplit]:
     """Train and validation splits of a validated config, tokenized as the trainer uses them. Raises BadInput when
-    no training row is usable (no reply to learn from, or every prompt longer than max_length)."""
+    no training row is usable (no reply to learn from, or every prompt longer than max_length). DPO / ORPO: the
+    (chosen, rejected) pairs of preference.py."""
+    if cfg.objective != "sft":
+        return encode_preference_dataset(cfg, ws, tok)
     ddir = dataset_dir(ws, cfg.dataset, cfg.dataset_version)
     train_enc = encode_split(tok, read_rows(ddir / "train.jsonl"), cfg.max_length, cfg.train_on_responses_only)
     if not train_enc.examples:
@@ -251,10 +262,120 @@ def check_data(cfg: TrainConfig, ws: Workspace) -> dict:
     tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
     ensure_chat_template(tok)
     tr, va = encode_dataset(cfg, ws, tok)
-    return {"train_rows": tr.rows, "usable": len(tr.examples), "truncated": tr.truncated, "dropped": tr.dropped,
-            "validation_rows": len(va.examples),
+    return {"train_rows": tr.rows, "usable": len(tr.items), "truncated": tr.truncated, "dropped": tr.dropped,
+            "validation_rows": len(va.items),
             "label_tokens": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
             "note": tr.note("train", cfg.max_length)}
+
+
+# ------------------------------------------------------------------ preference pairs (DPO / ORPO, preference.py)
+
+
+def _msgs_ok(msgs) -> bool:
+    return isinstance(msgs, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Rows of a preference split as the Data stage saves them ({"prompt", "chosen", "rejected"}: lists of messages,
+    "tools"?). A missing file is an empty split; a row of another kind is BadInput naming the line."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path.name} line {i} is not valid JSON ({e.msg}).") from None
+            if not (isinstance(row, dict) and all(_msgs_ok(row.get(k)) for k in ("prompt", "chosen", "rejected"))):
+                raise BadInput(f"{path.name} line {i} is not a preference pair: DPO and ORPO need a 'prompt', a "
+                               "'chosen' and a 'rejected' answer (lists of {role, content} messages) on every row.")
+            item = {k: [{x: m[x] for x in PAIR_KEEP if x in m} for m in row[k]] for k in ("prompt", "chosen", "rejected")}
+            if row.get("tools"):
+                item["tools"] = row["tools"]
+            out.append(item)
+    return out
+
+
+@dataclass
+class PreferenceSplit(EncodedSplit):
+    """EncodedSplit for pairs: `pairs` holds ((chosen ids, labels), (rejected ids, labels)); `examples` holds every
+    sequence of them (for token counts)."""
+
+    pairs: list = field(default_factory=list)
+
+    @property
+    def items(self) -> list:
+        return self.pairs
+
+    def note(self, split: str, max_length: int) -> str:
+        parts = [f"{split}: {len(self.pairs)} of {self.rows} preference pairs usable"]
+        if self.truncated:
+            parts.append(f"{self.truncated} cut to {max_length} tokens")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped (no answer token within max_length"
+                         + (f"; {self.unrenderable} not renderable: {self.first_error}" if self.unrenderable else "")
+                         + ")")
+        return ", ".join(parts)
+
+
+def encode_answer(tok, prompt: list[dict], answer: list[dict], tools=None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + answer: labels on the answer's assistant turns only."""
+    msgs = [dict(m, loss_weight=0) if m["role"] == "assistant" else m for m in prompt] + answer
+    return encode_conversation(tok, msgs, True, tools)
+
+
+def encode_pairs(tok, rows: list[dict], max_length: int) -> PreferenceSplit:
+    """Both sequences of each pair, cut to max_length; a pair either of whose answers keeps no labelled token is
+    dropped (counted), a row the chat template cannot render is counted and skipped."""
+    out = PreferenceSplit([], rows=len(rows))
+    prompt_lengths = []
+    for row in rows:
+        try:
+            both = [encode_answer(tok, row["prompt"], row[k], row.get("tools")) for k in ("chosen", "rejected")]
+        except NoToolFormat:
+            raise
+        except BadInput as e:
+            out.unrenderable += 1
+            out.dropped += 1
+            out.first_error = out.first_error or e.message
+            continue
+        cut = []
+        for ids, labels in both:
+            if len(ids) > max_length:
+                first = next((j for j, lab in enumerate(labels) if lab != IGNORE), len(labels))
+                if first >= max_length:
+                    prompt_lengths.append(first)
+                ids, labels = ids[:max_length], labels[:max_length]
+            cut.append((ids, labels))
+        out.truncated += any(len(a[0]) < len(b[0]) for a, b in zip(cut, both))
+        if not all(any(lab != IGNORE for lab in labels[1:]) for _ids, labels in cut):
+            out.dropped += 1
+            continue
+        out.pairs.append((cut[0], cut[1]))
+        out.examples.extend(cut)
+    out.shortest_prompt = min(prompt_lengths) if prompt_lengths else 0
+    return out
+
+
+def encode_preference_dataset(cfg: TrainConfig, ws, tok) -> tuple[PreferenceSplit, PreferenceSplit]:
+    """Train and validation pairs of a validated config; BadInput when no training pair is usable."""
+    ddir = dataset_dir(ws, cfg.dataset, cfg.dataset_version)
+    train = encode_pairs(tok, read_pairs(ddir / "train.jsonl"), cfg.max_length)
+    if not train.pairs:
+        raise BadInput(explain_unusable(train, cfg.max_length, True).replace("rows", "pairs"))
+    val_rows = read_pairs(ddir / "validation.jsonl")
+    if cfg.max_eval_rows:
+        val_rows = val_rows[: cfg.max_eval_rows]
+    return train, encode_pairs(tok, val_rows, cfg.max_length)
+
+
+def collate_pairs(pairs, pad_id: int) -> dict:
+    """One right-padded batch of 2n sequences: the n chosen, then the n rejected (one forward pass for both)."""
+    return collate([c for c, _r in pairs] + [r for _c, r in pairs], pad_id, False)
 
 
 def pack_examples(examples, max_length: int):

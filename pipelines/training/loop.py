@@ -5,7 +5,8 @@ native bf16, and computes logits for every position (see loss.py for what is don
 run without an attention mask (the causal mask alone keeps real tokens from seeing the pads), so SDPA takes its
 causal fast path. Metrics go to the `on_metrics` callback as plain dicts; stopping: the file STOP in the run folder
 is checked at each step end, then a checkpoint is saved and the result is "stopped". Only torch-free code runs at
-import time.
+import time. DPO / ORPO (`objective`): the items are (chosen, rejected) pairs and preference.py does the step, the
+eval and the verdict; the rest (schedule, checkpoints, stop, resume, DDP) is the same.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         train_items = pack_examples(train_enc.examples, cfg.max_length)
         val_items = pack_examples(val_enc.examples, cfg.max_length)
     else:
-        train_items, val_items = train_enc.examples, val_enc.examples
+        train_items, val_items = train_enc.items, val_enc.items  # DPO / ORPO: (chosen, rejected) pairs
 
     sampler = DistributedSampler(train_items, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed)
     steps_per_epoch = plan.steps_per_epoch(len(train_items), cfg.batch_size, cfg.grad_accum, dist.world)
@@ -308,7 +309,8 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
 
     # Our loss takes the hidden states and applies the output layer at label positions only; check it once against
     # the model's own full-logits loss on a short sample, and fall back to full logits for an unusual head.
-    probe = next((_cut(it, 64) for it in train_items if any(x != IGNORE for x in it[1][1:64])), train_items[0])
+    probe_items = train_items if cfg.objective == "sft" else train_enc.examples
+    probe = next((_cut(it, 64) for it in probe_items if any(x != IGNORE for x in it[1][1:64])), probe_items[0])
     sample = collate([probe], pad_id, cfg.packing)
     model.eval()
     with torch.no_grad():
@@ -321,16 +323,23 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         if dist.main:
             log(f"Note: this model's output layer needs the full-logits loss ({mine:.4f} vs {ref:.4f}); slower.")
 
-    train_module = loss_mod
+    pref = None  # DPO / ORPO: the step, eval and verdict of preference.py
+    if cfg.objective != "sft":
+        from .preference import PreferenceObjective  # noqa: PLC0415
+
+        pref = PreferenceObjective(cfg, loss_mod, pad_id)
+        if dist.main:
+            log(pref.describe())
+    train_module = loss_mod if pref is None else pref.module
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
-        train_module = DDP(loss_mod, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+        train_module = DDP(train_module, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     if dist.main:
         log(f"Training {cfg.method} r={cfg.rank} ({n_trainable:,} trainable parameters) on {len(train_items)} "
-            f"{'packed sequences' if cfg.packing else 'rows'}, {total_steps} steps, batch {cfg.batch_size}x"
-            f"{cfg.grad_accum}x{dist.world}, {dtype_name} on {prof.kind}, {threads} threads.")
+            f"{'packed sequences' if cfg.packing else 'rows' if pref is None else 'pairs'}, {total_steps} steps, "
+            f"batch {cfg.batch_size}x{cfg.grad_accum}x{dist.world}, {dtype_name} on {prof.kind}, {threads} threads.")
 
     def evaluate() -> float | None:
         if not val_items:
@@ -374,20 +383,26 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
             epoch_cache[epoch] = micro_batches(epoch)
         mbs = epoch_cache[epoch][k * cfg.grad_accum: (k + 1) * cfg.grad_accum]
         t0 = time.time()
-        batches = [collate([train_items[i] for i in mb], pad_id, cfg.packing) for mb in mbs]
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        in_tokens = sum(int((b["input_ids"] != pad_id).sum()) if not cfg.packing else int(b["input_ids"].numel())
-                        for b in batches)
-        n_global, in_tokens_g = dist.sum([float(n_local), float(in_tokens)])
-        scale = dist.world / max(1.0, n_global)  # DDP averages gradients over ranks: undo that, then token-mean
-        loss_sum = 0.0
-        for j, b in enumerate(batches):
-            sync_ctx = train_module.no_sync() if dist.world > 1 and j < len(batches) - 1 else contextlib.nullcontext()
-            with sync_ctx:
-                ls, _ = train_module(**batch_to(b))
-                (ls * scale).backward()
-            loss_sum += float(ls.detach())
-        loss = dist.sum([loss_sum])[0] / max(1.0, n_global)
+        pref_row: dict = {}
+        if pref is not None:
+            loss, in_tokens_g, pref_row = pref.step([[train_items[i] for i in mb] for mb in mbs], train_module,
+                                                    batch_to, dist)
+        else:
+            batches = [collate([train_items[i] for i in mb], pad_id, cfg.packing) for mb in mbs]
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            in_tokens = sum(int((b["input_ids"] != pad_id).sum()) if not cfg.packing else int(b["input_ids"].numel())
+                            for b in batches)
+            n_global, in_tokens_g = dist.sum([float(n_local), float(in_tokens)])
+            scale = dist.world / max(1.0, n_global)  # DDP averages gradients over ranks: undo that, then token-mean
+            loss_sum = 0.0
+            for j, b in enumerate(batches):
+                last = j == len(batches) - 1
+                sync_ctx = train_module.no_sync() if dist.world > 1 and not last else contextlib.nullcontext()
+                with sync_ctx:
+                    ls, _ = train_module(**batch_to(b))
+                    (ls * scale).backward()
+                loss_sum += float(ls.detach())
+            loss = dist.sum([loss_sum])[0] / max(1.0, n_global)
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"The loss became {loss} at step {step + 1}: training diverged. Lower the learning rate (it is "
@@ -408,11 +423,11 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         row = {"step": step, "total_steps": total_steps, "epoch": round(step / steps_per_epoch, 4),
                "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "tokens": int(in_tokens_g),
                "tokens_per_s": in_tokens_g / dt if dt > 0 else 0.0, "peak_memory": peak_rss(),
-               "elapsed": round(elapsed_before + time.time() - t_start, 3), "step_time": dt}
+               "elapsed": round(elapsed_before + time.time() - t_start, 3), "step_time": dt, **pref_row}
         if device.type == "cuda":
             row["device_peak_memory"] = int(torch.cuda.max_memory_allocated(device))
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            ev = evaluate()
+            ev = evaluate() if pref is None else pref.evaluate(val_items, batch_to, dist, row)
             if ev is not None:
                 row["eval_loss"] = ev
                 if best_eval is None or ev < best_eval:
@@ -450,7 +465,7 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
 
         verdict.after_training(run_dir, log, cfg=cfg, ws=ws, model=model, loss_mod=loss_mod, tok=tok,
                                val_items=val_items, collate=lambda its: collate(its, pad_id, cfg.packing),
-                               pad_id=pad_id, device=device)
+                               pad_id=pad_id, device=device, compare_fn=pref.compare if pref else None)
     return TrainResult(state=state_out, step=step, total_steps=total_steps, reason=reason,
                        adapter=str(adapter) if adapter else None, checkpoint=str(last_ckpt) if last_ckpt else None,
                        final_loss=last_loss, best_eval_loss=best_eval, elapsed=elapsed_before + time.time() - t_start)

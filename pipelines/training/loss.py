@@ -58,6 +58,58 @@ def linear_cross_entropy(hidden, weight, target, softcap: float | None = None, c
     return _linear_ce_function().apply(hidden, weight, target, float(softcap or 0.0), chunk)
 
 
+_LTN = None
+
+
+def _linear_token_nll_function():
+    """Like LinearCrossEntropy, but one loss per row (the preference losses need each sequence's own log-prob): each
+    row's loss depends on its own hidden row only, so the gradient of row i computed in the forward pass is scaled by
+    the incoming gradient of row i."""
+    global _LTN
+    if _LTN is not None:
+        return _LTN
+    import torch  # noqa: PLC0415
+
+    class LinearTokenNLL(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, target, softcap, chunk):
+            need_grad = ctx.needs_input_grad[0]
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if need_grad else None
+            for s in range(0, hidden.shape[0], chunk):
+                h, t = hidden[s: s + chunk], target[s: s + chunk]
+                z = (h @ weight.t()).float()
+                if softcap:
+                    z = torch.tanh(z.div_(softcap)).mul_(softcap)
+                lse = torch.logsumexp(z, dim=-1)
+                out[s: s + chunk] = lse - z.gather(1, t[:, None]).squeeze(1)
+                if need_grad:
+                    factor = (1 - (z / softcap) ** 2) if softcap else None
+                    p = z.sub_(lse[:, None]).exp_()
+                    p.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=p.dtype))
+                    if factor is not None:
+                        p.mul_(factor)
+                    grad[s: s + chunk] = p.to(weight.dtype) @ weight
+            ctx.save_for_backward(grad if need_grad else hidden.new_empty(0))
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            (grad,) = ctx.saved_tensors
+            return grad * g.to(grad.dtype)[:, None], None, None, None, None
+
+    _LTN = LinearTokenNLL
+    return _LTN
+
+
+def linear_token_nll(hidden, weight, target, softcap: float | None = None, chunk_bytes: int = 256 * 2**20):
+    """Per-row cross-entropy(hidden @ weight.T, target) as a float32 vector, chunked like `linear_cross_entropy`
+    (no [rows, vocab] logits kept). `weight` must be frozen."""
+    vocab = weight.shape[0]
+    chunk = max(1, min(max(1, hidden.shape[0]), chunk_bytes // (4 * vocab)))
+    return _linear_token_nll_function().apply(hidden, weight, target, float(softcap or 0.0), chunk)
+
+
 def _loss_module_class():
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415

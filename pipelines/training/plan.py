@@ -55,11 +55,12 @@ def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod
     dtype = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
     dtype = dtype if dtype in devicemod.DTYPE_BYTES else "float32"
     avail = prof.available_memory if available is None else available
-    est = devicemod.estimate_memory(shape, mode, dtype, cfg.max_length, cfg.batch_size, cfg.rank,
+    per_item = 1 if cfg.objective == "sft" else 2  # DPO / ORPO: a batch of pairs is twice as many sequences
+    est = devicemod.estimate_memory(shape, mode, dtype, cfg.max_length, cfg.batch_size * per_item, cfg.rank,
                                     cfg.gradient_checkpointing)
     per_process = avail // max(1, processes)
     rec = devicemod.recommend_batch_size(shape, per_process, mode, dtype, cfg.max_length, cfg.rank,
-                                         cfg.gradient_checkpointing)
+                                         cfg.gradient_checkpointing) // per_item
     return MemoryAdvice(mode, dtype, est, processes, avail, rec)
 
 
@@ -104,6 +105,14 @@ class TrainingPlan:
     seconds: float | None  # time estimate on a CPU (None on a GPU: the live ETA tells)
 
 
+def _item_tokens(cfg: TrainConfig, item) -> float:
+    """Tokens one training item costs: a sequence, or for DPO / ORPO both of a pair (DPO: plus the reference's
+    forward pass, about a third of a training pass)."""
+    if cfg.objective == "sft":
+        return len(item[0])
+    return (len(item[0][0]) + len(item[1][0])) * (4 / 3 if cfg.objective == "dpo" else 1.0)
+
+
 def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPlan:
     """Validate `cfg`, tokenize its data as the trainer will and plan the run: BadInput for unusable settings or data,
     without starting anything. `nproc`: training processes (DDP)."""
@@ -113,7 +122,7 @@ def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPl
     tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
     ensure_chat_template(tok)
     tr, va = encode_dataset(cfg, ws, tok)
-    items = pack_examples(tr.examples, cfg.max_length) if cfg.packing else tr.examples
+    items = pack_examples(tr.examples, cfg.max_length) if cfg.packing else tr.items
     per_epoch = steps_per_epoch(len(items), cfg.batch_size, cfg.grad_accum, nproc)
     steps = total_steps(cfg, per_epoch)
     shape = devicemod.ModelShape.from_config(AutoConfig.from_pretrained(cfg.base_model,
@@ -121,11 +130,11 @@ def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPl
     prof = devicemod.profile(refresh=True)
     seconds = None
     if prof.kind == "cpu":
-        mean_len = sum(len(it[0]) for it in items) / len(items)
+        mean_len = sum(_item_tokens(cfg, it) for it in items) / len(items)
         tokens = steps * cfg.batch_size * cfg.grad_accum * nproc * mean_len
         seconds = 6 * shape.n_params * tokens / (0.5 * devicemod.matmul_flops())  # ~50% of peak, fwd + bwd
     return TrainingPlan(
-        config=cfg, train_rows=tr.rows, usable=len(tr.examples), truncated=tr.truncated, dropped=tr.dropped,
-        validation_rows=len(va.examples), label_tokens=sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
+        config=cfg, train_rows=tr.rows, usable=len(tr.items), truncated=tr.truncated, dropped=tr.dropped,
+        validation_rows=len(va.items), label_tokens=sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
         note=tr.note("train", cfg.max_length), items=len(items), processes=nproc, steps_per_epoch=per_epoch,
         total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc), seconds=seconds)

@@ -119,23 +119,26 @@ def compare(model, loss_mod, tok, val_items, val_rows, *, collate: Callable, pad
             "time": time.time()}
 
 
-def after_training(run_dir, log: Callable[[str], None], cfg=None, ws=None, **kw) -> dict:
-    """compare(**kw) written to run_dir/verdict.json; never raises: an error is logged and written as
-    {"error": ...}. With the run's `cfg` and `ws`, the validation rows, batch size and max length come from them."""
+def after_training(run_dir, log: Callable[[str], None], cfg=None, ws=None, compare_fn: Callable | None = None,
+                   **kw) -> dict:
+    """compare(**kw) (or `compare_fn(**kw)`: a preference run's, preference.py) written to run_dir/verdict.json;
+    never raises: an error is logged and written as {"error": ...}. With the run's `cfg` and `ws`, the validation
+    rows, batch size and max length come from them."""
     path = Path(run_dir) / VERDICT_FILE
-    log(f"Comparing base and tuned on {min(len(kw.get('val_items') or []), kw.get('max_examples', MAX_EXAMPLES))} "
-        "validation examples and a few held-out prompts…")
+    n = min(len(kw.get('val_items') or []), kw.get('max_examples', MAX_EXAMPLES))
+    log(f"Comparing base and tuned on {n} validation " + ("pairs…" if compare_fn else
+                                                          "examples and a few held-out prompts…"))
     try:
         if cfg is not None:
             from .config import dataset_dir  # noqa: PLC0415
             from .encode import read_rows  # noqa: PLC0415
 
-            if "val_rows" not in kw:
+            if "val_rows" not in kw and compare_fn is None:
                 rows = read_rows(dataset_dir(ws, cfg.dataset, cfg.dataset_version) / "validation.jsonl")
                 kw["val_rows"] = rows[: cfg.max_eval_rows] if cfg.max_eval_rows else rows
             kw.setdefault("batch_size", cfg.batch_size)
             kw.setdefault("max_length", cfg.max_length)
-        out = compare(**kw)
+        out = (compare_fn or compare)(**kw)
         log(f"Verdict: {out['verdict']}.")
     except Exception as e:  # noqa: BLE001 - the verdict must not fail a finished run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -164,6 +167,10 @@ def verdict_markdown(v: dict | None) -> str:
         return ""
     if v.get("error"):
         return f"**Verdict:** {v.get('verdict') or v['error']}"
+    if v.get("kind") == "preference":
+        from .preference import verdict_markdown as preference_markdown  # noqa: PLC0415
+
+        return preference_markdown(v)
     b, t = v["base"], v["tuned"]
 
     def cell(s: str) -> str:

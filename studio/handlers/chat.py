@@ -21,11 +21,13 @@ from pipelines import chat
 from pipelines.errors import BadInput, MacTunerError, NotFound
 from pipelines.serving.client import ModelCrashed
 
+from .. import zerogpu
 from .common import Context, SessionState, ui_errors
 
 BASE = "(base model)"
 DISK = "run:"  # Adapter menu values of adapters on disk (not attached yet): "run:<folder>"
 _stops = SessionState()  # the Event of each browser session's answer in progress
+_stream_chat_gpu = zerogpu.gpu(chat.stream_chat)  # an HF model's answer on ZeroGPU hardware (else the same function)
 
 
 def _new_stop(request: gr.Request | None) -> threading.Event:
@@ -209,7 +211,7 @@ def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Even
     yield shown, textbox, f"**{who}** · thinking…"
     last = None
     try:
-        for ch in chat.stream_chat(lm, history, params, ev):
+        for ch in zerogpu.for_model(lm, chat.stream_chat, _stream_chat_gpu)(lm, history, params, ev):
             answer["content"] += ch.text
             last = ch
             yield shown, textbox, _speed(ch, who)
@@ -285,7 +287,7 @@ def attach(ctx: Context, model_name: str, path: str, name: str):
     lm = _model(ctx, model_name)
     if not (path or "").strip():
         raise BadInput("Enter the folder of a LoRA adapter (a run's adapter/ or checkpoints/step-N/).")
-    info = chat.attach_adapter(lm, path.strip(), name)
+    info = chat.attach_adapter(lm, str(ctx.ws.check_path(path.strip())), name)  # confined: workspace only
     choices = adapter_choices(ctx, lm.name)
     warn = ("\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)) if info.warnings else ""
     return (gr.update(choices=adapter_menu(ctx, lm.name), value=info.name), gr.update(choices=choices),

@@ -20,6 +20,7 @@ from pipelines.rag.extract import kind_of
 from pipelines.rag.retrieve import timed_search
 from pipelines.workspace import human_bytes
 
+from .. import zerogpu
 from .chat import BASE, _model, _new_stop, _speed, params_from
 from .common import Context, progress_bar_html, ui_errors
 
@@ -27,6 +28,7 @@ KB_COLUMNS = ["name", "documents", "pages", "chunks", "size", "embedder", "index
 DOC_COLUMNS = ["name", "kind", "pages", "chunks", "size"]
 PASSAGE_COLUMNS = ["#", "score", "similarity", "file", "page", "passage"]
 EVAL_COLUMNS = ["mode", "hit@1", "hit@5", "MRR", "questions"]
+_stream_answer_gpu = zerogpu.gpu(rag.stream_answer)  # an HF model's answer on ZeroGPU hardware
 
 
 def kb_names(ctx: Context) -> list[str]:
@@ -184,7 +186,8 @@ def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name:
     lm = _model(ctx, model_name)
     params = params_from(sampling, adapter)
     answer, passages = "", []
-    for ev in rag.stream_answer(lm, kb, question, params, int(top_k), mode, float(threshold), _new_stop(request)):
+    answer_stream = zerogpu.for_model(lm, rag.stream_answer, _stream_answer_gpu)
+    for ev in answer_stream(lm, kb, question, params, int(top_k), mode, float(threshold), _new_stop(request)):
         passages = ev.passages
         table = _passages_table(passages)
         if ev.refused:

@@ -213,7 +213,7 @@ def _progress_html(st: dict, rows: list[dict], since: int = 0) -> str:
 def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
     state = st.get("state", "?")
     badge = {"running": "🟢 running", "queued": "⏳ queued", "stopping": "🟠 stopping", "stopped": "⏹ stopped",
-             "finished": "✅ finished", "failed": "❌ failed"}.get(state, state)
+             "finished": "✅ finished", "failed": "❌ failed", "interrupted": "⏸ interrupted"}.get(state, state)
     last = rows[-1] if rows else {}
     bits = [f"### {run.name} — {badge}"]
     if st.get("reason"):

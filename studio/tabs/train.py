@@ -14,8 +14,9 @@ from ..handlers import train as ht
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-BASIC = ["base_model", "dataset", "dataset_version", "method", "rank", "alpha", "dropout", "target_modules",
-         "epochs", "max_steps", "learning_rate", "scheduler", "warmup_steps", "batch_size", "grad_accum", "max_length"]
+BASIC = ["base_model", "dataset", "dataset_version", "method", "objective", "rank", "alpha", "dropout",
+         "target_modules", "epochs", "max_steps", "learning_rate", "scheduler", "warmup_steps", "batch_size",
+         "grad_accum", "max_length"]
 
 
 def _widget(name: str, ctx: h.Context):

@@ -447,12 +447,31 @@ def test_read_metrics_from_offset(tmp_path):
 
 
 def test_refresh_status_marks_a_dead_trainer_failed(ws, tiny_llama_dir):
+    from pipelines import procs
+
+    run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
+    with open(run.log_path, "ab") as log:  # a child of this process: its exit status is known
+        pid, create_time = procs.spawn([sys.executable, "-c", "raise SystemExit(3)"], log)
+    run.update_status(state="running", pid=pid, create_time=create_time, started=time.time())
+    assert _wait_for(lambda: not procs.alive(run.status()), 30)
+    st = runs.refresh_status(run)
+    assert st["state"] == "failed" and "ended unexpectedly (exit code 3)" in st["reason"]
+
+
+def test_a_trainer_that_stopped_with_an_earlier_process_is_interrupted(ws, tiny_llama_dir):
+    """A trainer this process did not start (the studio, the machine or the Space restarted since) is gone without
+    a word: the run is interrupted, its last complete checkpoint resumable."""
     run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
+    ckpt = run.checkpoints_dir / "step-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"step": 2}')
+    (ckpt / COMPLETE_MARKER).touch()
     run.update_status(state="running", pid=proc.pid, started=time.time())
     st = runs.refresh_status(run)
-    assert st["state"] == "failed" and "ended unexpectedly" in st["reason"]
+    assert st["state"] == "interrupted" and st["state"] in runs.FINAL
+    assert st["reason"].startswith("interrupted") and "step-2 can be resumed" in st["reason"], st["reason"]
 
 
 def test_stop_a_queued_run(ws, tiny_llama_dir):
