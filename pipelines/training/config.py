@@ -19,6 +19,9 @@ from ..workspace import Workspace
 METHODS = ("lora", "dora", "rslora", "qlora")
 
 
+OBJECTIVES = ("sft", "dpo", "orpo")  # what the adapter learns: replies (SFT) or preferences (preference.py)
+
+
 TARGET_PRESETS = ("all-linear", "attention")
 
 
@@ -54,6 +57,14 @@ class TrainConfig:
     dataset_version: int = field(default=0, metadata=_h("Dataset version N (folder vN); 0 means the latest."))
     method: str = field(default="lora", metadata=_h(
         "lora | dora (weight-decomposed LoRA) | rslora (rank-stabilised scaling) | qlora (4-bit base, CUDA only)."))
+    objective: str = field(default="sft", metadata=_h(
+        "sft (learn the replies) | dpo (Direct Preference Optimization: prefer the chosen over the rejected answer, "
+        "relative to the base model) | orpo (odds-ratio preference with SFT on the chosen answers, no reference). "
+        "dpo and orpo need a preference dataset (prompt, chosen, rejected)."))
+    beta: float = field(default=0.1, metadata=_h(
+        "DPO beta: how far the tuned model may move from the base; higher keeps it closer (0.1 is typical)."))
+    orpo_lambda: float = field(default=0.1, metadata=_h(
+        "ORPO lambda: weight of the odds-ratio (preference) term beside the SFT loss on the chosen answers."))
     rank: int = field(default=16, metadata=_h("LoRA rank r: adapter size; 8-64 is typical."))
     alpha: float = field(default=32.0, metadata=_h("LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) for rslora)."))
     dropout: float = field(default=0.05, metadata=_h("Dropout on the adapter's input, 0 to switch off."))
@@ -232,6 +243,7 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
     prof = device or devicemod.profile()
     if cfg.method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r}).")
+    _check_objective(cfg)
     if cfg.method == "qlora" and not prof.qlora:
         raise BadInput(f"QLoRA is not available here: {prof.qlora_reason} Choose method 'lora' instead "
                        "(same adapter, base model kept in full precision).")
@@ -274,11 +286,48 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
     if version not in versions:
         raise BadInput(f"Dataset '{cfg.dataset}' has no version {version} (available: "
                        f"{', '.join(f'v{v}' for v in versions)}).")
+    check_dataset_kind(cfg, dataset_dir(ws, cfg.dataset, version))
     base = resolve_base_model(cfg, ws)
     resolved = replace(cfg, base_model=str(base), dataset_version=version)
     if resume is not None:
         check_resume(resolved, resume)
     return resolved
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise BadInput(f"objective must be one of {', '.join(OBJECTIVES)} (got {cfg.objective!r}).")
+    if cfg.objective == "sft":
+        return
+    name = cfg.objective.upper()
+    for key in ("beta",) if cfg.objective == "dpo" else ("orpo_lambda",):
+        val = getattr(cfg, key)
+        if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+            raise BadInput(f"{key} must be a positive number for {name} (got {val}); 0.1 is typical.")
+    if cfg.packing:
+        raise BadInput(f"Packing is for SFT: {name} compares whole prompt + answer sequences pair by pair. Untick "
+                       "packing.")
+
+
+def check_dataset_kind(cfg: TrainConfig, version_dir: Path) -> None:
+    """BadInput when the objective and the dataset's rows do not go together: DPO / ORPO need preference pairs
+    (prompt, chosen, rejected); the first row of train.jsonl tells what the dataset holds."""
+    if cfg.objective == "sft":
+        return
+    first = None
+    try:
+        with open(version_dir / "train.jsonl", encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), None)
+        row = json.loads(first) if first else None
+    except (OSError, json.JSONDecodeError):
+        return  # reading the rows says what is wrong with them, with the line number
+    if isinstance(row, dict) and all(k in row for k in ("prompt", "chosen", "rejected")):
+        return
+    has = "plain text" if isinstance(row, dict) and "text" in row else "conversations"
+    raise BadInput(f"{cfg.objective.upper()} trains on preference pairs, but dataset '{cfg.dataset}' "
+                   f"v{version_dir.name.lstrip('v')} holds {has} without rejected answers (no 'chosen' / 'rejected'). "
+                   "Save a preference dataset in the Data tab (map its chosen and rejected columns), or choose "
+                   "objective 'sft'.")
 
 
 def check_resume(cfg: TrainConfig, checkpoint: str | os.PathLike) -> dict:

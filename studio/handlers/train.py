@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from pipelines import data as pdata
 from pipelines import models, runs
 from pipelines.errors import BadInput, MacTunerError
-from pipelines.training import DTYPES, METHODS, SCHEDULERS, TrainConfig, check_data, plan_training
+from pipelines.training import DTYPES, METHODS, OBJECTIVES, SCHEDULERS, TrainConfig, check_data, plan_training
 from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
@@ -26,7 +26,9 @@ from .common import Context, progress_bar_html, ui_errors
 
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
-CHOICES = {"method": list(METHODS), "scheduler": list(SCHEDULERS), "dtype": list(DTYPES)}
+CHOICES = {"method": list(METHODS), "objective": list(OBJECTIVES), "scheduler": list(SCHEDULERS),
+           "dtype": list(DTYPES)}
+PREFERENCE_CURVES = (("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"))
 MARKERS_UP_TO = 30  # points per curve drawn with markers
 RATE_WINDOW = 20  # the ETA's rate: seconds per step over the last rows
 RUN_COLUMNS = ["name", "state", "dataset", "method", "step", "total_steps", "final_loss", "best_eval_loss",
@@ -149,9 +151,26 @@ def _mode(n: int) -> str:
     return "lines+markers" if n <= MARKERS_UP_TO else "lines"
 
 
+def _preference_traces(fig: go.Figure, df: pd.DataFrame, mode: str) -> bool:
+    """DPO / ORPO rows: the reward margin and the preference accuracy (train, and on the validation split at eval
+    steps) on the loss chart's right axis. True when any was drawn."""
+    drawn = False
+    for key, name in PREFERENCE_CURVES:
+        for col, label, how in ((key, name, mode), (f"eval_{key}", f"eval {name}", "lines+markers")):
+            if col in df and df[col].notna().any():
+                part = df[df[col].notna()]
+                fig.add_trace(go.Scatter(x=part["step"], y=part[col], mode=how, name=label, yaxis="y2",
+                                         line=dict(dash="dot")))
+                drawn = True
+    if drawn:
+        fig.update_layout(yaxis2=dict(title="margin · accuracy", overlaying="y", side="right", showgrid=False))
+    return drawn
+
+
 def _figures(rows: list[dict]):
     df = pd.DataFrame(rows)
     loss, lr, tps = go.Figure(), go.Figure(), go.Figure()
+    pref = False
     if not df.empty:
         mode = _mode(len(df))
         if "loss" in df:
@@ -159,14 +178,18 @@ def _figures(rows: list[dict]):
         if "eval_loss" in df and df["eval_loss"].notna().any():
             ev = df[df["eval_loss"].notna()]
             loss.add_trace(go.Scatter(x=ev["step"], y=ev["eval_loss"], mode="lines+markers", name="eval loss"))
+        pref = _preference_traces(loss, df, mode)
         if "learning_rate" in df:
             lr.add_trace(go.Scatter(x=df["step"], y=df["learning_rate"], mode=mode, name="learning rate"))
         if "tokens_per_s" in df:
             tps.add_trace(go.Scatter(x=df["step"], y=df["tokens_per_s"], mode=mode, name="tokens/s"))
-    for fig, title in ((loss, "Loss"), (lr, "Learning rate"), (tps, "Tokens per second")):
+    loss_title = "Loss, reward margin and preference accuracy" if pref else "Loss"
+    for fig, title in ((loss, loss_title), (lr, "Learning rate"), (tps, "Tokens per second")):
         fig.update_layout(title=title, height=260, margin=dict(l=40, r=10, t=40, b=30), xaxis_title="step")
         if not fig.data:
             fig.add_annotation(text="no steps yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    if pref:
+        loss.update_layout(margin=dict(l=40, r=60, t=40, b=30))  # room for the right axis
     return loss, lr, tps
 
 
