@@ -59,9 +59,11 @@ def start_space(tmp_path: Path, env: dict, python: str = sys.executable, name: s
             pytest.fail(f"app.py exited with {proc.returncode}: " + log_path.read_text()[-3000:])
         try:
             requests.get(url + "/", timeout=2)
-            return proc, url, log_path
+            if "MacTuner studio on" in log_path.read_text():  # printed once launch() returned
+                return proc, url, log_path
         except requests.RequestException:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     kill_group(proc)
     pytest.fail("app.py did not start: " + log_path.read_text()[-3000:])
 
