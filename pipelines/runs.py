@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from . import follow as _follow
 from . import jobs, procs
 from .errors import BadInput, Conflict, MacTunerError, NotFound
 from .training import STOP_FLAG, TrainConfig, check_resume, list_checkpoints, resolve_base_model, run_training, validate
@@ -144,27 +145,13 @@ def read_metrics(run: RunDir, offset: int = 0) -> tuple[list[dict], int]:
     """Rows appended to metrics.jsonl since byte `offset`, and the offset to pass next time. Reads only the new
     bytes; a line still being written (no newline yet) is left for the next call. Rows with an "event" key are
     markers ({"event": "resume", "step": N}: rows after it restart from step N+1 and replace later ones)."""
-    rows: list[dict] = []
-    try:
-        with open(run.metrics_path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            if offset > size:  # the file was replaced: start again
-                offset = 0
-            fh.seek(offset)
-            data = fh.read(size - offset)
-    except FileNotFoundError:
-        return [], 0
-    end = data.rfind(b"\n")
-    if end < 0:
-        return [], offset
-    for line in data[: end + 1].splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows, offset + end + 1
+    data, offset = _follow.read_new(run.metrics_path, offset)
+    return _follow.json_lines(data), offset
+
+
+def follow(run: RunDir, **kw):
+    """Follow `run` as it trains: a follow.RunUpdate per change (status, new metric rows, new log), ending with it."""
+    return _follow.follow_run(run, lambda: refresh_status(run), FINAL, **kw)
 
 
 def _fail_if_dead(run: RunDir) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -197,3 +198,20 @@ def forget_session(request: gr.Request) -> None:
     """The page was closed (or reloaded): drop what every SessionState kept for it."""
     for state in _SESSION_STATES:
         state.forget(SessionState.key(request))
+
+
+class Followers:
+    """Streaming monitors (generators that follow a job folder): one per browser session and tab. `start(request)`
+    returns a predicate that turns true once the same session starts a newer one, or closes the page - the older
+    generator then ends at its next tick instead of streaming on. A call without a session is never superseded."""
+
+    def __init__(self):
+        self._current = SessionState()
+        self._tokens = itertools.count(1)
+
+    def start(self, request):
+        if getattr(request, "session_hash", None) is None:
+            return lambda: False
+        token = next(self._tokens)
+        self._current.set(request, token)
+        return lambda: self._current.get(request) != token

@@ -13,13 +13,14 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import export as ex
+from pipelines import follow as pfollow
 from pipelines import models
 from pipelines.errors import BadInput
 from pipelines.export import job as export_job
 from pipelines.workspace import human_bytes
 
 from .chat import adapter_sources, model_choices
-from .common import Context, progress_bar_html, selected_cell, ui_errors
+from .common import Context, Followers, progress_bar_html, selected_cell, ui_errors
 
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
@@ -127,32 +128,70 @@ def _job_md(st: dict) -> str:
     return line
 
 
-def poll(ctx: Context, job: str | None, seen: str | None):
-    """Follow `job` (default: the running one, else the newest): (job, progress html, status, log tail, seen,
-    exports table, export picker). The table is re-read while a job runs and when its state changes; a finished
-    export is picked so its validation shows."""
-    jobs = export_job.list_jobs(ctx.ws)  # read once per tick: status, the running one, the newest
+def _pick_job(ctx: Context, job: str | None) -> tuple[dict | None, dict | None]:
+    """(the job to show, the running one): `job`, unless another one runs (started in another tab or the API: that
+    is what this page should show), else the newest."""
+    jobs = export_job.list_jobs(ctx.ws)  # read once: status, the running one, the newest
     running = next((j for j in jobs if j.get("state") == "running"), None)
     st = next((j for j in jobs if j["id"] == job), None) if job else None
     if running and (st is None or st.get("state") != "running"):
-        st = running  # a job started elsewhere (another tab, the API) is what this page should show
-    if st is None:
-        st = jobs[0] if jobs else None
-    if st is None:
-        return None, "", "No export has run yet.", "", seen, gr.update(), gr.update()
+        st = running
+    return (st if st is not None else (jobs[0] if jobs else None)), running
+
+
+def _view(ctx: Context, st: dict, seen: str | None, log: str, running: dict | None = None):
+    """The monitor's outputs for job status `st`: (job, progress html, status, log tail, seen, exports table, export
+    picker). The table is re-read while a job runs and when its state changes; a finished export is picked so its
+    validation shows."""
     state, frac = st.get("state"), st.get("fraction") or 0.0
     problems = job_problems(st)
     caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
         f"⚠️ done — {problems}" if problems else f"{state} · {st.get('message') or ''}"
     key = f"{st['id']}:{state}"
     changed = key != seen
-    table = exports_table(ctx, running or {}) if changed or state == "running" else gr.update()
+    table = exports_table(ctx, running if running is not None else (st if state == "running" else {})) \
+        if changed or state == "running" else gr.update()
     pick = gr.update()
     if changed and seen is not None and state == "complete" and st.get("step") == "run":
         pick = gr.update(choices=export_names(ctx), value=st.get("label"))
-    log = export_job.log_tail(ctx.ws, st["id"], LOG_LINES)
     return (st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _job_md(st), log, key, table,
             pick)
+
+
+NO_EXPORT = (None, "", "No export has run yet.", "")
+
+
+def poll(ctx: Context, job: str | None, seen: str | None):
+    """One look at `job` (default: the running one, else the newest); `follow` streams the same outputs."""
+    st, running = _pick_job(ctx, job)
+    if st is None:
+        return (*NO_EXPORT, seen, gr.update(), gr.update())
+    return _view(ctx, st, seen, export_job.log_tail(ctx.ws, st["id"], LOG_LINES), running or {})
+
+
+FOLLOWERS = Followers()
+
+
+def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
+    """Stream the export monitor: the job to show (as `poll` picks it) followed from its folder (status and log
+    from byte offsets) with an update per change, ending with the job; this page's newer follower ends it."""
+    st, _running = _pick_job(ctx, job)
+    if st is None:
+        yield (*NO_EXPORT, seen, gr.update(), gr.update())
+        return
+    lines: list[str] = []
+    for up in pfollow.follow_job(export_job.queue(ctx.ws), st["id"], stop=FOLLOWERS.start(request)):
+        lines = (lines + up.pop("log").splitlines())[-LOG_LINES:]
+        up.pop("final")
+        out = _view(ctx, up, seen, "\n".join(lines))
+        seen = out[4]
+        yield out
+
+
+def discover(ctx: Context, job: str | None):
+    """A job started elsewhere (another tab, the API): its id, so this page follows it; else nothing changes."""
+    running = export_job.active(ctx.ws)
+    return running["id"] if running and running["id"] != job else gr.skip()
 
 
 def _validation_cell(row: dict) -> str:

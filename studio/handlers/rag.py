@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import chat, rag
+from pipelines import follow as pfollow
 from pipelines.errors import BadInput
 from pipelines.rag import ingestion as ringest
 from pipelines.rag.evaluation import figure as eval_figure
@@ -22,7 +23,7 @@ from pipelines.workspace import human_bytes
 
 from .. import zerogpu
 from .chat import BASE, _model, _new_stop, _speed, params_from
-from .common import Context, progress_bar_html, ui_errors
+from .common import Context, Followers, progress_bar_html, ui_errors
 
 KB_COLUMNS = ["name", "documents", "pages", "chunks", "size", "embedder", "index"]
 DOC_COLUMNS = ["name", "kind", "pages", "chunks", "size"]
@@ -123,14 +124,16 @@ def cancel(ctx: Context, job: str | None) -> str:
     return f"Ingest `{job}`: {st.get('state')}"
 
 
-def poll(ctx: Context, job: str | None, seen: str | None):
-    """Follow `job` (default: the running ingest, else the newest): (job, progress, status, seen key, kb table)."""
-    q = ringest.queue(ctx.ws)
-    jobs_ = q.list()
+def _pick_job(ctx: Context, job: str | None) -> dict | None:
+    """The running ingest, else `job`, else the newest."""
+    jobs_ = ringest.queue(ctx.ws).list()
     running = next((j for j in jobs_ if j.get("state") == "running"), None)
-    st = running or next((j for j in jobs_ if j["id"] == job), None) or (jobs_[0] if jobs_ else None)
-    if st is None:
-        return None, "", "No documents have been added yet.", seen, gr.update()
+    return running or next((j for j in jobs_ if j["id"] == job), None) or (jobs_[0] if jobs_ else None)
+
+
+def _view(ctx: Context, st: dict, seen: str | None):
+    """(job, progress, status, seen key, kb table) for ingest status `st`; the table is re-read while it runs and
+    when its state changes."""
     state = st.get("state")
     caption = f"{100 * (st.get('fraction') or 0):.0f}% · {st.get('message') or ''}"
     md = f"**{st.get('label', '')}** · {state}"
@@ -143,6 +146,37 @@ def poll(ctx: Context, job: str | None, seen: str | None):
     key = f"{st['id']}:{state}"
     table = kbs_table(ctx) if key != seen or state == "running" else gr.update()
     return st["id"], progress_bar_html(1.0 if state == "complete" else st.get("fraction") or 0, caption), md, key, table
+
+
+NO_INGEST = (None, "", "No documents have been added yet.")
+
+
+def poll(ctx: Context, job: str | None, seen: str | None):
+    """One look at `job` (default: the running ingest, else the newest); `follow` streams the same outputs."""
+    st = _pick_job(ctx, job)
+    return (*NO_INGEST, seen, gr.update()) if st is None else _view(ctx, st, seen)
+
+
+FOLLOWERS = Followers()
+
+
+def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
+    """Stream the ingest monitor: the job `poll` would show, followed from its folder with an update per change,
+    ending with the job; this page's newer follower ends it."""
+    st = _pick_job(ctx, job)
+    if st is None:
+        yield (*NO_INGEST, seen, gr.update())
+        return
+    for up in pfollow.follow_job(ringest.queue(ctx.ws), st["id"], stop=FOLLOWERS.start(request)):
+        out = _view(ctx, up, seen)
+        seen = out[3]
+        yield out
+
+
+def discover(ctx: Context, job: str | None):
+    """An ingest started elsewhere (another tab, the API): its id, so this page follows it; else no change."""
+    running = ringest.queue(ctx.ws).active()
+    return running["id"] if running and running["id"] != job else gr.skip()
 
 
 @ui_errors

@@ -22,13 +22,14 @@ from pipelines.training import DTYPES, METHODS, OBJECTIVES, SCHEDULERS, TrainCon
 from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
-from .common import Context, progress_bar_html, ui_errors
+from .common import Context, Followers, progress_bar_html, ui_errors
 
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 CHOICES = {"method": list(METHODS), "objective": list(OBJECTIVES), "scheduler": list(SCHEDULERS),
            "dtype": list(DTYPES)}
 PREFERENCE_CURVES = (("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"))
+LOG_LINES = 18  # the monitor's log tail
 MARKERS_UP_TO = 30  # points per curve drawn with markers
 RATE_WINDOW = 20  # the ETA's rate: seconds per step over the last rows
 RUN_COLUMNS = ["name", "state", "dataset", "method", "step", "total_steps", "final_loss", "best_eval_loss",
@@ -261,32 +262,80 @@ def stop_button(st: dict | None):
     return gr.update(interactive=bool(st) and st.get("state") in ("queued", "running"))
 
 
-def poll(ctx: Context, selected: str | None, cache: dict | None):
-    """Follow the selected run: new metric rows since the last offset, status, progress, charts, log tail, and
-    whether Stop applies."""
-    cache = dict(cache or {})
-    if not selected:
-        empty = _figures([])
-        return (cache, "No run yet: set up a run on the left and start it.", "", *empty, "",
-                gr.update(choices=[]), "", stop_button(None))
-    try:
-        run = runs.get_run(ctx.ws, selected)
-    except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
-        empty = _figures([])
-        return ({}, f"Run '{selected}' is not available ({e}).", "", *empty, "", gr.update(choices=[]), "",
-                stop_button(None))
-    if cache.get("run") != selected:
-        cache = {"run": selected, "offset": 0, "rows": [], "since": 0}
-    new, cache["offset"] = runs.read_metrics(run, cache["offset"])
+def _no_run(message: str, cache: dict | None = None) -> tuple:
+    return (cache or {}, message, "", *_figures([]), "", gr.update(choices=[]), "", stop_button(None))
+
+
+def _monitor(run: runs.RunDir, st: dict, cache: dict, rows_changed: bool = True) -> tuple:
+    """The monitor's outputs for `run` with status `st` and what `cache` holds (rows, log lines); the charts and the
+    checkpoint picker only when they changed (a picked checkpoint stays picked while the run trains)."""
+    ckpts = st.get("checkpoints") if "checkpoints" in st else [p.name for p in run.checkpoints()]
+    ck = gr.update()
+    if ckpts != cache.get("ckpts"):
+        cache["ckpts"] = ckpts
+        ck = gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
+    figs = _figures(cache["rows"]) if rows_changed else (gr.update(),) * 3
+    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
+            *figs, "\n".join(cache.get("log") or []), ck, verdict_md(run, st), stop_button(st))
+
+
+def _take_rows(cache: dict, new: list[dict]) -> None:
     cache["rows"] = _apply_rows(list(cache["rows"]), new)
     for r in new:
         if r.get("event") == "resume":  # the ETA's rate counts the resumed process's steps only
             cache["since"] = int(r.get("step") or 0)
-    st = runs.refresh_status(run)
-    ckpts = [p.name for p in run.checkpoints()]
-    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
-            *_figures(cache["rows"]), run.log_tail(18), gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None),
-            verdict_md(run, st), stop_button(st))
+
+
+def poll(ctx: Context, selected: str | None, cache: dict | None):
+    """One look at the selected run: new metric rows since the last offset, status, progress, charts, log tail, and
+    whether Stop applies (`follow` streams the same outputs as the run changes)."""
+    cache = dict(cache or {})
+    if not selected:
+        return _no_run("No run yet: set up a run on the left and start it.", cache)
+    try:
+        run = runs.get_run(ctx.ws, selected)
+    except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
+        return _no_run(f"Run '{selected}' is not available ({e}).")
+    if cache.get("run") != selected:
+        cache = {"run": selected, "offset": 0, "rows": [], "since": 0}
+    new, cache["offset"] = runs.read_metrics(run, cache["offset"])
+    _take_rows(cache, new)
+    cache["log"] = run.log_tail(LOG_LINES).splitlines()
+    cache.pop("ckpts", None)
+    return _monitor(run, runs.refresh_status(run), cache)
+
+
+FOLLOWERS = Followers()
+
+
+def follow(ctx: Context, selected: str | None, request: gr.Request = None):
+    """Stream the selected run's monitor: a first update with everything so far, then one as each step, log line
+    or state change lands (pipelines.follow reads the run folder from byte offsets), ending with the run. This
+    browser's newer follower (another run picked, Start, a reload) or a closed page ends it."""
+    if not selected:
+        yield _no_run("No run yet: set up a run on the left and start it.")
+        return
+    try:
+        run = runs.get_run(ctx.ws, selected)
+    except Exception as e:  # noqa: BLE001 - a deleted run folder: say so
+        yield _no_run(f"Run '{selected}' is not available ({e}).")
+        return
+    cache = {"run": selected, "rows": [], "since": 0, "log": []}
+    for up in runs.follow(run, stop=FOLLOWERS.start(request)):
+        _take_rows(cache, up.rows)
+        if up.log:
+            cache["log"] = (cache["log"] + up.log.splitlines())[-LOG_LINES:]
+        yield _monitor(run, up.status, cache, rows_changed=bool(up.rows) or "shown" not in cache)
+        cache["shown"] = True
+
+
+def follow_api(ctx: Context, run_name: str):
+    """Watch a run from a script: one dict per change (its status, the new metric rows, the new log text,
+    "final" on the last), ending with the run."""
+    if not run_name:
+        raise BadInput("Name the run to follow.")
+    for up in runs.follow(runs.get_run(ctx.ws, run_name)):
+        yield up.to_dict()
 
 
 def verdict_md(run: runs.RunDir, st: dict) -> str:

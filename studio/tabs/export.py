@@ -67,17 +67,20 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
             modelfile = gr.Code(label="Ollama Modelfile", language=None, interactive=False, elem_id="export-modelfile")
         job = gr.Textbox(visible=False, elem_id="export-job-id")  # not gr.State: API clients get the job id
         seen = gr.State(None)
-        timer = gr.Timer(2.0)
-        export_push.build(ctx, pick, timer, tab)
+        discover = gr.Timer(5.0)  # finds a job started elsewhere (another tab, the API); the monitor itself streams
+        export_push.build(ctx, pick, gr.Timer(2.0), tab)  # the push monitor polls its job
 
     form = [source, base, name, outtypes, quants]
     check_btn.click(h.bind(hx.check, ctx), form, plan, api_name="export_check")
     start_btn.click(h.bind(hx.start, ctx), [*form, validate, system], [plan, job], api_name="export_start")
     cancel_btn.click(h.bind(hx.cancel, ctx), job, plan, api_name="export_cancel")
-    poll = h.bind(hx.poll, ctx)
     poll_out = [job, bar, job_md, log, seen, table, pick]
-    timer.tick(poll, [job, seen], poll_out, api_visibility="private", show_progress="hidden")
-    tab.select(poll, [job, seen], poll_out, api_visibility="private")
+    # the monitor streams: a generator follows the job's folder until the job ends (this page's newer one ends it)
+    follow = dict(fn=h.bind(hx.follow, ctx), inputs=[job, seen], outputs=poll_out, api_visibility="private",
+                  show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
+    job.change(**follow)  # a started job (Start, or one discovered) - and the page load's pick below
+    discover.tick(h.bind(hx.discover, ctx), job, job, api_visibility="private", show_progress="hidden")
+    tab.select(**follow)
     tab.select(h.bind(hx.refresh_choices, ctx), source, [source, pick], api_visibility="private")
     refresh.click(lambda: (hx.exports_table(ctx), gr.update(choices=hx.export_names(ctx))), None, [table, pick],
                   api_visibility="private")

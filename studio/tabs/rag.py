@@ -91,7 +91,7 @@ def build(ctx: h.Context) -> dict:
         job = gr.Textbox(visible=False, elem_id="rag-job-id")
         seen = gr.State(None)
         shown = gr.State([])
-        timer = gr.Timer(1.5)
+        discover = gr.Timer(5.0)  # finds an ingest started elsewhere (another tab, the API); the monitor streams
 
     kb_out = [kb, kbs, msg]
     create_btn.click(h.bind(hr.create, ctx), [new_name, new_emb, size, overlap], kb_out, api_name="rag_create")
@@ -101,11 +101,14 @@ def build(ctx: h.Context) -> dict:
                   [kb, kbs, docs, doc], api_visibility="private")
     add_btn.click(h.bind(hr.add_documents, ctx), [kb, files, password], [msg, job], api_name="rag_ingest")
     cancel_btn.click(h.bind(hr.cancel, ctx), job, msg, api_name="rag_cancel")
-    poll = h.bind(hr.poll, ctx)
     poll_out = [job, bar, job_md, seen, kbs]
-    timer.tick(poll, [job, seen], poll_out, api_visibility="private", show_progress="hidden")
-    timer.tick(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private", show_progress="hidden")
-    tab.select(poll, [job, seen], poll_out, api_visibility="private")
+    # the monitor streams: a generator follows the ingest's folder until it ends (this page's newer one ends it)
+    follow = dict(fn=h.bind(hr.follow, ctx), inputs=[job, seen], outputs=poll_out, api_visibility="private",
+                  show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
+    job.change(**follow)  # a started ingest (Add, the sample, or one discovered)
+    discover.tick(h.bind(hr.discover, ctx), job, job, api_visibility="private", show_progress="hidden")
+    tab.select(**follow)
+    seen.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private", show_progress="hidden")
     tab.select(lambda a: (gr.update(choices=hr.model_choices(ctx), value=a if a in hr.model_choices(ctx) else
                                     (ctx.registry.current().name if ctx.registry.current() else None)),
                           gr.update(choices=hr.kb_names(ctx))), model, [model, kb], api_visibility="private")

@@ -4,6 +4,7 @@ monitor that re-attaches to the run folder: live charts, progress with ETA, log 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import gradio as gr
 
@@ -91,28 +92,26 @@ def build(ctx: h.Context) -> dict:
                 overlay_btn = gr.Button("Overlay", scale=1, elem_id="train-overlay")
             overlay_plot = gr.Plot(elem_id="train-overlay-plot")
         cache = gr.State({})
-        timer = gr.Timer(2.0)
         history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
     form = [widgets[n] for n in ht.FIELDS]
     monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, verdict, stop_btn]
     lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
-    poll = h.bind(ht.poll, ctx)
-    timer.tick(poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
+    # the monitor streams: a generator follows the selected run's folder until the run ends (a newer one of this
+    # page, or closing it, ends the older); no concurrency limit, so every tab and browser follows at once
+    follow = dict(fn=h.bind(ht.follow, ctx), inputs=run_sel, outputs=monitor_out, api_visibility="private",
+                  show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
     history_timer.tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
-    run_sel.change(poll, [run_sel, cache], monitor_out, api_visibility="private")
+    run_sel.change(**follow)
     tab.select(h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
     # a page (re)load: the running or latest run, its settings in the form, and the monitor on it
     gr.on(None, h.bind(ht.on_load, ctx), None, [run_sel, *form], api_visibility="private",
-          show_progress="hidden").then(poll, [run_sel, cache], monitor_out, api_visibility="private",
-                                       show_progress="hidden")
+          show_progress="hidden").then(**follow)
     check_btn.click(h.bind(ht.preflight, ctx), form, preflight, api_name="train_check")
     start_btn.click(h.bind(ht.start, ctx), [run_name, *form], [action, run_sel], api_name="train_start").then(
-        h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
-    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop").then(
-        poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
-    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume").then(
-        poll, [run_sel, cache], monitor_out, api_visibility="private", show_progress="hidden")
+        h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")  # the new run: run_sel.change
+    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop").then(**follow)
+    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume").then(**follow)
     reuse_btn.click(h.bind(ht.load_run_config, ctx), run_sel, form, api_name="train_run_config")
     yaml_btn.click(ht.to_yaml, form, [yaml_text, command], api_name="train_yaml")
     yaml_file.upload(ht.from_yaml, yaml_file, form, api_visibility="private")
@@ -129,3 +128,11 @@ def register_api(ctx: h.Context) -> None:
         return [{("run_path" if k == "path" else k): v for k, v in r.items()} for r in runs.list_runs(ctx.ws)]
 
     gr.api(train_runs, api_name="train_runs")
+
+    def train_follow(run_name: str) -> Iterator[dict]:
+        """Stream a run as it trains: one dict per change (status, the new metric rows, the new log text; "final"
+        on the last), ending with the run. From a script: `for up in Client(url).submit(name,
+        api_name="/train_follow"): ...`."""
+        yield from h.ui_errors(ht.follow_api)(ctx, run_name)
+
+    gr.api(train_follow, api_name="train_follow", concurrency_limit=None)

@@ -47,6 +47,8 @@ def fill(page, eid, value):
 
 
 def set_form(page, base, steps, name):
+    from playwright.sync_api import expect
+
     fill(page, "train-base-model", base)
     fill(page, "train-dataset", "tiny-set")
     fill(page, "train-max-steps", steps)
@@ -54,8 +56,14 @@ def set_form(page, base, steps, name):
     fill(page, "train-max-length", 64)
     fill(page, "train-learning-rate", 0.001)
     page.get_by_text("More settings").click()
+    # the accordion's fields mount when it first opens: a value typed while they mount can be reset to the
+    # default, so wait for the field, then check that the form holds the value (the YAML is made from the form)
+    expect(value_of(page, "train-save-every")).to_be_visible()
     fill(page, "train-save-every", 20)
     fill(page, "train-run-name", name)
+    page.get_by_text("Config as YAML / command line").click()
+    page.locator("#train-yaml-btn").click()
+    expect(page.locator("#train-yaml")).to_contain_text("save_every: 20")
 
 
 def value_of(page, eid):
