@@ -21,7 +21,11 @@ Both train the LoRA alone, without the trainable embedding rows our trainer adds
 learned (Gemma's <end_of_turn>, tokens.py): TRL's fused output layer fails on PEFT's wrapped tied head.
 
     .venv/bin/python bench/train.py [--model PATH] [--steps 5] [--warmup 1] [--threads N] [--skip-trl] [--json OUT]
+    .venv/bin/python bench/train.py --method precision [--model PATH] [--steps 5] [--rounds 2]
     .venv/bin/python bench/train.py --method dpo [--model PATH] [--steps 5] [--warmup 1] [--max-length 256]
+
+--method precision runs ours in float32 and in bf16 mixed precision (base weights bf16; adapter, optimizer and loss
+float32; autocast) on the same batches, alternated, and prints "bf16/fp32 ratio" (tokens/s) and the loss difference.
 
 --model defaults to the workspace's default-model HF copy (models.default_hf_path; --root picks the workspace).
 """
@@ -91,7 +95,7 @@ def _setup(root: Path, args):
     cfg = TrainConfig(base_model=args.model, dataset="bench", method="lora", rank=16, alpha=32, dropout=0.05,
                       target_modules="all-linear", max_steps=args.warmup + args.steps, learning_rate=2e-4,
                       scheduler="constant", warmup_steps=0, batch_size=4, grad_accum=1, max_length=256,
-                      save_every=0, eval_every=0, seed=0, threads=args.threads)
+                      save_every=0, eval_every=0, seed=0, threads=args.threads, dtype=args.dtype)
     return ws, validate(cfg, ws)
 
 
@@ -351,7 +355,7 @@ def worker_trl(args) -> dict:
 def run_worker(method: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length)]
+           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length), "--dtype", args.dtype]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -372,9 +376,11 @@ def main() -> int:
     ap.add_argument("--skip-trl", action="store_true", help="leave out TRL's SFTTrainer (bf16 autocast: very slow on CPU)")
     ap.add_argument("--trl-steps", type=int, default=0, help="measured steps for TRL (default: --steps)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--method", choices=("sft", "dpo"), default="sft",
+    ap.add_argument("--rounds", type=int, default=2, help="--method precision: alternated rounds of each dtype")
+    ap.add_argument("--method", choices=("sft", "dpo", "precision"), default="sft",
                     help="sft: ours / plain / TRL SFTTrainer; dpo: our DPO step / TRL DPOTrainer")
     ap.add_argument("--max-length", type=int, default=256, help="--method dpo: longest sequence in tokens")
+    ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -394,6 +400,8 @@ def main() -> int:
         return 0
     if args.method == "dpo":
         return main_dpo(args)
+    if args.method == "precision":
+        return main_precision(args)
 
     from pipelines import device as devicemod
 
@@ -466,6 +474,43 @@ def main_dpo(args) -> int:
           f"pairs whose prompt tokens differ between the answers: {trl['prompt_differs']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0
+
+
+def main_precision(args) -> int:
+    """Ours in float32 and in bf16 mixed precision on the same batches, alternated (fp32, bf16, fp32, bf16) so a
+    busy machine slows both alike; the ratio of the faster of each."""
+    import os
+
+    from pipelines import device as devicemod
+
+    prof = devicemod.profile()
+    os.environ.pop("MACTUNER_TRAIN_DTYPE", None)
+    choice, why = devicemod.train_dtype(prof)
+    print(f"model {args.model}; {prof.name}, {prof.physical_cores} cores, threads {args.threads or prof.threads}; "
+          f"LoRA r=16 all-linear, batch 4, max length 256, {args.warmup} warm-up + {args.steps} measured steps; "
+          f"dtype auto here: {choice} ({why})")
+    runs: dict[str, list[dict]] = {"float32": [], "bfloat16": []}
+    for _round in range(args.rounds):
+        for dtype in runs:
+            print(f"running ours {dtype}...", flush=True)
+            args.dtype = dtype
+            r = run_worker("ours", args, timeout=7200)
+            if "error" in r:
+                print(f"{dtype} failed: {r['error']}")
+                return 1
+            runs[dtype].append(r)
+    best = {d: max(rs, key=lambda r: r["tokens_per_s"]) for d, rs in runs.items()}
+    print()
+    for d, r in best.items():
+        print(f"{d:9} {r['tokens_per_s']:7.1f} tokens/s {r['s_per_step']:6.2f} s/step  peak RSS "
+              f"{r['peak_rss'] / 2**30:5.2f} GB  losses {' '.join(f'{x:.4f}' for x in r['losses'])}")
+    f32, b16 = best["float32"], best["bfloat16"]
+    rel = max(abs(a - b) / abs(a) for a, b in zip(f32["losses"], b16["losses"]))
+    print(f"bf16/fp32 ratio: {b16['tokens_per_s'] / f32['tokens_per_s']:.2f}x tokens/s, peak RSS "
+          f"{b16['peak_rss'] / f32['peak_rss']:.2f}x; max relative loss difference over the same batches {rel:.2%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": runs}, indent=2))
     return 0
 
 

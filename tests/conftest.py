@@ -46,13 +46,16 @@ os.environ["HF_HOME"] = str(_SESSION_HOME / "hf_home")
 os.environ["MACTUNER_HOME"] = str(_SESSION_HOME / "mactuner_home")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype "auto" trains in bf16 mixed precision on a CPU where a calibration finds it faster (AMX / AVX512-BF16) and in
+# float32 elsewhere: pin float32 so every machine kind sees the same losses; tests/pipelines/test_precision.py
+# covers the choice and the mixed path
+os.environ["MACTUNER_TRAIN_DTYPE"] = "float32"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not only `python -m pytest`) must find pipelines/ and studio/
     sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
-
 from tiny_models import TINY_CHAT_TEMPLATE, TINY_CORPUS, TINY_LLAMA, build_spm_llama, write_tiny_gguf  # noqa: E402,F401
 
 

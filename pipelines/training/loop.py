@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import BadInput, MacTunerError
 from ..workspace import Workspace, write_json
-from . import plan
+from . import plan, precision
 from .checkpoints import _replace_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig, TrainingFailed, validate
 from .encode import (
@@ -55,10 +55,8 @@ def _attention_targets(model) -> list[str]:
 
 
 def _torch_dtype(cfg: TrainConfig, prof):
-    import torch  # noqa: PLC0415
-
-    name = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
-    return getattr(torch, name), name
+    dtype, name, _why = precision.resolve(cfg, prof)
+    return dtype, name
 
 
 def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=()):
@@ -104,6 +102,7 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=
     except ValueError as e:
         raise BadInput(f"The adapter cannot be placed: {str(e).splitlines()[0][:300]}") from None
     torch.nn.Module.train(model)
+    precision.apply_mixed(model, torch.device(device).type, dtype)
     fast_token_rows(model)
     model.mactuner_token_rows = rows
     return model
@@ -339,7 +338,8 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
     if dist.main:
         log(f"Training {cfg.method} r={cfg.rank} ({n_trainable:,} trainable parameters) on {len(train_items)} "
             f"{'packed sequences' if cfg.packing else 'rows' if pref is None else 'pairs'}, {total_steps} steps, "
-            f"batch {cfg.batch_size}x{cfg.grad_accum}x{dist.world}, {dtype_name} on {prof.kind}, {threads} threads.")
+            f"batch {cfg.batch_size}x{cfg.grad_accum}x{dist.world}, {precision.describe(dtype_name)} on {prof.kind}, "
+            f"{threads} threads.")
 
     def evaluate() -> float | None:
         if not val_items:

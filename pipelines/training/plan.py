@@ -15,6 +15,7 @@ from .. import device as devicemod
 from ..workspace import Workspace
 from .config import TrainConfig, validate
 from .encode import IGNORE, encode_dataset, ensure_chat_template, pack_examples
+from .precision import describe
 
 
 def steps_per_epoch(n_items: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
@@ -36,6 +37,7 @@ class MemoryAdvice:
     processes: int
     available: int
     recommended_batch: int  # the largest power-of-two batch that fits; 0 when even 1 does not
+    precision: str = ""  # how training computes, and why (dtype "auto": the device's calibrated choice)
 
     @property
     def total(self) -> int:
@@ -52,7 +54,7 @@ def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod
     batch that fits."""
     prof = prof or devicemod.profile(refresh=True)
     mode = "qlora" if cfg.method == "qlora" else "lora"
-    dtype = prof.train_dtype if cfg.dtype == "auto" else cfg.dtype
+    dtype, why = devicemod.train_dtype(prof) if cfg.dtype == "auto" else (cfg.dtype, "set in the config")
     dtype = dtype if dtype in devicemod.DTYPE_BYTES else "float32"
     avail = prof.available_memory if available is None else available
     per_item = 1 if cfg.objective == "sft" else 2  # DPO / ORPO: a batch of pairs is twice as many sequences
@@ -61,7 +63,7 @@ def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod
     per_process = avail // max(1, processes)
     rec = devicemod.recommend_batch_size(shape, per_process, mode, dtype, cfg.max_length, cfg.rank,
                                          cfg.gradient_checkpointing) // per_item
-    return MemoryAdvice(mode, dtype, est, processes, avail, rec)
+    return MemoryAdvice(mode, dtype, est, processes, avail, rec, f"{describe(dtype)} — {why}")
 
 
 def batch_advice(cfg: TrainConfig, mem: MemoryAdvice) -> str:

@@ -79,12 +79,14 @@ def current_model(ctx: Context) -> dict:
 
 def device_md() -> str:
     p = devicemod.profile(refresh=True)
+    train = devicemod.train_dtype(p, measure=False)
     lines = [
         f"### Device\n**{p.kind.upper()}** — {p.name}",
         f"- Memory: {human_bytes(p.available_memory)} free of {human_bytes(p.total_memory)}",
         f"- Physical cores: {p.physical_cores} (threads used: {p.threads})",
         f"- bf16: {'native' if p.bf16 else 'no'} · fp16: {'yes' if p.fp16 else 'no'}",
-        f"- Training dtype: `{p.train_dtype}` · inference dtype: `{p.infer_dtype}`",
+        "- Training dtype (auto): " + (f"`{train[0]}` — {train[1]}" if train[0] else train[1])
+        + f" · inference dtype: `{p.infer_dtype}`",
         f"- QLoRA: {'available' if p.qlora else 'not here — ' + p.qlora_reason}",
     ]
     lines += [f"- {n}" for n in p.notes]

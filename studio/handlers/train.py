@@ -92,7 +92,8 @@ def preflight(ctx: Context, *values):
              f"**Memory** ({mem.mode}, {mem.dtype}): about {human_bytes(est.total)} of "
              f"{human_bytes(mem.available)} available — {'fits' if mem.fits else 'does NOT fit'}"
              + (f"; largest batch that fits: {mem.recommended_batch}" if mem.recommended_batch
-                else "; even batch 1 does not fit: shorten max length")]
+                else "; even batch 1 does not fit: shorten max length"),
+             f"**Precision**: {mem.precision}" if mem.precision else ""]
     if plan.seconds is not None:
         lines.append(f"**Time**: roughly {plan.seconds / 60:.0f} min on this CPU (from a matmul probe; the live ETA "
                      "is measured once training runs)")
@@ -263,7 +264,8 @@ def stop_button(st: dict | None):
 
 
 def _no_run(message: str, cache: dict | None = None) -> tuple:
-    return (cache or {}, message, "", *_figures([]), "", gr.update(choices=[]), "", stop_button(None))
+    return (cache or {}, message, "", *_figures([]), "", gr.update(choices=[]), "", gr.update(visible=False),
+            stop_button(None))
 
 
 def _monitor(run: runs.RunDir, st: dict, cache: dict, rows_changed: bool = True) -> tuple:
@@ -276,7 +278,16 @@ def _monitor(run: runs.RunDir, st: dict, cache: dict, rows_changed: bool = True)
         ck = gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
     figs = _figures(cache["rows"]) if rows_changed else (gr.update(),) * 3
     return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
-            *figs, "\n".join(cache.get("log") or []), ck, verdict_md(run, st), stop_button(st))
+            *figs, "\n".join(cache.get("log") or []), ck, *_verdict_once(run, st, cache), stop_button(st))
+
+
+def _verdict_once(run: runs.RunDir, st: dict, cache: dict) -> tuple:
+    """The verdict's markdown and chart, read once per state (not at every step of a running run)."""
+    key = st.get("state")
+    if cache.get("verdict_for") == key:
+        return gr.update(), gr.update()
+    cache["verdict_for"] = key
+    return verdict_view(run, st)
 
 
 def _take_rows(cache: dict, new: list[dict]) -> None:
@@ -302,6 +313,7 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
     _take_rows(cache, new)
     cache["log"] = run.log_tail(LOG_LINES).splitlines()
     cache.pop("ckpts", None)
+    cache.pop("verdict_for", None)
     return _monitor(run, runs.refresh_status(run), cache)
 
 
@@ -338,11 +350,39 @@ def follow_api(ctx: Context, run_name: str):
         yield up.to_dict()
 
 
-def verdict_md(run: runs.RunDir, st: dict) -> str:
-    """Base vs tuned for a finished run (its verdict.json, written by the trainer), else nothing."""
+def verdict_figure(v: dict | None):
+    """The verdict as a chart: base vs tuned bars (SFT: validation loss and each held-out prompt's similarity to the
+    reference; DPO / ORPO: preference accuracy and margin). Hidden when there is no verdict to draw."""
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    if not v or v.get("error") or "base" not in v:
+        return gr.update(visible=False)
+    b, t = v["base"], v["tuned"]
+    if v.get("kind") == "preference":
+        left, right = ("preference accuracy", b["accuracy"], t["accuracy"]), ("log-prob margin", b["margin"], t["margin"])
+        xs = [["pairs"], ["pairs"]]
+        pairs = [([left[1]], [left[2]]), ([right[1]], [right[2]])]
+        titles = (left[0], right[0])
+    else:
+        prompts = v.get("prompts") or []
+        xs = [["validation"], [f"prompt {i + 1}" for i in range(len(prompts))]]
+        pairs = [([b["loss"]], [t["loss"]]),
+                 ([r["base_similarity"] for r in prompts], [r["tuned_similarity"] for r in prompts])]
+        titles = ("validation loss (lower is better)", "similarity to the reference (higher is better)")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
+    for col, (x, (base_y, tuned_y)) in enumerate(zip(xs, pairs), start=1):
+        fig.add_bar(x=x, y=base_y, name="base", marker_color="#9ca3af", showlegend=col == 1, row=1, col=col)
+        fig.add_bar(x=x, y=tuned_y, name="tuned", marker_color="#f97316", showlegend=col == 1, row=1, col=col)
+    fig.update_layout(title="Base vs tuned", barmode="group", height=260, margin=dict(l=40, r=10, t=60, b=30))
+    return gr.update(value=fig, visible=True)
+
+
+def verdict_view(run: runs.RunDir, st: dict) -> tuple:
+    """(markdown, chart) of a finished run's verdict (runs/<run>/verdict.json, written by the trainer)."""
     if st.get("state") != "finished":
-        return ""
-    return tverdict.verdict_markdown(tverdict.read_verdict(run.path))
+        return "", gr.update(visible=False)
+    v = tverdict.read_verdict(run.path)
+    return tverdict.verdict_markdown(v), verdict_figure(v)
 
 
 @ui_errors

@@ -79,6 +79,7 @@ def build(ctx: h.Context) -> dict:
                 status = gr.Markdown(elem_id="train-status")
                 progress = gr.HTML(elem_id="train-progress")
                 verdict = gr.Markdown(elem_id="train-verdict")
+                verdict_plot = gr.Plot(elem_id="train-verdict-plot", visible=False)
                 loss_plot = gr.Plot(elem_id="train-loss")
                 with gr.Row():
                     lr_plot = gr.Plot(elem_id="train-lr")
@@ -95,7 +96,7 @@ def build(ctx: h.Context) -> dict:
         history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
     form = [widgets[n] for n in ht.FIELDS]
-    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, verdict, stop_btn]
+    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, verdict, verdict_plot, stop_btn]
     lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
     # the monitor streams: a generator follows the selected run's folder until the run ends (a newer one of this
     # page, or closing it, ends the older); no concurrency limit, so every tab and browser follows at once

@@ -139,14 +139,15 @@ def test_cuda_profile_without_mps_backend_attribute(host):
     assert detect(torch=t).kind == "cuda"
 
 
-def test_cpu_with_native_bf16_infers_in_bf16_trains_in_fp32(host):
+def test_cpu_with_native_bf16_infers_in_bf16_and_calibrates_training(host):
     p = detect(torch=cpu_torch(), cpuinfo=CPUINFO_BF16)
     assert (p.kind, p.torch_device) == ("cpu", "cpu")
     assert p.bf16 is True and p.fp16 is False
     assert p.infer_dtype == "bfloat16" and p.train_dtype == "float32"
     assert p.total_memory == 16 * GiB and p.available_memory == 10 * GiB
     assert p.qlora is False and "CUDA" in p.qlora_reason
-    assert len(p.notes) == 1 and "AVX512-BF16" in p.notes[0] and "training in float32" in p.notes[0]
+    # the profile's own training dtype stays float32; dtype "auto" asks device.train_dtype (test_precision.py)
+    assert len(p.notes) == 1 and "AVX512-BF16" in p.notes[0] and "calibration" in p.notes[0]
 
 
 def test_cpu_without_bf16_is_float32_throughout(host):

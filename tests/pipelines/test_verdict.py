@@ -44,7 +44,14 @@ def test_trained_run_is_better_and_written(ws, tiny_llama_dir):
     from studio.handlers import train as ht
 
     run = SimpleNamespace(path=ws.runs / "t")
-    assert ht.verdict_md(run, {"state": "finished"}) == md and ht.verdict_md(run, {"state": "running"}) == ""
+    shown, chart = ht.verdict_view(run, {"state": "finished"})
+    assert shown == md and chart["visible"] is True
+    fig = chart["value"]  # base vs tuned bars: the validation loss, and each held-out prompt's similarity
+    bars = {(tr.name, tr.xaxis): list(tr.y) for tr in fig.data}
+    assert bars[("base", "x")] == [v["base"]["loss"]] and bars[("tuned", "x")] == [v["tuned"]["loss"]]
+    assert bars[("tuned", "x2")] == [p["tuned_similarity"] for p in v["prompts"]]
+    assert ht.verdict_view(run, {"state": "running"}) == ("", {"__type__": "update", "visible": False})
+    assert ht.verdict_figure({"error": "boom", "verdict": "failed"})["visible"] is False
     from pipelines.export.merge import _model_card
 
     card = _model_card(tiny_llama_dir, ws.runs / "t" / "adapter", ws.runs / "t", "float32")

@@ -47,3 +47,8 @@ def test_preference_verdict_markdown():
          "tuned": {"accuracy": 0.875, "margin": 1.5}}
     md = tverdict.verdict_markdown(v)
     assert "8 validation pairs" in md and "| 50% | 88% |" in md and "+1.500" in md
+    from studio.handlers import train as ht
+
+    fig = ht.verdict_figure(v)["value"]  # accuracy and margin, base vs tuned
+    assert {(tr.name, tr.xaxis): list(tr.y) for tr in fig.data} == {
+        ("base", "x"): [0.5], ("tuned", "x"): [0.875], ("base", "x2"): [-0.2], ("tuned", "x2"): [1.5]}
