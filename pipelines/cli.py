@@ -7,6 +7,8 @@
     mactuner download MODEL_ID [--token T]
     mactuner train CONFIG.yaml [--root DIR] [--name N] [--nproc 2] [--detach]   queue a LoRA run and follow it
     mactuner train --example             print a TrainConfig YAML with every setting and its help
+    mactuner train CONFIG.yaml --machines N --name RUN [--head IP]   the commands for N machines (torchrun,
+                                         accelerate, SkyPilot); under those launchers `train`/`resume` is one process
     mactuner runs [--root DIR]           list training runs
     mactuner stop RUN [--root DIR]       stop a run at its next step end (it saves a checkpoint)
     mactuner resume RUN [--checkpoint step-N] [--root DIR] [--detach]
@@ -148,6 +150,8 @@ def _add_training(sub) -> None:
     t.add_argument("--nproc", type=int, default=1, help="training processes (>1: DDP under torchrun)")
     t.add_argument("--detach", action="store_true", help="return once queued; the run goes on in the background")
     t.add_argument("--example", action="store_true", help="print an example config with every setting and exit")
+    t.add_argument("--machines", type=int, default=0, help="print the commands that train on this many machines")
+    t.add_argument("--head", default="HEAD_IP", help="with --machines: the address the other machines reach")
 
     def _train(a):
         if a.example:
@@ -158,11 +162,13 @@ def _add_training(sub) -> None:
             return 2
         from pathlib import Path  # noqa: PLC0415
 
-        from . import runs  # noqa: PLC0415
+        from . import multinode, runs  # noqa: PLC0415
         from .training import TrainConfig  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
+        if a.machines or multinode.launched():
+            return _multinode_train(a, ws, Path(a.config))
         run = runs.launch(ws, TrainConfig.from_yaml(Path(a.config)), name=a.name, nproc=a.nproc)
         st = runs.refresh_status(run)
         print(f"run {run.name}: {st['state']} ({run.path})", flush=True)
@@ -203,15 +209,34 @@ def _add_training(sub) -> None:
     rs.add_argument("--detach", action="store_true")
 
     def _resume(a):
-        from . import runs  # noqa: PLC0415
+        from . import multinode, runs  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
+        if multinode.launched():  # one process of a launch on several machines
+            return multinode.run_rank(ws, None, a.run, a.checkpoint)
         run = runs.resume(ws, runs.get_run(ws, a.run), a.checkpoint)
         print(f"run {run.name}: {runs.refresh_status(run)['state']}", flush=True)
         return 0 if a.detach else _follow(run)
 
     rs.set_defaults(fn=_resume)
+
+
+def _multinode_train(a, ws, config) -> int:
+    """`train --machines N`: print the commands; under torchrun / accelerate launch: be one training process."""
+    from . import multinode  # noqa: PLC0415
+
+    if multinode.launched():
+        return multinode.run_rank(ws, config, a.name)
+    from .multinode_commands import commands  # noqa: PLC0415
+    from .training import TrainConfig, validate  # noqa: PLC0415
+
+    cmds = commands(a.config, a.machines, run_name=a.name or "", root=str(ws.root), head=a.head,
+                    cfg=validate(TrainConfig.from_yaml(config), ws))
+    print(f"# on every machine (torchrun):\n{cmds.torchrun}\n\n# or accelerate.yaml:\n{cmds.accelerate_config}")
+    print("\n".join(f"# machine {i}:\n{c}" for i, c in enumerate(cmds.accelerate)))
+    print(f"\n# or a SkyPilot task (sky launch -c mactuner TASK.yaml):\n{cmds.skypilot}", end="")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ export

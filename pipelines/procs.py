@@ -6,6 +6,9 @@ from the pid and start time a status file recorded, whether it is still alive (a
     exit_code(pid)                                     -> the exit status of a child this process started, or None
     log_tail(log_path, lines=None)                     -> the end of its log (the last `lines` lines)
 
+A status with a "host" other than this machine's (a run on several machines, its workspace on a shared filesystem,
+rank 0 elsewhere: pipelines.multinode) is alive while its "heartbeat" is younger than REMOTE_STALE_S.
+
 Every child started here is waited on by a small thread of its own as soon as it starts, so a finished job never
 lingers as a `<defunct>` zombie of the studio, whether or not anyone polls its status; its exit status is kept
 (the last few hundred) for `exit_code`.
@@ -14,8 +17,10 @@ lingers as a `<defunct>` zombie of the studio, whether or not anyone polls its s
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -25,6 +30,7 @@ _CHILDREN: dict[int, subprocess.Popen] = {}  # processes started here and still 
 _EXITED: dict[int, int] = {}  # pid -> exit status of children that ended, until exit_code asks (bounded)
 _MAX_EXITED = 256
 _LOCK = threading.Lock()
+REMOTE_STALE_S = 300.0  # rank 0 of a run on several machines writes its heartbeat every minute
 
 
 def child_env(drop: set[str] = frozenset()) -> dict:
@@ -62,7 +68,12 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 def alive(st: dict) -> bool:
-    """True while the process recorded in `st` ("pid", optional "create_time") runs."""
+    """True while the process recorded in `st` ("pid", optional "create_time") runs (on another "host": while its
+    heartbeat is fresh)."""
+    host = st.get("host")
+    if host and host != socket.gethostname():
+        beat = max(float(st.get("heartbeat") or 0), float(st.get("updated") or 0))
+        return time.time() - beat < REMOTE_STALE_S
     pid = st.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False

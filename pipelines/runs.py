@@ -323,24 +323,28 @@ def resume(ws: Workspace, run: RunDir, checkpoint: str | os.PathLike | None = No
     st = refresh_status(run)
     if st.get("state") in ACTIVE or st.get("state") == "queued":
         raise Conflict(f"Run '{run.name}' is {st.get('state')}; stop it before resuming.")
-    if checkpoint is None:
-        ckpts = run.checkpoints()
-        if not ckpts:
-            raise BadInput(f"Run '{run.name}' has no complete checkpoint to resume from.")
-        ckpt = ckpts[-1]
-    else:
-        c = Path(checkpoint)
-        ckpt = c if c.is_absolute() else (run.checkpoints_dir / c if len(c.parts) == 1 else ws.inside(c))
-        ckpt = ckpt.resolve()
-        if ws.root not in ckpt.parents:
-            raise BadInput(f"{checkpoint} is outside the workspace.")
+    ckpt = checkpoint_path(ws, run, checkpoint)
     cfg = validate(run.config(), ws)
     check_resume(cfg, ckpt)
     run.stop_flag.unlink(missing_ok=True)
     run.update_status(state="queued", reason=None, resume_from=str(ckpt), queued_at=time.time(), ended=None,
-                      pid=None, create_time=None)
+                      pid=None, create_time=None, host=None, heartbeat=None)  # host: see procs.alive
     start_next(ws)
     return run
+
+
+def checkpoint_path(ws: Workspace, run: RunDir, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder for a path or a name such as "step-20" (default: the run's latest complete one)."""
+    if checkpoint is None:
+        ckpts = run.checkpoints()
+        if not ckpts:
+            raise BadInput(f"Run '{run.name}' has no complete checkpoint to resume from.")
+        return ckpts[-1]
+    c = Path(checkpoint)
+    ckpt = (c if c.is_absolute() else (run.checkpoints_dir / c if len(c.parts) == 1 else ws.inside(c))).resolve()
+    if ws.root not in ckpt.parents:
+        raise BadInput(f"{checkpoint} is outside the workspace.")
+    return ckpt
 
 
 def wait(run: RunDir, timeout: float = 600.0, poll: float = 0.2, states=FINAL) -> dict:
@@ -421,9 +425,10 @@ def adapter_sources(ws: Workspace) -> list[tuple[str, Path]]:
 # ------------------------------------------------------------------------------------------- the trainer (a job)
 
 
-def run_job(job: jobs.JobDir) -> int:
+def run_job(job: jobs.JobDir, start_queue: bool = True) -> int:
     """The training process (`python -m pipelines.jobs <run folder>`, also each rank under torchrun): train the
-    folder's config.yaml into it, keeping status.json and metrics.jsonl; then start the next queued run."""
+    folder's config.yaml into it, keeping status.json and metrics.jsonl; then start the next queued run (not when
+    `start_queue` is False: rank 0 of a run on several machines, pipelines.multinode)."""
     run = RunDir(job.path)
     ws = run.workspace if run.path.resolve().parent.name == "runs" else Workspace.open()
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -481,6 +486,7 @@ def run_job(job: jobs.JobDir) -> int:
     finally:
         if rank0:
             run.stop_flag.unlink(missing_ok=True)
+        if rank0 and start_queue:
             try:
                 start_next(ws)  # the queue: start the oldest queued run now that this one is over
             except Exception:  # noqa: BLE001 - the next poll starts it; this run's outcome stands

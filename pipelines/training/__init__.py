@@ -7,6 +7,8 @@
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
     loop.py         run_training(): the loop, single process or DDP under torchrun
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
+    distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
+                    refuse), the facts every process must agree on (pipelines/multinode.py compares them)
 
 A run's folder and queue are runs.py's; a run trains in a job process (`python -m pipelines.jobs <run folder>`).
 From a notebook:

@@ -4,7 +4,8 @@
         adapter_model.safetensors, adapter_config.json   the LoRA weights (PEFT's format)
         optimizer.pt, scheduler.pt, rng.pt                torch state dicts (tensors only; loaded weights_only)
         trainer_state.json                                step, total_steps, epoch, elapsed, tokens, loss,
-                                                          best_eval_loss, config, world_size, time
+                                                          best_eval_loss, config, world_size, steps_per_epoch,
+                                                          time
         COMPLETE                                          written last: a folder without it is never resumed
 
 Each is written into a temporary folder renamed when everything is there; `keep_last` prunes older ones.

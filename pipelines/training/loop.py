@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import BadInput, MacTunerError
 from ..workspace import Workspace, write_json
-from . import plan, precision
+from . import distributed, plan, precision
 from .checkpoints import _replace_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig, TrainingFailed, validate
 from .encode import (
@@ -159,7 +159,6 @@ class _Dist:
     """torch.distributed when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
 
     def __init__(self):
-        import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,8 +168,7 @@ class _Dist:
         self.dist = dist
         self.owned = False
         if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            dist.init_process_group(distributed.backend())
             self.owned = True
 
     @property
@@ -269,6 +267,10 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
     else:
         train_items, val_items = train_enc.items, val_enc.items  # DPO / ORPO: (chosen, rejected) pairs
 
+    if resume is not None:  # on another number of processes: keep the checkpoint's global batch, or refuse
+        cfg, note = distributed.fit_to_world(cfg, distributed.read_state(resume), dist.world, len(train_items))
+        if note and dist.main:
+            log(note)
     sampler = DistributedSampler(train_items, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed)
     steps_per_epoch = plan.steps_per_epoch(len(train_items), cfg.batch_size, cfg.grad_accum, dist.world)
     total_steps = plan.total_steps(cfg, steps_per_epoch)
@@ -363,7 +365,8 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
     def trainer_state(step_: int, last_loss) -> dict:
         return {"step": step_, "total_steps": total_steps, "epoch": step_ / steps_per_epoch,
                 "elapsed": elapsed_before + time.time() - t_start, "tokens": tokens_seen, "loss": last_loss,
-                "best_eval_loss": best_eval, "config": cfg.to_dict(), "world_size": dist.world, "time": time.time()}
+                "best_eval_loss": best_eval, "config": cfg.to_dict(), "world_size": dist.world,
+                "steps_per_epoch": steps_per_epoch, "time": time.time()}
 
     def checkpoint(step_: int, last_loss) -> Path | None:
         path = None

@@ -12,6 +12,7 @@ from pipelines.training import TrainConfig
 
 from ..handlers import common as h
 from ..handlers import train as ht
+from ..handlers import train_multi as htm
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -64,6 +65,17 @@ def build(ctx: h.Context) -> dict:
                     command = gr.Textbox(label="Command", interactive=False)
                     yaml_file = gr.File(label="Load a config YAML into the form", type="filepath",
                                         file_types=[".yaml", ".yml"], height=80)
+                with gr.Accordion("Train on several machines", open=False, elem_id="train-multi"):
+                    with gr.Row():
+                        machines = gr.Number(2, precision=0, minimum=2, label="Machines", elem_id="train-machines")
+                        per_machine = gr.Number(1, precision=0, minimum=1, label="Processes per machine (GPUs)")
+                        head = gr.Textbox("HEAD_IP", label="Head address (reachable by all)")
+                        port = gr.Number(29500, precision=0, label="Port")
+                    accelerators = gr.Textbox("", label="SkyPilot accelerators (e.g. L4:1; empty: CPUs)")
+                    multi_btn = gr.Button("Show the commands", elem_id="train-multi-btn")
+                    multi_md = gr.Markdown(elem_id="train-multi-commands")
+                    multi_sky = gr.Code(language="yaml", interactive=False, label="SkyPilot task",
+                                        elem_id="train-multi-skypilot")
             with gr.Column(scale=3):
                 gr.Markdown("#### Monitor")
                 with gr.Row():
@@ -116,6 +128,8 @@ def build(ctx: h.Context) -> dict:
     reuse_btn.click(h.bind(ht.load_run_config, ctx), run_sel, form, api_name="train_run_config")
     yaml_btn.click(ht.to_yaml, form, [yaml_text, command], api_name="train_yaml")
     yaml_file.upload(ht.from_yaml, yaml_file, form, api_visibility="private")
+    multi_btn.click(h.bind(htm.multi_commands, ctx), [run_name, machines, per_machine, head, port, accelerators, *form],
+                    [multi_md, multi_sky], api_name="train_multi_commands")
     overlay_btn.click(h.bind(ht.overlay, ctx), overlay_sel, overlay_plot, api_name="train_overlay")
     return {"run": run_sel}
 
