@@ -18,39 +18,45 @@ IGNORE = -100
 PAIR_KEEP = ("role", "content", "loss_weight", "tool_calls", "name")
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content", "loss_weight"?,
-    "tool_calls"?}, ...], "tools"?, "label"?} or, for plain text (continued pre-training), {"text": str}. A missing
-    file is an empty split; a preference row (chosen / rejected) is BadInput: SFT does not train on those."""
+def _json_lines(path: Path):
+    """(line number, value) of each non-empty line of a JSON-lines split; none for a missing file (an empty split);
+    a line that is not JSON is BadInput naming it."""
     if not path.exists():
-        return []
-    out = []
+        return
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise BadInput(f"{path.name} line {i} is not valid JSON ({e.msg}).") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
-                out.append({"text": row["text"]})
-                continue
-            if isinstance(row, dict) and "chosen" in row and "rejected" in row:
-                raise BadInput(f"{path.name} holds preference pairs (chosen / rejected), which supervised fine-tuning "
-                               "does not train on: choose objective 'dpo' or 'orpo', or in the Data tab save its "
-                               "chosen answers as SFT data.")
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-                raise BadInput(f"{path.name} line {i} has neither a 'messages' list of {{role, content}} objects nor "
-                               "a 'text'.")
-            keep = ("role", "content", "loss_weight", "tool_calls", "name")
-            item = {"messages": [{k: m[k] for k in keep if k in m} for m in msgs]}
-            for k in ("tools", "label"):
-                if k in row:
-                    item[k] = row[k]
-            out.append(item)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a dataset split as the Data stage saves them: {"messages": [{"role", "content", "loss_weight"?,
+    "tool_calls"?}, ...], "tools"?, "label"?} or, for plain text (continued pre-training), {"text": str}. A missing
+    file is an empty split; a preference row (chosen / rejected) is BadInput: SFT does not train on those."""
+    out = []
+    for i, row in _json_lines(path):
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
+            out.append({"text": row["text"]})
+            continue
+        if isinstance(row, dict) and "chosen" in row and "rejected" in row:
+            raise BadInput(f"{path.name} holds preference pairs (chosen / rejected), which supervised fine-tuning "
+                           "does not train on: choose objective 'dpo' or 'orpo', or in the Data tab save its "
+                           "chosen answers as SFT data.")
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise BadInput(f"{path.name} line {i} has neither a 'messages' list of {{role, content}} objects nor "
+                           "a 'text'.")
+        keep = ("role", "content", "loss_weight", "tool_calls", "name")
+        item = {"messages": [{k: m[k] for k in keep if k in m} for m in msgs]}
+        for k in ("tools", "label"):
+            if k in row:
+                item[k] = row[k]
+        out.append(item)
     return out
 
 
@@ -279,24 +285,15 @@ def _msgs_ok(msgs) -> bool:
 def read_pairs(path: Path) -> list[dict]:
     """Rows of a preference split as the Data stage saves them ({"prompt", "chosen", "rejected"}: lists of messages,
     "tools"?). A missing file is an empty split; a row of another kind is BadInput naming the line."""
-    if not path.exists():
-        return []
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path.name} line {i} is not valid JSON ({e.msg}).") from None
-            if not (isinstance(row, dict) and all(_msgs_ok(row.get(k)) for k in ("prompt", "chosen", "rejected"))):
-                raise BadInput(f"{path.name} line {i} is not a preference pair: DPO and ORPO need a 'prompt', a "
-                               "'chosen' and a 'rejected' answer (lists of {role, content} messages) on every row.")
-            item = {k: [{x: m[x] for x in PAIR_KEEP if x in m} for m in row[k]] for k in ("prompt", "chosen", "rejected")}
-            if row.get("tools"):
-                item["tools"] = row["tools"]
-            out.append(item)
+    for i, row in _json_lines(path):
+        if not (isinstance(row, dict) and all(_msgs_ok(row.get(k)) for k in ("prompt", "chosen", "rejected"))):
+            raise BadInput(f"{path.name} line {i} is not a preference pair: DPO and ORPO need a 'prompt', a "
+                           "'chosen' and a 'rejected' answer (lists of {role, content} messages) on every row.")
+        item = {k: [{x: m[x] for x in PAIR_KEEP if x in m} for m in row[k]] for k in ("prompt", "chosen", "rejected")}
+        if row.get("tools"):
+            item["tools"] = row["tools"]
+        out.append(item)
     return out
 
 

@@ -67,7 +67,7 @@ def test_bf16_mixed_tracks_float32(ws, tiny_llama_dir):
         cfg = tiny_cfg(tiny_llama_dir, max_steps=6, dtype=dtype)
         res = run_training(cfg, ws.runs / dtype, rows.append, ws=ws, log=logs.append)
         out[dtype] = ([r["loss"] for r in rows if "loss" in r], logs, res)
-    (l32, logs32, _), (l16, logs16, res16) = out["float32"], out["bfloat16"]
+    (l32, logs32, _), (l16, logs16, _) = out["float32"], out["bfloat16"]
     assert len(l32) == len(l16) == 6
     for a, b in zip(l32, l16):
         assert abs(a - b) <= TOLERANCE * abs(a), (l32, l16)
