@@ -211,8 +211,7 @@ MIXED_MIN_SPEEDUP = 1.5
 _CALIBRATION_VERSION = 1
 
 
-def calibration_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mactuner" / "calibration.json"
+CALIBRATION_FILE = "calibration.json"  # in the workspace's root: what this machine measured, per CPU and torch
 
 
 def _calibration_key(prof: DeviceProfile) -> str:
@@ -253,36 +252,43 @@ def _bf16_speedup_probe(threads: int) -> float:
     return in_own_thread(probe)
 
 
-def train_dtype(prof: DeviceProfile | None = None, measure: bool = True) -> tuple[str | None, str]:
+def train_dtype(prof: DeviceProfile | None = None, cache: Path | None = None,
+                measure: bool = True) -> tuple[str | None, str]:
     """(dtype, why) for training with dtype "auto". A GPU takes its profile's choice (bf16 where supported); a CPU
-    with native bf16 is measured once - bf16 vs float32 on a LoRA-shaped step, cached in calibration.json by CPU,
-    torch version and threads - and trains in bf16 mixed precision when that is at least MIXED_MIN_SPEEDUP faster.
-    MACTUNER_TRAIN_DTYPE=float32|bfloat16 overrides the choice (the test suite pins float32). measure=False never
-    runs the probe: (None, why) while this CPU is not calibrated yet."""
+    with native bf16 is measured once - bf16 vs float32 on a LoRA-shaped step, kept in the JSON file `cache` (the
+    workspace's calibration.json) by CPU, torch version and threads - and trains in bf16 mixed precision when that
+    is at least MIXED_MIN_SPEEDUP faster. The trainer measures (a child process: native kernels never run in the
+    studio); measure=False (the studio's pre-flight, the Model tab) only reads: (None, why) while this CPU is not
+    calibrated yet. MACTUNER_TRAIN_DTYPE=float32|bfloat16 overrides the choice (the test suite pins float32)."""
     prof = prof or profile()
-    forced = os.environ.get("MACTUNER_TRAIN_DTYPE")
+    forced = os.environ.get("MACTUNER_TRAIN_DTYPE", "").strip()
     if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            from .errors import BadInput  # noqa: PLC0415
+
+            raise BadInput(f"MACTUNER_TRAIN_DTYPE is {forced!r}: use float32, bfloat16 or float16 (or unset it).")
         return forced, f"set by MACTUNER_TRAIN_DTYPE={forced}"
     if prof.kind != "cpu":
         return prof.train_dtype, f"{prof.train_dtype} on this {prof.kind.upper()} device"
     if not prof.bf16:
         return "float32", "float32: this CPU has no native bf16"
-    path, key = calibration_path(), _calibration_key(prof)
+    key = _calibration_key(prof)
     try:
-        cached = json.loads(path.read_text())
+        cached = json.loads(cache.read_text()) if cache else {}
     except (OSError, ValueError):
         cached = {}
     speedup = cached.get(key) if isinstance(cached, dict) else None
     if not isinstance(speedup, (int, float)):
         if not measure:
-            return None, "bf16 mixed precision or float32: measured at the first pre-flight check or training run"
+            return None, "bf16 mixed precision or float32, as a short calibration at the first training run finds"
         speedup = _bf16_speedup_probe(prof.threads)
         cached = {**(cached if isinstance(cached, dict) else {}), key: speedup}
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached))
-            tmp.replace(path)
+        if cache is not None:
+            with contextlib.suppress(OSError):
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cached))
+                tmp.replace(cache)
     if speedup >= MIXED_MIN_SPEEDUP:
         return "bfloat16", f"bf16 mixed precision: calibrated {speedup:.1f}x float32 on this CPU"
     return "float32", f"float32: bf16 calibrated only {speedup:.1f}x float32 on this CPU"

@@ -12,6 +12,8 @@ second tab re-attaches with the whole picture.
         ...
 
 `stop` (a callable) ends a follower early: the studio passes "this browser has started a newer follower".
+`idle=True` makes a follower yield None where it would wait `interval` (so an async caller waits on its event loop
+and no thread is held while nothing changes).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def _status_key(st: dict) -> tuple:
 
 
 def follow_run(run, status: Callable[[], dict], final_states: tuple[str, ...], interval: float = 0.5,
-               stop: Callable[[], bool] | None = None, log_bytes: int = LOG_BYTES) -> Iterator[RunUpdate]:
+               stop: Callable[[], bool] | None = None, log_bytes: int = LOG_BYTES,
+               idle: bool = False) -> Iterator[RunUpdate | None]:
     """Yield a RunUpdate whenever `run` (a pipelines.runs.RunDir, whose `status()` is read each tick) changes,
     until its state is one of `final_states` (that update is `final`) or `stop()` is true. `runs.follow` fills
     these in; a queued run is followed through its start."""
@@ -109,11 +112,14 @@ def follow_run(run, status: Callable[[], dict], final_states: tuple[str, ...], i
             yield RunUpdate(run.name, st, json_lines(data), text.decode("utf-8", "replace"), final)
         if final or (stop and stop()):
             return
-        time.sleep(interval)
+        if idle:
+            yield None
+        else:
+            time.sleep(interval)
 
 
 def follow_job(queue, job_id: str, interval: float = 0.5, stop: Callable[[], bool] | None = None,
-               log_bytes: int = 8000) -> Iterator[dict]:
+               log_bytes: int = 8000, idle: bool = False) -> Iterator[dict | None]:
     """Yield the status of job `job_id` of a pipelines.jobs.JobQueue each time it changes (with "log": the log text
     appended since the last one, and "final"), until the job is complete, failed or cancelled, or `stop()`."""
     j = queue.job(job_id)
@@ -128,4 +134,7 @@ def follow_job(queue, job_id: str, interval: float = 0.5, stop: Callable[[], boo
             yield {**st, "log": text.decode("utf-8", "replace"), "final": final}
         if final or (stop and stop()):
             return
-        time.sleep(interval)
+        if idle:
+            yield None
+        else:
+            time.sleep(interval)

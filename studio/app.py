@@ -84,7 +84,7 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500, banner: str = "", login_
         timer.tick(h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
         # A refreshed or newly opened page reads the shared state again.
         demo.load(h.bind(hm.header_md, ctx), None, header, api_visibility="private").then(
-            hm.device_md, None, m["device"], api_visibility="private").then(
+            h.bind(hm.device_md, ctx), None, m["device"], api_visibility="private").then(
             h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private").then(
             m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private").then(
             *d["on_load"], api_visibility="private")

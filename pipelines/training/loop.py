@@ -54,8 +54,8 @@ def _attention_targets(model) -> list[str]:
     return sorted(names)
 
 
-def _torch_dtype(cfg: TrainConfig, prof):
-    dtype, name, _why = precision.resolve(cfg, prof)
+def _torch_dtype(cfg: TrainConfig, prof, ws: Workspace):
+    dtype, name, _why = precision.resolve(cfg, prof, ws)
     return dtype, name
 
 
@@ -247,7 +247,7 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         torch.cuda.set_device(device)
     else:
         device = torch.device(prof.kind)
-    dtype, dtype_name = _torch_dtype(cfg, prof)
+    dtype, dtype_name = _torch_dtype(cfg, prof, ws)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + dist.rank)
 

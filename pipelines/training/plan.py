@@ -49,12 +49,15 @@ class MemoryAdvice:
 
 
 def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod.DeviceProfile | None = None,
-                  processes: int = 1, available: int | None = None) -> MemoryAdvice:
+                  processes: int = 1, available: int | None = None, ws: Workspace | None = None) -> MemoryAdvice:
     """The memory `cfg` needs on this device (each process holds its own copy on a CPU or one GPU) and the largest
-    batch that fits."""
+    batch that fits; dtype "auto" reads the precision the trainer calibrated in `ws` (float32 figures until then)."""
     prof = prof or devicemod.profile(refresh=True)
     mode = "qlora" if cfg.method == "qlora" else "lora"
-    dtype, why = devicemod.train_dtype(prof) if cfg.dtype == "auto" else (cfg.dtype, "set in the config")
+    cache = ws.root / devicemod.CALIBRATION_FILE if ws is not None else None
+    dtype, why = (devicemod.train_dtype(prof, cache, measure=False) if cfg.dtype == "auto"
+                  else (cfg.dtype, "set in the config"))
+    precision = f"{describe(dtype)} — {why}"
     dtype = dtype if dtype in devicemod.DTYPE_BYTES else "float32"
     avail = prof.available_memory if available is None else available
     per_item = 1 if cfg.objective == "sft" else 2  # DPO / ORPO: a batch of pairs is twice as many sequences
@@ -63,7 +66,7 @@ def memory_advice(shape: devicemod.ModelShape, cfg: TrainConfig, prof: devicemod
     per_process = avail // max(1, processes)
     rec = devicemod.recommend_batch_size(shape, per_process, mode, dtype, cfg.max_length, cfg.rank,
                                          cfg.gradient_checkpointing) // per_item
-    return MemoryAdvice(mode, dtype, est, processes, avail, rec, f"{describe(dtype)} — {why}")
+    return MemoryAdvice(mode, dtype, est, processes, avail, rec, precision)
 
 
 def batch_advice(cfg: TrainConfig, mem: MemoryAdvice) -> str:
@@ -139,4 +142,4 @@ def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPl
         config=cfg, train_rows=tr.rows, usable=len(tr.items), truncated=tr.truncated, dropped=tr.dropped,
         validation_rows=len(va.items), label_tokens=sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
         note=tr.note("train", cfg.max_length), items=len(items), processes=nproc, steps_per_epoch=per_epoch,
-        total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc), seconds=seconds)
+        total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc, ws=ws), seconds=seconds)

@@ -47,7 +47,20 @@ def _as_gr_error(fn_name: str, e: Exception) -> gr.Error:
 
 def ui_errors(fn):
     """MacTunerError -> gr.Error with its message; anything else -> one line in the UI, traceback in the log.
-    Works for plain functions and for generators (streaming handlers), whose errors arrive while iterating."""
+    Works for plain functions and for generators, sync or async (streaming handlers), whose errors arrive while
+    iterating."""
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def agen_wrapper(*args, **kwargs):
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - translated for the user
+                raise _as_gr_error(fn.__name__, e) from None
+
+        return agen_wrapper
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
@@ -132,7 +145,12 @@ def bind(fn, ctx: "Context", **fixed):
             return fn(ctx, *args, **kwargs, **fixed)
         return fn(ctx, **{**dict(zip(names, args)), **kwargs, **fixed})
 
-    if inspect.isgeneratorfunction(fn):
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def bound(*args, **kwargs):
+            async for item in call(args, kwargs):
+                yield item
+    elif inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def bound(*args, **kwargs):
             yield from call(args, kwargs)
@@ -198,6 +216,29 @@ def forget_session(request: gr.Request) -> None:
     """The page was closed (or reloaded): drop what every SessionState kept for it."""
     for state in _SESSION_STATES:
         state.forget(SessionState.key(request))
+
+
+_END = object()
+
+
+async def stream(follower, interval: float = 0.5):
+    """Drive a pipelines.follow follower made with idle=True from an async handler: each step in a worker thread
+    (file reads), each wait on the event loop, so no thread is held while nothing changes; closing this closes it."""
+    import asyncio  # noqa: PLC0415
+
+    import anyio  # noqa: PLC0415
+
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(next, follower, _END)
+            if item is _END:
+                return
+            if item is None:
+                await asyncio.sleep(interval)
+                continue
+            yield item
+    finally:
+        follower.close()
 
 
 class Followers:

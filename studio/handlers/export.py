@@ -20,7 +20,7 @@ from pipelines.export import job as export_job
 from pipelines.workspace import human_bytes
 
 from .chat import adapter_sources, model_choices
-from .common import Context, Followers, progress_bar_html, selected_cell, ui_errors
+from .common import Context, Followers, progress_bar_html, selected_cell, stream, ui_errors
 
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
@@ -172,15 +172,17 @@ def poll(ctx: Context, job: str | None, seen: str | None):
 FOLLOWERS = Followers()
 
 
-def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
+@ui_errors
+async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
     """Stream the export monitor: the job to show (as `poll` picks it) followed from its folder (status and log
     from byte offsets) with an update per change, ending with the job; this page's newer follower ends it."""
+    stop = FOLLOWERS.start(request)
     st, _running = _pick_job(ctx, job)
     if st is None:
         yield (*NO_EXPORT, seen, gr.update(), gr.update())
         return
     lines: list[str] = []
-    for up in pfollow.follow_job(export_job.queue(ctx.ws), st["id"], stop=FOLLOWERS.start(request)):
+    async for up in stream(pfollow.follow_job(export_job.queue(ctx.ws), st["id"], stop=stop, idle=True)):
         lines = (lines + up.pop("log").splitlines())[-LOG_LINES:]
         up.pop("final")
         out = _view(ctx, up, seen, "\n".join(lines))

@@ -77,9 +77,10 @@ def current_model(ctx: Context) -> dict:
     return out
 
 
-def device_md() -> str:
+def device_md(ctx: Context | None = None) -> str:
     p = devicemod.profile(refresh=True)
-    train = devicemod.train_dtype(p, measure=False)
+    cache = ctx.ws.root / devicemod.CALIBRATION_FILE if ctx is not None else None
+    train = devicemod.train_dtype(p, cache, measure=False)
     lines = [
         f"### Device\n**{p.kind.upper()}** — {p.name}",
         f"- Memory: {human_bytes(p.available_memory)} free of {human_bytes(p.total_memory)}",

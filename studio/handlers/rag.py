@@ -23,7 +23,7 @@ from pipelines.workspace import human_bytes
 
 from .. import zerogpu
 from .chat import BASE, _model, _new_stop, _speed, params_from
-from .common import Context, Followers, progress_bar_html, ui_errors
+from .common import Context, Followers, progress_bar_html, stream, ui_errors
 
 KB_COLUMNS = ["name", "documents", "pages", "chunks", "size", "embedder", "index"]
 DOC_COLUMNS = ["name", "kind", "pages", "chunks", "size"]
@@ -160,14 +160,16 @@ def poll(ctx: Context, job: str | None, seen: str | None):
 FOLLOWERS = Followers()
 
 
-def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
+@ui_errors
+async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
     """Stream the ingest monitor: the job `poll` would show, followed from its folder with an update per change,
     ending with the job; this page's newer follower ends it."""
+    stop = FOLLOWERS.start(request)
     st = _pick_job(ctx, job)
     if st is None:
         yield (*NO_INGEST, seen, gr.update())
         return
-    for up in pfollow.follow_job(ringest.queue(ctx.ws), st["id"], stop=FOLLOWERS.start(request)):
+    async for up in stream(pfollow.follow_job(ringest.queue(ctx.ws), st["id"], stop=stop, idle=True)):
         out = _view(ctx, up, seen)
         seen = out[3]
         yield out

@@ -22,7 +22,7 @@ from pipelines.training import DTYPES, METHODS, OBJECTIVES, SCHEDULERS, TrainCon
 from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
-from .common import Context, Followers, progress_bar_html, ui_errors
+from .common import Context, Followers, progress_bar_html, stream, ui_errors
 
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -320,10 +320,13 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
 FOLLOWERS = Followers()
 
 
-def follow(ctx: Context, selected: str | None, request: gr.Request = None):
+@ui_errors
+async def follow(ctx: Context, selected: str | None, request: gr.Request = None):
     """Stream the selected run's monitor: a first update with everything so far, then one as each step, log line
     or state change lands (pipelines.follow reads the run folder from byte offsets), ending with the run. This
-    browser's newer follower (another run picked, Start, a reload) or a closed page ends it."""
+    browser's newer follower (another run picked, Start, a reload) or a closed page ends the older one. An async
+    generator: nothing holds a thread while the run is quiet."""
+    stop = FOLLOWERS.start(request)  # first: picking no run (or a deleted one) ends the previous follower too
     if not selected:
         yield _no_run("No run yet: set up a run on the left and start it.")
         return
@@ -333,7 +336,7 @@ def follow(ctx: Context, selected: str | None, request: gr.Request = None):
         yield _no_run(f"Run '{selected}' is not available ({e}).")
         return
     cache = {"run": selected, "rows": [], "since": 0, "log": []}
-    for up in runs.follow(run, stop=FOLLOWERS.start(request)):
+    async for up in stream(runs.follow(run, stop=stop, idle=True)):
         _take_rows(cache, up.rows)
         if up.log:
             cache["log"] = (cache["log"] + up.log.splitlines())[-LOG_LINES:]
@@ -341,12 +344,13 @@ def follow(ctx: Context, selected: str | None, request: gr.Request = None):
         cache["shown"] = True
 
 
-def follow_api(ctx: Context, run_name: str):
+@ui_errors
+async def follow_api(ctx: Context, run_name: str):
     """Watch a run from a script: one dict per change (its status, the new metric rows, the new log text,
-    "final" on the last), ending with the run."""
+    "final" on the last), ending with the run (or when the script goes)."""
     if not run_name:
         raise BadInput("Name the run to follow.")
-    for up in runs.follow(runs.get_run(ctx.ws, run_name)):
+    async for up in stream(runs.follow(runs.get_run(ctx.ws, run_name), idle=True)):
         yield up.to_dict()
 
 

@@ -4,7 +4,7 @@ monitor that re-attaches to the run folder: live charts, progress with ETA, log 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import AsyncIterator
 
 import gradio as gr
 
@@ -144,10 +144,11 @@ def register_api(ctx: h.Context) -> None:
 
     gr.api(train_runs, api_name="train_runs")
 
-    def train_follow(run_name: str) -> Iterator[dict]:
+    async def train_follow(run_name: str) -> AsyncIterator[dict]:
         """Stream a run as it trains: one dict per change (status, the new metric rows, the new log text; "final"
         on the last), ending with the run. From a script: `for up in Client(url).submit(name,
         api_name="/train_follow"): ...`."""
-        yield from h.ui_errors(ht.follow_api)(ctx, run_name)
+        async for up in ht.follow_api(ctx, run_name):
+            yield up
 
     gr.api(train_follow, api_name="train_follow", concurrency_limit=None)

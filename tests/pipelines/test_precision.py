@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import tiny_cfg, write_dataset
 
 from pipelines import device as devicemod
 from pipelines.training import run_training
-from test_train import tiny_cfg, write_dataset
 
 TOLERANCE = 0.03
 
@@ -24,8 +24,10 @@ def _cpu(bf16: bool):
 
 
 def test_auto_dtype_is_calibrated_once_and_cached(monkeypatch, tmp_path):
+    from pipelines.errors import BadInput
+
     monkeypatch.delenv("MACTUNER_TRAIN_DTYPE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "ws" / devicemod.CALIBRATION_FILE
     calls = []
 
     def probe(threads):
@@ -33,21 +35,42 @@ def test_auto_dtype_is_calibrated_once_and_cached(monkeypatch, tmp_path):
         return 3.2
 
     monkeypatch.setattr(devicemod, "_bf16_speedup_probe", probe)
-    dtype, why = devicemod.train_dtype(_cpu(True))
+    assert devicemod.train_dtype(_cpu(True), cache, measure=False)[0] is None  # the studio only reads: not yet
+    assert not calls and not cache.exists()
+    dtype, why = devicemod.train_dtype(_cpu(True), cache)  # the trainer measures
     assert dtype == "bfloat16" and "3.2x" in why and "calibrated" in why
-    assert devicemod.train_dtype(_cpu(True))[0] == "bfloat16" and len(calls) == 1  # cached on disk
-    assert list(json.loads(devicemod.calibration_path().read_text()).values()) == [3.2]
+    assert devicemod.train_dtype(_cpu(True), cache, measure=False)[0] == "bfloat16" and len(calls) == 1  # cached
+    assert list(json.loads(cache.read_text()).values()) == [3.2]
     monkeypatch.setattr(devicemod, "_calibration_key", lambda prof: "another-cpu")
     monkeypatch.setattr(devicemod, "_bf16_speedup_probe", lambda threads: 1.1)  # bf16 barely faster: float32
-    dtype, why = devicemod.train_dtype(_cpu(True))
+    dtype, why = devicemod.train_dtype(_cpu(True), cache)
     assert dtype == "float32" and "1.1x" in why
-    assert devicemod.train_dtype(_cpu(False)) == ("float32", "float32: this CPU has no native bf16")
+    assert len(json.loads(cache.read_text())) == 2  # one entry per CPU
+    assert devicemod.train_dtype(_cpu(False), cache) == ("float32", "float32: this CPU has no native bf16")
     monkeypatch.setenv("MACTUNER_TRAIN_DTYPE", "bfloat16")
     assert devicemod.train_dtype(_cpu(False))[0] == "bfloat16"
+    monkeypatch.setenv("MACTUNER_TRAIN_DTYPE", "fp32")
+    with pytest.raises(BadInput, match="MACTUNER_TRAIN_DTYPE"):
+        devicemod.train_dtype(_cpu(True))
 
 
-def test_calibration_probe_measures_something():
-    assert devicemod._bf16_speedup_probe(1) > 0
+def test_the_trainer_calibrates_in_the_workspace_and_the_plan_reads_it(monkeypatch, ws, tiny_llama_dir):
+    """dtype auto: the pre-flight (in the studio) never measures; the trainer does, into the workspace's file, and
+    the next pre-flight says what it chose."""
+    from pipelines.training import plan_training
+
+    monkeypatch.delenv("MACTUNER_TRAIN_DTYPE", raising=False)
+    prof = _cpu(True)
+    monkeypatch.setattr(devicemod, "profile", lambda refresh=False: prof)
+    monkeypatch.setattr(devicemod, "_bf16_speedup_probe", lambda threads: 4.0)
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=1)
+    assert "chosen by the trainer" in plan_training(cfg, ws).memory.precision
+    logs = []
+    run_training(cfg, ws.runs / "auto", ws=ws, log=logs.append)
+    assert any("bf16 mixed precision" in m for m in logs)
+    assert (ws.root / devicemod.CALIBRATION_FILE).exists()
+    mem = plan_training(cfg, ws).memory
+    assert mem.dtype == "bfloat16" and "calibrated 4.0x" in mem.precision
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ studio - failed logins rate-limited on Gradio's /login and on the API, and typed
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 
@@ -69,7 +70,7 @@ def test_oauth_session_and_tokens_admit_only_the_allowed():
         ("eve", False)
     expired = dict(info, expires_at=time.time() - 1)
     assert acc.user(_request(session={"oauth_info": expired})) is None
-    assert acc.user(_request(session={})) is None and acc.gradio_dependency(_request(session={})) is None
+    assert acc.user(_request(session={})) is None and asyncio.run(acc.gradio_dependency(_request(session={}))) is None
     assert acc.user(_request({"authorization": "Bearer hf_ann"}, session={})) == "Ann"
     assert acc.user(_request({"authorization": "Bearer hf_dave"}, session={})) == "dave"  # a member of "team"
     assert acc.user(_request({"authorization": "Bearer hf_ann"}, session={})) == "Ann"
@@ -87,7 +88,10 @@ def test_password_access_on_the_api():
     assert acc.user(_request({"authorization": basic})) == "ann"
     assert acc.user(_request({"authorization": "Bearer ann:s3cret"})) == "ann"
     assert acc.user(_request({"authorization": "Bearer ann:nope"})) is None
-    assert acc.user(_request({"authorization": "Basic !!!"})) is None
+    assert acc.user(_request({"authorization": "Basic !!!"})) is None  # counted for the empty user name
+    assert acc.user(_request({"authorization": basic})) == "ann"  # one failure of ann's so far: still in
+    assert acc.user(_request({"authorization": "Bearer ann:nope"})) is None
+    assert acc.user(_request({"authorization": "Bearer ann:again"})) is None
     assert acc.user(_request({"authorization": basic})) is None  # over the limit: even the right password waits
     assert acc.user(_request()) is None and Access().user(_request()) == ""
 
@@ -153,17 +157,21 @@ def test_failed_logins_are_rate_limited(tmp_path_factory):
             assert r.status_code == 400
         r = requests.post(f"{url}/login", data={"username": "ann", "password": "s3cret"}, timeout=10)
         assert r.status_code == 429 and "try again in" in r.json()["detail"] and int(r.headers["retry-after"]) > 0
+        # counted per address and user name: behind a share link everybody has one address, and one visitor's
+        # guesses must not lock the others out
+        r = requests.post(f"{url}/login", data={"username": "bob", "password": "guess"}, timeout=10)
+        assert r.status_code == 400
         r = requests.get(f"{url}/api/model/health", auth=("ann", "s3cret"), timeout=10)
         assert r.status_code == 429 and "Too many failed logins" in r.json()["error"]
         r = requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer ann:s3cret"}, timeout=10)
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_failed_logins"
         assert ok.cookies and requests.get(f"{url}/config", cookies=ok.cookies, timeout=10).status_code == 200
         guard = _guard(demo.server_app)
-        guard.access.limiter.succeeded("127.0.0.1")  # the window passed
+        guard.access.limiter.succeeded("127.0.0.1|ann")  # the window passed
         for _ in range(5):
             assert requests.get(f"{url}/api/model/health", auth=("ann", "x"), timeout=10).status_code == 401
         assert requests.get(f"{url}/api/model/health", auth=("ann", "s3cret"), timeout=10).status_code == 429
-        guard.access.limiter.succeeded("127.0.0.1")
+        guard.access.limiter.succeeded("127.0.0.1|ann")
         assert requests.get(f"{url}/api/model/health", auth=("ann", "s3cret"), timeout=10).status_code == 200
     finally:
         demo.close()

@@ -51,7 +51,8 @@ def test_train_through_gradio_client(tmp_path_factory, tiny_llama_dir):
         assert steps == [1, 2, 3, 4], steps  # every step once, in order: read from byte offsets, never again
         assert updates[-1]["final"] and updates[-1]["status"]["state"] == "finished"
         assert not any(u["final"] for u in updates[:-1])
-        assert "".join(u["log"] for u in updates).count("\n") >= 3  # the log streams too
+        log = "".join(u["log"] for u in updates)
+        assert log.count("\n") >= 3 and "finished:" in log  # the log streams too, to its last line
         with pytest.raises(Exception, match="no-such-run"):
             c.submit("no-such-run", api_name="/train_follow").result()
         run = {r["name"]: r for r in c.predict(api_name="/train_runs")}["api-run"]
@@ -166,8 +167,10 @@ def test_monitor_at_step_0_1_and_2(ctx):
 
 
 def test_follow_streams_each_step_and_ends_with_the_run(ctx):
-    """The monitor is a generator: a first update with what is there, then each new step within about a second,
-    and it ends with the run; the same browser starting a newer follower (or closing the page) ends the older."""
+    """The monitor is an async generator: a first update with what is there, then each new step within about a
+    second, and it ends with the run; the same browser starting a newer follower (or closing the page) ends the
+    older, and picking no run ends it too."""
+    import asyncio
     from types import SimpleNamespace
 
     from pipelines import runs
@@ -177,34 +180,42 @@ def test_follow_streams_each_step_and_ends_with_the_run(ctx):
     run = runs.get_run(ctx.ws, "r")
     run.log_path.write_text("loading\n")
     page = SimpleNamespace(session_hash="page-1")
-    gen = ht.follow(ctx, "r", page)
-    out = next(gen)
-    assert "running" in out[1] and "step 0 / ?" in out[2] and out[6] == "loading"
-    row = {"step": 1, "total_steps": 100, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 900.0, "elapsed": 4.0}
-    run.append_metrics(row)
-    with open(run.log_path, "a") as fh:
-        fh.write("step 1 done\n")
-    t0 = time.monotonic()
-    out = next(gen)
-    assert time.monotonic() - t0 < 1.5  # it lands within about a second
-    assert "step 1 / 100" in out[2] and out[6] == "loading\nstep 1 done" and list(out[3].data[0].y) == [2.5]
-    with open(run.log_path, "a") as fh:
-        fh.write("a log line only\n")
-    out = next(gen)  # no new row: the charts are left as they are, the log moves on
-    assert out[3] == gr_skip() and out[6].endswith("a log line only")
-    newer = ht.follow(ctx, "r", page)  # a reload / another run picked in the same page
-    assert "step 1 / 100" in next(newer)[2]  # the newer one starts with everything so far
-    with pytest.raises(StopIteration):
-        next(gen)  # the older one ends at its next tick
-    other = ht.follow(ctx, "r", SimpleNamespace(session_hash="page-2"))  # a second tab follows as well
-    next(other)
-    st = json.loads(run.status_path.read_text())
-    run.status_path.write_text(json.dumps({**st, "state": "finished", "pid": None}))
-    for g in (newer, other):
-        last = next(g)
+
+    async def scenario():
+        gen = ht.follow(ctx, "r", page)
+        out = await anext(gen)
+        assert "running" in out[1] and "step 0 / ?" in out[2] and out[6] == "loading"
+        row = {"step": 1, "total_steps": 100, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 900.0,
+               "elapsed": 4.0}
+        run.append_metrics(row)
+        with open(run.log_path, "a") as fh:
+            fh.write("step 1 done\n")
+        t0 = time.monotonic()
+        out = await anext(gen)
+        assert time.monotonic() - t0 < 1.5  # it lands within about a second
+        assert "step 1 / 100" in out[2] and out[6] == "loading\nstep 1 done" and list(out[3].data[0].y) == [2.5]
+        with open(run.log_path, "a") as fh:
+            fh.write("a log line only\n")
+        out = await anext(gen)  # no new row: the charts are left as they are, the log moves on
+        assert out[3] == gr_skip() and out[6].endswith("a log line only")
+        newer = ht.follow(ctx, "r", page)  # a reload / another run picked in the same page
+        assert "step 1 / 100" in (await anext(newer))[2]  # the newer one starts with everything so far
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(gen), 3)  # the older one ends at its next tick
+        other = ht.follow(ctx, "r", SimpleNamespace(session_hash="page-2"))  # a second tab follows as well
+        await anext(other)
+        nothing = ht.follow(ctx, None, SimpleNamespace(session_hash="page-2"))  # that tab picks no run
+        assert "No run yet" in (await anext(nothing))[1]
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(other), 3)  # ... which ends its follower of "r"
+        st = json.loads(run.status_path.read_text())
+        run.status_path.write_text(json.dumps({**st, "state": "finished", "pid": None}))
+        last = await asyncio.wait_for(anext(newer), 3)
         assert "finished" in last[1] and last[-1]["interactive"] is False
-        with pytest.raises(StopIteration):
-            next(g)  # ends with the run
+        with pytest.raises(StopAsyncIteration):
+            await anext(newer)  # ends with the run
+
+    asyncio.run(scenario())
 
 
 def gr_skip():
