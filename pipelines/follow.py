@@ -89,6 +89,14 @@ class RunUpdate:
         return asdict(self)
 
 
+def _wait(idle: bool, interval: float):
+    """A follower's pause between ticks: a None for an async caller to wait on (idle), else a sleep."""
+    if idle:
+        yield None
+    else:
+        time.sleep(interval)
+
+
 def _status_key(st: dict) -> tuple:
     return (st.get("state"), st.get("reason"), st.get("stop_requested"), tuple(st.get("checkpoints") or ()),
             st.get("total_steps"))
@@ -112,10 +120,7 @@ def follow_run(run, status: Callable[[], dict], final_states: tuple[str, ...], i
             yield RunUpdate(run.name, st, json_lines(data), text.decode("utf-8", "replace"), final)
         if final or (stop and stop()):
             return
-        if idle:
-            yield None
-        else:
-            time.sleep(interval)
+        yield from _wait(idle, interval)
 
 
 def follow_job(queue, job_id: str, interval: float = 0.5, stop: Callable[[], bool] | None = None,
@@ -134,7 +139,4 @@ def follow_job(queue, job_id: str, interval: float = 0.5, stop: Callable[[], boo
             yield {**st, "log": text.decode("utf-8", "replace"), "final": final}
         if final or (stop and stop()):
             return
-        if idle:
-            yield None
-        else:
-            time.sleep(interval)
+        yield from _wait(idle, interval)
