@@ -8,6 +8,30 @@ from __future__ import annotations
 from .encode import IGNORE
 
 _LCE = None
+_LTN = None
+
+
+def _ce_chunks(torch, hidden, weight, target, softcap: float, chunk: int, need_grad: bool):
+    """The shared kernel: per-row cross-entropy of `hidden @ weight.T` (frozen weight) chunk by chunk, and, when
+    `need_grad`, its gradient w.r.t. hidden computed on the way, so no chunk's logits are kept. Returns (the chunks'
+    float32 row losses, the gradient or None)."""
+    grad = torch.empty_like(hidden) if need_grad else None
+    rows = []
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s: s + chunk], target[s: s + chunk]
+        z = (h @ weight.t()).float()
+        if softcap:
+            z = torch.tanh(z.div_(softcap)).mul_(softcap)
+        lse = torch.logsumexp(z, dim=-1)
+        rows.append(lse - z.gather(1, t[:, None]).squeeze(1))
+        if need_grad:
+            factor = (1 - (z / softcap) ** 2) if softcap else None
+            p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+            p.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=p.dtype))
+            if factor is not None:
+                p.mul_(factor)
+            grad[s: s + chunk] = p.to(weight.dtype) @ weight
+    return rows, grad
 
 
 def _linear_ce_function():
@@ -22,22 +46,10 @@ def _linear_ce_function():
         @staticmethod
         def forward(ctx, hidden, weight, target, softcap, chunk):
             need_grad = ctx.needs_input_grad[0]
+            rows, grad = _ce_chunks(torch, hidden, weight, target, softcap, chunk, need_grad)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad = torch.empty_like(hidden) if need_grad else None
-            for s in range(0, hidden.shape[0], chunk):
-                h, t = hidden[s: s + chunk], target[s: s + chunk]
-                z = (h @ weight.t()).float()
-                if softcap:
-                    z = torch.tanh(z.div_(softcap)).mul_(softcap)
-                lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
-                if need_grad:
-                    factor = (1 - (z / softcap) ** 2) if softcap else None
-                    p = z.sub_(lse[:, None]).exp_()  # softmax, in place
-                    p.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=p.dtype))
-                    if factor is not None:
-                        p.mul_(factor)
-                    grad[s: s + chunk] = p.to(weight.dtype) @ weight
+            for r in rows:
+                total += r.sum()
             ctx.save_for_backward(grad if need_grad else hidden.new_empty(0))
             return total
 
@@ -50,15 +62,17 @@ def _linear_ce_function():
     return _LCE
 
 
+def _chunk_rows(hidden, weight, chunk_bytes: int) -> int:
+    """Rows per chunk: `chunk_bytes` of float32 logits at a time."""
+    vocab = weight.shape[0]
+    return max(1, min(max(1, hidden.shape[0]), chunk_bytes // (4 * vocab)))
+
+
 def linear_cross_entropy(hidden, weight, target, softcap: float | None = None, chunk_bytes: int = 256 * 2**20):
     """Sum over rows of cross-entropy(hidden @ weight.T, target) without materialising all logits at once
     (`chunk_bytes` of fp32 logits at a time). `weight` must be frozen."""
-    vocab = weight.shape[0]
-    chunk = max(1, min(max(1, hidden.shape[0]), chunk_bytes // (4 * vocab)))
-    return _linear_ce_function().apply(hidden, weight, target, float(softcap or 0.0), chunk)
-
-
-_LTN = None
+    return _linear_ce_function().apply(hidden, weight, target, float(softcap or 0.0),
+                                       _chunk_rows(hidden, weight, chunk_bytes))
 
 
 def _linear_token_nll_function():
@@ -74,22 +88,8 @@ def _linear_token_nll_function():
         @staticmethod
         def forward(ctx, hidden, weight, target, softcap, chunk):
             need_grad = ctx.needs_input_grad[0]
-            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-            grad = torch.empty_like(hidden) if need_grad else None
-            for s in range(0, hidden.shape[0], chunk):
-                h, t = hidden[s: s + chunk], target[s: s + chunk]
-                z = (h @ weight.t()).float()
-                if softcap:
-                    z = torch.tanh(z.div_(softcap)).mul_(softcap)
-                lse = torch.logsumexp(z, dim=-1)
-                out[s: s + chunk] = lse - z.gather(1, t[:, None]).squeeze(1)
-                if need_grad:
-                    factor = (1 - (z / softcap) ** 2) if softcap else None
-                    p = z.sub_(lse[:, None]).exp_()
-                    p.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=p.dtype))
-                    if factor is not None:
-                        p.mul_(factor)
-                    grad[s: s + chunk] = p.to(weight.dtype) @ weight
+            rows, grad = _ce_chunks(torch, hidden, weight, target, softcap, chunk, need_grad)
+            out = torch.cat(rows) if rows else torch.empty(0, dtype=torch.float32, device=hidden.device)
             ctx.save_for_backward(grad if need_grad else hidden.new_empty(0))
             return out
 
@@ -105,9 +105,8 @@ def _linear_token_nll_function():
 def linear_token_nll(hidden, weight, target, softcap: float | None = None, chunk_bytes: int = 256 * 2**20):
     """Per-row cross-entropy(hidden @ weight.T, target) as a float32 vector, chunked like `linear_cross_entropy`
     (no [rows, vocab] logits kept). `weight` must be frozen."""
-    vocab = weight.shape[0]
-    chunk = max(1, min(max(1, hidden.shape[0]), chunk_bytes // (4 * vocab)))
-    return _linear_token_nll_function().apply(hidden, weight, target, float(softcap or 0.0), chunk)
+    return _linear_token_nll_function().apply(hidden, weight, target, float(softcap or 0.0),
+                                              _chunk_rows(hidden, weight, chunk_bytes))
 
 
 def _loss_module_class():
