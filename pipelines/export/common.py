@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MacTunerError
+from ..errors import BadInput, MacTunerError
 
 ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
 
@@ -30,6 +31,29 @@ BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "Q8_0": 1.07, "Q6_K": 0.
 
 def _noop(_f: float, _m: str) -> None:
     pass
+
+
+class RequestFields:
+    """help / from_dict / as_dict for a request dataclass whose fields carry their help (`_h`); KIND names the
+    request in the message for an unknown key."""
+
+    KIND = "export"
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """From plain values (a job's JSON, the Gradio API); BadInput names an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInput(f"Unknown {cls.KIND} setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}).")
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def _h(text: str) -> dict:

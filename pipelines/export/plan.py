@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import BadInput, Conflict
 from ..runs import resolve_adapter, resolve_base
 from ..workspace import Workspace, human_bytes
-from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, _h, _slug
+from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, RequestFields, _h, _slug
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype
 from .quantize import _ftype
@@ -23,7 +23,7 @@ from .sizes import gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
 
 
 @dataclass
-class ExportRequest:
+class ExportRequest(RequestFields):
     """What one export does - the one request the Export tab, the export job and `mactuner export run` build."""
 
     source: str = field(default="", metadata=_h(
@@ -38,22 +38,6 @@ class ExportRequest:
     validate: bool = field(default=True, metadata=_h(
         "Check each GGUF: loads, chat template, sane generations, perplexity vs HF, fine-tune survived."))
     system: str = field(default="", metadata=_h("SYSTEM prompt written into the Ollama Modelfiles (optional)."))
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ExportRequest":
-        """From plain values (a job's JSON, the Gradio API); BadInput names an unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInput(f"Unknown export setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}).")
-        return cls(**data)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged_bytes_per_param: float = 4.0,

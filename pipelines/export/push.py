@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from ..errors import BadInput, Conflict, MacTunerError, NotFound, Unauthorized, 
 from ..hub import _transport_errors, hub_endpoint, validate_model_id
 from ..workspace import Workspace, human_bytes, write_json
 from .card import model_card, run_info, scrub_paths
-from .common import _h
+from .common import RequestFields, _h
 from .merge import TOKENIZER_FILES
 
 PARTS = ("adapter", "merged", "gguf")
@@ -43,9 +43,11 @@ TOKEN_HELP = ("Create a token with write access at https://huggingface.co/settin
 
 
 @dataclass
-class PushRequest:
+class PushRequest(RequestFields):
     """One push - the Export tab, the push job and `mactuner push` build it. The token is not part of it (it never
     goes into a job folder)."""
+
+    KIND = "push"
 
     export: str = field(default="", metadata=_h("The export to publish (its folder under exports/)."))
     repo_id: str = field(default="", metadata=_h(
@@ -56,21 +58,6 @@ class PushRequest:
     private: bool = field(default=True, metadata=_h(
         "Create the repository private (an existing repository keeps its visibility)."))
     message: str = field(default="", metadata=_h("Commit message (empty: 'Upload <export> with MacTuner')."))
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PushRequest":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInput(f"Unknown push setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}).")
-        return cls(**data)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
