@@ -128,18 +128,18 @@ def _job_md(st: dict) -> str:
     return line
 
 
-def _pick_job(ctx: Context, job: str | None) -> tuple[dict | None, dict | None]:
-    """(the job to show, the running one): `job`, unless another one runs (started in another tab or the API: that
-    is what this page should show), else the newest."""
+def _pick_job(ctx: Context, job: str | None) -> dict | None:
+    """The job to show: `job`, unless another one runs (started in another tab or the API: that is what this page
+    should show), else the newest."""
     jobs = export_job.list_jobs(ctx.ws)  # read once: status, the running one, the newest
     running = next((j for j in jobs if j.get("state") == "running"), None)
     st = next((j for j in jobs if j["id"] == job), None) if job else None
     if running and (st is None or st.get("state") != "running"):
         st = running
-    return (st if st is not None else (jobs[0] if jobs else None)), running
+    return st if st is not None else (jobs[0] if jobs else None)
 
 
-def _view(ctx: Context, st: dict, seen: str | None, log: str, running: dict | None = None):
+def _view(ctx: Context, st: dict, seen: str | None, log: str):
     """The monitor's outputs for job status `st`: (job, progress html, status, log tail, seen, exports table, export
     picker). The table is re-read while a job runs and when its state changes; a finished export is picked so its
     validation shows."""
@@ -149,8 +149,7 @@ def _view(ctx: Context, st: dict, seen: str | None, log: str, running: dict | No
         f"⚠️ done — {problems}" if problems else f"{state} · {st.get('message') or ''}"
     key = f"{st['id']}:{state}"
     changed = key != seen
-    table = exports_table(ctx, running if running is not None else (st if state == "running" else {})) \
-        if changed or state == "running" else gr.update()
+    table = exports_table(ctx, st if state == "running" else {}) if changed or state == "running" else gr.update()
     pick = gr.update()
     if changed and seen is not None and state == "complete" and st.get("step") == "run":
         pick = gr.update(choices=export_names(ctx), value=st.get("label"))
@@ -161,14 +160,6 @@ def _view(ctx: Context, st: dict, seen: str | None, log: str, running: dict | No
 NO_EXPORT = (None, "", "No export has run yet.", "")
 
 
-def poll(ctx: Context, job: str | None, seen: str | None):
-    """One look at `job` (default: the running one, else the newest); `follow` streams the same outputs."""
-    st, running = _pick_job(ctx, job)
-    if st is None:
-        return (*NO_EXPORT, seen, gr.update(), gr.update())
-    return _view(ctx, st, seen, export_job.log_tail(ctx.ws, st["id"], LOG_LINES), running or {})
-
-
 FOLLOWERS = Followers()
 
 
@@ -177,7 +168,7 @@ async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Re
     """Stream the export monitor: the job to show (as `poll` picks it) followed from its folder (status and log
     from byte offsets) with an update per change, ending with the job; this page's newer follower ends it."""
     stop = FOLLOWERS.start(request)
-    st, _running = _pick_job(ctx, job)
+    st = _pick_job(ctx, job)
     if st is None:
         yield (*NO_EXPORT, seen, gr.update(), gr.update())
         return

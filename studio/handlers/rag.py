@@ -151,12 +151,6 @@ def _view(ctx: Context, st: dict, seen: str | None):
 NO_INGEST = (None, "", "No documents have been added yet.")
 
 
-def poll(ctx: Context, job: str | None, seen: str | None):
-    """One look at `job` (default: the running ingest, else the newest); `follow` streams the same outputs."""
-    st = _pick_job(ctx, job)
-    return (*NO_INGEST, seen, gr.update()) if st is None else _view(ctx, st, seen)
-
-
 FOLLOWERS = Followers()
 
 

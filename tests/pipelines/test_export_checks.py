@@ -141,8 +141,7 @@ def test_progress_caption_of_a_finished_job_with_a_failed_check(ctx, workspace, 
     st = {"id": "j1", "step": "run", "label": "tune", "state": "complete", "message": "Export 'tune' ready",
           "fraction": 1.0, "result": {"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"}}
     monkeypatch.setattr(hx.export_job, "list_jobs", lambda _ws: [st])
-    monkeypatch.setattr(hx.export_job, "log_tail", lambda *_a, **_k: "")
-    _job, bar, job_md, *_rest = hx.poll(ctx, "j1", None)
+    _job, bar, job_md, *_rest = hx._view(ctx, hx._pick_job(ctx, "j1"), None, "")
     assert "⚠️ done — 1 check failed: fine-tune survived" in bar and "complete ·" not in bar
     assert "⚠️ done" in job_md
     vst = {"id": "j2", "step": "validate", "label": "x", "state": "complete",
