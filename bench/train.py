@@ -261,7 +261,7 @@ def worker_plain(args) -> dict:
 
     from pipelines import device as devicemod
     from pipelines.training import IGNORE, ensure_chat_template
-    from pipelines.training.loop import _schedule
+    from pipelines.training.common import lr_schedule
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup(Path(tmp), args)
@@ -278,7 +278,7 @@ def worker_plain(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     times, toks, losses = [], [], []
     for step in range(cfg.max_steps):

@@ -5,6 +5,7 @@
     loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
     preference.py   DPO / ORPO on (chosen, rejected) pairs (encode.py encodes them): the losses, the step, eval, verdict
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
+    common.py       what every backend shares: stop flag, lr schedule, divergence checks, TrainResult, peak memory
     loop.py         run_training(): the loop, single process or DDP under torchrun
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
     distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
@@ -45,7 +46,8 @@ from .encode import (
                      pack_examples,
                      read_rows,
 )
-from .loop import STOP_FLAG, TrainResult, build_model, peak_rss, run_training
+from .common import STOP_FLAG, TrainResult, peak_rss
+from .loop import build_model, run_training
 from .loss import linear_cross_entropy, reference_loss
 from .plan import TrainingPlan, memory_advice, plan_training
 

@@ -15,10 +15,7 @@ import contextlib
 import math
 import os
 import random
-import resource
-import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +23,7 @@ from ..errors import BadInput, MacTunerError
 from ..workspace import Workspace, write_json
 from . import distributed, plan, precision
 from .checkpoints import _replace_dir, load_checkpoint, save_checkpoint
+from .common import STOP_FLAG, MetricsFn, TrainResult, adapter_info, check_finite, lr_schedule, peak_rss
 from .config import TrainConfig, TrainingFailed, validate
 from .encode import (
     IGNORE,
@@ -36,12 +34,6 @@ from .encode import (
     pack_examples,
 )
 from .loss import _loss_module_class, reference_loss
-
-STOP_FLAG = "STOP"
-
-
-MetricsFn = Callable[[dict], None]
-
 
 def _attention_targets(model) -> list[str]:
     names = set()
@@ -108,27 +100,6 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=
     return model
 
 
-def _schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if name == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        progress = min(1.0, max(0.0, progress))
-        if name == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def _is_oom(exc: BaseException) -> bool:
     import torch  # noqa: PLC0415
 
@@ -137,22 +108,6 @@ def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
                                               or "failed to allocate" in text)
-
-
-@dataclass
-class TrainResult:
-    state: str  # "finished" | "stopped"
-    step: int
-    total_steps: int
-    reason: str = ""
-    adapter: str | None = None
-    checkpoint: str | None = None
-    final_loss: float | None = None
-    best_eval_loss: float | None = None
-    elapsed: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Dist:
@@ -289,7 +244,7 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, cfg.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.scheduler, cfg.warmup_steps, total_steps))
 
     step, elapsed_before, tokens_seen, best_eval = 0, 0.0, 0, None
     if resume is not None:
@@ -406,15 +361,10 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
                     (ls * scale).backward()
                 loss_sum += float(ls.detach())
             loss = dist.sum([loss_sum])[0] / max(1.0, n_global)
-        if not math.isfinite(loss):
-            raise TrainingFailed(
-                f"The loss became {loss} at step {step + 1}: training diverged. Lower the learning rate (it is "
-                f"{cfg.learning_rate:g}), check the data, or resume from an earlier checkpoint.")
+        check_finite(loss, None, step + 1, cfg.learning_rate)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
-            raise TrainingFailed(f"The gradient became {grad_norm} at step {step + 1}: training diverged. Lower the "
-                                 f"learning rate (it is {cfg.learning_rate:g}).")
+        check_finite(loss, grad_norm, step + 1, cfg.learning_rate)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -454,10 +404,7 @@ def _train(cfg, run_dir, ws, on_metrics, resume, should_stop, log, dist, prof, t
             tok.save_pretrained(tmp)
             if not (tmp / "chat_template.jinja").exists() and tok.chat_template:
                 (tmp / "chat_template.jinja").write_text(tok.chat_template)
-            write_json(tmp / "mactuner.json", {"base_model": cfg.base_model, "dataset": cfg.dataset,
-                                               "dataset_version": cfg.dataset_version, "method": cfg.method,
-                                               "steps": step, "final_loss": last_loss, "best_eval_loss": best_eval,
-                                               "config": cfg.to_dict()})
+            write_json(tmp / "mactuner.json", adapter_info(cfg, step, last_loss, best_eval))
 
         _replace_dir(adapter, write_adapter)
         reason = f"finished {step} steps in {time.time() - t_train:.0f} s"

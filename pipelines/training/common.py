@@ -1,0 +1,76 @@
+"""What every training backend shares (torch in loop.py; MLX beside it): the stop flag's name, the metrics callback
+type, the learning-rate schedule, the divergence checks, the result of a run, the adapter's mactuner.json and the
+peak-memory reading. Nothing here imports torch or mlx.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .config import TrainConfig, TrainingFailed
+
+STOP_FLAG = "STOP"  # a file of this name in the run folder asks the trainer to stop at the next step end
+
+
+MetricsFn = Callable[[dict], None]
+
+
+def lr_schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The factor applied to the peak learning rate at optimizer step `step` (0-based): linear warm-up, then
+    linear / cosine decay to 0 or constant."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(1.0, max(0.0, progress))
+        if name == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def check_finite(loss: float, grad_norm: float | None, step: int, learning_rate: float) -> None:
+    """TrainingFailed with what to do when the loss or the gradient norm of step `step` (1-based) is NaN or inf."""
+    if not math.isfinite(loss):
+        raise TrainingFailed(
+            f"The loss became {loss} at step {step}: training diverged. Lower the learning rate (it is "
+            f"{learning_rate:g}), check the data, or resume from an earlier checkpoint.")
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise TrainingFailed(f"The gradient became {grad_norm} at step {step}: training diverged. Lower the "
+                             f"learning rate (it is {learning_rate:g}).")
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def adapter_info(cfg: TrainConfig, steps: int, final_loss, best_eval_loss) -> dict:
+    """The adapter folder's mactuner.json: where it came from, read by export, chat and the Hub card."""
+    return {"base_model": cfg.base_model, "dataset": cfg.dataset, "dataset_version": cfg.dataset_version,
+            "method": cfg.method, "steps": steps, "final_loss": final_loss, "best_eval_loss": best_eval_loss,
+            "config": cfg.to_dict()}
+
+
+@dataclass
+class TrainResult:
+    state: str  # "finished" | "stopped"
+    step: int
+    total_steps: int
+    reason: str = ""
+    adapter: str | None = None
+    checkpoint: str | None = None
+    final_loss: float | None = None
+    best_eval_loss: float | None = None
+    elapsed: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
