@@ -52,6 +52,15 @@ class Generation:
     repetition_penalty: float
     seed: int
     adapter: str | None = None  # an attached adapter's name; None: the base model
+    # The penalties work as llama.cpp's penalties sampler does, on every backend: over the last PENALTY_WINDOW tokens
+    # of the answer (not the prompt), a token's logit is divided by repetition_penalty (multiplied when negative),
+    # then less count x frequency_penalty, less presence_penalty; before any other sampling step. A backend that
+    # cannot honour a setting raises BadInput naming it.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+PENALTY_WINDOW = 64  # answer tokens the penalties look at (llama-cpp-python's last_n_tokens_size, as the worker sets)
 
 
 @dataclass(frozen=True)

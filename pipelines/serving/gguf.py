@@ -94,7 +94,8 @@ class GGUFBackend(ModelBackend):
         self.check_adapter(g.adapter)
         items = self.worker.generate(g.token_ids, max_tokens=g.max_new_tokens, temperature=g.temperature,
                                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
-                                     repeat_penalty=g.repetition_penalty, seed=g.seed, halted=halted)
+                                     repeat_penalty=g.repetition_penalty, frequency_penalty=g.frequency_penalty,
+                                     presence_penalty=g.presence_penalty, seed=g.seed, halted=halted)
         try:
             for kind, value, n_tokens in items:
                 if kind == "note":  # the worker had died before answering and was restarted

@@ -8,11 +8,13 @@ import os
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 
 from pipelines import chat, models
+from pipelines import device as devicemod
 from studio_helpers import launch, wait_loaded
 from tiny_models import make_adapter
 
@@ -53,7 +55,7 @@ def test_models_lists_loaded_default_runs_and_exports(client):
 def test_chat_streamed_and_not_gives_the_pipelines_answer(client, studio):
     _url, ctx = studio
     lm = ctx.registry.get(models.DEFAULT_NAME)
-    want = chat.chat(lm, HI, chat.ChatParams(temperature=0, max_new_tokens=12)).text
+    want = chat.chat(lm, HI, chat.ChatParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12)).text
     r = client.chat.completions.create(model="default", messages=HI, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
     assert r.object == "chat.completion" and r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 5
@@ -76,6 +78,36 @@ def test_sampling_parameters_and_seed(client):
             extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
 
     assert ask(5) == ask(5)
+
+
+def test_openai_defaults_and_penalties(client, studio):
+    """A request that leaves a setting out gets OpenAI's default - no repetition penalty - and frequency_penalty /
+    presence_penalty are honoured (the same answer as the pipeline given them) or refused with a 400 naming them."""
+    import openai
+
+    from pipelines.serving import openai as v1
+
+    p = v1.chat_request({"model": "default", "messages": HI}).params
+    assert (p.temperature, p.top_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1, 1, 1, 0, 0)
+    lm = studio[1].registry.get(models.DEFAULT_NAME)
+    story = [{"role": "user", "content": "Write a long list of fruits."}]
+
+    def pipeline(**kw):
+        return chat.chat(lm, story, chat.ChatParams(temperature=0, max_new_tokens=40, **kw)).text
+
+    def api(**kw):
+        return client.chat.completions.create(model="default", messages=story, max_tokens=40, temperature=0,
+                                              **kw).choices[0].message.content
+
+    plain = api()
+    assert plain == pipeline(repetition_penalty=1.0) != pipeline(repetition_penalty=1.1)
+    penalized = api(frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalized == pipeline(repetition_penalty=1.0, frequency_penalty=1.5, presence_penalty=0.5) != plain
+    for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"presence_penalty": "high"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", messages=HI, **bad)
+        (name,) = bad
+        assert e.value.body["param"] == name and name in e.value.body["message"]
 
 
 def test_text_completion(client):
@@ -129,6 +161,60 @@ def test_a_run_adapter_and_an_exported_gguf_by_name(client, studio, tiny_llama_d
     assert r.usage.completion_tokens >= 1
     assert ctx.registry.current().name == current  # loaded beside; the Chat tab's model stays
     assert "export:e1/tiny-f16.gguf" in [m.id for m in client.models.list().data if m.mactuner["loaded"]]
+
+
+@pytest.fixture(scope="module")
+def run_and_its_gguf(studio, spm_llama_dir, tmp_path_factory):
+    """A run (an adapter on a tiny llama whose tokenizer llama.cpp reads) and its export - merged, then an f32
+    GGUF - as the Train and Export stages leave them: (run model id, export model id). While it is in use, HF models
+    load in float32 like the GGUF: on a CPU with native bf16 they would answer in bfloat16, whose rounding moves
+    the near ties of a random model."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from pipelines import export
+    from pipelines.training import TrainConfig
+
+    # A random model writes stray bytes (<0xA3>...) that are no UTF-8, which the two libraries spell differently
+    # (transformers turns a run of bytes into U+FFFD, llama.cpp drops the bad ones): this one never picks a byte token
+    # (their output rows are zero, the others' logits are above zero somewhere), so the texts compare exactly.
+    base = tmp_path_factory.mktemp("spm-base") / "tiny-spm-llama"
+    shutil.copytree(spm_llama_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    byte_ids = [i for t, i in tok.get_vocab().items() if t.startswith("<0x")]
+    weights = load_file(base / "model.safetensors")
+    weights["lm_head.weight"][byte_ids] = 0.0
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    ws = studio[1].ws
+    run = ws.runs / "spm-run"
+    run.mkdir()
+    TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
+    make_adapter(base, run / "adapter", seed=5)
+    result = export.export(ws, export.ExportRequest(source=str(run / "adapter"), name="spm", outtypes=["f32"],
+                                                    quants=[], validate=False))
+    (gguf,) = result.ggufs
+    with pytest.MonkeyPatch.context() as mp:
+        f32 = dataclasses.replace(devicemod.profile(), infer_dtype="float32")
+        mp.setattr(devicemod, "profile", lambda refresh=False: f32)
+        yield "run:spm-run", f"export:spm/{Path(gguf).name}"
+
+
+@pytest.mark.parametrize("settings", [{}, {"frequency_penalty": 1.0, "presence_penalty": 0.5,
+                                           "extra_body": {"repetition_penalty": 1.3}}])
+def test_a_run_and_its_gguf_answer_the_same(client, run_and_its_gguf, settings):
+    """At temperature 0 the same model answers the same through run: (transformers + PEFT) and through its exported
+    float GGUF (llama.cpp) - with OpenAI's defaults, and with every penalty, which both backends apply alike."""
+    run_id, gguf_id = run_and_its_gguf
+    msgs = [{"role": "user", "content": "hello world, how are you"}]
+
+    def ask(model):
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0, **settings)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    (hf_text, hf_n), (gguf_text, gguf_n) = ask(run_id), ask(gguf_id)
+    assert hf_n >= 8 and len(hf_text) >= 8 and (hf_text, hf_n) == (gguf_text, gguf_n)
 
 
 def test_concurrent_streams_are_all_answered_unmixed(client):
