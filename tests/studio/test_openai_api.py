@@ -4,10 +4,12 @@ studio's login, a run's adapter and an exported GGUF by name, and a model worker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,41 @@ def test_concurrent_streams_are_all_answered_unmixed(client):
     [t.start() for t in threads]
     [t.join(120) for t in threads]
     assert not errors and got == want
+
+
+@pytest.mark.parametrize("how", ["openai", "socket"])
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(client, studio, how):
+    """A streaming client that disconnects mid-answer: the generation stops and lets go of the model at once, so the
+    next request is answered promptly (it used to wait until the abandoned answer was garbage-collected)."""
+    import socket
+
+    url, ctx = studio
+    lm = ctx.registry.get(models.DEFAULT_NAME)
+    long = {"model": "default", "messages": [{"role": "user", "content": "Tell a very long story about a dragon."}],
+            "max_tokens": 3000, "temperature": 0, "stream": True}
+    if how == "openai":
+        stream = client.chat.completions.create(**long)
+        texts = (c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content)
+        assert [next(texts) for _ in range(3)]
+        stream.close()  # the client hangs up
+    else:
+        host, port = url.split("//")[1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        data = json.dumps(long).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        seen = b""
+        while seen.count(b'"content"') < 4:
+            got = sock.recv(4096)
+            assert got, seen[:300]  # the studio closed the connection before the answer began
+            seen += got
+        sock.close()  # hung up, without reading the rest
+    t0 = time.perf_counter()
+    assert lm.lock.acquire(timeout=20), "the abandoned answer still holds the model"
+    lm.lock.release()
+    r = client.with_options(timeout=30).chat.completions.create(model="default", messages=HI, max_tokens=4,
+                                                                temperature=0)
+    assert r.usage.completion_tokens == 4 and time.perf_counter() - t0 < 20
 
 
 def test_a_model_worker_killed_mid_answer(client, studio):
