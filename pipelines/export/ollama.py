@@ -69,14 +69,19 @@ def template_family(chat_template: str | None) -> str | None:
 
 
 def modelfile(gguf_path: str | os.PathLike, chat_template: str | None, system: str | None = None,
-              stops: list[str] | None = None) -> Path:
+              stops: list[str] | None = None, base_gguf: str | os.PathLike | None = None) -> Path:
     """Write <stem>.Modelfile beside the GGUF for `ollama create`. The TEMPLATE is a Go template for the Gemma turn
     format, ChatML or the plain fallback, chosen by rendering `chat_template`; any other template is left to
-    Ollama (which then reads the GGUF's metadata) and the file says so."""
+    Ollama (which then reads the GGUF's metadata) and the file says so. With `base_gguf`, `gguf_path` is a LoRA
+    GGUF: FROM names the base (same folder) and ADAPTER the LoRA."""
     gguf_path = Path(gguf_path)
     family = template_family(chat_template)
     lines = [f"# Ollama Modelfile for {gguf_path.name}, written by MacTuner.",
-             f"# Use: ollama create {_ollama_name(gguf_path)} -f {gguf_path.stem}.Modelfile", f"FROM ./{gguf_path.name}"]
+             f"# Use: ollama create {_ollama_name(gguf_path)} -f {gguf_path.stem}.Modelfile"]
+    if base_gguf is not None:
+        lines += [f"FROM ./{Path(base_gguf).name}", f"ADAPTER ./{gguf_path.name}"]
+    else:
+        lines.append(f"FROM ./{gguf_path.name}")
     stop_list = list(stops or [])
     if family:
         tpl, family_stops = GO_TEMPLATES[family]
@@ -99,10 +104,17 @@ def _ollama_name(gguf_path: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-") or "mactuner-model"
 
 
-def how_to_run(gguf_path: str | os.PathLike) -> dict:
-    """One-line commands that run the GGUF in llama.cpp, Ollama and LM Studio."""
+def how_to_run(gguf_path: str | os.PathLike, base_gguf: str | os.PathLike | None = None) -> dict:
+    """One-line commands that run the GGUF in llama.cpp, Ollama and LM Studio; with `base_gguf`, `gguf_path` is a
+    LoRA GGUF applied on that base (LM Studio has no LoRA loading: its line loads the base)."""
     p = Path(gguf_path).resolve()
     mf = p.with_name(f"{p.stem}.Modelfile")
+    if base_gguf is not None:
+        b = Path(base_gguf).resolve()
+        return {"llama.cpp": f'llama-cli -m "{b}" --lora "{p}" -cnv',
+                "ollama": f'cd "{p.parent}" && ollama create {_ollama_name(p)} -f "{mf.name}" && '
+                          f'ollama run {_ollama_name(p)}',
+                "llama-cpp-python": f'Llama(model_path="{b}", lora_path="{p}")'}
     return {"llama.cpp": f'llama-cli -m "{p}" -cnv',
             "ollama": f'cd "{p.parent}" && ollama create {_ollama_name(p)} -f "{mf.name}" && ollama run {_ollama_name(p)}',
             "lm_studio": f'lms import "{p}"'}

@@ -248,7 +248,17 @@ def details(ctx: Context, name: str | None):
             checks.append([g["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
         if not g["validation"]:
             checks.append([g["file"], "(all)", "– not validated", ""])
-    problems = ex.problems_text(d["gguf_files"])
+    lora = d.get("lora")
+    if lora:
+        for item in (lora["validation"] or {}).get("items", []):
+            mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
+            checks.append([lora["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
+        if lora.get("how_to_run"):
+            lines.append(f"- LoRA GGUF: `{lora['path']}` ({lora['size']}) on `{Path(lora['base']).name}` · llama.cpp: "
+                         f"`{lora['how_to_run']['llama.cpp']}` · Ollama: `{lora['how_to_run']['ollama']}`")
+    if d.get("lora_skipped"):
+        lines.append(f"- {d['lora_skipped']}")
+    problems = ex.problems_text(d["gguf_files"] + ([lora] if lora else []))
     if problems:
         lines.insert(1, f"⚠️ {problems}")
     best = ex.preferred_gguf(d["gguf_files"])

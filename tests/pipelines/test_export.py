@@ -191,6 +191,29 @@ def test_validation_of_a_good_export(exported):
 
 
 @pytest.mark.slow
+def test_the_adapter_is_exported_as_a_lora_gguf_and_validated_on_the_base(exported):
+    """lora-gguf/ holds the base's GGUF, the LoRA GGUF and a Modelfile (FROM the base, ADAPTER the LoRA); the LoRA,
+    applied on the base in llama.cpp, answers like the merged GGUF; it is no model of its own in the pickers."""
+    ws, result, _seen, _adapter = exported
+    folder = Path(result.folder) / ex.LORA_FOLDER
+    assert sorted(p.name for p in folder.glob("*.gguf")) == ["tiny-base-f16.gguf", "tiny-lora.gguf"]
+    assert not list(folder.glob(".*"))  # the base view and temp files are gone
+    mf = (folder / "tiny-lora.Modelfile").read_text()
+    assert "FROM ./tiny-base-f16.gguf\nADAPTER ./tiny-lora.gguf\n" in mf and 'SYSTEM """Be brief."""' in mf
+    items = {i["name"]: i for i in result.lora["validation"]["items"]}
+    for name in ("loads", "chat_template", "perplexity", "merged_match"):
+        assert items[name]["ok"] is True, items[name]
+    assert "on tiny-base-f16.gguf" in items["loads"]["detail"]
+    assert (folder / "tiny-lora.validation.json").is_file()
+    d = ex.export_details(ws, "tiny")
+    assert d["lora"]["file"] == "tiny-lora.gguf" and d["lora"]["base"].endswith("tiny-base-f16.gguf")
+    assert '--lora "' in d["lora"]["how_to_run"]["llama.cpp"]
+    assert "LoRA" in [r["type"] for r in d["table"]]
+    assert all("lora" not in path and "base" not in path for _label, path in ex.gguf_choices(ws))
+    assert "base f16 (for the LoRA)" in json.loads((Path(result.folder) / "export.json").read_text())["estimate"]["parts"]
+
+
+@pytest.mark.slow
 def test_size_estimate_matches_the_files(exported):
     """The Check's estimate (export.json "estimate", made before anything was written) is within 10% of each GGUF
     written: tensor by tensor, with the types llama.cpp's quantizer picks."""
