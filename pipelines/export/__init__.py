@@ -10,6 +10,8 @@
     validate.py   loads, chat template, Modelfile template, generations, perplexity, fine-tune survived
                                                                                     -> <stem>.validation.json
     ollama.py     the Ollama Modelfile (Go template) and the run commands           -> <stem>.Modelfile
+    families.py   a chat template's family, found by rendering, and its Modelfile Go template (gojson.py: the
+                  JSON punctuation of tools and tool calls as Jinja's tojson writes it)
     gotemplate.py a Modelfile TEMPLATE rendered by Go's text/template as Ollama does, compared with the Jinja one
     sizes.py      each GGUF's size, tensor by tensor, before anything is written (the Check's disk estimate)
     run.py        export(): all of the above into exports/<name>/ with export.json; list_exports, export_details
@@ -31,7 +33,8 @@ from .adapter import LORA_FOLDER, adapter_gguf, adapter_problem
 from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, ExportFailed
 from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
 from .merge import saved_chat_template
-from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
+from .families import Translation, translate
+from .ollama import how_to_run, modelfile, template_family
 from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
 from .quantize import quant_name, tensor_types
 from .run import (
@@ -60,7 +63,7 @@ from .validate import (
                        hf_perplexity,
 )
 
-__all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "GO_TEMPLATES", "HELDOUT_TEXT",
+__all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "Translation", "translate", "HELDOUT_TEXT",
            "OUTTYPES", "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed",
            "ExportPlan", "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture",
            "converter_dir", "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details",

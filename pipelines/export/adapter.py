@@ -117,7 +117,8 @@ def _base_with_trained_tokenizer(base_dir: Path, tuned_dir: Path, view: Path) ->
 
 
 def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tuned_dir: Path, outtype: str,
-                chat_template: str | None, system: str | None, progress: ProgressFn = _noop) -> dict:
+                chat_template: str | None, system: str | None, progress: ProgressFn = _noop,
+                specials: tuple[str, str] = ("", "")) -> dict:
     """An export's LoRA files in <folder>/lora-gguf/: the base model's GGUF (`outtype`, with the tokenizer as
     trained), <name>-lora.gguf and its Modelfile (FROM the base, ADAPTER the LoRA). Returns {"base", "lora",
     "modelfile"} (paths), or {"skipped": reason} when llama.cpp cannot apply this adapter (the merged GGUFs carry it
@@ -139,5 +140,5 @@ def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tune
         shutil.rmtree(view, ignore_errors=True)
     lora = adapter_gguf(adapter_dir, base_dir, out / f"{name}-lora.gguf", "f32", name,
                         lambda f, m: progress(0.8 + 0.2 * f, m))
-    mf = modelfile(lora, chat_template, system, base_gguf=base_gguf)
+    mf = modelfile(lora, chat_template, system, base_gguf=base_gguf, bos_token=specials[0], eos_token=specials[1])
     return {"base": str(base_gguf), "lora": str(lora), "modelfile": str(mf)}

@@ -16,9 +16,10 @@ from ..runs import run_config as _run_config
 from ..workspace import Workspace, human_bytes, sha256_file, write_json
 from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
 from .convert import convert
-from .merge import merge, saved_chat_template
+from .families import translate
+from .merge import merge, saved_chat_template, special_tokens
 from .adapter import LORA_FOLDER, export_lora
-from .ollama import how_to_run, modelfile
+from .ollama import OLLAMA_FALLBACK, how_to_run, modelfile
 from .plan import ExportPlan, ExportRequest, plan_export
 from .quantize import quantize
 from .validate import Validation, _validate_gguf, failed_checks
@@ -110,13 +111,17 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
         (qf,) = quantize(ggufs[0], [q], sub(0.5 + 0.15 * i / len(quants), 0.5 + 0.15 * (i + 1) / len(quants)))
         step(f"quantize {q}", t0, qf.name)  # not tensor_types(qf): gguf's reader takes ~20 s on a 262k vocabulary
         ggufs.append(qf)
-    tpl = saved_chat_template(hf_dir)
+    t0 = time.time()
+    tpl, specials = saved_chat_template(hf_dir), special_tokens(hf_dir)
     for g in ggufs:
-        modelfile(g, tpl, system)
+        modelfile(g, tpl, system, bos_token=specials[0], eos_token=specials[1])
+    translated = translate(tpl, *specials)
+    step("Modelfiles", t0, f"template: {translated.label}" if translated.template else
+         f"NO TEMPLATE: {translated.reason} ({OLLAMA_FALLBACK})")
     lora: dict = {}
     if plan.lora_gguf:
         t0 = time.time()
-        lora = export_lora(folder, name, adapter, base, hf_dir, outtypes[0], tpl, system, sub(0.62, 0.65))
+        lora = export_lora(folder, name, adapter, base, hf_dir, outtypes[0], tpl, system, sub(0.62, 0.65), specials)
         step("LoRA GGUF", t0, lora.get("skipped") or Path(lora["lora"]).name)
     validations: list[Validation] = []
     prompt = _train_prompt(ws, run_dir) if validate else None

@@ -342,18 +342,22 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
 
 def _modelfile_item(gguf_path: Path, jinja: str | None, specials: dict) -> CheckItem:
     """The "Modelfile template" row: <stem>.Modelfile's TEMPLATE rendered by Go's text/template (gotemplate.py) on
-    test conversations, against the chat template (Jinja) - identical text required."""
+    test conversations, against the chat template (Jinja) - identical text required. A Modelfile without TEMPLATE
+    for a model with a chat template fails, saying why it was not translated and what Ollama does instead."""
+    from .families import translate  # noqa: PLC0415
     from .gotemplate import compare_with_jinja, modelfile_template  # noqa: PLC0415
+    from .ollama import OLLAMA_FALLBACK  # noqa: PLC0415
 
     mf = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
     if not mf.is_file():
         return CheckItem("modelfile_template", None, "skipped: no Modelfile beside this GGUF")
     tpl = modelfile_template(mf.read_text())
-    if tpl is None:
-        return CheckItem("modelfile_template", None, "skipped: the Modelfile has no TEMPLATE (Ollama uses the one it "
-                         "derives from the GGUF)")
     if not jinja:
-        return CheckItem("modelfile_template", None, "skipped: no chat template to compare the Modelfile's with")
+        return CheckItem("modelfile_template", None, "skipped: the model has no chat template to compare with")
+    if tpl is None:
+        why = translate(jinja, specials.get("bos_token", ""), specials.get("eos_token", "")).reason or \
+            "the Modelfile has no TEMPLATE"
+        return CheckItem("modelfile_template", False, f"not translated: {why}. {OLLAMA_FALLBACK}.")
     try:
         ok, detail = compare_with_jinja(tpl, jinja, specials.get("bos_token", ""), specials.get("eos_token", ""))
     except Exception as e:  # noqa: BLE001 - the Jinja side failing is a result too

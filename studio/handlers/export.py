@@ -238,6 +238,10 @@ def details(ctx: Context, name: str | None):
     if d.get("steps"):
         lines.append("- Steps: " + ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in d["steps"])
                      + (f" · total {d['seconds']:.1f} s" if d.get("seconds") else ""))
+    mf_step = next((s for s in d.get("steps") or [] if s["step"] == "Modelfiles"), None)
+    if mf_step:
+        lines.append(("- ⚠️ Ollama Modelfile: " if mf_step["detail"].startswith("NO TEMPLATE") else
+                      "- Ollama Modelfile ") + mf_step["detail"])
     lines.append(f"- Folder: `{d['folder']}`")
     table = pd.DataFrame([[r["type"], r["file"], human_bytes(r["size"]), r["perplexity"], r["delta_pct"],
                            r["tokens_per_s"]] for r in d["table"]], columns=TABLE_COLUMNS)

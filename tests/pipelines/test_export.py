@@ -186,8 +186,11 @@ def test_validation_of_a_good_export(exported):
         gguf_row = v.table[-1]
         assert abs(gguf_row.delta_pct) < (10 if "Q4" in gguf_row.type else 3), v.table
         assert items["generation"].ok is not None  # a random tiny model may well collapse; it is reported
-        # the tiny tokenizer's template is no family MacTuner translates: the row says why it is skipped
-        assert items["modelfile_template"].ok is None and "no TEMPLATE" in items["modelfile_template"].detail
+        # the tiny tokenizer's template is no family MacTuner translates: a failed row that says why and what
+        # Ollama does instead, never a quiet skip
+        assert items["modelfile_template"].ok is False
+        assert "not translated" in items["modelfile_template"].detail
+        assert "closest of its built-in templates" in items["modelfile_template"].detail
 
 
 @pytest.mark.slow
@@ -388,7 +391,8 @@ def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
     assert ex.template_family(FALLBACK_CHAT_TEMPLATE) == "chatml"
     assert "<|im_start|>assistant" in ex.modelfile(g, FALLBACK_CHAT_TEMPLATE).read_text()
     odd = ex.modelfile(g, TINY_CHAT_TEMPLATE, stops=["</s>"]).read_text()
-    assert 'TEMPLATE """' not in odd and "not one MacTuner can translate" in odd
+    assert 'TEMPLATE """' not in odd and "MacTuner cannot translate this model's chat template" in odd
+    assert "none of the formats MacTuner translates" in odd and "closest of its built-in templates" in odd
     assert 'PARAMETER stop "</s>"' in odd
     cmds = ex.how_to_run(g)
     assert cmds["llama.cpp"].startswith("llama-cli -m ") and cmds["llama.cpp"].endswith("-cnv")
