@@ -10,6 +10,8 @@
     validate.py   loads, chat template, Modelfile template, generations, perplexity, fine-tune survived
                                                                                     -> <stem>.validation.json
     ollama.py     the Ollama Modelfile (Go template) and the run commands           -> <stem>.Modelfile
+    convertible.py will a fine-tune export? architecture, tokenizer (the converter's own vocabulary step, in
+                  check_child.py) and Modelfile template: the Train tab's pre-flight lines
     families.py   a chat template's family, found by rendering, and its Modelfile Go template (gojson.py: the
                   JSON punctuation of tools and tool calls as Jinja's tojson writes it)
     gotemplate.py a Modelfile TEMPLATE rendered by Go's text/template as Ollama does, compared with the Jinja one
