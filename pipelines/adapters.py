@@ -123,8 +123,8 @@ def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name:
     if rows is not None:
         progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
         target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
+        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
         gguf = target if target.is_file() else gguf_with_token_rows(gguf, rows, target)
-        label = f"{_model_label(ws, base)} + {name}'s token rows"
     progress(0.6, f"Loading {gguf.name}...")
     lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
     if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
