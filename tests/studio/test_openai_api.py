@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from studio_helpers import launch, wait_loaded
+from tiny_models import make_adapter, text_only_copy
 
 from pipelines import chat, models
 from pipelines import device as devicemod
-from studio_helpers import launch, wait_loaded
-from tiny_models import make_adapter, text_only_copy
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "Say hello to the studio."}]
