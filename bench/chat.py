@@ -318,6 +318,17 @@ def default_hf_copy(ws: Workspace) -> Path:
     return path
 
 
+def report_tuned(t: dict | None) -> None:
+    if not t:
+        return
+    print(f"  {'':24s}{'llama.cpp+LoRA':>16s}{'HF+PEFT':>12s}{'ratio':>9s}")
+    for label, f in (("tokens/s (whole run)", "tps"), ("tokens/s (decode)", "decode_tps"),
+                     ("time to first token ms", "ttft")):
+        a, b = t[f"llama.cpp_{f}"], t[f"transformers_{f}"]
+        scale = 1000 if f == "ttft" else 1
+        print(f"  {label:24s}{a * scale:16.1f}{b * scale:12.1f}{a / b:9.3f}")
+
+
 def report(label: str, r: dict) -> None:
     print(f"  {label:24s}{'stream_chat':>14s}{'direct':>14s}{'ratio':>9s}")
     print(f"  {'tokens/s (whole run)':24s}{r['ours_tps']:14.1f}{r['direct_tps']:14.1f}"
@@ -400,13 +411,7 @@ def main(argv=None) -> int:
         print("\n(c) tuned-model part skipped (--skip-tuned).")
     else:
         t = bench_tuned(ws, quick_start_run(ws, args.run), args.tuned_tokens, args.rounds)
-        if t:
-            print(f"  {'':24s}{'llama.cpp+LoRA':>16s}{'HF+PEFT':>12s}{'ratio':>9s}")
-            for label, f in (("tokens/s (whole run)", "tps"), ("tokens/s (decode)", "decode_tps"),
-                             ("time to first token ms", "ttft")):
-                a, b = t[f"llama.cpp_{f}"], t[f"transformers_{f}"]
-                scale = 1000 if f == "ttft" else 1
-                print(f"  {label:24s}{a * scale:16.1f}{b * scale:12.1f}{a / b:9.3f}")
+        report_tuned(t)
 
     load1 = os.getloadavg()
     print("\nSummary")
