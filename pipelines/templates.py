@@ -375,8 +375,12 @@ def _reply_span(render: Render, messages: list[dict], i: int, n: int, full: str,
     upto, _o, ends = _unmark(render(_marked(messages[: i + 1], {i}, marks), False), marks)
     if stop is not None and i in ends:
         end = stop + _shared_markup(upto[ends[i]:], full[stop:], atoms)
-    elif upto.startswith(with_prompt):  # an empty reply (a tool call alone): all the template writes for it
-        end = begin + _shared_markup(upto[len(with_prompt):], full[begin:], atoms)
+    elif upto.startswith(with_prompt):  # an empty reply (a tool call alone): what the template writes for it,
+        # from the point where it writes the same as the whole text (Qwen3 puts an empty <think> block in front of a
+        # last reply only)
+        tail, rest = upto[len(with_prompt):], full[begin:]
+        end = begin + max((_shared_markup(tail[j:], rest, atoms) for j in range(len(tail)) if tail[j] == rest[:1]),
+                          default=0)
     else:
         raise _not_found(n, "the conversation up to it renders differently")
     if not low <= begin < end:
