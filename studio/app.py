@@ -203,6 +203,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     hosts = guard.allowed_hosts(host)  # the share host joins it once known
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
+        allowed_paths=[h.handouts_dir(ctx.ws)],  # files handlers return (h.handout_file), for any workspace
         auth_dependency=access.gradio_dependency if access.mode == "oauth" else None,
         prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
         if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,

@@ -162,6 +162,30 @@ def bind(fn, ctx: "Context", **fixed):
     return bound
 
 
+def handout_file(ctx: "Context", kind: str, prefix: str, suffix: str, text: str, max_age: float = 3600) -> str:
+    """Write `text` to a new file for the browser to download and return its path: under the workspace's
+    tmp/handouts/<kind>/, the folder serve() lists in Gradio's allowed_paths (Gradio hands out only files in the
+    current folder, the system temp folder, its cache or allowed_paths, so a workspace elsewhere, ~/.mactuner
+    included, needs it). Gradio serves its own copy: files older than `max_age` seconds are removed here."""
+    import tempfile  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    folder = ctx.ws.tmp / "handouts" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{prefix}*{suffix}"):
+        if time.time() - old.stat().st_mtime > max_age:
+            old.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=suffix, prefix=prefix, dir=folder, delete=False,
+                                     encoding="utf-8") as f:
+        f.write(text)
+    return f.name
+
+
+def handouts_dir(ws) -> str:
+    """The folder of files handed to the browser (Gradio's allowed_paths)."""
+    return str(ws.tmp / "handouts")
+
+
 def progress_bar_html(fraction: float, caption: str) -> str:
     """A progress bar (0..1) with a caption line under it, as the Train and Export monitors show it."""
     frac = max(0.0, min(1.0, float(fraction or 0.0)))
