@@ -38,9 +38,10 @@ def kb_names(ctx: Context) -> list[str]:
 
 def kbs_table(ctx: Context) -> pd.DataFrame:
     """Every knowledge base; a damaged one says so (and why) in its index column, its counts unknown."""
-    rows = [[k["name"], k["documents"], k["pages"], k["chunks"], human_bytes(k["bytes"]), k["embedder"],
-             f"⚠️ damaged ({k['damaged']}): delete or rebuild it" if k.get("damaged") else k["index"]]
-            for k in rag.list_kbs(ctx.ws)]
+    rows = [[k["name"], k["documents"], k["pages"], k["chunks"], human_bytes(k["bytes"]), k["embedder"], k["index"]]
+            if not k.get("damaged") else  # seen first in the narrow table: the counts' place
+            [k["name"], "⚠️ damaged", "–", "–", human_bytes(k["bytes"]), k["embedder"],
+             f"damaged ({k['damaged']}): delete or rebuild it"] for k in rag.list_kbs(ctx.ws)]
     return pd.DataFrame(rows, columns=KB_COLUMNS)
 
 

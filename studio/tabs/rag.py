@@ -118,7 +118,8 @@ def build(ctx: h.Context) -> dict:
                           gr.update(choices=hr.kb_names(ctx))), model, [model, kb], api_visibility="private")
     model.change(lambda n: gr.update(choices=hr.adapter_choices(ctx, n), value=hr.BASE), model, adapter,
                  api_visibility="private")
-    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove")
+    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove").success(
+        h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
     delete_btn.click(h.bind(hr.delete, ctx), [kb, confirm], kb_out, api_name="rag_delete")
     rebuild_btn.click(h.bind(hr.rebuild, ctx), kb, [msg, job, kbs], api_name="rag_rebuild")
     search_btn.click(h.bind(hr.search, ctx), [kb, question, top_k, mode], [passages, search_note],
