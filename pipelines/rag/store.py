@@ -330,10 +330,16 @@ def _set_aside(kb: KB) -> None:
     try:
         _new_db(tmp, kept.get("embedder") or DEFAULT, emb.dim, int(kept.get("chunk_size") or 200),
                 int(kept.get("overlap") if kept.get("overlap") is not None else 40), kept.get("created"))
-        for suffix in ("", "-wal", "-shm"):  # a stale -wal beside the new file would be replayed into it
+        for suffix in ("-wal", "-shm"):  # a stale -wal beside the new file would be replayed into it
             if Path(f"{kb.db_path}{suffix}").exists():
                 os.replace(f"{kb.db_path}{suffix}", f"{kb.db_path}.damaged{suffix}")
-        os.replace(tmp, kb.db_path)
+        kept_as = Path(f"{kb.db_path}.damaged")
+        kept_as.unlink(missing_ok=True)
+        try:
+            os.link(kb.db_path, kept_as)  # a second name for the damaged file, then one atomic swap:
+        except OSError:  # (a filesystem without hard links: a copy)
+            shutil.copy2(kb.db_path, kept_as)
+        os.replace(tmp, kb.db_path)  # kb.sqlite is never missing, even if this is interrupted
     finally:
         tmp.unlink(missing_ok=True)
     for derived in ("index.json", "index.faiss", "index-ids.npy"):  # the cached one: the new database's uid differs
