@@ -29,18 +29,30 @@ def topics_pdf(tmp_path_factory) -> Path:
     return topic_pdf(tmp_path_factory.mktemp("docs") / "topics.pdf")
 
 
-@pytest.fixture
-def two_kbs(tmp_path, topics_pdf):
-    """A workspace with 'good' and 'bad' (each: topics.pdf and notes.md), and bad's kb.sqlite overwritten."""
+@pytest.fixture(scope="module")
+def two_kbs_made(tmp_path_factory, topics_pdf) -> Path:
+    """A workspace with 'good' and 'bad' (each: topics.pdf and notes.md), made once; tests work on copies."""
     from pipelines.workspace import Workspace
 
-    ws = Workspace.open(tmp_path / "ws")
-    notes = tmp_path / "notes.md"
+    ws = Workspace.open(tmp_path_factory.mktemp("made") / "ws")
+    notes = ws.root.parent / "notes.md"
     notes.write_text("# Setup\n\nPlug the router into the wall socket and wait for the green light.\n")
     for name in ("good", "bad"):
         rag.create(ws, name)
         assert not rag.ingest(ws, name, [topics_pdf, notes]).failed
-    rag.search(rag.open_kb(ws, "bad"), "why does bread rise", 1)  # its index cached in this process
+    return ws.root
+
+
+@pytest.fixture
+def two_kbs(tmp_path, two_kbs_made):
+    """A copy of that workspace with bad's kb.sqlite overwritten (its index cached in this process before)."""
+    import shutil
+
+    from pipelines.workspace import Workspace
+
+    shutil.copytree(two_kbs_made, tmp_path / "ws")
+    ws = Workspace.open(tmp_path / "ws")
+    rag.search(rag.open_kb(ws, "bad"), "why does bread rise", 1)
     (ws.rag / "bad" / "kb.sqlite").write_bytes(b"this is not a database at all " * 200)
     return ws
 
@@ -239,5 +251,5 @@ def test_the_cli_lists_refuses_rebuilds_and_deletes_a_damaged_kb(two_kbs):
     assert r.returncode == 1 and r.stderr.startswith("mactuner: The knowledge base 'bad' is damaged")
     r = cli("rebuild", "bad")
     assert r.returncode == 0 and len(json.loads(r.stdout)["added"]) == 2
-    assert json.loads(cli("search", "bad", "why does bread rise", "--top-k", "1").stdout)[0]["page"] == 2
-    assert cli("delete", "bad").returncode == 0 and [k["name"] for k in json.loads(cli("list").stdout)] == ["good"]
+    assert rag.open_kb(two_kbs, "bad").summary()["documents"] == 2  # (searching it: the in-process test)
+    assert cli("delete", "bad").returncode == 0 and [k["name"] for k in rag.list_kbs(two_kbs)] == ["good"]
