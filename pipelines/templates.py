@@ -332,9 +332,10 @@ def reply_spans(render: Render, messages: list[dict], atoms=()) -> tuple[str, li
                             "with markers around each reply it differs from the plain rendering), so the replies "
                             "cannot be told apart from the prompts: no training mask can be built with it. Use a "
                             "model whose chat template writes each reply as given.")
-    spans, low, atoms = [], 0, frozenset(a for a in atoms if a)
+    spans, low, atoms, header = [], 0, frozenset(a for a in atoms if a), None
     for n, i in enumerate(replies, 1):
-        span = _reply_span(render, messages, i, n, full, (opens.get(i), closes.get(i)), low, marks, atoms)
+        span, header = _reply_span(render, messages, i, n, full, (opens.get(i), closes.get(i)), low, marks, atoms,
+                                   header)
         spans.append(span)
         low = span[1]
     return full, spans
@@ -346,39 +347,58 @@ def _not_found(n: int, why: str) -> ReplyNotFound:
                          "whose chat template writes each reply as given.")
 
 
+def _header(render: Render, messages: list[dict], i: int) -> tuple[str, str]:
+    """The prompt for reply `i` (the conversation before it with the generation prompt) and the generation prompt's
+    own markup at its end (the assistant header: what that prompt writes beyond the same messages without it)."""
+    if not i:
+        return "", ""
+    prompt = render(messages[:i], True)
+    return prompt, prompt[len(os.path.commonprefix([prompt, render(messages[:i], False)])):]
+
+
+def _after_header(full: str, header: str, anchor: int | None, low: int) -> int | None:
+    """Where the reply begins: after the last assistant header before its text (`anchor`), or for an empty reply (a
+    tool call alone) after the first one after the turn before (`low`); None when there is none."""
+    if not header:
+        return None
+    at = full.rfind(header, low, anchor) if anchor is not None else full.find(header, low)
+    return at + len(header) if at >= 0 else None
+
+
 def _reply_span(render: Render, messages: list[dict], i: int, n: int, full: str, edges: tuple[int | None, int | None],
-                low: int, marks: tuple[str, str], atoms: frozenset[str]) -> tuple[int, int]:
-    """Span of reply `n` (message `i`) in `full`; `edges` are where its text begins / ends there (None where the
-    template did not keep that edge: Qwen3 cuts the <think> part off the front), `low` where the previous one
-    ended."""
+                low: int, marks: tuple[str, str], atoms: frozenset[str], header: str | None):
+    """((begin, end) of reply `n` (message `i`) in `full`, the assistant header used). `edges` are where its text
+    begins / ends there (None where the template did not keep that edge: Qwen3 cuts the <think> part off the front),
+    `low` where the previous reply ended, `header` the one the previous reply found (one render pair saved per reply
+    when it is found again; otherwise this reply's own prompt is rendered)."""
     start, stop = edges
     text = messages[i].get("content")
     if start is None and stop is None and isinstance(text, str) and text.strip():
         raise _not_found(n, "its text does not appear in it, or more than once")
-    with_prompt = render(messages[:i], True) if i else ""
-    header = with_prompt[len(os.path.commonprefix([with_prompt, render(messages[:i], False) if i else ""])):]
     anchor = start if start is not None else stop
-    if not header:
-        at = -1
-    elif anchor is not None:  # the last assistant header before the reply's text
-        at = full.rfind(header, low, anchor)
-    else:  # an empty reply (a tool call alone): the first assistant header after the turn before
-        at = full.find(header, low)
-    if at >= 0:  # the reply begins where the generation prompt (the assistant header) leaves off
-        begin = at + len(header)
-    elif start is not None:  # no generation prompt (Mistral, Llama 2): the reply begins with its text
+    prompt, begin = None, None
+    if header is not None and anchor is not None:  # "" : the template has no generation prompt
+        begin = _after_header(full, header, anchor, low) if header else start
+    if begin is None:
+        prompt, header = _header(render, messages, i)
+        begin = _after_header(full, header, anchor, low)
+    if begin is None:  # no generation prompt (Mistral, Llama 2): the reply begins with its text
         begin = start
-    else:
+    if begin is None:
         raise _not_found(n, "neither the start of its text nor the assistant header is in it")
     # The end-of-turn markup: what the template writes after the reply when it is the last message, as far as the
     # whole conversation writes the same (the next turn's markup, or Phi-3's closing eos, is not shared).
     upto, _o, ends = _unmark(render(_marked(messages[: i + 1], {i}, marks), False), marks)
     if stop is not None and i in ends:
         end = stop + _shared_markup(upto[ends[i]:], full[stop:], atoms)
-    elif upto.startswith(with_prompt):  # an empty reply (a tool call alone): all the template writes for it
-        end = begin + _shared_markup(upto[len(with_prompt):], full[begin:], atoms)
-    else:
-        raise _not_found(n, "the conversation up to it renders differently")
+    else:  # an empty reply (a tool call alone): what the template writes for it, from the point where it writes the
+        # same as the whole text (Qwen3 puts an empty <think> block in front of a last reply only)
+        prompt = _header(render, messages, i)[0] if prompt is None else prompt
+        if not upto.startswith(prompt):
+            raise _not_found(n, "the conversation up to it renders differently")
+        tail, rest = upto[len(prompt):], full[begin:]
+        end = begin + max((_shared_markup(tail[j:], rest, atoms) for j in range(len(tail)) if tail[j] == rest[:1]),
+                          default=0)
     if not low <= begin < end:
         raise _not_found(n, "it overlaps the turn before it")
-    return begin, end
+    return (begin, end), header

