@@ -1,5 +1,6 @@
 """Device profile: which accelerator we run on (MPS > CUDA > CPU), how much memory there is, which dtype and
-thread count each stage should use, and how much memory a model needs for inference, LoRA and QLoRA.
+thread count each stage should use, which training backend (torch | mlx) and why, and how much memory a model needs
+for inference, LoRA and QLoRA (bitsandbytes 4-bit, or MLX's 4-/8-bit bases in unified memory).
 
 Every stage asks this module instead of deciding on its own. `detect()` takes the torch module as an argument
 so tests can simulate each backend; `python -m pipelines.device` prints the profile of this machine.
@@ -40,6 +41,8 @@ class DeviceProfile:
     qlora: bool  # bitsandbytes 4-bit training possible here
     qlora_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    backend: str = "torch"  # the training backend "auto" picks here (choose_backend)
+    backend_reason: str = ""
 
     @property
     def torch_device(self) -> str:
@@ -79,6 +82,13 @@ def cpu_name() -> str:
 
 def detect(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
     """Profile the best available device. `torch` and `cpuinfo` can be replaced to simulate other machines."""
+    prof = _detect_device(torch, cpuinfo)
+    choice = choose_backend("auto", prof)
+    prof.backend, prof.backend_reason = choice.name, choice.reason
+    return prof
+
+
+def _detect_device(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
     if torch is None:
         import torch  # noqa: PLC0415 - torch import is slow; only pay it when asked
     vm = psutil.virtual_memory()
@@ -181,6 +191,82 @@ def in_own_thread(fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+# ------------------------------------------------------------------------------------- training backend
+
+
+@dataclass
+class BackendChoice:
+    name: str  # "torch" | "mlx"
+    reason: str
+
+
+def apple_silicon() -> bool:
+    """A Mac with an Apple chip (arm64 macOS): where MLX computes on the GPU in unified memory."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def mlx_installed() -> tuple[bool, str]:
+    """(mlx and mlx-lm are installed, their versions or what is missing). Looks at the installed distributions only:
+    nothing of MLX is imported."""
+    from importlib import metadata  # noqa: PLC0415
+
+    found, missing = [], []
+    for dist in ("mlx", "mlx-lm"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        return False, f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+    return True, ", ".join(found)
+
+
+def mlx_install_hint() -> str:
+    return ('pip install mlx-lm (it brings mlx)' if apple_silicon()
+            else 'pip install "mlx[cpu]" mlx-lm')
+
+
+def choose_backend(requested: str = "auto", prof: DeviceProfile | None = None) -> BackendChoice:
+    """Which backend trains (and chats, for HF models) for `requested` ("auto" | "torch" | "mlx"), and why.
+    auto: MLX on Apple silicon when mlx and mlx-lm are installed, else torch (its device: MPS, CUDA or CPU). MLX off
+    Apple silicon (Linux: its CPU build) runs only when asked: there it is slower than torch. BadInput when mlx is
+    asked for and cannot run here."""
+    from .errors import BadInput  # noqa: PLC0415
+
+    kind = prof.kind.upper() if prof is not None else "its device"
+    ok, what = mlx_installed()
+    if requested == "torch":
+        return BackendChoice("torch", f"torch on {kind}: chosen in the config")
+    if requested == "mlx":
+        if not ok:
+            raise BadInput(f"The MLX backend needs mlx and mlx-lm: {what}. Install them ({mlx_install_hint()}), or "
+                           "choose backend torch.")
+        if platform.system() not in ("Darwin", "Linux"):
+            raise BadInput("MLX runs on macOS (Apple silicon) and Linux only: choose backend torch.")
+        where = "the Apple GPU (Metal, unified memory)" if apple_silicon() else "the CPU (slower than torch here)"
+        return BackendChoice("mlx", f"MLX on {where}: chosen in the config ({what})")
+    if apple_silicon():
+        if ok:
+            return BackendChoice("mlx", f"MLX: Apple silicon with {what} - unified memory, 4-/8-bit bases")
+        return BackendChoice("torch", f"torch on {kind}: MLX would be the faster Mac path but {what} "
+                                      f"({mlx_install_hint()})")
+    return BackendChoice("torch", f"torch on {kind}: MLX is chosen automatically only on Apple silicon"
+                                  + (" (backend mlx runs it on this CPU when asked)" if ok else ""))
+
+
+def mlx_train_dtype(requested: str = "auto") -> tuple[str, str]:
+    """(dtype, why) the MLX trainer computes in: the config's dtype, else (auto) MACTUNER_TRAIN_DTYPE, else bfloat16
+    on the Apple GPU - as mlx-lm trains - and float32 on a CPU (MLX's CPU kernels have no fast bf16 path)."""
+    if requested and requested != "auto":
+        return requested, f"{requested}: set in the config"
+    forced = os.environ.get("MACTUNER_TRAIN_DTYPE", "").strip()
+    if forced in ("float32", "bfloat16", "float16"):
+        return forced, f"set by MACTUNER_TRAIN_DTYPE={forced}"
+    if apple_silicon():
+        return "bfloat16", "bf16 base weights on the Apple GPU (adapter, optimizer and loss float32), as mlx-lm trains"
+    return "float32", "float32: MLX on a CPU"
 
 
 _FLOPS: dict[str, float] = {}
@@ -377,6 +463,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     available: int | None = None,
     weight_bytes: int | None = None,
+    base_bits: int = 0,
 ) -> MemoryEstimate:
     """Rough peak memory for `mode` in ("inference", "lora", "qlora"). Errs on the generous side.
 
@@ -384,7 +471,9 @@ def estimate_memory(
     grads and Adam moments (16 B each); activations: per layer ~34 bytes x tokens x hidden at 16-bit (scaled for
     fp32), kept for all layers unless gradient checkpointing; logits for the whole batch in fp32 (x2 for the
     softmax backward); inference adds the KV cache. Overhead: 10% + 300 MB for the runtime.
-    `weight_bytes` replaces the weights' size for inference (a quantized GGUF file, say).
+    `weight_bytes` replaces the weights' size for inference (a quantized GGUF file, say). `base_bits` 4 or 8: LoRA
+    on an MLX-quantized base (affine, a float16 scale and bias per group of 64 weights: 4.5 or 8.5 bits per weight,
+    the embedding included), computing in `dtype`.
     """
     if mode not in ("inference", "lora", "qlora"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -394,6 +483,8 @@ def estimate_memory(
         weights = int(weight_bytes)
     elif mode == "qlora":
         weights = int(shape.n_params * 0.5625)
+    elif mode == "lora" and base_bits:
+        weights = int(shape.n_params * (base_bits + 0.5) / 8)
     else:
         weights = int(shape.n_params * b)
     if mode == "inference":
@@ -425,11 +516,12 @@ def recommend_batch_size(
     gradient_checkpointing: bool = False,
     max_batch: int = 64,
     headroom: float = 0.8,
+    base_bits: int = 0,
 ) -> int:
     """The largest power-of-two batch whose estimate fits in `headroom` x `available`; 0 when none does."""
     best, b = 0, 1
     while b <= max_batch:
-        est = estimate_memory(shape, mode, dtype, seq_len, b, lora_rank, gradient_checkpointing)
+        est = estimate_memory(shape, mode, dtype, seq_len, b, lora_rank, gradient_checkpointing, base_bits=base_bits)
         if est.total > available * headroom:
             break
         best, b = b, b * 2

@@ -6,7 +6,8 @@
     preference.py   DPO / ORPO on (chosen, rejected) pairs (encode.py encodes them): the losses, the step, eval, verdict
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
     common.py       what every backend shares: stop flag, lr schedule, divergence checks, TrainResult, peak memory
-    loop.py         run_training(): the loop, single process or DDP under torchrun
+    loop.py         run_training(): the loop, single process or DDP under torchrun; a config whose backend is mlx
+                    goes to mlx/ (Apple's MLX + mlx-lm: the same run folder, checkpoints and PEFT adapter)
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
     distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
                     refuse), the facts every process must agree on (pipelines/multinode.py compares them)
@@ -22,6 +23,8 @@ From a notebook:
 
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import (
+                     BACKENDS,
+                     BASE_BITS,
                      COMPLETE_MARKER,
                      DTYPES,
                      METHODS,
@@ -51,7 +54,7 @@ from .loop import build_model, run_training
 from .loss import linear_cross_entropy, reference_loss
 from .plan import TrainingPlan, memory_advice, plan_training
 
-__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS", "STOP_FLAG", "TrainConfig",
+__all__ = ["BACKENDS", "BASE_BITS", "COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS", "STOP_FLAG", "TrainConfig",
            "TrainResult", "TrainingFailed", "TrainingPlan", "build_model", "check_data", "check_resume", "collate",
            "dataset_dir", "dataset_versions", "encode_conversation", "encode_dataset", "encode_split",
            "ensure_chat_template", "linear_cross_entropy", "list_checkpoints", "load_checkpoint", "memory_advice",
