@@ -1,6 +1,7 @@
 """Device profile: which accelerator we run on (MPS > CUDA > CPU), how much memory there is, which dtype and
-thread count each stage should use, which training backend (torch | mlx) and why, and how much memory a model needs
-for inference, LoRA and QLoRA (bitsandbytes 4-bit, or MLX's 4-/8-bit bases in unified memory).
+thread count each stage should use, which training backend (torch | mlx) and why (backend.py, re-exported here), and
+how much memory a model needs for inference, LoRA and QLoRA (bitsandbytes 4-bit, or MLX's 4-/8-bit bases in unified
+memory).
 
 Every stage asks this module instead of deciding on its own. `detect()` takes the torch module as an argument
 so tests can simulate each backend; `python -m pipelines.device` prints the profile of this machine.
@@ -19,6 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+
+from .backend import (  # noqa: F401 - the backend choice is the device profile's too: device.choose_backend(...)
+    BackendChoice,
+    apple_silicon,
+    choose_backend,
+    mlx_install_hint,
+    mlx_installed,
+    mlx_train_dtype,
+)
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
@@ -191,82 +201,6 @@ def in_own_thread(fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-# ------------------------------------------------------------------------------------- training backend
-
-
-@dataclass
-class BackendChoice:
-    name: str  # "torch" | "mlx"
-    reason: str
-
-
-def apple_silicon() -> bool:
-    """A Mac with an Apple chip (arm64 macOS): where MLX computes on the GPU in unified memory."""
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def mlx_installed() -> tuple[bool, str]:
-    """(mlx and mlx-lm are installed, their versions or what is missing). Looks at the installed distributions only:
-    nothing of MLX is imported."""
-    from importlib import metadata  # noqa: PLC0415
-
-    found, missing = [], []
-    for dist in ("mlx", "mlx-lm"):
-        try:
-            found.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            missing.append(dist)
-    if missing:
-        return False, f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
-    return True, ", ".join(found)
-
-
-def mlx_install_hint() -> str:
-    return ('pip install mlx-lm (it brings mlx)' if apple_silicon()
-            else 'pip install "mlx[cpu]" mlx-lm')
-
-
-def choose_backend(requested: str = "auto", prof: DeviceProfile | None = None) -> BackendChoice:
-    """Which backend trains (and chats, for HF models) for `requested` ("auto" | "torch" | "mlx"), and why.
-    auto: MLX on Apple silicon when mlx and mlx-lm are installed, else torch (its device: MPS, CUDA or CPU). MLX off
-    Apple silicon (Linux: its CPU build) runs only when asked: there it is slower than torch. BadInput when mlx is
-    asked for and cannot run here."""
-    from .errors import BadInput  # noqa: PLC0415
-
-    kind = prof.kind.upper() if prof is not None else "its device"
-    ok, what = mlx_installed()
-    if requested == "torch":
-        return BackendChoice("torch", f"torch on {kind}: chosen in the config")
-    if requested == "mlx":
-        if not ok:
-            raise BadInput(f"The MLX backend needs mlx and mlx-lm: {what}. Install them ({mlx_install_hint()}), or "
-                           "choose backend torch.")
-        if platform.system() not in ("Darwin", "Linux"):
-            raise BadInput("MLX runs on macOS (Apple silicon) and Linux only: choose backend torch.")
-        where = "the Apple GPU (Metal, unified memory)" if apple_silicon() else "the CPU (slower than torch here)"
-        return BackendChoice("mlx", f"MLX on {where}: chosen in the config ({what})")
-    if apple_silicon():
-        if ok:
-            return BackendChoice("mlx", f"MLX: Apple silicon with {what} - unified memory, 4-/8-bit bases")
-        return BackendChoice("torch", f"torch on {kind}: MLX would be the faster Mac path but {what} "
-                                      f"({mlx_install_hint()})")
-    return BackendChoice("torch", f"torch on {kind}: MLX is chosen automatically only on Apple silicon"
-                                  + (" (backend mlx runs it on this CPU when asked)" if ok else ""))
-
-
-def mlx_train_dtype(requested: str = "auto") -> tuple[str, str]:
-    """(dtype, why) the MLX trainer computes in: the config's dtype, else (auto) MACTUNER_TRAIN_DTYPE, else bfloat16
-    on the Apple GPU - as mlx-lm trains - and float32 on a CPU (MLX's CPU kernels have no fast bf16 path)."""
-    if requested and requested != "auto":
-        return requested, f"{requested}: set in the config"
-    forced = os.environ.get("MACTUNER_TRAIN_DTYPE", "").strip()
-    if forced in ("float32", "bfloat16", "float16"):
-        return forced, f"set by MACTUNER_TRAIN_DTYPE={forced}"
-    if apple_silicon():
-        return "bfloat16", "bf16 base weights on the Apple GPU (adapter, optimizer and loss float32), as mlx-lm trains"
-    return "float32", "float32: MLX on a CPU"
 
 
 _FLOPS: dict[str, float] = {}
