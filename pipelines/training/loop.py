@@ -159,8 +159,6 @@ def run_training(cfg: TrainConfig, run_dir: str | os.PathLike, on_metrics: Metri
     asked at each step end: a checkpoint is written and the result is "stopped". `resume`: a checkpoint folder.
     Raises BadInput for unusable settings/data (before training) and TrainingFailed for NaN loss, OOM, disk errors.
     """
-    import torch  # noqa: PLC0415
-
     from .. import device as devicemod  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -169,6 +167,12 @@ def run_training(cfg: TrainConfig, run_dir: str | os.PathLike, on_metrics: Metri
     log = log or (lambda msg: print(msg, flush=True))
     if not validated:
         cfg = validate(cfg, ws, resume)
+    if devicemod.choose_backend(cfg.backend).name == "mlx":  # Apple's MLX trains it (pipelines/training/mlx/)
+        from .mlx import run_training as run_mlx  # noqa: PLC0415
+
+        return run_mlx(cfg, run_dir, on_metrics, ws=ws, resume=resume, should_stop=should_stop, log=log)
+    import torch  # noqa: PLC0415
+
     stop_file = run_dir / STOP_FLAG
     should_stop = should_stop or stop_file.exists
     dist = _Dist()
