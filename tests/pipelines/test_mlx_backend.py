@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 from test_train import assert_bad_input, tiny_cfg, write_dataset
 
+from pipelines import backend as backendmod
 from pipelines import device as devicemod
 from pipelines.device import GiB, ModelShape
 from pipelines.errors import BadInput
@@ -27,16 +28,16 @@ def ws(workspace):
 
 
 def mac(monkeypatch, mlx=True):
-    monkeypatch.setattr(devicemod.platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(devicemod.platform, "machine", lambda: "arm64")
-    monkeypatch.setattr(devicemod, "mlx_installed", lambda: (True, "mlx 0.32.4, mlx-lm 0.32.2") if mlx
+    monkeypatch.setattr(backendmod.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(backendmod.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(backendmod, "mlx_installed", lambda: (True, "mlx 0.32.4, mlx-lm 0.32.2") if mlx
                         else (False, "mlx and mlx-lm are not installed"))
 
 
 def linux(monkeypatch, mlx=True):
-    monkeypatch.setattr(devicemod.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(devicemod.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(devicemod, "mlx_installed", lambda: (True, "mlx 0.32.4, mlx-lm 0.32.2") if mlx
+    monkeypatch.setattr(backendmod.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(backendmod.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(backendmod, "mlx_installed", lambda: (True, "mlx 0.32.4, mlx-lm 0.32.2") if mlx
                         else (False, "mlx-lm is not installed"))
 
 
@@ -189,3 +190,47 @@ def test_transformers_5_rope_parameters_become_mlx_lm_keys():
     assert legacy_rope_keys(llama3) == {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0}}
     assert legacy_rope_keys({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}) == {}
 
+
+def test_mlx_logits_equal_transformers_with_a_non_default_rope_theta(tiny_llama_dir, tmp_path):
+    """A config saved by transformers 5 keeps rope_theta inside rope_parameters: MLX must still use it."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.training.mlx.model import build_model
+
+    d = _variant(tiny_llama_dir, tmp_path / "rope", rope_parameters={"rope_theta": 50.0, "rope_type": "default"})
+    ids = [[1, 5, 9, 33, 70, 120, 7, 250, 3, 44, 90, 17, 200, 61]]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(torch.tensor(ids)).logits.numpy()
+    model, _info = build_model(TrainConfig(base_model=str(d), rank=4, dropout=0.0), "float32")
+    model.eval()
+    mine = np.array(model(mx.array(ids)))
+    np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4)
+    default = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert np.abs(default(torch.tensor(ids)).logits.numpy() - ref).max() > 1e-3  # the theta matters here
+
+
+def test_model_cards_say_mlx_and_the_quantized_base(workspace):
+    """The Hub card of an export made from an MLX run on a 4-bit base says how it was trained and that the merged
+    model is the full-precision base plus the adapter; a plain torch run's card does not."""
+    import json as _json
+
+    from export_fixtures import make_export
+
+    from pipelines.export import card
+
+    folder = make_export(workspace)
+    config = workspace.runs / "tiny-run" / "config.yaml"
+    manifest = _json.loads((folder / "export.json").read_text())
+    plain = card.run_info(workspace, manifest)
+    assert plain.settings["backend"] == "auto"
+    config.write_text(config.read_text().replace("backend: auto", "backend: mlx").replace("base_bits: 0",
+                                                                                          "base_bits: 4"))
+    info = card.run_info(workspace, manifest)
+    text = card.model_card("ana/tiny", "tiny", info, {"merged", "adapter"}, [], [])
+    assert "Trained with Apple's MLX (mlx-lm) on a 4-bit MLX-quantized copy of the base" in text
+    assert "full-precision base" in text and "| backend | mlx |" in text and "| base_bits | 4 |" in text
+    assert "MLX" not in card.model_card("ana/tiny", "tiny", plain, {"merged", "adapter"}, [], [])

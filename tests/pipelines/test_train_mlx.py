@@ -10,6 +10,7 @@ import json
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from test_train import METRIC_KEYS, _wait_for, assert_bad_input, conversations, tiny_cfg, write_dataset
@@ -285,3 +286,42 @@ def gemma_cfg(ws):
 
     return TrainConfig(base_model="default", dataset="chat", backend="mlx", max_steps=3, batch_size=2, max_length=96,
                        learning_rate=1e-3, save_every=0, dropout=0.0, rank=8)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.slow
+def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, spm_llama_dir):
+    """The same run trained by torch, by MLX and by MLX on a 4-bit base, each exported from its run folder (merged
+    into the full-precision base, converted, quantized, validated in llama.cpp): every check gives the same outcome
+    as for the torch run's GGUF, the fine-tune survived in each, and the model card says how it was trained. (The
+    tiny base is random: its greedy text collapses, and the generation check says so for all three alike.)"""
+    from pipelines import export as ex
+    from pipelines.training import TrainConfig
+
+    rows = [{"messages": [{"role": "user", "content": f"What is LoRA {i}?"},
+                          {"role": "assistant", "content": "A low-rank adapter that trains few weights."}]}
+            for i in range(8)]
+    write_dataset(workspace, train_rows=rows, val_rows=[])
+    outcomes, cards = {}, {}
+    for name, kw in (("torch", {}), ("mlx", {"backend": "mlx"}), ("mlx-q4", {"backend": "mlx", "base_bits": 4})):
+        cfg = TrainConfig(base_model=str(spm_llama_dir), dataset="chat", dataset_version=1, max_steps=6, batch_size=4,
+                          max_length=64, learning_rate=2e-2, save_every=0, dropout=0.0, rank=8,
+                          target_modules="all-linear", **kw)
+        run = workspace.runs / name
+        run.mkdir(parents=True)
+        cfg.to_yaml(run / "config.yaml")
+        losses = []
+        res = run_training(cfg, run, lambda r: losses.append(r["loss"]), ws=workspace, log=lambda _m: None)
+        assert res.state == "finished" and losses[-1] < losses[0] - 0.1, (name, losses)
+        result = ex.export(workspace, ex.ExportRequest(source=str(run), outtypes=["f16"], quants=["Q8_0"],
+                                                       validate=True))
+        outcomes[name] = [{i.name: i.ok for i in v.items} for v in result.validations]
+        for v in result.validations:
+            item = next(i for i in v.items if i.name == "finetune_survived")
+            assert item.ok is True, (name, item.detail)
+        cards[name] = (Path(result.merged) / "README.md").read_text()
+    assert outcomes["mlx"] == outcomes["torch"] and outcomes["mlx-q4"] == outcomes["torch"], outcomes
+    assert "Trained with Apple's MLX" in cards["mlx"] and "4-bit MLX-quantized copy of the base" in cards["mlx-q4"]
+    assert "MLX" not in cards["torch"]
