@@ -83,11 +83,12 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     prompt = chat.build_prompt(lm, MESSAGES, params)
     print(f"\n(a) GGUF {path.name}: prompt {len(prompt.token_ids)} tokens, {n_tokens} new tokens, greedy, "
           f"{rounds} rounds after a warm-up, {threads} llama.cpp threads; template: {prompt.template_source}")
-    print(f"  worker: pid {lm.model.pid}, extra buffer types {'on' if lm.model.settings.extra_bufts else 'off'}")
+    pid, bufts = lm.backend.worker.pid, lm.backend.worker.settings.extra_bufts
+    print(f"  worker: pid {pid}, extra buffer types {'on' if bufts else 'off'}")
 
     import psutil
 
-    worker = psutil.Process(lm.model.pid)
+    worker = psutil.Process(pid)
 
     def ours(i):  # CPU time: this process's and the worker's, where the model runs
         w0 = sum(worker.cpu_times()[:2])
@@ -118,7 +119,7 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     res["ours_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in o_runs]
     res["direct_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in d_runs]
     llm.close()
-    lm.model.close()
+    lm.backend.close()
     return res
 
 
@@ -155,12 +156,13 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
     load_s = time.perf_counter() - t
     params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
     prompt = chat.build_prompt(lm, MESSAGES, params)
-    eos = chat._hf_eos_ids(lm)
+    eos = lm.backend.eos_ids()
+    tokenizer = lm.backend.tokenizer
     if kind == "direct":
         from transformers import AutoModelForCausalLM
 
-        dtype = next(lm.model.parameters()).dtype
-        lm.model = None  # the plain script's own model, loaded and run on the main thread
+        dtype = next(lm.backend.model.parameters()).dtype
+        lm.backend.close()  # the plain script's own model, loaded and run on the main thread
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     class FirstToken(BaseStreamer):
@@ -181,10 +183,10 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=s)
         total = time.perf_counter() - t0
         new = [i for i in out[0, ids.shape[1]:].tolist() if i not in eos]
-        return {"text": lm.tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
+        return {"text": tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
                 "ttft": s.first - t0, "total": total, "tps": len(new) / total, "cpu": time.process_time() - c0,
                 "decode_tps": (len(new) - 1) / (total - (s.first - t0)) if len(new) > 1 else 0.0}
 

@@ -159,7 +159,7 @@ def test_a_model_worker_killed_mid_answer(client, studio):
     import openai
 
     _url, ctx = studio
-    worker = ctx.registry.get(models.DEFAULT_NAME).model
+    worker = ctx.registry.get(models.DEFAULT_NAME).backend.worker
     stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Tell a long story."}],
                                             max_tokens=800, temperature=0, extra_body={"repetition_penalty": 1.0},
                                             stream=True)
