@@ -178,7 +178,8 @@ def test_run_writes_what_the_torch_backend_writes(ws, tiny_llama_dir):
     assert res.state == "finished" and res.step == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert METRIC_KEYS <= set(r) and r["loss"] > 0 and r["tokens_per_s"] > 0 and r["device_peak_memory"] > 0
-    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4] and rows[0]["learning_rate"] < rows[1]["learning_rate"]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert rows[0]["learning_rate"] < rows[1]["learning_rate"]
     json.dumps(rows)
     ad = run_dir / "adapter"
     for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
@@ -211,7 +212,8 @@ def test_resume_continues_the_loss_curve(ws, tiny_llama_dir):
     res = run_training(cfg, ws.runs / "b", part.append, ws=ws, resume=ckpt)
     assert res.state == "finished" and [r["step"] for r in part] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, part):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["learning_rate"] == pytest.approx(a["learning_rate"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"])
     a, b = (load_file(str(ws.runs / k / "adapter" / "adapter_model.safetensors")) for k in ("a", "b"))
     assert a.keys() == b.keys()
     for k in a:
@@ -264,7 +266,8 @@ def test_a_4_bit_base_trains(ws, tiny_llama_dir):
     assert res.state == "finished"
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
     info = json.loads((ws.runs / "q4" / "adapter" / "mactuner.json").read_text())
-    assert info["base_bits"] == 4 and json.loads((ws.runs / "q4" / "adapter" / "adapter_config.json").read_text())["use_dora"]
+    assert info["base_bits"] == 4
+    assert json.loads((ws.runs / "q4" / "adapter" / "adapter_config.json").read_text())["use_dora"]
 
 
 @pytest.mark.slow

@@ -224,7 +224,8 @@ def train(s: Session, on_metrics: MetricsFn | None, should_stop: Callable[[], bo
             on_metrics(row)
         if s.step < s.total_steps and should_stop():
             last_ckpt = save_checkpoint(s, out.loss)
-            state_out, reason = "stopped", f"stopped at step {s.step} of {s.total_steps}; resumable from {last_ckpt.name}"
+            state_out = "stopped"
+            reason = f"stopped at step {s.step} of {s.total_steps}; resumable from {last_ckpt.name}"
             break
         if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
             last_ckpt = save_checkpoint(s, out.loss)

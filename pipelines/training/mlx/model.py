@@ -93,9 +93,9 @@ def layer_keys(model, targets) -> list[str]:
         keys = [n for n in found if n.split(".")[-1] in wanted]
         odd = [n for n in keys if not isinstance(found[n], LINEAR)]
         if odd:
+            names = ", ".join(sorted({n.split(".")[-1] for n in linear}))
             raise BadInput(f"{odd[0]} is a {type(found[odd[0]]).__name__}, not a linear layer: MLX adapters go on "
-                           f"linear layers only. Name linear layers ({', '.join(sorted({n.split('.')[-1] for n in linear}))}) "
-                           "or choose backend torch.")
+                           f"linear layers only. Name linear layers ({names}) or choose backend torch.")
         missing = wanted - {n.split(".")[-1] for n in keys}
         if missing:
             raise BadInput(f"This model has no layer named {sorted(missing)[0]}; its linear layers are "
