@@ -234,3 +234,22 @@ def test_model_cards_say_mlx_and_the_quantized_base(workspace):
     assert "Trained with Apple's MLX (mlx-lm) on a 4-bit MLX-quantized copy of the base" in text
     assert "full-precision base" in text and "| backend | mlx |" in text and "| base_bits | 4 |" in text
     assert "MLX" not in card.model_card("ana/tiny", "tiny", plain, {"merged", "adapter"}, [], [])
+
+
+def test_several_processes_are_refused_for_mlx(ws, tiny_llama_dir, monkeypatch):
+    from pipelines import runs
+    from pipelines.multinode_commands import commands
+    from pipelines.training import run_training
+
+    cfg = tiny_cfg(tiny_llama_dir, backend="mlx")
+    with pytest.raises(BadInput) as e:
+        runs.create_run(ws, cfg, nproc=2)
+    assert_bad_input(e, "one process", "backend torch")
+    assert not list(ws.runs.glob("*"))  # no run folder was written
+    with pytest.raises(BadInput) as e:
+        commands("c.yaml", 2, run_name="r", root=str(ws.root), cfg=validate(cfg, ws))
+    assert_bad_input(e, "one process", "DDP")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun hands each process
+    with pytest.raises(BadInput) as e:
+        run_training(cfg, ws.runs / "w", None, ws=ws)
+    assert_bad_input(e, "one process")

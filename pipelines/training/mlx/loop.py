@@ -247,6 +247,10 @@ def run_training(cfg: TrainConfig, run_dir: str | os.PathLike, on_metrics: Metri
                  ws: Workspace, resume=None, should_stop: Callable[[], bool] | None = None,
                  log: Callable[[str], None] | None = None) -> TrainResult:
     """training.run_training for a validated config whose backend is mlx (it dispatches here)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun on several processes or machines
+        from .support import ONE_PROCESS  # noqa: PLC0415
+
+        raise BadInput(ONE_PROCESS)
     run_dir = Path(run_dir)
     log = log or (lambda msg: print(msg, flush=True))
     should_stop = should_stop or (run_dir / STOP_FLAG).exists

@@ -5,7 +5,8 @@ Refused, each with the reason and the torch alternative: an architecture mlx-lm 
 already quantized (an mlx-community 4-bit folder, GPTQ, AWQ...: the adapter must merge into full-precision weights,
 which export and chat read with transformers); weights only as PyTorch pickles; packing (mlx-lm's models take no
 per-conversation attention mask); layer names that differ between mlx-lm and transformers (the adapter could not
-leave in PEFT format); target layers that are not plain linear layers (mixture-of-experts switch layers).
+leave in PEFT format); target layers that are not plain linear layers (mixture-of-experts switch layers); several
+processes or machines (ONE_PROCESS: runs.create_run, multinode_commands and the trainer under torchrun say it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from ...errors import BadInput
 
 TORCH = "choose backend torch"
+ONE_PROCESS = ("The MLX backend trains in one process on one machine: several processes or machines are PyTorch's "
+               "DDP. Choose backend torch for that, or train with one process.")
 
 
 def read_config(base: Path) -> dict:
