@@ -252,6 +252,8 @@ def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
             figs.append(f"{last['tokens_per_s']:.0f} tok/s")
         if last.get("peak_memory"):
             figs.append(f"peak memory {human_bytes(last['peak_memory'])}")
+        if last.get("device_peak_memory"):  # CUDA's allocator, or MLX's (Metal buffers live outside RSS)
+            figs.append(f"device peak {human_bytes(last['device_peak_memory'])}")
         bits.append(" · ".join(figs))
     ck = [p.name for p in run.checkpoints()]
     if ck:

@@ -110,16 +110,17 @@ class SFTObjective:
 
 
 class _eval_mode:
-    """model.eval() inside (no dropout), train() after."""
+    """model.eval() inside (no dropout); the mode it had before, after."""
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
+        self.was_training = self.model.training
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train()
+        self.model.train(self.was_training)
 
 
 def log1mexp(x):
