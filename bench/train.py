@@ -127,7 +127,8 @@ def _setup_dpo(root: Path, args):
     cfg = TrainConfig(base_model=args.model, dataset="bench-dpo", method="lora", objective="dpo", beta=0.1, rank=16,
                       alpha=32, dropout=0.0, target_modules="all-linear", max_steps=args.warmup + args.steps,
                       learning_rate=2e-4, scheduler="constant", warmup_steps=0, batch_size=4, grad_accum=1,
-                      max_length=args.max_length, save_every=0, eval_every=0, seed=0, threads=args.threads)
+                      max_length=args.max_length, save_every=0, eval_every=0, seed=0, threads=args.threads,
+                      dtype=args.dtype)  # float32 unless asked: TRL's side runs in float32
     return ws, validate(cfg, ws)
 
 
@@ -176,7 +177,8 @@ def worker_trl_dpo(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from pipelines import device as devicemod
-    from pipelines.training import IGNORE, build_model, encode_dataset, ensure_chat_template
+    from pipelines.training import IGNORE, encode_dataset, ensure_chat_template
+    from pipelines.training.session import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup_dpo(Path(tmp), args)
@@ -192,7 +194,7 @@ def worker_trl_dpo(args) -> dict:
     rows, differ = _trl_pairs([enc.pairs[i] for i in order])
     label_ids = {t for _ids, labels in enc.examples for t in labels if t != IGNORE}
     _no_token_rows()
-    model = build_model(cfg, torch.float32, torch.device("cpu"), 0, label_ids)
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"), 0, label_ids)
     times, toks, losses, margins = [], [], [], []
     batch_tokens = [sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
                         for r in rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]

@@ -8,6 +8,9 @@
                                                           time
         COMPLETE                                          written last: a folder without it is never resumed
 
+    runs/<run>/adapter/                                   the final adapter (PEFT's format), the tokenizer, its
+                                                          chat template and mactuner.json: save_adapter
+
 Each is written into a temporary folder renamed when everything is there; `keep_last` prunes older ones.
 """
 
@@ -151,4 +154,17 @@ def replace_dir(target: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-_replace_dir = replace_dir  # the name loop.py imports
+def save_adapter(run_dir: Path, model, tokenizer, info: dict) -> Path:
+    """run_dir/adapter/: the adapter (safetensors), the tokenizer, its chat template (chat_template.jinja) and
+    mactuner.json = `info`; an adapter already there is replaced only once the new one is complete."""
+    target = Path(run_dir) / "adapter"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / "chat_template.jinja").exists() and tokenizer.chat_template:
+            (tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
+        write_json(tmp / "mactuner.json", info)
+
+    replace_dir(target, write)
+    return target

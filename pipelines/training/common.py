@@ -1,6 +1,7 @@
 """What every training backend shares (torch in loop.py; MLX beside it): the stop flag's name, the metrics callback
 type, the learning-rate schedule, the divergence checks, the result of a run, the adapter's mactuner.json, the
-preference metrics' names and the peak-memory reading. Nothing here imports torch or mlx.
+preference metrics' names and verdict, the peak-memory reading, and the shape of an objective (`Objective`:
+describe / step / evaluate, a step returning a `StepOutput`). Nothing here imports torch or mlx.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import math
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
 
 from .config import TrainConfig, TrainingFailed
 
@@ -118,3 +119,28 @@ class TrainResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class StepOutput:
+    """What an objective's step reports: the step's loss (a mean over the whole global batch), the input tokens it
+    read (all processes), and extra metric columns (the preference rewards)."""
+
+    loss: float
+    tokens: float
+    metrics: dict = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """What the adapter learns (SFT replies, DPO / ORPO preferences), as the loop sees it. `session` is the
+    backend's Session: its model, data, processes and counters."""
+
+    def describe(self) -> str:
+        """One line for the log: what is optimised."""
+
+    def step(self, session: Any, micro_batches: list[list]) -> StepOutput:
+        """Forward and backward over one optimizer step's micro-batches (lists of training items); the gradients
+        are left in place for the optimizer."""
+
+    def evaluate(self, session: Any, row: dict) -> float | None:
+        """The validation loss (None without a validation split); extra eval columns go into the metrics `row`."""

@@ -183,8 +183,6 @@ def verdict_markdown(v: dict | None) -> str:
     if v.get("error"):
         return f"**Verdict:** {v.get('verdict') or v['error']}"
     if v.get("kind") == "preference":
-        from .preference import verdict_markdown as preference_markdown  # noqa: PLC0415
-
         return preference_markdown(v)
     b, t = v["base"], v["tuned"]
 
@@ -206,3 +204,13 @@ def verdict_markdown(v: dict | None) -> str:
             lines.append(f"| {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['base'])} "
                          f"({r['base_similarity']:.2f}) | {cell(r['tuned'])} ({r['tuned_similarity']:.2f}) |")
     return "\n".join(lines)
+
+
+def preference_markdown(v: dict) -> str:
+    """The Train tab's view of a preference (DPO / ORPO) run's verdict."""
+    b, t = v["base"], v["tuned"]
+    return "\n".join([
+        f"**Verdict:** {v['verdict']} ({v.get('examples', '?')} validation pairs)", "",
+        "| | base | tuned |", "|---|---|---|",
+        f"| preference accuracy (chosen has the higher log-prob) | {b['accuracy']:.0%} | {t['accuracy']:.0%} |",
+        f"| mean log-prob margin, chosen minus rejected | {b['margin']:+.3f} | {t['margin']:+.3f} |"])

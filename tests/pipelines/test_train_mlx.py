@@ -46,10 +46,11 @@ def torch_initial_adapter(cfg, out):
     """The adapter the torch trainer starts from for `cfg` (it seeds torch with cfg.seed, then builds the model)."""
     import torch
 
-    from pipelines.training import build_model
+    from pipelines.training.session import build_model
 
     torch.manual_seed(cfg.seed)
-    build_model(cfg, torch.float32, torch.device("cpu")).save_pretrained(out)
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"))
+    model.save_pretrained(out)
     return out
 
 

@@ -234,9 +234,7 @@ def train(s: Session, on_metrics: MetricsFn | None, should_stop: Callable[[], bo
         adapter = save_adapter(s, last_loss)
         reason = f"finished {s.step} steps in {time.time() - t_train:.0f} s"
         if s.val_items:
-            from .verdict import after_training  # noqa: PLC0415
-
-            after_training(s)
+            s.objective.verdict(s)
     return TrainResult(state=state_out, step=s.step, total_steps=s.total_steps, reason=reason,
                        adapter=str(adapter) if adapter else None, checkpoint=str(last_ckpt) if last_ckpt else None,
                        final_loss=last_loss, best_eval_loss=s.best_eval,

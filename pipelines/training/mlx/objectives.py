@@ -1,8 +1,9 @@
 """What the MLX trainer learns, mirroring the torch side (loss.py, preference.py): `SFTObjective` (cross-entropy on
 the label tokens our encoder marks, summed over the step and divided by its label tokens) and `PreferenceObjective`
 (DPO against the same model with its adapter switched off, or ORPO with the NLL of the chosen answers). Each
-offers describe(), step(session, micro_batches) -> StepOutput (loss, input tokens, metrics, gradients) and
-evaluate(session, row); the loop clips the gradients and updates.
+offers describe(), step(session, micro_batches) -> StepOutput (common.StepOutput: loss, input tokens, metrics; and
+the gradients), evaluate(session, row) and verdict(session), as common.Objective says; the loop clips the gradients
+and updates.
 
 The batches are our encoded rows as they are (encode.py's input_ids and labels, right-padded like encode.collate):
 the output layer runs at the label positions only (model.LossParts). The losses are written here rather than taken
@@ -12,13 +13,14 @@ and call Metal-only APIs, while each formula is three lines that must equal the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from .. import common
 from ..common import preference_metrics
 from ..encode import IGNORE
 from .model import adapter_disabled
@@ -61,11 +63,11 @@ def make_batch(items, pad_id: int) -> Batch:
 
 
 @dataclass
-class StepOutput:
-    loss: float
-    tokens: int  # input tokens of the step
-    metrics: dict = field(default_factory=dict)
-    grads: dict | None = None  # summed into the step's mean already
+class StepOutput(common.StepOutput):
+    """common.StepOutput and the step's gradients (MLX computes them as values; the loop clips and applies them),
+    already divided into the step's mean."""
+
+    grads: dict | None = None
 
 
 def _add(a, b):
@@ -94,6 +96,12 @@ class SFTObjective:
             loss_sum += float(loss)
         grads = tree_map(lambda x: x / max(1, labels), grads)
         return StepOutput(loss_sum / max(1, labels), sum(b.in_tokens for b in batches), {}, grads)
+
+    def verdict(self, session) -> dict:
+        """Base vs tuned on the validation split and a few held-out prompts (verdict.json)."""
+        from .verdict import after_training, compare_sft  # noqa: PLC0415
+
+        return after_training(session, compare_sft)
 
     def evaluate(self, session, row: dict | None = None, items=None) -> float | None:
         """Mean loss per label token over the validation items (or `items`)."""
@@ -218,6 +226,12 @@ class PreferenceObjective:
         nll = stats[1] / max(1, tokens)
         row.update(preference_metrics(self.kind, stats[2:].tolist(), len(pairs), float(nll), "eval_"))
         return float(stats[0] / len(pairs) + (nll if self.kind == "orpo" else 0.0))
+
+    def verdict(self, session) -> dict:
+        """How often base and tuned prefer the chosen answers (verdict.json)."""
+        from .verdict import after_training, compare_preference  # noqa: PLC0415
+
+        return after_training(session, compare_preference)
 
     def margins(self, session, items) -> list[float]:
         """Chosen minus rejected log-prob of each pair (per answer token for ORPO), as the verdict compares them."""

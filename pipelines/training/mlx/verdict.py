@@ -79,8 +79,7 @@ def compare_preference(s, max_examples: int = 64) -> dict:
     return preference_verdict(s.cfg.objective, base, tuned, t0)
 
 
-def after_training(s) -> dict:
-    """verdict.json for the finished session; never fails the run (training/verdict.after_training)."""
-    fn = compare_sft if s.cfg.objective == "sft" else compare_preference
-    return shared.after_training(s.run_dir, s.log, cfg=s.cfg, ws=s.ws, compare_fn=lambda **_kw: fn(s),
+def after_training(s, compare) -> dict:
+    """verdict.json for the finished session from `compare(s)`; never fails the run (training/verdict.after_training)."""
+    return shared.after_training(s.run_dir, s.log, cfg=s.cfg, ws=s.ws, compare_fn=lambda **_kw: compare(s),
                                  val_items=s.val_items)
