@@ -7,8 +7,10 @@ Apple silicon with mlx-lm installed; device.choose_backend); training.run_traini
     model.py       the base loaded by mlx-lm, cast, optionally quantized to 4 / 8 bits (nn.quantize), mlx-lm's LoRA /
                    DoRA layers (linear_to_lora_layers), trainable embedding rows, the adapter switched off, LossParts
     objectives.py  SFTObjective, PreferenceObjective (DPO / ORPO): step -> StepOutput, evaluate, the batches
-    peft_io.py     the adapter to and from PEFT's files (adapter_model.safetensors, adapter_config.json)
-    loop.py        setup() -> Session, train(): the loop; checkpoints (adapter + optimizer state); run_training
+    peft_io.py     the adapter to and from PEFT's files (adapter_model.safetensors, adapter_config.json); the MLX
+                   layers that apply a PEFT adapter (chat)
+    session.py     setup() -> Session: the torch Session's steps for MLX; checkpoints (adapter + optimizer state)
+    loop.py        train(): the torch trainer's fit, line for line, on that Session; run_training
     verdict.py     base vs tuned at the end (mlx-lm's generate_step for the greedy answers)
 
 From mlx-lm: model loading, the LoRA / DoRA layers and their placement, quantization, generation. Ours: the glue

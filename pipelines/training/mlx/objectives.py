@@ -1,9 +1,9 @@
 """What the MLX trainer learns, mirroring the torch side (loss.py, preference.py): `SFTObjective` (cross-entropy on
 the label tokens our encoder marks, summed over the step and divided by its label tokens) and `PreferenceObjective`
 (DPO against the same model with its adapter switched off, or ORPO with the NLL of the chosen answers). Each
-offers describe(), step(session, micro_batches) -> StepOutput (common.StepOutput: loss, input tokens, metrics; and
-the gradients), evaluate(session, row) and verdict(session), as common.Objective says; the loop clips the gradients
-and updates.
+offers describe(), step(session, micro_batches) -> common.StepOutput (loss, input tokens, metrics), evaluate(session,
+row) and verdict(session), as common.Objective says. MLX computes gradients as values: a step leaves the step's mean
+gradients in `session.grads` (torch leaves them on the parameters) for the Session's clip and optimizer step.
 
 The batches are our encoded rows as they are (encode.py's input_ids and labels, right-padded like encode.collate):
 the output layer runs at the label positions only (model.LossParts). The losses are written here rather than taken
@@ -20,8 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from .. import common
-from ..common import preference_metrics
+from ..common import StepOutput, preference_metrics
 from ..encode import IGNORE
 from .model import adapter_disabled
 
@@ -62,12 +61,6 @@ def make_batch(items, pad_id: int) -> Batch:
                  int(sum(len(it[0]) for it in items)))
 
 
-@dataclass
-class StepOutput(common.StepOutput):
-    """common.StepOutput and the step's gradients (MLX computes them as values; the loop clips and applies them),
-    already divided into the step's mean."""
-
-    grads: dict | None = None
 
 
 def _add(a, b):
@@ -94,8 +87,8 @@ class SFTObjective:
             grads = _add(grads, g)
             mx.eval(loss, grads)  # one micro-batch's graph at a time
             loss_sum += float(loss)
-        grads = tree_map(lambda x: x / max(1, labels), grads)
-        return StepOutput(loss_sum / max(1, labels), sum(b.in_tokens for b in batches), {}, grads)
+        session.grads = tree_map(lambda x: x / max(1, labels), grads)  # for the Session's clip and optimizer step
+        return StepOutput(loss_sum / max(1, labels), sum(b.in_tokens for b in batches))
 
     def verdict(self, session) -> dict:
         """Base vs tuned on the validation split and a few held-out prompts (verdict.json)."""
@@ -207,8 +200,9 @@ class PreferenceObjective:
             in_tokens += b.in_tokens
         nll = stats[1] / max(1, chosen_tokens)
         loss = stats[0] / max(1, n_pairs) + (nll if self.kind == "orpo" else 0.0)
-        metrics = preference_metrics(self.kind, stats[2:].tolist(), n_pairs, float(nll), "")
-        return StepOutput(float(loss), in_tokens, metrics, grads)
+        session.grads = grads  # already weighted into the step's mean; for the Session's clip and optimizer step
+        return StepOutput(float(loss), in_tokens, preference_metrics(self.kind, stats[2:].tolist(), n_pairs,
+                                                                     float(nll), ""))
 
     def evaluate(self, session, row: dict) -> float | None:
         """The preference loss on the validation pairs; their rewards go into `row` as eval_rewards/..."""
