@@ -22,9 +22,10 @@ fine-tunes learn those turns.
 
 Sampling is seeded on both backends: the same seed and settings give the same answer on the same backend (llama.cpp
 seeds its sampler; transformers samples with a private torch.Generator, so concurrent chats on other models
-cannot disturb it). temperature 0 is greedy. Note the backends order their samplers differently (llama.cpp applies
-temperature after top-k/top-p/min-p, transformers before) and llama.cpp's repetition penalty looks at the last 64
-tokens, transformers' at the whole sequence. llama.cpp reuses the KV cache of the prefix a prompt shares with the
+cannot disturb it). temperature 0 is greedy. The penalties (repetition, and OpenAI's frequency and presence) work
+alike on every backend - llama.cpp's way, on the answer's last 64 tokens - so at temperature 0 a model and its float GGUF
+give the same answer (quantizing can change a near-tie); the backends do order their samplers differently (llama.cpp applies temperature after
+top-k/top-p/min-p, transformers before). llama.cpp reuses the KV cache of the prefix a prompt shares with the
 previous one; evaluating from another position can change a near-tie greedy token, so "the same answer" holds for
 the same prompt after the same kind of predecessor.
 

@@ -97,7 +97,8 @@ def _checked(lm: LoadedModel, params: ChatParams | None) -> ChatParams:
 def _generation(prompt: RenderedPrompt, p: ChatParams, seed: int) -> Generation:
     return Generation(token_ids=prompt.token_ids, max_new_tokens=prompt.max_new_tokens, temperature=p.temperature,
                       top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-                      seed=seed, adapter=p.adapter)
+                      frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, seed=seed,
+                      adapter=p.adapter)
 
 
 def _drive(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, stop: threading.Event,

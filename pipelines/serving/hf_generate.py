@@ -7,8 +7,8 @@ threads do with torch's global RNG.
     thread.start()
     yield from thread.deltas()      # ends at the answer's end or once halted() (the thread then ends on its own)
 
-Sampling order: temperature, then top-k, top-p and min-p (llama.cpp applies the temperature last; see chat's
-docstring). temperature 0 is greedy.
+Sampling order: the penalties (`Penalties`: llama.cpp's, on the answer's last 64 tokens), temperature, then top-k,
+top-p and min-p (llama.cpp applies the temperature last; see chat's docstring). temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import MacTunerError
-from .backend import Delta, Generation, Halted
+from .backend import PENALTY_WINDOW, Delta, Generation, Halted
 
 
 class AnswerStreamer(BaseStreamer):
@@ -104,9 +104,36 @@ class SeededSample(LogitsProcessor):
         return out.scatter_(1, pick, 0.0)
 
 
+class Penalties(LogitsProcessor):
+    """llama.cpp's penalties sampler, for transformers: over the last `window` tokens of the answer (the prompt is
+    not looked at), a token's logit is divided by `repetition` (multiplied when not positive), then less
+    count x `frequency` + `presence`, in llama.cpp's order of operations - so the same model penalizes alike on
+    both backends (transformers' own repetition penalty looks at the prompt too, and has no other penalty)."""
+
+    def __init__(self, n_prompt: int, repetition: float, frequency: float, presence: float,
+                 window: int = PENALTY_WINDOW):
+        self.n_prompt, self.window = n_prompt, window
+        self.repetition, self.frequency, self.presence = repetition, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        recent = input_ids[:, self.n_prompt:][:, -self.window:]
+        if recent.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, recent, torch.ones(recent.shape, dtype=scores.dtype,
+                                                                             device=scores.device))
+        seen = counts > 0
+        if self.repetition != 1.0:
+            scores = torch.where(seen, torch.where(scores <= 0, scores * self.repetition, scores / self.repetition),
+                                 scores)
+        return scores - (counts * self.frequency + seen.to(scores.dtype) * self.presence)
+
+
 def logits_processors(g: Generation) -> LogitsProcessorList:
-    """The sampling chain for `g` (empty when greedy: generate() then takes the most likely token)."""
+    """The sampling chain for `g`: the penalties first (as in llama.cpp), then - unless greedy, where generate()
+    takes the most likely token - temperature, top-k, top-p, min-p and the seeded draw."""
     chain = LogitsProcessorList()
+    if g.repetition_penalty != 1.0 or g.frequency_penalty or g.presence_penalty:
+        chain.append(Penalties(len(g.token_ids), g.repetition_penalty, g.frequency_penalty, g.presence_penalty))
     if g.temperature > 0:
         chain.append(TemperatureLogitsWarper(g.temperature))
         if g.top_k > 0:
@@ -146,8 +173,7 @@ class GenerationThread(threading.Thread):
         # The model's generation_config may carry its own sampling settings: every one is set here, to nothing.
         return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=g.max_new_tokens,
                     do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, min_p=None,
-                    repetition_penalty=g.repetition_penalty if g.repetition_penalty != 1.0 else None,
-                    logits_processor=logits_processors(g), stopping_criteria=StoppingCriteriaList([HaltWhen(self.halted)]),
+                    repetition_penalty=None, logits_processor=logits_processors(g), stopping_criteria=StoppingCriteriaList([HaltWhen(self.halted)]),
                     streamer=self.streamer, eos_token_id=self.eos_ids or None, pad_token_id=self.pad_id)
 
     def run(self) -> None:

@@ -265,6 +265,39 @@ def test_stop_strings(any_lm):
     assert text2 == full
 
 
+def test_penalties_work_as_in_llama_cpp():
+    """transformers gets llama.cpp's penalties: only the answer's last tokens count (not the prompt), a positive logit
+    is divided by the repetition penalty and a negative one multiplied, then count x frequency + presence is taken."""
+    import torch
+
+    from pipelines.serving.hf_generate import Penalties
+
+    prompt = [5, 5, 5, 6]  # never penalized: it is the prompt
+    answer = [1, 2, 2, 3, 3, 3]
+    scores = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 7.0, 8.0, 0.0]])
+    out = Penalties(len(prompt), repetition=2.0, frequency=0.5, presence=0.25, window=5)(
+        torch.tensor([prompt + answer]), scores.clone())
+    # window 5: [2, 2, 3, 3, 3] (the answer's first token, 1, has left it)
+    want = [1.0, 2.0, -2.0 * 2 - (2 * 0.5 + 0.25), 4.0 / 2 - (3 * 0.5 + 0.25), 0.5, 7.0, 8.0, 0.0]
+    assert out.tolist() == [want]
+    assert Penalties(len(prompt), 1.0, 0.0, 0.0)(torch.tensor([prompt]), scores.clone()).equal(scores)  # no answer yet
+
+
+def test_frequency_and_presence_penalties_on_both_backends(any_lm):
+    """Honoured by the GGUF's worker (as llama.cpp's own call does) and by transformers: a strong frequency penalty
+    changes a greedy answer that repeats itself, deterministically."""
+    plain = ChatParams(max_new_tokens=40, **GREEDY)
+    penalized = ChatParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0, frequency_penalty=2.0,
+                           presence_penalty=0.5)
+    a, b = chat.chat(any_lm, HELLO, plain), chat.chat(any_lm, HELLO, penalized)
+    assert b.text != a.text and chat.chat(any_lm, HELLO, penalized).text == b.text
+    if any_lm.backend_kind == "llama.cpp":
+        prompt = chat.build_prompt(any_lm, HELLO, penalized)
+        out = direct_llama(any_lm).create_completion(prompt=prompt.token_ids, max_tokens=40, temperature=0.0,
+                                                     repeat_penalty=1.0, frequency_penalty=2.0, presence_penalty=0.5)
+        assert b.text == out["choices"][0]["text"]
+
+
 def test_hold_back():
     assert chat._hold_back("abc\nUs", ["\nUser:"]) == 3
     assert chat._hold_back("abc", ["\nUser:"]) == 0
@@ -366,6 +399,7 @@ def test_gradio_content_parts_are_accepted(gguf_lm):
     ("temperature", -1, "temperature"), ("top_p", 0, "top_p"), ("top_k", -2, "top_k"), ("min_p", 1.0, "min_p"),
     ("repetition_penalty", 0, "repetition_penalty"), ("max_new_tokens", 0, "max_new_tokens"),
     ("seed", -5, "seed"), ("temperature", "hot", "number"), ("stop", [3], "stop strings"),
+    ("frequency_penalty", 2.5, "frequency_penalty"), ("presence_penalty", -3, "presence_penalty"),
 ])
 def test_bad_params(gguf_lm, field, value, needle):
     with pytest.raises(BadInput) as e:
@@ -376,8 +410,12 @@ def test_bad_params(gguf_lm, field, value, needle):
 def test_params_help_and_defaults():
     h = ChatParams.help()
     assert set(h) == {"system_prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                      "max_new_tokens", "stop", "seed", "adapter"}
+                      "frequency_penalty", "presence_penalty", "max_new_tokens", "stop", "seed", "adapter"}
     assert all(h.values())
+    # OpenAI's two penalties are /v1's: the chat forms (and their Gradio API) keep their fields
+    assert [f.name for f in ChatParams.sampling_fields()] == [
+        "system_prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "stop",
+        "seed"]
     p = ChatParams().validated()
     assert 0 < p.temperature <= 1 and p.max_new_tokens > 0 and p.seed is None and p.adapter is None
     assert ChatParams(stop="\n\n", seed="", adapter=" ").validated().stop == ["\n\n"]
@@ -544,12 +582,12 @@ def test_adapter_folder_problems(fresh_hf_lm, gguf_lm, adapter_dir, tmp_path):
     with pytest.raises(NotFound) as e:
         chat.attach_adapter(fresh_hf_lm, gone, "x")
     one_line_error(e, NotFound, "deleted")
-    with pytest.raises(BadInput) as e:
+    with pytest.raises(BadInput) as e:  # a GGUF model takes a LoRA GGUF (tests/pipelines/test_serving_lora.py)
         chat.attach_adapter(gguf_lm, adapter_dir, "x")
-    one_line_error(e, BadInput, "GGUF", "merge")
-    with pytest.raises(BadInput) as e:
+    one_line_error(e, BadInput, "LoRA GGUF", "not a PEFT folder", "Adapter menu")
+    with pytest.raises(NotFound) as e:
         list(stream_chat(gguf_lm, HELLO, ChatParams(adapter="x")))
-    one_line_error(e, BadInput, "GGUF", "merge")
+    one_line_error(e, NotFound, "no adapter named 'x'")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BadInput) as e:
