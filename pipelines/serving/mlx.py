@@ -9,8 +9,10 @@ HF backend reads it (serving.hf.HFTokenizerFacts): the same template, special to
     MLXBackend                        the ModelBackend
 
 Sampling takes the same settings as the other backends: temperature (0: greedy), top-k, top-p, min-p (mlx-lm's
-make_sampler), repetition penalty over the prompt and the answer (mlx-lm's processor, its window set to cover both),
-and the seed (mx.random.seed before each answer: the same seed, the same answer). Stop strings are cut by
+make_sampler), the seed (mx.random.seed before each answer: the same seed, the same answer), and the penalties as
+every backend applies them (serving.backend.Generation: llama.cpp's penalties sampler over the last PENALTY_WINDOW
+answer tokens, before any other step) - `Penalties`, an mlx-lm logits processor of ours, since mlx-lm's own
+repetition penalty also looks at the prompt and has no frequency or presence penalty. Stop strings are cut by
 pipelines.chat, as for every backend. Every answer of one model runs on one thread of its own (MLX streams belong
 to a thread), fed through a queue; a halted answer stops after its current token.
 """
@@ -29,7 +31,7 @@ from typing import Iterator
 from .. import backend as backendmod
 from .. import device as devicemod
 from ..errors import BadInput
-from .backend import Delta, Generation, Halted, ModelBackend
+from .backend import PENALTY_WINDOW, Delta, Generation, Halted, ModelBackend
 from .lora import AdapterInfo, read_lora_folder
 
 ENV = "MACTUNER_CHAT_BACKEND"  # auto | torch | mlx: which backend answers HF models in the studio
@@ -53,6 +55,31 @@ def choose(path: Path, requested: str = "auto") -> str:
         if not support.mlx_model_type(config) or config.get("quantization_config"):
             return "torch"
     return name
+
+
+class Penalties:
+    """llama.cpp's penalties sampler as an mlx-lm logits processor: over the last `window` answer tokens (the prompt
+    is not looked at), a token's logit is divided by `repetition` (multiplied when not positive), then less
+    count x `frequency` + `presence`. mlx-lm hands a processor the tokens so far, beginning with (the end of) the
+    prompt: what is there at the first call, before any answer token, is the prompt's part."""
+
+    def __init__(self, repetition: float, frequency: float, presence: float, window: int = PENALTY_WINDOW):
+        self.repetition, self.frequency, self.presence, self.window = repetition, frequency, presence, window
+        self.n_prompt: int | None = None
+
+    def __call__(self, tokens, logits):
+        import mlx.core as mx  # noqa: PLC0415
+
+        if self.n_prompt is None:
+            self.n_prompt = int(tokens.size)
+        recent = tokens[self.n_prompt:][-self.window:]
+        if recent.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[recent].add(1.0)
+        seen = counts > 0
+        if self.repetition != 1.0:
+            logits = mx.where(seen, mx.where(logits <= 0, logits * self.repetition, logits / self.repetition), logits)
+        return logits - (counts * self.frequency + seen.astype(logits.dtype) * self.presence)
 
 
 class MLXBackend(ModelBackend):
@@ -133,7 +160,7 @@ class MLXBackend(ModelBackend):
         """One answer, on the backend's own thread: Deltas into `out`, then _END."""
         import mlx.core as mx  # noqa: PLC0415
         from mlx_lm.generate import stream_generate  # noqa: PLC0415
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: PLC0415
+        from mlx_lm.sample_utils import make_sampler  # noqa: PLC0415
         from mlx_lm.tokenizer_utils import TokenizerWrapper  # noqa: PLC0415
 
         try:
@@ -142,9 +169,8 @@ class MLXBackend(ModelBackend):
             greedy = g.temperature <= 0
             sampler = make_sampler(temp=0.0 if greedy else g.temperature, top_p=0.0 if greedy or g.top_p >= 1 else
                                    g.top_p, min_p=0.0 if greedy else g.min_p, top_k=0 if greedy else g.top_k)
-            processors = make_logits_processors(
-                repetition_penalty=g.repetition_penalty if g.repetition_penalty != 1.0 else None,
-                repetition_context_size=len(g.token_ids) + g.max_new_tokens)
+            processors = ([Penalties(g.repetition_penalty, g.frequency_penalty, g.presence_penalty)]
+                          if g.repetition_penalty != 1.0 or g.frequency_penalty or g.presence_penalty else [])
             if self._wrapper is None:
                 self._wrapper = TokenizerWrapper(self.tokenizer, eos_token_ids=self.eos_ids())
             n = 0

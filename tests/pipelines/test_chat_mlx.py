@@ -62,9 +62,15 @@ def test_seed_temperature_and_penalty(mlx_lm):
     a = answer(7)
     assert answer(7) == a and answer(8) != a
     assert answer(7, top_k=1) == chat.chat(mlx_lm, HELLO, ChatParams(max_new_tokens=16, **GREEDY)).text
+
+def test_penalties_as_on_the_hf_backend(mlx_lm, torch_lm):
+    """The penalties work as llama.cpp's on every backend (answer tokens only, the last 64): with them on, the MLX
+    and the HF backends still give the same greedy answer - and a different one from without them."""
     plain = chat.chat(mlx_lm, HELLO, ChatParams(max_new_tokens=40, **GREEDY)).text
-    penalized = ChatParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.8)
-    assert chat.chat(mlx_lm, HELLO, penalized).text != plain
+    penalized = ChatParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.8, frequency_penalty=0.5,
+                           presence_penalty=0.3)
+    mine = chat.chat(mlx_lm, HELLO, penalized).text
+    assert mine != plain and mine == chat.chat(torch_lm, HELLO, penalized).text
 
 
 def test_stops_and_stop_strings(mlx_lm):
