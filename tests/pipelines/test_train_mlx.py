@@ -224,6 +224,21 @@ def test_resume_continues_the_loss_curve(ws, tiny_llama_dir):
     assert part[3]["loss"] != pytest.approx(fresh[0]["loss"], rel=1e-3)
 
 
+def test_gradient_checkpointing_gives_the_same_steps(ws, tiny_llama_dir):
+    cfg = mcfg(tiny_llama_dir, max_steps=3, method="rslora", eval_every=0)
+    plain, ckpt = [], []
+    run_training(cfg, ws.runs / "g0", plain.append, ws=ws)
+    run_training(replace(cfg, gradient_checkpointing=True), ws.runs / "g1", ckpt.append, ws=ws)
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    assert [r["grad_norm"] for r in ckpt] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-5)
+    from pipelines.training.mlx import loop as mloop
+
+    session = mloop.setup(validate(replace(cfg, gradient_checkpointing=True), ws), ws.runs / "g2", ws, log=print)
+    assert {type(layer).__name__ for layer in session.model.layers} == {"CheckpointedTransformerBlock"}
+    assert type(mloop.setup(validate(cfg, ws), ws.runs / "g3", ws, log=print).model.layers[0]).__name__ == \
+        "TransformerBlock"  # only that model's layers
+
+
 def test_torch_checkpoint_is_not_resumed_by_mlx(ws, tiny_llama_dir):
     run_training(tiny_cfg(tiny_llama_dir, max_steps=3), ws.runs / "t", None, ws=ws, should_stop=lambda: True)
     ckpt = list_checkpoints(ws.runs / "t")[-1]

@@ -5,6 +5,7 @@ linear layers, and - as tokens.py does for torch - the embedding rows of target 
 trained too (`TrainableRows`, ours: mlx-lm has no such layer).
 
     model, info = build_model(cfg, dtype, label_ids)   # info: targets, token rows, quantization
+    checkpoint_layers(model)                            # gradient checkpointing (cfg.gradient_checkpointing)
     with adapter_disabled(model): ...                   # the base model (DPO's reference, the verdict's base)
     parts = LossParts(model)                            # decoder / output layer, for the label-position loss
 
@@ -173,9 +174,33 @@ def build_model(cfg, dtype: str, label_ids=(), bits: int = 0):
                                                      "keys": set(keys)}, use_dora=cfg.method == "dora")
     if rows:
         model.model.update_modules({"embed_tokens": TrainableRows(model.model.embed_tokens, rows, start_rows)})
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(model)
     mx.eval(model.parameters())
     model.train()
     return model, info
+
+
+def checkpoint_layers(model) -> None:
+    """Gradient checkpointing: each decoder layer recomputes its activations in the backward pass (mx.checkpoint),
+    as mlx-lm's tuner.trainer.grad_checkpoint does - but for this model's layers only (their class is swapped for a
+    subclass), not for every instance of the class in the process. In eval mode (generation) the layer runs plain."""
+    for layer in model.layers:
+        base = type(layer)
+
+        class Checkpointed(base):
+            def __call__(self, *args, _plain=base, **kwargs):
+                if not self.training:
+                    return _plain.__call__(self, *args, **kwargs)
+
+                def inner(params, *inputs):
+                    self.update(params)
+                    return _plain.__call__(self, *inputs, **kwargs)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+        Checkpointed.__name__ = Checkpointed.__qualname__ = f"Checkpointed{base.__name__}"
+        layer.__class__ = Checkpointed
 
 
 def _layers(model):
