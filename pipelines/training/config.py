@@ -310,9 +310,9 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
     base = resolve_base_model(cfg, ws)
     resolved = replace(cfg, base_model=str(base), dataset_version=version, backend=backend.name)
     if backend.name == "mlx":  # what MLX cannot take is refused here, with the torch alternative
-        from .mlx.support import check_config  # noqa: PLC0415
+        from .mlx import refuse  # noqa: PLC0415
 
-        check_config(resolved, prof)
+        refuse(resolved)
     if resume is not None:
         check_resume(resolved, resume)
     return resolved

@@ -247,10 +247,13 @@ def test_torch_checkpoint_is_not_resumed_by_mlx(ws, tiny_llama_dir):
     assert_bad_input(e, "cannot resume", "backend")
 
 
-def test_a_target_that_is_not_linear_is_refused(ws, tiny_llama_dir):
+def test_targets_mlx_cannot_adapt_are_refused_before_anything_runs(ws, tiny_llama_dir):
     with pytest.raises(BadInput) as e:
-        run_training(mcfg(tiny_llama_dir, target_modules=["q_proj", "input_layernorm"]), ws.runs / "x", None, ws=ws)
+        validate(mcfg(tiny_llama_dir, target_modules=["q_proj", "input_layernorm"]), ws)
     assert_bad_input(e, "input_layernorm", "not a linear layer", "backend torch")
+    with pytest.raises(BadInput) as e:
+        validate(mcfg(tiny_llama_dir, target_modules=["q_proj", "c_attn"]), ws)
+    assert_bad_input(e, "no layer named c_attn", "q_proj")
 
 
 def test_kill_9_then_resume(ws, tiny_llama_dir):

@@ -19,6 +19,17 @@ mlx-lm-lora was reviewed and is not used: see objectives.py. Importing this pack
 """
 
 
+def refuse(cfg) -> None:
+    """BadInput, with the reason and the torch alternative, for a validated config the MLX trainer cannot take:
+    support.check_config (from the files), then the target layers and their PEFT names on the model as mlx-lm
+    builds it lazily (model.lazy_targets: no weight is read). config.validate calls it when the backend is mlx."""
+    from .model import lazy_targets  # noqa: PLC0415
+    from .support import check_config  # noqa: PLC0415
+
+    check_config(cfg)
+    lazy_targets(cfg)
+
+
 def run_training(*args, **kwargs):
     """loop.run_training (imports MLX)."""
     from .loop import run_training as run  # noqa: PLC0415

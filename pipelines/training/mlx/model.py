@@ -150,19 +150,31 @@ def untrained_ids(embedding, label_ids) -> list[int]:
     return out
 
 
-def build_model(cfg, dtype: str, label_ids=(), bits: int = 0):
-    """The base of `cfg` with a fresh adapter (seeded by cfg.seed); returns (model, ModelInfo). `bits` 4 / 8: the
-    frozen base quantized first."""
+def lazy_targets(cfg):
+    """(the base loaded lazily by mlx-lm - nothing read yet -, the layer keys to adapt, their full module paths),
+    after checking that every adapted layer has a weight of that name in the HF folder (support.check_names).
+    BadInput when mlx-lm cannot build the model or the targets do not fit it."""
     from mlx_lm.utils import load_model  # noqa: PLC0415
 
     base = Path(cfg.base_model)
-    model, _config = load_model(base, lazy=True, model_config=support.mlx_model_config(base),
-                                trust_remote_code=cfg.trust_remote_code)
-    model.set_dtype(getattr(mx, dtype))
-    model.freeze()
+    try:
+        model, _config = load_model(base, lazy=True, model_config=support.mlx_model_config(base),
+                                    trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:  # mlx-lm's errors for a config or weights it
+        raise BadInput(f"mlx-lm could not build {base.name}: {str(e).splitlines()[0][:200]}; "  # cannot take
+                       f"{support.TORCH}.") from None
     keys = layer_keys(model, cfg.target_modules)
     targets = [f"{prefix}.{k}" for prefix, layer in _layers(model) for k in keys if _has(layer, k)]
     support.check_names(targets, support.hf_weight_names(base), base.name)
+    return model, keys, targets
+
+
+def build_model(cfg, dtype: str, label_ids=(), bits: int = 0):
+    """The base of `cfg` with a fresh adapter (seeded by cfg.seed); returns (model, ModelInfo). `bits` 4 / 8: the
+    frozen base quantized first."""
+    model, keys, targets = lazy_targets(cfg)
+    model.set_dtype(getattr(mx, dtype))
+    model.freeze()
     embedding = _embedding(model)
     rows = untrained_ids(embedding, label_ids) if embedding is not None else []
     start_rows = embedding.weight[mx.array(rows)] if rows else None

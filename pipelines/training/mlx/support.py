@@ -60,8 +60,9 @@ def mlx_model_type(config: dict) -> str | None:
     return model_type if importlib.util.find_spec(f"mlx_lm.models.{model_type}") else None
 
 
-def check_config(cfg, prof=None) -> None:
-    """BadInput for a validated config (absolute base_model) the MLX trainer cannot take; nothing is loaded."""
+def check_config(cfg) -> None:
+    """BadInput for a validated config (absolute base_model) the MLX trainer cannot take, from its files alone
+    (mlx.refuse adds the checks that need the model's layers)."""
     base = Path(cfg.base_model)
     config = read_config(base)
     if cfg.packing:
