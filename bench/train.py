@@ -27,6 +27,9 @@ learned (Gemma's <end_of_turn>, tokens.py): TRL's fused output layer fails on PE
 --method precision runs ours in float32 and in bf16 mixed precision (base weights bf16; adapter, optimizer and loss
 float32; autocast) on the same batches, alternated, and prints "bf16/fp32 ratio" (tokens/s) and the loss difference.
 
+--backend mlx runs the torch trainer against the MLX trainer on the same run (bench/train_mlx.py: tokens/s, peak
+memory, a `ratio` line; --bits 4 or 8 adds MLX on a quantized base).
+
 --model defaults to the workspace's default-model HF copy (models.default_hf_path; --root picks the workspace).
 """
 
@@ -124,7 +127,8 @@ def _setup_dpo(root: Path, args):
     cfg = TrainConfig(base_model=args.model, dataset="bench-dpo", method="lora", objective="dpo", beta=0.1, rank=16,
                       alpha=32, dropout=0.0, target_modules="all-linear", max_steps=args.warmup + args.steps,
                       learning_rate=2e-4, scheduler="constant", warmup_steps=0, batch_size=4, grad_accum=1,
-                      max_length=args.max_length, save_every=0, eval_every=0, seed=0, threads=args.threads)
+                      max_length=args.max_length, save_every=0, eval_every=0, seed=0, threads=args.threads,
+                      dtype=args.dtype)  # float32 unless asked: TRL's side runs in float32
     return ws, validate(cfg, ws)
 
 
@@ -173,7 +177,8 @@ def worker_trl_dpo(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from pipelines import device as devicemod
-    from pipelines.training import IGNORE, build_model, encode_dataset, ensure_chat_template
+    from pipelines.training import IGNORE, encode_dataset, ensure_chat_template
+    from pipelines.training.session import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ws, cfg = _setup_dpo(Path(tmp), args)
@@ -189,7 +194,7 @@ def worker_trl_dpo(args) -> dict:
     rows, differ = _trl_pairs([enc.pairs[i] for i in order])
     label_ids = {t for _ids, labels in enc.examples for t in labels if t != IGNORE}
     _no_token_rows()
-    model = build_model(cfg, torch.float32, torch.device("cpu"), 0, label_ids)
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"), 0, label_ids)
     times, toks, losses, margins = [], [], [], []
     batch_tokens = [sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
                         for r in rows[i: i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
@@ -355,7 +360,8 @@ def worker_trl(args) -> dict:
 def run_worker(method: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length), "--dtype", args.dtype]
+           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length), "--dtype", args.dtype,
+           "--bits", str(args.bits)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -381,6 +387,9 @@ def main() -> int:
                     help="sft: ours / plain / TRL SFTTrainer; dpo: our DPO step / TRL DPOTrainer")
     ap.add_argument("--max-length", type=int, default=256, help="--method dpo: longest sequence in tokens")
     ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16)")
+    ap.add_argument("--backend", choices=("torch", "mlx"), default="torch",
+                    help="mlx: the torch trainer against the MLX trainer (bench/train_mlx.py)")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="--backend mlx: also MLX on a 4/8-bit base")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -394,10 +403,16 @@ def main() -> int:
               "(python -m pipelines.models materialize-default), or pass --model PATH.", file=sys.stderr)
         return 2
     if args.worker:
+        from train_mlx import worker_mlx
+
         fn = {"ours": worker_ours, "plain": worker_plain, "trl": worker_trl, "ours-dpo": worker_ours_dpo,
-              "trl-dpo": worker_trl_dpo}[args.worker]
+              "trl-dpo": worker_trl_dpo, "mlx": worker_mlx}[args.worker]
         print(json.dumps(fn(args)))
         return 0
+    if args.backend == "mlx":
+        from train_mlx import main_mlx
+
+        return main_mlx(args, run_worker)
     if args.method == "dpo":
         return main_dpo(args)
     if args.method == "precision":

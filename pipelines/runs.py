@@ -275,6 +275,10 @@ def create_run(ws: Workspace, cfg, name: str | None = None, nproc: int = 1) -> R
         base = f"{time.strftime('%Y%m%d-%H%M%S')}-{jobs.slug(cfg.dataset, 'run')}"
     if nproc < 1:
         raise BadInput("nproc must be at least 1.")
+    if nproc > 1 and cfg.backend == "mlx":
+        from .training.mlx.support import ONE_PROCESS  # noqa: PLC0415
+
+        raise BadInput(ONE_PROCESS)
     for i in range(1000):
         cand = base if i == 0 else f"{base}-{i + 1}"
         target = ws.runs / cand

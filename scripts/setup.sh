@@ -38,6 +38,8 @@ fi
 EXTRAS=""
 command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="cuda"  # QLoRA's bitsandbytes, on NVIDIA machines only
 if [ "${1:-}" = test ]; then
+  # [test] brings MLX's CPU build (mlx[cpu] + mlx-lm) on Linux, so the suite runs the MLX backend here too; on
+  # Apple silicon mlx-lm is a plain dependency (pyproject's platform marker)
   "${PIP[@]}" -e ".[test${EXTRAS:+,$EXTRAS}]"
   # Browser tests drive Debian's Chromium with Playwright (never `playwright install`).
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then

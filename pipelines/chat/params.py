@@ -62,7 +62,8 @@ class ChatParams:
         "help": "Random seed: the same seed and settings give the same answer on the same backend. "
                 "Empty: a fresh seed each time (reported in the final chunk)."})
     adapter: str | None = field(default=None, metadata={
-        "help": "Name of an attached LoRA adapter to answer with (transformers models only); empty: the base model."})
+        "help": "Name of an attached LoRA adapter to answer with (transformers and MLX models); empty: the base "
+                "model."})
 
     def validated(self) -> "ChatParams":
         """A checked, normalized copy (stop may be given as one string); BadInput names the bad field."""

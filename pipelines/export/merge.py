@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import Conflict
 from ..runs import resolve_adapter, resolve_base
 from ..runs import run_config as _run_config
+from ..training.common import base_note
 from ..workspace import Workspace, atomic_dir, write_json
 from .common import ProgressFn, _noop, _slug
 
@@ -45,6 +46,9 @@ def _model_card(base: Path, adapter: Path, run_dir: Path | None, dtype: str) -> 
              f"- Dataset: {cfg.get('dataset') or meta.get('dataset') or '?'} "
              f"(version {cfg.get('dataset_version', meta.get('dataset_version', '?'))})",
              f"- Merged in: {dtype}"]
+    note = base_note(cfg or meta.get("config") or {})
+    if note:
+        lines.append(f"- {note}")
     for key in ("final_loss", "best_eval_loss", "steps"):
         if meta.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")

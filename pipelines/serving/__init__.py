@@ -6,6 +6,8 @@ process of its own, so a native crash in llama.cpp costs one answer, never the s
     hf.py         `HFBackend`: transformers in this process, PEFT LoRA adapters switched per answer; hf_generate.py
                   streams its answers from generate() on a thread of its own
     gguf.py       `GGUFBackend`: a GGUF answered by its worker process
+    mlx.py        `MLXBackend`: an HF folder answered by Apple's MLX (mlx-lm's generation), PEFT adapters applied as
+                  mlx-lm's LoRA layers; chosen on Apple silicon (elsewhere when asked: MACTUNER_CHAT_BACKEND=mlx)
     lora.py       a LoRA adapter folder as it lies on disk (`read_lora_folder`, `AdapterInfo`)
     llamacpp.py   which llama.cpp settings this CPU gets (the AMX kernel of llama.cpp segfaults on some Xeons), the
                   build's features, and `open_llama` for code that already runs in a child process

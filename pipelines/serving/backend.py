@@ -4,7 +4,7 @@ class, not a branch in each of them.
 
     HFBackend    serving/hf.py     transformers in this process, PEFT LoRA adapters switched per answer
     GGUFBackend  serving/gguf.py   llama.cpp in a worker process of its own (serving/client.py)
-    (the MLX backend implements the same class)
+    MLXBackend   serving/mlx.py    Apple's MLX in this process (mlx-lm), PEFT adapters as mlx-lm's LoRA layers
 
 What every backend answers (the abstract methods must be written; the rest is shared):
 

@@ -22,6 +22,7 @@ from ..models import (
     start_default_hf_materialization,
 )
 from ..workspace import Workspace
+from . import mlx as mlx_serving
 
 
 class ModelRegistry:
@@ -53,10 +54,11 @@ class ModelRegistry:
 
     def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
              name: str | None = None, progress: ProgressFn = _noop, replace: bool = True,
-             current: bool = True) -> LoadedModel:
+             current: bool = True, backend: str = "auto") -> LoadedModel:
         """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
         previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models,
-        or for an API caller: then current=False leaves the current model as it is)."""
+        or for an API caller: then current=False leaves the current model as it is). `backend` for an HF folder:
+        auto (MLX on Apple silicon, see serving.mlx.choose) | torch | mlx."""
         path = resolve_source(source, ws)
         if not self._load_lock.acquire(blocking=False):
             raise Conflict(f"Another model ({self._loading}) is being loaded; try again when it is done.")
@@ -69,6 +71,8 @@ class ModelRegistry:
                 name = models.DEFAULT_HF_NAME  # not "hf", its folder's name
             if path.is_file():
                 lm = models.load_gguf(path, name)
+            elif mlx_serving.choose(path, backend) == "mlx":  # Apple silicon (or asked for): mlx-lm answers
+                lm = mlx_serving.load_mlx(path, name, trust_remote_code)
             else:
                 lm = models.load_hf(path, name, trust_remote_code)
             with self._lock:  # the swap only: nothing slow under this lock

@@ -2,16 +2,22 @@
 
     config.py       TrainConfig (the one request: form, YAML, job and tests), validate(), check_resume()
     encode.py       dataset rows -> (input_ids, labels) with the chat template; packing, batches; check_data()
+    common.py       what every backend shares: stop flag, lr schedule, divergence checks, TrainResult, peak memory,
+                    the shape of an objective (Objective, StepOutput)
+    loop.py         run_training() and the torch loop `fit` (single process or DDP under torchrun)
+    session.py      setup() -> Session: processes, data, model + adapter (build_model), optimizer, objective, resume
+    objectives.py   SFTObjective (and make_objective); preference.py: PreferenceObjective, DPO / ORPO on pairs
     loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
-    preference.py   DPO / ORPO on (chosen, rejected) pairs (encode.py encodes them): the losses, the step, eval, verdict
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
-    common.py       what every backend shares: stop flag, lr schedule, divergence checks, TrainResult, peak memory
-    loop.py         run_training(): the loop, single process or DDP under torchrun
+    verdict.py      base vs tuned at the end of a run (verdict.json) and its Markdown
+    mlx/            the MLX backend (Apple's MLX + mlx-lm): run_training hands it a config whose backend is
+                    mlx; the same run folder, checkpoints and PEFT adapter
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
     distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
                     refuse), the facts every process must agree on (pipelines/multinode.py compares them)
 
-A run's folder and queue are runs.py's; a run trains in a job process (`python -m pipelines.jobs <run folder>`).
+session.py, objectives.py, loss.py and preference.py import torch: only the trainer process imports them. A run's
+folder and queue are runs.py's; a run trains in a job process (`python -m pipelines.jobs <run folder>`).
 From a notebook:
 
     from pipelines.training import TrainConfig, plan_training, run_training
@@ -22,6 +28,8 @@ From a notebook:
 
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import (
+                     BACKENDS,
+                     BASE_BITS,
                      COMPLETE_MARKER,
                      DTYPES,
                      METHODS,
@@ -47,13 +55,13 @@ from .encode import (
                      read_rows,
 )
 from .common import STOP_FLAG, TrainResult, peak_rss
-from .loop import build_model, run_training
-from .loss import linear_cross_entropy, reference_loss
+from .loop import run_training
 from .plan import TrainingPlan, memory_advice, plan_training
 
-__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS", "STOP_FLAG", "TrainConfig",
-           "TrainResult", "TrainingFailed", "TrainingPlan", "build_model", "check_data", "check_resume", "collate",
+__all__ = ["BACKENDS", "BASE_BITS", "COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS",
+           "STOP_FLAG", "TrainConfig", "TrainResult", "TrainingFailed", "TrainingPlan", "check_data", "check_resume",
+           "collate",
            "dataset_dir", "dataset_versions", "encode_conversation", "encode_dataset", "encode_split",
-           "ensure_chat_template", "linear_cross_entropy", "list_checkpoints", "load_checkpoint", "memory_advice",
-           "pack_examples", "peak_rss", "plan_training", "read_rows", "reference_loss", "resolve_base_model",
+           "ensure_chat_template", "list_checkpoints", "load_checkpoint", "memory_advice",
+           "pack_examples", "peak_rss", "plan_training", "read_rows", "resolve_base_model",
            "run_training", "save_checkpoint", "validate"]

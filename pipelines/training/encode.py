@@ -449,5 +449,6 @@ def collate(items, pad_id: int, packed: bool):
     return out
 
 
-def _cut(item, n: int):
+def cut(item, n: int):
+    """An example (input_ids, labels[, position_ids]) cut to its first `n` tokens."""
     return tuple(list(x[:n]) for x in item)

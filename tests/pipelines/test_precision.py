@@ -105,10 +105,10 @@ def test_bf16_mixed_tracks_float32(ws, tiny_llama_dir):
 def test_mixed_model_has_a_bf16_base_and_float32_adapter(tiny_llama_dir):
     import torch
 
-    from pipelines.training.loop import build_model
+    from pipelines.training.session import build_model
 
     cfg = tiny_cfg(tiny_llama_dir, dtype="bfloat16")
-    model = build_model(cfg, torch.bfloat16, torch.device("cpu"))
+    model, _rows = build_model(cfg, torch.bfloat16, torch.device("cpu"))
     trained = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)

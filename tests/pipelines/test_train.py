@@ -185,17 +185,19 @@ def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
     import torch
     from transformers import AutoTokenizer
 
+    from pipelines.training.session import build_model
+
     cfg = validate(tiny_cfg(tiny_llama_dir, dropout=0.0), ws)
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
     torch.manual_seed(0)
-    model = train.build_model(cfg, torch.float32, torch.device("cpu"))
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"))
     with torch.no_grad():  # non-zero B so that the adapter matters
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     enc, _ = train.encode_dataset(cfg, ws, tok)
     batch = train.collate(enc.examples[:4], tok.pad_token_id, packed=False)
-    loss_mod = train_loss._loss_module_class()(model)
+    loss_mod = train_loss.CausalLMLoss(model)
 
     s, n = loss_mod(**batch)
     ours = s / n
@@ -221,7 +223,7 @@ def test_linear_cross_entropy_matches_reference(softcap):
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(300, 16)
     t = torch.randint(0, 300, (37,))
-    got = train.linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4)  # several chunks
+    got = train_loss.linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4)  # several chunks
     got.backward()
     g = h.grad.clone()
     h.grad = None
@@ -346,7 +348,7 @@ def test_stop_flag_saves_a_checkpoint(ws, tiny_llama_dir):
 
 
 def test_nan_loss_fails_with_reason(ws, tiny_llama_dir, monkeypatch):
-    real = train.linear_cross_entropy
+    real = train_loss.linear_cross_entropy
     calls = {"n": 0}
 
     def poisoned(*a, **k):

@@ -117,17 +117,17 @@ def _peft(tiny_llama_dir, seed=0, b_scale=0.5):
     """The tiny llama with a LoRA adapter whose B is random (so the policy differs from the base)."""
     import torch
 
-    from pipelines.training.loop import build_model
-    from pipelines.training.loss import _loss_module_class
+    from pipelines.training.loss import CausalLMLoss
+    from pipelines.training.session import build_model
 
     cfg = validate_free(tiny_llama_dir)
-    model = build_model(cfg, torch.float32, torch.device("cpu"))
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * b_scale)
-    return model, _loss_module_class()(model)
+    return model, CausalLMLoss(model)
 
 
 def validate_free(model_dir) -> TrainConfig:

@@ -53,8 +53,10 @@ def test_trained_vocabulary_has_no_untrained_targets(ws, tiny_llama_dir):
 
     cfg = validate(tiny_cfg(tiny_llama_dir), ws)
     _tok, labels = _label_ids(cfg, ws)
-    model = train.build_model(cfg, torch.float32, torch.device("cpu"), label_ids=labels)
-    assert model.mactuner_token_rows == []
+    from pipelines.training.session import build_model
+
+    model, rows = build_model(cfg, torch.float32, torch.device("cpu"), label_ids=labels)
+    assert rows == []
     assert not any("trainable_tokens" in n for n, _ in model.named_parameters())
 
 

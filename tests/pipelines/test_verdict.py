@@ -65,16 +65,16 @@ def test_untrained_adapter_is_no_better(ws, tiny_llama_dir):
 
     from pipelines.training.config import validate
     from pipelines.training.encode import collate, encode_dataset
-    from pipelines.training.loop import build_model
-    from pipelines.training.loss import _loss_module_class
+    from pipelines.training.loss import CausalLMLoss
+    from pipelines.training.session import build_model
 
     cfg = validate(tiny_cfg(tiny_llama_dir), ws)
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
     _train, val = encode_dataset(cfg, ws, tok)
-    model = build_model(cfg, torch.float32, torch.device("cpu"))  # a fresh LoRA: B = 0, the base's outputs
+    model, _rows = build_model(cfg, torch.float32, torch.device("cpu"))  # a fresh LoRA: B = 0, the base's outputs
     model.generation_config.eos_token_id = [tok.eos_token_id, 5]  # a list, as Gemma's (its turn end too)
     out = verdict.after_training(ws.runs / "u", lambda _m: None, cfg=cfg, ws=ws, model=model,
-                                 loss_mod=_loss_module_class()(model), tok=tok, val_items=val.examples,
+                                 loss_mod=CausalLMLoss(model), tok=tok, val_items=val.examples,
                                  collate=lambda its: collate(its, tok.pad_token_id, False),
                                  pad_id=tok.pad_token_id, device=torch.device("cpu"))
     assert "error" not in out, out
