@@ -99,6 +99,7 @@ def test_a_huge_history_is_trimmed_before_it_is_rendered(tiny_llama_dir, monkeyp
     """100k messages (what a 10 MB import holds): the turn costs what fits the window, not the whole history."""
     from pipelines import chat, models
     from pipelines.chat import prompt
+    from pipelines.serving import backend
 
     lm = models.load_hf(tiny_llama_dir)
     msgs = []
@@ -106,8 +107,8 @@ def test_a_huge_history_is_trimmed_before_it_is_rendered(tiny_llama_dir, monkeyp
         msgs += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "an answer"}]
     msgs.append({"role": "user", "content": "and the last one"})
     rendered = []
-    real = prompt.render_template
-    monkeypatch.setattr(prompt, "render_template", lambda t, m, *a, **k: rendered.append(len(m)) or real(t, m, *a, **k))
+    real = backend.render_template  # every backend renders through serving/backend.py
+    monkeypatch.setattr(backend, "render_template", lambda t, m, *a, **k: rendered.append(len(m)) or real(t, m, *a, **k))
     box = within(20, chat.build_prompt, lm, msgs, chat.ChatParams(max_new_tokens=16))
     assert "error" not in box, box
     p = box["result"]
