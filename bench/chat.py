@@ -18,8 +18,10 @@ features and the llama.cpp settings in force are printed first.
 
     .venv/bin/python bench/chat.py [--root WORKSPACE] [--gguf FILE] [--hf FOLDER] [--tokens 64] [--hf-tokens 16]
 
-Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB); the HF part is
-skipped, with a message, when no HF copy is found (--hf, or models/default/hf under --root).
+Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB). The HF part always
+runs: on --hf, else on the default model's HF copy - the workspace's, else the one the studio prepared in your own
+workspace (MACTUNER_HOME or ~/.mactuner), else prepared now from the GGUF (dequantized, about a minute, once per
+workspace: pass --root to keep it).
 Targets: stream_chat at >= 0.95x the direct calls' tokens/s; TTFT under 150 ms for the ~20-token GGUF prompt.
 """
 
@@ -83,11 +85,12 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     prompt = chat.build_prompt(lm, MESSAGES, params)
     print(f"\n(a) GGUF {path.name}: prompt {len(prompt.token_ids)} tokens, {n_tokens} new tokens, greedy, "
           f"{rounds} rounds after a warm-up, {threads} llama.cpp threads; template: {prompt.template_source}")
-    print(f"  worker: pid {lm.model.pid}, extra buffer types {'on' if lm.model.settings.extra_bufts else 'off'}")
+    pid, bufts = lm.backend.worker.pid, lm.backend.worker.settings.extra_bufts
+    print(f"  worker: pid {pid}, extra buffer types {'on' if bufts else 'off'}")
 
     import psutil
 
-    worker = psutil.Process(lm.model.pid)
+    worker = psutil.Process(pid)
 
     def ours(i):  # CPU time: this process's and the worker's, where the model runs
         w0 = sum(worker.cpu_times()[:2])
@@ -118,7 +121,7 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     res["ours_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in o_runs]
     res["direct_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in d_runs]
     llm.close()
-    lm.model.close()
+    lm.backend.close()
     return res
 
 
@@ -155,12 +158,13 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
     load_s = time.perf_counter() - t
     params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
     prompt = chat.build_prompt(lm, MESSAGES, params)
-    eos = chat._hf_eos_ids(lm)
+    eos = lm.backend.eos_ids()
+    tokenizer = lm.backend.tokenizer
     if kind == "direct":
         from transformers import AutoModelForCausalLM
 
-        dtype = next(lm.model.parameters()).dtype
-        lm.model = None  # the plain script's own model, loaded and run on the main thread
+        dtype = next(lm.backend.model.parameters()).dtype
+        lm.backend.close()  # the plain script's own model, loaded and run on the main thread
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     class FirstToken(BaseStreamer):
@@ -181,10 +185,10 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=s)
         total = time.perf_counter() - t0
         new = [i for i in out[0, ids.shape[1]:].tolist() if i not in eos]
-        return {"text": lm.tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
+        return {"text": tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
                 "ttft": s.first - t0, "total": total, "tps": len(new) / total, "cpu": time.process_time() - c0,
                 "decode_tps": (len(new) - 1) / (total - (s.first - t0)) if len(new) > 1 else 0.0}
 
@@ -231,6 +235,23 @@ def bench_hf(path: Path, n_tokens: int, rounds: int = 3) -> dict:
             "n_direct": sides["direct"][0]["n"],
             **{f"ours_{f}": med("ours", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")},
             **{f"direct_{f}": med("direct", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
+
+
+def default_hf_copy(ws: Workspace) -> Path:
+    """The default model's HF copy: this workspace's, else the one the studio prepared in the user's own workspace,
+    else prepared now in this workspace (the GGUF dequantized, as the Model tab does)."""
+    from pipelines.workspace import default_root
+
+    for where in (ws, Workspace(default_root().resolve())):
+        if models.default_hf_status(where)["state"] == "ready":
+            print(f"\n(b) the default model's HF copy: {models.default_hf_path(where)}")
+            return models.default_hf_path(where)
+    print("\n(b) preparing the default model's HF copy from its GGUF (about a minute, once per workspace)...",
+          flush=True)
+    t0 = time.perf_counter()
+    path = models.materialize_default_hf(ws)
+    print(f"  ready in {time.perf_counter() - t0:.0f} s: {path}")
+    return path
 
 
 def report(label: str, r: dict) -> None:
@@ -295,13 +316,13 @@ def main(argv=None) -> int:
               "rerun, raise --rounds, or use --threads 1 (llama.cpp's spinning thread barriers suffer most)")
 
     h = None
-    hf = Path(args.hf) if args.hf else models.default_hf_path(ws)
     if args.skip_hf:
         print("\n(b) HF part skipped (--skip-hf).")
-    elif not (hf / "config.json").exists():
-        print(f"\n(b) HF part skipped: no HF model folder at {hf}. Pass --hf FOLDER, or --root of a workspace whose "
-              "default model has its HF copy (the Model tab prepares it).")
     else:
+        hf = Path(args.hf) if args.hf else default_hf_copy(ws)
+        if not (hf / "config.json").is_file():
+            print(f"error: {hf} is not an HF model folder (it has no config.json)", file=sys.stderr)
+            return 2
         h = bench_hf(hf, args.hf_tokens, args.hf_rounds)
         report("HF", h)
         if h["n"] != h["n_direct"]:

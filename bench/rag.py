@@ -172,7 +172,7 @@ def bench_ttft(ws: Workspace, rounds: int = 3) -> dict:
                     break
         return {"rag": statistics.median(rag_t[1:]), "plain": statistics.median(plain_t[1:])}
     finally:
-        lm.model.close()
+        lm.backend.close()
 
 
 def bench_chunking(headings: int) -> tuple[float, float, int]:

@@ -395,8 +395,7 @@ def _add_rag(sub) -> None:
                 mark = "*" if i in last.citations else " "
                 print(f"{mark}[{i}] {p.file}, page {p.page} (similarity {p.similarity:.2f})", file=sys.stderr)
         finally:
-            if lm.backend == "llama.cpp":
-                lm.model.close()
+            lm.backend.close()  # a GGUF's worker process ends with it
         return 0
 
     def _delete(a):

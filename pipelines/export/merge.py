@@ -82,6 +82,19 @@ def saved_chat_template(hf_dir: Path) -> str | None:
     return tpl if isinstance(tpl, str) else None
 
 
+def special_tokens(hf_dir: Path) -> tuple[str, str]:
+    """(bos, eos) text of a saved tokenizer (tokenizer_config.json; "" when unset), read from the file."""
+    try:
+        cfg = json.loads((Path(hf_dir) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return "", ""
+
+    def text(value) -> str:
+        return (value.get("content") if isinstance(value, dict) else value) or ""
+
+    return text(cfg.get("bos_token")), text(cfg.get("eos_token"))
+
+
 def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None = None, name: str | None = None,
           progress: ProgressFn = _noop) -> Path:
     """Merge an adapter (a run, its adapter/ or a checkpoint) into its base; save exports/<name>/merged/ (HF)."""

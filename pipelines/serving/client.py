@@ -184,15 +184,16 @@ class GGUFWorker:
     # ------------------------------------------------------------------------------------------ requests
 
     def generate(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                 min_p: float, repeat_penalty: float, seed: int,
-                 halted: Callable[[], bool] = lambda: False) -> Iterator[tuple]:
+                 min_p: float, repeat_penalty: float, seed: int, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, halted: Callable[[], bool] = lambda: False) -> Iterator[tuple]:
         """Stream one answer: ("text", delta, n_tokens) items, then ("end", finish_reason, n_tokens).
         `halted()` is polled: once true the worker is told to stop (finish_reason "stopped"). Leaving the loop
         early also stops it. ModelCrashed when the worker dies after the answer began; a worker that died before
         it gave anything (killed while idle, or crashing on the first token) is waited for and asked once more,
         and a ("note", message, 0) item says so."""
         req = dict(prompt=list(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+                   min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                   presence_penalty=presence_penalty, seed=seed)
         for attempt in (1, 2):
             self.wait_ready()
             got = []

@@ -5,7 +5,6 @@ that only reads it waits on a slow operation: loads and unloads do their slow pa
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 
@@ -92,20 +91,10 @@ class ModelRegistry:
 
     @staticmethod
     def _free(lm: LoadedModel) -> None:
-        """Close the model (its worker process ends; torch weights are dropped). The caller holds lm.lock."""
-        if lm.backend == "llama.cpp" and lm.model is not None:
-            lm.model.close()
-        lm.model = lm.tokenizer = None
-        gc.collect()
-        try:
-            import torch  # noqa: PLC0415
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-                torch.mps.empty_cache()
-        except ImportError:
-            pass
+        """Close the model's backend (a worker process ends; torch weights are dropped). The caller holds lm.lock."""
+        backend, lm.backend = lm.backend, None
+        if backend is not None:
+            backend.close()
 
     def _free_when_idle(self, lm: LoadedModel, wait: float = 30.0) -> None:
         """Free a model taken out of the registry once no answer runs on it: at once when idle, else when the answer

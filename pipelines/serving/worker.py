@@ -9,7 +9,7 @@ tuples sent with multiprocessing's Connection (the studio is the only peer). The
                                           "load_seconds"}
     -> ("error", message)                 the file could not be loaded (then it exits 1)
     <- ("generate", {"prompt": [ids], "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                     "seed"})
+                     "frequency_penalty", "presence_penalty", "seed"})
     -> ("text", delta, n_tokens) ...      as tokens are sampled
     -> ("end", finish_reason, n_tokens)   "stop" (end of generation), "length" (max_tokens) or "stopped"
     -> ("failed", message)                instead of "end" when llama.cpp raised
@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 
 from .. import device as devicemod
 from . import llamacpp
+from .backend import PENALTY_WINDOW
 
 
 def _settings(choice: str) -> llamacpp.LlamaSettings:
@@ -63,7 +64,8 @@ def _generate(conn: Connection, llm, req: dict) -> bool:
     stream = llm.create_completion(
         prompt=prompt, max_tokens=int(req["max_tokens"]), temperature=float(req["temperature"]),
         top_p=float(req["top_p"]), top_k=int(req["top_k"]), min_p=float(req["min_p"]),
-        repeat_penalty=float(req["repeat_penalty"]), seed=int(req["seed"]), stream=True,
+        repeat_penalty=float(req["repeat_penalty"]), frequency_penalty=float(req.get("frequency_penalty", 0.0)),
+        presence_penalty=float(req.get("presence_penalty", 0.0)), seed=int(req["seed"]), stream=True,
         stopping_criteria=llama_cpp.StoppingCriteriaList([criterion]))
     try:
         for chunk in stream:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     llama_cpp = llamacpp.llama_cpp_module()
     offload = bool(llama_cpp.llama_supports_gpu_offload())
     try:
-        llm = llamacpp.open_llama(args.model, settings, n_ctx=args.n_ctx,
+        llm = llamacpp.open_llama(args.model, settings, n_ctx=args.n_ctx, last_n_tokens_size=PENALTY_WINDOW,
                                   n_threads=args.threads or devicemod.cpu_threads(),
                                   n_gpu_layers=-1 if offload else 0)
     except (ValueError, RuntimeError, OSError) as e:

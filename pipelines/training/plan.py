@@ -4,12 +4,13 @@ trainer's out-of-memory message alike.
 
     plan = plan_training(TrainConfig(dataset="my-set"), ws)
     plan.total_steps, plan.memory.estimate.total, plan.memory.recommended_batch, plan.seconds
+    plan.export      # will it export? architecture, tokenizer, Modelfile template (pipelines.export.convertible)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import device as devicemod
 from ..workspace import Workspace
@@ -108,6 +109,7 @@ class TrainingPlan:
     total_steps: int
     memory: MemoryAdvice
     seconds: float | None  # time estimate on a CPU (None on a GPU: the live ETA tells)
+    export: list = field(default_factory=list)  # export.convertible.ExportCheck rows: will the fine-tune export?
 
 
 def _item_tokens(cfg: TrainConfig, item) -> float:
@@ -122,6 +124,8 @@ def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPl
     """Validate `cfg`, tokenize its data as the trainer will and plan the run: BadInput for unusable settings or data,
     without starting anything. `nproc`: training processes (DDP)."""
     from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+    from ..export.convertible import export_checks  # noqa: PLC0415 - export imports runs, which imports training
 
     cfg = validate(cfg, ws)
     tok = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
@@ -142,4 +146,5 @@ def plan_training(cfg: TrainConfig, ws: Workspace, nproc: int = 1) -> TrainingPl
         config=cfg, train_rows=tr.rows, usable=len(tr.items), truncated=tr.truncated, dropped=tr.dropped,
         validation_rows=len(va.items), label_tokens=sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in tr.examples),
         note=tr.note("train", cfg.max_length), items=len(items), processes=nproc, steps_per_epoch=per_epoch,
-        total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc, ws=ws), seconds=seconds)
+        total_steps=steps, memory=memory_advice(shape, cfg, prof, nproc, ws=ws), seconds=seconds,
+        export=export_checks(cfg.base_model, tok.chat_template, tok.bos_token or "", tok.eos_token or ""))

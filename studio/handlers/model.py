@@ -22,7 +22,7 @@ def header_md(ctx: Context) -> str:
     prof = devicemod.profile()
     used, total = devicemod.memory_in_use()
     lm = ctx.registry.current()
-    model = f"**{lm.name}** · {lm.format} {lm.dtype} · {lm.backend}" if lm else "no model loaded"
+    model = f"**{lm.name}** · {lm.format} {lm.dtype} · {lm.backend_kind}" if lm else "no model loaded"
     if ctx.registry.loading:
         model = f"loading {ctx.registry.loading}…"
     return (f"**MacTuner** &nbsp;·&nbsp; device {prof.kind.upper()} ({prof.name}) &nbsp;·&nbsp; "
@@ -186,7 +186,7 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
     shape = models.shape_of(lm)
     seq_len, batch_size, lora_rank = int(seq_len), int(batch_size), int(lora_rank)
     avail = prof.available_memory + (lm.memory_bytes if prof.kind != "cuda" else 0)  # the loaded model's memory is reusable
-    gguf = lm.backend == "llama.cpp"
+    gguf = lm.format == "gguf"  # its weights take what the file takes
     inf = devicemod.estimate_memory(shape, "inference", prof.infer_dtype, seq_len, batch_size, lora_rank,
                                     bool(gradient_checkpointing), avail,
                                     weight_bytes=Path(lm.model_path).stat().st_size if gguf else None)

@@ -97,6 +97,10 @@ def preflight(ctx: Context, *values):
     if plan.seconds is not None:
         lines.append(f"**Time**: roughly {plan.seconds / 60:.0f} min on this CPU (from a matmul probe; the live ETA "
                      "is measured once training runs)")
+    if plan.export:
+        marks = {True: "✅", False: "⚠️", None: "–"}
+        lines.append("**Export** (GGUF for llama.cpp / Ollama / LM Studio):\n" + "\n".join(
+            f"- {marks[c.ok]} {c.name}: {c.detail}" for c in plan.export))
     return "\n\n".join(x for x in lines if x)
 
 

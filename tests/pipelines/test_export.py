@@ -186,8 +186,34 @@ def test_validation_of_a_good_export(exported):
         gguf_row = v.table[-1]
         assert abs(gguf_row.delta_pct) < (10 if "Q4" in gguf_row.type else 3), v.table
         assert items["generation"].ok is not None  # a random tiny model may well collapse; it is reported
-        # the tiny tokenizer's template is no family MacTuner translates: the row says why it is skipped
-        assert items["modelfile_template"].ok is None and "no TEMPLATE" in items["modelfile_template"].detail
+        # the tiny tokenizer's template is no family MacTuner translates: a failed row that says why and what
+        # Ollama does instead, never a quiet skip
+        assert items["modelfile_template"].ok is False
+        assert "not translated" in items["modelfile_template"].detail
+        assert "closest of its built-in templates" in items["modelfile_template"].detail
+
+
+@pytest.mark.slow
+def test_the_adapter_is_exported_as_a_lora_gguf_and_validated_on_the_base(exported):
+    """lora-gguf/ holds the base's GGUF, the LoRA GGUF and a Modelfile (FROM the base, ADAPTER the LoRA); the LoRA,
+    applied on the base in llama.cpp, answers like the merged GGUF; it is no model of its own in the pickers."""
+    ws, result, _seen, _adapter = exported
+    folder = Path(result.folder) / ex.LORA_FOLDER
+    assert sorted(p.name for p in folder.glob("*.gguf")) == ["tiny-base-f16.gguf", "tiny-lora.gguf"]
+    assert not list(folder.glob(".*"))  # the base view and temp files are gone
+    mf = (folder / "tiny-lora.Modelfile").read_text()
+    assert "FROM ./tiny-base-f16.gguf\nADAPTER ./tiny-lora.gguf\n" in mf and 'SYSTEM """Be brief."""' in mf
+    items = {i["name"]: i for i in result.lora["validation"]["items"]}
+    for name in ("loads", "chat_template", "perplexity", "merged_match"):
+        assert items[name]["ok"] is True, items[name]
+    assert "on tiny-base-f16.gguf" in items["loads"]["detail"]
+    assert (folder / "tiny-lora.validation.json").is_file()
+    d = ex.export_details(ws, "tiny")
+    assert d["lora"]["file"] == "tiny-lora.gguf" and d["lora"]["base"].endswith("tiny-base-f16.gguf")
+    assert '--lora "' in d["lora"]["how_to_run"]["llama.cpp"]
+    assert "LoRA" in [r["type"] for r in d["table"]]
+    assert all("lora" not in path and "base" not in path for _label, path in ex.gguf_choices(ws))
+    assert "base f16 (for the LoRA)" in json.loads((Path(result.folder) / "export.json").read_text())["estimate"]["parts"]
 
 
 @pytest.mark.slow
@@ -365,7 +391,8 @@ def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
     assert ex.template_family(FALLBACK_CHAT_TEMPLATE) == "chatml"
     assert "<|im_start|>assistant" in ex.modelfile(g, FALLBACK_CHAT_TEMPLATE).read_text()
     odd = ex.modelfile(g, TINY_CHAT_TEMPLATE, stops=["</s>"]).read_text()
-    assert 'TEMPLATE """' not in odd and "not one MacTuner can translate" in odd
+    assert 'TEMPLATE """' not in odd and "MacTuner cannot translate this model's chat template" in odd
+    assert "none of the formats MacTuner translates" in odd and "closest of its built-in templates" in odd
     assert 'PARAMETER stop "</s>"' in odd
     cmds = ex.how_to_run(g)
     assert cmds["llama.cpp"].startswith("llama-cli -m ") and cmds["llama.cpp"].endswith("-cnv")
