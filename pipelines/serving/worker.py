@@ -1,6 +1,7 @@
 """The GGUF worker process: loads one model with llama.cpp and answers the studio over an inherited socket.
 
     python -m pipelines.serving.worker --fd N --model PATH [--n-ctx 4096] [--threads T] [--extra-bufts auto|on|off]
+                                       [--n-batch 512] [--n-ubatch 512]
 
 Started by `client.GGUFWorker` (never by hand: `--fd` is one end of a socket pair the studio made). Messages are
 tuples sent with multiprocessing's Connection (the studio is the only peer). The worker speaks first:
@@ -9,7 +10,12 @@ tuples sent with multiprocessing's Connection (the studio is the only peer). The
                                           "load_seconds"}
     -> ("error", message)                 the file could not be loaded (then it exits 1)
     <- ("generate", {"prompt": [ids], "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                     "frequency_penalty", "presence_penalty", "seed"})
+                     "frequency_penalty", "presence_penalty", "seed", "keep_prefix"})
+                                          keep_prefix: leading prompt tokens later prompts will share (a RAG
+                                          answer's instructions): their evaluated state is kept (prefix_cache)
+    -> ("prompt", info, 0)                once the prompt is evaluated, before the first text: {"tokens",
+                                          "evaluated", "eval_ms" (llama.cpp's own prompt timings), "head"
+                                          ("restored" | "saved" | None), "counters" (this worker's, cumulative)}
     -> ("text", delta, n_tokens) ...      as tokens are sampled
     -> ("end", finish_reason, n_tokens)   "stop" (end of generation), "length" (max_tokens) or "stopped"
     -> ("failed", message)                instead of "end" when llama.cpp raised
@@ -35,6 +41,7 @@ from multiprocessing.connection import Connection
 from .. import device as devicemod
 from . import llamacpp
 from .backend import PENALTY_WINDOW
+from .prefix_cache import PrefixCache
 
 
 def _settings(choice: str) -> llamacpp.LlamaSettings:
@@ -45,16 +52,46 @@ def _settings(choice: str) -> llamacpp.LlamaSettings:
     return llamacpp.choose()
 
 
-def _generate(conn: Connection, llm, req: dict) -> bool:
+class Totals:
+    """This worker's counters since it started, sent with every prompt report: what the tests read to tell a
+    prompt evaluated whole from one that started from kept state."""
+
+    def __init__(self):
+        self.answers = self.prompt_tokens = self.evaluated = 0
+
+    def add(self, tokens: int, evaluated: int) -> None:
+        self.answers += 1
+        self.prompt_tokens += tokens
+        self.evaluated += evaluated
+
+
+def _prompt_report(llm, n_prompt: int, head: str | None, cache: PrefixCache, totals: Totals) -> dict:
+    """llama.cpp's own figures for this prompt (its perf counters, reset before the prompt was prepared): tokens
+    it evaluated (a single remaining token counts as an eval, not a prompt eval) and the time it took."""
+    lib = llamacpp.llama_cpp_module().llama_cpp
+    perf = lib.llama_perf_context(llm.ctx)
+    # llama_perf_context reports n_eval as at least 1; a count with no time behind it is that floor
+    evaluated = int(perf.n_p_eval) + (int(perf.n_eval) if perf.t_eval_ms > 0 else 0)
+    totals.add(n_prompt, evaluated)
+    return {"tokens": n_prompt, "evaluated": evaluated, "eval_ms": round(perf.t_p_eval_ms + perf.t_eval_ms, 3),
+            "head": head, "counters": {"answers": totals.answers, "prompt_tokens": totals.prompt_tokens,
+                                       "evaluated": totals.evaluated, **cache.counters()}}
+
+
+def _generate(conn: Connection, llm, req: dict, cache: PrefixCache, totals: Totals) -> bool:
     """Stream one answer; True when a "close" arrived meanwhile."""
     llama_cpp = llamacpp.llama_cpp_module()
     prompt = list(req["prompt"])
     n_prompt = len(prompt)
     state = {"n": 0, "halted": False, "close": False}
+    llama_cpp.llama_perf_context_reset(llm.ctx)  # so that the report counts this prompt's evaluation alone
+    _held, head = cache.prepare(llm, prompt, int(req.get("keep_prefix", 0)))
 
     def criterion(input_ids, _logits) -> bool:
         # input_ids: the prompt and every answer token but the one just sampled
         state["n"] = len(input_ids) - n_prompt + 1
+        if state["n"] == 1:  # the prompt is evaluated (its logits gave this token): report it before any text
+            conn.send(("prompt", _prompt_report(llm, n_prompt, head, cache, totals), 0))
         if not state["halted"] and conn.poll():
             kind = conn.recv()[0]
             state["halted"], state["close"] = kind in ("halt", "close"), kind == "close"
@@ -87,6 +124,7 @@ def _generate(conn: Connection, llm, req: dict) -> bool:
 
 
 def serve(conn: Connection, llm) -> None:
+    cache, totals = PrefixCache(), Totals()
     while True:
         try:
             msg = conn.recv()
@@ -97,7 +135,7 @@ def serve(conn: Connection, llm) -> None:
             return
         if kind == "generate":
             try:
-                if _generate(conn, llm, msg[1]):
+                if _generate(conn, llm, msg[1], cache, totals):
                     return
             except (EOFError, OSError):
                 return  # the studio went away mid-answer
@@ -113,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra-bufts", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-ubatch", type=int, default=512)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the studio's terminal is the studio's to handle
     conn = Connection(args.fd)
@@ -123,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = llamacpp.open_llama(args.model, settings, n_ctx=args.n_ctx, last_n_tokens_size=PENALTY_WINDOW,
                                   n_threads=args.threads or devicemod.cpu_threads(),
+                                  # prompts are evaluated with as many threads as answers (llama-cpp-python's own
+                                  # default is every logical CPU, hyper-threads included)
+                                  n_threads_batch=args.threads or devicemod.cpu_threads(),
+                                  n_batch=args.n_batch, n_ubatch=args.n_ubatch,
                                   n_gpu_layers=-1 if offload else 0)
     except (ValueError, RuntimeError, OSError) as e:
         conn.send(("error", str(e).splitlines()[0][:300] if str(e) else type(e).__name__))
