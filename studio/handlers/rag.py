@@ -14,7 +14,8 @@ import pandas as pd
 
 from pipelines import chat, rag
 from pipelines import follow as pfollow
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, MacTunerError
+from pipelines.rag import cost as rcost
 from pipelines.rag import ingestion as ringest
 from pipelines.rag.evaluation import figure as eval_figure
 from pipelines.rag.extract import kind_of
@@ -224,6 +225,30 @@ def _citation_choices(passages: list[rag.Passage], cited: list[int]) -> list[str
     return [f"[{i}] {passages[i - 1].where}" for i in cited] or [f"[{i}] {p.where}" for i, p in enumerate(passages, 1)]
 
 
+def prompt_cost(timings: rag.RagTimings | None, ch: chat.ChatChunk | None) -> str:
+    """Where the wait before the first token went: retrieval, building the prompt, and the model reading it (with
+    how much of it the model kept evaluated from the last question, in its own figures when it gives them)."""
+    if timings is None:
+        return ""
+    bits = [f"prompt {timings.prompt_tokens:,} tokens"]
+    if ch is not None and ch.prompt_evaluated is not None:
+        reused = max(0, timings.prompt_tokens - ch.prompt_evaluated)
+        read = f"{ch.prompt_evaluated:,} read by the model"
+        if ch.prompt_eval_s:
+            read += f" in {ch.prompt_eval_s:.2f} s ({ch.prompt_evaluated / ch.prompt_eval_s:.0f} tokens/s)"
+        bits.append((f"{reused:,} kept evaluated from the last question, " if reused else "") + read)
+    elif ch is None:
+        bits.append("the model is reading it…")
+    bits += [f"retrieval {1000 * timings.retrieval_s:.0f} ms", f"building the prompt {1000 * timings.prompt_s:.0f} ms"]
+    return " · ".join(bits)
+
+
+def _answer_status(lm, ev: rag.RagEvent) -> str:
+    head = _speed(ev.chunk, lm.name) if ev.chunk is not None else f"**{lm.name}** · {len(ev.passages)} passages"
+    return "\n\n".join(x for x in (head, prompt_cost(ev.timings, ev.chunk), f"ℹ️ {ev.note}" if ev.note else "")
+                       if x)
+
+
 @ui_errors
 def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name: str, adapter: str, top_k: int,
         mode: str, threshold: float, *sampling):
@@ -240,14 +265,26 @@ def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name:
             yield f"ℹ️ {ev.refused}", "", table, gr.update(choices=[], value=None), []
             return
         if ev.chunk is None:
-            note = f" ({ev.dropped} more did not fit the context window)" if ev.dropped else ""
-            yield "", f"**{lm.name}** · {len(passages)} passages{note} · thinking…", table, gr.update(), \
-                [p.as_dict() for p in passages]
+            yield "", _answer_status(lm, ev), table, gr.update(), [p.as_dict() for p in passages]
             continue
         answer += ev.chunk.text
         cites = gr.update(choices=_citation_choices(passages, ev.citations), value=None) \
             if ev.chunk.finish_reason else gr.update()
-        yield answer, _speed(ev.chunk, lm.name), table, cites, [p.as_dict() for p in passages]
+        yield answer, _answer_status(lm, ev), table, cites, [p.as_dict() for p in passages]
+
+
+@ui_errors
+def estimate(ctx: Context, name: str | None, question: str, model_name: str | None, top_k: int, *sampling) -> str:
+    """What asking would cost (prompt tokens, and the time to read them once the model's speed is known), shown
+    while the question is typed; a line saying what is missing instead of an error (nothing was asked yet)."""
+    if not (name or "").strip():
+        return ""
+    try:
+        lm = _model(ctx, model_name)
+        est = rcost.estimate(lm, _kb(ctx, name), question, top_k, params_from(sampling, None))
+    except MacTunerError as e:
+        return f"Cost of a question: {e.message}" if not isinstance(e, rag.DamagedKB) else ""
+    return f"Cost of this question: {est.summary()}"
 
 
 def show_passage(choice: str | None, passages: list[dict]) -> str:
