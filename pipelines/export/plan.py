@@ -112,7 +112,8 @@ class ExportPlan:
 
 def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int] | None = None) -> ExportPlan:
     """Every check an export makes before it writes anything: types known, source an adapter (with a base) or an HF
-    folder, name free, converter present, architecture supported, enough disk. Raises the reason, else the plan."""
+    folder, name free, converter present, architecture supported, tokenizer readable by the converter, enough disk.
+    Raises the reason, else the plan."""
     outtypes = [str(t) for t in (req.outtypes or [])]
     quants = [str(q).upper() for q in (req.quants or [])]
     name, base_model, source = (req.name or "").strip() or None, (req.base_model or "").strip() or None, req.source
@@ -147,6 +148,11 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
     if folder.exists():
         raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
     arch = check_architecture(hf_src)
+    from .convertible import tokenizer_problem  # noqa: PLC0415 - asks the converter (a subprocess, remembered)
+
+    why = tokenizer_problem(hf_src)
+    if why:
+        raise BadInput(f"This model cannot be exported to GGUF: {why}")
     bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
     lora = bool(req.lora_gguf) and adapter is not None
     est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp, hf_src,

@@ -199,6 +199,7 @@ def degenerate(ids: list[int], text: str | None = None, prompt: str | None = Non
 
 
 _HF_PPL: dict = {}  # HF perplexity rows by (folder, config mtime, text hash): one HF pass per export
+_HF_ANSWERS: dict = {}  # the tuned model's answer to a training prompt and its scores, by (folder, mtime, base, prompt)
 
 
 def _hf_row(hf_dir: Path, text: str) -> PerplexityRow:
@@ -423,14 +424,20 @@ def _survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials) -> Chec
     try:
         prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) if tok.chat_template else \
             msgs[-1]["content"]
-        tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(Path(hf_dir))).eval()
-        answer, lp_tuned = _hf_answer_logprob(tuned, tok, prompt)
-        del tuned
+        key = (str(hf_dir), (Path(hf_dir) / "config.json").stat().st_mtime, str(base_dir), prompt)
+        if key not in _HF_ANSWERS:  # one HF pass per export: every GGUF (and the LoRA) is scored on the same answer
+            tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(Path(hf_dir))).eval()
+            answer, lp_tuned = _hf_answer_logprob(tuned, tok, prompt)
+            del tuned
+            lp_base = None
+            if answer:
+                base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_weights_dtype(Path(base_dir))).eval()
+                _a, lp_base = _hf_answer_logprob(base, tok, prompt, answer)
+                del base
+            _HF_ANSWERS[key] = (answer, lp_tuned, lp_base)
+        answer, lp_tuned, lp_base = _HF_ANSWERS[key]
         if not answer:
             return CheckItem("finetune_survived", None, "inconclusive: the tuned model answers nothing to the prompt")
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_weights_dtype(Path(base_dir))).eval()
-        _a, lp_base = _hf_answer_logprob(base, tok, prompt, answer)
-        del base
         hf_p_ids = tok(prompt, add_special_tokens=False).input_ids
         if llm.n_vocab() == len(tok):  # the converter keeps token ids: score exactly the same token sequence
             p_ids, a_ids = list(hf_p_ids), list(answer)

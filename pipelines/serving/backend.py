@@ -11,7 +11,8 @@ What every backend answers (the abstract methods must be written; the rest is sh
     kind                                "transformers" | "llama.cpp" | ...: what the Model tab shows
     context_margin                      context tokens kept free past the answer (llama.cpp may overrun max_tokens)
     context_window()                    tokens the model attends to, as loaded
-    chat_template() -> (text, source)   the model's own template, else the plain fallback with the reason
+    chat_template(adapter) -> (text, source)   the adapter's training template, the model's own, else the plain
+                                        fallback with the reason
     special_tokens()                    bos_token, eos_token, ... as the template reads them
     render(messages)                    the conversation rendered in the sandbox, ready for the answer
     tokenize(text)                      ids of a rendered prompt: special-token text parsed, one BOS when wanted
@@ -131,9 +132,13 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     def eos_ids(self) -> list[int]: ...
 
-    def chat_template(self) -> tuple[str, str]:
-        """(template text, where it comes from): the model's own, else the plain fallback - also for a base model
-        with Gemma's turn tokens in its vocabulary (bench/sampling.py: it drifts far less on plain lines)."""
+    def chat_template(self, adapter: str | None = None) -> tuple[str, str]:
+        """(template text, where it comes from): the one `adapter` was trained with when it says so (a LoRA on a base
+        GGUF whose metadata has another, or none); else the model's own; else the plain fallback - also for a base
+        model with Gemma's turn tokens in its vocabulary (bench/sampling.py: it drifts far less on plain lines)."""
+        info = self.adapters.get(adapter) if adapter else None
+        if info is not None and info.chat_template:
+            return info.chat_template, f"the chat template adapter {adapter} was trained with"
         template, source = self.own_template()
         if template:
             return template, source

@@ -11,12 +11,14 @@ from typing import Iterator
 
 from .. import device as devicemod
 from ..chat.params import LLAMA_UTF8_MARGIN
-from ..errors import BadInput
+from ..errors import BadInput, NotFound
 from .backend import Delta, Generation, Halted, ModelBackend, PromptEval
 from .client import GGUFWorker
+from .lora import AdapterInfo
 
-NO_PEFT = ("A GGUF model cannot take a LoRA adapter: merge the adapter into its HF base model and export a GGUF "
-           "(Export stage), or load the HF base model to chat with the adapter.")
+NO_PEFT = ("A GGUF model takes a LoRA adapter as a LoRA GGUF file (general.type adapter), not a PEFT folder: choose "
+           "the run in the Chat tab's Adapter menu (it writes one when the base model has this GGUF), export the run "
+           "(Export stage: its lora-gguf/ folder), or load the HF base model to chat with the adapter folder.")
 
 
 class GGUFBackend(ModelBackend):
@@ -90,14 +92,15 @@ class GGUFBackend(ModelBackend):
 
     def stream(self, generation: Generation, halted: Halted) -> Iterator[Delta]:
         """Deltas from the worker, which counts the answer's tokens exactly and stops after the current token once
-        `halted()`; the stream is also left as soon as it is."""
+        `halted()`; the stream is also left as soon as it is. The worker switches to the generation's adapter."""
         g = generation
         self.check_adapter(g.adapter)
         earlier = self.worker.last_prompt  # the report on this answer's prompt replaces it before the first text
         items = self.worker.generate(g.token_ids, max_tokens=g.max_new_tokens, temperature=g.temperature,
                                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                                      repeat_penalty=g.repetition_penalty, frequency_penalty=g.frequency_penalty,
-                                     presence_penalty=g.presence_penalty, seed=g.seed, keep_prefix=g.keep_prefix,
+                                     presence_penalty=g.presence_penalty, seed=g.seed, adapter=g.adapter,
+                                     keep_prefix=g.keep_prefix,
                                      halted=halted)
         try:
             for kind, value, n_tokens in items:
@@ -118,18 +121,31 @@ class GGUFBackend(ModelBackend):
 
     # ------------------------------------------------------------------------------------------ adapters
 
-    def check_adapter(self, name: str | None) -> None:
-        if name is not None:
+    def inspect_adapter(self, path: Path) -> AdapterInfo:
+        """A LoRA GGUF (what the Adapter menu writes for a run, or an export's lora-gguf/) for this model's
+        architecture; its tensors are matched to the model's when the worker loads it."""
+        if path.is_dir():
             raise BadInput(NO_PEFT)
+        if not path.is_file():
+            raise NotFound(f"No adapter file at {path} (it may have been deleted).")
+        meta = lora_gguf_metadata(path)
+        arch = self.worker.metadata.get("general.architecture")
+        if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+            raise BadInput(f"{path.name} is not a LoRA adapter GGUF (general.type is "
+                           f"{meta.get('general.type') or 'missing'}); a GGUF model takes its LoRA as such a file.")
+        if meta.get("general.architecture") != arch:
+            raise BadInput(f"{path.name} is a LoRA for the {meta.get('general.architecture')} architecture; the loaded "
+                           f"model is {arch}. Load its base model first.")
+        return AdapterInfo(name=path.stem, path=str(path.resolve()), base_model=meta.get("general.base_model"),
+                           peft_type="LORA", rank=meta.get("rank"), target_modules=meta.get("targets", []))
 
-    def inspect_adapter(self, path: Path):
-        raise BadInput(NO_PEFT)
-
-    def attach_adapter(self, info) -> None:
-        raise BadInput(NO_PEFT)
+    def attach_adapter(self, info: AdapterInfo) -> None:
+        self.worker.load_lora(info.name, info.path)
+        self.adapters[info.name] = info
 
     def detach_adapter(self, name: str) -> None:
-        raise BadInput(NO_PEFT)
+        self.worker.free_lora(name)
+        self.adapters.pop(name, None)
 
     # ------------------------------------------------------------------------------------------ the rest
 
@@ -153,3 +169,24 @@ class GGUFBackend(ModelBackend):
 
     def close(self) -> None:
         self.worker.close()
+
+
+def lora_gguf_metadata(path: Path) -> dict:
+    """The keys of a GGUF that say what it is (general.type, general.architecture, adapter.type), the LoRA's rank
+    and the layers it adapts, read with the gguf library (nothing loaded). BadInput for a file that is no GGUF."""
+    import gguf  # noqa: PLC0415 - only when an adapter file is checked
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as e:
+        raise BadInput(f"{path.name} is not a readable GGUF file ({str(e).splitlines()[0][:160]}).") from None
+    out: dict = {}
+    for key in ("general.type", "general.architecture", "adapter.type", "general.base_model"):
+        field = reader.fields.get(key)
+        if field is not None:
+            out[key] = field.contents()
+    lora_a = [t for t in reader.tensors if t.name.endswith(".lora_a")]
+    if lora_a:
+        out["rank"] = int(min(lora_a[0].shape))
+        out["targets"] = sorted({t.name.split(".")[-3] if t.name.count(".") >= 3 else t.name for t in lora_a})
+    return out

@@ -1,7 +1,7 @@
 """The GGUF worker process: loads one model with llama.cpp and answers the studio over an inherited socket.
 
     python -m pipelines.serving.worker --fd N --model PATH [--n-ctx 4096] [--threads T] [--extra-bufts auto|on|off]
-                                       [--n-batch 512] [--n-ubatch 512]
+                                       [--lora NAME=PATH ...] [--n-batch 512] [--n-ubatch 512]
 
 Started by `client.GGUFWorker` (never by hand: `--fd` is one end of a socket pair the studio made). Messages are
 tuples sent with multiprocessing's Connection (the studio is the only peer). The worker speaks first:
@@ -10,7 +10,7 @@ tuples sent with multiprocessing's Connection (the studio is the only peer). The
                                           "load_seconds"}
     -> ("error", message)                 the file could not be loaded (then it exits 1)
     <- ("generate", {"prompt": [ids], "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                     "frequency_penalty", "presence_penalty", "seed", "keep_prefix"})
+                     "frequency_penalty", "presence_penalty", "seed", "adapter": NAME or None, "keep_prefix"})
                                           keep_prefix: leading prompt tokens later prompts will share (a RAG
                                           answer's instructions): their evaluated state is kept (prefix_cache)
     -> ("prompt", info, 0)                once the prompt is evaluated, before the first text: {"tokens",
@@ -20,7 +20,13 @@ tuples sent with multiprocessing's Connection (the studio is the only peer). The
     -> ("end", finish_reason, n_tokens)   "stop" (end of generation), "length" (max_tokens) or "stopped"
     -> ("failed", message)                instead of "end" when llama.cpp raised
     <- ("halt",)                          at any time: the running answer ends after the current token
+    <- ("lora_load", NAME, PATH)          load a LoRA GGUF on the model (the base stays loaded; `--lora` at start)
+    -> ("lora_loaded", NAME)              or ("failed", message)
+    <- ("lora_free", NAME)                -> ("lora_freed", NAME)
     <- ("close",)                         exit
+
+A generate request names the adapter it answers with (None: the bare base); switching sets the adapters on the
+context (llama_set_adapters_lora) and drops the cached prompt, which was evaluated with other weights.
 
 Why not llama_cpp.server: measured on this 2-core CPU with the default model, its streaming endpoint gave about 0.6x
 the tokens/s of llama-cpp-python called directly (each token is produced on whichever thread of the server's pool
@@ -32,16 +38,18 @@ tokenization with its own BOS rule) and counts tokens exactly.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from .. import device as devicemod
 from . import llamacpp
 from .backend import PENALTY_WINDOW
-from .prefix_cache import PrefixCache
+from .prefix_cache import PromptLedger
 
 
 def _settings(choice: str) -> llamacpp.LlamaSettings:
@@ -52,46 +60,59 @@ def _settings(choice: str) -> llamacpp.LlamaSettings:
     return llamacpp.choose()
 
 
-class Totals:
-    """This worker's counters since it started, sent with every prompt report: what the tests read to tell a
-    prompt evaluated whole from one that started from kept state."""
+class Loras:
+    """The LoRA adapters loaded on this process's model (name -> llama.cpp handle) and the one in use."""
 
-    def __init__(self):
-        self.answers = self.prompt_tokens = self.evaluated = 0
+    def __init__(self, llm):
+        self.llm, self.loaded, self.active = llm, {}, None
 
-    def add(self, tokens: int, evaluated: int) -> None:
-        self.answers += 1
-        self.prompt_tokens += tokens
-        self.evaluated += evaluated
+    def load(self, name: str, path: str) -> None:
+        if name in self.loaded:
+            return
+        llama_cpp = llamacpp.llama_cpp_module()
+        handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode("utf-8"))
+        if not handle:  # a NULL pointer: llama.cpp logged why (another architecture, tensors that do not fit)
+            raise ValueError(f"{Path(path).name} is no LoRA adapter llama.cpp can apply to this model")
+        self.loaded[name] = handle
+
+    def use(self, name: str | None) -> None:
+        if name == self.active:
+            return
+        if name is not None and name not in self.loaded:
+            raise KeyError(f"no adapter named {name!r} is loaded in the model process")
+        llama_cpp = llamacpp.llama_cpp_module()
+        if name is None:
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.loaded[name])
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, handles, 1, (ctypes.c_float * 1)(1.0))
+        if rc:
+            raise RuntimeError(f"llama.cpp could not switch to adapter {name!r} (code {rc})")
+        self.llm.reset()  # the cached prompt was evaluated with the other weights: evaluate it again
+        self.active = name
+
+    def free(self, name: str) -> None:
+        if self.active == name:
+            self.use(None)
+        handle = self.loaded.pop(name, None)
+        if handle:
+            llamacpp.llama_cpp_module().llama_adapter_lora_free(handle)
 
 
-def _prompt_report(llm, n_prompt: int, head: str | None, cache: PrefixCache, totals: Totals) -> dict:
-    """llama.cpp's own figures for this prompt (its perf counters, reset before the prompt was prepared): tokens
-    it evaluated (a single remaining token counts as an eval, not a prompt eval) and the time it took."""
-    lib = llamacpp.llama_cpp_module().llama_cpp
-    perf = lib.llama_perf_context(llm.ctx)
-    # llama_perf_context reports n_eval as at least 1; a count with no time behind it is that floor
-    evaluated = int(perf.n_p_eval) + (int(perf.n_eval) if perf.t_eval_ms > 0 else 0)
-    totals.add(n_prompt, evaluated)
-    return {"tokens": n_prompt, "evaluated": evaluated, "eval_ms": round(perf.t_p_eval_ms + perf.t_eval_ms, 3),
-            "head": head, "counters": {"answers": totals.answers, "prompt_tokens": totals.prompt_tokens,
-                                       "evaluated": totals.evaluated, **cache.counters()}}
-
-
-def _generate(conn: Connection, llm, req: dict, cache: PrefixCache, totals: Totals) -> bool:
+def _generate(conn: Connection, llm, req: dict, loras: Loras, ledger: PromptLedger) -> bool:
     """Stream one answer; True when a "close" arrived meanwhile."""
     llama_cpp = llamacpp.llama_cpp_module()
+    loras.use(req.get("adapter"))
     prompt = list(req["prompt"])
     n_prompt = len(prompt)
     state = {"n": 0, "halted": False, "close": False}
-    llama_cpp.llama_perf_context_reset(llm.ctx)  # so that the report counts this prompt's evaluation alone
-    _held, head = cache.prepare(llm, prompt, int(req.get("keep_prefix", 0)))
+    ledger.begin(llm, prompt, int(req.get("keep_prefix", 0)), loras.active)
 
     def criterion(input_ids, _logits) -> bool:
         # input_ids: the prompt and every answer token but the one just sampled
         state["n"] = len(input_ids) - n_prompt + 1
         if state["n"] == 1:  # the prompt is evaluated (its logits gave this token): report it before any text
-            conn.send(("prompt", _prompt_report(llm, n_prompt, head, cache, totals), 0))
+            conn.send(("prompt", ledger.report(llm), 0))
         if not state["halted"] and conn.poll():
             kind = conn.recv()[0]
             state["halted"], state["close"] = kind in ("halt", "close"), kind == "close"
@@ -123,8 +144,12 @@ def _generate(conn: Connection, llm, req: dict, cache: PrefixCache, totals: Tota
     return state["close"]
 
 
-def serve(conn: Connection, llm) -> None:
-    cache, totals = PrefixCache(), Totals()
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def serve(conn: Connection, llm, loras: Loras) -> None:
+    ledger = PromptLedger()
     while True:
         try:
             msg = conn.recv()
@@ -133,14 +158,20 @@ def serve(conn: Connection, llm) -> None:
         kind = msg[0]
         if kind == "close":
             return
-        if kind == "generate":
-            try:
-                if _generate(conn, llm, msg[1], cache, totals):
-                    return
-            except (EOFError, OSError):
-                return  # the studio went away mid-answer
-            except (ValueError, RuntimeError, KeyError, TypeError) as e:
-                conn.send(("failed", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+        try:
+            if kind == "generate" and _generate(conn, llm, msg[1], loras, ledger):
+                return
+            if kind == "lora_load":
+                loras.load(msg[1], msg[2])
+                conn.send(("lora_loaded", msg[1]))
+            elif kind == "lora_free":
+                loras.free(msg[1])
+                ledger.cache.forget(msg[1])  # its heads were computed with its weights; a new file may take its name
+                conn.send(("lora_freed", msg[1]))
+        except (EOFError, OSError):
+            return  # the studio went away mid-answer
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            conn.send(("failed", _error_text(e)))
         # a "halt" that arrives after its answer ended has nothing to stop
 
 
@@ -151,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra-bufts", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a LoRA GGUF to load at start")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--n-ubatch", type=int, default=512)
     args = ap.parse_args(argv)
@@ -168,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                                   n_threads_batch=args.threads or devicemod.cpu_threads(),
                                   n_batch=args.n_batch, n_ubatch=args.n_ubatch,
                                   n_gpu_layers=-1 if offload else 0)
+        loras = Loras(llm)
+        for spec in args.lora:  # the adapters a restarted worker had
+            name, _, path = spec.partition("=")
+            loras.load(name, path)
     except (ValueError, RuntimeError, OSError) as e:
         conn.send(("error", str(e).splitlines()[0][:300] if str(e) else type(e).__name__))
         return 1
@@ -175,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(), "n_ctx": int(llm.n_ctx()), "n_tokens_max": len(llm.input_ids),
         "n_params": int(llama_cpp.llama_model_n_params(llm.model)), "offload": offload,
         "settings": settings.as_dict(), "load_seconds": round(time.time() - t0, 3)}))
-    serve(conn, llm)
+    serve(conn, llm, loras)
+    for name in list(loras.loaded):
+        loras.free(name)
     llm.close()
     return 0
 

@@ -138,21 +138,20 @@ def model_note(ctx: Context, name: str | None, adapter: str | None = None) -> st
 
 @ui_errors
 def choose_adapter(ctx: Context, model_name: str | None, value: str | None, progress=gr.Progress()):
-    """An Adapter menu choice: an attached adapter is used as it is; one on disk is attached to its base model,
-    which is loaded first when it is not (the embedded GGUF cannot take a LoRA adapter: its HF copy, prepared for
-    training, answers instead). Returns (model menu, adapter menu, adapter B menu, note)."""
+    """An Adapter menu choice: an attached adapter is used as it is; one on disk is attached to its base model - on
+    the GGUF that base was made from (the embedded default's), as a LoRA GGUF, when llama.cpp can take it; else on
+    the HF base with PEFT - loading that model first when it is not. Returns (model menu, adapter menu, adapter B
+    menu, note)."""
     if not (value or "").startswith(DISK):
         return gr.skip(), gr.skip(), gr.skip(), model_note(ctx, model_name, value)
     from pipelines.adapters import open_adapter  # noqa: PLC0415
 
-    progress(0.1, desc="Loading the adapter's base model…")
-    lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True)
+    progress(0.05, desc="Opening the adapter…")
+    lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True,
+                                  progress=lambda f, m: progress(f, desc=m))
     names = model_choices(ctx)
     menu = adapter_menu(ctx, lm.name)
-    said = f"Answering with **{lm.name}** + adapter **{name}**"
-    if note:
-        said += f" ({note}; a GGUF model cannot take a LoRA adapter, so its HF copy answers)" if model_name and \
-            model_name != lm.name else f" ({note})"
+    said = f"Answering with **{lm.name}** + adapter **{name}**" + (f" ({note})" if note else "")
     return (gr.update(choices=names, value=lm.name), gr.update(choices=menu, value=name),
             gr.update(choices=adapter_choices(ctx, lm.name)), said + ".")
 

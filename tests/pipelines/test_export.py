@@ -267,16 +267,25 @@ def test_validation_catches_truncated_and_wrong_template(exported, tmp_path):
 # ------------------------------------------------------------------------------------------------ safety
 
 
-def test_disk_space_refusal(workspace, tiny_llama_dir, tmp_path):
+def test_disk_space_refusal(workspace, spm_llama_dir, tmp_path):
     with pytest.raises(BadInput, match="Not enough disk space"):
         ex.disk_check(workspace, 270_000_000, ["f16"], ["Q4_K_M"], free_fn=lambda _p: 100 * 2**20)
     est = ex.disk_check(workspace, 1000, ["f16"], ["Q4_K_M", "Q8_0"], free_fn=lambda _p: 10**12)
     assert est["parts"] == {"merged HF": 4000, "f16": 2000, "Q4_K_M": 600, "Q8_0": 1070}
-    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    adapter = _make_adapter(spm_llama_dir, tmp_path / "adapter")
     with pytest.raises(BadInput, match="Not enough disk space"):
-        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="nospace", base_model=str(tiny_llama_dir)),
+        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="nospace", base_model=str(spm_llama_dir)),
                   free_fn=lambda _p: 10)
     assert not (workspace.exports / "nospace").exists()
+
+
+def test_a_tokenizer_the_converter_cannot_read_is_refused_before_work(workspace, tiny_llama_dir, tmp_path):
+    """conftest's tiny llama has a byte-level BPE whose pre-tokenizer is in no converter table: the export says so
+    before merging anything (it used to fail after the merge, in the converter)."""
+    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    with pytest.raises(BadInput, match="cannot be exported to GGUF: llama.cpp's converter does not recognise"):
+        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="notok", base_model=str(tiny_llama_dir)))
+    assert not (workspace.exports / "notok").exists()
 
 
 def _fake_converter(root: Path, body: str) -> Path:

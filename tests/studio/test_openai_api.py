@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from studio_helpers import launch, wait_loaded
+from tiny_models import make_adapter, text_only_copy
 
 from pipelines import chat, models
 from pipelines import device as devicemod
-from studio_helpers import launch, wait_loaded
-from tiny_models import make_adapter
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "Say hello to the studio."}]
@@ -173,22 +173,10 @@ def run_and_its_gguf(studio, spm_llama_dir, tmp_path_factory):
     the near ties of a random model."""
     import dataclasses
 
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
     from pipelines import export
     from pipelines.training import TrainConfig
 
-    # A random model writes stray bytes (<0xA3>...) that are no UTF-8, which the two libraries spell differently
-    # (transformers turns a run of bytes into U+FFFD, llama.cpp drops the bad ones): this one never picks a byte token
-    # (their output rows are zero, the others' logits are above zero somewhere), so the texts compare exactly.
-    base = tmp_path_factory.mktemp("spm-base") / "tiny-spm-llama"
-    shutil.copytree(spm_llama_dir, base)
-    tok = AutoTokenizer.from_pretrained(base)
-    byte_ids = [i for t, i in tok.get_vocab().items() if t.startswith("<0x")]
-    weights = load_file(base / "model.safetensors")
-    weights["lm_head.weight"][byte_ids] = 0.0
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    base = text_only_copy(spm_llama_dir, tmp_path_factory.mktemp("spm-base") / "tiny-spm-llama")
     ws = studio[1].ws
     run = ws.runs / "spm-run"
     run.mkdir()
