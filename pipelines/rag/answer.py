@@ -40,6 +40,21 @@ class RagTimings:
     prompt_tokens: int  # what the model reads before answering
     fixed_tokens: int  # of those, the head every question shares (instructions): kept evaluated where the model can
 
+    def summary(self, chunk: chat.ChatChunk | None = None) -> str:
+        """Where the wait before the first token went: the prompt's size, how much of it the model kept evaluated
+        and read (its own figures, from `chunk`, when the backend gives them), retrieval and prompt building."""
+        bits = [f"prompt {self.prompt_tokens:,} tokens"]
+        if chunk is not None and chunk.prompt_evaluated is not None:
+            reused = max(0, self.prompt_tokens - chunk.prompt_evaluated)
+            read = f"{chunk.prompt_evaluated:,} read by the model"
+            if chunk.prompt_eval_s:
+                read += f" in {chunk.prompt_eval_s:.2f} s ({chunk.prompt_evaluated / chunk.prompt_eval_s:.0f} tokens/s)"
+            bits.append((f"{reused:,} kept evaluated from the last question, " if reused else "") + read)
+        elif chunk is None:
+            bits.append("the model is reading it…")
+        bits += [f"retrieval {1000 * self.retrieval_s:.0f} ms", f"building the prompt {1000 * self.prompt_s:.0f} ms"]
+        return " · ".join(bits)
+
 
 @dataclass
 class RagEvent:

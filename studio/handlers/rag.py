@@ -78,6 +78,17 @@ def try_sample(ctx: Context):
             f"Adding the sample guide (4 pages) to **{SAMPLE_KB}**; then ask it, e.g. *What does Q4_K_M keep?*", job)
 
 
+def warm(ctx: Context, name: str | None) -> None:
+    """Load the picked knowledge base's embedder and indexes now, so that its first question does not wait for
+    them; a knowledge base that cannot be opened says so when it is used."""
+    if not (name or "").strip():
+        return
+    try:
+        rag.warm(_kb(ctx, name))
+    except MacTunerError:
+        return  # deleted meanwhile, damaged, or its embedder folder gone: asking says which, clearly
+
+
 def documents(ctx: Context, name: str | None):
     """(documents table, document picker) of a knowledge base."""
     if not name:
@@ -225,28 +236,10 @@ def _citation_choices(passages: list[rag.Passage], cited: list[int]) -> list[str
     return [f"[{i}] {passages[i - 1].where}" for i in cited] or [f"[{i}] {p.where}" for i, p in enumerate(passages, 1)]
 
 
-def prompt_cost(timings: rag.RagTimings | None, ch: chat.ChatChunk | None) -> str:
-    """Where the wait before the first token went: retrieval, building the prompt, and the model reading it (with
-    how much of it the model kept evaluated from the last question, in its own figures when it gives them)."""
-    if timings is None:
-        return ""
-    bits = [f"prompt {timings.prompt_tokens:,} tokens"]
-    if ch is not None and ch.prompt_evaluated is not None:
-        reused = max(0, timings.prompt_tokens - ch.prompt_evaluated)
-        read = f"{ch.prompt_evaluated:,} read by the model"
-        if ch.prompt_eval_s:
-            read += f" in {ch.prompt_eval_s:.2f} s ({ch.prompt_evaluated / ch.prompt_eval_s:.0f} tokens/s)"
-        bits.append((f"{reused:,} kept evaluated from the last question, " if reused else "") + read)
-    elif ch is None:
-        bits.append("the model is reading it…")
-    bits += [f"retrieval {1000 * timings.retrieval_s:.0f} ms", f"building the prompt {1000 * timings.prompt_s:.0f} ms"]
-    return " · ".join(bits)
-
-
 def _answer_status(lm, ev: rag.RagEvent) -> str:
     head = _speed(ev.chunk, lm.name) if ev.chunk is not None else f"**{lm.name}** · {len(ev.passages)} passages"
-    return "\n\n".join(x for x in (head, prompt_cost(ev.timings, ev.chunk), f"ℹ️ {ev.note}" if ev.note else "")
-                       if x)
+    cost = ev.timings.summary(ev.chunk) if ev.timings else ""
+    return "\n\n".join(x for x in (head, cost, f"ℹ️ {ev.note}" if ev.note else "") if x)
 
 
 @ui_errors

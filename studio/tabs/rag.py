@@ -101,6 +101,9 @@ def build(ctx: h.Context) -> dict:
     kb_out = [kb, kbs, msg]
     create_btn.click(h.bind(hr.create, ctx), [new_name, new_emb, size, overlap], kb_out, api_name="rag_create")
     kb.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
+    # its first question should not wait for the embedder's load: done while the question is typed
+    kb.change(h.bind(hr.warm, ctx), kb, None, api_visibility="private", show_progress="hidden",
+              trigger_mode="always_last")
     sample_btn.click(h.bind(hr.try_sample, ctx), None, [kb, kbs, msg, job], api_name="rag_try_sample")
     refresh.click(lambda n: (gr.update(choices=hr.kb_names(ctx)), hr.kbs_table(ctx), *hr.documents(ctx, n)), kb,
                   [kb, kbs, docs, doc], api_visibility="private")

@@ -59,6 +59,8 @@ def test_rag_through_gradio_client(tmp_path_factory, tmp_path):
         assert "kept evaluated from the last question" in cost and "s to read at" in cost
         assert hr.estimate(ctx, "", "x", None, 3, *sampling) == ""  # no knowledge base chosen yet: nothing to say
         assert "top-k" in hr.estimate(ctx, "api-kb", "x", None, 0, *sampling)
+        hr.warm(ctx, "api-kb")  # what picking it in the tab does: its embedder and indexes loaded ahead
+        hr.warm(ctx, "nope")  # a knowledge base that cannot be opened: nothing to load, and no error yet
         page = passages["headers"].index("page")
         assert passages["data"][0][page] == 2
         _table, _fig, note = c.predict("api-kb", 10, None, api_name="/rag_evaluate")
