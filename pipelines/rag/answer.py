@@ -3,11 +3,12 @@ model's own tokenizer), and stream the answer with numbered citations [1] [2] th
 passage is similar enough to the question (below the threshold), say so instead of answering from nothing.
 
 What a question costs is mostly the prompt the model reads before its first token: the instructions, the passages
-and the question. The passages that fit are chosen before anything is evaluated (a passage that does not fit is left
-out whole, with a note, and never reaches the model), the prompt is built once, and the instructions - the head every
-question shares - are marked for the model to keep evaluated (a GGUF worker's prefix cache), so a later question
-evaluates only its passages and itself. The first event says what the prompt holds and what retrieval and building
-it took (`timings`); the chunks carry the model's own prompt-evaluation figures.
+and the question. The passages that fit are chosen before anything is evaluated (those that do not fit are left out,
+with a note, and never reach the model; when not even the first fits, as much of it as does), the prompt is built
+once, and the instructions - the head every question shares - are marked for the model to keep evaluated (a GGUF
+worker's prefix cache), so a later question evaluates only its passages and itself. The first event says what the
+prompt holds and what retrieval and building it took (`timings`); the chunks carry the model's own
+prompt-evaluation figures.
 
     for ev in stream_answer(lm, kb, "How do I reset the device?", ChatParams(), top_k=5):
         ev.chunk (a ChatChunk while streaming) / ev.passages / ev.citations / ev.refused / ev.note / ev.timings
@@ -129,10 +130,7 @@ def fit_passages(lm, question: str, passages: list[Passage], params: chat.ChatPa
 def shared_head(lm, question: str, prompt: chat.RenderedPrompt, params: chat.ChatParams) -> int:
     """How many leading tokens of `prompt` every question shares (the template's opening, the system prompt and the
     instructions): the common start of `prompt` and the same prompt without passages."""
-    try:
-        bare = prompt_with(lm, question, [], params)
-    except BadInput:
-        return 0
+    bare = prompt_with(lm, question, [], params)
     if bare is None:
         return 0
     n = 0

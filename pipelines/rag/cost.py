@@ -20,7 +20,8 @@ from .store import KB
 
 SAMPLE = 24  # passages tokenized to learn a knowledge base's passage size in the model's tokens
 MIN_RATE_TOKENS = 32  # a measured prompt shorter than this says little about the model's reading speed
-_SIZES: dict[tuple, tuple[float, int, Passage | None]] = {}  # see _passage_size
+_SIZES: dict[tuple, tuple[float, int]] = {}  # see _passage_size
+PROBE = Passage(0, 0, 0.0, 0.0, "a", 1, 0, 1, None, "a")  # a passage as short as they come
 _SIZES_MAX = 32
 _SIZES_LOCK = threading.Lock()
 
@@ -56,9 +57,9 @@ class CostEstimate:
         return text
 
 
-def _passage_size(lm, kb: KB) -> tuple[float, int, Passage | None]:
-    """(model tokens per passage in the prompt, chunks in the knowledge base, one passage of it), learned from up to
-    SAMPLE passages spread over the knowledge base, once per generation of it and model."""
+def _passage_size(lm, kb: KB) -> tuple[float, int]:
+    """(model tokens per passage in the prompt, chunks in the knowledge base), learned from up to SAMPLE passages
+    spread over the knowledge base, once per generation of it and model."""
     generation = kb.meta().get("generation")
     key = (str(kb.path), generation, lm.model_path, lm.loaded_at)
     with _SIZES_LOCK:
@@ -71,7 +72,7 @@ def _passage_size(lm, kb: KB) -> tuple[float, int, Passage | None]:
     sample = [Passage(0, cid, 0.0, 0.0, name, page, 0, 0, None, text) for cid, name, page, text in rows]
     # "\n\n" joins passages in the prompt: counted with each
     per = sum(len(chat.tokenize(lm, passages_text([p]) + "\n\n")) for p in sample) / len(sample) if sample else 0.0
-    out = (per, n, sample[0] if sample else None)
+    out = (per, n)
     with _SIZES_LOCK:
         if len(_SIZES) >= _SIZES_MAX:
             _SIZES.pop(next(iter(_SIZES)))
@@ -101,9 +102,9 @@ def estimate(lm, kb: KB, question: str, top_k: int = 5, params: chat.ChatParams 
     if bare is None:
         raise chat.ContextTooLong(f"This question leaves no room for passages in {lm.name}'s context window "
                                   f"({chat.context_window(lm)} tokens): shorten it or lower max new tokens.")
-    per, n_chunks, one = _passage_size(lm, kb)
-    with_one = prompt_with(lm, q, [one], params) if one is not None else None
-    fixed = shared_head(lm, q, with_one, params) if with_one is not None else 0
+    per, n_chunks = _passage_size(lm, kb)
+    probe = prompt_with(lm, q, [PROBE], params)  # where passages begin: the end of the shared head
+    fixed = shared_head(lm, q, probe, params) if probe is not None else 0
     reserve = min(params.max_new_tokens, bare.context_window // 2) + lm.backend.context_margin
     room = bare.context_window - reserve - len(bare.token_ids)
     fits = top_k if per <= 0 else max(0, math.floor(room / per))
