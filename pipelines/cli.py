@@ -391,6 +391,8 @@ def _add_rag(sub) -> None:
                     print(ev.chunk.text, end="", flush=True)
                     last = ev
             print()
+            if last is not None:  # where the wait went, and the passages left out
+                print(last.timings.summary(last.chunk) + (f"\n{last.note}" if last.note else ""), file=sys.stderr)
             for i, p in enumerate(last.passages if last else [], 1):
                 mark = "*" if i in last.citations else " "
                 print(f"{mark}[{i}] {p.file}, page {p.page} (similarity {p.similarity:.2f})", file=sys.stderr)

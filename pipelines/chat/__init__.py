@@ -31,7 +31,8 @@ the same prompt after the same kind of predecessor.
 
     params.py        ChatParams (the settings, with the ranges the Chat tab's widgets come from), ChatChunk, ...
     prompt.py        chat_template_of, normalize_messages, build_prompt (trimming), raw_prompt, tokenize
-    stream.py        stream_chat, stream_completion, chat, compare (two answers side by side)
+    stream.py        stream_chat, stream_completion, stream_rendered (a prompt built already), chat, compare (two
+                     answers side by side)
     conversation.py  export_conversation / import_conversation (JSON)
 Templates are rendered by pipelines.templates; LoRA adapters are pipelines.adapters'.
 
@@ -54,7 +55,7 @@ from .params import (
                      RenderedPrompt,
 )
 from .prompt import build_prompt, chat_template_of, context_window, normalize_messages, raw_prompt, tokenize
-from .stream import _hold_back, chat, compare, model_lock, stream_chat, stream_completion
+from .stream import _hold_back, chat, compare, model_lock, stream_chat, stream_completion, stream_rendered
 
 __all__ = ["AdapterInfo", "CONVERSATION_FORMAT", "ChatChunk", "ChatParams", "ChatResult", "ContextTooLong",
            "END_OF_TURN_TOKENS", "FINISH_REASONS", "LLAMA_UTF8_MARGIN", "MAX_IMPORT_BYTES", "MAX_TEMPLATE_OUTPUT",
@@ -62,4 +63,4 @@ __all__ = ["AdapterInfo", "CONVERSATION_FORMAT", "ChatChunk", "ChatParams", "Cha
            "attach_adapter", "build_prompt", "chat", "chat_template_of", "compare", "context_window",
            "detach_adapter", "export_conversation", "import_conversation", "inspect_adapter", "list_adapters",
            "model_lock", "normalize_messages", "open_adapter", "raw_prompt", "render_template", "stream_chat",
-           "stream_completion", "tokenize"]
+           "stream_completion", "stream_rendered", "tokenize"]

@@ -155,6 +155,11 @@ class ChatChunk:
         "help": "Something the user should know (history trimmed, answer shortened, waiting for another chat). "
                 "The last chunk repeats every note of the answer."})
     seed: int | None = field(default=None, metadata={"label": "Seed (-1 = random; the seed used is shown under the answer)","help": "The seed used (None when greedy)."})
+    prompt_evaluated: int | None = field(default=None, metadata={
+        "help": "Prompt tokens the model computed for this answer; the others were reused from its KV cache (None: "
+                "the backend does not say)."})
+    prompt_eval_s: float | None = field(default=None, metadata={
+        "help": "Seconds the model itself spent evaluating the prompt (llama.cpp's own timing; None: not measured)."})
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -188,3 +193,4 @@ class RenderedPrompt:
     stop: list[str]  # params.stop plus the template's own
     template_source: str
     notes: list[str] = field(default_factory=list)
+    keep_prefix: int = 0  # leading tokens later prompts will share: worth keeping evaluated (Generation.keep_prefix)

@@ -13,7 +13,7 @@ import time
 from typing import Iterator
 
 from ..models import LoadedModel
-from ..serving.backend import Delta, Generation, ModelBackend
+from ..serving.backend import Delta, Generation, ModelBackend, PromptEval
 from .params import ChatChunk, ChatParams, ChatResult, RenderedPrompt
 from .prompt import _check_loaded, build_prompt, raw_prompt
 
@@ -33,10 +33,14 @@ class _Answer:
         self.n_tokens = 0
         self.t_first: float | None = None  # perf_counter of the first answer token
         self.finish: str | None = None  # "stop" | "length" from the backend
+        self.prompt_eval: PromptEval | None = None  # the backend's own figures for the prompt
 
     def took(self, delta: Delta) -> None:
         if delta.note:  # the backend said something on the way (a restarted model process)
             self.notes.append(delta.note)
+            return
+        if delta.prompt is not None:
+            self.prompt_eval = delta.prompt
             return
         if self.t_first is None:
             self.t_first = time.perf_counter()
@@ -48,10 +52,12 @@ class _Answer:
         tps = None
         if self.t_first is not None and self.n_tokens > 1 and now > self.t_first:
             tps = (self.n_tokens - 1) / (now - self.t_first)
+        pe = self.prompt_eval
         return ChatChunk(text=text, n_tokens=self.n_tokens, prompt_tokens=self.n_prompt,
                          ttft_s=(self.t_first - self.t0) if self.t_first is not None else None, tokens_per_s=tps,
                          elapsed_s=now - self.t0, finish_reason=finish,
-                         note=("; ".join(self.notes) or None) if finish else note, seed=self.seed)
+                         note=("; ".join(self.notes) or None) if finish else note, seed=self.seed,
+                         prompt_evaluated=pe.evaluated if pe else None, prompt_eval_s=pe.seconds if pe else None)
 
 
 def _hold_back(text: str, stops: list[str]) -> int:
@@ -87,6 +93,15 @@ def stream_completion(lm: LoadedModel, text: str, params: ChatParams | None = No
     yield from _drive(lm, raw_prompt(lm, text, p), p, stop or threading.Event(), t0)
 
 
+def stream_rendered(lm: LoadedModel, prompt: RenderedPrompt, params: ChatParams | None = None,
+                    stop: threading.Event | None = None) -> Iterator[ChatChunk]:
+    """Answer a prompt `build_prompt` made (with the same params), without rendering it again - for a caller that
+    built it to measure or fit it (RAG); otherwise as `stream_chat`."""
+    t0 = time.perf_counter()
+    p = _checked(lm, params)
+    yield from _drive(lm, prompt, p, stop or threading.Event(), t0)
+
+
 def _checked(lm: LoadedModel, params: ChatParams | None) -> ChatParams:
     _check_loaded(lm)
     p = (params or ChatParams()).validated()
@@ -98,7 +113,7 @@ def _generation(prompt: RenderedPrompt, p: ChatParams, seed: int) -> Generation:
     return Generation(token_ids=prompt.token_ids, max_new_tokens=prompt.max_new_tokens, temperature=p.temperature,
                       top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                       frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, seed=seed,
-                      adapter=p.adapter)
+                      adapter=p.adapter, keep_prefix=prompt.keep_prefix)
 
 
 def _drive(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, stop: threading.Event,

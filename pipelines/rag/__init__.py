@@ -7,8 +7,11 @@
     embed.py     sentence-transformers embeddings (the bundled all-MiniLM-L6-v2 by default), normalised, batched
     index.py     FAISS (exact, or HNSW when large), BM25 keywords (bm25s), reciprocal rank fusion
     ingestion.py documents -> chunks -> vectors, one document per transaction; the ingest job
-    retrieve.py  search(): ranked passages with scores and origin (vector, keyword or hybrid)
-    answer.py    stream_answer(): passages fitted to the model's context window, cited answers, "nothing relevant"
+    retrieve.py  search(): ranked passages with scores and origin (vector, keyword or hybrid); warm(): the
+                 embedder and indexes loaded ahead of the first question
+    answer.py    stream_answer(): passages fitted to the model's context window, cited answers, "nothing relevant",
+                 where the wait before the first token went (RagTimings)
+    cost.py      estimate(): what a question will cost (prompt tokens, seconds to read them) before it is asked
     evaluation.py hit@1 / hit@5 / MRR per search mode on an automatic or a user's evaluation set
 
     from pipelines import rag
@@ -17,12 +20,13 @@
     rag.search(kb, "how do I reset it?")
 """
 
-from .answer import THRESHOLD, RagEvent, fit_passages, stream_answer
+from .answer import THRESHOLD, RagEvent, RagTimings, fit_passages, stream_answer
+from .cost import CostEstimate, estimate
 from .evaluation import Question, auto_questions, evaluate, questions_from_csv
 from .ingestion import IngestReport, ingest, rebuild
-from .retrieve import MODES, Passage, search
+from .retrieve import MODES, Passage, search, warm
 from .store import KB, DamagedKB, create, delete, list_kbs, open_kb, remove_documents
 
-__all__ = ["KB", "MODES", "THRESHOLD", "DamagedKB", "IngestReport", "Passage", "Question", "RagEvent",
-           "auto_questions", "create", "delete", "evaluate", "fit_passages", "ingest", "list_kbs", "open_kb",
-           "questions_from_csv", "rebuild", "remove_documents", "search", "stream_answer"]
+__all__ = ["KB", "MODES", "THRESHOLD", "CostEstimate", "DamagedKB", "IngestReport", "Passage", "Question", "RagEvent",
+           "RagTimings", "auto_questions", "create", "delete", "estimate", "evaluate", "fit_passages", "ingest", "list_kbs", "open_kb",
+           "questions_from_csv", "rebuild", "remove_documents", "search", "stream_answer", "warm"]

@@ -106,6 +106,17 @@ def search(kb: KB, query: str, top_k: int = 5, mode: str = "hybrid") -> list[Pas
     return out
 
 
+def warm(kb: KB) -> None:
+    """Load what the first search of `kb` waits for - its embedder (the model, and the first encode's one-time
+    costs) and its indexes - ahead of it: the RAG tab does when a knowledge base is picked, so that the first
+    question pays for retrieval only (the embedder's load alone took seconds here)."""
+    with kb.db() as con:
+        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta WHERE key IN "
+                                                          "('embedder', 'generation', 'uid')")}
+    index.load(kb, int(meta.get("generation", 0)), meta.get("uid"))
+    embedder(meta.get("embedder")).encode(["warm-up"])
+
+
 def timed_search(kb: KB, query: str, top_k: int = 5, mode: str = "hybrid") -> tuple[list[Passage], float]:
     t0 = time.perf_counter()
     res = search(kb, query, top_k, mode)

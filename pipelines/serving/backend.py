@@ -21,6 +21,7 @@ What every backend answers (the abstract methods must be written; the rest is sh
     inspect_adapter, attach_adapter, detach_adapter, check_adapter, adapters
                                         LoRA adapters: checked against the model, attached, chosen per answer
     shape(), describe()                 the memory estimate's view; extra facts for the Model tab
+    keeps_prefix, last_prompt()         whether Generation.keep_prefix is honoured; the latest prompt's PromptEval
     close()                             free the weights (a worker process ends)
 
 The caller serializes: `stream`, `attach_adapter`, `detach_adapter` and `close` are called with the LoadedModel's
@@ -53,6 +54,9 @@ class Generation:
     repetition_penalty: float
     seed: int
     adapter: str | None = None  # an attached adapter's name; None: the base model
+    # Leading prompt tokens that later prompts will share (a RAG answer's instructions): a backend that can keep
+    # their evaluated state (the GGUF worker's prefix cache) does, so those prompts evaluate only the rest.
+    keep_prefix: int = 0
     # The penalties work as llama.cpp's penalties sampler does, on every backend: over the last PENALTY_WINDOW tokens
     # of the answer (not the prompt), a token's logit is divided by repetition_penalty (multiplied when negative),
     # then less count x frequency_penalty, less presence_penalty; before any other sampling step. A backend that
@@ -65,6 +69,16 @@ PENALTY_WINDOW = 64  # answer tokens the penalties look at (llama-cpp-python's l
 
 
 @dataclass(frozen=True)
+class PromptEval:
+    """How a backend evaluated an answer's prompt, in its own figures (llama.cpp's perf counters)."""
+
+    tokens: int  # in the prompt
+    evaluated: int  # computed for this answer; the rest came from kept state (the KV cache)
+    seconds: float  # the backend's own time for evaluating them
+    counters: dict  # the model process's cumulative counters (answers, tokens evaluated, prefix cache)
+
+
+@dataclass(frozen=True)
 class Delta:
     """One step of a backend's stream. The last one of an answer that ended by itself has `finish` set ("stop": end
     of generation, "length": max_new_tokens); a halted answer just ends (the caller knows it halted)."""
@@ -73,6 +87,7 @@ class Delta:
     n_tokens: int = 0  # answer tokens so far (end-of-generation tokens not counted)
     finish: str | None = None
     note: str | None = None  # something the user should know (the model process was restarted before answering)
+    prompt: PromptEval | None = None  # once, before the first text, from a backend that measures it
 
 
 Halted = Callable[[], bool]  # polled by a stream: once true, the answer ends after the current token
@@ -90,6 +105,7 @@ class ModelBackend(abc.ABC):
 
     kind: str = "?"
     context_margin: int = 0
+    keeps_prefix: bool = False  # honours Generation.keep_prefix (keeps the evaluated state of prompt heads)
 
     def __init__(self):
         self.adapters: dict = {}  # name -> adapters.AdapterInfo, in the order they were attached
@@ -168,6 +184,10 @@ class ModelBackend(abc.ABC):
     def describe(self) -> dict:
         """Extra facts for the Model tab and /api/model/current (a worker's state, say)."""
         return {}
+
+    def last_prompt(self) -> PromptEval | None:
+        """How the latest answer's prompt was evaluated, from a backend that measures it (else None)."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None: ...

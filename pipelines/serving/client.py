@@ -11,6 +11,7 @@ alone, and `close()` frees them with the process.
         ...
     w.load_lora("my-run", "my-run-lora.gguf")     # a LoRA GGUF beside the base (kept across restarts)
     w.generate(ids, ..., adapter="my-run")        # answered with it; adapter=None: the bare base
+    w.last_prompt                                 # the worker's report on the latest prompt it read (see worker.py)
     w.close()
 """
 
@@ -58,10 +59,13 @@ class GGUFWorker:
     """One GGUF model served by a worker process; restarted when it dies unexpectedly."""
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, threads: int = 0,
-                 settings: llamacpp.LlamaSettings | None = None, name: str | None = None):
+                 settings: llamacpp.LlamaSettings | None = None, name: str | None = None,
+                 batch: llamacpp.PromptBatch | None = None):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.n_ctx, self.threads = n_ctx, threads
+        self.batch = batch or llamacpp.PromptBatch()
+        self.last_prompt: dict | None = None  # the worker's report on the latest prompt it evaluated
         self.settings = settings or llamacpp.choose()
         self.info: dict = {}
         self.loras: dict[str, str] = {}  # name -> LoRA GGUF path, loaded again by a restarted worker
@@ -97,7 +101,8 @@ class GGUFWorker:
         mine, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "pipelines.serving.worker", "--fd", str(theirs.fileno()), "--model",
                str(self.path), "--n-ctx", str(self.n_ctx), "--threads", str(self.threads),
-               "--extra-bufts", "on" if self.settings.extra_bufts else "off"]
+               "--extra-bufts", "on" if self.settings.extra_bufts else "off",
+               "--n-batch", str(self.batch.n_batch), "--n-ubatch", str(self.batch.n_ubatch)]
         cmd += [arg for name, path in self.loras.items() for arg in ("--lora", f"{name}={path}")]
         try:
             proc = subprocess.Popen(cmd, cwd=procs.PROJECT_ROOT, env=procs.child_env(), stdin=subprocess.DEVNULL,
@@ -166,7 +171,7 @@ class GGUFWorker:
         """For the UI and /api: state, pid, settings, restarts, the last crash."""
         return {"state": self.state, "pid": self.pid, "extra_bufts": self.settings.extra_bufts,
                 "settings_reason": self.settings.reason, "restarts": len(self.crashes),
-                "last_crash": self.crashes[-1] if self.crashes else None}
+                "last_crash": self.crashes[-1] if self.crashes else None, "last_prompt": self.last_prompt}
 
     def crash_message(self, code: int | None) -> str:
         again = ("it is being reloaded" + (" with llama.cpp's extra buffer types off" if not self.settings.extra_bufts
@@ -189,16 +194,18 @@ class GGUFWorker:
 
     def generate(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
                  min_p: float, repeat_penalty: float, seed: int, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, adapter: str | None = None,
+                 presence_penalty: float = 0.0, adapter: str | None = None, keep_prefix: int = 0,
                  halted: Callable[[], bool] = lambda: False) -> Iterator[tuple]:
-        """Stream one answer: ("text", delta, n_tokens) items, then ("end", finish_reason, n_tokens).
+        """Stream one answer: ("text", delta, n_tokens) items, then ("end", finish_reason, n_tokens); the worker's
+        report on the prompt becomes `last_prompt` before the first text. `keep_prefix`: leading prompt tokens worth
+        keeping evaluated for later prompts (see worker.py).
         `halted()` is polled: once true the worker is told to stop (finish_reason "stopped"). Leaving the loop
         early also stops it. ModelCrashed when the worker dies after the answer began; a worker that died before
         it gave anything (killed while idle, or crashing on the first token) is waited for and asked once more,
         and a ("note", message, 0) item says so."""
         req = dict(prompt=list(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                   presence_penalty=presence_penalty, seed=seed, adapter=adapter)
+                   presence_penalty=presence_penalty, seed=seed, adapter=adapter, keep_prefix=keep_prefix)
         for attempt in (1, 2):
             self.wait_ready()
             got = []
@@ -224,6 +231,9 @@ class GGUFWorker:
                     if not conn.poll(0.05):
                         continue
                     msg = conn.recv()
+                    if msg[0] == "prompt":  # a report for last_prompt, not a part of the answer
+                        self.last_prompt = msg[1]
+                        continue
                     got.append(msg[0])
                     if msg[0] == "failed":
                         ended = True

@@ -12,7 +12,7 @@ from typing import Iterator
 from .. import device as devicemod
 from ..chat.params import LLAMA_UTF8_MARGIN
 from ..errors import BadInput, NotFound
-from .backend import Delta, Generation, Halted, ModelBackend
+from .backend import Delta, Generation, Halted, ModelBackend, PromptEval
 from .client import GGUFWorker
 from .lora import AdapterInfo
 
@@ -25,6 +25,7 @@ class GGUFBackend(ModelBackend):
     """A GGUF served by a worker process (see the module docstring)."""
 
     kind = "llama.cpp"
+    keeps_prefix = True  # the worker's prefix cache (prefix_cache.py)
     context_margin = LLAMA_UTF8_MARGIN  # llama-cpp-python may run up to 3 tokens past max_tokens (a UTF-8 character)
 
     def __init__(self, worker: GGUFWorker):
@@ -94,13 +95,18 @@ class GGUFBackend(ModelBackend):
         `halted()`; the stream is also left as soon as it is. The worker switches to the generation's adapter."""
         g = generation
         self.check_adapter(g.adapter)
+        earlier = self.worker.last_prompt  # the report on this answer's prompt replaces it before the first text
         items = self.worker.generate(g.token_ids, max_tokens=g.max_new_tokens, temperature=g.temperature,
                                      top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                                      repeat_penalty=g.repetition_penalty, frequency_penalty=g.frequency_penalty,
                                      presence_penalty=g.presence_penalty, seed=g.seed, adapter=g.adapter,
+                                     keep_prefix=g.keep_prefix,
                                      halted=halted)
         try:
             for kind, value, n_tokens in items:
+                if self.worker.last_prompt is not earlier:  # llama.cpp's own figures for the prompt (worker.py)
+                    earlier = self.worker.last_prompt
+                    yield Delta(prompt=self.last_prompt())
                 if kind == "note":  # the worker had died before answering and was restarted
                     yield Delta(note=value)
                 elif kind == "end":  # "stopped" is the caller's to report (its own stop, or a stop string)
@@ -156,6 +162,10 @@ class GGUFBackend(ModelBackend):
 
     def describe(self) -> dict:
         return {"worker": self.worker.status()}  # its process, as it is now
+
+    def last_prompt(self) -> PromptEval | None:
+        r = self.worker.last_prompt
+        return PromptEval(r["tokens"], r["evaluated"], r["eval_ms"] / 1000, r["counters"]) if r else None
 
     def close(self) -> None:
         self.worker.close()

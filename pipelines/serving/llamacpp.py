@@ -83,6 +83,15 @@ def choose(cpu_flags: set[str] | None = None, features: dict[str, str] | None = 
 SAFE = LlamaSettings(False, "extra buffer types off after a native crash of the model process")
 
 
+@dataclass(frozen=True)
+class PromptBatch:
+    """How llama.cpp evaluates a prompt: up to n_batch tokens per decode call, computed n_ubatch at a time
+    (bench/rag.py part e measures the choices against llama-cpp-python's defaults, 512 and 512)."""
+
+    n_batch: int = 512
+    n_ubatch: int = 512
+
+
 @contextlib.contextmanager
 def model_params(settings: LlamaSettings):
     """While inside, every Llama(...) loads with `settings` (llama-cpp-python takes no use_extra_bufts argument:

@@ -1,7 +1,7 @@
 """The GGUF worker process: loads one model with llama.cpp and answers the studio over an inherited socket.
 
     python -m pipelines.serving.worker --fd N --model PATH [--n-ctx 4096] [--threads T] [--extra-bufts auto|on|off]
-                                       [--lora NAME=PATH ...]
+                                       [--lora NAME=PATH ...] [--n-batch 512] [--n-ubatch 512]
 
 Started by `client.GGUFWorker` (never by hand: `--fd` is one end of a socket pair the studio made). Messages are
 tuples sent with multiprocessing's Connection (the studio is the only peer). The worker speaks first:
@@ -10,7 +10,12 @@ tuples sent with multiprocessing's Connection (the studio is the only peer). The
                                           "load_seconds"}
     -> ("error", message)                 the file could not be loaded (then it exits 1)
     <- ("generate", {"prompt": [ids], "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                     "frequency_penalty", "presence_penalty", "seed", "adapter": NAME or None})
+                     "frequency_penalty", "presence_penalty", "seed", "adapter": NAME or None, "keep_prefix"})
+                                          keep_prefix: leading prompt tokens later prompts will share (a RAG
+                                          answer's instructions): their evaluated state is kept (prefix_cache)
+    -> ("prompt", info, 0)                once the prompt is evaluated, before the first text: {"tokens",
+                                          "evaluated", "eval_ms" (llama.cpp's own prompt timings), "head"
+                                          ("restored" | "saved" | None), "counters" (this worker's, cumulative)}
     -> ("text", delta, n_tokens) ...      as tokens are sampled
     -> ("end", finish_reason, n_tokens)   "stop" (end of generation), "length" (max_tokens) or "stopped"
     -> ("failed", message)                instead of "end" when llama.cpp raised
@@ -44,6 +49,7 @@ from pathlib import Path
 from .. import device as devicemod
 from . import llamacpp
 from .backend import PENALTY_WINDOW
+from .prefix_cache import PromptLedger
 
 
 def _settings(choice: str) -> llamacpp.LlamaSettings:
@@ -93,17 +99,20 @@ class Loras:
             llamacpp.llama_cpp_module().llama_adapter_lora_free(handle)
 
 
-def _generate(conn: Connection, llm, req: dict, loras: Loras) -> bool:
+def _generate(conn: Connection, llm, req: dict, loras: Loras, ledger: PromptLedger) -> bool:
     """Stream one answer; True when a "close" arrived meanwhile."""
     llama_cpp = llamacpp.llama_cpp_module()
     loras.use(req.get("adapter"))
     prompt = list(req["prompt"])
     n_prompt = len(prompt)
     state = {"n": 0, "halted": False, "close": False}
+    ledger.begin(llm, prompt, int(req.get("keep_prefix", 0)), loras.active)
 
     def criterion(input_ids, _logits) -> bool:
         # input_ids: the prompt and every answer token but the one just sampled
         state["n"] = len(input_ids) - n_prompt + 1
+        if state["n"] == 1:  # the prompt is evaluated (its logits gave this token): report it before any text
+            conn.send(("prompt", ledger.report(llm), 0))
         if not state["halted"] and conn.poll():
             kind = conn.recv()[0]
             state["halted"], state["close"] = kind in ("halt", "close"), kind == "close"
@@ -140,6 +149,7 @@ def _error_text(e: BaseException) -> str:
 
 
 def serve(conn: Connection, llm, loras: Loras) -> None:
+    ledger = PromptLedger()
     while True:
         try:
             msg = conn.recv()
@@ -149,13 +159,14 @@ def serve(conn: Connection, llm, loras: Loras) -> None:
         if kind == "close":
             return
         try:
-            if kind == "generate" and _generate(conn, llm, msg[1], loras):
+            if kind == "generate" and _generate(conn, llm, msg[1], loras, ledger):
                 return
             if kind == "lora_load":
                 loras.load(msg[1], msg[2])
                 conn.send(("lora_loaded", msg[1]))
             elif kind == "lora_free":
                 loras.free(msg[1])
+                ledger.cache.forget(msg[1])  # its heads were computed with its weights; a new file may take its name
                 conn.send(("lora_freed", msg[1]))
         except (EOFError, OSError):
             return  # the studio went away mid-answer
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra-bufts", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a LoRA GGUF to load at start")
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-ubatch", type=int, default=512)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the studio's terminal is the studio's to handle
     conn = Connection(args.fd)
@@ -182,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = llamacpp.open_llama(args.model, settings, n_ctx=args.n_ctx, last_n_tokens_size=PENALTY_WINDOW,
                                   n_threads=args.threads or devicemod.cpu_threads(),
+                                  # prompts are evaluated with as many threads as answers (llama-cpp-python's own
+                                  # default is every logical CPU, hyper-threads included)
+                                  n_threads_batch=args.threads or devicemod.cpu_threads(),
+                                  n_batch=args.n_batch, n_ubatch=args.n_ubatch,
                                   n_gpu_layers=-1 if offload else 0)
         loras = Loras(llm)
         for spec in args.lora:  # the adapters a restarted worker had

@@ -14,7 +14,8 @@ import pandas as pd
 
 from pipelines import chat, rag
 from pipelines import follow as pfollow
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, MacTunerError
+from pipelines.rag import cost as rcost
 from pipelines.rag import ingestion as ringest
 from pipelines.rag.evaluation import figure as eval_figure
 from pipelines.rag.extract import kind_of
@@ -75,6 +76,17 @@ def try_sample(ctx: Context):
     job = ringest.start(ctx.ws, SAMPLE_KB, _incoming(ctx, [str(SAMPLE)]))
     return (gr.update(choices=kb_names(ctx), value=SAMPLE_KB), kbs_table(ctx),
             f"Adding the sample guide (4 pages) to **{SAMPLE_KB}**; then ask it, e.g. *What does Q4_K_M keep?*", job)
+
+
+def warm(ctx: Context, name: str | None) -> None:
+    """Load the picked knowledge base's embedder and indexes now, so that its first question does not wait for
+    them; a knowledge base that cannot be opened says so when it is used."""
+    if not (name or "").strip():
+        return
+    try:
+        rag.warm(_kb(ctx, name))
+    except MacTunerError:
+        return  # deleted meanwhile, damaged, or its embedder folder gone: asking says which, clearly
 
 
 def documents(ctx: Context, name: str | None):
@@ -224,6 +236,12 @@ def _citation_choices(passages: list[rag.Passage], cited: list[int]) -> list[str
     return [f"[{i}] {passages[i - 1].where}" for i in cited] or [f"[{i}] {p.where}" for i, p in enumerate(passages, 1)]
 
 
+def _answer_status(lm, ev: rag.RagEvent) -> str:
+    head = _speed(ev.chunk, lm.name) if ev.chunk is not None else f"**{lm.name}** · {len(ev.passages)} passages"
+    cost = ev.timings.summary(ev.chunk) if ev.timings else ""
+    return "\n\n".join(x for x in (head, cost, f"ℹ️ {ev.note}" if ev.note else "") if x)
+
+
 @ui_errors
 def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name: str, adapter: str, top_k: int,
         mode: str, threshold: float, *sampling):
@@ -240,14 +258,26 @@ def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name:
             yield f"ℹ️ {ev.refused}", "", table, gr.update(choices=[], value=None), []
             return
         if ev.chunk is None:
-            note = f" ({ev.dropped} more did not fit the context window)" if ev.dropped else ""
-            yield "", f"**{lm.name}** · {len(passages)} passages{note} · thinking…", table, gr.update(), \
-                [p.as_dict() for p in passages]
+            yield "", _answer_status(lm, ev), table, gr.update(), [p.as_dict() for p in passages]
             continue
         answer += ev.chunk.text
         cites = gr.update(choices=_citation_choices(passages, ev.citations), value=None) \
             if ev.chunk.finish_reason else gr.update()
-        yield answer, _speed(ev.chunk, lm.name), table, cites, [p.as_dict() for p in passages]
+        yield answer, _answer_status(lm, ev), table, cites, [p.as_dict() for p in passages]
+
+
+@ui_errors
+def estimate(ctx: Context, name: str | None, question: str, model_name: str | None, top_k: int, *sampling) -> str:
+    """What asking would cost (prompt tokens, and the time to read them once the model's speed is known), shown
+    while the question is typed; a line saying what is missing instead of an error (nothing was asked yet)."""
+    if not (name or "").strip():
+        return ""
+    try:
+        lm = _model(ctx, model_name)
+        est = rcost.estimate(lm, _kb(ctx, name), question, top_k, params_from(sampling, None))
+    except MacTunerError as e:
+        return f"Cost of a question: {e.message}" if not isinstance(e, rag.DamagedKB) else ""
+    return f"Cost of this question: {est.summary()}"
 
 
 def show_passage(choice: str | None, passages: list[dict]) -> str:

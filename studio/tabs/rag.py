@@ -67,6 +67,7 @@ def build(ctx: h.Context) -> dict:
                     threshold = gr.Slider(0.0, 1.0, value=rag.THRESHOLD, step=0.01, label="Relevance threshold "
                                           "(cosine similarity)", elem_id="rag-threshold")
                 question = gr.Textbox(label="Question", elem_id="rag-question")
+                cost = gr.Markdown(elem_id="rag-cost")  # what the question will cost, before it is asked
                 with gr.Row():
                     ask_btn = gr.Button("Ask", variant="primary", elem_id="rag-ask")
                     search_btn = gr.Button("Search only", elem_id="rag-search")
@@ -100,6 +101,9 @@ def build(ctx: h.Context) -> dict:
     kb_out = [kb, kbs, msg]
     create_btn.click(h.bind(hr.create, ctx), [new_name, new_emb, size, overlap], kb_out, api_name="rag_create")
     kb.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
+    # its first question should not wait for the embedder's load: done while the question is typed
+    kb.change(h.bind(hr.warm, ctx), kb, None, api_visibility="private", show_progress="hidden",
+              trigger_mode="always_last")
     sample_btn.click(h.bind(hr.try_sample, ctx), None, [kb, kbs, msg, job], api_name="rag_try_sample")
     refresh.click(lambda n: (gr.update(choices=hr.kb_names(ctx)), hr.kbs_table(ctx), *hr.documents(ctx, n)), kb,
                   [kb, kbs, docs, doc], api_visibility="private")
@@ -126,8 +130,14 @@ def build(ctx: h.Context) -> dict:
                      api_name="rag_search")
     ask_in = [kb, question, model, adapter, top_k, mode, threshold, *sampling]
     ask_out = [answer, speed, passages, cites, shown]
-    ask_btn.click(h.bind(hr.ask, ctx), ask_in, ask_out, api_name="rag_ask")
-    question.submit(h.bind(hr.ask, ctx), ask_in, ask_out, api_visibility="private")
+    cost_in = [kb, question, model, top_k, *sampling]
+    estimate = dict(fn=h.bind(hr.estimate, ctx), inputs=cost_in, outputs=cost, api_visibility="private",
+                    show_progress="hidden", trigger_mode="always_last")
+    for source in (question, kb, model, top_k, *sampling):
+        source.change(**estimate)
+    # after an answer the model's reading speed is known and its instructions are kept: the estimate changes
+    ask_btn.click(h.bind(hr.ask, ctx), ask_in, ask_out, api_name="rag_ask").then(**estimate)
+    question.submit(h.bind(hr.ask, ctx), ask_in, ask_out, api_visibility="private").then(**estimate)
     stop_btn.click(hc.stop, None, None, api_name="rag_stop")  # the same per-session stop as the Chat tab's
     cites.change(hr.show_passage, [cites, shown], passage, api_visibility="private")
     eval_btn.click(h.bind(hr.evaluate, ctx), [kb, n_q, eval_csv], [eval_table, eval_plot, eval_md],

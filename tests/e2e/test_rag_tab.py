@@ -1,5 +1,6 @@
 """Browser test of the RAG tab: create a knowledge base, upload two PDFs, watch the ingest's progress, reload the page
-mid-ingest (it re-attaches), ask a question, watch the answer stream, open a citation on the right page's passage;
+mid-ingest (it re-attaches), see what a question will cost, ask it, watch the answer stream and where its wait went,
+open a citation on the right page's passage;
 a scanned PDF is refused with its reason and nothing else is lost."""
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ def test_knowledge_base_ingest_reload_ask_and_cite(studio, browser, tmp_path):
     pick(page, "rag-kb", "docs-kb")
     expect(page.locator("#rag-docs")).to_contain_text("topics-b.pdf")
     page.locator("#rag-question textarea").fill("Why does bread rise?")
+    # what the question will cost shows before it is asked
+    expect(page.locator("#rag-cost")).to_contain_text(re.compile(r"≈ [\d,]+ prompt tokens: instructions \d+"))
     page.locator("#rag-ask").click()
     expect(page.locator("#rag-speed")).to_contain_text("tok/s")
     expect(page.locator("#rag-speed")).to_contain_text(re.compile("done|length limit"))
+    expect(page.locator("#rag-speed")).to_contain_text(re.compile(r"prompt [\d,]+ tokens · .*read by the model"))
+    # once answered, the model's reading speed is known: the estimate says how long the next question takes
+    expect(page.locator("#rag-cost")).to_contain_text(re.compile(r"≈ [\d.]+ s to read at \d+ tokens/s"))
     expect(page.locator("#rag-passages")).to_contain_text("topics-")
     page.locator("#rag-cites label").first.click()
     expect(page.locator("#rag-passage")).to_contain_text(re.compile(r"topics-[ab]\.pdf, page \d+"))

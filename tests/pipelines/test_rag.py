@@ -232,6 +232,95 @@ def test_nothing_relevant_is_said_not_answered(kb_ws, small_lm):
     assert ev.refused and "relevant enough" in ev.refused and ev.chunk is None
 
 
+def _first_text(events) -> rag.RagEvent:
+    for ev in events:
+        if ev.chunk is not None and ev.chunk.text:
+            events.close()
+            return ev
+    raise AssertionError("no answer text")
+
+
+def test_passages_that_do_not_fit_are_left_out_with_a_note_and_never_read(kb_ws, small_lm):
+    from dataclasses import replace
+
+    from pipelines import chat
+    from pipelines.chat import ChatParams
+    from pipelines.rag.answer import system_text
+
+    _ws, kb = kb_ws
+    q, params = "Where does honey come from?", ChatParams(max_new_tokens=16, temperature=0)
+    found = [p for p in rag.search(kb, q, 6) if p.similarity >= 0.0]  # those the threshold keeps
+    events = rag.stream_answer(small_lm, kb, q, params, top_k=6, threshold=0.0)
+    first = next(events)
+    assert len(found) >= 3 and first.dropped == len(found) - 1
+    assert f"{first.dropped} more retrieved passages did not fit the 512-token context window" in first.note
+    ev = _first_text(events)
+    # the model read the prompt the fitting built - one passage, cut - and no more (its own count of what it read)
+    prompt = chat.build_prompt(small_lm, [{"role": "user", "content": q}],
+                               replace(params, system_prompt=system_text(params, first.passages)))
+    assert ev.chunk.prompt_tokens == ev.timings.prompt_tokens == len(prompt.token_ids) <= 512 - 16
+    assert 1 <= ev.chunk.prompt_evaluated <= ev.timings.prompt_tokens and ev.chunk.prompt_eval_s > 0
+    assert not any(p.text[:40] in prompt.text for p in found[1:])
+
+
+def test_instructions_stay_evaluated_across_questions_of_a_knowledge_base(kb_ws, small_lm, tiny_gguf):
+    """The worker keeps the instructions' KV state: a question after another one and a chat question in between
+    evaluates only its passages and itself (the worker's own counters), and answers as a fresh model does."""
+    from dataclasses import replace
+
+    from pipelines import chat
+    from pipelines.chat import ChatParams
+    from pipelines.rag.answer import system_text
+
+    _ws, kb = kb_ws
+    params = ChatParams(max_new_tokens=8, temperature=0)
+    one = _first_text(rag.stream_answer(small_lm, kb, "Why does bread rise?", params, top_k=1, threshold=0.0))
+    before = small_lm.backend.last_prompt().counters
+    assert one.timings.fixed_tokens > 100 and before["heads"] >= 1  # the instructions, kept after the first question
+    chat.chat(small_lm, [{"role": "user", "content": "Something else entirely."}], params)  # the KV holds this now
+    q = "What does a lighthouse do?"
+    two = list(rag.stream_answer(small_lm, kb, q, params, top_k=1, threshold=0.0))
+    after = small_lm.backend.last_prompt().counters
+    first_chunk = next(ev.chunk for ev in two if ev.chunk is not None)
+    assert after["restored"] == before["restored"] + 1 and after["saved"] == before["saved"]
+    assert first_chunk.prompt_evaluated == two[0].timings.prompt_tokens - two[0].timings.fixed_tokens
+    assert after["evaluated"] - before["evaluated"] < after["prompt_tokens"] - before["prompt_tokens"]
+    # the same prompt, read whole by a fresh worker, gives the same greedy answer
+    prompt = chat.build_prompt(small_lm, [{"role": "user", "content": q}],
+                               replace(params, system_prompt=system_text(params, two[0].passages)))
+    fresh = models.load_gguf(tiny_gguf, n_ctx=512, threads=1)
+    try:
+        whole = list(chat.stream_rendered(fresh, prompt, params))
+        assert whole[-1].prompt_evaluated == len(prompt.token_ids)
+        assert "".join(c.text for c in whole) == "".join(ev.chunk.text for ev in two if ev.chunk is not None)
+    finally:
+        fresh.backend.close()
+
+
+def test_a_question_costs_what_the_estimate_said(kb_ws, tiny_gguf):
+    from pipelines.chat import ChatParams
+
+    _ws, kb = kb_ws
+    lm = models.load_gguf(tiny_gguf, n_ctx=4096, threads=1)
+    try:
+        params = ChatParams(max_new_tokens=8, temperature=0)
+        q = "Why does bread rise?"
+        est = rag.estimate(lm, kb, q, 3, params)
+        assert est.passages == 3 and est.cached == 0 and est.rate is None and est.seconds is None  # nothing asked yet
+        ev = _first_text(rag.stream_answer(lm, kb, q, params, top_k=3, threshold=0.0))
+        actual = ev.timings.prompt_tokens
+        assert est.fixed == ev.timings.fixed_tokens and abs(est.tokens - actual) <= 0.25 * actual
+        again = rag.estimate(lm, kb, q, 3, params)  # the model's speed is known now, and it keeps the instructions
+        assert again.cached == ev.timings.fixed_tokens and again.rate > 0 and again.seconds > 0
+        assert f"≈ {again.tokens:,} prompt tokens" in again.summary() and "s to read at" in again.summary()
+        few = rag.estimate(lm, kb, q, 100, ChatParams(max_new_tokens=2048))
+        assert few.passages < len(TOPICS) + 2 and "fit the context window" in few.summary()
+        with pytest.raises(BadInput, match="top-k"):
+            rag.estimate(lm, kb, q, 0, params)
+    finally:
+        lm.backend.close()
+
+
 def test_citations_are_the_numbers_the_answer_uses():
     from pipelines.rag.answer import cited
 

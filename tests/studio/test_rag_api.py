@@ -3,6 +3,7 @@ it, list and retrieve, a streamed cited answer from the loaded model, the evalua
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -47,6 +48,19 @@ def test_rag_through_gradio_client(tmp_path_factory, tmp_path):
         outs = list(job)
         _answer, speed, passages, _cites = job.result()  # (the gr.State of the passages stays in the page)
         assert len(outs) > 2 and "12 tokens" in speed
+        # where the wait went: the prompt's size, what the model read of it (llama.cpp's figures), retrieval
+        assert re.search(r"prompt [\d,]+ tokens · .*[\d,]+ read by the model in [\d.]+ s", speed), speed
+        assert "retrieval" in speed and "building the prompt" in speed
+        # what the next question will cost, as the RAG tab shows it while it is typed
+        from studio.handlers import rag as hr
+
+        cost = hr.estimate(ctx, "api-kb", "How do volcanoes form?", None, 3, *sampling)
+        assert re.search(r"≈ [\d,]+ prompt tokens: instructions \d+, question \d+, 3 passages", cost), cost
+        assert "kept evaluated from the last question" in cost and "s to read at" in cost
+        assert hr.estimate(ctx, "", "x", None, 3, *sampling) == ""  # no knowledge base chosen yet: nothing to say
+        assert "top-k" in hr.estimate(ctx, "api-kb", "x", None, 0, *sampling)
+        hr.warm(ctx, "api-kb")  # what picking it in the tab does: its embedder and indexes loaded ahead
+        hr.warm(ctx, "nope")  # a knowledge base that cannot be opened: nothing to load, and no error yet
         page = passages["headers"].index("page")
         assert passages["data"][0][page] == 2
         _table, _fig, note = c.predict("api-kb", 10, None, api_name="/rag_evaluate")
