@@ -166,7 +166,7 @@ def start(ws: Workspace, kb_name: str, files: list[dict], embedder_name: str | N
 
 
 def run_job(job: jobs.JobDir) -> int:
-    """The ingest job's process (`python -m pipelines.jobs rag/.jobs/<id>`). Passwords are dropped from job.json
+    """The ingest job's worker (`python -m pipelines.jobs --work rag/.jobs/<id>`). Passwords are dropped from job.json
     as soon as they are read; uploaded copies in rag/.incoming are removed at the end."""
     spec = job.spec()
     clean = {**spec, "files": [{k: v for k, v in f.items() if k != "password"} for f in spec["files"]]}
