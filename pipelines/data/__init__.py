@@ -33,8 +33,9 @@ Conventions
 
 Chat templates are rendered by transformers' `apply_chat_template`, which compiles them in jinja2's
 `ImmutableSandboxedEnvironment` (transformers.utils.chat_template_utils._compile_jinja_template; pinned by a test).
-The trained-token mask is computed by rendering the conversation prefix up to each assistant turn and comparing
-character offsets (works with every template, `{% generation %}` or not); see `preview_example`.
+The trained-token mask comes from `assistant_spans` (templates.reply_spans: each reply rendered between unique
+markers and located, with its end-of-turn markup; works with every template, `{% generation %}` or not) and
+`span_mask` (spans -> tokens); training masks with the same two functions; see `preview_example`.
 
 Versions live in <workspace>/datasets/<name>/v<N>/{train.jsonl, validation.jsonl, meta.json}, written into a temp
 folder renamed when complete; a save never overwrites, it takes the next version number.
@@ -65,7 +66,9 @@ from .explore import (
     length_stats,
     load_tokenizer,
     preview_example,
+    render_chat,
     role_balance_figure,
+    span_mask,
     token_length_figure,
     token_lengths,
     trained_spans,
@@ -156,10 +159,12 @@ __all__ = [
     "parse_placeholder_values",
     "preview_example",
     "read_table",
+    "render_chat",
     "required_columns",
     "role_balance_figure",
     "row_kind",
     "save_dataset",
+    "span_mask",
     "to_messages",
     "to_rows",
     "token_length_figure",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BadInput, NotFound
-from ..templates import FALLBACK_CHAT_TEMPLATE, TemplateTimeout, bounded
+from ..templates import FALLBACK_CHAT_TEMPLATE, TemplateTimeout, bounded, reply_spans
 from ..workspace import Workspace
 from .map import Mapping, _blank, _conversations, _system_series, _user_series, validate_mapping
 from .read import _WS, ProgressFn, _noop
@@ -216,8 +216,10 @@ class Preview:
     template: str = field(metadata={"help": "'tokenizer' (its own chat template), 'fallback' or 'none' (text)"})
 
 
-def _render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool = False,
-            tools: list | None = None) -> str:
+def render_chat(tokenizer, messages: list[dict], template: str | None = None, add_generation_prompt: bool = False,
+                tools: list | None = None) -> str:
+    """The conversation rendered by transformers' apply_chat_template (sandboxed, time-bounded) with `template` or the
+    tokenizer's own; any failure of the template is BadInput saying what went wrong."""
     from jinja2.exceptions import TemplateError
 
     try:
@@ -234,35 +236,26 @@ def _render(tokenizer, messages: list[dict], template: str | None, add_generatio
 
 def assistant_spans(tokenizer, messages: list[dict], template: str | None = None,
                     tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
-
-    For assistant message i the span runs from the end of render(messages[:i], add_generation_prompt=True) to the
-    end of render(messages[:i+1]) - the answer plus the template's end-of-turn markup, so the model learns to stop.
-    When a template renders a prefix differently (e.g. it drops earlier reasoning), the content is searched for in
-    the full text instead (then only the content itself is marked)."""
-    full = _render(tokenizer, messages, template, tools=tools)
-    spans, pos = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True, tools=tools)
-        through = _render(tokenizer, messages[: i + 1], template, tools=tools)
-        if through.startswith(before) and full.startswith(through) and len(before) >= pos:
-            spans.append((len(before), len(through)))
-        else:
-            content = m["content"].strip()
-            j = full.find(content, pos)
-            if j < 0:
-                raise BadInput(f"Could not find assistant turn {i + 1} in the rendered chat template.")
-            spans.append((j, j + len(content)))
-        pos = spans[-1][1]
-    return full, spans
+    """The rendered conversation and the character spans of its assistant replies, each from where the generation
+    prompt leaves off through the reply's end-of-turn markup (so the model learns to stop), for any chat template:
+    `templates.reply_spans` locates each reply by rendering it between unique markers, never by assuming a rendered
+    prefix is a prefix of the whole text. ReplyNotFound (a BadInput) says why when a reply cannot be located."""
+    atoms = list(getattr(tokenizer, "all_special_tokens", [])) + list(tokenizer.get_added_vocab()) \
+        if hasattr(tokenizer, "get_added_vocab") else []
+    return reply_spans(lambda msgs, gen: render_chat(tokenizer, msgs, template, gen, tools), messages, atoms)
 
 
 def trained_spans(messages: list[dict], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The assistant spans the loss is computed on: all but those of replies with `loss_weight` 0."""
     weights = [m.get("loss_weight", 1.0) for m in messages if m["role"] == "assistant"]
     return [sp for sp, w in zip(spans, weights) if w is None or float(w) > 0]
+
+
+def span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token (character offsets (a, b) in the rendered text) that the loss is computed on: any token that
+    overlaps a span, so the first token of a reply is trained even when it also holds the space before it (as a
+    SentencePiece "▁word" does); a zero-width token counts where it stands. Training and the preview both use this."""
+    return [1 if any((a < e and b > s) or (a == b and s <= a < e) for s, e in spans) else 0 for a, b in offsets]
 
 
 def preview_example(example: list[dict] | dict, tokenizer) -> Preview:
@@ -283,7 +276,7 @@ def preview_example(example: list[dict] | dict, tokenizer) -> Preview:
         kind = "fallback" if template else "tokenizer"
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [1 if spans is None or any(a <= s < b for a, b in spans) else 0 for s, _ in offsets]
+    mask = [1] * len(ids) if spans is None else span_mask(offsets, spans)
     parts, end = [], 0
     for tid, (_s, e), m in zip(ids, offsets, mask):
         if e <= end:  # several tokens for one character (byte fallback): already shown

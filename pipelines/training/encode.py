@@ -1,7 +1,9 @@
 """Training data as the trainer sees it: dataset rows read from a version folder, rendered with the chat template and
 tokenized into (input_ids, labels) with only the assistant replies as labels (or every token for plain text),
 packed and collated into batches. `check_data` is the pre-flight count of what is usable. Preference rows (DPO /
-ORPO) become (chosen, rejected) pairs of such examples, labelled on each answer alone (`encode_pairs`).
+ORPO) become (chosen, rejected) pairs of such examples, labelled on each answer alone (`encode_pairs`). The labels
+come from the Data tab preview's own functions (data.assistant_spans, data.span_mask), for any chat template; a
+template whose replies cannot be located refuses the whole dataset with the reason (`check_reply_format`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,36 @@ def check_tool_format(tok) -> None:
                        "whose chat template supports tools, or leave the tool rows out.")
 
 
+_REPLY_PROBES = (
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is two plus two?"},
+     {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And three plus three?"},
+     {"role": "assistant", "content": "Six."}],
+    [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
+     {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."}],
+)
+
+
+def check_reply_format(tok) -> None:
+    """ReplyNotFound (the whole dataset is refused, with the reason) when the tokenizer's chat template does not
+    write assistant replies where they can be located, tried on a plain two-turn conversation with and without a
+    system prompt (a few milliseconds: once per split). A template that refuses both probes itself
+    (raise_exception) is left to the rows to report."""
+    from ..data import assistant_spans  # noqa: PLC0415
+    from ..templates import ReplyNotFound  # noqa: PLC0415
+
+    refusal = None
+    for msgs in _REPLY_PROBES:
+        try:
+            assistant_spans(tok, msgs)
+            return
+        except ReplyNotFound as e:
+            refusal = refusal or e
+        except BadInput:
+            continue
+    if refusal is not None:
+        raise refusal
+
+
 def ensure_chat_template(tok) -> str | None:
     """Give a tokenizer without a chat template the Data stage's fallback (ChatML markup), so that training masks
     exactly what the Data tab's preview shows; it is saved with the adapter. Returns a note, or None."""
@@ -107,12 +139,16 @@ def encode_conversation(tok, messages: list[dict], responses_only: bool = True,
     """(input_ids, labels) for one conversation rendered with the tokenizer's chat template. With `responses_only`,
     labels are IGNORE except on the tokens of each assistant reply including its end-of-turn markup - but not of a
     reply whose `loss_weight` is 0; otherwise every token is a label. The reply spans come from
-    `data.assistant_spans` (the same function as the Data tab's preview: rendered prefixes compared in characters)
-    and are mapped to tokens through the offsets. Tool calls need a template with a tool format (BadInput)."""
-    from ..data import assistant_spans, trained_spans  # noqa: PLC0415
+    `data.assistant_spans` and are mapped to tokens by `data.span_mask` through the offsets - the same two functions
+    as the Data tab's preview, for any chat template. Tool calls need a template with a tool format (BadInput); a
+    reply the template does not write where it can be found is ReplyNotFound (a BadInput) saying why."""
+    from ..data import assistant_spans, render_chat, span_mask, trained_spans  # noqa: PLC0415
 
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         check_tool_format(tok)
+    if not responses_only:  # every token is learned: no reply needs locating
+        ids = list(tok(render_chat(tok, messages, tools=tools), add_special_tokens=False)["input_ids"])
+        return ids, list(ids)
     full, spans = assistant_spans(tok, messages, tools=tools)
     spans = trained_spans(messages, spans)
     if getattr(tok, "is_fast", False):
@@ -120,19 +156,14 @@ def encode_conversation(tok, messages: list[dict], responses_only: bool = True,
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     else:  # slow tokenizer: token boundaries from encoding the prefixes at the span edges
         ids, offsets = list(tok(full, add_special_tokens=False)["input_ids"]), None
-    if not responses_only:
-        return ids, list(ids)
-    labels = [IGNORE] * len(ids)
     if offsets is not None:
-        for j, (a, _b) in enumerate(offsets):
-            if any(s <= a < e for s, e in spans):
-                labels[j] = ids[j]
-    else:
-        for s, e in spans:
-            t0 = len(tok(full[:s], add_special_tokens=False)["input_ids"])
-            t1 = len(tok(full[:e], add_special_tokens=False)["input_ids"])
-            for j in range(t0, min(t1, len(ids))):
-                labels[j] = ids[j]
+        return ids, [t if m else IGNORE for t, m in zip(ids, span_mask(offsets, spans))]
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        t0 = len(tok(full[:s], add_special_tokens=False)["input_ids"])
+        t1 = len(tok(full[:e], add_special_tokens=False)["input_ids"])
+        for j in range(t0, min(t1, len(ids))):
+            labels[j] = ids[j]
     return ids, labels
 
 
@@ -182,6 +213,8 @@ class EncodedSplit:
 
 def encode_split(tok, rows: list[dict], max_length: int, responses_only: bool) -> EncodedSplit:
     out = EncodedSplit([], rows=len(rows))
+    if responses_only and any("messages" in row for row in rows):
+        check_reply_format(tok)
     prompt_lengths = []
     for row in rows:
         if "text" in row:
@@ -329,6 +362,8 @@ def encode_pairs(tok, rows: list[dict], max_length: int) -> PreferenceSplit:
     """Both sequences of each pair, cut to max_length; a pair either of whose answers keeps no labelled token is
     dropped (counted), a row the chat template cannot render is counted and skipped."""
     out = PreferenceSplit([], rows=len(rows))
+    if rows:
+        check_reply_format(tok)
     prompt_lengths = []
     for row in rows:
         try:

@@ -368,12 +368,16 @@ def explore(ctx: Context, s: DataSession, max_length: int, example: int, progres
     if row is None:
         preview_md = why
     elif counter is not None and counter.tokenizer is not None and hasattr(counter.tokenizer, "apply_chat_template"):
-        pv = data.preview_example(row, counter.tokenizer)
-        preview_html = PREVIEW_CSS + pv.html
-        extra = (" · preference pair: the prompt and the chosen answer" if "chosen" in row else
-                 " · labelled undesirable: never trained" if row.get("label") is False else "")
-        preview_md = (f"Row {int(example or 0)}: **{pv.trained_tokens}** tokens trained (highlighted), "
-                      f"{pv.masked_tokens} masked · template: {pv.template}{extra}")
+        try:
+            pv = data.preview_example(row, counter.tokenizer)
+        except BadInput as e:  # the template refuses this row, or its replies cannot be found: say why, keep the EDA
+            preview_md = f"⚠️ Row {int(example or 0)} cannot be previewed: {e.message}"
+        else:
+            preview_html = PREVIEW_CSS + pv.html
+            extra = (" · preference pair: the prompt and the chosen answer" if "chosen" in row else
+                     " · labelled undesirable: never trained" if row.get("label") is False else "")
+            preview_md = (f"Row {int(example or 0)}: **{pv.trained_tokens}** tokens trained (highlighted), "
+                          f"{pv.masked_tokens} masked · template: {pv.template}{extra}")
     return (summary, len_fig, stats, turns_fig, roles_fig, preview_html,
             " · ".join(x for x in (dup_note, preview_md or note) if x))
 
