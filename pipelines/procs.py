@@ -1,7 +1,7 @@
 """Background processes of the studio (trainers, export jobs): start one with an argument list, and tell later,
 from the pid and start time a status file recorded, whether it is still alive (a recycled pid is not).
 
-    pid, create_time = spawn([sys.executable, "-m", "pipelines.cli", ...], log, on_exit=record)
+    pid, create_time = spawn([sys.executable, "-m", "pipelines.cli", ...], log, on_exit=record)  # record(pid, code)
     process_alive(pid, create_time)                    -> bool (a recycled pid is not the process)
     log_tail(log_path, lines=None)                     -> the end of its log (the last `lines` lines)
 
@@ -37,11 +37,11 @@ def child_env(drop: set[str] = frozenset()) -> dict:
     return env
 
 
-def spawn(cmd: list[str], log, env: dict | None = None, on_exit: Callable[[int], None] | None = None,
+def spawn(cmd: list[str], log, env: dict | None = None, on_exit: Callable[[int, int], None] | None = None,
           new_session: bool = True) -> tuple[int, float | None]:
     """Start `cmd` (no shell), in a session of its own unless `new_session` is False, with stdout+stderr into the open
-    binary file `log`; returns its pid and start time. `on_exit(exit status)` is called (in a thread) when it ends.
-    OSError when it cannot start."""
+    binary file `log`; returns its pid and start time. `on_exit(pid, exit status)` is called (in a thread) when it
+    ends. OSError when it cannot start."""
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=new_session, env=env if env is not None else child_env())
     try:
@@ -52,12 +52,12 @@ def spawn(cmd: list[str], log, env: dict | None = None, on_exit: Callable[[int],
     return proc.pid, create_time
 
 
-def _reap(proc: subprocess.Popen, on_exit: Callable[[int], None] | None) -> None:
+def _reap(proc: subprocess.Popen, on_exit: Callable[[int, int], None] | None) -> None:
     """Wait for `proc` to end (which reaps it) and hand its exit status to `on_exit`."""
     code = proc.wait()
     if on_exit is not None:
         try:
-            on_exit(code)
+            on_exit(proc.pid, code)
         except Exception:  # noqa: BLE001 - a reaper thread must not die silently: say what was lost
             logging.getLogger("mactuner.procs").exception("recording the end of process %s failed", proc.pid)
 

@@ -130,8 +130,8 @@ class RunDir(jobs.JobDir):
         return (f"; the last complete checkpoint {ckpts[-1].name} can be resumed" if ckpts
                 else "; no checkpoint was written, so it has to start again")
 
-    def record_exit(self, code: int) -> None:
-        super().record_exit(code)
+    def record_exit(self, pid: int, code: int) -> None:
+        super().record_exit(pid, code)
         if not self.status().active:
             self.stop_flag.unlink(missing_ok=True)
 

@@ -142,12 +142,13 @@ class JobDir:
         tail = self.log_tail(3, 600).strip().splitlines()
         return (": " + " | ".join(tail)) if tail else ""
 
-    def record_exit(self, code: int) -> None:
-        """The supervisor's (or the starter's) part: the worker ended with `code`; when it did not record its own
-        end (killed, crashed), record it."""
+    def record_exit(self, pid: int, code: int) -> None:
+        """The supervisor's part (or the starter's): its worker (its supervisor) `pid` ended with `code`; when it did
+        not record its own end (killed, crashed), record it - unless the job has moved on to other processes since
+        (a resumed run)."""
         with self.lock():
             st = self.read()
-            if st is None or not st.active:
+            if st is None or not st.active or pid not in (st.pid, st.supervisor_pid):
                 return
             self.unrecorded_end(st, code)
             st.exit_code, st.ended = code, time.time()

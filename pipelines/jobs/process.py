@@ -91,9 +91,9 @@ def supervise(job: JobDir, runner) -> int:
         [sys.executable, "-m", "pipelines.jobs", "--work", str(job.path)]
     ended, code = threading.Event(), [0]
 
-    def on_exit(c: int) -> None:
+    def on_exit(pid: int, c: int) -> None:
         code[0] = c
-        job.record_exit(c)
+        job.record_exit(pid, c)
         ended.set()
 
     with open(job.log_path, "ab") as log, job.lock():  # a cancel waits for this, so it signals the worker too
@@ -108,7 +108,7 @@ def supervise(job: JobDir, runner) -> int:
     ended.wait()
     if hasattr(runner, "job_ended"):
         runner.job_ended(job)
-    return code[0]
+    return code[0] if code[0] >= 0 else 128 - code[0]  # killed by signal N: 128 + N, as a shell says it
 
 
 def main(argv: list[str] | None = None) -> int:

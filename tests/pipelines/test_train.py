@@ -458,6 +458,22 @@ def test_a_trainer_that_dies_is_recorded_failed_by_whoever_started_it(ws, tiny_l
     assert "no checkpoint was written" in st.reason and not run.stop_flag.exists()
 
 
+def test_the_end_of_an_earlier_process_leaves_a_resumed_run_alone(ws, tiny_llama_dir):
+    """The supervisor of a run's previous attempt may end after the run was resumed (its starter then hears of it):
+    that end is not the resumed run's."""
+    import psutil
+
+    run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
+    me = psutil.Process()
+    run.update(state="running", pid=me.pid, create_time=me.create_time(), supervisor_pid=me.pid,
+               supervisor_create_time=me.create_time())
+    run.record_exit(me.pid + 100000, 137)  # not a process of this attempt
+    st = run.status()
+    assert st.state == "running" and st.exit_code is None and st.reason is None
+    run.record_exit(me.pid, 137)
+    assert run.status().state == "failed" and run.status().exit_code == 137
+
+
 def test_a_trainer_that_stopped_with_an_earlier_process_is_interrupted(ws, tiny_llama_dir):
     """A trainer this process did not start (the studio, the machine or the Space restarted since) is gone without
     a word: the run is interrupted, its last complete checkpoint resumable."""
