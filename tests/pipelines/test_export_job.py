@@ -83,10 +83,13 @@ def test_job_refuses_a_second_one_and_cancel_leaves_nothing_finished(workspace, 
     assert row["state"] == "cancelled" and row["ggufs"] == []
 
 
-def test_a_job_cancelled_as_it_starts_is_cancelled(workspace, tiny_llama_dir):
-    """Cancel right after Start (the job's process is still starting, before it listens for the signal): the job
-    is recorded as cancelled, not "failed - the export process ended unexpectedly (exit code -15)"."""
+@pytest.mark.parametrize("after", [0.0, 0.7])
+def test_a_job_cancelled_as_it_starts_is_cancelled(workspace, tiny_llama_dir, tmp_path, monkeypatch, after):
+    """Cancel right after Start (the job's processes are still starting, before they listen for the signal): the
+    job is recorded as cancelled, not "failed - the export process ended unexpectedly (exit code -15)"."""
+    monkeypatch.setenv(ex.CONVERTER_ENV, str(_slow_converter(tmp_path / "conv")))  # it would not end by itself
     job = export_job.start(workspace, "convert", {"hf_dir": str(tiny_llama_dir), "name": "early"})
+    time.sleep(after)
     st = export_job.cancel(workspace, job)
     assert st.state == "cancelled", (st, _log(workspace, job))
     assert export_job.status(workspace, job).state == "cancelled"
