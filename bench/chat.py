@@ -13,13 +13,22 @@ directly with the same rendered prompt and settings, in one run.
     up to 3 rounds (90 s at most); the pair runs twice (ours, direct, direct, ours). CPU transformers is slow, so
     fewer tokens.
 
+(c) the tuned model - the quick-start run's adapter - as the Chat tab's Adapter menu and /v1 now serve it: the
+    default GGUF in its worker process with the adapter as a LoRA GGUF (its trained <end_of_turn> row written into a
+    copy of the GGUF), vs today's transformers + PEFT on the HF copy; both through stream_chat, greedy, rounds
+    alternating after a warm-up each; a `ratio` line. The run is --run, else the workspace's latest finished
+    quick-start run, else one is trained first (the Quick start: 39 steps, 75-190 s on 2 idle cores).
+
 Greedy decoding (temperature 0, no repetition penalty) on both sides so they produce the same tokens. The CPU's
 features and the llama.cpp settings in force are printed first.
 
     .venv/bin/python bench/chat.py [--root WORKSPACE] [--gguf FILE] [--hf FOLDER] [--tokens 64] [--hf-tokens 16]
+                                   [--run RUN | --skip-tuned]
 
-Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB); the HF part is
-skipped, with a message, when no HF copy is found (--hf, or models/default/hf under --root).
+Without --root a temporary workspace is used (the GGUF is assembled from its package, ~250 MB). The HF part always
+runs: on --hf, else on the default model's HF copy - the workspace's, else the one the studio prepared in your own
+workspace (MACTUNER_HOME or ~/.mactuner), else prepared now from the GGUF (dequantized, about a minute, once per
+workspace: pass --root to keep it).
 Targets: stream_chat at >= 0.95x the direct calls' tokens/s; TTFT under 150 ms for the ~20-token GGUF prompt.
 """
 
@@ -83,11 +92,12 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     prompt = chat.build_prompt(lm, MESSAGES, params)
     print(f"\n(a) GGUF {path.name}: prompt {len(prompt.token_ids)} tokens, {n_tokens} new tokens, greedy, "
           f"{rounds} rounds after a warm-up, {threads} llama.cpp threads; template: {prompt.template_source}")
-    print(f"  worker: pid {lm.model.pid}, extra buffer types {'on' if lm.model.settings.extra_bufts else 'off'}")
+    pid, bufts = lm.backend.worker.pid, lm.backend.worker.settings.extra_bufts
+    print(f"  worker: pid {pid}, extra buffer types {'on' if bufts else 'off'}")
 
     import psutil
 
-    worker = psutil.Process(lm.model.pid)
+    worker = psutil.Process(pid)
 
     def ours(i):  # CPU time: this process's and the worker's, where the model runs
         w0 = sum(worker.cpu_times()[:2])
@@ -118,7 +128,7 @@ def bench_gguf(path: Path, n_tokens: int, rounds: int, threads: int | None = Non
     res["ours_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in o_runs]
     res["direct_all_ttft"] = [round(r["ttft"] * 1000, 1) for r in d_runs]
     llm.close()
-    lm.model.close()
+    lm.backend.close()
     return res
 
 
@@ -155,12 +165,13 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
     load_s = time.perf_counter() - t
     params = chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens)
     prompt = chat.build_prompt(lm, MESSAGES, params)
-    eos = chat._hf_eos_ids(lm)
+    eos = lm.backend.eos_ids()
+    tokenizer = lm.backend.tokenizer
     if kind == "direct":
         from transformers import AutoModelForCausalLM
 
-        dtype = next(lm.model.parameters()).dtype
-        lm.model = None  # the plain script's own model, loaded and run on the main thread
+        dtype = next(lm.backend.model.parameters()).dtype
+        lm.backend.close()  # the plain script's own model, loaded and run on the main thread
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     class FirstToken(BaseStreamer):
@@ -181,10 +192,10 @@ def hf_side(kind: str, path: Path, n_tokens: int, rounds: int, time_budget: floa
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id, streamer=s)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=s)
         total = time.perf_counter() - t0
         new = [i for i in out[0, ids.shape[1]:].tolist() if i not in eos]
-        return {"text": lm.tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
+        return {"text": tokenizer.decode(new, skip_special_tokens=True), "n": len(new),
                 "ttft": s.first - t0, "total": total, "tps": len(new) / total, "cpu": time.process_time() - c0,
                 "decode_tps": (len(new) - 1) / (total - (s.first - t0)) if len(new) > 1 else 0.0}
 
@@ -233,6 +244,91 @@ def bench_hf(path: Path, n_tokens: int, rounds: int = 3) -> dict:
             **{f"direct_{f}": med("direct", f) for f in ("ttft", "tps", "decode_tps", "total", "cpu")}}
 
 
+def quick_start_run(ws: Workspace, name: str | None) -> Path:
+    """The run whose adapter part (c) serves: `name`, else the latest finished quick-start run, else a new one."""
+    from pipelines import jobs, quickstart, runs
+
+    if name:
+        return runs.get_run(ws, name).path
+    run = quickstart.latest(ws)
+    if run is None or run.status().state != "finished":
+        print("\n(c) training the quick-start adapter first (39 steps)...", flush=True)
+        run = quickstart.start(ws)
+        st = jobs.wait(run, timeout=3600)
+        if st.state != "finished":
+            raise SystemExit(f"the quick-start run ended {st.state}: {st.reason}")
+    return run.path
+
+
+def bench_tuned(ws: Workspace, run_dir: Path, n_tokens: int, rounds: int) -> dict | None:
+    """The run's adapter through llama.cpp (base GGUF + LoRA GGUF, as open_adapter serves it) and through
+    transformers + PEFT (its HF base), alternating rounds; None when llama.cpp cannot take the adapter."""
+    from pipelines import adapters, runs
+    from pipelines.serving.registry import ModelRegistry
+
+    reg = ModelRegistry()
+    t0 = time.perf_counter()
+    lm_g, name, note = adapters.open_adapter(ws, reg, str(run_dir), current=False)
+    open_s = time.perf_counter() - t0
+    print(f"\n(c) tuned model, run {run_dir.name}: {lm_g.name} + {name} ({note}; {open_s:.1f} s to open)")
+    if lm_g.backend_kind != "llama.cpp":
+        print("  llama.cpp cannot take this adapter: part (c) skipped")
+        return None
+    adapter_dir, _ = runs.resolve_adapter(run_dir)
+    lm_h = models.load_hf(runs.resolve_base(ws, adapter_dir, run_dir))
+    adapters.attach_adapter(lm_h, adapter_dir, "tuned")
+    sides = {"llama.cpp": (lm_g, name), "transformers": (lm_h, "tuned")}
+    params = {k: chat.ChatParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_tokens, adapter=a)
+              for k, (_lm, a) in sides.items()}
+    out: dict[str, list] = {k: [] for k in sides}
+    for k, (lm, _a) in sides.items():
+        measure_ours(lm, params[k], round_messages(-1))  # warm-up
+    for i in range(rounds):
+        for k in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            out[k].append(measure_ours(sides[k][0], params[k], tuned_messages(i)))
+    lm_g.backend.close()
+    lm_h.backend.close()
+    med = lambda k, f: statistics.median(r[f] for r in out[k])  # noqa: E731
+    print(f"  tokens per answer: llama.cpp {[r['n'] for r in out['llama.cpp']]}, "
+          f"transformers {[r['n'] for r in out['transformers']]}; same text: "
+          f"{[a['text'] == b['text'] for a, b in zip(out['llama.cpp'], out['transformers'])]}")
+    return {f"{k}_{f}": med(k, f) for k in sides for f in ("tps", "decode_tps", "ttft")}
+
+
+def tuned_messages(i: int) -> list[dict]:
+    from pipelines import quickstart
+
+    return [{"role": "user", "content": f"{quickstart.QUESTION} (question {i + 1})"}]
+
+
+def default_hf_copy(ws: Workspace) -> Path:
+    """The default model's HF copy: this workspace's, else the one the studio prepared in the user's own workspace,
+    else prepared now in this workspace (the GGUF dequantized, as the Model tab does)."""
+    from pipelines.workspace import default_root
+
+    for where in (ws, Workspace(default_root().resolve())):
+        if models.default_hf_status(where)["state"] == "ready":
+            print(f"\n(b) the default model's HF copy: {models.default_hf_path(where)}")
+            return models.default_hf_path(where)
+    print("\n(b) preparing the default model's HF copy from its GGUF (about a minute, once per workspace)...",
+          flush=True)
+    t0 = time.perf_counter()
+    path = models.materialize_default_hf(ws)
+    print(f"  ready in {time.perf_counter() - t0:.0f} s: {path}")
+    return path
+
+
+def report_tuned(t: dict | None) -> None:
+    if not t:
+        return
+    print(f"  {'':24s}{'llama.cpp+LoRA':>16s}{'HF+PEFT':>12s}{'ratio':>9s}")
+    for label, f in (("tokens/s (whole run)", "tps"), ("tokens/s (decode)", "decode_tps"),
+                     ("time to first token ms", "ttft")):
+        a, b = t[f"llama.cpp_{f}"], t[f"transformers_{f}"]
+        scale = 1000 if f == "ttft" else 1
+        print(f"  {label:24s}{a * scale:16.1f}{b * scale:12.1f}{a / b:9.3f}")
+
+
 def report(label: str, r: dict) -> None:
     print(f"  {label:24s}{'stream_chat':>14s}{'direct':>14s}{'ratio':>9s}")
     print(f"  {'tokens/s (whole run)':24s}{r['ours_tps']:14.1f}{r['direct_tps']:14.1f}"
@@ -258,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="llama.cpp threads for the GGUF part (default: the physical cores, as the studio uses)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--run", default=None, help="run whose adapter part (c) serves (default: the latest quick start)")
+    ap.add_argument("--tuned-tokens", type=int, default=64, help="new tokens at most for part (c)")
+    ap.add_argument("--skip-tuned", action="store_true")
     ap.add_argument("--hf-side", choices=["ours", "direct"], help=argparse.SUPPRESS)
     ap.add_argument("--hf-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -295,17 +394,24 @@ def main(argv=None) -> int:
               "rerun, raise --rounds, or use --threads 1 (llama.cpp's spinning thread barriers suffer most)")
 
     h = None
-    hf = Path(args.hf) if args.hf else models.default_hf_path(ws)
     if args.skip_hf:
         print("\n(b) HF part skipped (--skip-hf).")
-    elif not (hf / "config.json").exists():
-        print(f"\n(b) HF part skipped: no HF model folder at {hf}. Pass --hf FOLDER, or --root of a workspace whose "
-              "default model has its HF copy (the Model tab prepares it).")
     else:
+        hf = Path(args.hf) if args.hf else default_hf_copy(ws)
+        if not (hf / "config.json").is_file():
+            print(f"error: {hf} is not an HF model folder (it has no config.json)", file=sys.stderr)
+            return 2
         h = bench_hf(hf, args.hf_tokens, args.hf_rounds)
         report("HF", h)
         if h["n"] != h["n_direct"]:
             print(f"  (direct generated {h['n_direct']} tokens)")
+
+    t = None
+    if args.skip_tuned:
+        print("\n(c) tuned-model part skipped (--skip-tuned).")
+    else:
+        t = bench_tuned(ws, quick_start_run(ws, args.run), args.tuned_tokens, args.rounds)
+        report_tuned(t)
 
     load1 = os.getloadavg()
     print("\nSummary")
@@ -318,6 +424,9 @@ def main(argv=None) -> int:
         hr = h["ours_tps"] / h["direct_tps"]
         print(f"  HF    stream_chat/direct tokens/s = {hr:.3f} (target >= 0.95: {'met' if hr >= 0.95 else 'MISSED'}); "
               f"TTFT {h['ours_ttft'] * 1000:.0f} ms vs {h['direct_ttft'] * 1000:.0f} ms direct")
+    if t:
+        print(f"  tuned model (quick-start adapter) llama.cpp base GGUF + LoRA GGUF / transformers + PEFT tokens/s "
+              f"ratio = {t['llama.cpp_tps'] / t['transformers_tps']:.2f}")
     print(f"  load average {load0[0]:.2f} -> {load1[0]:.2f} on {cores} cores during the run")
     if tmp:
         tmp.cleanup()

@@ -8,9 +8,13 @@
     with text and random unit vectors (embedding 100k chunks would take most of an hour here); and the keyword index
     chosen by measurement: bm25s (ours) against SQLite FTS5 on the same texts;
 (c) time to first token of a RAG answer (retrieval, fitting, a longer prompt) against the same model answering the
-    question without retrieval.
+    question without retrieval;
+(d) chunking a Markdown file of --headings headings (one per short line) against the same text read as plain text
+    (no headings to track): the ratio stays near 1 at any count (it grew with the count while chunking was
+    quadratic in the headings; issue 23 measured 11.1 s against 3.8 s at 160k).
 
-    .venv/bin/python bench/rag.py [--pdfs 3] [--pages 40] [--sizes 10000,100000] [--queries 60]
+    .venv/bin/python bench/rag.py [--pdfs 3] [--pages 40] [--sizes 10000,100000] [--queries 60] [--headings 160000]
+                                  [--parts a,b,c,d]
 """
 
 from __future__ import annotations
@@ -168,7 +172,53 @@ def bench_ttft(ws: Workspace, rounds: int = 3) -> dict:
                     break
         return {"rag": statistics.median(rag_t[1:]), "plain": statistics.median(plain_t[1:])}
     finally:
-        lm.model.close()
+        lm.backend.close()
+
+
+def bench_chunking(headings: int) -> tuple[float, float, int]:
+    """(seconds as Markdown, seconds as plain text, chunks) for a text of `headings` heading lines."""
+    from pipelines.rag.chunk import chunk_document
+    from pipelines.rag.embed import embedder
+    from pipelines.rag.extract import Document, Page
+
+    emb = embedder()
+    text = "".join(f"## Section {i}\n{WORDS[i % len(WORDS)]} notes.\n" for i in range(headings))
+    times = {}
+    for kind in ("text", "markdown"):
+        t0 = time.perf_counter()
+        n = len(chunk_document(Document(f"doc.{kind}", kind, [Page(1, text)], len(text)), emb, 200, 40))
+        times[kind] = time.perf_counter() - t0
+    return times["markdown"], times["text"], n
+
+
+def bench_ingest_report(ws: Workspace, a) -> None:
+    """(a), printed."""
+    ing = bench_ingest(ws, a.pdfs, a.pages)
+    ours_cps, direct_cps = ing["chunks"] / ing["ours_s"], ing["chunks"] / ing["direct_s"]
+    print(f"\n(a) ingest of {a.pdfs} PDFs, {ing['pages']} pages, {ing['chunks']} chunks")
+    print(f"  ours (extract+chunk+embed+store+index): {ing['ours_s']:.2f} s = {ing['pages'] / ing['ours_s']:.1f} "
+          f"pages/s, {ours_cps:.1f} chunks/s")
+    print(f"  baseline sentence-transformers encode of the same chunks: {ing['direct_s']:.2f} s = "
+          f"{direct_cps:.1f} chunks/s")
+    print(f"  ratio ours / direct encode chunks/s: {ours_cps / direct_cps:.3f} (target >= 0.9)")
+
+
+def bench_queries_report(ws: Workspace, a) -> None:
+    """(b), printed."""
+    print("\n(b) query latency (ms, p50 / p95), the query embedded and searched, top 5")
+    for row in bench_queries(ws, [int(x) for x in a.sizes.split(",")], a.queries):
+        print(f"  {row['n']:>7,} chunks, index {row['index']} (built in {row['build_s']:.1f} s)")
+        for mode in rag.MODES:
+            p50, p95 = row[mode]
+            print(f"    {mode:8s} {1000 * p50:6.1f} / {1000 * p95:6.1f}   (target p95 < 30: "
+                  f"{'met' if p95 < 0.03 else 'MISSED'})")
+        d50, d95 = row["direct"]
+        print(f"    baseline encode + faiss directly {1000 * d50:.1f} / {1000 * d95:.1f}; ratio vector p95 / "
+              f"direct p95: {row['vector'][1] / d95:.2f}")
+        b50, b95 = row["bm25s"]
+        f50, f95 = row["fts5"]
+        print(f"    keyword index alone: bm25s (ours) {1000 * b50:.1f} / {1000 * b95:.1f} vs SQLite FTS5 "
+              f"{1000 * f50:.1f} / {1000 * f95:.1f}; ratio bm25s / FTS5 p95: {b95 / f95:.2f}")
 
 
 def main() -> int:
@@ -177,35 +227,25 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=40)
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--headings", type=int, default=160_000)
+    ap.add_argument("--parts", default="a,b,c,d", help="which figures to measure (a, b, c, d)")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="mactuner-bench-rag-") as tmp:
         ws = Workspace.open(tmp)
         print("MacTuner RAG benchmark (embedder all-MiniLM-L6-v2)")
-        ing = bench_ingest(ws, a.pdfs, a.pages)
-        ours_cps, direct_cps = ing["chunks"] / ing["ours_s"], ing["chunks"] / ing["direct_s"]
-        print(f"\n(a) ingest of {a.pdfs} PDFs, {ing['pages']} pages, {ing['chunks']} chunks")
-        print(f"  ours (extract+chunk+embed+store+index): {ing['ours_s']:.2f} s = {ing['pages'] / ing['ours_s']:.1f} "
-              f"pages/s, {ours_cps:.1f} chunks/s")
-        print(f"  baseline sentence-transformers encode of the same chunks: {ing['direct_s']:.2f} s = "
-              f"{direct_cps:.1f} chunks/s")
-        print(f"  ratio ours / direct encode chunks/s: {ours_cps / direct_cps:.3f} (target >= 0.9)")
-        print("\n(b) query latency (ms, p50 / p95), the query embedded and searched, top 5")
-        for row in bench_queries(ws, [int(x) for x in a.sizes.split(",")], a.queries):
-            print(f"  {row['n']:>7,} chunks, index {row['index']} (built in {row['build_s']:.1f} s)")
-            for mode in rag.MODES:
-                p50, p95 = row[mode]
-                print(f"    {mode:8s} {1000 * p50:6.1f} / {1000 * p95:6.1f}   (target p95 < 30: "
-                      f"{'met' if p95 < 0.03 else 'MISSED'})")
-            d50, d95 = row["direct"]
-            print(f"    baseline encode + faiss directly {1000 * d50:.1f} / {1000 * d95:.1f}; ratio vector p95 / "
-                  f"direct p95: {row['vector'][1] / d95:.2f}")
-            b50, b95 = row["bm25s"]
-            f50, f95 = row["fts5"]
-            print(f"    keyword index alone: bm25s (ours) {1000 * b50:.1f} / {1000 * b95:.1f} vs SQLite FTS5 "
-                  f"{1000 * f50:.1f} / {1000 * f95:.1f}; ratio bm25s / FTS5 p95: {b95 / f95:.2f}")
-        tt = bench_ttft(ws)
-        print(f"\n(c) time to first token, default GGUF: RAG answer {1000 * tt['rag']:.0f} ms vs the same question "
-              f"without retrieval {1000 * tt['plain']:.0f} ms; ratio {tt['rag'] / tt['plain']:.2f}")
+        if "d" in parts:
+            md_s, txt_s, n = bench_chunking(a.headings)
+            print(f"\n(d) chunking {a.headings:,} Markdown headings ({n:,} chunks): {md_s:.2f} s; the same text as "
+                  f"plain text {txt_s:.2f} s; ratio markdown / text: {md_s / txt_s:.2f} (target <= 1.3)")
+        if "a" in parts:
+            bench_ingest_report(ws, a)
+        if "b" in parts:
+            bench_queries_report(ws, a)
+        if "c" in parts:
+            tt = bench_ttft(ws)
+            print(f"\n(c) time to first token, default GGUF: RAG answer {1000 * tt['rag']:.0f} ms vs the same question "
+                  f"without retrieval {1000 * tt['plain']:.0f} ms; ratio {tt['rag'] / tt['plain']:.2f}")
     return 0
 
 

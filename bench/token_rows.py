@@ -42,7 +42,7 @@ def main() -> int:
     ws = Workspace(Path(a.root))
     lm = models.load_hf(models.default_hf_path(ws), name=models.DEFAULT_HF_NAME)
     info = adapters.attach_adapter(lm, ws.runs / a.run / "adapter", "qs")
-    layers = [m for m in lm.model.modules() if "forward_adapters" in m.__dict__]
+    layers = [m for m in lm.backend.model.modules() if "forward_adapters" in m.__dict__]
     if not layers:
         print("this adapter has no trained token rows: nothing to compare")
         return 1

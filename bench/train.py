@@ -27,6 +27,9 @@ learned (Gemma's <end_of_turn>, tokens.py): TRL's fused output layer fails on PE
 --method precision runs ours in float32 and in bf16 mixed precision (base weights bf16; adapter, optimizer and loss
 float32; autocast) on the same batches, alternated, and prints "bf16/fp32 ratio" (tokens/s) and the loss difference.
 
+--backend mlx runs the torch trainer against the MLX trainer on the same run (bench/train_mlx.py: tokens/s, peak
+memory, a `ratio` line; --bits 4 or 8 adds MLX on a quantized base).
+
 --model defaults to the workspace's default-model HF copy (models.default_hf_path; --root picks the workspace).
 """
 
@@ -357,7 +360,8 @@ def worker_trl(args) -> dict:
 def run_worker(method: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length), "--dtype", args.dtype]
+           "--trl-steps", str(args.trl_steps), "--max-length", str(args.max_length), "--dtype", args.dtype,
+           "--bits", str(args.bits)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -383,6 +387,9 @@ def main() -> int:
                     help="sft: ours / plain / TRL SFTTrainer; dpo: our DPO step / TRL DPOTrainer")
     ap.add_argument("--max-length", type=int, default=256, help="--method dpo: longest sequence in tokens")
     ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16)")
+    ap.add_argument("--backend", choices=("torch", "mlx"), default="torch",
+                    help="mlx: the torch trainer against the MLX trainer (bench/train_mlx.py)")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="--backend mlx: also MLX on a 4/8-bit base")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -396,10 +403,16 @@ def main() -> int:
               "(python -m pipelines.models materialize-default), or pass --model PATH.", file=sys.stderr)
         return 2
     if args.worker:
+        from train_mlx import worker_mlx
+
         fn = {"ours": worker_ours, "plain": worker_plain, "trl": worker_trl, "ours-dpo": worker_ours_dpo,
-              "trl-dpo": worker_trl_dpo}[args.worker]
+              "trl-dpo": worker_trl_dpo, "mlx": worker_mlx}[args.worker]
         print(json.dumps(fn(args)))
         return 0
+    if args.backend == "mlx":
+        from train_mlx import main_mlx
+
+        return main_mlx(args, run_worker)
     if args.method == "dpo":
         return main_dpo(args)
     if args.method == "precision":

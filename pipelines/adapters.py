@@ -1,219 +1,51 @@
-"""LoRA adapters on a loaded transformers model: check one against the base (shapes read from the safetensors header),
-attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` - load the base an
-adapter was trained on, if needed, and attach it.
+"""LoRA adapters on a loaded model, whatever its backend: check an adapter folder against the loaded base
+(`inspect_adapter`), attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` -
+load the base an adapter was trained on, if needed, and attach it: on the base's GGUF as a LoRA GGUF (`lora_gguf`,
+llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The backend
+(pipelines.serving) does the loading (serving/lora.py reads the folder); this module names, checks, chooses and
+serializes (the model's lock).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import sys
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import device as devicemod
-from .errors import BadInput, Conflict, MacTunerError, NotFound
+from .errors import BadInput, Conflict, NotFound, Unavailable
 from .models import LoadedModel
-
-
-@dataclass
-class AdapterInfo:
-    name: str
-    path: str
-    base_model: str | None  # adapter_config.json's base_model_name_or_path
-    peft_type: str
-    rank: int | None
-    target_modules: list[str]
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _is_peft(model) -> bool:
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def _check_adapter(model, adapter: str | None) -> None:
-    if adapter is None:
-        return
-    attached = list(model.peft_config) if _is_peft(model) else []
-    if adapter not in attached:
-        raise NotFound(f"No adapter named '{adapter}' is attached to this model "
-                       f"(attached: {', '.join(attached) or 'none'}).")
-
-
-def _adapter_context(model, adapter: str | None):
-    """Base model (adapter None) or the named adapter, for one generation. Called with the model lock held."""
-    _check_adapter(model, adapter)
-    if not _is_peft(model):
-        return nullcontext()
-    if adapter is None:
-        return model.disable_adapter()
-    model.set_adapter(adapter, inference_mode=True)
-    return nullcontext()
-
+from .serving.lora import AdapterInfo
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
-def _base_module(model):
-    return model.get_base_model() if _is_peft(model) else model
-
-
-def _module_dims(module) -> tuple[int, int] | None:
-    """(in, out) of a layer LoRA can target."""
-    module = getattr(module, "base_layer", module)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    if hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
-        return int(module.num_embeddings), int(module.embedding_dim)
-    w = getattr(module, "weight", None)
-    if w is not None and w.dim() == 2 and type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
-        return int(w.shape[0]), int(w.shape[1])
-    return None
-
-
-def _shape_mismatches(base, weights: Path) -> list[str]:
-    """Compare the adapter's tensor shapes (read from the safetensors header only) with the loaded base's layers."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    problems = []
-    params = None
-    try:
-        with safe_open(str(weights), framework="pt") as st:
-            shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise BadInput(f"{weights.name} is not a valid safetensors file ({str(e).splitlines()[0][:160]}).") from None
-    for key, shape in shapes.items():
-        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        m = re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", name)
-        if m:
-            path, part = m.group(1), m.group(2)
-            try:
-                dims = _module_dims(base.get_submodule(path))
-            except AttributeError:
-                problems.append(f"the loaded model has no layer '{path}'")
-                continue
-            if dims is None or len(shape) != 2:
-                continue
-            if part == "lora_A" and shape[1] != dims[0]:
-                problems.append(f"{path} takes {dims[0]} inputs here, the adapter expects {shape[1]}")
-            elif part == "lora_B" and shape[0] != dims[1]:
-                problems.append(f"{path} gives {dims[1]} outputs here, the adapter expects {shape[0]}")
-            elif part == "lora_embedding_A" and shape[1] != dims[0]:
-                problems.append(f"{path} has {dims[0]} tokens here, the adapter expects {shape[1]}")
-            elif part == "lora_embedding_B" and shape[0] != dims[1]:
-                problems.append(f"{path} has width {dims[1]} here, the adapter expects {shape[0]}")
-            continue
-        if params is None:
-            params = {k: tuple(v.shape) for k, v in base.state_dict().items()}
-        plain = name.replace(".modules_to_save", "").replace(".original_module", "")
-        if plain in params and params[plain] != shape:
-            problems.append(f"{plain} is {list(params[plain])} here, the adapter holds {list(shape)}")
-    return problems
-
-
-def _same_base(named: str | None, lm: LoadedModel, base) -> bool:
-    if not named:
-        return True
-    candidates = {lm.model_path, lm.name, str(getattr(getattr(base, "config", None), "name_or_path", "") or ""),
-                  str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")}
-    candidates.discard("")
-    norm = lambda s: s.rstrip("/").lower()  # noqa: E731
-    names = {norm(c) for c in candidates} | {norm(Path(c).name) for c in candidates}
-    if norm(named) in names or norm(Path(named).name) in names:
-        return True
-    try:
-        return Path(named).expanduser().resolve() == Path(lm.model_path).resolve()
-    except OSError:
-        return False
-
-
 def inspect_adapter(lm: LoadedModel, adapter_dir: str | Path) -> AdapterInfo:
-    """Check that `adapter_dir` is a PEFT LoRA folder (safetensors) that fits the loaded base, without loading it."""
+    """Check that `adapter_dir` is a LoRA adapter the loaded model can take (for an HF model: a PEFT folder whose
+    layer shapes fit), without loading it. BadInput says why not."""
     lm.ensure_loaded()
-    if lm.backend != "transformers":
-        raise BadInput("A GGUF model cannot take a PEFT adapter: merge the adapter into its HF base model and export "
-                       "a GGUF (Export stage), or load the HF base model to chat with the adapter.")
-    path = Path(str(adapter_dir)).expanduser()
-    if not path.exists():
-        raise NotFound(f"No adapter folder at {path} (the run or checkpoint may have been deleted).")
-    if not path.is_dir():
-        raise BadInput(f"{path} is a file; choose the adapter's folder (it holds adapter_config.json).")
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.exists():
-        raise BadInput(f"{path.name} is not a PEFT adapter folder: it has no adapter_config.json.")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"adapter_config.json in {path.name} is not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"adapter_config.json in {path.name} is not a JSON object.")
-    peft_type = str(cfg.get("peft_type") or "").upper()
-    if peft_type != "LORA":
-        raise BadInput(f"{path.name} is a {peft_type or 'unknown'} adapter; MacTuner chats with LoRA adapters.")
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        if any(path.glob("adapter_model.bin")) or any(path.glob("*.pt")):
-            raise BadInput(f"{path.name} has its weights as a pickle file (adapter_model.bin), which could run code "
-                           "when loaded; MacTuner only loads adapter_model.safetensors.")
-        raise BadInput(f"{path.name} has no adapter_model.safetensors.")
-    base = _base_module(lm.model)
-    named = cfg.get("base_model_name_or_path")
-    problems = _shape_mismatches(base, weights)
-    if problems:
-        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        raise BadInput(f"This adapter was trained for a different base model ({named or 'unnamed'}) than the loaded "
-                       f"{lm.name}: {'; '.join(problems[:2])}{more}. Load its base model first.")
-    warnings = []
-    if not _same_base(named, lm, base):
-        warnings.append(f"adapter_config.json names '{named}' as its base, but the loaded model is {lm.name}; the "
-                        "layer shapes match, so it was attached - check that this is the right base model")
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    return AdapterInfo(name=path.name, path=str(path.resolve()), base_model=named, peft_type=peft_type,
-                       rank=cfg.get("r"), target_modules=sorted(map(str, targets)), warnings=warnings)
+    return lm.backend.inspect_adapter(Path(str(adapter_dir)).expanduser())
 
 
-def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = None) -> AdapterInfo:
-    """Load a LoRA adapter onto a loaded HF model, keeping the base: the first wraps lm.model in a PeftModel, later
-    ones are added with load_adapter. Select it per answer with ChatParams.adapter=name (None: the base model).
+def attach_adapter(lm: LoadedModel, adapter_dir: str | Path, name: str | None = None,
+                   chat_template: str | None = None) -> AdapterInfo:
+    """Load a LoRA adapter onto a loaded model, keeping the base; select it per answer with ChatParams.adapter=name
+    (None: the base model). An HF model takes a PEFT folder, a GGUF model a LoRA GGUF. `chat_template`: the one the
+    adapter was trained with, when the model's own differs (a base GGUF without the template).
 
-    BadInput: a GGUF model, not a LoRA/safetensors folder, or trained for another base (layer shapes differ).
-    NotFound: the folder is gone. Conflict: the name is taken (detach_adapter first)."""
+    BadInput: not an adapter this model takes, or trained for another base (layer shapes differ). NotFound: the
+    folder or file is gone. Conflict: the name is taken (detach_adapter first)."""
     info = inspect_adapter(lm, adapter_dir)
+    info.chat_template = chat_template
     name = (name or "").strip() or re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(info.path).name).lstrip(".-_") or "adapter"
     if not _ADAPTER_NAME.fullmatch(name):
         raise BadInput(f"Adapter name {name!r}: use letters, digits, '.', '_' or '-' (64 at most).")
     info.name = name
-    from peft import PeftModel  # noqa: PLC0415
-
     with lm.lock:
-        model = lm.model
-        if model is None:
-            raise NotFound("The model was unloaded meanwhile.")
-        try:
-            if isinstance(model, PeftModel):
-                if name in model.peft_config:
-                    raise Conflict(f"An adapter named '{name}' is already attached; detach it first or choose "
-                                   "another name.")
-                devicemod.in_own_thread(model.load_adapter, info.path, adapter_name=name, is_trainable=False)
-            else:  # torch work off the caller's (a server worker's) thread: see device.in_own_thread
-                lm.model = devicemod.in_own_thread(PeftModel.from_pretrained, model, info.path, adapter_name=name,
-                                                   is_trainable=False)
-        except MacTunerError:
-            raise
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise BadInput(f"PEFT could not load the adapter {Path(info.path).name}: "
-                           f"{str(e).splitlines()[0][:240]}") from None
-        lm.model.eval()
-        from .training.tokens import fast_token_rows  # noqa: PLC0415
-
-        fast_token_rows(lm.model)  # trained token rows without a copy of the vocabulary per token
-        lm.adapters[name] = info
+        lm.ensure_loaded()  # it may have been unloaded meanwhile
+        if name in lm.backend.adapters:
+            raise Conflict(f"An adapter named '{name}' is already attached; detach it first or choose another name.")
+        lm.backend.attach_adapter(info)
     return info
 
 
@@ -225,42 +57,147 @@ def adapter_label(adapter_dir: Path, run_dir: Path | None) -> str:
         f"{base}.{re.sub(r'[^A-Za-z0-9_.-]', '-', adapter_dir.name)[:14]}"
 
 
-def open_adapter(ws, registry, source: str | Path, current: bool = True) -> tuple[LoadedModel, str, str | None]:
-    """Make an adapter (a run folder, its adapter/ or a checkpoint) ready to answer with: its HF base model is
-    loaded if no loaded model is that base (beside the others; `current` makes it the current model), then the
-    adapter is attached under `adapter_label`. Returns (model, adapter name, a note saying what was loaded or
-    None)."""
-    from .models import DEFAULT_HF_NAME, default_hf_path  # noqa: PLC0415
+def base_gguf(ws, base: Path) -> Path | None:
+    """The GGUF an HF base model folder was made from, when it is still there - the default model's HF copy, whose
+    mactuner.json names the GGUF it was dequantized from: a run's adapter then answers on that GGUF through
+    llama.cpp, as a LoRA GGUF beside it."""
+    from .models import default_hf_path, ensure_default_gguf  # noqa: PLC0415
+
+    if ws is None:  # the LoRA GGUF is written into a workspace
+        return None
+    try:
+        source = json.loads((base / "mactuner.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(source, str) or not source.endswith(".gguf"):
+        return None
+    if base == default_hf_path(ws).resolve():
+        return ensure_default_gguf(ws)  # assembled again if it was removed or the workspace moved
+    return Path(source) if Path(source).is_file() else None
+
+
+def open_adapter(ws, registry, source: str | Path, current: bool = True,
+                 progress=lambda fraction, message: None) -> tuple[LoadedModel, str, str | None]:
+    """Make an adapter (a run folder, its adapter/ or a checkpoint) ready to answer with, under `adapter_label`.
+    When its base model was made from a GGUF (`base_gguf`), that GGUF answers with the adapter written as a LoRA
+    GGUF (once; llama.cpp speed, switched per answer without reloading the base); otherwise - or when llama.cpp
+    cannot take this adapter - its HF base model with the PEFT adapter. A model not loaded yet is loaded beside
+    the others (`current` makes it the current model). Returns (model, adapter name, a note saying what was done,
+    or None)."""
+    from .export.common import ExportFailed  # noqa: PLC0415 - the export package is only needed from here
     from .runs import resolve_adapter, resolve_base  # noqa: PLC0415
 
     adapter_dir, run_dir = resolve_adapter(ws.check_path(source) if ws is not None else source)
     base = resolve_base(ws, adapter_dir, run_dir)
     name = adapter_label(adapter_dir, run_dir)
-    note = None
-    lm = next((m for m in map(registry.get, registry.names())
-               if m is not None and m.backend == "transformers" and Path(m.model_path).resolve() == base), None)
-    if lm is None:
-        label = DEFAULT_HF_NAME if base == default_hf_path(ws).resolve() else None
-        lm = registry.load(str(base), ws, name=label, replace=False, current=current)
-        note = f"loaded {lm.name} (the adapter's base model) to answer with it"
-    if name not in {a.name for a in list_adapters(lm)}:
-        attach_adapter(lm, adapter_dir, name)
+    gguf = base_gguf(ws, base)
+    homes = {base} | ({gguf.resolve()} if gguf else set())
+    for lm in _loaded(registry):
+        if name in lm.backend.adapters and Path(lm.model_path).resolve() in homes:
+            return lm, name, None  # attached before
+    why_not = None
+    if gguf is not None:
+        try:
+            return _open_on_gguf(ws, registry, adapter_dir, base, gguf, name, current, progress)
+        except (BadInput, Unavailable, ExportFailed) as e:  # ExportFailed: the converter broke on it
+            why_not = e.message.splitlines()[0]
+    lm, note = _loaded_or_load(ws, registry, base, current)
+    attach_adapter(lm, adapter_dir, name)
+    if why_not:
+        note = (f"{note}; " if note else "") + f"transformers answers: llama.cpp cannot take this adapter ({why_not})"
     return lm, name, note
+
+
+def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
+                  progress) -> tuple[LoadedModel, str, str]:
+    """The adapter on the base's GGUF: its low-rank pairs as a LoRA GGUF; rows of the token embeddings it trained
+    outright (which a LoRA cannot hold) written into a copy of the GGUF, which answers in its own worker."""
+    from .export.merge import saved_chat_template  # noqa: PLC0415
+    from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
+
+    progress(0.1, "Writing the adapter as a LoRA GGUF for llama.cpp (once per adapter)...")
+    cache = _lora_cache(ws, adapter_dir, base)
+    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"))
+    rows = token_rows(adapter_dir)
+    label = None
+    if rows is not None:
+        progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
+        target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
+        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
+        gguf = target if target.is_file() else gguf_with_token_rows(gguf, rows, target)
+    progress(0.6, f"Loading {gguf.name}...")
+    lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
+    if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
+        attach_adapter(lm, lora, name, chat_template=saved_chat_template(adapter_dir) or saved_chat_template(base))
+    said = "llama.cpp answers: the base GGUF with the adapter as a LoRA GGUF" + (
+        f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF" if rows else "")
+    return lm, name, f"{loaded}; {said}" if loaded else said
+
+
+def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
+    """Where the files written for this version of the adapter go (without a suffix): the workspace's
+    tmp/lora-gguf/, a cache keyed by the adapter's folder, weights' size and time, and the base."""
+    st = (adapter_dir / "adapter_model.safetensors").stat()
+    key = f"{adapter_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}|{base.resolve()}"
+    return ws.tmp / "lora-gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """The low-rank pairs of the PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp
+    LoRA GGUF at `out` (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter)
+    unless it is there already. BadInput says why llama.cpp cannot take this adapter."""
+    import shutil  # noqa: PLC0415
+
+    from .export.adapter import adapter_gguf, adapter_problem  # noqa: PLC0415 - the converter, only from here
+    from .serving.lora import without_token_rows  # noqa: PLC0415
+
+    if out.is_file():
+        return out
+    pairs = out.with_name(f".{out.stem}-pairs")  # its trained token rows go into the base GGUF instead
+    try:
+        why = adapter_problem(without_token_rows(adapter_dir, pairs))
+        if why:
+            raise BadInput(why)
+        return adapter_gguf(pairs, base_dir, out, "f32")
+    except Conflict:  # another request wrote it meanwhile
+        return out
+    finally:
+        shutil.rmtree(pairs, ignore_errors=True)
+
+
+def _loaded(registry) -> list[LoadedModel]:
+    return [m for m in map(registry.get, registry.names()) if m is not None and m.backend is not None]
+
+
+def _model_label(ws, path: Path) -> str | None:
+    """The name the Model tab gives the embedded default model's two copies (None: the file's own name)."""
+    from .models import DEFAULT_HF_NAME, DEFAULT_NAME, default_gguf_path, default_hf_path  # noqa: PLC0415
+
+    if ws is None:
+        return None
+    return {default_hf_path(ws).resolve(): DEFAULT_HF_NAME, default_gguf_path(ws).resolve(): DEFAULT_NAME}.get(path)
+
+
+def _loaded_or_load(ws, registry, path: Path, current: bool,
+                    label: str | None = None) -> tuple[LoadedModel, str | None]:
+    """The loaded model whose file or folder is `path`, else `path` loaded beside the others (named `label`); with a
+    note saying what was loaded (None when it was loaded already)."""
+    lm = next((m for m in _loaded(registry) if Path(m.model_path).resolve() == path), None)
+    if lm is not None:
+        return lm, None
+    lm = registry.load(str(path), ws, name=label or _model_label(ws, path), replace=False, current=current)
+    return lm, f"loaded {lm.name} (the adapter's base model) to answer with it"
 
 
 def list_adapters(lm: LoadedModel) -> list[AdapterInfo]:
     """Adapters attached to this model, in the order they were attached."""
-    return list(lm.adapters.values())
+    return list(lm.backend.adapters.values()) if lm.backend is not None else []
 
 
 def detach_adapter(lm: LoadedModel, name: str) -> None:
-    """Remove an attached adapter; removing the last one gives lm.model back as the plain base model."""
+    """Remove an attached adapter (the base model answers as before it was attached)."""
     with lm.lock:
-        model = lm.model
-        if not _is_peft(model) or name not in model.peft_config:
+        lm.ensure_loaded()
+        if name not in lm.backend.adapters:
             raise NotFound(f"No adapter named '{name}' is attached to this model.")
-        if len(model.peft_config) == 1:
-            lm.model = model.unload()
-        else:
-            model.delete_adapter(name)
-        lm.adapters.pop(name, None)
+        lm.backend.detach_adapter(name)

@@ -23,6 +23,7 @@
     mactuner rag list [--root DIR]                                 knowledge bases
     mactuner rag ingest KB FILE... [--create] [--password P]      add PDF / .txt / .md documents
     mactuner rag search KB "query" [--top-k 5] [--mode hybrid]    ranked passages (no model)
+    mactuner rag delete KB | rebuild KB                          delete one; make a damaged one again from its documents
     mactuner rag ask KB "question" [--model GGUF_OR_HF_DIR]       a cited answer (default: the embedded model)
 
 Only `studio` (pipelines.studio_cmd) imports gradio (lazily), so the other subcommands stay light.
@@ -398,11 +399,30 @@ def _add_rag(sub) -> None:
                 mark = "*" if i in last.citations else " "
                 print(f"{mark}[{i}] {p.file}, page {p.page} (similarity {p.similarity:.2f})", file=sys.stderr)
         finally:
-            if lm.backend == "llama.cpp":
-                lm.model.close()
+            lm.backend.close()  # a GGUF's worker process ends with it
         return 0
 
+    def _delete(a):
+        from . import rag  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        rag.delete(Workspace.open(a.root), a.kb)
+        print(f"Deleted the knowledge base '{a.kb}'.", file=sys.stderr)
+        return 0
+
+    def _rebuild(a):
+        from . import rag  # noqa: PLC0415
+        from .workspace import Workspace  # noqa: PLC0415
+
+        rep = rag.rebuild(Workspace.open(a.root), a.kb, lambda f, m, **_k: print(f"{100 * f:5.1f}%  {m}",
+                                                                                  file=sys.stderr, flush=True))
+        print(json.dumps(rep.as_dict(), indent=2))
+        return 0 if not rep.failed else 1
+
     common(cmds.add_parser("list", help="knowledge bases with their documents and chunks"), _list)
+    for name, fn, what in (("delete", _delete, "delete a knowledge base (its documents and index)"),
+                           ("rebuild", _rebuild, "make a damaged knowledge base again from the documents it keeps")):
+        common(cmds.add_parser(name, help=what), fn).add_argument("kb")
     i = common(cmds.add_parser("ingest", help="add documents (PDF, .txt, .md) to a knowledge base"), _ingest)
     i.add_argument("kb")
     i.add_argument("files", nargs="+")

@@ -1,5 +1,7 @@
 """Device profile: which accelerator we run on (MPS > CUDA > CPU), how much memory there is, which dtype and
-thread count each stage should use, and how much memory a model needs for inference, LoRA and QLoRA.
+thread count each stage should use, which training backend (torch | mlx) and why (backend.py, re-exported here), and
+how much memory a model needs for inference, LoRA and QLoRA (bitsandbytes 4-bit, or MLX's 4-/8-bit bases in unified
+memory).
 
 Every stage asks this module instead of deciding on its own. `detect()` takes the torch module as an argument
 so tests can simulate each backend; `python -m pipelines.device` prints the profile of this machine.
@@ -18,6 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+
+from .backend import (  # noqa: F401 - the backend choice is the device profile's too: device.choose_backend(...)
+    BackendChoice,
+    apple_silicon,
+    choose_backend,
+    mlx_install_hint,
+    mlx_installed,
+    mlx_train_dtype,
+)
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
@@ -40,6 +51,8 @@ class DeviceProfile:
     qlora: bool  # bitsandbytes 4-bit training possible here
     qlora_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    backend: str = "torch"  # the training backend "auto" picks here (choose_backend)
+    backend_reason: str = ""
 
     @property
     def torch_device(self) -> str:
@@ -79,6 +92,13 @@ def cpu_name() -> str:
 
 def detect(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
     """Profile the best available device. `torch` and `cpuinfo` can be replaced to simulate other machines."""
+    prof = _detect_device(torch, cpuinfo)
+    choice = choose_backend("auto", prof)
+    prof.backend, prof.backend_reason = choice.name, choice.reason
+    return prof
+
+
+def _detect_device(torch=None, cpuinfo: str | None = None) -> DeviceProfile:
     if torch is None:
         import torch  # noqa: PLC0415 - torch import is slow; only pay it when asked
     vm = psutil.virtual_memory()
@@ -377,6 +397,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     available: int | None = None,
     weight_bytes: int | None = None,
+    base_bits: int = 0,
 ) -> MemoryEstimate:
     """Rough peak memory for `mode` in ("inference", "lora", "qlora"). Errs on the generous side.
 
@@ -384,7 +405,9 @@ def estimate_memory(
     grads and Adam moments (16 B each); activations: per layer ~34 bytes x tokens x hidden at 16-bit (scaled for
     fp32), kept for all layers unless gradient checkpointing; logits for the whole batch in fp32 (x2 for the
     softmax backward); inference adds the KV cache. Overhead: 10% + 300 MB for the runtime.
-    `weight_bytes` replaces the weights' size for inference (a quantized GGUF file, say).
+    `weight_bytes` replaces the weights' size for inference (a quantized GGUF file, say). `base_bits` 4 or 8: LoRA
+    on an MLX-quantized base (affine, a float16 scale and bias per group of 64 weights: 4.5 or 8.5 bits per weight,
+    the embedding included), computing in `dtype`.
     """
     if mode not in ("inference", "lora", "qlora"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -394,6 +417,8 @@ def estimate_memory(
         weights = int(weight_bytes)
     elif mode == "qlora":
         weights = int(shape.n_params * 0.5625)
+    elif mode == "lora" and base_bits:
+        weights = int(shape.n_params * (base_bits + 0.5) / 8)
     else:
         weights = int(shape.n_params * b)
     if mode == "inference":
@@ -425,11 +450,12 @@ def recommend_batch_size(
     gradient_checkpointing: bool = False,
     max_batch: int = 64,
     headroom: float = 0.8,
+    base_bits: int = 0,
 ) -> int:
     """The largest power-of-two batch whose estimate fits in `headroom` x `available`; 0 when none does."""
     best, b = 0, 1
     while b <= max_batch:
-        est = estimate_memory(shape, mode, dtype, seq_len, b, lora_rank, gradient_checkpointing)
+        est = estimate_memory(shape, mode, dtype, seq_len, b, lora_rank, gradient_checkpointing, base_bits=base_bits)
         if est.total > available * headroom:
             break
         best, b = b, b * 2

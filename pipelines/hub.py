@@ -1,6 +1,9 @@
 """The Hugging Face Hub: everything it says about a model without downloading it (`hub_info`), and `download` of the
 files a model needs into the HF cache with a progress callback; Hub and network errors become messages a user can
 act on. The endpoint is HF_ENDPOINT when set (the tests' local stand-in), else the Hub.
+
+Every HTTP call huggingface_hub makes here has a connect and a read timeout (`use_timeouts`): it leaves many
+without one, so a Hub that accepts the connection and never answers would hang a push or a download for ever.
 """
 
 from __future__ import annotations
@@ -20,6 +23,63 @@ def hub_endpoint() -> str:
     from huggingface_hub import constants  # noqa: PLC0415
 
     return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+CONNECT_SECONDS = 10.0
+
+
+def read_seconds() -> float:
+    """Seconds a Hub call may wait for the next bytes of an answer: MACTUNER_HUB_TIMEOUT, default 60 (a commit of
+    many files takes the Hub a while)."""
+    try:
+        return max(1.0, float(os.environ.get("MACTUNER_HUB_TIMEOUT") or 60.0))
+    except ValueError:
+        return 60.0
+
+
+def _fill_timeouts(request) -> None:
+    """A request hook: each timeout huggingface_hub left unset (None waits for ever) gets ours."""
+    timeouts = dict(request.extensions.get("timeout") or {})
+    read = read_seconds()
+    for key, value in (("connect", CONNECT_SECONDS), ("read", read), ("write", read), ("pool", CONNECT_SECONDS)):
+        if timeouts.get(key) is None:
+            timeouts[key] = value
+    request.extensions = {**request.extensions, "timeout": timeouts}
+
+
+_TIMEOUTS_LOCK = threading.Lock()
+_timeouts_on = False
+
+
+def use_timeouts() -> None:
+    """From now on in this process, huggingface_hub's shared HTTP client is made with the timeout hook after its
+    own hooks (offline mode, request ids), through its documented client factory; once is enough."""
+    global _timeouts_on
+    from huggingface_hub import get_session, set_client_factory  # noqa: PLC0415
+
+    with _TIMEOUTS_LOCK:
+        if _timeouts_on:
+            return
+        base = get_session()  # huggingface_hub's own client: its class and hooks are copied
+        hooks = {kind: list(base.event_hooks.get(kind, [])) for kind in ("request", "response")}
+        hooks["request"].append(_fill_timeouts)
+
+        def client():  # timeout=None as huggingface_hub's own: the hook then fills every unset one
+            return type(base)(event_hooks=hooks, follow_redirects=base.follow_redirects, timeout=None)
+
+        set_client_factory(client)
+        _timeouts_on = True
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """True for a connect / read / write timeout of the HTTP client (httpx's TimeoutException) or of a socket."""
+    return isinstance(exc, TimeoutError) or any(k.__name__ == "TimeoutException" for k in type(exc).__mro__)
+
+
+def timeout_words(exc: BaseException) -> str:
+    """'did not answer within N s (ReadTimeout)' for a timeout `exc` of a call that had our timeouts."""
+    seconds = CONNECT_SECONDS if "Connect" in type(exc).__name__ else read_seconds()
+    return f"did not answer within {seconds:.0f} s ({type(exc).__name__})"
 
 
 def validate_model_id(model_id: str) -> str:
@@ -66,6 +126,9 @@ def _hub_errors(model_id: str, exc: Exception) -> MacTunerError:
         if code == 401:
             return Unauthorized(f"The Hub refused the request for '{model_id}': the access token is invalid or lacks access.")
         return Unavailable(f"The Hub answered with an error for '{model_id}': {str(exc).splitlines()[0]}")
+    if is_timeout(exc):
+        return Unavailable(f"The Hub at {hub_endpoint()} did not answer in time about '{model_id}' "
+                           f"({type(exc).__name__}). Check the network and try again; local models still work.")
     return Unavailable(
         f"Cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}). Check the network; local models still work."
     )
@@ -126,6 +189,7 @@ def hub_info(model_id: str, token: str | None = None) -> HubInfo:
     model_id = validate_model_id(model_id)
     from huggingface_hub import HfApi  # noqa: PLC0415
 
+    use_timeouts()
     tok = _token(token)
     api = HfApi(endpoint=hub_endpoint())
     try:

@@ -326,9 +326,11 @@ def list_local_models(ws: Workspace, include_cache: bool = True) -> list[dict]:
 
 @dataclass
 class LoadedModel:
+    """A model loaded in the studio: what it is (shown in the Model tab and /api/model/current) and its `backend`
+    (pipelines.serving.backend.ModelBackend), through which chat and serving reach it; None once unloaded."""
+
     name: str
     model_path: str  # not "path": gradio_client takes any dict with a "path" key for a file to download
-    backend: str  # "transformers" | "llama.cpp"
     format: str
     device: str
     dtype: str
@@ -340,44 +342,40 @@ class LoadedModel:
     load_seconds: float
     loaded_at: float
     details: dict = field(default_factory=dict)
-    model: Any = field(default=None, repr=False)  # transformers: the model; llama.cpp: its serving.client.GGUFWorker
-    tokenizer: Any = field(default=None, repr=False)
+    backend: Any = field(default=None, repr=False)  # serving.hf.HFBackend, serving.gguf.GGUFBackend, ...
     # Serializes generation and adapter changes on this model: a plain Lock, so a streaming generator resumed on
     # another thread (Gradio does that) may release it. Unloading waits for it: never free a model mid-answer.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    adapters: dict = field(default_factory=dict, repr=False)  # name -> adapters.AdapterInfo, as attached
-    cache: dict = field(default_factory=dict, repr=False)  # per-model facts worth computing once (chat.prompt)
 
-    RUNTIME = ("model", "tokenizer", "lock", "adapters", "cache")
+    RUNTIME = ("backend", "lock")
+
+    @property
+    def backend_kind(self) -> str:
+        """"transformers", "llama.cpp", ... ("unloaded" once it was)."""
+        backend = self.backend
+        return backend.kind if backend is not None else "unloaded"
 
     def ensure_loaded(self) -> None:
         """NotFound once the model was unloaded."""
-        if self.model is None:
+        if self.backend is None:
             raise NotFound("No model is loaded (it may have been unloaded); load one in the Model tab.")
 
     def describe(self) -> dict:
         """The metadata as a plain dict. Not dataclasses.asdict: it deep-copies every field, and a deep copy of a
         llama_cpp.Llama loads the model again (its __setstate__), of a torch model copies the weights."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME}
-        d["adapters"] = list(self.adapters)
+        backend = self.backend
+        d["backend"] = self.backend_kind
+        d["adapters"] = list(backend.adapters) if backend is not None else []
         d["details"] = dict(self.details)
         d["memory"] = human_bytes(self.memory_bytes)
-        if self.backend == "llama.cpp" and self.model is not None:  # its worker process, as it is now
-            d["worker"] = self.model.status()
+        if backend is not None:
+            d.update(backend.describe())
         return d
 
 
 def _rss() -> int:
     return psutil.Process().memory_info().rss
-
-
-def _gguf_vocab_probe(llm) -> str:
-    """Text of a few special tokens: tells whether the Gemma turn format (our documented fallback) applies."""
-    try:
-        ids = llm.tokenize(b"<start_of_turn>", add_bos=False, special=True)
-        return "<start_of_turn>" if len(ids) == 1 else ""
-    except (RuntimeError, ValueError):
-        return ""
 
 
 GGUF_FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 14: "Q4_K_S", 17: "Q5_K_M", 18: "Q6_K",
@@ -388,10 +386,12 @@ def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096, threads: i
     """Serve a GGUF from a worker process of its own (pipelines.serving): a native crash in llama.cpp ends that
     process, not the studio. `model` is the serving.client.GGUFWorker; the weights live only in the worker."""
     from .serving.client import GGUFWorker  # noqa: PLC0415
+    from .serving.gguf import GGUFBackend  # noqa: PLC0415
 
     _check_gguf(path)
     t0 = time.time()
     worker = GGUFWorker(path, n_ctx=n_ctx, threads=threads, name=name)
+    backend = GGUFBackend(worker)
     md = dict(worker.metadata)
     arch = md.get("general.architecture")
     n_ctx_train = int(md.get(f"{arch}.context_length", 0) or 0) or None
@@ -406,15 +406,16 @@ def load_gguf(path: Path, name: str | None = None, n_ctx: int = 4096, threads: i
         pass
     ftype = int(md.get("general.file_type", -1) or -1)
     return LoadedModel(
-        name=name or md.get("general.name") or path.stem, model_path=str(path), backend="llama.cpp", format="gguf",
+        name=name or md.get("general.name") or path.stem, model_path=str(path), format="gguf",
         device="gpu (llama.cpp offload)" if worker.info["offload"] else "cpu",
         dtype=GGUF_FILE_TYPES.get(ftype, f"type {md.get('general.file_type')}"), n_params=worker.info["n_params"],
         memory_bytes=path.stat().st_size + kv_bytes, context_length=n_ctx_train, architecture=arch,
-        chat_template="tokenizer.chat_template" in md or "<start_of_turn>" in _gguf_vocab_probe(worker),
+        # a base GGUF with Gemma's turn tokens gets the documented plain fallback (see chat), which counts as one
+        chat_template="tokenizer.chat_template" in md or backend.has_special_token("<start_of_turn>"),
         load_seconds=time.time() - t0, loaded_at=time.time(),
         details={"n_ctx": worker.info["n_ctx"], "size_label": md.get("general.size_label"),
                  "license": md.get("general.license")},
-        model=worker,
+        backend=backend,
     )
 
 
@@ -422,6 +423,8 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
     info = inspect_folder(path, trust_remote_code)
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from .serving.hf import HFBackend  # noqa: PLC0415 - imports torch and transformers
 
     prof = devicemod.profile()
     dtype = getattr(torch, prof.infer_dtype)
@@ -446,20 +449,20 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise BadInput(f"The tokenizer in {path.name} could not be loaded: {str(e).splitlines()[0][:200]}") from None
-    n_params = sum(p.numel() for p in model.parameters())
-    mem = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
     cfg = model.config
     tc = getattr(cfg, "text_config", None) or cfg
+    backend = HFBackend(model, tok, str(path), name or path.name, getattr(tc, "max_position_embeddings", None))
+    mem = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
     return LoadedModel(
-        name=name or path.name, model_path=str(path), backend="transformers",
+        name=name or path.name, model_path=str(path),
         format="hf-safetensors" if use_safetensors else "hf-pickle (weights only)", device=prof.kind,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""), n_params=n_params, memory_bytes=mem,
-        context_length=getattr(tc, "max_position_embeddings", None), architecture=(cfg.architectures or [type(model).__name__])[0],
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""), n_params=backend.n_params, memory_bytes=mem,
+        context_length=backend.context_length, architecture=(cfg.architectures or [type(model).__name__])[0],
         chat_template=bool(getattr(tok, "chat_template", None)), load_seconds=time.time() - t0, loaded_at=time.time(),
         details={"model_type": cfg.model_type, "hidden_size": getattr(tc, "hidden_size", None),
                  "layers": getattr(tc, "num_hidden_layers", None), "vocab_size": getattr(tc, "vocab_size", None)},
-        model=model, tokenizer=tok,
+        backend=backend,
     )
 
 
@@ -475,18 +478,8 @@ def _single_gguf(folder: Path) -> Path:
 
 def shape_of(lm: LoadedModel) -> devicemod.ModelShape:
     """The estimate's view of a loaded model."""
-    if lm.backend == "transformers" and lm.model is not None:
-        return devicemod.ModelShape.from_config(lm.model.config, lm.n_params)
-    md = dict(lm.model.metadata) if lm.model is not None else {}
-    arch = lm.architecture or ""
-    g = lambda k, d=0: int(md.get(f"{arch}.{k}", d) or d)  # noqa: E731
-    hidden, heads = g("embedding_length"), g("attention.head_count", 1)
-    return devicemod.ModelShape(
-        n_params=lm.n_params or 0, hidden_size=hidden, num_layers=g("block_count"),
-        vocab_size=int(lm.model.n_vocab()) if lm.model is not None else 32000, intermediate_size=g("feed_forward_length"),
-        num_kv_heads=g("attention.head_count_kv", heads), head_dim=g("attention.key_length", hidden // max(1, heads)),
-        num_heads=heads,
-    )
+    lm.ensure_loaded()
+    return lm.backend.shape()
 
 
 def _cli(argv: list[str] | None = None) -> int:

@@ -75,6 +75,10 @@ def commands(config_path: str, nnodes: int, *, run_name: str, root: str, head: s
     each. `cfg` (validated: absolute base model path, concrete dataset version) goes into the SkyPilot task, which
     copies the dataset version and a local base model to the rented machines; `accelerators` e.g. "L4:1"."""
     _check(nnodes, nproc_per_node, run_name, port)
+    if cfg is not None and cfg.backend == "mlx":
+        from .training.mlx.support import ONE_PROCESS  # noqa: PLC0415
+
+        raise BadInput(ONE_PROCESS)
     trainer = _trainer_args(config_path, root, run_name)
     torchrun = ["torchrun", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node), "--rdzv-backend",
                 "c10d", "--rdzv-endpoint", f"{head}:{port}", "--rdzv-id", run_name, *trainer]

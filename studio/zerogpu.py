@@ -31,4 +31,4 @@ def gpu(fn: Callable) -> Callable:
 
 def for_model(lm, plain: Callable, on_gpu: Callable) -> Callable:
     """`on_gpu` (the gpu()-wrapped variant) for an HF model, `plain` for a GGUF one."""
-    return on_gpu if getattr(lm, "backend", None) == "transformers" else plain
+    return on_gpu if getattr(lm, "backend_kind", None) == "transformers" else plain

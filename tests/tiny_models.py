@@ -153,3 +153,20 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0, config_overrides: dic
     pm.save_pretrained(out)
     assert (out / "adapter_model.safetensors").exists()
     return out
+
+
+def text_only_copy(llama_dir: Path, out: Path) -> Path:
+    """A copy of a tiny llama that never picks a byte token (<0xA3>...): their output rows are zero while every other
+    token's logit is above zero somewhere. A random model's stray bytes are no UTF-8, which transformers spells
+    U+FFFD and llama.cpp drops - so without them the two libraries' texts compare exactly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(llama_dir, out)
+    byte_ids = [i for t, i in AutoTokenizer.from_pretrained(out).get_vocab().items() if t.startswith("<0x")]
+    weights = load_file(out / "model.safetensors")
+    weights["lm_head.weight"][byte_ids] = 0.0
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out

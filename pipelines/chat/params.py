@@ -44,7 +44,15 @@ class ChatParams:
     min_p: float = field(default=0.05, metadata={"label": "Min-p", "range": (0.0, 0.5, 0.01),
         "help": "Drop tokens less likely than this fraction of the most likely one (0 = off)."})
     repetition_penalty: float = field(default=1.1, metadata={"label": "Repetition penalty", "range": (0.8, 2.0, 0.01),
-        "help": "Penalize tokens already used (1 = off; 1.1 curbs the loops small models fall into)."})
+        "help": "Penalize tokens used in the last 64 of the answer (1 = off; 1.1 curbs the loops small models fall "
+                "into): a positive logit is divided by it, a negative one multiplied, as llama.cpp does."})
+    # OpenAI's two penalties (/v1 takes them): not on the chat forms, which offer the repetition penalty
+    frequency_penalty: float = field(default=0.0, metadata={"form": False, "range": (-2.0, 2.0, 0.01),
+        "help": "OpenAI's frequency penalty: subtract this times the count of each token in the last 64 of the "
+                "answer from its logit (0 = off; -2 to 2)."})
+    presence_penalty: float = field(default=0.0, metadata={"form": False, "range": (-2.0, 2.0, 0.01),
+        "help": "OpenAI's presence penalty: subtract this from the logit of each token in the last 64 of the answer "
+                "(0 = off; -2 to 2)."})
     max_new_tokens: int = field(default=256, metadata={"label": "Max new tokens", "range": (1, 4096, 1),
         "help": "Longest answer in tokens; lowered automatically when the context window has less room."})
     stop: list[str] = field(default_factory=list, metadata={"label": "Stop strings (comma-separated; \\n allowed)",
@@ -54,7 +62,8 @@ class ChatParams:
         "help": "Random seed: the same seed and settings give the same answer on the same backend. "
                 "Empty: a fresh seed each time (reported in the final chunk)."})
     adapter: str | None = field(default=None, metadata={
-        "help": "Name of an attached LoRA adapter to answer with (transformers models only); empty: the base model."})
+        "help": "Name of an attached LoRA adapter to answer with (transformers and MLX models); empty: the base "
+                "model."})
 
     def validated(self) -> "ChatParams":
         """A checked, normalized copy (stop may be given as one string); BadInput names the bad field."""
@@ -80,6 +89,8 @@ class ChatParams:
         if p.min_p >= 1.0:
             raise BadInput("min_p must be below 1.")
         num("repetition_penalty", float, 0.0, 10.0, lo_open=True)
+        num("frequency_penalty", float, -2.0, 2.0)
+        num("presence_penalty", float, -2.0, 2.0)
         num("max_new_tokens", int, 1, 1_000_000)
         if p.seed is not None and p.seed != "":
             num("seed", int, 0, 2**32 - 1)
@@ -101,8 +112,9 @@ class ChatParams:
 
     @classmethod
     def sampling_fields(cls) -> list:
-        """The settings a chat form shows, in order (the adapter is chosen beside the model)."""
-        return [f for f in fields(cls) if f.name != "adapter"]
+        """The settings a chat form shows, in order (the adapter is chosen beside the model; OpenAI's penalties are
+        /v1's)."""
+        return [f for f in fields(cls) if f.name != "adapter" and f.metadata.get("form", True)]
 
     @classmethod
     def from_form(cls, values, adapter: str | None = None) -> "ChatParams":

@@ -1,6 +1,6 @@
-"""Prompt building: which template a model uses (`chat_template_of`), its special tokens and context window, the
-conversation checked (`normalize_messages`), rendered in the sandbox and tokenized, with the oldest turns trimmed
-until it fits (`build_prompt`); `raw_prompt` for a text completion.
+"""Prompt building: the conversation checked (`normalize_messages`), rendered by the model's backend (its template,
+sandboxed) and tokenized, with the oldest turns trimmed until it fits (`build_prompt`); `raw_prompt` for a text
+completion; `chat_template_of`, `context_window` and `tokenize` for the UI and the callers that ask.
 """
 
 from __future__ import annotations
@@ -9,109 +9,35 @@ from typing import Any
 
 from ..errors import BadInput, NotFound
 from ..models import LoadedModel
-from ..templates import PLAIN_CHAT_TEMPLATE, PLAIN_STOP, render_template
-from .params import LLAMA_UTF8_MARGIN, ROLES, ChatParams, ContextTooLong, RenderedPrompt
+from ..templates import PLAIN_CHAT_TEMPLATE, PLAIN_STOP
+from .params import ROLES, ChatParams, ContextTooLong, RenderedPrompt
 
 
 def _check_loaded(lm: LoadedModel) -> None:
     if lm is None:
         raise NotFound("No model is loaded (it may have been unloaded); load one in the Model tab.")
     lm.ensure_loaded()
-    if lm.backend not in ("llama.cpp", "transformers"):
-        raise BadInput(f"Unknown backend {lm.backend!r}.")
 
 
-def _cache(lm: LoadedModel) -> dict:
-    """Per-model facts worth computing once (the model's own cache field)."""
-    return lm.cache
-
-
-def _gguf_has_token(llm, text: str) -> bool:
-    try:
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-    except (RuntimeError, ValueError):
-        return False
-    return len(ids) == 1 and llm.detokenize(ids, special=True).decode("utf-8", "replace") == text
-
-
-def _hf_template(tok) -> str | None:
-    tpl = getattr(tok, "chat_template", None)
-    if isinstance(tpl, dict):  # named templates: the default one
-        tpl = tpl.get("default") or next(iter(tpl.values()), None)
-    return tpl or None
-
-
-def chat_template_of(lm: LoadedModel) -> tuple[str, str]:
-    """(template text, where it comes from) - what `stream_chat` renders prompts with, for the UI to show."""
+def chat_template_of(lm: LoadedModel, adapter: str | None = None) -> tuple[str, str]:
+    """(template text, where it comes from) - what `stream_chat` renders prompts with, for the UI to show: the
+    adapter's training template when it carries one, the model's own, else the plain fallback (see
+    pipelines.chat)."""
     _check_loaded(lm)
-    if lm.backend == "llama.cpp":  # GGUF metadata never changes: probe once
-        c = _cache(lm)
-        if "gguf_template" not in c:
-            tpl = lm.model.metadata.get("tokenizer.chat_template")
-            c["gguf_template"] = (tpl, not tpl and _gguf_has_token(lm.model, "<start_of_turn>"))
-        tpl, gemma = c["gguf_template"]
-        source = "GGUF metadata (tokenizer.chat_template)"
-    else:  # read each time: a tokenizer's template may be edited
-        tpl = _hf_template(lm.tokenizer)
-        gemma = not tpl and "<start_of_turn>" in (getattr(lm.tokenizer, "added_tokens_encoder", None) or {})
-        source = f"tokenizer chat_template of {lm.name}"
-    if tpl:
-        return tpl, source
-    if gemma:  # a base model: its turn tokens were never trained (bench/sampling.py: plain text drifts far less)
-        return PLAIN_CHAT_TEMPLATE, ("plain fallback (a base model: no chat template; its vocabulary has "
-                                     "<start_of_turn>, but a base model never learned those turns, so plain "
-                                     "'System: / User: / Assistant:' lines are used, stopping at '\\nUser:')")
-    return PLAIN_CHAT_TEMPLATE, ("plain fallback (the model has no chat template): 'System: / User: / Assistant:' "
-                                 "lines, stopping at '\\nUser:'")
-
-
-def _special_tokens(lm: LoadedModel) -> dict[str, str]:
-    c = _cache(lm)
-    if "specials" not in c:
-        if lm.backend == "llama.cpp":
-            llm = lm.model
-
-            def text(i):
-                return llm.detokenize([i], special=True).decode("utf-8", "replace") if i is not None and i >= 0 else ""
-
-            c["specials"] = {"bos_token": text(llm.token_bos()), "eos_token": text(llm.token_eos())}
-        else:
-            tok = lm.tokenizer
-            c["specials"] = {k: str(getattr(tok, k, None) or "") for k in ("bos_token", "eos_token", "pad_token",
-                                                                          "unk_token")}
-    return c["specials"]
+    return lm.backend.chat_template(adapter)
 
 
 def context_window(lm: LoadedModel) -> int:
     """Tokens the model can attend to here: llama.cpp's n_ctx as loaded, or the HF config's positions."""
     _check_loaded(lm)
-    if lm.backend == "llama.cpp":
-        return lm.model.context_window()
-    n = lm.context_length or getattr(lm.tokenizer, "model_max_length", 0) or 0
-    return int(n) if 0 < n < 10**7 else 32768
+    return lm.backend.context_window()
 
 
 def tokenize(lm: LoadedModel, text: str) -> list[int]:
     """Token ids of a rendered prompt: special-token text is parsed, and a BOS is added only when the model wants
     one and the template did not write it already (no double BOS)."""
-    c = _cache(lm)
-    if lm.backend == "llama.cpp":
-        llm = lm.model
-        if "wants_bos" not in c:
-            with_bos = llm.tokenize(b"a", add_bos=True, special=False)
-            c["wants_bos"] = bool(with_bos) and with_bos[0] == llm.token_bos() and llm.token_bos() >= 0
-        ids = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-        bos = llm.token_bos()
-    else:
-        tok = lm.tokenizer
-        if "wants_bos" not in c:
-            a, b = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
-            c["wants_bos"] = tok.bos_token_id is not None and len(a) > len(b) and a[0] == tok.bos_token_id
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        bos = tok.bos_token_id
-    if c["wants_bos"] and (not ids or ids[0] != bos):
-        ids.insert(0, bos)
-    return ids
+    _check_loaded(lm)
+    return lm.backend.tokenize(text)
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -181,15 +107,16 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
     _check_loaded(lm)
     params = (params or ChatParams()).validated()
     system, turns = _split(normalize_messages(messages), params)
-    template, source = chat_template_of(lm)
-    specials = _special_tokens(lm)
-    n_ctx = context_window(lm)
-    reserve = max(1, min(params.max_new_tokens, n_ctx // 2)) + (LLAMA_UTF8_MARGIN if lm.backend == "llama.cpp" else 0)
+    backend = lm.backend
+    template, source = backend.chat_template(params.adapter)
+    n_ctx = backend.context_window()
+    margin = backend.context_margin  # llama-cpp-python may run a few tokens past max_tokens (a UTF-8 character)
+    reserve = max(1, min(params.max_new_tokens, n_ctx // 2)) + margin
 
     def render(start: int) -> tuple[str, list[int], list[dict]]:
         msgs = ([{"role": "system", "content": system}] if system else []) + turns[start:]
-        text = render_template(template, msgs, True, **specials)
-        return text, tokenize(lm, text), msgs
+        text = backend.render(msgs, template)
+        return text, backend.tokenize(text), msgs
 
     starts = [i for i, m in enumerate(turns) if m["role"] == "user"]  # where a trimmed history may begin
     # Trim first: history whose text alone is longer than the window could hold at MAX_CHARS_PER_TOKEN cannot fit,
@@ -222,8 +149,6 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
     if start:
         notes.append(f"history trimmed: the {start} oldest message{'s' if start != 1 else ''} did not fit the "
                      f"{n_ctx}-token context window")
-    # llama-cpp-python may run up to 3 tokens past max_tokens to complete a UTF-8 character: keep that margin
-    margin = LLAMA_UTF8_MARGIN if lm.backend == "llama.cpp" else 0
     if len(ids) + margin >= n_ctx:
         what = "The system prompt and this message take" if system else "This message takes"
         raise ContextTooLong(f"{what} {len(ids)} tokens, but {lm.name} reads at most {n_ctx} tokens at once "
@@ -244,9 +169,9 @@ def raw_prompt(lm: LoadedModel, text: str, params: ChatParams | None = None) -> 
     params = (params or ChatParams()).validated()
     if not isinstance(text, str) or not text:
         raise BadInput("The prompt must be non-empty text.")
-    ids = tokenize(lm, text)
-    n_ctx = context_window(lm)
-    margin = LLAMA_UTF8_MARGIN if lm.backend == "llama.cpp" else 0
+    ids = lm.backend.tokenize(text)
+    n_ctx = lm.backend.context_window()
+    margin = lm.backend.context_margin
     if len(ids) + margin >= n_ctx:
         raise ContextTooLong(f"The prompt takes {len(ids)} tokens, but {lm.name} reads at most {n_ctx} tokens at once "
                        "(its context window). Shorten it.")

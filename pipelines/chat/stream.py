@@ -1,6 +1,7 @@
-"""Streaming an answer: `stream_chat` (and `stream_completion`) take the model's lock, stream deltas from the backend -
-the GGUF's worker process or transformers' generate() in a thread - cut them at stop strings, honour the caller's
-stop Event and report running figures in ChatChunks; `compare` streams two answers side by side.
+"""Streaming an answer: `stream_chat` (and `stream_completion`) take the model's lock, stream the model's backend
+(pipelines.serving: a GGUF's worker process, transformers' generate() on a thread, ...), cut the text at stop
+strings, honour the caller's stop Event and report running figures in ChatChunks; `compare` streams two answers
+side by side.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import threading
 import time
 from typing import Iterator
 
-from ..adapters import _adapter_context, _check_adapter
-from ..errors import BadInput, MacTunerError
 from ..models import LoadedModel
-from .params import END_OF_TURN_TOKENS, ChatChunk, ChatParams, ChatResult, RenderedPrompt
-from .prompt import _cache, _check_loaded, build_prompt, raw_prompt
+from ..serving.backend import Delta, Generation, ModelBackend
+from .params import ChatChunk, ChatParams, ChatResult, RenderedPrompt
+from .prompt import _check_loaded, build_prompt, raw_prompt
 
 
 def model_lock(lm: LoadedModel) -> threading.Lock:
@@ -23,190 +23,35 @@ def model_lock(lm: LoadedModel) -> threading.Lock:
     return lm.lock
 
 
-class _Run:
-    """What a backend reports to the driver while it streams."""
+class _Answer:
+    """The running figures of one answer, and the ChatChunks that report them."""
 
-    def __init__(self, user_stop: threading.Event):
+    def __init__(self, prompt: RenderedPrompt, p: ChatParams, seed: int, t0: float):
+        self.n_prompt, self.t0 = len(prompt.token_ids), t0
+        self.seed = seed if p.temperature > 0 else None  # greedy answers have none
+        self.notes = list(prompt.notes)  # repeated by the last chunk
         self.n_tokens = 0
         self.t_first: float | None = None  # perf_counter of the first answer token
         self.finish: str | None = None  # "stop" | "length" from the backend
-        self.handed_off = False  # True once a generation thread owns the model lock
-        self.notes: list[str] = []  # what the backend reported on the way (a restarted model process)
-        self.user_stop = user_stop  # the caller's Event
-        self.halt = threading.Event()  # set by the driver: a stop string, the caller's stop, or the end of the stream
 
-    def halted(self) -> bool:
-        return self.halt.is_set() or self.user_stop.is_set()
-
-
-def _llama_stream(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, seed: int, run: _Run) -> Iterator[str]:
-    """Text deltas from the model's worker process (serving.client.GGUFWorker), which counts the answer's tokens
-    exactly and stops after the current token once a flag is set; the stream is also left as soon as one is."""
-    stream = lm.model.generate(prompt.token_ids, max_tokens=prompt.max_new_tokens, temperature=p.temperature,
-                               top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repeat_penalty=p.repetition_penalty,
-                               seed=seed, halted=run.halted)
-    try:
-        for kind, value, n_tokens in stream:
-            if kind == "note":  # the worker had died before answering and was restarted
-                run.notes.append(value)
-                continue
-            if run.t_first is None:
-                run.t_first = time.perf_counter()
-            run.n_tokens = n_tokens
-            if kind == "end":
-                if value != "stopped":  # a stop is the driver's to report (the caller's, or a stop string)
-                    run.finish = value
-                return
-            yield value
-            if run.halted():
-                return
-    finally:
-        stream.close()
-
-
-def _hf_eos_ids(lm: LoadedModel) -> list[int]:
-    c = _cache(lm)
-    if "eos" not in c:
-        tok, ids = lm.tokenizer, set()
-        gc = getattr(lm.model, "generation_config", None)
-        for v in (getattr(gc, "eos_token_id", None), tok.eos_token_id):
-            ids.update([v] if isinstance(v, int) else (v or []))
-        added = getattr(tok, "added_tokens_encoder", {}) or {}
-        ids.update(added[t] for t in END_OF_TURN_TOKENS if t in added)
-        c["eos"] = sorted(i for i in ids if isinstance(i, int) and i >= 0)
-    return c["eos"]
-
-
-def _hf_stream(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, seed: int | None, run: _Run,
-               release) -> Iterator[str]:
-    """Text deltas from transformers: generate() runs in a thread that feeds a TextIteratorStreamer and stops at
-    the next step once a stop flag is set. The thread owns the model lock from here and calls `release()` when generate
-    returns, so this generator may return at once when stopped (before the first token, say)."""
-    import torch  # noqa: PLC0415
-    from transformers import (  # noqa: PLC0415
-        LogitsProcessor,
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        StoppingCriteria,
-        StoppingCriteriaList,
-        TemperatureLogitsWarper,
-        TextIteratorStreamer,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    tok, model = lm.tokenizer, lm.model
-    eos = set(_hf_eos_ids(lm))
-
-    class Streamer(TextIteratorStreamer):
-        """Per-token text (TextStreamer waits for a space); counts answer tokens; an idempotent end()."""
-
-        def __init__(self):
-            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
-            self.ended = False
-
-        def put(self, value):
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            ids = value.reshape(-1).tolist()
-            if run.t_first is None:
-                run.t_first = time.perf_counter()
-            run.n_tokens += sum(1 for i in ids if i not in eos)
-            self.token_cache.extend(ids)
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
-                return
-            delta, self.print_len = text[self.print_len:], len(text)
-            if text.endswith("\n"):
-                self.token_cache, self.print_len = [], 0
-            if delta:
-                self.text_queue.put(delta)
-
-        def end(self):
-            if self.ended:
-                return
-            self.ended = True
-            if self.token_cache:
-                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-                if text[self.print_len:]:
-                    self.text_queue.put(text[self.print_len:])
-            self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
-            self.text_queue.put(self.stop_signal)
-
-    class Halt(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), run.halted(), dtype=torch.bool, device=input_ids.device)
-
-    class SeededSample(LogitsProcessor):
-        """Sampling with a private CPU generator: picks the token, leaves only it possible, so the greedy step
-        that follows takes it. Deterministic per seed, whatever other threads do with torch's global RNG."""
-
-        def __init__(self, s: int):
-            self.gen = torch.Generator(device="cpu").manual_seed(s)
-
-        def __call__(self, input_ids, scores):
-            probs = torch.softmax(scores.float(), dim=-1).cpu()
-            pick = torch.multinomial(probs, 1, generator=self.gen).to(scores.device)
-            out = torch.full_like(scores, float("-inf"))
-            return out.scatter_(1, pick, 0.0)
-
-    processors = LogitsProcessorList()
-    if p.temperature > 0:
-        processors.append(TemperatureLogitsWarper(p.temperature))
-        if p.top_k > 0:
-            processors.append(TopKLogitsWarper(p.top_k))
-        if p.top_p < 1.0:
-            processors.append(TopPLogitsWarper(p.top_p))
-        if p.min_p > 0:
-            processors.append(MinPLogitsWarper(p.min_p))
-        processors.append(SeededSample(seed))
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
-    streamer = Streamer()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-    gen_kwargs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=prompt.max_new_tokens,
-        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, min_p=None,
-        repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
-        logits_processor=processors, stopping_criteria=StoppingCriteriaList([Halt()]), streamer=streamer,
-        eos_token_id=sorted(eos) or None, pad_token_id=pad,
-    )
-    error: list[BaseException] = []
-
-    def generate():
-        try:
-            adapter_ctx = _adapter_context(model, p.adapter)
-            with adapter_ctx, torch.inference_mode():
-                model.generate(**gen_kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            error.append(e)
-        finally:
-            streamer.end()
-            release()
-
-    thread = threading.Thread(target=generate, name=f"chat-{lm.name}", daemon=True)
-    thread.start()
-    run.handed_off = True
-    while True:
-        try:
-            item = streamer.text_queue.get(timeout=0.05)
-        except queue.Empty:
-            if run.halted():
-                return  # the thread stops after its current step and releases the lock itself
-            continue
-        if item is streamer.stop_signal:
-            break
-        yield item
-        if run.halted():
+    def took(self, delta: Delta) -> None:
+        if delta.note:  # the backend said something on the way (a restarted model process)
+            self.notes.append(delta.note)
             return
-    thread.join()
-    if error:
-        e = error[0]
-        if isinstance(e, MacTunerError):
-            raise e
-        raise RuntimeError(f"Generation failed: {type(e).__name__}: {e}") from e
-    run.finish = "length" if run.n_tokens >= prompt.max_new_tokens else "stop"
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.n_tokens = delta.n_tokens
+        self.finish = delta.finish or self.finish
+
+    def chunk(self, text: str, finish: str | None = None, note: str | None = None) -> ChatChunk:
+        now = time.perf_counter()
+        tps = None
+        if self.t_first is not None and self.n_tokens > 1 and now > self.t_first:
+            tps = (self.n_tokens - 1) / (now - self.t_first)
+        return ChatChunk(text=text, n_tokens=self.n_tokens, prompt_tokens=self.n_prompt,
+                         ttft_s=(self.t_first - self.t0) if self.t_first is not None else None, tokens_per_s=tps,
+                         elapsed_s=now - self.t0, finish_reason=finish,
+                         note=("; ".join(self.notes) or None) if finish else note, seed=self.seed)
 
 
 def _hold_back(text: str, stops: list[str]) -> int:
@@ -245,80 +90,72 @@ def stream_completion(lm: LoadedModel, text: str, params: ChatParams | None = No
 def _checked(lm: LoadedModel, params: ChatParams | None) -> ChatParams:
     _check_loaded(lm)
     p = (params or ChatParams()).validated()
-    if p.adapter and lm.backend != "transformers":
-        raise BadInput("A GGUF model cannot take a LoRA adapter: merge the adapter into its HF base model and export "
-                       "a GGUF (Export stage), or load the HF base model to chat with the adapter.")
+    lm.backend.check_adapter(p.adapter)  # an unknown adapter (or a model that takes none) fails before anything
     return p
+
+
+def _generation(prompt: RenderedPrompt, p: ChatParams, seed: int) -> Generation:
+    return Generation(token_ids=prompt.token_ids, max_new_tokens=prompt.max_new_tokens, temperature=p.temperature,
+                      top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+                      frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, seed=seed,
+                      adapter=p.adapter)
 
 
 def _drive(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, stop: threading.Event,
            t0: float) -> Iterator[ChatChunk]:
-    """Generate for a rendered prompt: take the model's lock, stream deltas from the backend, cut at stop strings,
-    honour the caller's stop Event, and report running figures in ChatChunks."""
-    seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
-    notes = list(prompt.notes)
-    n_prompt = len(prompt.token_ids)
-
-    def chunk(text: str, run: _Run, finish: str | None = None, note: str | None = None) -> ChatChunk:
-        now = time.perf_counter()
-        tps = None
-        if run.t_first is not None and run.n_tokens > 1 and now > run.t_first:
-            tps = (run.n_tokens - 1) / (now - run.t_first)
-        return ChatChunk(text=text, n_tokens=run.n_tokens, prompt_tokens=n_prompt,
-                         ttft_s=(run.t_first - t0) if run.t_first is not None else None, tokens_per_s=tps,
-                         elapsed_s=now - t0, finish_reason=finish,
-                         note=("; ".join(notes) or None) if finish else note,
-                         seed=seed if p.temperature > 0 else None)
-
-    run = _Run(stop)
+    """Generate for a rendered prompt: take the model's lock (saying so when another answer holds it), then stream
+    the backend's answer; the lock is let go however this generator ends (closed by its reader too)."""
+    answer = _Answer(prompt, p, p.seed if p.seed is not None else random.SystemRandom().randrange(2**31), t0)
     lock = model_lock(lm)
     if not lock.acquire(blocking=False):
-        notes.append("waited for another chat on this model to finish")
-        yield chunk("", run, note="waiting: this model is answering another chat")
+        answer.notes.append("waited for another chat on this model to finish")
+        yield answer.chunk("", note="waiting: this model is answering another chat")
         while not lock.acquire(timeout=0.05):
             if stop.is_set():
-                yield chunk("", run, "stopped")
+                yield answer.chunk("", "stopped")
                 return
     try:
         if stop.is_set():
-            yield chunk("", run, "stopped")
+            yield answer.chunk("", "stopped")
             return
-        if lm.backend == "transformers":
-            _check_adapter(lm.model, p.adapter)  # an unknown adapter name fails here, before anything starts
+        _check_loaded(lm)  # unloaded, or its adapter detached, while this answer waited
+        lm.backend.check_adapter(p.adapter)
         if prompt.notes:
-            yield chunk("", run, note="; ".join(prompt.notes))
-        if lm.backend == "llama.cpp":
-            deltas = _llama_stream(lm, prompt, p, seed, run)
-        else:
-            deltas = _hf_stream(lm, prompt, p, seed if p.temperature > 0 else None, run, lock.release)
-        pending, finish = "", None
-        try:
-            for delta in deltas:
-                pending += delta
-                keep = 0
-                if prompt.stop:
-                    hits = [i for i in (pending.find(s) for s in prompt.stop) if i >= 0]
-                    if hits:
-                        pending, finish = pending[:min(hits)], "stop"
-                        run.halt.set()
-                        break
-                    keep = _hold_back(pending, prompt.stop)
-                out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-                if out:
-                    yield chunk(out, run)
-                if stop.is_set():
-                    break
-        finally:
-            run.halt.set()  # whatever ended the loop (even the consumer closing us), generation stops now
-            deltas.close()
-        if stop.is_set() and finish is None:
-            finish = "stopped"
-        notes += run.notes
-        yield chunk(pending, run, finish or run.finish or "stop")
+            yield answer.chunk("", note="; ".join(prompt.notes))
+        yield from _stream_text(lm.backend, prompt, _generation(prompt, p, answer.seed or 0), answer, stop)
     finally:
-        run.halt.set()
-        if not run.handed_off:
-            lock.release()
+        lock.release()
+
+
+def _stream_text(backend: ModelBackend, prompt: RenderedPrompt, generation: Generation, answer: _Answer,
+                 stop: threading.Event) -> Iterator[ChatChunk]:
+    """The backend's answer as ChatChunks: text that might begin a stop string is held back until it cannot, the
+    answer ends at the first stop string (not included) or at the caller's stop; the last chunk has finish_reason."""
+    halt = threading.Event()  # a stop string was found, or the reader left
+    deltas = backend.stream(generation, lambda: halt.is_set() or stop.is_set())
+    pending, finish = "", None
+    try:
+        for delta in deltas:
+            answer.took(delta)
+            pending += delta.text
+            keep = 0
+            if prompt.stop:
+                hits = [i for i in (pending.find(s) for s in prompt.stop) if i >= 0]
+                if hits:
+                    pending, finish = pending[:min(hits)], "stop"
+                    break
+                keep = _hold_back(pending, prompt.stop)
+            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+            if out:
+                yield answer.chunk(out)
+            if stop.is_set():
+                break
+    finally:
+        halt.set()  # whatever ended the loop (even the reader closing us), generation stops now
+        deltas.close()
+    if stop.is_set() and finish is None:
+        finish = "stopped"
+    yield answer.chunk(pending, finish or answer.finish or "stop")
 
 
 def chat(lm: LoadedModel, messages: list[dict], params: ChatParams | None = None,

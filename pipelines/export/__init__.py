@@ -5,9 +5,15 @@
     merge.py      merge a LoRA adapter into its base (PEFT merge_and_unload)       -> exports/<name>/merged/
     convert.py    HF -> GGUF with llama.cpp's converter, in a subprocess            -> <name>-f16.gguf
     quantize.py   llama_model_quantize                                              -> <name>-Q4_K_M.gguf
+    adapter.py    the LoRA adapter as a llama.cpp LoRA GGUF (lora_child.py runs the converter's naming), with
+                  the base's GGUF to apply it on and a Modelfile with ADAPTER         -> lora-gguf/<name>-lora.gguf
     validate.py   loads, chat template, Modelfile template, generations, perplexity, fine-tune survived
                                                                                     -> <stem>.validation.json
     ollama.py     the Ollama Modelfile (Go template) and the run commands           -> <stem>.Modelfile
+    convertible.py will a fine-tune export? architecture, tokenizer (the converter's own vocabulary step, in
+                  check_child.py) and Modelfile template: the Train tab's pre-flight lines
+    families.py   a chat template's family, found by rendering, and its Modelfile Go template (gojson.py: the
+                  JSON punctuation of tools and tool calls as Jinja's tojson writes it)
     gotemplate.py a Modelfile TEMPLATE rendered by Go's text/template as Ollama does, compared with the Jinja one
     sizes.py      each GGUF's size, tensor by tensor, before anything is written (the Check's disk estimate)
     run.py        export(): all of the above into exports/<name>/ with export.json; list_exports, export_details
@@ -25,10 +31,12 @@ complete (temp name + rename) and nothing existing is overwritten.
     result = ex.export(ws, ex.ExportRequest(source="runs/my-run", quants=["Q8_0"]))
 """
 
+from .adapter import LORA_FOLDER, adapter_gguf, adapter_problem
 from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, ExportFailed
 from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
 from .merge import saved_chat_template
-from .ollama import GO_TEMPLATES, how_to_run, modelfile, template_family
+from .families import Translation, translate
+from .ollama import how_to_run, modelfile, template_family
 from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
 from .quantize import quant_name, tensor_types
 from .run import (
@@ -38,6 +46,7 @@ from .run import (
     gguf_choices,
     gguf_label,
     list_exports,
+    lora_row,
     preferred_gguf,
     problems_text,
     validation_sources,
@@ -56,7 +65,7 @@ from .validate import (
                        hf_perplexity,
 )
 
-__all__ = ["BYTES_PER_PARAM", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "GO_TEMPLATES", "HELDOUT_TEXT",
+__all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "Translation", "translate", "HELDOUT_TEXT",
            "OUTTYPES", "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed",
            "ExportPlan", "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture",
            "converter_dir", "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import MacTunerError
 from ..runs import resolve_adapter, run_config
+from ..training.common import base_note
 from ..workspace import Workspace, human_bytes
 from .run import preferred_gguf
 from .validate import CHECK_LABELS
@@ -26,7 +27,7 @@ from .validate import CHECK_LABELS
 # The embedded default model (base_model "default" in a run's config) is Gemma 3 270M, the pretrained one: it has
 # no chat template and never learned Gemma's turn tokens (README, Chat).
 DEFAULT_BASE_ID = "google/gemma-3-270m"
-CARD_SETTINGS = ("method", "rank", "alpha", "dropout", "target_modules", "epochs", "max_steps", "learning_rate",
+CARD_SETTINGS = ("method", "backend", "base_bits", "rank", "alpha", "dropout", "target_modules", "epochs", "max_steps", "learning_rate",
                  "scheduler", "warmup_steps", "batch_size", "grad_accum", "max_length", "packing",
                  "train_on_responses_only", "seed")
 
@@ -160,6 +161,8 @@ def _training_md(info: RunInfo) -> list[str]:
              + f": {rows}"]
     if info.run:
         lines.append(f"- Run: {info.run}")
+    if base_note(info.settings):
+        lines.append(f"- {base_note(info.settings)}")
     for key, label in (("steps", "Steps"), ("final_loss", "Final training loss"),
                        ("best_eval_loss", "Best validation loss")):
         if key in info.losses:

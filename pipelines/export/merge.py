@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import Conflict
 from ..runs import resolve_adapter, resolve_base
 from ..runs import run_config as _run_config
+from ..training.common import base_note
 from ..workspace import Workspace, atomic_dir, write_json
 from .common import ProgressFn, _noop, _slug
 
@@ -45,6 +46,9 @@ def _model_card(base: Path, adapter: Path, run_dir: Path | None, dtype: str) -> 
              f"- Dataset: {cfg.get('dataset') or meta.get('dataset') or '?'} "
              f"(version {cfg.get('dataset_version', meta.get('dataset_version', '?'))})",
              f"- Merged in: {dtype}"]
+    note = base_note(cfg or meta.get("config") or {})
+    if note:
+        lines.append(f"- {note}")
     for key in ("final_loss", "best_eval_loss", "steps"):
         if meta.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")
@@ -80,6 +84,19 @@ def saved_chat_template(hf_dir: Path) -> str | None:
     if isinstance(tpl, list):  # named templates: the default one
         tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
     return tpl if isinstance(tpl, str) else None
+
+
+def special_tokens(hf_dir: Path) -> tuple[str, str]:
+    """(bos, eos) text of a saved tokenizer (tokenizer_config.json; "" when unset), read from the file."""
+    try:
+        cfg = json.loads((Path(hf_dir) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return "", ""
+
+    def text(value) -> str:
+        return (value.get("content") if isinstance(value, dict) else value) or ""
+
+    return text(cfg.get("bos_token")), text(cfg.get("eos_token"))
 
 
 def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None = None, name: str | None = None,

@@ -38,13 +38,17 @@ class ExportRequest(RequestFields):
     validate: bool = field(default=True, metadata=_h(
         "Check each GGUF: loads, chat template, sane generations, perplexity vs HF, fine-tune survived."))
     system: str = field(default="", metadata=_h("SYSTEM prompt written into the Ollama Modelfiles (optional)."))
+    lora_gguf: bool = field(default=True, metadata=_h(
+        "When exporting an adapter: also write it as a LoRA GGUF (a few MB, for llama.cpp --lora and Ollama's "
+        "ADAPTER) with the base model's GGUF to apply it on, in lora-gguf/, validated on that base."))
 
 
 def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged_bytes_per_param: float = 4.0,
-                   hf_dir: str | Path | None = None) -> dict:
+                   hf_dir: str | Path | None = None, lora_of: Path | None = None) -> dict:
     """Bytes an export will write: the merged HF copy, each float GGUF and each quantization. Given the HF folder,
     each GGUF is sized tensor by tensor (sizes.gguf_bytes: the type llama.cpp gives each tensor, the tokenizer in
-    the metadata), within about 1% of the file written; else n_params x an average bytes-per-parameter."""
+    the metadata), within about 1% of the file written; else n_params x an average bytes-per-parameter. With
+    `lora_of` (the adapter folder), the LoRA GGUF (f32) and the base GGUF it is applied on count too."""
     parts = {"merged HF": n_params * merged_bytes_per_param} if merged_bytes_per_param else {}
     shapes = tensor_shapes(hf_dir) if hf_dir else None
     tied = tied_embeddings(shapes) if shapes else True
@@ -54,14 +58,17 @@ def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged
         if key not in BYTES_PER_PARAM:
             raise BadInput(f"Unknown type {t!r}; choose from {', '.join(BYTES_PER_PARAM)}.")
         parts[key] = gguf_bytes(shapes, key, tied, meta) if shapes else n_params * BYTES_PER_PARAM[key]
+    if lora_of is not None and outtypes:
+        parts[f"base {outtypes[0]} (for the LoRA)"] = parts[outtypes[0]]
+        parts["LoRA GGUF"] = 4 * count_params(lora_of, "adapter_model") + 65536  # f32, plus the header
     return {"parts": {k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
 
 def disk_check(ws: Workspace, n_params: int, outtypes: list[str], quants: list[str],
                free_fn: Callable[[Path], int] | None = None, merged_bytes_per_param: float = 4.0,
-               hf_dir: str | Path | None = None) -> dict:
+               hf_dir: str | Path | None = None, lora_of: Path | None = None) -> dict:
     """Refuse (BadInput) when exports/ lacks the space the export needs (+5% margin); else the estimate."""
-    est = estimate_bytes(n_params, outtypes, quants, merged_bytes_per_param, hf_dir)
+    est = estimate_bytes(n_params, outtypes, quants, merged_bytes_per_param, hf_dir, lora_of)
     ws.exports.mkdir(parents=True, exist_ok=True)
     free = int(free_fn(ws.exports) if free_fn else shutil.disk_usage(ws.exports).free)
     need = int(est["total"] * 1.05)
@@ -73,12 +80,12 @@ def disk_check(ws: Workspace, n_params: int, outtypes: list[str], quants: list[s
     return est
 
 
-def count_params(hf_dir: Path) -> int:
-    """Parameters of an HF folder, from its safetensors headers (nothing loaded)."""
+def count_params(hf_dir: Path, prefix: str = "") -> int:
+    """Parameters of an HF folder (its <prefix>*.safetensors), from the safetensors headers (nothing loaded)."""
     from safetensors import safe_open  # noqa: PLC0415
 
     n = 0
-    for f in Path(hf_dir).glob("*.safetensors"):
+    for f in Path(hf_dir).glob(f"{prefix}*.safetensors"):
         with safe_open(f, "pt") as fh:
             for k in fh.keys():
                 n += math.prod(fh.get_slice(k).get_shape())
@@ -100,11 +107,13 @@ class ExportPlan:
     outtypes: list[str]
     quants: list[str]
     estimate: dict
+    lora_gguf: bool = False  # write lora-gguf/ (the source is an adapter and the request asks for it)
 
 
 def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int] | None = None) -> ExportPlan:
     """Every check an export makes before it writes anything: types known, source an adapter (with a base) or an HF
-    folder, name free, converter present, architecture supported, enough disk. Raises the reason, else the plan."""
+    folder, name free, converter present, architecture supported, tokenizer readable by the converter, enough disk.
+    Raises the reason, else the plan."""
     outtypes = [str(t) for t in (req.outtypes or [])]
     quants = [str(q).upper() for q in (req.quants or [])]
     name, base_model, source = (req.name or "").strip() or None, (req.base_model or "").strip() or None, req.source
@@ -139,6 +148,13 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
     if folder.exists():
         raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
     arch = check_architecture(hf_src)
+    from .convertible import tokenizer_problem  # noqa: PLC0415 - asks the converter (a subprocess, remembered)
+
+    why = tokenizer_problem(hf_src)
+    if why:
+        raise BadInput(f"This model cannot be exported to GGUF: {why}")
     bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
-    est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp, hf_src)
-    return ExportPlan(name, folder, src, hf_src, arch, adapter, base, run_dir, outtypes, quants, est)
+    lora = bool(req.lora_gguf) and adapter is not None
+    est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp, hf_src,
+                     lora_of=adapter if lora else None)
+    return ExportPlan(name, folder, src, hf_src, arch, adapter, base, run_dir, outtypes, quants, est, lora)

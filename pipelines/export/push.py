@@ -27,7 +27,7 @@ from typing import Callable
 
 from .. import jobs
 from ..errors import BadInput, Conflict, MacTunerError, NotFound, Unauthorized, Unavailable
-from ..hub import _transport_errors, hub_endpoint, validate_model_id
+from ..hub import _transport_errors, hub_endpoint, is_timeout, timeout_words, use_timeouts, validate_model_id
 from ..workspace import Workspace, human_bytes, write_json
 from .card import model_card, run_info, scrub_paths
 from .common import RequestFields, _h
@@ -133,7 +133,7 @@ def check_request(ws: Workspace, req: PushRequest) -> tuple[dict, list[str], lis
     from . import job as export_job  # noqa: PLC0415
 
     running = export_job.active(ws)
-    if running and running.get("label") == req.export:
+    if running and running.label == req.export:
         raise Conflict(f"The export '{req.export}' is still being written: push it when its job has finished.")
     if (req.repo_id or "").strip():
         validate_model_id(req.repo_id)
@@ -181,6 +181,9 @@ def _push_error(exc: BaseException, repo_id: str, who: dict | None, existed: boo
         return _push_error(exc.__cause__, repo_id, who, existed)
     if isinstance(exc, hfe.OfflineModeIsEnabled):
         return Unavailable("The Hub is unreachable: offline mode is on (HF_HUB_OFFLINE=1). Nothing was pushed.")
+    if is_timeout(exc):
+        return Unavailable(f"The Hub at {hub_endpoint()} {timeout_words(exc)}: it is slow or unreachable. The push "
+                           "stopped; push again later (files the Hub already has are not sent again).")
     if isinstance(exc, _transport_errors()):
         return Unavailable(f"Cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}): no network, or the Hub "
                            "is down. No commit was made; push again when it is back.")
@@ -296,6 +299,7 @@ def push(ws: Workspace, req: PushRequest, token: str | None = None, progress: Ca
     token = _token(token)
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi  # noqa: PLC0415
 
+    use_timeouts()  # a Hub that accepts the connection and never answers must not hang the push
     api = HfApi(endpoint=hub_endpoint(), token=token)
     repo_id, who, existed = req.repo_id.strip(), None, False
     try:

@@ -16,8 +16,10 @@ from ..runs import run_config as _run_config
 from ..workspace import Workspace, human_bytes, sha256_file, write_json
 from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
 from .convert import convert
-from .merge import merge, saved_chat_template
-from .ollama import how_to_run, modelfile
+from .families import translate
+from .merge import merge, saved_chat_template, special_tokens
+from .adapter import LORA_FOLDER, export_lora
+from .ollama import OLLAMA_FALLBACK, how_to_run, modelfile
 from .plan import ExportPlan, ExportRequest, plan_export
 from .quantize import quantize
 from .validate import Validation, _validate_gguf, failed_checks
@@ -34,6 +36,8 @@ class ExportResult:
     table: list[dict] = field(default_factory=list, metadata=_h("type, size, perplexity, delta_pct, tokens_per_s."))
     steps: list[dict] = field(default_factory=list, metadata=_h("step, seconds, detail."))
     how_to_run: dict = field(default_factory=dict, metadata=_h("Commands per GGUF for llama.cpp / Ollama / LM Studio."))
+    lora: dict = field(default_factory=dict, metadata=_h(
+        "The LoRA GGUF (lora-gguf/): base, lora, modelfile, validation, how_to_run - or skipped: the reason."))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,17 +111,34 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
         (qf,) = quantize(ggufs[0], [q], sub(0.5 + 0.15 * i / len(quants), 0.5 + 0.15 * (i + 1) / len(quants)))
         step(f"quantize {q}", t0, qf.name)  # not tensor_types(qf): gguf's reader takes ~20 s on a 262k vocabulary
         ggufs.append(qf)
-    tpl = saved_chat_template(hf_dir)
+    t0 = time.time()
+    tpl, specials = saved_chat_template(hf_dir), special_tokens(hf_dir)
     for g in ggufs:
-        modelfile(g, tpl, system)
+        modelfile(g, tpl, system, bos_token=specials[0], eos_token=specials[1])
+    translated = translate(tpl, *specials)
+    step("Modelfiles", t0, f"template: {translated.label}" if translated.template else
+         f"NO TEMPLATE: {translated.reason} ({OLLAMA_FALLBACK})")
+    lora: dict = {}
+    if plan.lora_gguf:
+        t0 = time.time()
+        lora = export_lora(folder, name, adapter, base, hf_dir, outtypes[0], tpl, system, sub(0.62, 0.65), specials)
+        step("LoRA GGUF", t0, lora.get("skipped") or Path(lora["lora"]).name)
     validations: list[Validation] = []
-    if validate:
-        prompt = _train_prompt(ws, run_dir)
-        for i, g in enumerate(ggufs):
-            t0 = time.time()
-            validations.append(_validate_gguf(g, hf_dir, base, prompt,
-                                                     sub(0.65 + 0.33 * i / len(ggufs), 0.65 + 0.33 * (i + 1) / len(ggufs))))
-            step(f"validate {_gguf_type(g)}", t0, "ok" if validations[-1].ok else "problems")
+    prompt = _train_prompt(ws, run_dir) if validate else None
+    n_val = len(ggufs) + (1 if lora.get("lora") else 0)
+    for i, g in enumerate(ggufs if validate else []):
+        t0 = time.time()
+        validations.append(_validate_gguf(g, hf_dir, base, prompt,
+                                          sub(0.65 + 0.33 * i / n_val, 0.65 + 0.33 * (i + 1) / n_val)))
+        step(f"validate {_gguf_type(g)}", t0, "ok" if validations[-1].ok else "problems")
+    if validate and lora.get("lora"):
+        t0 = time.time()
+        val = _validate_gguf(Path(lora["base"]), hf_dir, base, prompt, sub(0.98 - 0.33 / n_val, 0.98),
+                             lora=Path(lora["lora"]), merged_gguf=ggufs[0])
+        lora["validation"] = val.as_dict()
+        step("validate LoRA", t0, "ok" if val.ok else "problems")
+    if lora.get("lora"):
+        lora["how_to_run"] = how_to_run(lora["lora"], lora["base"])
     table: list[dict] = []
     for v in validations:
         for row in v.table:
@@ -131,7 +152,7 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
                           "sha256": sha256_file(p) if p.suffix in (".gguf", ".safetensors") else None})
     result = ExportResult(name=name, folder=str(folder), merged=str(merged) if merged else None,
                           ggufs=[str(g) for g in ggufs], files=files, validations=validations, table=table,
-                          steps=steps, how_to_run={g.name: how_to_run(g) for g in ggufs})
+                          steps=steps, how_to_run={g.name: how_to_run(g) for g in ggufs}, lora=lora)
     manifest = {"name": name, "created": datetime.now().isoformat(timespec="seconds"), "source": str(src),
                 "base_model": str(base) if base else None, "outtypes": outtypes, "quants": quants,
                 "estimate": est, "seconds": round(time.time() - t_all, 2), **result.as_dict()}
@@ -169,6 +190,28 @@ def _gguf_row(g: Path, manifest: dict | None) -> dict:
             "ok": (not failed) if val else None, "failed": failed}
 
 
+def lora_row(folder: Path) -> dict | None:
+    """The LoRA GGUF of an export (lora-gguf/<name>-lora.gguf) as export_details shows it: file, path, type "LoRA",
+    base (the GGUF it applies on), size, latest validation, ok, failed checks, Modelfile, run commands; None when
+    the export has none."""
+    d = Path(folder) / LORA_FOLDER
+    lora = next(iter(sorted(d.glob("*-lora.gguf"))), None) if d.is_dir() else None
+    if lora is None:
+        return None
+    base = next((p for p in sorted(d.glob("*.gguf")) if p != lora), None)
+    try:
+        val = json.loads(lora.with_name(f"{lora.stem}.validation.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        val = None
+    failed = failed_checks(val)
+    mf = lora.with_name(f"{lora.stem}.Modelfile")
+    return {"file": lora.name, "path": str(lora), "type": "LoRA", "base": str(base) if base else None,
+            "bytes": lora.stat().st_size, "size": human_bytes(lora.stat().st_size), "validation": val,
+            "ok": (not failed) if val else None, "failed": failed,
+            "modelfile": mf.read_text() if mf.is_file() else None,
+            "how_to_run": how_to_run(lora, base) if base else None}
+
+
 def problems_text(rows: list[dict]) -> str:
     """"1 check failed: fine-tune survived (Q4_K_M)" for GGUF rows (list_exports' "ggufs"); "" when none failed."""
     failed = [f"{label} ({r['type']})" for r in rows for label in r.get("failed", [])]
@@ -189,11 +232,13 @@ def _export_row(d: Path, m: dict | None) -> dict:
     state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
                                   "failed" if failed else "incomplete")
     ggufs = [_gguf_row(g, m) for g in _ggufs(d)]
-    checked = [g for g in ggufs if g["ok"] is not None]
+    lora = lora_row(d)
+    files = ggufs + ([lora] if lora else [])  # the LoRA's checks count, but it is no model of its own to pick
+    checked = [g for g in files if g["ok"] is not None]
     return {"name": d.name, "folder": str(d), "state": state, "error": failed,
             "created": (m or {}).get("created"), "base_model": (m or {}).get("base_model"),
-            "ggufs": ggufs, "table": (m or {}).get("table", []),
-            "ok": all(g["ok"] for g in checked) if m and checked else None, "problems": problems_text(ggufs)}
+            "ggufs": ggufs, "lora": lora, "table": (m or {}).get("table", []),
+            "ok": all(g["ok"] for g in checked) if m and checked else None, "problems": problems_text(files)}
 
 
 FAILED_MARK = {"fine-tune survived": "⚠ fine-tune lost"}
@@ -238,7 +283,8 @@ def list_exports(ws: Workspace) -> list[dict]:
 def export_details(ws: Workspace, name: str) -> dict:
     """One export as the folder has it now: its row in list_exports, the manifest's steps and source, and per GGUF
     (float types first) its size, type, latest validation (<stem>.validation.json), Modelfile and run commands;
-    `table` joins the HF row and every GGUF's perplexity row."""
+    `lora` the LoRA GGUF (lora_row) or None; `table` joins the HF row and every GGUF's (and the LoRA's) perplexity
+    row."""
     if not name or "/" in name or name.startswith("."):
         raise BadInput(f"'{name}' is not an export name.")
     folder = ws.exports / name
@@ -260,8 +306,11 @@ def export_details(ws: Workspace, name: str) -> dict:
             if r["type"] == "HF (merged)" and any(t["type"] == r["type"] for t in table):
                 continue
             table.append(r)
+    if row["lora"]:
+        table += [r for r in (row["lora"]["validation"] or {}).get("table", []) if r["type"] != "HF (merged)"]
     table.sort(key=lambda r: r["type"] != "HF (merged)")
     return {**row, "source": man.get("source"), "merged": man.get("merged"), "steps": man.get("steps", []),
+            "lora_skipped": (man.get("lora") or {}).get("skipped"),
             "seconds": man.get("seconds"), "gguf_files": ggufs, "table": table}
 
 def validation_sources(gguf_path: Path, hf_dir: str | None = None, base_dir: str | None = None) -> tuple:

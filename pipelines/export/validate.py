@@ -42,7 +42,8 @@ VALIDATION_PROMPTS = ["Write one sentence about the sea.", "What is 2 + 2?", "Na
 
 
 CHECK_LABELS = {"loads": "loads", "chat_template": "chat template", "modelfile_template": "Modelfile template",
-                "generation": "generation", "perplexity": "perplexity", "finetune_survived": "fine-tune survived"}
+                "generation": "generation", "perplexity": "perplexity", "finetune_survived": "fine-tune survived",
+                "merged_match": "answers like the merged model"}
 
 
 def failed_checks(validation: dict | None) -> list[str]:
@@ -54,7 +55,7 @@ def failed_checks(validation: dict | None) -> list[str]:
 @dataclass
 class CheckItem:
     name: str = field(metadata=_h(
-        "loads | chat_template | modelfile_template | generation | perplexity | finetune_survived"))
+        "loads | chat_template | modelfile_template | generation | perplexity | finetune_survived | merged_match"))
     ok: bool | None = field(metadata=_h("True passed, False failed, None skipped / inconclusive."))
     detail: str = field(default="", metadata=_h("What was checked and what was seen."))
 
@@ -81,11 +82,21 @@ class Validation:
         return asdict(self)
 
 
-def _load_llama(gguf_path: Path, n_ctx: int = 512):
-    """llama.cpp in this (export job) process, with the settings this CPU needs (serving.llamacpp)."""
+def _load_llama(gguf_path: Path, n_ctx: int = 512, lora: Path | None = None):
+    """llama.cpp in this (export job) process, with the settings this CPU needs (serving.llamacpp); `lora` applies a
+    LoRA GGUF on the model."""
     from ..serving.llamacpp import open_llama  # noqa: PLC0415
 
-    return open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_gpu_layers=0)
+    extra = {"lora_path": str(lora)} if lora else {}
+    return open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_gpu_layers=0, **extra)
+
+
+def _prompt_ids(llm, prompt: str) -> list[int]:
+    """A rendered prompt's token ids in llama.cpp, BOS first when the model adds one."""
+    p_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    if llm.token_bos() >= 0 and (not p_ids or p_ids[0] != llm.token_bos()) and llm._model.add_bos_token():
+        p_ids = [llm.token_bos()] + p_ids
+    return p_ids
 
 
 def _log_softmax_rows(scores, targets) -> list[float]:
@@ -188,6 +199,7 @@ def degenerate(ids: list[int], text: str | None = None, prompt: str | None = Non
 
 
 _HF_PPL: dict = {}  # HF perplexity rows by (folder, config mtime, text hash): one HF pass per export
+_HF_ANSWERS: dict = {}  # the tuned model's answer to a training prompt and its scores, by (folder, mtime, base, prompt)
 
 
 def _hf_row(hf_dir: Path, text: str) -> PerplexityRow:
@@ -206,7 +218,8 @@ def _hf_row(hf_dir: Path, text: str) -> PerplexityRow:
 
 def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = None,
              base_dir: str | os.PathLike | None = None, train_prompt: list[dict] | str | None = None,
-             progress: ProgressFn = _noop, extra_text: str = "") -> Validation:
+             progress: ProgressFn = _noop, extra_text: str = "", lora: str | os.PathLike | None = None,
+             merged_gguf: str | os.PathLike | None = None) -> Validation:
     """Check a GGUF and write <stem>.validation.json beside it. Never raises for a broken file: each problem is a
     failed CheckItem. Checks: loads in llama.cpp; its chat template renders VALIDATION_CONVERSATION exactly like
     the HF tokenizer's; the Modelfile's template renders like it in Go; greedy answers to fixed prompts are not
@@ -215,23 +228,32 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
     survived: the tuned HF model's greedy answer is scored (mean log-prob per token) by the GGUF, the tuned HF
     model and the base model - it survived when the GGUF's score is closer to the tuned model's than the base's.
     Log-likelihoods are used rather than comparing generated strings because quantization legitimately changes a
-    token here and there, while the likelihood of the tuned answer moves smoothly with how much of the tuning is left."""
+    token here and there, while the likelihood of the tuned answer moves smoothly with how much of the tuning is left.
+
+    With `lora` (a LoRA GGUF), `gguf_path` is the base model's GGUF and the LoRA is validated applied on it: the
+    result is about the LoRA (<lora stem>.validation.json, its Modelfile), and given `merged_gguf` (the merged
+    model's float GGUF) one more check: the LoRA on the base answers like the merged model."""
     from ..templates import PLAIN_CHAT_TEMPLATE, render_template  # noqa: PLC0415
 
     t0 = time.time()
     gguf_path = Path(gguf_path)
+    subject = Path(lora) if lora else gguf_path  # the file this validation is about
     hf_dir = Path(hf_dir) if hf_dir else None
-    v = Validation(gguf=str(gguf_path), ok=False)
+    v = Validation(gguf=str(subject), ok=False)
     text = HELDOUT_TEXT + ("\n\n" + extra_text if extra_text else "")
-    progress(0.0, f"Loading {gguf_path.name} in llama.cpp...")
+    progress(0.0, f"Loading {subject.name} in llama.cpp...")
     llm = None
     try:
-        if not _is_gguf(gguf_path):
-            raise ValueError("not a GGUF file (bad magic)")
-        llm = _load_llama(gguf_path)
-        v.items.append(CheckItem("loads", True, f"llama.cpp loaded it ({llm.n_vocab()} tokens, n_ctx {llm.n_ctx()})"))
+        for f in (gguf_path, subject):
+            if not _is_gguf(f):
+                raise ValueError(f"{f.name} is not a GGUF file (bad magic)")
+        llm = _load_llama(gguf_path, lora=subject if lora else None)
+        v.items.append(CheckItem("loads", True, (f"llama.cpp applied it on {gguf_path.name} " if lora else
+                                                 "llama.cpp loaded it ")
+                                 + f"({llm.n_vocab()} tokens, n_ctx {llm.n_ctx()})"))
     except Exception as e:  # noqa: BLE001 - a broken file is a result here, not a crash
-        v.items.append(CheckItem("loads", False, f"llama.cpp cannot load {gguf_path.name}: {str(e)[:200]}"))
+        v.items.append(CheckItem("loads", False, f"llama.cpp cannot load {subject.name}"
+                                 + (f" on {gguf_path.name}" if lora else "") + f": {str(e)[:200]}"))
     tok = None
     if hf_dir is not None:
         from transformers import AutoTokenizer  # noqa: PLC0415
@@ -267,17 +289,15 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
                 v.items.append(CheckItem("chat_template", False, f"rendering failed: {str(e)[:200]}"))
         # (b2) the Ollama Modelfile's template, rendered by Go as Ollama renders it
         progress(0.2, "Rendering the Modelfile template with Go...")
-        v.items.append(_modelfile_item(gguf_path, h_tpl or g_tpl, specials))
+        v.items.append(_modelfile_item(subject, h_tpl or g_tpl, specials))
         # (c) generations
         progress(0.3, "Generating from fixed prompts...")
-        bad = []
-        samples = []
+        bad, samples, prompt_ids = [], [], []
         for p in VALIDATION_PROMPTS:
             try:
-                prompt = render_template(g_tpl or PLAIN_CHAT_TEMPLATE, [{"role": "user", "content": p}], True, **specials)
-                p_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-                if llm.token_bos() >= 0 and (not p_ids or p_ids[0] != llm.token_bos()) and llm._model.add_bos_token():
-                    p_ids = [llm.token_bos()] + p_ids
+                p_ids = _prompt_ids(llm, render_template(g_tpl or PLAIN_CHAT_TEMPLATE, [{"role": "user", "content": p}],
+                                                          True, **specials))
+                prompt_ids.append(p_ids)
                 out = llm.create_completion(p_ids, max_tokens=32, temperature=0.0, top_k=1, seed=0)
                 txt = out["choices"][0]["text"]
                 ids = llm.tokenize(txt.encode("utf-8"), add_bos=False, special=True) if txt else []
@@ -297,7 +317,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
             if hf_row:
                 v.table.append(hf_row)
             delta = round(100 * (ppl / hf_row.perplexity - 1), 2) if hf_row and hf_row.perplexity else None
-            v.table.append(PerplexityRow(_gguf_type(gguf_path), gguf_path.name, gguf_path.stat().st_size,
+            v.table.append(PerplexityRow("LoRA" if lora else _gguf_type(gguf_path), subject.name, subject.stat().st_size,
                                          round(ppl, 4), delta, round(tps, 1)))
             v.items.append(CheckItem("perplexity", math.isfinite(ppl), f"perplexity {ppl:.3f}"
                                      + (f" vs HF {hf_row.perplexity:.3f} ({delta:+.2f}%)" if delta is not None else "")))
@@ -306,30 +326,39 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
         # (e) the fine-tune survived
         progress(0.75, "Checking that the fine-tune survived...")
         v.items.append(_survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials))
+        if lora and merged_gguf:
+            progress(0.85, "Comparing the LoRA's answers with the merged model's...")
+            llm.close()  # one model in memory at a time: the merged and the bare base are loaded in turn
+            llm = None
+            v.items.append(_merged_match(gguf_path, subject, Path(merged_gguf), prompt_ids))
     v.ok = all(i.ok is not False for i in v.items)
     v.seconds = round(time.time() - t0, 2)
     if llm is not None:
         llm.close()
-    if gguf_path.parent.is_dir():
-        write_json(gguf_path.with_name(f"{gguf_path.stem}.validation.json"), v.as_dict())
+    if subject.parent.is_dir():
+        write_json(subject.with_name(f"{subject.stem}.validation.json"), v.as_dict())
     progress(1.0, "Validation " + ("passed" if v.ok else "found problems"))
     return v
 
 
 def _modelfile_item(gguf_path: Path, jinja: str | None, specials: dict) -> CheckItem:
     """The "Modelfile template" row: <stem>.Modelfile's TEMPLATE rendered by Go's text/template (gotemplate.py) on
-    test conversations, against the chat template (Jinja) - identical text required."""
+    test conversations, against the chat template (Jinja) - identical text required. A Modelfile without TEMPLATE
+    for a model with a chat template fails, saying why it was not translated and what Ollama does instead."""
+    from .families import translate  # noqa: PLC0415
     from .gotemplate import compare_with_jinja, modelfile_template  # noqa: PLC0415
+    from .ollama import OLLAMA_FALLBACK  # noqa: PLC0415
 
     mf = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
     if not mf.is_file():
         return CheckItem("modelfile_template", None, "skipped: no Modelfile beside this GGUF")
     tpl = modelfile_template(mf.read_text())
-    if tpl is None:
-        return CheckItem("modelfile_template", None, "skipped: the Modelfile has no TEMPLATE (Ollama uses the one it "
-                         "derives from the GGUF)")
     if not jinja:
-        return CheckItem("modelfile_template", None, "skipped: no chat template to compare the Modelfile's with")
+        return CheckItem("modelfile_template", None, "skipped: the model has no chat template to compare with")
+    if tpl is None:
+        why = translate(jinja, specials.get("bos_token", ""), specials.get("eos_token", "")).reason or \
+            "the Modelfile has no TEMPLATE"
+        return CheckItem("modelfile_template", False, f"not translated: {why}. {OLLAMA_FALLBACK}.")
     try:
         ok, detail = compare_with_jinja(tpl, jinja, specials.get("bos_token", ""), specials.get("eos_token", ""))
     except Exception as e:  # noqa: BLE001 - the Jinja side failing is a result too
@@ -338,6 +367,52 @@ def _modelfile_item(gguf_path: Path, jinja: str | None, specials: dict) -> Check
 
 
 _validate_gguf = validate  # export() has a `validate` flag that shadows the function
+
+
+def _answer_logprob(gguf_path: Path, prompt_ids: list[list[int]], answers: list[list[int]] | None = None,
+                    lora: Path | None = None) -> tuple[list[list[int]], float]:
+    """(answers, mean log-prob per answer token) under one GGUF (with `lora` applied): greedy answers of up to 16
+    tokens when `answers` is None, else those answers scored."""
+    llm = _load_llama(gguf_path, lora=lora)
+    try:
+        if answers is None:
+            answers = []
+            for ids in prompt_ids:
+                ans = []
+                for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                    if t == llm.token_eos():
+                        break
+                    ans.append(t)
+                    if len(ans) >= 16:
+                        break
+                answers.append(ans)
+        lps = [lp for ids, ans in zip(prompt_ids, answers) if ans
+               for lp in gguf_logprobs(llm, ids + ans, start=len(ids))]
+    finally:
+        llm.close()
+    return answers, (sum(lps) / len(lps) if lps else float("nan"))
+
+
+def _merged_match(base_gguf: Path, lora: Path, merged_gguf: Path, prompt_ids: list[list[int]]) -> CheckItem:
+    """"answers like the merged model": the merged GGUF's greedy answers to the fixed prompts, scored (mean log-prob
+    per token) by the merged GGUF, by the base with the LoRA and by the bare base. It passes when the LoRA's score
+    is within a tenth of the tune's own effect (merged vs base) of the merged model's; inconclusive when the tune
+    moves these answers by less than 0.02."""
+    try:
+        answers, lp_merged = _answer_logprob(merged_gguf, prompt_ids)
+        if not any(answers):
+            return CheckItem("merged_match", None, "inconclusive: the merged model answers nothing to the prompts")
+        _a, lp_lora = _answer_logprob(base_gguf, prompt_ids, answers, lora=lora)
+        _a, lp_base = _answer_logprob(base_gguf, prompt_ids, answers)
+    except Exception as e:  # noqa: BLE001 - a file llama.cpp refuses is a result here
+        return CheckItem("merged_match", False, f"could not compare: {str(e)[:200]}")
+    detail = (f"mean log-prob per token of {merged_gguf.name}'s answers: merged {lp_merged:.4f}, base + LoRA "
+              f"{lp_lora:.4f}, base alone {lp_base:.4f}")
+    effect, gap = abs(lp_base - lp_merged), abs(lp_lora - lp_merged)
+    if not math.isfinite(gap) or effect < 0.02:
+        return CheckItem("merged_match", None, "inconclusive (the tune barely moves these answers); " + detail)
+    return CheckItem("merged_match", bool(gap < 0.1 * effect), detail + ("" if gap < 0.1 * effect else
+                     " - the LoRA on the base does not reproduce the merged model"))
 
 
 def _survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials) -> CheckItem:
@@ -349,14 +424,20 @@ def _survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials) -> Chec
     try:
         prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) if tok.chat_template else \
             msgs[-1]["content"]
-        tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(Path(hf_dir))).eval()
-        answer, lp_tuned = _hf_answer_logprob(tuned, tok, prompt)
-        del tuned
+        key = (str(hf_dir), (Path(hf_dir) / "config.json").stat().st_mtime, str(base_dir), prompt)
+        if key not in _HF_ANSWERS:  # one HF pass per export: every GGUF (and the LoRA) is scored on the same answer
+            tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(Path(hf_dir))).eval()
+            answer, lp_tuned = _hf_answer_logprob(tuned, tok, prompt)
+            del tuned
+            lp_base = None
+            if answer:
+                base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_weights_dtype(Path(base_dir))).eval()
+                _a, lp_base = _hf_answer_logprob(base, tok, prompt, answer)
+                del base
+            _HF_ANSWERS[key] = (answer, lp_tuned, lp_base)
+        answer, lp_tuned, lp_base = _HF_ANSWERS[key]
         if not answer:
             return CheckItem("finetune_survived", None, "inconclusive: the tuned model answers nothing to the prompt")
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_weights_dtype(Path(base_dir))).eval()
-        _a, lp_base = _hf_answer_logprob(base, tok, prompt, answer)
-        del base
         hf_p_ids = tok(prompt, add_special_tokens=False).input_ids
         if llm.n_vocab() == len(tok):  # the converter keeps token ids: score exactly the same token sequence
             p_ids, a_ids = list(hf_p_ids), list(answer)

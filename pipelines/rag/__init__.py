@@ -1,6 +1,7 @@
 """RAG: chat with your documents. A knowledge base is a folder rag/<name>/ (see store.py for what is in it).
 
-    store.py     create / open / list / delete knowledge bases, remove documents; the SQLite record of truth
+    store.py     create / open / list / delete knowledge bases, remove documents; the SQLite record of truth; a
+                 damaged database (DamagedKB) set aside so the knowledge base can be rebuilt from its kept documents
     extract.py   PDF (pypdf, page by page), text and Markdown to text, with a clear refusal for every unusable file
     chunk.py     passages that fit the embedder (its own tokenizer), at paragraph and sentence boundaries
     embed.py     sentence-transformers embeddings (the bundled all-MiniLM-L6-v2 by default), normalised, batched
@@ -18,10 +19,10 @@
 
 from .answer import THRESHOLD, RagEvent, fit_passages, stream_answer
 from .evaluation import Question, auto_questions, evaluate, questions_from_csv
-from .ingestion import IngestReport, ingest
+from .ingestion import IngestReport, ingest, rebuild
 from .retrieve import MODES, Passage, search
-from .store import KB, create, delete, list_kbs, open_kb, remove_documents
+from .store import KB, DamagedKB, create, delete, list_kbs, open_kb, remove_documents
 
-__all__ = ["KB", "MODES", "THRESHOLD", "IngestReport", "Passage", "Question", "RagEvent", "auto_questions", "create",
-           "delete", "evaluate", "fit_passages", "ingest", "list_kbs", "open_kb", "questions_from_csv",
-           "remove_documents", "search", "stream_answer"]
+__all__ = ["KB", "MODES", "THRESHOLD", "DamagedKB", "IngestReport", "Passage", "Question", "RagEvent",
+           "auto_questions", "create", "delete", "evaluate", "fit_passages", "ingest", "list_kbs", "open_kb",
+           "questions_from_csv", "rebuild", "remove_documents", "search", "stream_answer"]

@@ -92,8 +92,13 @@ def stream_answer(lm, kb: KB, question: str, params: chat.ChatParams | None = No
     one with the citations. A question no passage is relevant to (best similarity below `threshold`) gets one
     event with `refused` set and no model call."""
     params = (params or chat.ChatParams()).validated()
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise BadInput(f"The relevance threshold must be between 0 and 1 (got {threshold}).")
+    given = threshold
+    try:
+        threshold = float(given)
+    except (TypeError, ValueError):
+        threshold = float("nan")  # refused just below
+    if not 0.0 <= threshold <= 1.0:  # NaN too
+        raise BadInput(f"The relevance threshold must be a number from 0 to 1 (got {given!r}).")
     found = search(kb, question, top_k, mode)
     relevant = [p for p in found if p.similarity >= threshold]
     if not relevant:

@@ -2,11 +2,15 @@
 chunk fits what it reads - 256 word pieces for all-MiniLM-L6-v2), at paragraph and sentence boundaries where
 possible, with `overlap` tokens of the previous passage repeated. A chunk never spans two pages: its origin is one
 page and an exact character span of that page's text; Markdown headings travel with the chunks under them.
+
+Time is linear in the text (headings are passed once, in order, however many there are); `deadline` (a
+time.monotonic() value) and `max_chunks` bound a document that would still take too long or make too many passages.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from ..errors import BadInput
@@ -60,8 +64,57 @@ def _split_long(tokenizer, text: str, a: int, b: int, size: int) -> list[tuple[i
     return out
 
 
-def chunk_document(doc: Document, embedder, size: int = 200, overlap: int = 40) -> list[Chunk]:
-    """The chunks of every page of `doc`, in order."""
+MAX_CHUNKS = 100_000  # passages per document
+
+
+def _check_bounds(doc: Document, out: list, max_chunks: int, deadline: float | None, page: int) -> None:
+    if len(out) > max_chunks:
+        raise BadInput(f"{doc.name} makes more than {max_chunks:,} passages (at page {page}); split it into smaller "
+                       "documents, or use a knowledge base with bigger chunks.")
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"cutting it into passages (page {page} of {len(doc.pages)})")
+
+
+def _units(text: str, embedder, size: int) -> list[tuple[int, int, int]]:
+    """(start, end, tokens) of the page's sentences, a sentence longer than `size` cut at token boundaries."""
+    spans = _spans(text)
+    counts = embedder.count_tokens([text[a:b] for a, b in spans])
+    units: list[tuple[int, int, int]] = []
+    for (a, b), n in zip(spans, counts):
+        if n > size:
+            pieces = _split_long(embedder.tokenizer, text, a, b, size)
+            units += [(x, y, k) for (x, y), k in zip(pieces, embedder.count_tokens([text[x:y] for x, y in pieces]))]
+        else:
+            units.append((a, b, n))
+    return units
+
+
+def _pack(units: list[tuple[int, int, int]], size: int, overlap: int):
+    """Groups of consecutive units of at most `size` tokens (each group: (start, end, tokens)), the next group
+    starting with the last units of the previous one that fit in `overlap` tokens. Linear: running totals."""
+    cur: list[tuple[int, int, int]] = []
+    total = 0
+    for u in units:
+        if cur and total + u[2] > size:
+            yield cur[0][0], cur[-1][1], total
+            keep, kept = [], 0
+            for x in reversed(cur):  # the overlap: the last units that fit in `overlap` tokens
+                if kept + x[2] > overlap:
+                    break
+                keep.append(x)
+                kept += x[2]
+            cur, total = (keep[::-1], kept) if kept + u[2] <= size else ([], 0)
+        cur.append(u)
+        total += u[2]
+    if cur:
+        yield cur[0][0], cur[-1][1], total
+
+
+def chunk_document(doc: Document, embedder, size: int = 200, overlap: int = 40, max_chunks: int | None = None,
+                   deadline: float | None = None) -> list[Chunk]:
+    """The chunks of every page of `doc`, in order. BadInput past `max_chunks` (default MAX_CHUNKS); TimeoutError
+    (saying where it stopped) past `deadline`."""
+    max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks
     if size < 16:
         raise BadInput(f"The chunk size must be at least 16 tokens (got {size}).")
     if size > embedder.max_tokens:
@@ -72,38 +125,16 @@ def chunk_document(doc: Document, embedder, size: int = 200, overlap: int = 40) 
     out: list[Chunk] = []
     heading = None
     for page in doc.pages:
+        _check_bounds(doc, out, max_chunks, deadline, page.number)
         text = page.text
         headings = [(m.start(), m.group(2).strip()) for m in _HEADING.finditer(text)] if doc.kind == "markdown" else []
-        spans = _spans(text)
-        counts = embedder.count_tokens([text[a:b] for a, b in spans])
-        units: list[tuple[int, int, int]] = []
-        for (a, b), n in zip(spans, counts):
-            if n > size:
-                pieces = _split_long(embedder.tokenizer, text, a, b, size)
-                units += [(x, y, k) for (x, y), k in zip(pieces, embedder.count_tokens([text[x:y] for x, y in pieces]))]
-            else:
-                units.append((a, b, n))
-        cur: list[tuple[int, int, int]] = []
-
-        def emit():
-            nonlocal heading
-            a, b = cur[0][0], cur[-1][1]
-            for pos, h in headings:
-                if pos <= a:
-                    heading = h
-            out.append(Chunk(page.number, a, b, heading, text[a:b], sum(u[2] for u in cur)))
-
-        for u in units:
-            if cur and sum(x[2] for x in cur) + u[2] > size:
-                emit()
-                keep, total = [], 0
-                for x in reversed(cur):  # the overlap: the last units that fit in `overlap` tokens
-                    if total + x[2] > overlap:
-                        break
-                    keep.insert(0, x)
-                    total += x[2]
-                cur = keep if total + u[2] <= size else []
-            cur.append(u)
-        if cur:
-            emit()
+        next_heading = 0  # chunks start in order: each heading is passed once
+        for a, b, tokens in _pack(_units(text, embedder, size), size, overlap):
+            while next_heading < len(headings) and headings[next_heading][0] <= a:
+                heading = headings[next_heading][1]
+                next_heading += 1
+            out.append(Chunk(page.number, a, b, heading, text[a:b], tokens))
+            if len(out) % 1000 == 0:
+                _check_bounds(doc, out, max_chunks, deadline, page.number)
+    _check_bounds(doc, out, max_chunks, deadline, len(doc.pages))
     return out

@@ -88,6 +88,21 @@ def _text(path: Path, name: str, kind: str, size: int, max_chars: int) -> Docume
     return Document(name, kind, [Page(1, text)], size)
 
 
+def _decrypt(reader, name: str, password: str | None) -> None:
+    """Open an encrypted PDF with `password`, else with the empty user password (a PDF that only restricts printing
+    or copying opens with it, and the form cannot send an empty password); BadInput when neither opens it."""
+    from pypdf import errors as pe  # noqa: PLC0415
+
+    for candidate in ([password] if password else []) + [""]:
+        try:
+            if reader.decrypt(candidate):
+                return
+        except pe.DependencyError:
+            raise BadInput(f"{name} uses an encryption pypdf cannot open without the 'cryptography' package.") from None
+    raise BadInput(f"{name}: the password is wrong." if password else
+                   f"{name} is encrypted: give its password to read it.")
+
+
 def _pdf(path: Path, name: str, size: int, password: str | None, max_pages: int, max_chars: int,
          max_seconds: float) -> Document:
     with open(path, "rb") as fh:
@@ -101,15 +116,7 @@ def _pdf(path: Path, name: str, size: int, password: str | None, max_pages: int,
     try:
         reader = PdfReader(str(path), strict=False)
         if reader.is_encrypted:
-            if not password:
-                raise BadInput(f"{name} is encrypted: give its password to read it.")
-            try:
-                ok = reader.decrypt(password)
-            except pe.DependencyError:
-                raise BadInput(f"{name} uses an encryption pypdf cannot open without the 'cryptography' package."
-                               ) from None
-            if not ok:
-                raise BadInput(f"{name}: the password is wrong.")
+            _decrypt(reader, name, password)
         n = len(reader.pages)
         if n == 0:
             raise BadInput(f"{name} has no pages.")

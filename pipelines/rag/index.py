@@ -42,6 +42,7 @@ class Indexes:
     ids: np.ndarray  # position -> chunk id (the same order in both)
     generation: int
     kind: str
+    uid: str | None = None  # the database's (a knowledge base made again at the same place has another)
 
 
 def _faiss():
@@ -109,21 +110,22 @@ def rebuild(kb: KB) -> Indexes:
         os.rename(kb.path / f"bm25{tmp}", kb.path / "bm25")
         shutil.rmtree(kb.path / "bm25.old", ignore_errors=True)
     write_json(kb.path / "index.json", {"generation": gen, "kind": index_kind(len(ids)), "count": int(len(ids))})
-    idx = Indexes(vindex, bm25, ids, gen, index_kind(len(ids)))
+    idx = Indexes(vindex, bm25, ids, gen, index_kind(len(ids)), meta.get("uid"))
     with _LOCK:
         _CACHE[str(kb.path)] = idx
     return idx
 
 
-def load(kb: KB, generation: int | None = None) -> Indexes:
-    """The indexes of the database's current generation (`generation` when the caller has read it): cached, else
-    read from disk, else rebuilt."""
+def load(kb: KB, generation: int | None = None, uid: str | None = None) -> Indexes:
+    """The indexes of the database's current generation (`generation` and `uid` when the caller has read them):
+    cached, else read from disk, else rebuilt."""
     if generation is None:
         with kb.db() as con:
-            generation = int(_meta(con).get("generation", 0))
+            meta = _meta(con)
+        generation, uid = int(meta.get("generation", 0)), meta.get("uid")
     with _LOCK:
         idx = _CACHE.get(str(kb.path))
-    if idx is not None and idx.generation == generation:
+    if idx is not None and idx.generation == generation and idx.uid == uid:
         return idx
     try:
         info = json.loads((kb.path / "index.json").read_text())
@@ -135,7 +137,7 @@ def load(kb: KB, generation: int | None = None) -> Indexes:
 
                 bm25 = bm25s.BM25.load(str(kb.path / "bm25"))
             idx = Indexes(_faiss().read_index(str(kb.path / "index.faiss")), bm25, ids, generation,
-                          info.get("kind") or "")
+                          info.get("kind") or "", uid)
             if idx.vectors.ntotal == len(ids):
                 with _LOCK:
                     _CACHE[str(kb.path)] = idx

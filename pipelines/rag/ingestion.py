@@ -3,6 +3,10 @@ in batches, and stored one document per transaction (a document that fails, or t
 the knowledge base as it was); the vector index is rebuilt at the end. The studio runs it as a job (rag/.jobs/<id>,
 the same job mechanism as training and export) with progress: documents, pages and chunks done, rate, ETA.
 
+Every document, whatever its kind, is bounded: in size (extract.py: bytes, pages, characters; chunk.py: passages)
+and in time (MAX_DOCUMENT_SECONDS for reading, cutting and embedding it; one that is on course to take longer is
+stopped as soon as that shows). A document past a bound is refused with the reason; the others still go in.
+
     report = ingest(ws, "manuals", [Path("guide.pdf")])        # in this process (the CLI, tests)
     job = start(ws, "manuals", [{"path": "...", "name": "guide.pdf", "password": None}])   # the studio
 """
@@ -17,16 +21,22 @@ from pathlib import Path
 from typing import Callable
 
 from .. import jobs
-from ..errors import BadInput
+from ..errors import BadInput, Conflict
 from ..workspace import Workspace, sha256_file, write_json
 from . import index
 from .chunk import chunk_document
 from .embed import embedder
-from .extract import extract, kind_of
-from .store import KB, open_kb
+from .extract import MAX_SECONDS, extract, kind_of
+from .store import KB, DamagedKB, ingest_queue, open_kb, prepare_rebuild
 
 ProgressFn = Callable[..., None]  # (fraction, message, **fields)
 BATCH = 512  # chunks per encode call (sentence-transformers sorts each call by length: fewer pads)
+MAX_DOCUMENT_SECONDS = 900.0  # reading, cutting and embedding one document
+
+
+def _too_slow(name: str, what: str, limit: float) -> BadInput:
+    return BadInput(f"{name}: reading, cutting and embedding it would take over {limit:.0f} s ({what}); split it "
+                    "into smaller documents.")
 
 
 @dataclass
@@ -75,7 +85,7 @@ def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = _noo
     rep = IngestReport(kb.name)
     known = {s["sha256"]: s["name"] for s in kb.sources()}
     total = len(items)
-    rate_chunks, t_embed = 0, 0.0
+    rate = _Rate()
     for i, item in enumerate(items):
         path = Path(item["path"])
         name = item.get("name") or path.name
@@ -84,8 +94,8 @@ def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = _noo
         def step(frac: float, what: str, **fields):
             done = (i + frac) / total
             eta = (time.time() - t0) / done * (1 - done) if done > 0.02 else None
-            rate = f" · {rate_chunks / t_embed:.0f} chunks/s" if t_embed > 0 else ""
-            progress(done, f"document {i + 1}/{total} ({name}): {what}{rate}"
+            speed = f" · {rate.chunks / rate.seconds:.0f} chunks/s" if rate.seconds > 0 else ""
+            progress(done, f"document {i + 1}/{total} ({name}): {what}{speed}"
                      + (f" · ETA {eta:.0f} s" if eta is not None else ""), documents_done=i, documents=total,
                      pages_done=rep.pages, chunks_done=rep.chunks, eta_s=round(eta, 1) if eta is not None else None)
 
@@ -97,16 +107,7 @@ def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = _noo
             if sha in known:
                 rep.skipped.append({"name": name, "reason": f"already in the knowledge base (as {known[sha]})"})
                 continue
-            step(0.0, "reading")
-            doc = extract(path, password, name)
-            chunks = chunk_document(doc, emb, meta["chunk_size"], meta["overlap"])
-            vecs = []
-            for b in range(0, len(chunks), BATCH):
-                step(0.1 + 0.8 * b / max(1, len(chunks)), f"embedding {b}/{len(chunks)} chunks")
-                t1 = time.time()
-                vecs.append(emb.encode([c.text for c in chunks[b: b + BATCH]]))
-                t_embed += time.time() - t1
-                rate_chunks += len(chunks[b: b + BATCH])
+            doc, chunks, vecs = _read_cut_embed(path, name, password, emb, meta, step, rate)
             step(0.95, "storing")
             _store(kb, sha, name, doc, chunks, vecs, path)
         except BadInput as e:
@@ -123,6 +124,47 @@ def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = _noo
     rep.seconds = round(time.time() - t0, 2)
     progress(1.0, rep.summary())
     return rep
+
+
+@dataclass
+class _Rate:
+    """Chunks embedded and the seconds it took, over the whole ingest (the progress line's chunks/s)."""
+
+    chunks: int = 0
+    seconds: float = 0.0
+
+
+def _read_cut_embed(path: Path, name: str, password: str | None, emb, meta: dict, step, rate: _Rate):
+    """(document, chunks, vector batches) of one file, within MAX_DOCUMENT_SECONDS; BadInput saying why not."""
+    step(0.0, "reading")
+    started = time.monotonic()
+    doc = extract(path, password, name, max_seconds=min(MAX_SECONDS, MAX_DOCUMENT_SECONDS))
+    try:
+        chunks = chunk_document(doc, emb, meta["chunk_size"], meta["overlap"],
+                                deadline=started + MAX_DOCUMENT_SECONDS)
+    except TimeoutError as e:
+        raise _too_slow(name, f"stopped while {e}", MAX_DOCUMENT_SECONDS) from None
+    vecs, embedding_from = [], time.monotonic()
+    for b in range(0, len(chunks), BATCH):
+        step(0.1 + 0.8 * b / max(1, len(chunks)), f"embedding {b}/{len(chunks)} chunks")
+        t1 = time.time()
+        vecs.append(emb.encode([c.text for c in chunks[b: b + BATCH]]))
+        rate.seconds += time.time() - t1
+        rate.chunks += len(chunks[b: b + BATCH])
+        _check_embedding_time(name, started, embedding_from, b + BATCH, len(chunks))
+    return doc, chunks, vecs
+
+
+def _check_embedding_time(name: str, started: float, embedding_from: float, done: int, total: int) -> None:
+    """Past MAX_DOCUMENT_SECONDS, or on course for it (the rest projected from two batches on), the document is
+    refused."""
+    if done >= total:
+        return
+    now = time.monotonic()
+    spent = now - started
+    rest = (now - embedding_from) / done * (total - done) if done >= 2 * BATCH else 0.0
+    if spent + rest > MAX_DOCUMENT_SECONDS:
+        raise _too_slow(name, f"{done:,} of its {total:,} passages embedded in {spent:.0f} s", MAX_DOCUMENT_SECONDS)
 
 
 def _store(kb: KB, sha: str, name: str, doc, chunks, vecs, path: Path) -> None:
@@ -150,7 +192,7 @@ def _store(kb: KB, sha: str, name: str, doc, chunks, vecs, path: Path) -> None:
 
 
 def queue(ws: Workspace) -> jobs.JobQueue:
-    return jobs.JobQueue(ws.rag / ".jobs", "ingest", "ingest")
+    return ingest_queue(ws)
 
 
 def start(ws: Workspace, kb_name: str, files: list[dict], embedder_name: str | None = None) -> str:
@@ -159,10 +201,36 @@ def start(ws: Workspace, kb_name: str, files: list[dict], embedder_name: str | N
     kb = open_kb(ws, kb_name)
     if not files:
         raise BadInput("Choose at least one document (PDF, .txt or .md).")
+    reason = kb.damage()
+    if reason is not None:
+        raise DamagedKB(kb.name, reason)
     for f in files:
         kind_of(f.get("name") or f["path"])
     return queue(ws).start(kb.name, {"kb": kb.name, "files": files, "embedder": embedder_name, "root": str(ws.root)},
                            kb=kb.name, documents=len(files), documents_done=0, pages_done=0, chunks_done=0)
+
+
+def rebuild(ws: Workspace, kb_name: str, progress: ProgressFn = _noop) -> IngestReport:
+    """Make a knowledge base again from the documents it keeps (store.prepare_rebuild), in this process (the CLI)."""
+    kb, docs = prepare_rebuild(ws, kb_name)
+    if docs:
+        return ingest(ws, kb.name, docs, progress)
+    kb.write_manifest()  # a damaged one that kept no documents: empty again, and usable
+    return IngestReport(kb.name)
+
+
+def start_rebuild(ws: Workspace, kb_name: str) -> tuple[str | None, int]:
+    """The same as a job: (job id, documents to add again); (None, 0) when there were none to add. Conflict while
+    another ingest runs (checked before anything is changed)."""
+    running = queue(ws).active()
+    if running:
+        raise Conflict(f"An ingest job is running ({running.label}, "
+                       f"{int(100 * (running.fraction or 0))}%): wait for it or cancel it.")
+    kb, docs = prepare_rebuild(ws, kb_name)
+    if not docs:
+        kb.write_manifest()
+        return None, 0
+    return start(ws, kb.name, docs), len(docs)
 
 
 def run_job(job: jobs.JobDir) -> int:

@@ -62,6 +62,19 @@ def _similarities(con, ids: list[int], qvec: np.ndarray) -> dict[int, float]:
     return {i: float(np.frombuffer(v, dtype=np.float32) @ qvec) for i, v in rows}
 
 
+def check_top_k(top_k) -> int:
+    """top-k as a whole number from 1 to 100 (a slider's float, a script's string); BadInput otherwise (NaN and
+    infinity included)."""
+    try:
+        number = float(top_k)
+        whole = int(number)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", NaN, infinity
+        raise BadInput(f"top-k must be a whole number from 1 to 100, not {top_k!r}.") from None
+    if number != whole or not 1 <= whole <= 100:
+        raise BadInput(f"top-k must be a whole number from 1 to 100, not {top_k!r}.")
+    return whole
+
+
 def search(kb: KB, query: str, top_k: int = 5, mode: str = "hybrid") -> list[Passage]:
     """The `top_k` best passages for `query`, best first."""
     query = (query or "").strip()
@@ -69,16 +82,11 @@ def search(kb: KB, query: str, top_k: int = 5, mode: str = "hybrid") -> list[Pas
         raise BadInput("Type a question or a query to search for.")
     if mode not in MODES:
         raise BadInput(f"mode must be one of {', '.join(MODES)} (got {mode!r}).")
-    try:
-        top_k = int(top_k)
-    except (TypeError, ValueError):
-        raise BadInput(f"top-k must be a whole number, not {top_k!r}.") from None
-    if not 1 <= top_k <= 100:
-        raise BadInput(f"top-k must be between 1 and 100 (got {top_k}).")
+    top_k = check_top_k(top_k)
     with kb.db() as con:  # one connection for the whole query
         meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta WHERE key IN "
-                                                          "('embedder', 'generation')")}
-        idx = index.load(kb, int(meta.get("generation", 0)))
+                                                          "('embedder', 'generation', 'uid')")}
+        idx = index.load(kb, int(meta.get("generation", 0)), meta.get("uid"))
         qvec = embedder(meta.get("embedder")).encode([query])[0]
         n = max(top_k, CANDIDATES)
         vec = index.vector_search(idx, qvec, n) if mode != "keyword" else []

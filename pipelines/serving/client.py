@@ -9,6 +9,8 @@ alone, and `close()` frees them with the process.
     w = GGUFWorker(path, n_ctx=4096)              # blocks until loaded; BadInput when llama.cpp refuses the file
     for kind, a, b in w.generate(ids, max_tokens=64, ..., halted=ev.is_set):   # ("text", delta, n) / ("end", reason, n)
         ...
+    w.load_lora("my-run", "my-run-lora.gguf")     # a LoRA GGUF beside the base (kept across restarts)
+    w.generate(ids, ..., adapter="my-run")        # answered with it; adapter=None: the bare base
     w.close()
 """
 
@@ -62,6 +64,7 @@ class GGUFWorker:
         self.n_ctx, self.threads = n_ctx, threads
         self.settings = settings or llamacpp.choose()
         self.info: dict = {}
+        self.loras: dict[str, str] = {}  # name -> LoRA GGUF path, loaded again by a restarted worker
         self.crashes: list[dict] = []  # {"time", "how"} of each unexpected end
         self.state = "starting"  # starting | ready | restarting | failed | closed
         self._ready = threading.Event()
@@ -95,6 +98,7 @@ class GGUFWorker:
         cmd = [sys.executable, "-m", "pipelines.serving.worker", "--fd", str(theirs.fileno()), "--model",
                str(self.path), "--n-ctx", str(self.n_ctx), "--threads", str(self.threads),
                "--extra-bufts", "on" if self.settings.extra_bufts else "off"]
+        cmd += [arg for name, path in self.loras.items() for arg in ("--lora", f"{name}={path}")]
         try:
             proc = subprocess.Popen(cmd, cwd=procs.PROJECT_ROOT, env=procs.child_env(), stdin=subprocess.DEVNULL,
                                     pass_fds=(theirs.fileno(),), start_new_session=True)
@@ -184,7 +188,8 @@ class GGUFWorker:
     # ------------------------------------------------------------------------------------------ requests
 
     def generate(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                 min_p: float, repeat_penalty: float, seed: int,
+                 min_p: float, repeat_penalty: float, seed: int, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, adapter: str | None = None,
                  halted: Callable[[], bool] = lambda: False) -> Iterator[tuple]:
         """Stream one answer: ("text", delta, n_tokens) items, then ("end", finish_reason, n_tokens).
         `halted()` is polled: once true the worker is told to stop (finish_reason "stopped"). Leaving the loop
@@ -192,7 +197,8 @@ class GGUFWorker:
         it gave anything (killed while idle, or crashing on the first token) is waited for and asked once more,
         and a ("note", message, 0) item says so."""
         req = dict(prompt=list(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+                   min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                   presence_penalty=presence_penalty, seed=seed, adapter=adapter)
         for attempt in (1, 2):
             self.wait_ready()
             got = []
@@ -258,6 +264,33 @@ class GGUFWorker:
                     return
         except (EOFError, OSError):
             return  # it died meanwhile: the watcher restarts it
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Load a LoRA GGUF on the worker's model under `name` (the base stays loaded). BadInput when llama.cpp
+        cannot apply it to this model."""
+        self._ask(("lora_load", name, str(path)), "lora_loaded", f"llama.cpp could not load the adapter {name}")
+        self.loras[name] = str(path)
+
+    def free_lora(self, name: str) -> None:
+        self.loras.pop(name, None)
+        self._ask(("lora_free", name), "lora_freed", f"llama.cpp could not free the adapter {name}")
+
+    def _ask(self, msg: tuple, reply: str, failure: str, timeout: float = 120.0) -> None:
+        """One request/reply exchange with the worker (between answers: the connection is taken)."""
+        self.wait_ready()
+        with self._io:
+            conn, proc = self._conn, self._proc
+            try:
+                conn.send(msg)
+                if not conn.poll(timeout):
+                    raise Unavailable(f"{failure}: the model process did not answer in {timeout:.0f} s.")
+                got = conn.recv()
+            except (EOFError, OSError):
+                raise ModelCrashed(self.crash_message(self._exit_code(proc))) from None
+        if got[0] == "failed":
+            raise BadInput(f"{failure}: {got[1]}")
+        if got[0] != reply:
+            raise Unavailable(f"{failure}: the model process answered {got[0]!r}.")
 
     # ------------------------------------------------------------------------------- vocabulary, in this process
 

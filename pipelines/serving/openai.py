@@ -8,7 +8,9 @@ Model names (`list_models`), stable across restarts:
     run:<run>  run:<run>@step-N   a training run's adapter or checkpoint: its base model is loaded with it
     export:<export>/<file>.gguf   an exported GGUF (loaded on first use)
 
-Models loaded for a request are loaded beside the current one (the Chat tab's model is not replaced).
+Models loaded for a request are loaded beside the current one (the Chat tab's model is not replaced). A setting a
+request leaves out gets OpenAI's default (`OPENAI_DEFAULTS`: no repetition, frequency or presence penalty unless
+asked); `frequency_penalty` and `presence_penalty` work as in llama.cpp on every backend.
 Errors are `APIError`s: {"error": {"message", "type", "param", "code"}} with an HTTP status.
 """
 
@@ -27,11 +29,16 @@ from ..workspace import Workspace
 # Accepted and ignored when they ask for nothing we would do differently.
 _HARMLESS = {"user": None, "n": 1, "logprobs": (None, False), "response_format": ({"type": "text"}, None),
              "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": None,
-             "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+             "logit_bias": (None, {}),
              "store": (None, False), "metadata": None, "service_tier": None, "echo": (None, False),
              "best_of": (None, 1), "suffix": None, "top_logprobs": (None, 0), "modalities": (None, ["text"])}
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repeat_penalty", "seed", "stop",
-             "max_tokens", "max_completion_tokens")
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repeat_penalty", "frequency_penalty",
+             "presence_penalty", "seed", "stop", "max_tokens", "max_completion_tokens")
+# What a request that leaves a setting out gets: OpenAI's defaults for OpenAI's settings (no penalty of any kind);
+# top_k and min_p, which OpenAI lacks, keep llama.cpp's server defaults, so sampling at temperature 1 stays among a
+# small model's likely tokens. The Chat tab's defaults (ChatParams) are its own.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0,
+                   "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 class APIError(Exception):
@@ -165,27 +172,28 @@ def _check_known(body: dict, allowed: set[str]) -> None:
 
 
 def _params(body: dict) -> chat.ChatParams:
-    defaults = chat.ChatParams()
+    defaults = {**{f: getattr(chat.ChatParams(), f) for f in ("max_new_tokens", "seed")}, **OPENAI_DEFAULTS}
     max_new = body.get("max_completion_tokens", body.get("max_tokens"))
     rep = body.get("repetition_penalty", body.get("repeat_penalty"))
     values = dict(temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=body.get("top_k"),
-                  min_p=body.get("min_p"), repetition_penalty=rep, max_new_tokens=max_new, seed=body.get("seed"))
+                  min_p=body.get("min_p"), repetition_penalty=rep, frequency_penalty=body.get("frequency_penalty"),
+                  presence_penalty=body.get("presence_penalty"), max_new_tokens=max_new, seed=body.get("seed"))
     for key, v in values.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            name = {"max_new_tokens": "max_tokens", "repetition_penalty": "repetition_penalty"}.get(key, key)
+            name = {"max_new_tokens": "max_tokens"}.get(key, key)
             raise APIError(400, f"'{name}' must be a number.", param=name)
     if values["temperature"] is not None and not 0 <= values["temperature"] <= 2:
         raise APIError(400, "'temperature' must be between 0 and 2.", param="temperature")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise APIError(400, "'stop' must be a string or a list of strings.", param="stop")
-    p = chat.ChatParams(**{k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()},
-                        stop=stop or [])
+    p = chat.ChatParams(**{k: (v if v is not None else defaults[k]) for k, v in values.items()}, stop=stop or [])
     try:
         return p.validated()
     except BadInput as e:
-        param = next((f for f in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
-                      if e.message.startswith(f) or f"'{f}'" in e.message), None)
+        param = next((f for f in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                                  "presence_penalty", "seed", "stop") if e.message.startswith(f) or f"'{f}'" in e.message),
+                     None)
         raise APIError(400, e.message.replace("max_new_tokens", "max_tokens"), param=param) from None
 
 

@@ -5,7 +5,6 @@ that only reads it waits on a slow operation: loads and unloads do their slow pa
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 
@@ -23,6 +22,7 @@ from ..models import (
     start_default_hf_materialization,
 )
 from ..workspace import Workspace
+from . import mlx as mlx_serving
 
 
 class ModelRegistry:
@@ -54,10 +54,11 @@ class ModelRegistry:
 
     def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
              name: str | None = None, progress: ProgressFn = _noop, replace: bool = True,
-             current: bool = True) -> LoadedModel:
+             current: bool = True, backend: str = "auto") -> LoadedModel:
         """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
         previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models,
-        or for an API caller: then current=False leaves the current model as it is)."""
+        or for an API caller: then current=False leaves the current model as it is). `backend` for an HF folder:
+        auto (MLX on Apple silicon, see serving.mlx.choose) | torch | mlx."""
         path = resolve_source(source, ws)
         if not self._load_lock.acquire(blocking=False):
             raise Conflict(f"Another model ({self._loading}) is being loaded; try again when it is done.")
@@ -70,6 +71,8 @@ class ModelRegistry:
                 name = models.DEFAULT_HF_NAME  # not "hf", its folder's name
             if path.is_file():
                 lm = models.load_gguf(path, name)
+            elif mlx_serving.choose(path, backend) == "mlx":  # Apple silicon (or asked for): mlx-lm answers
+                lm = mlx_serving.load_mlx(path, name, trust_remote_code)
             else:
                 lm = models.load_hf(path, name, trust_remote_code)
             with self._lock:  # the swap only: nothing slow under this lock
@@ -92,20 +95,10 @@ class ModelRegistry:
 
     @staticmethod
     def _free(lm: LoadedModel) -> None:
-        """Close the model (its worker process ends; torch weights are dropped). The caller holds lm.lock."""
-        if lm.backend == "llama.cpp" and lm.model is not None:
-            lm.model.close()
-        lm.model = lm.tokenizer = None
-        gc.collect()
-        try:
-            import torch  # noqa: PLC0415
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-                torch.mps.empty_cache()
-        except ImportError:
-            pass
+        """Close the model's backend (a worker process ends; torch weights are dropped). The caller holds lm.lock."""
+        backend, lm.backend = lm.backend, None
+        if backend is not None:
+            backend.close()
 
     def _free_when_idle(self, lm: LoadedModel, wait: float = 30.0) -> None:
         """Free a model taken out of the registry once no answer runs on it: at once when idle, else when the answer

@@ -10,6 +10,8 @@
     loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
     verdict.py      base vs tuned at the end of a run (verdict.json) and its Markdown
+    mlx/            the MLX backend (Apple's MLX + mlx-lm): run_training hands it a config whose backend is
+                    mlx; the same run folder, checkpoints and PEFT adapter
     plan.py         plan_training(): steps as the trainer counts them, memory, time, batch advice
     distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
                     refuse), the facts every process must agree on (pipelines/multinode.py compares them)
@@ -27,6 +29,8 @@ From a notebook:
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .common import STOP_FLAG, TrainResult, peak_rss
 from .config import (
+                     BACKENDS,
+                     BASE_BITS,
                      COMPLETE_MARKER,
                      DTYPES,
                      METHODS,
@@ -54,8 +58,9 @@ from .encode import (
 from .loop import run_training
 from .plan import TrainingPlan, memory_advice, plan_training
 
-__all__ = ["COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS", "STOP_FLAG", "TrainConfig",
-           "TrainResult", "TrainingFailed", "TrainingPlan", "check_data", "check_resume", "collate",
+__all__ = ["BACKENDS", "BASE_BITS", "COMPLETE_MARKER", "DTYPES", "IGNORE", "METHODS", "OBJECTIVES", "SCHEDULERS",
+           "STOP_FLAG", "TrainConfig", "TrainResult", "TrainingFailed", "TrainingPlan", "check_data", "check_resume",
+           "collate",
            "dataset_dir", "dataset_versions", "encode_conversation", "encode_dataset", "encode_split",
            "ensure_chat_template", "list_checkpoints", "load_checkpoint", "memory_advice",
            "pack_examples", "peak_rss", "plan_training", "read_rows", "resolve_base_model",

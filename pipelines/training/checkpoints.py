@@ -76,6 +76,19 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
     COMPLETE marker, written into a temporary folder renamed when everything is there. Prunes to keep_last."""
     import torch  # noqa: PLC0415
 
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+
+    return write_checkpoint(run_dir, state, write, keep_last)
+
+
+def write_checkpoint(run_dir: Path, state: dict, write_files: Callable[[Path], None], keep_last: int = 0) -> Path:
+    """checkpoints/step-N/ for any backend: `write_files(tmp)` writes the adapter and optimizer state into a
+    temporary folder, then trainer_state.json and the COMPLETE marker; renamed when everything is there, pruned to
+    keep_last. A complete step-N already there is kept (a stop right after a periodic save at the same step)."""
     target = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
     if target.exists():  # e.g. a stop right after a periodic save at the same step, or a re-run after a resume
         if (target / COMPLETE_MARKER).exists():
@@ -84,10 +97,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
         shutil.rmtree(target)
     try:
         with atomic_dir(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
+            write_files(tmp)
             write_json(tmp / "trainer_state.json", state)
             (tmp / COMPLETE_MARKER).write_text(f"{time.time()}\n")
     except OSError as e:
@@ -131,7 +141,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def _replace_dir(target: Path, write: Callable[[Path], None]) -> None:
+def replace_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Write a folder through a temporary one; an existing `target` is replaced only once the new one is complete."""
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -156,5 +166,5 @@ def save_adapter(run_dir: Path, model, tokenizer, info: dict) -> Path:
             (tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
         write_json(tmp / "mactuner.json", info)
 
-    _replace_dir(target, write)
+    replace_dir(target, write)
     return target

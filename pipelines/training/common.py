@@ -1,7 +1,7 @@
 """What every training backend shares (torch in loop.py; MLX beside it): the stop flag's name, the metrics callback
 type, the learning-rate schedule, the divergence checks, the result of a run, the adapter's mactuner.json, the
-peak-memory reading, and the shape of an objective (`Objective`: describe / step / evaluate, a step returning a
-`StepOutput`). Nothing here imports torch or mlx.
+preference metrics' names and verdict, the peak-memory reading, and the shape of an objective (`Objective`:
+describe / step / evaluate, a step returning a `StepOutput`). Nothing here imports torch or mlx.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -59,6 +60,49 @@ def adapter_info(cfg: TrainConfig, steps: int, final_loss, best_eval_loss) -> di
     return {"base_model": cfg.base_model, "dataset": cfg.dataset, "dataset_version": cfg.dataset_version,
             "method": cfg.method, "steps": steps, "final_loss": final_loss, "best_eval_loss": best_eval_loss,
             "config": cfg.to_dict()}
+
+
+def preference_metrics(kind: str, sums: list[float], pairs: float, nll: float, prefix: str) -> dict:
+    """A DPO / ORPO metrics row's part, named as TRL logs them: `sums` = [rewards chosen, rewards rejected, margins,
+    correct pairs, log odds] summed over `pairs` pairs; ORPO adds nll_loss and log_odds_chosen."""
+    p = max(1.0, pairs)
+    out = {f"{prefix}rewards/chosen": sums[0] / p, f"{prefix}rewards/rejected": sums[1] / p,
+           f"{prefix}rewards/margins": sums[2] / p, f"{prefix}rewards/accuracies": sums[3] / p}
+    if kind == "orpo":
+        out[f"{prefix}nll_loss"] = nll
+        out[f"{prefix}log_odds_chosen"] = sums[4] / p
+    return out
+
+
+def preference_verdict(kind: str, base: list[float], tuned: list[float], t0: float) -> dict:
+    """The verdict of a preference run from each validation pair's log-prob margin (chosen minus rejected; summed
+    for DPO, per answer token for ORPO) under the base and the tuned model; `t0` when the comparison began."""
+    figs = {name: {"accuracy": sum(m > 0 for m in ms) / len(ms), "margin": sum(ms) / len(ms)}
+            for name, ms in (("base", base), ("tuned", tuned))}
+    b, t = figs["base"], figs["tuned"]
+    better = t["accuracy"] > b["accuracy"] or (t["accuracy"] == b["accuracy"] and t["margin"] > b["margin"] + 1e-3)
+    unit = "per answer token" if kind == "orpo" else "summed over the answer"
+    nums = (f"preference accuracy {b['accuracy']:.0%} → {t['accuracy']:.0%}, mean log-prob margin "
+            f"{b['margin']:+.3f} → {t['margin']:+.3f} (chosen minus rejected, {unit})")
+    line = (f"the tuned model prefers the chosen answers more than the base: {nums}" if better
+            else f"the tuned model prefers the chosen answers no more than the base: {nums}")
+    return {"kind": "preference", "objective": kind, "verdict": line, "better": better,
+            "examples": len(base), **figs, "seconds": round(time.time() - t0, 2), "time": time.time()}
+
+
+def base_note(cfg: dict) -> str | None:
+    """How the base was held while training, for model cards (a run's config as a dict): MLX, and a base quantized
+    while training (the adapter then applies to, and merges into, the full-precision base). None for the plain
+    torch path."""
+    bits = cfg.get("base_bits") or (4 if cfg.get("method") == "qlora" else 0)
+    if cfg.get("backend") == "mlx":
+        return "Trained with Apple's MLX (mlx-lm)" + (
+            f" on a {bits}-bit MLX-quantized copy of the base; the adapter applies to the full-precision base, which "
+            "is what merged exports hold." if bits else ".")
+    if bits:
+        return ("Trained on a 4-bit (bitsandbytes NF4) copy of the base; the adapter applies to the full-precision "
+                "base, which is what merged exports hold.")
+    return None
 
 
 @dataclass

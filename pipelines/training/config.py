@@ -31,9 +31,16 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+BACKENDS = ("auto", "torch", "mlx")  # who trains: PyTorch (+ PEFT) or Apple's MLX (+ mlx-lm); device.choose_backend
+
+
+BASE_BITS = (0, 4, 8)  # the frozen base kept as is, or quantized to 4 / 8 bits while training
+
+
 # Settings that change the adapter's shape or function: a checkpoint can only be resumed with the same values.
 COMPLETE_MARKER = "COMPLETE"
-RESUME_KEYS = ("base_model", "method", "rank", "alpha", "target_modules")
+RESUME_KEYS = ("base_model", "method", "rank", "alpha", "target_modules", "backend", "base_bits")
+RESUME_DEFAULTS = {"backend": "torch", "base_bits": 0}  # what a checkpoint written before these settings existed used
 
 
 class TrainingFailed(MacTunerError):
@@ -56,7 +63,16 @@ class TrainConfig:
     dataset: str = field(default="", metadata=_h("Dataset name (a folder under the workspace's datasets/)."))
     dataset_version: int = field(default=0, metadata=_h("Dataset version N (folder vN); 0 means the latest."))
     method: str = field(default="lora", metadata=_h(
-        "lora | dora (weight-decomposed LoRA) | rslora (rank-stabilised scaling) | qlora (4-bit base, CUDA only)."))
+        "lora | dora (weight-decomposed LoRA) | rslora (rank-stabilised scaling) | qlora (LoRA on a 4-bit base: "
+        "bitsandbytes on CUDA with torch, MLX's own quantization with backend mlx)."))
+    backend: str = field(default="auto", metadata=_h(
+        "Who trains: auto (MLX on Apple silicon when mlx-lm is installed, else PyTorch) | torch (PyTorch + PEFT: "
+        "CUDA, MPS or CPU) | mlx (Apple's MLX + mlx-lm; on Linux it runs on the CPU, slower than torch, only when "
+        "chosen). Either way the adapter is saved in PEFT format."))
+    base_bits: int = field(default=0, metadata=_h(
+        "Quantize the frozen base while training (backend mlx): 0 keeps its precision, 4 or 8 bits cut its memory "
+        "about 7x or 4x (QLoRA on a Mac; works with lora, rslora and dora). The adapter still merges into the "
+        "full-precision base. With torch only method qlora quantizes (4-bit, CUDA)."))
     objective: str = field(default="sft", metadata=_h(
         "sft (learn the replies) | dpo (Direct Preference Optimization: prefer the chosen over the rejected answer, "
         "relative to the base model) | orpo (odds-ratio preference with SFT on the chosen answers, no reference). "
@@ -244,9 +260,13 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
     if cfg.method not in METHODS:
         raise BadInput(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r}).")
     _check_objective(cfg)
-    if cfg.method == "qlora" and not prof.qlora:
-        raise BadInput(f"QLoRA is not available here: {prof.qlora_reason} Choose method 'lora' instead "
-                       "(same adapter, base model kept in full precision).")
+    if cfg.backend not in BACKENDS:
+        raise BadInput(f"backend must be one of {', '.join(BACKENDS)} (got {cfg.backend!r}).")
+    if cfg.base_bits not in BASE_BITS:
+        raise BadInput(f"base_bits must be 0 (no quantization), 4 or 8 (got {cfg.base_bits}).")
+    backend = devicemod.choose_backend(cfg.backend, prof)  # BadInput when mlx is asked for and cannot run here
+    if backend.name == "torch":
+        _check_torch_quantization(cfg, prof)
     if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
         raise BadInput(f"The learning rate must be a positive number (got {cfg.learning_rate}); 1e-4 to 3e-4 is typical for LoRA.")
     if cfg.rank < 1:
@@ -288,10 +308,24 @@ def validate(cfg: TrainConfig, ws: Workspace, resume: str | os.PathLike | None =
                        f"{', '.join(f'v{v}' for v in versions)}).")
     check_dataset_kind(cfg, dataset_dir(ws, cfg.dataset, version))
     base = resolve_base_model(cfg, ws)
-    resolved = replace(cfg, base_model=str(base), dataset_version=version)
+    resolved = replace(cfg, base_model=str(base), dataset_version=version, backend=backend.name)
+    if backend.name == "mlx":  # what MLX cannot take is refused here, with the torch alternative
+        from .mlx import refuse  # noqa: PLC0415
+
+        refuse(resolved)
     if resume is not None:
         check_resume(resolved, resume)
     return resolved
+
+
+def _check_torch_quantization(cfg: TrainConfig, prof) -> None:
+    """The torch backend quantizes the base only as method qlora (bitsandbytes 4-bit, CUDA)."""
+    if cfg.base_bits not in (0, 4) or (cfg.base_bits == 4 and cfg.method != "qlora"):
+        raise BadInput(f"base_bits {cfg.base_bits} is for the MLX backend: with torch the base is quantized only by "
+                       "method qlora (4-bit, CUDA). Choose backend mlx, or set base_bits 0.")
+    if cfg.method == "qlora" and not prof.qlora:
+        raise BadInput(f"QLoRA is not available here: {prof.qlora_reason} Choose method 'lora' instead "
+                       "(same adapter, base model kept in full precision), or backend mlx for a 4-bit base.")
 
 
 def _check_objective(cfg: TrainConfig) -> None:
@@ -341,7 +375,7 @@ def check_resume(cfg: TrainConfig, checkpoint: str | os.PathLike) -> dict:
         raise BadInput(f"The checkpoint's trainer_state.json cannot be read ({e}).") from None
     old = state.get("config", {})
     for key in RESUME_KEYS:
-        a, b = old.get(key), getattr(cfg, key)
+        a, b = old.get(key, RESUME_DEFAULTS.get(key)), getattr(cfg, key)
         if key == "base_model" and a and b and Path(a).resolve() == Path(b).resolve():
             continue
         if isinstance(b, tuple):

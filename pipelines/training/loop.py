@@ -42,12 +42,18 @@ def run_training(cfg: TrainConfig, run_dir: str | os.PathLike, on_metrics: Metri
     asked at each step end: a checkpoint is written and the result is "stopped". `resume`: a checkpoint folder.
     Raises BadInput for unusable settings/data (before training) and TrainingFailed for NaN loss, OOM, disk errors.
     """
+    from .. import device as devicemod  # noqa: PLC0415
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ws = ws or _workspace_for(run_dir)
     log = log or (lambda msg: print(msg, flush=True))
     if not validated:
         cfg = validate(cfg, ws, resume)
+    if devicemod.choose_backend(cfg.backend).name == "mlx":  # Apple's MLX trains it (pipelines/training/mlx/)
+        from .mlx import run_training as run_mlx  # noqa: PLC0415
+
+        return run_mlx(cfg, run_dir, on_metrics, ws=ws, resume=resume, should_stop=should_stop, log=log)
     from . import session as torch_session  # noqa: PLC0415 - torch is imported when training starts, not before
 
     should_stop = should_stop or (run_dir / STOP_FLAG).exists

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import verdict
-from .common import StepOutput
+from .common import StepOutput, preference_metrics, preference_verdict
 from .config import TrainConfig
 from .encode import IGNORE, collate_pairs
 from .loss import CausalLMLoss, linear_token_nll, plain_head
@@ -132,13 +132,7 @@ class PreferenceObjective:
         return chosen_tokens, sum(len(c[0]) + len(r[0]) for c, r in pairs)
 
     def _metrics(self, sums: list[float], pairs: float, nll: float, prefix: str) -> dict:
-        p = max(1.0, pairs)
-        out = {f"{prefix}rewards/chosen": sums[0] / p, f"{prefix}rewards/rejected": sums[1] / p,
-               f"{prefix}rewards/margins": sums[2] / p, f"{prefix}rewards/accuracies": sums[3] / p}
-        if self.kind == "orpo":
-            out[f"{prefix}nll_loss"] = nll
-            out[f"{prefix}log_odds_chosen"] = sums[4] / p
-        return out
+        return preference_metrics(self.kind, sums, pairs, nll, prefix)
 
     def step(self, s, micro_batches: list[list]) -> StepOutput:
         """Forward / backward over the micro-batches of pairs of one optimizer step: the loss is the mean over the
@@ -209,17 +203,7 @@ class PreferenceObjective:
         finally:
             if was_training:
                 model.train()
-        figs = {name: {"accuracy": sum(m > 0 for m in ms) / len(ms), "margin": sum(ms) / len(ms)}
-                for name, ms in (("base", base), ("tuned", tuned))}
-        b, t = figs["base"], figs["tuned"]
-        better = t["accuracy"] > b["accuracy"] or (t["accuracy"] == b["accuracy"] and t["margin"] > b["margin"] + 1e-3)
-        unit = "per answer token" if self.kind == "orpo" else "summed over the answer"
-        nums = (f"preference accuracy {b['accuracy']:.0%} → {t['accuracy']:.0%}, mean log-prob margin "
-                f"{b['margin']:+.3f} → {t['margin']:+.3f} (chosen minus rejected, {unit})")
-        line = (f"the tuned model prefers the chosen answers more than the base: {nums}" if better
-                else f"the tuned model prefers the chosen answers no more than the base: {nums}")
-        return {"kind": "preference", "objective": self.kind, "verdict": line, "better": better,
-                "examples": len(items), **figs, "seconds": round(time.time() - t0, 2), "time": time.time()}
+        return preference_verdict(self.kind, base, tuned, t0)
 
     def _margins(self, items: list, device, batch_size: int) -> list[float]:
         """Chosen minus rejected log-prob of each pair (per token for ORPO) under the model as it is now."""

@@ -89,12 +89,7 @@ def compare(model, loss_mod, tok, val_items, val_rows, *, collate: Callable, pad
                 temperature=None, top_p=None, top_k=None)
         return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
-    prompts = []
-    for msgs, ref in held_out_prompts(val_rows, n_prompts):
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        if ids and len(ids) <= max_length:
-            prompts.append((msgs, ref, ids))
+    prompts = prompt_ids(tok, val_rows, n_prompts, max_length)
 
     try:
         tuned_loss = mean_loss()
@@ -105,6 +100,25 @@ def compare(model, loss_mod, tok, val_items, val_rows, *, collate: Callable, pad
     finally:
         if was_training:
             model.train()
+    return summarize(base_loss, tuned_loss, prompts, base_answers, tuned_answers, len(items), max_new_tokens, t0)
+
+
+def prompt_ids(tok, val_rows, n_prompts: int, max_length: int) -> list[tuple[list[dict], str, list[int]]]:
+    """(messages, reference reply, prompt token ids) of the held-out prompts that fit in `max_length`, rendered
+    with the chat template the training used."""
+    prompts = []
+    for msgs, ref in held_out_prompts(val_rows, n_prompts):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if ids and len(ids) <= max_length:
+            prompts.append((msgs, ref, ids))
+    return prompts
+
+
+def summarize(base_loss: float, tuned_loss: float, prompts, base_answers: list[str], tuned_answers: list[str],
+              examples: int, max_new_tokens: int, t0: float) -> dict:
+    """The verdict dict (any backend): the line, base vs tuned loss / perplexity / similarity, the prompts side by
+    side. `prompts` as prompt_ids returns them."""
     better, line = verdict_line(base_loss, tuned_loss)
     rows = []
     for (msgs, ref, _ids), b, t in zip(prompts, base_answers, tuned_answers):
@@ -112,7 +126,7 @@ def compare(model, loss_mod, tok, val_items, val_rows, *, collate: Callable, pad
         rows.append({"prompt": user, "reference": ref, "base": b, "tuned": t,
                      "base_similarity": similarity(b, ref), "tuned_similarity": similarity(t, ref)})
     mean = (lambda k: round(sum(r[k] for r in rows) / len(rows), 3) if rows else None)
-    return {"verdict": line, "better": better, "examples": len(items),
+    return {"verdict": line, "better": better, "examples": examples,
             "base": {"loss": base_loss, "perplexity": _ppl(base_loss), "similarity": mean("base_similarity")},
             "tuned": {"loss": tuned_loss, "perplexity": _ppl(tuned_loss), "similarity": mean("tuned_similarity")},
             "prompts": rows, "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 2),
@@ -126,7 +140,8 @@ def after_training(run_dir, log: Callable[[str], None], cfg=None, ws=None, compa
     rows, batch size and max length come from them."""
     path = Path(run_dir) / VERDICT_FILE
     n = min(len(kw.get('val_items') or []), kw.get('max_examples', MAX_EXAMPLES))
-    log(f"Comparing base and tuned on {n} validation " + ("pairs…" if compare_fn else
+    pairs = cfg.objective != "sft" if cfg is not None else compare_fn is not None
+    log(f"Comparing base and tuned on {n} validation " + ("pairs…" if pairs else
                                                           "examples and a few held-out prompts…"))
     try:
         if cfg is not None:

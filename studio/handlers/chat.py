@@ -10,9 +10,7 @@ own lock, so two tabs chatting at once both get answers. The sampling settings a
 from __future__ import annotations
 
 import html
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +20,7 @@ from pipelines.errors import BadInput, MacTunerError, NotFound
 from pipelines.serving.client import ModelCrashed
 
 from .. import zerogpu
-from .common import Context, SessionState, ui_errors
+from .common import Context, SessionState, handout_file, ui_errors
 
 BASE = "(base model)"
 DISK = "run:"  # Adapter menu values of adapters on disk (not attached yet): "run:<folder>"
@@ -140,21 +138,20 @@ def model_note(ctx: Context, name: str | None, adapter: str | None = None) -> st
 
 @ui_errors
 def choose_adapter(ctx: Context, model_name: str | None, value: str | None, progress=gr.Progress()):
-    """An Adapter menu choice: an attached adapter is used as it is; one on disk is attached to its base model,
-    which is loaded first when it is not (the embedded GGUF cannot take a LoRA adapter: its HF copy, prepared for
-    training, answers instead). Returns (model menu, adapter menu, adapter B menu, note)."""
+    """An Adapter menu choice: an attached adapter is used as it is; one on disk is attached to its base model - on
+    the GGUF that base was made from (the embedded default's), as a LoRA GGUF, when llama.cpp can take it; else on
+    the HF base with PEFT - loading that model first when it is not. Returns (model menu, adapter menu, adapter B
+    menu, note)."""
     if not (value or "").startswith(DISK):
         return gr.skip(), gr.skip(), gr.skip(), model_note(ctx, model_name, value)
     from pipelines.adapters import open_adapter  # noqa: PLC0415
 
-    progress(0.1, desc="Loading the adapter's base model…")
-    lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True)
+    progress(0.05, desc="Opening the adapter…")
+    lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True,
+                                  progress=lambda f, m: progress(f, desc=m))
     names = model_choices(ctx)
     menu = adapter_menu(ctx, lm.name)
-    said = f"Answering with **{lm.name}** + adapter **{name}**"
-    if note:
-        said += f" ({note}; a GGUF model cannot take a LoRA adapter, so its HF copy answers)" if model_name and \
-            model_name != lm.name else f" ({note})"
+    said = f"Answering with **{lm.name}** + adapter **{name}**" + (f" ({note})" if note else "")
     return (gr.update(choices=names, value=lm.name), gr.update(choices=menu, value=name),
             gr.update(choices=adapter_choices(ctx, lm.name)), said + ".")
 
@@ -256,16 +253,7 @@ def export(ctx: Context, history: list, model_name: str):
     if not msgs:
         raise BadInput("The conversation is empty: nothing to export.")
     text = chat.export_conversation(msgs, model=model_name or None)
-    folder = ctx.ws.tmp / "chat"  # in the workspace; Gradio serves its own copy, so an hour is plenty
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("conversation-*.json"):
-        if time.time() - old.stat().st_mtime > 3600:
-            old.unlink(missing_ok=True)
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="conversation-", dir=folder, delete=False,
-                                    encoding="utf-8")
-    with f:
-        f.write(text)
-    return f.name
+    return handout_file(ctx, "chat", "conversation-", ".json", text)
 
 
 @ui_errors

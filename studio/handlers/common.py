@@ -1,7 +1,7 @@
 """What every tab's handlers share: the `Context` (workspace and model registry), `ui_errors` (a MacTunerError
 becomes a toast with its message; anything else one line in the UI and its traceback in the log), `bind` (fill in
-the context, keep gradio's injection), per-browser-session state released when the page closes, and small UI
-helpers.
+the context, keep gradio's injection), per-browser-session state released when the page closes, files handed to
+the browser (`handout_file`, served for any workspace), and small UI helpers.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import functools
 import inspect
 import itertools
 import logging
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -160,6 +163,27 @@ def bind(fn, ctx: "Context", **fixed):
             return call(args, kwargs)
     bound.__signature__ = sig.replace(parameters=rest)
     return bound
+
+
+def handout_file(ctx: "Context", kind: str, prefix: str, suffix: str, text: str, max_age: float = 3600) -> str:
+    """Write `text` to a new file for the browser to download and return its path: under the workspace's
+    tmp/handouts/<kind>/, the folder serve() lists in Gradio's allowed_paths (Gradio hands out only files in the
+    current folder, the system temp folder, its cache or allowed_paths, so a workspace elsewhere, ~/.mactuner
+    included, needs it). Gradio serves its own copy: files older than `max_age` seconds are removed here."""
+    folder = Path(handouts_dir(ctx.ws)) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{prefix}*{suffix}"):
+        if time.time() - old.stat().st_mtime > max_age:
+            old.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=suffix, prefix=prefix, dir=folder, delete=False,
+                                     encoding="utf-8") as f:
+        f.write(text)
+    return f.name
+
+
+def handouts_dir(ws: Workspace) -> str:
+    """The folder of files handed to the browser (Gradio's allowed_paths)."""
+    return str(ws.tmp / "handouts")
 
 
 # how every monitor shows the one state vocabulary of pipelines.jobs

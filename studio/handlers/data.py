@@ -94,8 +94,9 @@ def tokenizer_counter(ctx: Context) -> data.TokenCounter | None:
     """The tokenizer of the current HF model, else the default model's (once its training copy is prepared)."""
     lm = ctx.registry.current()
     tok, key = None, None
-    if lm is not None and lm.tokenizer is not None:
-        tok, key = lm.tokenizer, f"loaded:{lm.model_path}"
+    loaded_tok = getattr(lm.backend, "tokenizer", None) if lm is not None else None  # a backend with an HF tokenizer
+    if loaded_tok is not None:
+        tok, key = loaded_tok, f"loaded:{lm.model_path}"
     else:
         p = data.default_tokenizer_path(ctx.ws)
         if p is not None:

@@ -237,6 +237,10 @@ def details(ctx: Context, name: str | None):
     if d.get("steps"):
         lines.append("- Steps: " + ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in d["steps"])
                      + (f" · total {d['seconds']:.1f} s" if d.get("seconds") else ""))
+    mf_step = next((s for s in d.get("steps") or [] if s["step"] == "Modelfiles"), None)
+    if mf_step:
+        lines.append(("- ⚠️ Ollama Modelfile: " if mf_step["detail"].startswith("NO TEMPLATE") else
+                      "- Ollama Modelfile ") + mf_step["detail"])
     lines.append(f"- Folder: `{d['folder']}`")
     table = pd.DataFrame([[r["type"], r["file"], human_bytes(r["size"]), r["perplexity"], r["delta_pct"],
                            r["tokens_per_s"]] for r in d["table"]], columns=TABLE_COLUMNS)
@@ -247,7 +251,17 @@ def details(ctx: Context, name: str | None):
             checks.append([g["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
         if not g["validation"]:
             checks.append([g["file"], "(all)", "– not validated", ""])
-    problems = ex.problems_text(d["gguf_files"])
+    lora = d.get("lora")
+    if lora:
+        for item in (lora["validation"] or {}).get("items", []):
+            mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
+            checks.append([lora["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
+        if lora.get("how_to_run"):
+            lines.append(f"- LoRA GGUF: `{lora['path']}` ({lora['size']}) on `{Path(lora['base']).name}` · llama.cpp: "
+                         f"`{lora['how_to_run']['llama.cpp']}` · Ollama: `{lora['how_to_run']['ollama']}`")
+    if d.get("lora_skipped"):
+        lines.append(f"- {d['lora_skipped']}")
+    problems = ex.problems_text(d["gguf_files"] + ([lora] if lora else []))
     if problems:
         lines.insert(1, f"⚠️ {problems}")
     best = ex.preferred_gguf(d["gguf_files"])

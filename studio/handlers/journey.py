@@ -65,8 +65,9 @@ def start(ctx: Context, progress=gr.Progress()):
 
 def poll(ctx: Context, request: gr.Request):
     """Progress of the newest quick-start run; when it has finished (and this page has not opened it yet), the chat
-    opens with its adapter on the default model's HF copy, a question of the sample in the message box.
-    Outputs: status, timer, tabs, chat model, adapter, adapter B, chat note, chat message, journey."""
+    opens with its adapter on the default model, a question of the sample in the message box.
+    Outputs: status, timer, tabs, chat model, adapter, adapter B, chat note, chat message, journey. The adapter
+    answers on the embedded GGUF as a LoRA GGUF (llama.cpp) when it can (adapters.open_adapter)."""
     run = quickstart.latest(ctx.ws)
     text, st = _status(run)
     skip = [gr.skip()] * 6
@@ -80,9 +81,9 @@ def poll(ctx: Context, request: gr.Request):
     except MacTunerError as e:
         return (f"{text}<br>⚠️ The chat could not open the adapter: {html.escape(str(e))}", gr.Timer(active=False),
                 *skip, journey_md(ctx))
-    said = (f"✅ Fine-tuned: **{lm.name}** + adapter **{name}** (the quick-start run). {note[0].upper() + note[1:]}; "
-            "the embedded GGUF cannot take a LoRA adapter, so its HF copy answers. Ask it something like the "
-            "sample's questions." if note else f"✅ Fine-tuned: **{lm.name}** + adapter **{name}**.")
+    said = (f"✅ Fine-tuned: **{lm.name}** + adapter **{name}** (the quick-start run). {note[0].upper() + note[1:]}. "
+            "Ask it something like the sample's questions." if note else
+            f"✅ Fine-tuned: **{lm.name}** + adapter **{name}**.")
     return (text, gr.Timer(active=False), gr.Tabs(selected="chat"), gr.update(choices=model_choices(ctx), value=lm.name),
             gr.update(choices=adapter_menu(ctx, lm.name), value=name), gr.update(choices=adapter_choices(ctx, lm.name)),
             said, quickstart.QUESTION, journey_md(ctx))

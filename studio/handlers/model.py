@@ -22,7 +22,7 @@ def header_md(ctx: Context) -> str:
     prof = devicemod.profile()
     used, total = devicemod.memory_in_use()
     lm = ctx.registry.current()
-    model = f"**{lm.name}** · {lm.format} {lm.dtype} · {lm.backend}" if lm else "no model loaded"
+    model = f"**{lm.name}** · {lm.format} {lm.dtype} · {lm.backend_kind}" if lm else "no model loaded"
     if ctx.registry.loading:
         model = f"loading {ctx.registry.loading}…"
     return (f"**MacTuner** &nbsp;·&nbsp; device {prof.kind.upper()} ({prof.name}) &nbsp;·&nbsp; "
@@ -89,6 +89,7 @@ def device_md(ctx: Context | None = None) -> str:
         "- Training dtype (auto): " + (f"`{train[0]}` — {train[1]}" if train[0] else train[1])
         + f" · inference dtype: `{p.infer_dtype}`",
         f"- QLoRA: {'available' if p.qlora else 'not here — ' + p.qlora_reason}",
+        f"- Training backend (auto): **{'MLX' if p.backend == 'mlx' else 'PyTorch'}** — {p.backend_reason}",
     ]
     lines += [f"- {n}" for n in p.notes]
     return "\n".join(lines)
@@ -186,7 +187,7 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
     shape = models.shape_of(lm)
     seq_len, batch_size, lora_rank = int(seq_len), int(batch_size), int(lora_rank)
     avail = prof.available_memory + (lm.memory_bytes if prof.kind != "cuda" else 0)  # the loaded model's memory is reusable
-    gguf = lm.backend == "llama.cpp"
+    gguf = lm.format == "gguf"  # its weights take what the file takes
     inf = devicemod.estimate_memory(shape, "inference", prof.infer_dtype, seq_len, batch_size, lora_rank,
                                     bool(gradient_checkpointing), avail,
                                     weight_bytes=Path(lm.model_path).stat().st_size if gguf else None)
@@ -209,7 +210,33 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
             advice.append(f"- {label}: recommended batch size **{bs}** at {seq_len} tokens" if bs else
                           f"- {label}: even batch 1 does not fit at {seq_len} tokens — shorten the sequences or turn "
                           "on gradient checkpointing")
-    head = f"For **{lm.name}** on {prof.kind.upper()} with {human_bytes(avail)} usable:"
+    if devicemod.mlx_installed()[0]:
+        _mlx_rows(rows, advice, shape, prof, avail, seq_len, batch_size, lora_rank, bool(gradient_checkpointing))
+    elif devicemod.apple_silicon():
+        advice.append(f"- MLX (the faster Mac path, 4-/8-bit bases): {devicemod.mlx_installed()[1]} — "
+                      f"{devicemod.mlx_install_hint()}")
+    pool = "unified memory" if prof.kind == "mps" else "GPU memory" if prof.kind == "cuda" else "RAM"
+    head = f"For **{lm.name}** on {prof.kind.upper()} with {human_bytes(avail)} {pool} usable:"
     if not prof.qlora:
-        advice.append(f"- QLoRA: {prof.qlora_reason}")
+        advice.append(f"- QLoRA (bitsandbytes): {prof.qlora_reason}")
     return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS), head + "\n" + "\n".join(advice)
+
+
+def _mlx_rows(rows: list, advice: list, shape, prof, avail: int, seq_len: int, batch_size: int, lora_rank: int,
+              checkpointing: bool) -> None:
+    """The MLX backend's rows (the Train stage's recipe with backend mlx): its dtype, and 4-/8-bit bases."""
+    for bits in (0, 4, 8):
+        cfg = TrainConfig(method="lora", backend="mlx", base_bits=bits, max_length=seq_len, batch_size=batch_size,
+                          rank=lora_rank, gradient_checkpointing=checkpointing)
+        mem = memory_advice(shape, cfg, prof, available=avail)
+        est = mem.estimate
+        label = f"MLX LoRA r={lora_rank} ({f'{bits}-bit base' if bits else mem.dtype})"
+        rows.append([label, human_bytes(est.weights), human_bytes(est.trainable), human_bytes(est.activations),
+                     human_bytes(est.overhead), human_bytes(est.total), "yes" if mem.fits else "no"])
+        bs = mem.recommended_batch
+        advice.append(f"- {label}: recommended batch size **{bs}** at {seq_len} tokens" if bs else
+                      f"- {label}: even batch 1 does not fit at {seq_len} tokens")
+    where = ("chosen by 'auto' here" if prof.backend == "mlx" else
+             "on this machine only when backend mlx is chosen (slower than PyTorch on a CPU)")
+    advice.append(f"- MLX: {where}; the 4-/8-bit bases are MLX's own quantization, the adapter merges into the "
+                  "full-precision base.")

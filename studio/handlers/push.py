@@ -39,14 +39,28 @@ def form(ctx: Context, name: str | None):
     return parts, ggufs, repo, _last_push_md(ctx, name)
 
 
-def request(name: str | None, repo_id: str | None, public: bool, parts: list | None,
-            ggufs: list | None) -> hp.PushRequest:
-    """The form's values -> the push request (the token stays out of it)."""
+def _names(values, what: str) -> list[str]:
+    """A list of names as the form or a script sends it: a list, one name, or nothing."""
+    values = [values] if isinstance(values, str) else list(values or [])
+    if not all(isinstance(v, str) for v in values):
+        raise BadInput(f"{what} must be a list of names, not {values!r:.80}.")
+    return [v.strip() for v in values if v.strip()]
+
+
+def request(name: str | None, repo_id: str | None, public: bool, parts: list | str | None,
+            ggufs: list | str | None) -> hp.PushRequest:
+    """The form's values (or a script's: the API takes them as sent) -> the push request (the token stays out of
+    it)."""
+    parts, ggufs = _names(parts, "What to push"), _names(ggufs, "GGUF files")
+    if not isinstance(name, (str, type(None))) or not isinstance(repo_id, (str, type(None))):
+        raise BadInput("The export and the repository are names (text).")
+    if not isinstance(public, (bool, type(None))):  # the string "false" must not make a repository public
+        raise BadInput(f"'Public' must be true or false, not {public!r:.40}.")
     if not parts:
         raise BadInput("Tick what to push: the adapter, the merged model and/or GGUF files.")
     what = [p for p in hp.PARTS if p in parts] + [p for p in parts if p not in hp.PARTS]  # unknown ones: refused
     return hp.PushRequest(export=(name or "").strip(), repo_id=(repo_id or "").strip(), what=what,
-                          ggufs=list(ggufs or []) if "gguf" in parts else [], private=not public)
+                          ggufs=ggufs if "gguf" in parts else [], private=public is not True)
 
 
 @ui_errors
@@ -56,6 +70,7 @@ def start(ctx: Context, name: str | None, repo_id: str | None, token: str | None
     from other machines (a confined workspace: a Space, a share link) wants the token typed: the server's own
     HF_TOKEN is not lent to whoever has the page."""
     req = request(name, repo_id, public, parts, ggufs)
+    token = token if isinstance(token, str) else None
     if getattr(ctx.ws, "confined", False) and not (token or "").strip():
         raise Unauthorized("Type your Hub access token (write) in the token field: this studio is reachable from "
                            "other machines, so the server's own HF_TOKEN is not used for pushes.")

@@ -38,8 +38,11 @@ def kb_names(ctx: Context) -> list[str]:
 
 
 def kbs_table(ctx: Context) -> pd.DataFrame:
+    """Every knowledge base; a damaged one says so (and why) in its index column, its counts unknown."""
     rows = [[k["name"], k["documents"], k["pages"], k["chunks"], human_bytes(k["bytes"]), k["embedder"], k["index"]]
-            for k in rag.list_kbs(ctx.ws)]
+            if not k.get("damaged") else  # seen first in the narrow table: the counts' place
+            [k["name"], "⚠️ damaged", "–", "–", human_bytes(k["bytes"]), k["embedder"],
+             f"damaged ({k['damaged']}): delete or rebuild it"] for k in rag.list_kbs(ctx.ws)]
     return pd.DataFrame(rows, columns=KB_COLUMNS)
 
 
@@ -192,6 +195,19 @@ def delete(ctx: Context, name: str, confirm: bool):
     return gr.update(choices=kb_names(ctx), value=None), kbs_table(ctx), f"Deleted **{name}**."
 
 
+@ui_errors
+def rebuild(ctx: Context, name: str):
+    """Make a damaged knowledge base again from the documents it keeps, as an ingest job. Returns (message, job
+    id, kb table)."""
+    kb = _kb(ctx, name)
+    job, n = ringest.start_rebuild(ctx.ws, kb.name)
+    if job is None:
+        return (f"**{kb.name}** kept no documents: it is empty and usable again (the damaged database is kept as "
+                "kb.sqlite.damaged).", None, kbs_table(ctx))
+    return (f"Rebuilding **{kb.name}** from the {n} document(s) it keeps (job `{job}`); the damaged database is "
+            "kept as kb.sqlite.damaged.", job, kbs_table(ctx))
+
+
 def _passages_table(passages: list[rag.Passage]) -> pd.DataFrame:
     return pd.DataFrame([[p.rank, round(p.score, 4), round(p.similarity, 3), p.file, p.page,
                           p.text[:200] + ("…" if len(p.text) > 200 else "")] for p in passages],
@@ -200,7 +216,7 @@ def _passages_table(passages: list[rag.Passage]) -> pd.DataFrame:
 
 @ui_errors
 def search(ctx: Context, name: str, query: str, top_k: int, mode: str):
-    passages, secs = timed_search(_kb(ctx, name), query, int(top_k), mode)
+    passages, secs = timed_search(_kb(ctx, name), query, top_k, mode)
     note = f"{len(passages)} passage(s) in {1000 * secs:.0f} ms ({mode})" if passages else "No passage matched."
     return _passages_table(passages), note
 
@@ -218,7 +234,7 @@ def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name:
     params = params_from(sampling, adapter)
     answer, passages = "", []
     answer_stream = zerogpu.for_model(lm, rag.stream_answer, _stream_answer_gpu)
-    for ev in answer_stream(lm, kb, question, params, int(top_k), mode, float(threshold), _new_stop(request)):
+    for ev in answer_stream(lm, kb, question, params, top_k, mode, threshold, _new_stop(request)):
         passages = ev.passages
         table = _passages_table(passages)
         if ev.refused:

@@ -18,7 +18,8 @@ import plotly.graph_objects as go
 from pipelines import data as pdata
 from pipelines import models, runs
 from pipelines.errors import BadInput, MacTunerError
-from pipelines.training import DTYPES, METHODS, OBJECTIVES, SCHEDULERS, TrainConfig, check_data, plan_training
+from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES, SCHEDULERS, TrainConfig, check_data,
+                                plan_training)
 from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
@@ -27,7 +28,7 @@ from .common import JOB_BADGES, Context, Followers, progress_bar_html, stream, u
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 CHOICES = {"method": list(METHODS), "objective": list(OBJECTIVES), "scheduler": list(SCHEDULERS),
-           "dtype": list(DTYPES)}
+           "dtype": list(DTYPES), "backend": list(BACKENDS), "base_bits": list(BASE_BITS)}
 PREFERENCE_CURVES = (("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"))
 LOG_LINES = 18  # the monitor's log tail
 MARKERS_UP_TO = 30  # points per curve drawn with markers
@@ -84,19 +85,25 @@ def preflight(ctx: Context, *values):
     plan = plan_training(config_from(list(values)), ctx.ws)
     cfg, mem = plan.config, plan.memory
     est = mem.estimate
-    lines = [f"**Data**: {plan.usable:,} usable training conversations of {plan.train_rows:,}"
+    backend = "MLX" if plan.backend == "mlx" else "PyTorch"
+    lines = [f"**Backend**: {backend} — {plan.backend_reason}",
+             f"**Data**: {plan.usable:,} usable training conversations of {plan.train_rows:,}"
              f" · {plan.validation_rows:,} validation · {plan.label_tokens:,} trained tokens per epoch",
              plan.note,
              f"**Steps**: {plan.total_steps:,} ({plan.steps_per_epoch:,} per epoch at batch {cfg.batch_size} × "
              f"accumulation {cfg.grad_accum}" + (f", {plan.items:,} packed sequences" if cfg.packing else "") + ")",
              f"**Memory** ({mem.mode}, {mem.dtype}): about {human_bytes(est.total)} of "
-             f"{human_bytes(mem.available)} available — {'fits' if mem.fits else 'does NOT fit'}"
+             f"{human_bytes(mem.available)} {mem.pool} available — {'fits' if mem.fits else 'does NOT fit'}"
              + (f"; largest batch that fits: {mem.recommended_batch}" if mem.recommended_batch
                 else "; even batch 1 does not fit: shorten max length"),
              f"**Precision**: {mem.precision}" if mem.precision else ""]
     if plan.seconds is not None:
         lines.append(f"**Time**: roughly {plan.seconds / 60:.0f} min on this CPU (from a matmul probe; the live ETA "
                      "is measured once training runs)")
+    if plan.export:
+        marks = {True: "✅", False: "⚠️", None: "–"}
+        lines.append("**Export** (GGUF for llama.cpp / Ollama / LM Studio):\n" + "\n".join(
+            f"- {marks[c.ok]} {c.name}: {c.detail}" for c in plan.export))
     return "\n\n".join(x for x in lines if x)
 
 
@@ -246,6 +253,8 @@ def _status_md(run: runs.RunDir, st: runs.RunStatus, rows: list[dict]) -> str:
             figs.append(f"{last['tokens_per_s']:.0f} tok/s")
         if last.get("peak_memory"):
             figs.append(f"peak memory {human_bytes(last['peak_memory'])}")
+        if last.get("device_peak_memory"):  # CUDA's allocator, or MLX's (Metal buffers live outside RSS)
+            figs.append(f"device peak {human_bytes(last['device_peak_memory'])}")
         bits.append(" · ".join(figs))
     if st.checkpoints:
         bits.append("Checkpoints: " + ", ".join(st.checkpoints))

@@ -20,8 +20,10 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
             upload = gr.File(label="Upload CSV, TSV, JSON, JSONL, Parquet, Excel (.xlsx) or text (.txt)",
                              type="filepath", scale=3, file_types=sorted(pdata.SUPPORTED), elem_id="data-upload")
             with gr.Column(scale=2):
+                # its choices are the files when the page was built (events refresh them), so a script may name one
+                # uploaded since: the handler accepts only files of that list as it is now
                 picked = gr.Dropdown(label="…or pick a file in the workspace", choices=hd.workspace_files(ctx),
-                                     value=None, allow_custom_value=False, elem_id="data-pick")
+                                     value=None, allow_custom_value=True, elem_id="data-pick")
                 with gr.Row():
                     encoding = gr.Dropdown(["auto", *pdata.ENCODINGS], value="auto", label="Text encoding",
                                            info="auto: detected (shown below); choose one if the preview is garbled",

@@ -36,8 +36,10 @@ def build(ctx: h.Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> No
         job = gr.Textbox(visible=False, elem_id="push-job-id")
 
     pick.change(h.bind(hp.form, ctx), pick, [parts, ggufs, repo, note], api_visibility="private")
+    # preprocess=False: the two checkbox groups are filled per export by page events, so a script's values (the
+    # README's "gguf", a GGUF's file name) would be refused as "not in the list of choices"; the handler checks them
     push_btn.click(h.bind(hp.start, ctx), [pick, repo, token, public, parts, ggufs], [msg, job, token],
-                   api_name="export_push")
+                   api_name="export_push", preprocess=False)
     cancel_btn.click(h.bind(hp.cancel, ctx), job, msg, api_visibility="private")
     poll = h.bind(hp.poll, ctx)
     timer.tick(poll, job, [job, bar, status], api_visibility="private", show_progress="hidden")

@@ -45,11 +45,15 @@ def build(ctx: h.Context) -> dict:
                 bar = gr.HTML(elem_id="rag-progress")
                 docs = gr.Dataframe(headers=hr.DOC_COLUMNS, interactive=False, elem_id="rag-docs")
                 with gr.Row():
-                    doc = gr.Dropdown([], label="Document", scale=3, elem_id="rag-doc")
+                    # filled when a knowledge base is picked; a script names the document (checked by the handler)
+                    doc = gr.Dropdown([], label="Document", scale=3, elem_id="rag-doc", allow_custom_value=True)
                     remove_btn = gr.Button("Remove it", scale=1, elem_id="rag-remove")
-                with gr.Accordion("Delete this knowledge base", open=False):
+                with gr.Accordion("Delete or rebuild this knowledge base", open=False):
                     confirm = gr.Checkbox(label="yes, delete it", elem_id="rag-confirm")
                     delete_btn = gr.Button("Delete", variant="stop", elem_id="rag-delete")
+                    gr.Markdown("A knowledge base marked damaged in the list can be made again from the documents "
+                                "it keeps (encrypted PDFs need their password again: add them afterwards).")
+                    rebuild_btn = gr.Button("Rebuild from its documents", elem_id="rag-rebuild")
             with gr.Column(scale=3):
                 gr.Markdown("#### Ask")
                 with gr.Row():
@@ -114,8 +118,10 @@ def build(ctx: h.Context) -> dict:
                           gr.update(choices=hr.kb_names(ctx))), model, [model, kb], api_visibility="private")
     model.change(lambda n: gr.update(choices=hr.adapter_choices(ctx, n), value=hr.BASE), model, adapter,
                  api_visibility="private")
-    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove")
+    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove").success(
+        h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
     delete_btn.click(h.bind(hr.delete, ctx), [kb, confirm], kb_out, api_name="rag_delete")
+    rebuild_btn.click(h.bind(hr.rebuild, ctx), kb, [msg, job, kbs], api_name="rag_rebuild")
     search_btn.click(h.bind(hr.search, ctx), [kb, question, top_k, mode], [passages, search_note],
                      api_name="rag_search")
     ask_in = [kb, question, model, adapter, top_k, mode, threshold, *sampling]
@@ -153,7 +159,7 @@ def register_api(ctx: h.Context) -> None:
 
     def rag_retrieve(name: str, query: str, top_k: int = 5, mode: str = "hybrid") -> list[dict]:
         """Ranked passages with scores, file and page (no model)."""
-        return h.ui_errors(lambda: [p.as_dict() for p in rag.search(hr._kb(ctx, name), query, int(top_k), mode)])()
+        return h.ui_errors(lambda: [p.as_dict() for p in rag.search(hr._kb(ctx, name), query, top_k, mode)])()
 
     for fn in (rag_list, rag_documents, rag_status, rag_retrieve):
         gr.api(fn, api_name=fn.__name__)

@@ -16,8 +16,8 @@ from ..handlers import train_multi as htm
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-BASIC = ["base_model", "dataset", "dataset_version", "method", "objective", "rank", "alpha", "dropout",
-         "target_modules", "epochs", "max_steps", "learning_rate", "scheduler", "warmup_steps", "batch_size",
+BASIC = ["base_model", "dataset", "dataset_version", "method", "backend", "base_bits", "objective", "rank", "alpha",
+         "dropout", "target_modules", "epochs", "max_steps", "learning_rate", "scheduler", "warmup_steps", "batch_size",
          "grad_accum", "max_length"]
 
 

@@ -1,6 +1,6 @@
 """Browser test of the fine-tune one click away: with the embedded GGUF loaded, the Chat tab says it is a base model;
-the Adapter menu lists every run's adapter and checkpoint; choosing one loads the adapter's base model (a GGUF
-cannot take a LoRA adapter) with it attached, says so, and the chat answers with it; the journey bar shows where
+the Adapter menu lists every run's adapter and checkpoint; choosing one loads the adapter's base model (the tiny
+llama, which was not made from a GGUF, takes it with PEFT) with it attached, says so, and the chat answers with it; the journey bar shows where
 the user is; the quick start trains a run (shown in the run history) and opens the chat with its adapter."""
 
 from __future__ import annotations

@@ -117,14 +117,14 @@ def direct_llama(lm):
 def gguf_lm(tiny_gguf):
     lm = load_gguf(tiny_gguf, n_ctx=512)
     yield lm
-    lm.model.close()
+    lm.backend.close()
 
 
 @pytest.fixture(scope="module")
 def small_gguf_lm(tiny_gguf):
     lm = load_gguf(tiny_gguf, n_ctx=128)
     yield lm
-    lm.model.close()
+    lm.backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -152,19 +152,19 @@ def collect(chunks):
 
 def direct(lm, prompt: chat.RenderedPrompt, max_new: int) -> tuple[str, int]:
     """The same prompt ids, greedy, straight through llama.cpp or model.generate: (text, answer tokens)."""
-    if lm.backend == "llama.cpp":
+    if lm.backend_kind == "llama.cpp":
         out = direct_llama(lm).create_completion(prompt=prompt.token_ids, max_tokens=max_new, temperature=0.0,
                                                  repeat_penalty=1.0)
         return out["choices"][0]["text"], out["usage"]["completion_tokens"]
     import torch
 
     ids = torch.tensor([prompt.token_ids])
-    eos = chat._hf_eos_ids(lm)
+    eos, tok = lm.backend.eos_ids(), lm.backend.tokenizer
     with torch.no_grad():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                                eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id)
+        out = lm.backend.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                        do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     new = [t for t in out[0, ids.shape[1]:].tolist() if t not in eos]
-    return lm.tokenizer.decode(new, skip_special_tokens=True), len(new)
+    return tok.decode(new, skip_special_tokens=True), len(new)
 
 
 # -------------------------------------------------------------------------------------------- streaming
@@ -190,13 +190,14 @@ def test_stream_matches_the_direct_call(any_lm):
 def test_prompt_rendering_and_bos(gguf_lm, hf_lm):
     g = chat.build_prompt(gguf_lm, HELLO, ChatParams(system_prompt="be brief"))
     assert g.text == "system: be brief\nuser: hello world what is the model\nassistant:"
-    assert g.token_ids[0] == gguf_lm.model.token_bos() and g.token_ids[1] != gguf_lm.model.token_bos()
+    bos = gguf_lm.backend.worker.token_bos()
+    assert g.token_ids[0] == bos and g.token_ids[1] != bos
     assert g.template_source.startswith("GGUF metadata")
     h = chat.build_prompt(hf_lm, HELLO, ChatParams())
     assert h.text == "<s>user: hello world what is the model</s>\n<s>assistant:"
-    assert h.token_ids[:2] != [1, 1] and h.token_ids[0] == hf_lm.tokenizer.bos_token_id  # no double BOS
+    assert h.token_ids[:2] != [1, 1] and h.token_ids[0] == hf_lm.backend.tokenizer.bos_token_id  # no double BOS
     tpl, src = chat.chat_template_of(hf_lm)
-    assert tpl == hf_lm.tokenizer.chat_template and "tokenizer" in src
+    assert tpl == hf_lm.backend.tokenizer.chat_template and "tokenizer" in src
 
 
 def test_seeded_sampling_is_reproducible(any_lm):
@@ -262,6 +263,39 @@ def test_stop_strings(any_lm):
     # a stop string that never appears changes nothing
     text2, _ = collect(stream_chat(any_lm, HELLO, ChatParams(max_new_tokens=40, stop="\u2603never", **GREEDY)))
     assert text2 == full
+
+
+def test_penalties_work_as_in_llama_cpp():
+    """transformers gets llama.cpp's penalties: only the answer's last tokens count (not the prompt), a positive logit
+    is divided by the repetition penalty and a negative one multiplied, then count x frequency + presence is taken."""
+    import torch
+
+    from pipelines.serving.hf_generate import Penalties
+
+    prompt = [5, 5, 5, 6]  # never penalized: it is the prompt
+    answer = [1, 2, 2, 3, 3, 3]
+    scores = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 7.0, 8.0, 0.0]])
+    out = Penalties(len(prompt), repetition=2.0, frequency=0.5, presence=0.25, window=5)(
+        torch.tensor([prompt + answer]), scores.clone())
+    # window 5: [2, 2, 3, 3, 3] (the answer's first token, 1, has left it)
+    want = [1.0, 2.0, -2.0 * 2 - (2 * 0.5 + 0.25), 4.0 / 2 - (3 * 0.5 + 0.25), 0.5, 7.0, 8.0, 0.0]
+    assert out.tolist() == [want]
+    assert Penalties(len(prompt), 1.0, 0.0, 0.0)(torch.tensor([prompt]), scores.clone()).equal(scores)  # no answer yet
+
+
+def test_frequency_and_presence_penalties_on_both_backends(any_lm):
+    """Honoured by the GGUF's worker (as llama.cpp's own call does) and by transformers: a strong frequency penalty
+    changes a greedy answer that repeats itself, deterministically."""
+    plain = ChatParams(max_new_tokens=40, **GREEDY)
+    penalized = ChatParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0, frequency_penalty=2.0,
+                           presence_penalty=0.5)
+    a, b = chat.chat(any_lm, HELLO, plain), chat.chat(any_lm, HELLO, penalized)
+    assert b.text != a.text and chat.chat(any_lm, HELLO, penalized).text == b.text
+    if any_lm.backend_kind == "llama.cpp":
+        prompt = chat.build_prompt(any_lm, HELLO, penalized)
+        out = direct_llama(any_lm).create_completion(prompt=prompt.token_ids, max_tokens=40, temperature=0.0,
+                                                     repeat_penalty=1.0, frequency_penalty=2.0, presence_penalty=0.5)
+        assert b.text == out["choices"][0]["text"]
 
 
 def test_hold_back():
@@ -365,6 +399,7 @@ def test_gradio_content_parts_are_accepted(gguf_lm):
     ("temperature", -1, "temperature"), ("top_p", 0, "top_p"), ("top_k", -2, "top_k"), ("min_p", 1.0, "min_p"),
     ("repetition_penalty", 0, "repetition_penalty"), ("max_new_tokens", 0, "max_new_tokens"),
     ("seed", -5, "seed"), ("temperature", "hot", "number"), ("stop", [3], "stop strings"),
+    ("frequency_penalty", 2.5, "frequency_penalty"), ("presence_penalty", -3, "presence_penalty"),
 ])
 def test_bad_params(gguf_lm, field, value, needle):
     with pytest.raises(BadInput) as e:
@@ -375,8 +410,12 @@ def test_bad_params(gguf_lm, field, value, needle):
 def test_params_help_and_defaults():
     h = ChatParams.help()
     assert set(h) == {"system_prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                      "max_new_tokens", "stop", "seed", "adapter"}
+                      "frequency_penalty", "presence_penalty", "max_new_tokens", "stop", "seed", "adapter"}
     assert all(h.values())
+    # OpenAI's two penalties are /v1's: the chat forms (and their Gradio API) keep their fields
+    assert [f.name for f in ChatParams.sampling_fields()] == [
+        "system_prompt", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "stop",
+        "seed"]
     p = ChatParams().validated()
     assert 0 < p.temperature <= 1 and p.max_new_tokens > 0 and p.seed is None and p.adapter is None
     assert ChatParams(stop="\n\n", seed="", adapter=" ").validated().stop == ["\n\n"]
@@ -386,7 +425,7 @@ def test_params_help_and_defaults():
 
 
 def test_plain_fallback_for_models_without_a_template(fresh_hf_lm):
-    fresh_hf_lm.tokenizer.chat_template = None
+    fresh_hf_lm.backend.tokenizer.chat_template = None
     tpl, src = chat.chat_template_of(fresh_hf_lm)
     assert tpl == chat.PLAIN_CHAT_TEMPLATE and "plain fallback" in src
     p = chat.build_prompt(fresh_hf_lm, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
@@ -398,13 +437,13 @@ def test_plain_fallback_for_models_without_a_template(fresh_hf_lm):
 
 def test_plain_format_for_an_hf_base_with_gemma_tokens_but_no_template(fresh_hf_lm):
     """A base model's turn tokens were never trained (bench/sampling.py): plain lines, said why."""
-    tok = fresh_hf_lm.tokenizer
+    tok = fresh_hf_lm.backend.tokenizer
     tok.chat_template = None
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tpl, src = chat.chat_template_of(fresh_hf_lm)
     assert tpl == chat.PLAIN_CHAT_TEMPLATE and "base model never learned" in src
-    assert tok.convert_tokens_to_ids("<end_of_turn>") in chat._hf_eos_ids(fresh_hf_lm)  # ends the turn in generate
-    assert tok.eos_token_id in chat._hf_eos_ids(fresh_hf_lm)
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in fresh_hf_lm.backend.eos_ids()  # ends the turn in generate
+    assert tok.eos_token_id in fresh_hf_lm.backend.eos_ids()
 
 
 def test_plain_format_for_a_gguf_base_with_gemma_tokens_but_no_template(tmp_path):
@@ -418,7 +457,7 @@ def test_plain_format_for_a_gguf_base_with_gemma_tokens_but_no_template(tmp_path
         assert p.token_ids[0] == 1 and chat.PLAIN_STOP in p.stop  # one BOS
         assert chat.chat(lm, HELLO, ChatParams(max_new_tokens=4)).finish_reason in ("stop", "length")
     finally:
-        lm.model.close()
+        lm.backend.close()
 
 
 def test_plain_fallback_for_a_gguf_without_any_template(tmp_path):
@@ -428,7 +467,7 @@ def test_plain_fallback_for_a_gguf_without_any_template(tmp_path):
         p = chat.build_prompt(lm, HELLO, ChatParams())
         assert p.text == "User: hello world what is the model\nAssistant:" and p.token_ids[0] == 1
     finally:
-        lm.model.close()
+        lm.backend.close()
 
 
 @pytest.mark.parametrize("template", [
@@ -467,11 +506,11 @@ def test_malicious_template_in_gguf_metadata(tmp_path):
             list(stream_chat(lm, HELLO, ChatParams()))
         one_line_error(e, BadInput, "sandbox", "not run")
     finally:
-        lm.model.close()
+        lm.backend.close()
 
 
 def test_malicious_template_in_a_tokenizer(fresh_hf_lm):
-    fresh_hf_lm.tokenizer.chat_template = MALICIOUS
+    fresh_hf_lm.backend.tokenizer.chat_template = MALICIOUS
     with pytest.raises(BadInput) as e:
         chat.chat(fresh_hf_lm, HELLO, ChatParams())
     one_line_error(e, BadInput, "sandbox")
@@ -492,7 +531,7 @@ def test_adapter_on_and_off(fresh_hf_lm, adapter_dir, tmp_path):
     info = chat.attach_adapter(lm, adapter_dir, "a")
     assert info.name == "a" and info.rank == 4 and info.target_modules == ["q_proj", "v_proj"]
     assert info.warnings == []  # adapter_config names the tiny llama's folder
-    assert type(lm.model).__name__ == "PeftModel"
+    assert type(lm.backend.model).__name__ == "PeftModel"
     with_a = chat.chat(lm, HELLO, ChatParams(adapter="a", max_new_tokens=12, **GREEDY)).text
     assert with_a != base
     assert chat.chat(lm, HELLO, params).text == base  # adapter=None: the base model again, not reloaded
@@ -510,7 +549,7 @@ def test_adapter_on_and_off(fresh_hf_lm, adapter_dir, tmp_path):
     one_line_error(e, NotFound, "no adapter named 'c'")
     chat.detach_adapter(lm, "b")
     chat.detach_adapter(lm, "a")
-    assert type(lm.model).__name__ == "LlamaForCausalLM" and chat.list_adapters(lm) == []
+    assert type(lm.backend.model).__name__ == "LlamaForCausalLM" and chat.list_adapters(lm) == []
     assert chat.chat(lm, HELLO, params).text == base
 
 
@@ -519,7 +558,7 @@ def test_adapter_for_another_base_is_refused(fresh_hf_lm, tiny_llama_dir, tmp_pa
     with pytest.raises(BadInput) as e:
         chat.attach_adapter(fresh_hf_lm, wrong, "w")
     one_line_error(e, BadInput, "different base model", "q_proj", "48")
-    assert type(fresh_hf_lm.model).__name__ == "LlamaForCausalLM"  # untouched
+    assert type(fresh_hf_lm.backend.model).__name__ == "LlamaForCausalLM"  # untouched
 
 
 def test_adapter_naming_another_base_with_matching_shapes_warns(fresh_hf_lm, adapter_dir, tmp_path):
@@ -543,12 +582,12 @@ def test_adapter_folder_problems(fresh_hf_lm, gguf_lm, adapter_dir, tmp_path):
     with pytest.raises(NotFound) as e:
         chat.attach_adapter(fresh_hf_lm, gone, "x")
     one_line_error(e, NotFound, "deleted")
-    with pytest.raises(BadInput) as e:
+    with pytest.raises(BadInput) as e:  # a GGUF model takes a LoRA GGUF (tests/pipelines/test_serving_lora.py)
         chat.attach_adapter(gguf_lm, adapter_dir, "x")
-    one_line_error(e, BadInput, "GGUF", "merge")
-    with pytest.raises(BadInput) as e:
+    one_line_error(e, BadInput, "LoRA GGUF", "not a PEFT folder", "Adapter menu")
+    with pytest.raises(NotFound) as e:
         list(stream_chat(gguf_lm, HELLO, ChatParams(adapter="x")))
-    one_line_error(e, BadInput, "GGUF", "merge")
+    one_line_error(e, NotFound, "no adapter named 'x'")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BadInput) as e:
@@ -586,8 +625,8 @@ def test_two_threads_on_one_model_both_answer(any_lm, monkeypatch):
         with guard:
             active[0] -= 1
 
-    if lm.backend == "llama.cpp":
-        real = lm.model.generate
+    if lm.backend_kind == "llama.cpp":
+        real = lm.backend.worker.generate
 
         def tracked(*a, **k):  # the worker client's generate() streams while it is iterated
             enter()
@@ -596,9 +635,9 @@ def test_two_threads_on_one_model_both_answer(any_lm, monkeypatch):
             finally:
                 leave()
 
-        monkeypatch.setattr(lm.model, "generate", tracked)
+        monkeypatch.setattr(lm.backend.worker, "generate", tracked)
     else:
-        real = lm.model.generate
+        real = lm.backend.model.generate
 
         def tracked(*a, **k):
             enter()
@@ -607,7 +646,7 @@ def test_two_threads_on_one_model_both_answer(any_lm, monkeypatch):
             finally:
                 leave()
 
-        monkeypatch.setattr(lm.model, "generate", tracked)
+        monkeypatch.setattr(lm.backend.model, "generate", tracked)
     results: dict[int, list] = {}
 
     def run(i):
@@ -643,8 +682,8 @@ def test_stop_while_waiting_for_the_model(gguf_lm):
 
 def test_unloaded_model(tiny_gguf):
     lm = load_gguf(tiny_gguf, n_ctx=128)
-    lm.model.close()
-    lm.model = None
+    lm.backend.close()
+    lm.backend = None
     with pytest.raises(NotFound):
         list(stream_chat(lm, HELLO))
 

@@ -186,8 +186,34 @@ def test_validation_of_a_good_export(exported):
         gguf_row = v.table[-1]
         assert abs(gguf_row.delta_pct) < (10 if "Q4" in gguf_row.type else 3), v.table
         assert items["generation"].ok is not None  # a random tiny model may well collapse; it is reported
-        # the tiny tokenizer's template is no family MacTuner translates: the row says why it is skipped
-        assert items["modelfile_template"].ok is None and "no TEMPLATE" in items["modelfile_template"].detail
+        # the tiny tokenizer's template is no family MacTuner translates: a failed row that says why and what
+        # Ollama does instead, never a quiet skip
+        assert items["modelfile_template"].ok is False
+        assert "not translated" in items["modelfile_template"].detail
+        assert "closest of its built-in templates" in items["modelfile_template"].detail
+
+
+@pytest.mark.slow
+def test_the_adapter_is_exported_as_a_lora_gguf_and_validated_on_the_base(exported):
+    """lora-gguf/ holds the base's GGUF, the LoRA GGUF and a Modelfile (FROM the base, ADAPTER the LoRA); the LoRA,
+    applied on the base in llama.cpp, answers like the merged GGUF; it is no model of its own in the pickers."""
+    ws, result, _seen, _adapter = exported
+    folder = Path(result.folder) / ex.LORA_FOLDER
+    assert sorted(p.name for p in folder.glob("*.gguf")) == ["tiny-base-f16.gguf", "tiny-lora.gguf"]
+    assert not list(folder.glob(".*"))  # the base view and temp files are gone
+    mf = (folder / "tiny-lora.Modelfile").read_text()
+    assert "FROM ./tiny-base-f16.gguf\nADAPTER ./tiny-lora.gguf\n" in mf and 'SYSTEM """Be brief."""' in mf
+    items = {i["name"]: i for i in result.lora["validation"]["items"]}
+    for name in ("loads", "chat_template", "perplexity", "merged_match"):
+        assert items[name]["ok"] is True, items[name]
+    assert "on tiny-base-f16.gguf" in items["loads"]["detail"]
+    assert (folder / "tiny-lora.validation.json").is_file()
+    d = ex.export_details(ws, "tiny")
+    assert d["lora"]["file"] == "tiny-lora.gguf" and d["lora"]["base"].endswith("tiny-base-f16.gguf")
+    assert '--lora "' in d["lora"]["how_to_run"]["llama.cpp"]
+    assert "LoRA" in [r["type"] for r in d["table"]]
+    assert all("lora" not in path and "base" not in path for _label, path in ex.gguf_choices(ws))
+    assert "base f16 (for the LoRA)" in json.loads((Path(result.folder) / "export.json").read_text())["estimate"]["parts"]
 
 
 @pytest.mark.slow
@@ -241,16 +267,25 @@ def test_validation_catches_truncated_and_wrong_template(exported, tmp_path):
 # ------------------------------------------------------------------------------------------------ safety
 
 
-def test_disk_space_refusal(workspace, tiny_llama_dir, tmp_path):
+def test_disk_space_refusal(workspace, spm_llama_dir, tmp_path):
     with pytest.raises(BadInput, match="Not enough disk space"):
         ex.disk_check(workspace, 270_000_000, ["f16"], ["Q4_K_M"], free_fn=lambda _p: 100 * 2**20)
     est = ex.disk_check(workspace, 1000, ["f16"], ["Q4_K_M", "Q8_0"], free_fn=lambda _p: 10**12)
     assert est["parts"] == {"merged HF": 4000, "f16": 2000, "Q4_K_M": 600, "Q8_0": 1070}
-    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    adapter = _make_adapter(spm_llama_dir, tmp_path / "adapter")
     with pytest.raises(BadInput, match="Not enough disk space"):
-        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="nospace", base_model=str(tiny_llama_dir)),
+        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="nospace", base_model=str(spm_llama_dir)),
                   free_fn=lambda _p: 10)
     assert not (workspace.exports / "nospace").exists()
+
+
+def test_a_tokenizer_the_converter_cannot_read_is_refused_before_work(workspace, tiny_llama_dir, tmp_path):
+    """conftest's tiny llama has a byte-level BPE whose pre-tokenizer is in no converter table: the export says so
+    before merging anything (it used to fail after the merge, in the converter)."""
+    adapter = _make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    with pytest.raises(BadInput, match="cannot be exported to GGUF: llama.cpp's converter does not recognise"):
+        ex.export(workspace, ex.ExportRequest(source=str(adapter), name="notok", base_model=str(tiny_llama_dir)))
+    assert not (workspace.exports / "notok").exists()
 
 
 def _fake_converter(root: Path, body: str) -> Path:
@@ -365,7 +400,8 @@ def test_modelfile_gemma_chatml_and_untranslatable(tmp_path):
     assert ex.template_family(FALLBACK_CHAT_TEMPLATE) == "chatml"
     assert "<|im_start|>assistant" in ex.modelfile(g, FALLBACK_CHAT_TEMPLATE).read_text()
     odd = ex.modelfile(g, TINY_CHAT_TEMPLATE, stops=["</s>"]).read_text()
-    assert 'TEMPLATE """' not in odd and "not one MacTuner can translate" in odd
+    assert 'TEMPLATE """' not in odd and "MacTuner cannot translate this model's chat template" in odd
+    assert "none of the formats MacTuner translates" in odd and "closest of its built-in templates" in odd
     assert 'PARAMETER stop "</s>"' in odd
     cmds = ex.how_to_run(g)
     assert cmds["llama.cpp"].startswith("llama-cli -m ") and cmds["llama.cpp"].endswith("-cnv")

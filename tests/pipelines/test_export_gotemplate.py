@@ -45,7 +45,7 @@ def test_modelfile_template_is_extracted(tmp_path):
     g = tmp_path / "m-Q8_0.gguf"
     g.write_bytes(b"GGUF")
     text = ex.modelfile(g, GEMMA_CHAT_TEMPLATE, system="Be brief.").read_text()
-    assert gotemplate.modelfile_template(text) == ex.GO_TEMPLATES["gemma"][0]
+    assert gotemplate.modelfile_template(text) == ex.translate(GEMMA_CHAT_TEMPLATE).template
     assert gotemplate.modelfile_template("FROM ./x.gguf\n") is None
 
 
@@ -83,7 +83,8 @@ def test_go_matches_the_tokenizers_own_rendering(tiny_tokenizer_dir):
     for jinja in (GEMMA3_STYLE, FALLBACK_CHAT_TEMPLATE):
         tok.chat_template = jinja
         family = ex.template_family(jinja)
-        go_texts = gotemplate.render_go(ex.GO_TEMPLATES[family][0], gotemplate.CONVERSATIONS)
+        assert family in ("gemma", "chatml")
+        go_texts = gotemplate.render_go(ex.translate(jinja).template, gotemplate.CONVERSATIONS)
         for msgs, got in zip(gotemplate.CONVERSATIONS, go_texts):
             want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             if tok.bos_token:
@@ -111,14 +112,14 @@ def test_go_errors_are_reported():
 
 def test_without_go_the_check_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setenv("MACTUNER_GO", "/nonexistent/go")
-    ok, detail = gotemplate.compare_with_jinja(ex.GO_TEMPLATES["gemma"][0], GEMMA_CHAT_TEMPLATE)
+    ok, detail = gotemplate.compare_with_jinja(ex.translate(GEMMA_CHAT_TEMPLATE).template, GEMMA_CHAT_TEMPLATE)
     assert ok is None and "golang-go" in detail
 
 
 @needs_go
 def test_validation_row_modelfile_template(tmp_path):
     """The export validation's "Modelfile template" row: pass for a generated Modelfile, fail for the old Gemma one,
-    skipped (with the reason) when there is no TEMPLATE to check."""
+    fail (with the reason and what Ollama does instead) when the template could not be translated."""
     from pipelines.export.validate import _modelfile_item
 
     g = tmp_path / "m-Q4_K_M.gguf"
@@ -134,4 +135,4 @@ def test_validation_row_modelfile_template(tmp_path):
     assert item.ok is False and "differs" in item.detail
     ex.modelfile(g.with_name("n-Q4_K_M.gguf"), "{{ messages[0]['content'] }}")
     item = _modelfile_item(g.with_name("n-Q4_K_M.gguf"), "{{ messages[0]['content'] }}", specials)
-    assert item.ok is None and "no TEMPLATE" in item.detail
+    assert item.ok is False and "not translated: its turns" in item.detail and "Ollama will use" in item.detail

@@ -43,19 +43,19 @@ def test_load_tiny_llama_folder(registry, tiny_llama_dir):
     lm = registry.load(str(tiny_llama_dir))
     assert registry.current() is lm and registry.names() == ["tiny-llama"]
     assert lm.name == "tiny-llama" and lm.model_path == str(tiny_llama_dir.resolve())
-    assert lm.backend == "transformers" and lm.format == "hf-safetensors"
+    assert lm.backend_kind == "transformers" and lm.format == "hf-safetensors"
     assert lm.architecture == "LlamaForCausalLM"
     assert lm.chat_template is True
     assert lm.context_length == 128
-    assert lm.n_params == sum(p.numel() for p in lm.model.parameters()) == TINY_LLAMA_PARAMS
-    elem = next(lm.model.parameters()).element_size()
+    assert lm.n_params == sum(p.numel() for p in lm.backend.model.parameters()) == TINY_LLAMA_PARAMS
+    elem = next(lm.backend.model.parameters()).element_size()
     assert lm.dtype in ("float32", "bfloat16", "float16") and elem == {"float32": 4}.get(lm.dtype, 2)
     assert lm.memory_bytes >= TINY_LLAMA_PARAMS * elem > 0
     assert lm.device == models.devicemod.profile().kind
     assert lm.details == {"model_type": "llama", "hidden_size": 32, "layers": 2, "vocab_size": 300}
     assert lm.load_seconds >= 0 and lm.loaded_at > 0
     d = lm.describe()
-    assert "model" not in d and "tokenizer" not in d and d["memory"].endswith(("KB", "MB"))
+    assert "model" not in d and "tokenizer" not in d and d["backend"] == "transformers" and d["memory"].endswith(("KB", "MB"))
     assert "path" not in d  # gradio_client would take a dict with a "path" key for a file to download
 
 
@@ -63,9 +63,10 @@ def test_describe_never_copies_the_model(registry, tiny_gguf, monkeypatch):
     """describe() runs on every poll of the Model tab and /api/model/current: a deep copy of the Llama object would
     load the whole GGUF again each time (its __setstate__ re-initialises it)."""
     lm = registry.load(str(tiny_gguf))
-    monkeypatch.setattr(type(lm.model), "__deepcopy__", lambda *_a: pytest.fail("describe() copied the model"),
-                        raising=False)
-    monkeypatch.setattr(type(lm.model), "__reduce_ex__", lambda *_a: pytest.fail("describe() copied the model"))
+    for obj in (lm.backend, lm.backend.worker, lm.backend.worker.vocab):
+        monkeypatch.setattr(type(obj), "__deepcopy__", lambda *_a: pytest.fail("describe() copied the model"),
+                            raising=False)
+        monkeypatch.setattr(type(obj), "__reduce_ex__", lambda *_a: pytest.fail("describe() copied the model"))
     d = lm.describe()
     assert d["backend"] == "llama.cpp" and d["details"] == lm.details and d["details"] is not lm.details
 
@@ -74,7 +75,7 @@ def test_loaded_tiny_llama_generates(registry, tiny_llama_dir):
     import torch
 
     lm = registry.load(str(tiny_llama_dir))
-    tok, model = lm.tokenizer, lm.model
+    tok, model = lm.backend.tokenizer, lm.backend.model
     enc = tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     prompt = enc["input_ids"]
@@ -93,7 +94,7 @@ def test_unload_releases_the_model(registry, tiny_llama_dir):
     assert report["unloaded"] == "tiny-llama"
     assert report["rss_before"] > 0 and report["rss_after"] > 0 and report["released"] >= 0
     assert registry.current() is None and registry.names() == []
-    assert lm.model is None and lm.tokenizer is None  # the registry dropped its references
+    assert lm.backend is None  # the registry dropped its references
     with pytest.raises(NotFound) as e:
         registry.unload()
     assert_user_error(e, NotFound, "no model is loaded")
@@ -105,7 +106,7 @@ def test_loading_a_second_model_replaces_the_first(registry, tiny_llama_dir, mod
     first = registry.load(str(tiny_llama_dir))
     second = registry.load(str(model_variants.pickle_only()))
     assert registry.current() is second and registry.names() == ["tiny-llama-pickle"]
-    assert first.model is None and first.tokenizer is None
+    assert first.backend is None
     assert registry.get("tiny-llama") is None
 
 
@@ -113,7 +114,7 @@ def test_reloading_the_same_model_keeps_one_entry(registry, tiny_llama_dir):
     first = registry.load(str(tiny_llama_dir))
     second = registry.load(str(tiny_llama_dir))
     assert second is not first and registry.current() is second
-    assert registry.names() == ["tiny-llama"] and first.model is None
+    assert registry.names() == ["tiny-llama"] and first.backend is None
 
 
 def test_load_with_explicit_name_and_progress(registry, tiny_llama_dir):
@@ -159,7 +160,7 @@ def test_load_tiny_gguf(registry, tiny_gguf):
     import gguf
 
     lm = registry.load(str(tiny_gguf))
-    assert lm.backend == "llama.cpp" and lm.format == "gguf"
+    assert lm.backend_kind == "llama.cpp" and lm.format == "gguf"
     assert lm.name == "tiny-llama-gguf"  # general.name
     assert lm.architecture == "llama" and lm.dtype == "F32"
     assert lm.model_path == str(tiny_gguf.resolve())
@@ -168,8 +169,8 @@ def test_load_tiny_gguf(registry, tiny_gguf):
     assert lm.n_params == expected == 304 * 32 * 2 + 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3 + 32 * 2) + 32
     assert lm.memory_bytes >= tiny_gguf.stat().st_size
     assert lm.chat_template is True  # tokenizer.chat_template in the metadata
-    ids = lm.model.tokenize(b"hello world", add_bos=True)
-    out = list(lm.model.generate(ids, max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+    ids = lm.backend.worker.tokenize(b"hello world", add_bos=True)
+    out = list(lm.backend.worker.generate(ids, max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
                                  repeat_penalty=1.0, seed=0))
     assert out[-1][0] == "end" and 1 <= out[-1][2] <= 4
     shape = models.shape_of(lm)
@@ -177,14 +178,14 @@ def test_load_tiny_gguf(registry, tiny_gguf):
     worker = psutil.Process(lm.describe()["worker"]["pid"])  # the weights live in the worker process...
     assert worker.is_running() and worker.pid != os.getpid()
     registry.unload()
-    assert registry.current() is None and lm.model is None
+    assert registry.current() is None and lm.backend is None
     assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # ...and go with it
 
 
 def test_gguf_replaces_hf_model(registry, tiny_llama_dir, tiny_gguf):
     hf = registry.load(str(tiny_llama_dir))
     g = registry.load(str(tiny_gguf))
-    assert registry.names() == [g.name] and hf.model is None
+    assert registry.names() == [g.name] and hf.backend is None
 
 
 def test_text_file_renamed_gguf_is_refused(registry, model_variants):
@@ -302,7 +303,7 @@ def test_failed_load_leaves_the_current_model(registry, tiny_llama_dir, model_va
     lm = registry.load(str(tiny_llama_dir))
     with pytest.raises(BadInput):
         registry.load(str(model_variants.no_config()))
-    assert registry.current() is lm and lm.model is not None and registry.loading is None
+    assert registry.current() is lm and lm.backend is not None and registry.loading is None
 
 
 # ------------------------------------------------------------------------------------- workspace & listing
@@ -321,7 +322,7 @@ def test_load_by_name_under_workspace_models(registry, workspace, tiny_llama_dir
     shutil.copytree(tiny_llama_dir, workspace.models / "tiny-llama")
     monkeypatch.chdir(tmp_path)
     lm = registry.load("tiny-llama", workspace)
-    assert lm.model_path == str(workspace.models / "tiny-llama") and lm.backend == "transformers"
+    assert lm.model_path == str(workspace.models / "tiny-llama") and lm.backend_kind == "transformers"
 
 
 def test_list_local_models(workspace, tiny_llama_dir, tiny_gguf, model_variants):
@@ -386,7 +387,7 @@ def test_second_load_while_loading_is_a_conflict(registry, tiny_llama_dir, tiny_
     assert "error" not in result, result.get("error")
     assert registry.current() is result["lm"] and registry.loading is None
     # the lock is free again: a later load goes through
-    assert registry.load(str(tiny_gguf)).backend == "llama.cpp"
+    assert registry.load(str(tiny_gguf)).backend_kind == "llama.cpp"
 
 
 # ------------------------------------------------------------------------------------ HF cache & isolation
@@ -452,4 +453,4 @@ def test_downloaded_gguf_repo_loads_by_its_id(registry, workspace, tiny_gguf, tm
     assert (row["name"], row["format"], row["path"]) == ("org/tiny-gguf", "gguf", str(snap))
     monkeypatch.chdir(tmp_path)
     lm = registry.load("org/tiny-gguf", workspace)
-    assert lm.backend == "llama.cpp"
+    assert lm.backend_kind == "llama.cpp"

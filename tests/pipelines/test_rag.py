@@ -208,7 +208,7 @@ def test_keyword_queries_are_data(kb_ws):
 def small_lm(tiny_gguf):
     lm = models.load_gguf(tiny_gguf, n_ctx=512, threads=1)
     yield lm
-    lm.model.close()
+    lm.backend.close()
 
 
 def test_answer_streams_with_passages_fitted_to_the_context(kb_ws, small_lm):

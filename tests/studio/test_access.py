@@ -246,5 +246,5 @@ def test_zero_gpu_wraps_only_where_it_is(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", fake)
     wrapped = zerogpu.gpu(answer)
     assert wrapped == ("on-gpu", answer) and calls == [zerogpu.DURATION]
-    hf, gguf = SimpleNamespace(backend="transformers"), SimpleNamespace(backend="llama.cpp")
+    hf, gguf = SimpleNamespace(backend_kind="transformers"), SimpleNamespace(backend_kind="llama.cpp")
     assert zerogpu.for_model(hf, answer, wrapped) is wrapped and zerogpu.for_model(gguf, answer, wrapped) is answer

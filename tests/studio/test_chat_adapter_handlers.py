@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from tiny_models import make_adapter
 
+from pipelines import chat
+
 
 @pytest.fixture
 def ctx(tmp_path, tiny_llama_dir):
@@ -48,7 +50,7 @@ def test_menu_lists_runs_and_choosing_one_loads_its_base(ctx, tiny_llama_dir):
     assert f"{attached} (attached)" in [label for label, _ in adapter_up["choices"]]
     assert attached in adapter_b_up["choices"]
     lm = ctx.registry.get("tiny-llama")
-    assert [a.name for a in lm.adapters.values()] == [attached]
+    assert [a.name for a in chat.list_adapters(lm)] == [attached]
     # the attached adapter is no longer offered a second time from disk
     assert "tiny-run · final adapter" not in [label for label, _ in hc.adapter_menu(ctx, "tiny-llama")]
     # an attached adapter chosen again changes nothing but the note

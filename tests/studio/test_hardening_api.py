@@ -16,6 +16,19 @@ from studio_helpers import launch  # noqa: E402
 EVIL = "http://evil.example"
 
 
+class StubBackend:
+    """What the studio reads of a loaded model that never answers here (pipelines.serving.backend's protocol)."""
+
+    kind = "transformers"
+    adapters: dict = {}
+
+    def describe(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     demo, url, ctx = launch(tmp_path_factory, load_default=False)
@@ -118,8 +131,8 @@ def test_an_unload_waiting_for_an_answer_blocks_no_reader(studio):
 
     url, ctx = studio
     requests.get(url + "/api/model/health", timeout=60)  # the device profile (torch import) done once, beforehand
-    lm = LoadedModel("fake", "/nowhere", "transformers", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0,
-                     time.time(), model=object())
+    lm = LoadedModel("fake", "/nowhere", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0, time.time(),
+                     backend=StubBackend())
     with ctx.registry._lock:
         ctx.registry._models["fake"], ctx.registry._current = lm, "fake"
     lm.lock.acquire()  # an answer is running on it
@@ -182,8 +195,8 @@ def fake_model(studio):
     from pipelines.models import LoadedModel
 
     url, ctx = studio
-    lm = LoadedModel("fake", "/nowhere", "transformers", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0,
-                     time.time(), model=object())
+    lm = LoadedModel("fake", "/nowhere", "hf", "cpu", "float32", 1, 1, 128, "llama", True, 0.0, time.time(),
+                     backend=StubBackend())
     with ctx.registry._lock:
         ctx.registry._models["fake"], ctx.registry._current = lm, "fake"
     yield lm
@@ -268,7 +281,7 @@ def test_uploads_and_served_files_stay_in_the_workspace(studio, tmp_path):
     history = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
     Client(url, verbose=False, download_files=str(tmp_path)).predict(history, None, api_name="/chat_export")
-    made = list((ctx.ws.root / "tmp" / "chat").glob("conversation-*.json"))
+    made = list((ctx.ws.root / "tmp" / "handouts" / "chat").glob("conversation-*.json"))
     assert len(made) == 1 and '"hello"' in made[0].read_text()
     cached = [p for p in (ctx.ws.root / "tmp" / "gradio").rglob("conversation-*.json")]
     assert cached  # the copy Gradio served

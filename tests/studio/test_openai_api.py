@@ -4,17 +4,21 @@ studio's login, a run's adapter and an exported GGUF by name, and a model worker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import requests
+from studio_helpers import launch, wait_loaded
+from tiny_models import make_adapter, text_only_copy
 
 from pipelines import chat, models
-from studio_helpers import launch, wait_loaded
-from tiny_models import make_adapter
+from pipelines import device as devicemod
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "Say hello to the studio."}]
@@ -53,7 +57,7 @@ def test_models_lists_loaded_default_runs_and_exports(client):
 def test_chat_streamed_and_not_gives_the_pipelines_answer(client, studio):
     _url, ctx = studio
     lm = ctx.registry.get(models.DEFAULT_NAME)
-    want = chat.chat(lm, HI, chat.ChatParams(temperature=0, max_new_tokens=12)).text
+    want = chat.chat(lm, HI, chat.ChatParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12)).text
     r = client.chat.completions.create(model="default", messages=HI, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
     assert r.object == "chat.completion" and r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 5
@@ -76,6 +80,36 @@ def test_sampling_parameters_and_seed(client):
             extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}).choices[0].message.content
 
     assert ask(5) == ask(5)
+
+
+def test_openai_defaults_and_penalties(client, studio):
+    """A request that leaves a setting out gets OpenAI's default - no repetition penalty - and frequency_penalty /
+    presence_penalty are honoured (the same answer as the pipeline given them) or refused with a 400 naming them."""
+    import openai
+
+    from pipelines.serving import openai as v1
+
+    p = v1.chat_request({"model": "default", "messages": HI}).params
+    assert (p.temperature, p.top_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1, 1, 1, 0, 0)
+    lm = studio[1].registry.get(models.DEFAULT_NAME)
+    story = [{"role": "user", "content": "Write a long list of fruits."}]
+
+    def pipeline(**kw):
+        return chat.chat(lm, story, chat.ChatParams(temperature=0, max_new_tokens=40, **kw)).text
+
+    def api(**kw):
+        return client.chat.completions.create(model="default", messages=story, max_tokens=40, temperature=0,
+                                              **kw).choices[0].message.content
+
+    plain = api()
+    assert plain == pipeline(repetition_penalty=1.0) != pipeline(repetition_penalty=1.1)
+    penalized = api(frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalized == pipeline(repetition_penalty=1.0, frequency_penalty=1.5, presence_penalty=0.5) != plain
+    for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"presence_penalty": "high"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", messages=HI, **bad)
+        (name,) = bad
+        assert e.value.body["param"] == name and name in e.value.body["message"]
 
 
 def test_text_completion(client):
@@ -131,6 +165,48 @@ def test_a_run_adapter_and_an_exported_gguf_by_name(client, studio, tiny_llama_d
     assert "export:e1/tiny-f16.gguf" in [m.id for m in client.models.list().data if m.mactuner["loaded"]]
 
 
+@pytest.fixture(scope="module")
+def run_and_its_gguf(studio, spm_llama_dir, tmp_path_factory):
+    """A run (an adapter on a tiny llama whose tokenizer llama.cpp reads) and its export - merged, then an f32
+    GGUF - as the Train and Export stages leave them: (run model id, export model id). While it is in use, HF models
+    load in float32 like the GGUF: on a CPU with native bf16 they would answer in bfloat16, whose rounding moves
+    the near ties of a random model."""
+    import dataclasses
+
+    from pipelines import export
+    from pipelines.training import TrainConfig
+
+    base = text_only_copy(spm_llama_dir, tmp_path_factory.mktemp("spm-base") / "tiny-spm-llama")
+    ws = studio[1].ws
+    run = ws.runs / "spm-run"
+    run.mkdir()
+    TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
+    make_adapter(base, run / "adapter", seed=5)
+    result = export.export(ws, export.ExportRequest(source=str(run / "adapter"), name="spm", outtypes=["f32"],
+                                                    quants=[], validate=False))
+    (gguf,) = result.ggufs
+    with pytest.MonkeyPatch.context() as mp:
+        f32 = dataclasses.replace(devicemod.profile(), infer_dtype="float32")
+        mp.setattr(devicemod, "profile", lambda refresh=False: f32)
+        yield "run:spm-run", f"export:spm/{Path(gguf).name}"
+
+
+@pytest.mark.parametrize("settings", [{}, {"frequency_penalty": 1.0, "presence_penalty": 0.5,
+                                           "extra_body": {"repetition_penalty": 1.3}}])
+def test_a_run_and_its_gguf_answer_the_same(client, run_and_its_gguf, settings):
+    """At temperature 0 the same model answers the same through run: (transformers + PEFT) and through its exported
+    float GGUF (llama.cpp) - with OpenAI's defaults, and with every penalty, which both backends apply alike."""
+    run_id, gguf_id = run_and_its_gguf
+    msgs = [{"role": "user", "content": "hello world, how are you"}]
+
+    def ask(model):
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0, **settings)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    (hf_text, hf_n), (gguf_text, gguf_n) = ask(run_id), ask(gguf_id)
+    assert hf_n >= 8 and len(hf_text) >= 8 and (hf_text, hf_n) == (gguf_text, gguf_n)
+
+
 def test_concurrent_streams_are_all_answered_unmixed(client):
     # different from the first word: any two share only the template's header, whatever the order, so llama.cpp's
     # reuse of the previous request's prefix is the same for each and the greedy answers are exactly comparable
@@ -155,11 +231,46 @@ def test_concurrent_streams_are_all_answered_unmixed(client):
     assert not errors and got == want
 
 
+@pytest.mark.parametrize("how", ["openai", "socket"])
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(client, studio, how):
+    """A streaming client that disconnects mid-answer: the generation stops and lets go of the model at once, so the
+    next request is answered promptly (it used to wait until the abandoned answer was garbage-collected)."""
+    import socket
+
+    url, ctx = studio
+    lm = ctx.registry.get(models.DEFAULT_NAME)
+    long = {"model": "default", "messages": [{"role": "user", "content": "Tell a very long story about a dragon."}],
+            "max_tokens": 3000, "temperature": 0, "stream": True}
+    if how == "openai":
+        stream = client.chat.completions.create(**long)
+        texts = (c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content)
+        assert [next(texts) for _ in range(3)]
+        stream.close()  # the client hangs up
+    else:
+        host, port = url.split("//")[1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        data = json.dumps(long).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        seen = b""
+        while seen.count(b'"content"') < 4:
+            got = sock.recv(4096)
+            assert got, seen[:300]  # the studio closed the connection before the answer began
+            seen += got
+        sock.close()  # hung up, without reading the rest
+    t0 = time.perf_counter()
+    assert lm.lock.acquire(timeout=20), "the abandoned answer still holds the model"
+    lm.lock.release()
+    r = client.with_options(timeout=30).chat.completions.create(model="default", messages=HI, max_tokens=4,
+                                                                temperature=0)
+    assert r.usage.completion_tokens == 4 and time.perf_counter() - t0 < 20
+
+
 def test_a_model_worker_killed_mid_answer(client, studio):
     import openai
 
     _url, ctx = studio
-    worker = ctx.registry.get(models.DEFAULT_NAME).model
+    worker = ctx.registry.get(models.DEFAULT_NAME).backend.worker
     stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Tell a long story."}],
                                             max_tokens=800, temperature=0, extra_body={"repetition_penalty": 1.0},
                                             stream=True)

@@ -179,6 +179,9 @@ def test_gradio_client_endpoints(studio, tiny_llama_dir):
     est = client.predict(512, 4, 16, False, api_name="/memory_estimate")
     modes = [r["mode"] for r in est["rows"]]
     assert modes[0].startswith("Inference (GGUF Q4_K_M)") and "recommended batch size" in est["advice"]
+    mlx_rows = {r["mode"]: r for r in est["rows"] if r["mode"].startswith("MLX LoRA")}  # mlx[cpu] is installed
+    assert any("4-bit base" in m for m in mlx_rows) and any("8-bit base" in m for m in mlx_rows)
+    assert "MLX:" in est["advice"] and "backend mlx" in est["advice"]
     with pytest.raises(Exception, match="no such file or folder"):
         client.predict("/nope/nowhere", False, api_name="/model_load")
     md, msg = client.predict(str(tiny_llama_dir), False, api_name="/model_load")

@@ -1,0 +1,137 @@
+"""The child process of adapter.py: a PEFT LoRA adapter -> a llama.cpp LoRA GGUF, run with llama.cpp's converter on
+the path (its `conversion` package and its own `gguf`), never imported by MacTuner itself:
+
+    PYTHONPATH=<converter folder> python -P lora_child.py ADAPTER_DIR BASE_DIR OUT_FILE OUTTYPE NAME
+
+Each LoRA pair (A, B) of a base weight W is named the way the converter names W in the base model's GGUF: the
+converter's own model class for the base architecture maps (and, for Llama-style models, permutes) the weight. Those
+changes reorder or split W's output rows, and W = B @ A, so they are applied to B and A is kept as is. The file holds
+`general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha` and `<gguf name>.lora_a` / `.lora_b` tensors,
+which is what llama.cpp's `--lora` (llama_adapter_lora_init) and Ollama's ADAPTER read.
+
+A refusal (an adapter llama.cpp cannot apply) exits with code 3 and one line `REFUSED: <reason>` on stderr; success
+prints one JSON line: {"architecture", "tensors", "alpha", "rank"}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REFUSED = 3
+
+
+class Refused(Exception):
+    """An adapter that cannot become a llama.cpp LoRA GGUF, with the reason."""
+
+
+def peft_settings(adapter_dir: Path) -> dict:
+    """adapter_config.json, refused (with the reason) when llama.cpp's LoRA cannot express it."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise Refused(f"it is a {cfg.get('peft_type')} adapter; llama.cpp applies LoRA adapters only")
+    if cfg.get("use_dora"):
+        raise Refused("it is a DoRA adapter (weight-decomposed LoRA): llama.cpp's LoRA has no magnitude vector, so "
+                      "only the merged GGUF carries this fine-tune")
+    if cfg.get("alpha_pattern"):
+        raise Refused("its alpha differs from module to module (alpha_pattern); a llama.cpp LoRA has one alpha")
+    if cfg.get("modules_to_save"):
+        raise Refused(f"it also trains whole modules ({', '.join(cfg['modules_to_save'])}); a llama.cpp LoRA holds "
+                      "low-rank pairs only, so only the merged GGUF carries this fine-tune")
+    return cfg
+
+
+def lora_pairs(tensors: dict) -> dict[str, dict]:
+    """{base weight name: {"A": tensor, "B": tensor}} from PEFT's saved names
+    (base_model.model.<module>.lora_A.weight)."""
+    if any(".lora_embedding_" in key for key in tensors):
+        raise Refused("it adapts the token embeddings (lora_embedding_A/B), which MacTuner's LoRA GGUF does not "
+                      "write; the merged GGUF carries this fine-tune")
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if ".lora_" not in key:
+            module = key.removeprefix("base_model.model.").removesuffix(".weight").removesuffix(".base_layer")
+            raise Refused(f"it carries a whole {module} matrix (saved when tokens were added or a layer was trained "
+                          "in full), which a llama.cpp LoRA cannot hold; the merged GGUF carries this fine-tune")
+        for part in ("A", "B"):
+            marker = f".lora_{part}.weight"
+            if key.endswith(marker):
+                base = key[: -len(marker)].removeprefix("base_model.model.") + ".weight"
+                pairs.setdefault(base, {})[part] = value
+                break
+        else:
+            raise Refused(f"it holds {key}, which is not a LoRA A or B matrix")
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise Refused(f"{name} has only its lora_{''.join(pair)} matrix")
+    return pairs
+
+
+def main(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str, name: str) -> dict:
+    import gguf  # the converter's own gguf (PYTHONPATH): the names and keys it writes
+    import torch
+    from conversion import get_model_class
+    from conversion.base import ModelBase
+    from safetensors.torch import load_file
+
+    cfg = peft_settings(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():  # adapter_model.bin is a pickle: never loaded here
+        raise Refused("it has no adapter_model.safetensors")
+    pairs = lora_pairs(load_file(str(weights), device="cpu"))
+    hparams = ModelBase.load_hparams(base_dir, False)
+    arch = (hparams.get("text_config") or {}).get("architectures", hparams.get("architectures") or [None])[0]
+    try:
+        model_class = get_model_class(arch)
+    except NotImplementedError:
+        raise Refused(f"llama.cpp's converter does not support the architecture {arch}") from None
+    model = model_class(base_dir, gguf.LlamaFileType.ALL_F32, out_file, eager=True, hparams=hparams)
+    alpha = float(cfg["lora_alpha"])
+    dtype = {"f32": torch.float32, "f16": torch.float16}[outtype]
+    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[model_class.model_arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    ranks = set()
+    for hf_name, pair in sorted(pairs.items()):
+        a, b = pair["A"].float(), pair["B"].float()
+        rank = a.shape[0]
+        ranks.add(rank)
+        # llama.cpp scales by alpha / rank; PEFT's rsLoRA by alpha / sqrt(rank): the difference goes into B
+        if cfg.get("use_rslora"):
+            b = b * math.sqrt(rank)
+        item = model.filter_tensors((hf_name, lambda: None))
+        if item is None:
+            raise Refused(f"it adapts {hf_name}, which is not part of the GGUF of this model")
+        mapped_name = item[0]
+        bid = next((int(p) for p in mapped_name.split(".") if p.isdecimal()), None)
+        try:
+            outs = list(model.modify_tensors(b, mapped_name, bid))
+        except ValueError as e:  # "Can not map tensor ..."
+            raise Refused(f"llama.cpp's converter has no GGUF name for {hf_name}: {e}") from None
+        if not outs:
+            raise Refused(f"the converter leaves {hf_name} out of the GGUF (e.g. an output layer tied to the "
+                          "embeddings), so its LoRA has nowhere to go")
+        if any(t.dim() != 2 or t.shape[-1] != rank for _n, t in outs) or sum(t.shape[0] for _n, t in outs) != b.shape[0]:
+            raise Refused(f"the converter reshapes {hf_name} in a way a LoRA pair cannot follow")
+        for gguf_name, b_part in outs:  # e.g. blk.0.attn_q.weight.lora_a / .lora_b
+            writer.add_tensor(f"{gguf_name}.lora_a", a.to(dtype).contiguous().numpy())
+            writer.add_tensor(f"{gguf_name}.lora_b", b_part.to(dtype).contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"architecture": gguf.MODEL_ARCH_NAMES[model_class.model_arch], "tensors": 2 * len(pairs),
+            "alpha": alpha, "rank": sorted(ranks)}
+
+
+if __name__ == "__main__":
+    try:
+        summary = main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5])
+    except Refused as e:
+        sys.stderr.write(f"REFUSED: {e}\n")
+        sys.exit(REFUSED)
+    print(json.dumps(summary))

@@ -1,0 +1,142 @@
+"""The adapter as a llama.cpp LoRA GGUF (pipelines/export/adapter.py): the file's keys and tensor names, llama.cpp
+applying it on the base GGUF like the merged model (Llama's q/k rows permuted as the converter permutes the base,
+rsLoRA's scale folded in), what cannot be written and why, and the export's lora-gguf/ folder with its Modelfile
+(FROM the base, ADAPTER the LoRA) and its validation on the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import export as ex
+from pipelines.errors import BadInput, Conflict
+
+
+def _all_linear_adapter(base: Path, out: Path, **lora_kw) -> Path:
+    """A LoRA on every linear layer (q and k included: the ones the converter permutes) with random A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                          **lora_kw))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory, spm_llama_dir):
+    """The base as an F32 GGUF and an all-linear rsLoRA adapter as a LoRA GGUF (built once for this module)."""
+    from pipelines.export.convert import convert
+
+    root = tmp_path_factory.mktemp("lora")
+    adapter = _all_linear_adapter(spm_llama_dir, root / "adapter", use_rslora=True)
+    base_gguf = convert(spm_llama_dir, root / "out", "f32", stem="base")
+    lora = ex.adapter_gguf(adapter, spm_llama_dir, root / "out" / "tiny-lora.gguf")
+    return adapter, base_gguf, lora
+
+
+def _logits(gguf_path: Path, ids: list[int], lora: Path | None = None):
+    import numpy as np
+
+    from pipelines.serving.llamacpp import open_llama
+
+    llm = open_llama(gguf_path, n_ctx=64, logits_all=True, **({"lora_path": str(lora)} if lora else {}))
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_lora_gguf_keys_and_tensor_names(lora_files):
+    import gguf
+
+    _adapter, _base, lora = lora_files
+    reader = gguf.GGUFReader(str(lora))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 8.0
+    names = {t.name: t for t in reader.tensors}
+    # two layers x 7 linear layers, an A and a B each, under the base GGUF's names
+    assert len(names) == 2 * 7 * 2
+    a, b = names["blk.0.attn_q.weight.lora_a"], names["blk.0.attn_q.weight.lora_b"]
+    assert list(a.shape) == [32, 4] and list(b.shape) == [4, 32]  # ggml order: A is (in, r), B is (r, out)
+    assert "blk.1.ffn_down.weight.lora_b" in names and "blk.1.attn_k.weight.lora_a" in names
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_it_like_the_merged_model(lora_files, spm_llama_dir):
+    """Base GGUF + LoRA GGUF in llama.cpp gives the merged HF model's logits; without the LoRA, the base's."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter, base_gguf, lora = lora_files
+    ids = [1, 50, 60, 70, 80, 90, 100]
+    with torch.inference_mode():
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spm_llama_dir), adapter)
+        want = merged.merge_and_unload()(torch.tensor([ids])).logits[0].numpy()
+        base = AutoModelForCausalLM.from_pretrained(spm_llama_dir)(torch.tensor([ids])).logits[0].numpy()
+    got = _logits(base_gguf, ids, lora)
+    effect = np.abs(want - base).max()
+    assert effect > 0.1  # the adapter changes the model a lot ...
+    assert np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)  # ... and the LoRA GGUF too
+    assert np.abs(_logits(base_gguf, ids) - base).max() < 1e-3
+
+
+def test_what_llama_cpp_cannot_apply_is_refused_with_the_reason(tmp_path, spm_llama_dir):
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    for extra, why in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "whole modules (lm_head)"),
+                       ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
+                       ({"trainable_token_indices": [5]}, "rows of the token embeddings"),
+                       ({"peft_type": "IA3"}, "IA3 adapter")]:
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+        assert why in (ex.adapter_problem(adapter) or ""), extra
+        with pytest.raises(BadInput, match="cannot be written as a llama.cpp LoRA GGUF"):
+            ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "x.gguf")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "adapter_model.safetensors" in ex.adapter_problem(adapter)  # a pickle is never loaded
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_embedding_loras_and_whole_matrices_are_refused(tmp_path, spm_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    emb = tmp_path / "emb"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(spm_llama_dir),
+                   LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])).save_pretrained(emb)
+    with pytest.raises(BadInput, match="adapts the token embeddings"):
+        ex.adapter_gguf(emb, spm_llama_dir, tmp_path / "out" / "e.gguf")
+    # a q_proj LoRA saved with the whole (resized) embedding matrix, as PEFT does when tokens were added
+    whole = tmp_path / "whole"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(spm_llama_dir),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(whole)
+    tensors = load_file(whole / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.weight"] = tensors[next(iter(tensors))].new_zeros(410, 32)
+    save_file(tensors, whole / "adapter_model.safetensors")
+    with pytest.raises(BadInput, match="whole model.embed_tokens matrix"):
+        ex.adapter_gguf(whole, spm_llama_dir, tmp_path / "out" / "w.gguf")
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_never_overwrites(lora_files, spm_llama_dir):
+    adapter, _base, lora = lora_files
+    before = lora.read_bytes()
+    with pytest.raises(Conflict):
+        ex.adapter_gguf(adapter, spm_llama_dir, lora)
+    assert lora.read_bytes() == before

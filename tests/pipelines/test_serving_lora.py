@@ -1,0 +1,190 @@
+"""A run's adapter on llama.cpp: when the run's base model was made from a GGUF, `open_adapter` serves the adapter
+as a LoRA GGUF on that GGUF in its worker process - answering like transformers + PEFT, switched per answer without
+reloading the base, kept across a worker crash, with the template the adapter was trained with; an adapter
+llama.cpp cannot take falls back to transformers, saying why; wrong files are refused with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from tiny_models import make_adapter, text_only_copy
+
+from pipelines import adapters, chat, models
+from pipelines import device as devicemod
+from pipelines.errors import BadInput
+from pipelines.training import TrainConfig
+
+pytestmark = pytest.mark.slow
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
+HELLO = [{"role": "user", "content": "hello world, how are you"}]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, spm_llama_dir):
+    """A base HF folder made from a GGUF (its mactuner.json names it, as the default model's HF copy does), two runs
+    with adapters on it, and a registry. HF models load in float32, like the GGUF (a CPU with native bf16 would
+    answer in bfloat16, whose rounding moves the near ties of a random model)."""
+    from pipelines.export.convert import convert
+    from pipelines.serving.registry import ModelRegistry
+    from pipelines.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("serving-lora")
+    base = text_only_copy(spm_llama_dir, root / "base")
+    gguf = convert(base, root / "gguf", "f32", stem="base")
+    (base / "mactuner.json").write_text(json.dumps({"source": str(gguf)}))
+    ws = Workspace.open(root / "ws")
+    runs = {}
+    for name, seed in (("r1", 5), ("r2", 9)):
+        run = ws.runs / name
+        run.mkdir(parents=True)
+        TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
+        make_adapter(base, run / "adapter", seed=seed)
+        runs[name] = run
+    reg = ModelRegistry()
+    with pytest.MonkeyPatch.context() as mp:
+        f32 = dataclasses.replace(devicemod.profile(), infer_dtype="float32")
+        mp.setattr(devicemod, "profile", lambda refresh=False: f32)
+        yield ws, reg, base, gguf, runs
+        for name in reg.names():
+            reg.unload(name)
+
+
+def answer(lm, adapter=None, messages=HELLO) -> str:
+    return chat.chat(lm, messages, chat.ChatParams(adapter=adapter, **GREEDY)).text
+
+
+@pytest.fixture(scope="module")
+def peft_answers(setup):
+    """What today's path answers: transformers on the HF base, with each run's PEFT adapter and without."""
+    ws, _reg, base, _gguf, runs = setup
+    lm = models.load_hf(base)
+    try:
+        for name, run in runs.items():
+            adapters.attach_adapter(lm, run / "adapter", name)
+        return {name: answer(lm, name) for name in (None, *runs)}
+    finally:
+        lm.backend.close()
+
+
+def test_a_run_answers_on_its_base_gguf_like_peft(setup, peft_answers):
+    ws, reg, _base, gguf, runs = setup
+    lm, name, note = adapters.open_adapter(ws, reg, str(runs["r1"]), current=True)
+    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path) == gguf.resolve() and name == "r1"
+    assert "loaded" in note and "LoRA GGUF" in note and "llama.cpp" in note
+    assert peft_answers["r1"] != peft_answers[None]  # the adapter changes the answer...
+    assert answer(lm, "r1") == peft_answers["r1"]  # ...as on transformers + PEFT
+    assert answer(lm) == peft_answers[None]  # the bare base, on the same process
+    assert [a.name for a in chat.list_adapters(lm)] == ["r1"]
+    assert adapters.open_adapter(ws, reg, str(runs["r1"] / "adapter"))[:2] == (lm, "r1")  # attached already
+
+
+def test_switching_adapters_never_reloads_the_base(setup, peft_answers):
+    ws, reg, _base, _gguf, runs = setup
+    lm, _, _ = adapters.open_adapter(ws, reg, str(runs["r1"]))
+    pid = lm.describe()["worker"]["pid"]
+    lm2, name, note = adapters.open_adapter(ws, reg, str(runs["r2"]))
+    assert lm2 is lm and name == "r2" and "loaded" not in note  # the same model process takes a second LoRA
+    for adapter in ("r2", None, "r1", "r2", "r1"):
+        assert answer(lm, adapter) == peft_answers[adapter], adapter
+    assert lm.describe()["worker"]["pid"] == pid and lm.describe()["worker"]["restarts"] == 0
+
+
+def test_a_worker_crash_keeps_the_adapters(setup, peft_answers):
+    ws, reg, _base, _gguf, runs = setup
+    lm, _, _ = adapters.open_adapter(ws, reg, str(runs["r2"]))
+    os.kill(lm.describe()["worker"]["pid"], signal.SIGKILL)
+    r = chat.chat(lm, HELLO, chat.ChatParams(adapter="r2", **GREEDY))
+    assert "reload" in r.note and r.text == peft_answers["r2"]  # restarted with its LoRAs, answered after the reload
+    assert answer(lm, "r1") == peft_answers["r1"]
+
+
+def test_the_adapter_answers_with_the_template_it_was_trained_with(setup):
+    ws, reg, _base, gguf, runs = setup
+    run = ws.runs / "templated"
+    shutil.copytree(runs["r1"], run)
+    (run / "adapter" / "chat_template.jinja").write_text(
+        "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}<<assistant>>")
+    lm, name, _ = adapters.open_adapter(ws, reg, str(run))
+    own, _ = chat.chat_template_of(lm)
+    tpl, source = chat.chat_template_of(lm, name)
+    assert tpl.startswith("{% for m in messages %}<<") and own != tpl and "trained with" in source
+    p = chat.build_prompt(lm, HELLO, chat.ChatParams(adapter=name))
+    assert p.text == "<<user>> hello world, how are you\n<<assistant>>"
+    assert not chat.build_prompt(lm, HELLO, chat.ChatParams()).text.startswith("<<")  # the base keeps its own
+    chat.detach_adapter(lm, name)
+    assert name not in [a.name for a in chat.list_adapters(lm)]
+
+
+def test_an_adapter_llama_cpp_cannot_take_falls_back_to_transformers(setup):
+    ws, reg, base, _gguf, runs = setup
+    run = ws.runs / "dora"
+    shutil.copytree(runs["r1"], run)
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    lm, name, note = adapters.open_adapter(ws, reg, str(run))
+    assert lm.backend_kind == "transformers" and Path(lm.model_path) == base.resolve() and name == "dora"
+    assert "transformers answers" in note and "DoRA" in note
+
+
+def adapter_with_token_rows(base: Path, out: Path, token_ids: list[int]) -> Path:
+    """A LoRA on q_proj/v_proj plus PEFT trainable tokens (whole embedding rows, as the trainer adds for tokens a
+    base never learned), all random and large enough to change the answer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                   trainable_token_indices=token_ids))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "trainable_tokens" in name else 0.4))
+    pm.save_pretrained(out)
+    return out
+
+
+def test_trained_token_rows_go_into_a_copy_of_the_gguf(setup, peft_answers):
+    """Rows of the embedding an adapter trained outright (the quick start's <end_of_turn> on Gemma) cannot be a LoRA:
+    they are written into a copy of the base GGUF, which answers with the rest of the adapter as a LoRA GGUF - like
+    transformers + PEFT."""
+    ws, reg, base, gguf, _runs = setup
+    lm_hf = models.load_hf(base)
+    prompt = chat.build_prompt(lm_hf, HELLO, chat.ChatParams(**GREEDY)).token_ids
+    run = ws.runs / "rows"
+    run.mkdir()
+    TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
+    adapter_with_token_rows(base, run / "adapter", sorted(set(prompt[2:6])))
+    try:
+        adapters.attach_adapter(lm_hf, run / "adapter", "rows")
+        want = answer(lm_hf, "rows")
+    finally:
+        lm_hf.backend.close()
+    assert want != peft_answers[None]
+    lm, name, note = adapters.open_adapter(ws, reg, str(run))
+    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path) != gguf.resolve()  # its own copy of the GGUF
+    assert "token row" in note and "rows" in lm.name
+    assert answer(lm, name) == want
+    again, _, _ = adapters.open_adapter(ws, reg, str(run))
+    assert again is lm
+
+
+def test_wrong_adapter_files_on_a_gguf_model_are_refused(setup, tmp_path):
+    ws, reg, _base, gguf, runs = setup
+    lm, _, _ = adapters.open_adapter(ws, reg, str(runs["r1"]))
+    with pytest.raises(BadInput, match="LoRA GGUF file .* not a PEFT folder"):
+        chat.attach_adapter(lm, runs["r1"] / "adapter", "peft")
+    with pytest.raises(BadInput, match="not a LoRA adapter GGUF"):
+        chat.attach_adapter(lm, gguf, "base-itself")
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a gguf at all\n" * 10)
+    with pytest.raises(BadInput, match="not a readable GGUF"):
+        chat.attach_adapter(lm, fake, "fake")
+    assert "peft" not in [a.name for a in chat.list_adapters(lm)]
