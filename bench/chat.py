@@ -246,17 +246,17 @@ def bench_hf(path: Path, n_tokens: int, rounds: int = 3) -> dict:
 
 def quick_start_run(ws: Workspace, name: str | None) -> Path:
     """The run whose adapter part (c) serves: `name`, else the latest finished quick-start run, else a new one."""
-    from pipelines import quickstart, runs
+    from pipelines import jobs, quickstart, runs
 
     if name:
         return runs.get_run(ws, name).path
     run = quickstart.latest(ws)
-    if run is None or run.status().get("state") != "finished":
+    if run is None or run.status().state != "finished":
         print("\n(c) training the quick-start adapter first (39 steps)...", flush=True)
         run = quickstart.start(ws)
-        st = runs.wait(run, timeout=3600)
-        if st.get("state") != "finished":
-            raise SystemExit(f"the quick-start run ended {st.get('state')}: {st.get('reason')}")
+        st = jobs.wait(run, timeout=3600)
+        if st.state != "finished":
+            raise SystemExit(f"the quick-start run ended {st.state}: {st.reason}")
     return run.path
 
 

@@ -109,31 +109,36 @@ def _example_config() -> str:
     return "\n".join(out) + "\n"
 
 
+def _print_row(r: dict) -> None:
+    if r.get("event"):
+        print(f"-- {r['event']} from step {r.get('step')}", flush=True)
+        return
+    ev = f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else ""
+    print(f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}{ev}  lr {r['learning_rate']:.2e}  "
+          f"{r['tokens_per_s']:.0f} tok/s", flush=True)
+
+
 def _follow(run, poll: float = 1.0) -> int:
-    """Print the run's metrics as they come until it ends; Ctrl-C asks it to stop (a second one leaves it running)."""
-    import time  # noqa: PLC0415
+    """Print the run's metrics as they come until it ends (runs.follow); Ctrl-C asks it to stop (a second one leaves
+    it running)."""
+    from . import runs  # noqa: PLC0415 - the training modules load only for the commands that need them
 
-    from . import runs  # noqa: PLC0415
-
-    offset, said, stopping = 0, None, False
+    printed, said, stopping = 0, None, False
     while True:
         try:
-            rows, offset = runs.read_metrics(run, offset)
-            for r in rows:
-                if r.get("event"):
-                    print(f"-- {r['event']} from step {r.get('step')}", flush=True)
-                    continue
-                ev = f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else ""
-                print(f"step {r['step']}/{r['total_steps']}  loss {r['loss']:.4f}{ev}  lr {r['learning_rate']:.2e}  "
-                      f"{r['tokens_per_s']:.0f} tok/s", flush=True)
-            st = runs.refresh_status(run)
-            state = st.get("state")
-            if state != said and state not in ("running",):
-                print(f"[{run.name}] {state}" + (f": {st['reason']}" if st.get("reason") else ""), flush=True)
-            said = state
-            if state in runs.FINAL:
-                return 0 if state in ("finished", "stopped") else 1
-            time.sleep(poll)
+            seen = 0
+            for up in runs.follow(run, interval=poll):  # after a Ctrl-C a new follower repeats the rows: skip them
+                for r in up.rows:
+                    seen += 1
+                    if seen > printed:
+                        printed = seen
+                        _print_row(r)
+                st = up.status
+                if st.state != said and st.state != "running":
+                    print(f"[{run.name}] {st.state}" + (f": {st.reason}" if st.reason else ""), flush=True)
+                said = st.state
+                if up.final:
+                    return 0 if st.state in ("finished", "stopped") else 1
         except KeyboardInterrupt:
             if stopping:
                 print(f"Leaving {run.name} running; `mactuner stop {run.name}` stops it.", file=sys.stderr)
@@ -171,8 +176,7 @@ def _add_training(sub) -> None:
         if a.machines or multinode.launched():
             return _multinode_train(a, ws, Path(a.config))
         run = runs.launch(ws, TrainConfig.from_yaml(Path(a.config)), name=a.name, nproc=a.nproc)
-        st = runs.refresh_status(run)
-        print(f"run {run.name}: {st['state']} ({run.path})", flush=True)
+        print(f"run {run.name}: {run.status().state} ({run.path})", flush=True)
         return 0 if a.detach else _follow(run)
 
     t.set_defaults(fn=_train)
@@ -198,7 +202,7 @@ def _add_training(sub) -> None:
         from .workspace import Workspace  # noqa: PLC0415
 
         st = runs.stop(runs.get_run(Workspace.open(a.root), a.run))
-        print(f"{a.run}: {st['state']}" + (f" ({st['reason']})" if st.get("reason") else ""))
+        print(f"{a.run}: {st.state}" + (f" ({st.reason})" if st.reason else ""))
         return 0
 
     s.set_defaults(fn=_stop)
@@ -217,7 +221,7 @@ def _add_training(sub) -> None:
         if multinode.launched():  # one process of a launch on several machines
             return multinode.run_rank(ws, None, a.run, a.checkpoint)
         run = runs.resume(ws, runs.get_run(ws, a.run), a.checkpoint)
-        print(f"run {run.name}: {runs.refresh_status(run)['state']}", flush=True)
+        print(f"run {run.name}: {run.status().state}", flush=True)
         return 0 if a.detach else _follow(run)
 
     rs.set_defaults(fn=_resume)

@@ -6,9 +6,9 @@ written waits for the next tick; a file that shrank was replaced and is read aga
 update carries what is there already (every metric row, the log's last `log_bytes`), so a refreshed page or a
 second tab re-attaches with the whole picture.
 
-    for up in runs.follow(run):           # a training run: RunUpdate(status, rows, log, final)
-        print(up.status["state"], len(up.rows), up.log, end="")
-    for st in follow_job(queue, job_id):  # an export / an ingest: its status dict each time it changes (+ "log")
+    for up in runs.follow(run):                       # a training run: its metric rows too
+        print(up.status.state, len(up.rows), up.log, end="")
+    for up in follow(queue.job(job_id), queue.job(job_id).status):   # an export, an ingest, a push
         ...
 
 `stop` (a callable) ends a follower early: the studio passes "this browser has started a newer follower".
@@ -21,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .errors import NotFound
+from .jobs import JobStatus
 
 LOG_BYTES = 20_000  # the first update's log: its last bytes
 
@@ -75,18 +78,19 @@ def json_lines(data: bytes) -> list[dict]:
 
 
 @dataclass
-class RunUpdate:
-    """One change of a training run: its status, the metric rows and the log text appended since the last update
-    (the first update: all rows so far and the log's tail); `final` on the last one."""
+class JobUpdate:
+    """One change of a job: its status, the metric rows (a training run's) and the log text appended since the last
+    update (the first update: all rows so far and the log's tail); `final` on the last one."""
 
-    run: str
-    status: dict
+    name: str
+    status: JobStatus
     rows: list[dict] = field(default_factory=list)
     log: str = ""
     final: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"name": self.name, "status": self.status.to_dict(), "rows": self.rows, "log": self.log,
+                "final": self.final}
 
 
 def _wait(idle: bool, interval: float):
@@ -97,46 +101,31 @@ def _wait(idle: bool, interval: float):
         time.sleep(interval)
 
 
-def _status_key(st: dict) -> tuple:
-    return (st.get("state"), st.get("reason"), st.get("stop_requested"), tuple(st.get("checkpoints") or ()),
-            st.get("total_steps"))
+def _status_key(st: JobStatus) -> str:
+    """What makes a status change worth an update (not the time stamps that move on every write)."""
+    d = st.to_dict()
+    for k in ("updated", "duration", "heartbeat"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)
 
 
-def follow_run(run, status: Callable[[], dict], final_states: tuple[str, ...], interval: float = 0.5,
-               stop: Callable[[], bool] | None = None, log_bytes: int = LOG_BYTES,
-               idle: bool = False) -> Iterator[RunUpdate | None]:
-    """Yield a RunUpdate whenever `run` (a pipelines.runs.RunDir, whose `status()` is read each tick) changes,
-    until its state is one of `final_states` (that update is `final`) or `stop()` is true. `runs.follow` fills
-    these in; a queued run is followed through its start."""
-    m_off, l_off, last = 0, tail_offset(run.log_path, log_bytes), None
+def follow(job, status: Callable[[], JobStatus | None], metrics: Path | None = None, interval: float = 0.5,
+           stop: Callable[[], bool] | None = None, log_bytes: int = LOG_BYTES,
+           idle: bool = False) -> Iterator[JobUpdate | None]:
+    """Yield a JobUpdate whenever job `job` (a pipelines.jobs.JobDir; `status()` is read each tick, `metrics` the
+    JSON-lines file of its rows, if any) changes, until it is in a final state (that update is `final`) or
+    `stop()` is true. A queued job is followed through its start. NotFound when the job has no status."""
+    m_off, l_off, last = 0, tail_offset(job.log_path, log_bytes), None
     while True:
         st = status()
-        data, m_off = read_new(run.metrics_path, m_off)
-        text, l_off = read_new(run.log_path, l_off)
-        final = st.get("state") in final_states
+        if st is None:
+            raise NotFound(f"There is no job '{job.name}'.")
+        data, m_off = read_new(metrics, m_off) if metrics is not None else (b"", 0)
+        text, l_off = read_new(job.log_path, l_off)
         key = _status_key(st)
-        if data or text or key != last or final:
+        if data or text or key != last or st.final:
             last = key
-            yield RunUpdate(run.name, st, json_lines(data), text.decode("utf-8", "replace"), final)
-        if final or (stop and stop()):
-            return
-        yield from _wait(idle, interval)
-
-
-def follow_job(queue, job_id: str, interval: float = 0.5, stop: Callable[[], bool] | None = None,
-               log_bytes: int = 8000, idle: bool = False) -> Iterator[dict | None]:
-    """Yield the status of job `job_id` of a pipelines.jobs.JobQueue each time it changes (with "log": the log text
-    appended since the last one, and "final"), until the job is complete, failed or cancelled, or `stop()`."""
-    j = queue.job(job_id)
-    l_off, last = tail_offset(j.log_path, log_bytes), None
-    while True:
-        st = queue.status(job_id)
-        text, l_off = read_new(j.log_path, l_off)
-        final = st.get("state") in queue.FINAL
-        key = json.dumps(st, sort_keys=True, default=str)
-        if text or key != last or final:
-            last = key
-            yield {**st, "log": text.decode("utf-8", "replace"), "final": final}
-        if final or (stop and stop()):
+            yield JobUpdate(job.name, st, json_lines(data), text.decode("utf-8", "replace"), st.final)
+        if st.final or (stop and stop()):
             return
         yield from _wait(idle, interval)

@@ -17,7 +17,7 @@ WORLD_SIZE > 1 - accelerate launch starts torchrun too) and runs as one training
    the one given) when RUN exists with the same config and has not finished - on another number of machines when
    the checkpoint's global batch allows it (training/distributed.py). It records its host and a heartbeat each
    minute in status.json, so a studio on another machine of a shared workspace shows the run as running
-   (procs.alive), and copies its output into log.txt for the Train tab's log;
+   (JobStatus.alive), and copies its output into log.txt for the Train tab's log;
 3. rank 0 trains through runs.run_job (status.json, metrics.jsonl, checkpoints, adapter, verdict); the others train
    beside it (training.run_training) and write nothing. Stop: the Train tab's Stop (the STOP file), or SIGTERM to
    any machine's processes - all stop at the same step end and rank 0 saves a checkpoint.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from . import jobs, procs, runs
+from . import runs
 from .errors import BadInput, Conflict, MacTunerError
 from .training import TrainConfig, check_resume, dataset_dir, resolve_base_model, run_training, validate
 from .training import distributed as tdist
@@ -183,9 +183,9 @@ def _decide(ws: Workspace, cfg: TrainConfig, name: str | None, checkpoint: str |
         return name, None
     run = runs.get_run(ws, name)
     st = run.status()
-    if st.get("state") in runs.ACTIVE and procs.alive(st):
-        raise Conflict(f"Run '{name}' is {st['state']} already; stop it first, or give another --name.")
-    if st.get("state") == "finished" and not checkpoint:
+    if st.active:
+        raise Conflict(f"Run '{name}' is {st.state} already; stop it first, or give another --name.")
+    if st.state == "finished" and not checkpoint:
         raise Conflict(f"Run '{name}' has finished; give another --name for a new run (or --checkpoint to redo "
                        "its end from a checkpoint).")
     old = validate(run.config(), ws).to_dict()
@@ -206,19 +206,19 @@ def _claim(ws: Workspace, cfg: TrainConfig, name: str | None, resume: str | None
     starts it as well; returns its folder."""
     import psutil  # noqa: PLC0415
 
-    with runs._queue_lock(ws):
+    with runs.queue_lock(ws):
         if resume is None:
             run = runs.create_run(ws, cfg, name, nproc=me.local_world)
         else:
             run = runs.get_run(ws, name)
             st = run.status()
-            if st.get("state") in runs.ACTIVE and procs.alive(st):
-                raise Conflict(f"Run '{run.name}' was started meanwhile ({st['state']}).")
+            if st.active:
+                raise Conflict(f"Run '{run.name}' was started meanwhile ({st.state}).")
             run.stop_flag.unlink(missing_ok=True)
         p = psutil.Process()
-        run.update_status(state="running", reason=None, pid=p.pid, create_time=p.create_time(), host=me.host,
-                          heartbeat=time.time(), nnodes=me.nnodes, world_size=me.world, nproc=me.local_world,
-                          resume_from=resume, ended=None)
+        run.update(state="running", reason=None, pid=p.pid, create_time=p.create_time(), supervisor_pid=None,
+                   supervisor_create_time=None, exit_code=None, host=me.host, heartbeat=time.time(),
+                   nnodes=me.nnodes, world_size=me.world, nproc=me.local_world, resume_from=resume, ended=None)
     return str(run.path)
 
 
@@ -246,7 +246,7 @@ def _rank0(run: runs.RunDir) -> int:
     def beat():
         while not done.wait(HEARTBEAT_S):
             try:
-                run.update_status(heartbeat=time.time())
+                run.update(heartbeat=time.time())
             except OSError as e:  # a shared filesystem's hiccup: the next beat tries again
                 print(f"heartbeat not written: {e}", file=sys.stderr, flush=True)
 
@@ -256,7 +256,7 @@ def _rank0(run: runs.RunDir) -> int:
         fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} rank 0 of a launch on several machines\n")
         sys.stdout, sys.stderr = _Tee(out, fh), _Tee(err, fh)
         try:
-            return runs.run_job(jobs.JobDir(run.path), start_queue=False)
+            return runs.run_job(run)  # no queue to advance: the launcher, not a supervisor, runs this one
         finally:
             sys.stdout, sys.stderr = out, err
             done.set()

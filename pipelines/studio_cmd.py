@@ -118,6 +118,9 @@ def run(args) -> int:
     if not args.no_default:  # overlaps the model load with gradio's import (~1.5 s)
         load_default_in_background(ws, REGISTRY, prepare_hf=not args.no_prepare_hf)
     studio_logging()
+    from . import runs  # noqa: PLC0415
+
+    runs.advance_queue(ws)  # a run left queued when the machine, the Space or the last trainer stopped starts now
     if not os.environ.get("GRADIO_TEMP_DIR"):  # before gradio is imported: some of it reads it at import
         (ws.tmp / "gradio").mkdir(parents=True, exist_ok=True)
         os.environ["GRADIO_TEMP_DIR"] = str(ws.tmp / "gradio")

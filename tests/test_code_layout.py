@@ -97,3 +97,36 @@ def test_pipelines_never_import_gradio():
             names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
             assert not any(x.split(".")[0] == "gradio" for x in names), name
     assert known
+
+
+# The training loop and the job lifecycle: kept to functions that fit on a screen and to other modules' public names.
+KEPT_SHORT = ("pipelines/training", "pipelines/jobs", "pipelines/runs.py", "pipelines/follow.py", "pipelines/procs.py",
+              "pipelines/multinode.py", "studio/handlers/train.py", "studio/handlers/journey.py")
+MAX_FUNCTION_LINES = 80  # "fits on a screen"
+
+
+def kept_short() -> dict[str, Path]:
+    return {n: p for n, p in modules().items()
+            if any(str(p.relative_to(ROOT)).startswith(k) for k in KEPT_SHORT)}
+
+
+def test_training_and_job_functions_fit_on_a_screen():
+    long = {}
+    for name, path in kept_short().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{name}.{node.name}"] = n
+    assert not long, long
+
+
+def test_training_and_job_modules_import_no_private_names():
+    found = []
+    for name, path in kept_short().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                found += [f"{name}: {a.name} from {'.' * node.level}{node.module or ''}" for a in node.names
+                          if a.name.startswith("_")]
+    assert not found, found
+    assert kept_short()

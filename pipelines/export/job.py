@@ -4,9 +4,8 @@ uses every core); `cancel` ends the job's process group, and since the export wr
 name, a cancelled or killed job leaves nothing that looks finished.
 
 A job is a folder exports/.jobs/<id>/ (see pipelines.jobs): job.json {"kind": "export", "step", "args"}, log.txt, and
-
-    status.json   {"state": running|complete|failed|cancelled, "step", "args", "label", "fraction", "message",
-                   "pid", "create_time", "started", "ended", "error", "result"}
+status.json: a jobs.JobStatus (state running | finished | failed | cancelled, label, fraction, message, reason,
+result) whose extra holds the step and its args.
 
 Steps and their args (the same as `mactuner export <step>`):
 
@@ -15,7 +14,7 @@ Steps and their args (the same as `mactuner export <step>`):
     quantize  gguf, quants                      validate  gguf, hf, base_model, prompt
 
     job = start(ws, "run", {"source": ..., "quants": ["Q8_0"]})
-    status(ws, job)  -> dict (a dead process is reported as failed)
+    status(ws, job)  -> JobStatus;  jobs.wait(queue(ws).job(job)) -> the final one
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from .run import export, problems_text, validation_sources
 from .validate import failed_checks, validate
 
 STEPS = {"run": "source", "merge": "source", "convert": "hf_dir", "quantize": "gguf", "validate": "gguf"}
-FINAL = ("complete", "failed", "cancelled")
 
 
 def jobs_dir(ws: Workspace) -> Path:
@@ -85,17 +83,17 @@ def queue(ws: Workspace) -> jobs.JobQueue:
     return jobs.JobQueue(jobs_dir(ws), "export", "export")
 
 
-def status(ws: Workspace, job: str) -> dict:
-    """The job's status; a job whose process is gone while it says running becomes failed (with the log's end)."""
+def status(ws: Workspace, job: str) -> jobs.JobStatus:
+    """The job's status (NotFound for an unknown id)."""
     return queue(ws).status(job)
 
 
-def list_jobs(ws: Workspace) -> list[dict]:
+def list_jobs(ws: Workspace) -> list[jobs.JobStatus]:
     """Every job, newest first."""
     return queue(ws).list()
 
 
-def active(ws: Workspace) -> dict | None:
+def active(ws: Workspace) -> jobs.JobStatus | None:
     """The running job, if any."""
     return queue(ws).active()
 
@@ -120,22 +118,13 @@ def start(ws: Workspace, step: str, args: dict) -> str:
                            step=step, args=args)
 
 
-def cancel(ws: Workspace, job: str) -> dict:
-    """End a running job's process group (SIGTERM: the job records itself as cancelled)."""
+def cancel(ws: Workspace, job: str) -> jobs.JobStatus:
+    """End a running job (it ends cancelled)."""
     return queue(ws).cancel(job)
 
 
-def wait(ws: Workspace, job: str, timeout: float = 3600.0, poll: float = 0.5):
-    """Yield the job's status every `poll` seconds until it ends (the last one yielded is final)."""
-    return queue(ws).wait(job, timeout, poll)
-
-
-def log_tail(ws: Workspace, job: str, lines: int | None = None, max_bytes: int = 8000) -> str:
-    return queue(ws).log_tail(job, lines, max_bytes)
-
-
 def run_job(job: jobs.JobDir) -> int:
-    """The export job's process (`python -m pipelines.jobs exports/.jobs/<id>`)."""
+    """The export job's worker (`python -m pipelines.jobs --work exports/.jobs/<id>`)."""
     spec = job.spec()
     return jobs.run_reported(job, lambda rep: run_step(Workspace.open(spec["root"]), spec["step"], spec["args"],
                                                        rep.progress))

@@ -133,7 +133,7 @@ def check_request(ws: Workspace, req: PushRequest) -> tuple[dict, list[str], lis
     from . import job as export_job  # noqa: PLC0415
 
     running = export_job.active(ws)
-    if running and running.get("label") == req.export:
+    if running and running.label == req.export:
         raise Conflict(f"The export '{req.export}' is still being written: push it when its job has finished.")
     if (req.repo_id or "").strip():
         validate_model_id(req.repo_id)
@@ -378,25 +378,22 @@ def start(ws: Workspace, req: PushRequest, token: str | None = None) -> str:
                            args=req.as_dict())
 
 
-def status(ws: Workspace, job: str) -> dict:
+def status(ws: Workspace, job: str) -> jobs.JobStatus:
     return queue(ws).status(job)
 
 
-def list_jobs(ws: Workspace) -> list[dict]:
+def list_jobs(ws: Workspace) -> list[jobs.JobStatus]:
     return queue(ws).list()
 
 
-def cancel(ws: Workspace, job: str) -> dict:
+def cancel(ws: Workspace, job: str) -> jobs.JobStatus:
     """End a running push (before its commit the repository stays as it was)."""
     return queue(ws).cancel(job)
 
 
-def wait(ws: Workspace, job: str, timeout: float = 3600.0, poll: float = 0.3):
-    return queue(ws).wait(job, timeout, poll)
-
-
 def run_job(job: jobs.JobDir) -> int:
-    """The push job's process (`python -m pipelines.jobs exports/.pushes/<id>`); the token is in its HF_TOKEN."""
+    """The push job's worker (`python -m pipelines.jobs --work exports/.pushes/<id>`); the token is in its
+    HF_TOKEN."""
     from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415 - status.json has the progress
 
     disable_progress_bars()

@@ -224,8 +224,8 @@ def start_rebuild(ws: Workspace, kb_name: str) -> tuple[str | None, int]:
     another ingest runs (checked before anything is changed)."""
     running = queue(ws).active()
     if running:
-        raise Conflict(f"An ingest job is running ({running.get('label', '')}, "
-                       f"{int(100 * (running.get('fraction') or 0))}%): wait for it or cancel it.")
+        raise Conflict(f"An ingest job is running ({running.label}, "
+                       f"{int(100 * (running.fraction or 0))}%): wait for it or cancel it.")
     kb, docs = prepare_rebuild(ws, kb_name)
     if not docs:
         kb.write_manifest()
@@ -234,7 +234,7 @@ def start_rebuild(ws: Workspace, kb_name: str) -> tuple[str | None, int]:
 
 
 def run_job(job: jobs.JobDir) -> int:
-    """The ingest job's process (`python -m pipelines.jobs rag/.jobs/<id>`). Passwords are dropped from job.json
+    """The ingest job's worker (`python -m pipelines.jobs --work rag/.jobs/<id>`). Passwords are dropped from job.json
     as soon as they are read; uploaded copies in rag/.incoming are removed at the end."""
     spec = job.spec()
     clean = {**spec, "files": [{k: v for k, v in f.items() if k != "password"} for f in spec["files"]]}

@@ -268,9 +268,9 @@ def ingest_queue(ws: Workspace) -> jobs.JobQueue:
 def refuse_while_ingesting(ws: Workspace, name: str, doing: str) -> None:
     """Conflict while an ingest into `name` runs (it writes the database and the sources `doing` would change)."""
     running = ingest_queue(ws).active()
-    if running and running.get("kb") == name:
-        raise Conflict(f"Documents are being added to '{name}' ({int(100 * (running.get('fraction') or 0))}%, job "
-                       f"{running['id']}): cancel that ingest or wait for it to finish, then {doing} it.")
+    if running and running.extra.get("kb") == name:
+        raise Conflict(f"Documents are being added to '{name}' ({int(100 * (running.fraction or 0))}%, job "
+                       f"{running.name}): cancel that ingest or wait for it to finish, then {doing} it.")
 
 
 def delete(ws: Workspace, name: str) -> None:

@@ -27,6 +27,7 @@ From a notebook:
 """
 
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .common import STOP_FLAG, TrainResult, peak_rss
 from .config import (
                      BACKENDS,
                      BASE_BITS,
@@ -54,7 +55,6 @@ from .encode import (
                      pack_examples,
                      read_rows,
 )
-from .common import STOP_FLAG, TrainResult, peak_rss
 from .loop import run_training
 from .plan import TrainingPlan, memory_advice, plan_training
 

@@ -186,6 +186,12 @@ def handouts_dir(ws: Workspace) -> str:
     return str(ws.tmp / "handouts")
 
 
+# how every monitor shows the one state vocabulary of pipelines.jobs
+JOB_BADGES = {"queued": "⏳ queued", "running": "🟢 running", "stopping": "🟠 stopping", "finished": "✅ finished",
+              "stopped": "⏹ stopped", "cancelled": "⏹ cancelled", "failed": "❌ failed",
+              "interrupted": "⏸ interrupted"}
+
+
 def progress_bar_html(fraction: float, caption: str) -> str:
     """A progress bar (0..1) with a caption line under it, as the Train and Export monitors show it."""
     frac = max(0.0, min(1.0, float(fraction or 0.0)))

@@ -17,10 +17,11 @@ from pipelines import follow as pfollow
 from pipelines import models
 from pipelines.errors import BadInput
 from pipelines.export import job as export_job
+from pipelines.jobs import JobStatus
 from pipelines.workspace import human_bytes
 
 from .chat import adapter_sources, model_choices
-from .common import Context, Followers, progress_bar_html, selected_cell, stream, ui_errors
+from .common import JOB_BADGES, Context, Followers, progress_bar_html, selected_cell, stream, ui_errors
 
 EXPORT_COLUMNS = ["name", "state", "created", "GGUF types", "validation", "note"]
 TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s"]
@@ -93,68 +94,65 @@ def start(ctx: Context, source: str, base_model: str, name: str, outtypes: list,
 
 @ui_errors
 def cancel(ctx: Context, job: str | None) -> str:
-    job = job or (export_job.active(ctx.ws) or {}).get("id")
+    active = export_job.active(ctx.ws)
+    job = job or (active.name if active else None)
     if not job:
         raise BadInput("No export is running.")
     st = export_job.cancel(ctx.ws, job)
-    why = st.get("error") if st.get("error") not in (None, st.get("state")) else None
-    return f"Export job `{job}`: {st.get('state')}" + (f" — {why}" if why else "")
+    why = st.reason if st.reason not in (None, st.state) else None
+    return f"Export job `{job}`: {st.state}" + (f" — {why}" if why else "")
 
 
-def job_problems(st: dict) -> str:
+def job_problems(st: JobStatus) -> str:
     """"1 check failed: fine-tune survived (Q4_K_M)" for a finished job whose validation failed checks, else ""."""
-    res = st.get("result") or {}
-    if st.get("state") != "complete" or not isinstance(res, dict):
+    res = st.result or {}
+    if st.state != "finished" or not isinstance(res, dict):
         return ""
-    if st.get("step") == "validate":
+    if st.extra.get("step") == "validate":
         failed = ex.failed_checks(res)
         return ex.problems_text([{"type": Path(str(res.get("gguf", ""))).name, "failed": failed}])
     return res.get("problems") or ""
 
 
-def _job_md(st: dict) -> str:
-    state = st.get("state")
+def _job_md(st: JobStatus) -> str:
     problems = job_problems(st)
-    badge = {"running": "🟢 running", "complete": "✅ complete", "failed": "❌ failed",
-             "cancelled": "⏹ cancelled"}.get(state, state)
-    if problems:
-        badge = f"⚠️ done — {problems}"
-    line = f"**{st.get('step')} {st.get('label', '')}** · {badge}"
-    if state == "failed" and st.get("error"):
-        line += f"\n\n{st['error']}"
+    badge = f"⚠️ done — {problems}" if problems else JOB_BADGES.get(st.state, st.state)
+    line = f"**{st.extra.get('step')} {st.label}** · {badge}"
+    if st.state == "failed" and st.reason:
+        line += f"\n\n{st.reason}"
     if problems:
         line += ("\n\nThe files are written, but a failed check means this GGUF does not behave like the model you "
                  "tuned; see its checks below (a finer quantization such as Q8_0 keeps a small fine-tune).")
     return line
 
 
-def _pick_job(ctx: Context, job: str | None) -> dict | None:
+def _pick_job(ctx: Context, job: str | None) -> JobStatus | None:
     """The job to show: `job`, unless another one runs (started in another tab or the API: that is what this page
     should show), else the newest."""
     jobs = export_job.list_jobs(ctx.ws)  # read once: status, the running one, the newest
-    running = next((j for j in jobs if j.get("state") == "running"), None)
-    st = next((j for j in jobs if j["id"] == job), None) if job else None
-    if running and (st is None or st.get("state") != "running"):
+    running = next((j for j in jobs if j.active), None)
+    st = next((j for j in jobs if j.name == job), None) if job else None
+    if running and (st is None or not st.active):
         st = running
     return st if st is not None else (jobs[0] if jobs else None)
 
 
-def _view(ctx: Context, st: dict, seen: str | None, log: str):
+def _view(ctx: Context, st: JobStatus, seen: str | None, log: str):
     """The monitor's outputs for job status `st`: (job, progress html, status, log tail, seen, exports table, export
     picker). The table is re-read while a job runs and when its state changes; a finished export is picked so its
     validation shows."""
-    state, frac = st.get("state"), st.get("fraction") or 0.0
+    frac = st.fraction or 0.0
     problems = job_problems(st)
-    caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
-        f"⚠️ done — {problems}" if problems else f"{state} · {st.get('message') or ''}"
-    key = f"{st['id']}:{state}"
+    caption = f"{100 * frac:.0f}% · {st.message or ''}" if st.active else \
+        f"⚠️ done — {problems}" if problems else f"{st.state} · {st.message or ''}"
+    key = f"{st.name}:{st.state}"
     changed = key != seen
-    table = exports_table(ctx, st if state == "running" else {}) if changed or state == "running" else gr.update()
+    table = exports_table(ctx, st if st.active else None, read=False) if changed or st.active else gr.update()
     pick = gr.update()
-    if changed and seen is not None and state == "complete" and st.get("step") == "run":
-        pick = gr.update(choices=export_names(ctx), value=st.get("label"))
-    return (st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _job_md(st), log, key, table,
-            pick)
+    if changed and seen is not None and st.state == "finished" and st.extra.get("step") == "run":
+        pick = gr.update(choices=export_names(ctx), value=st.label)
+    return (st.name, progress_bar_html(1.0 if st.state == "finished" else frac, caption), _job_md(st), log, key,
+            table, pick)
 
 
 NO_EXPORT = (None, "", "No export has run yet.", "")
@@ -173,10 +171,11 @@ async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Re
         yield (*NO_EXPORT, seen, gr.update(), gr.update())
         return
     lines: list[str] = []
-    async for up in stream(pfollow.follow_job(export_job.queue(ctx.ws), st["id"], stop=stop, idle=True)):
-        lines = (lines + up.pop("log").splitlines())[-LOG_LINES:]
-        up.pop("final")
-        out = _view(ctx, up, seen, "\n".join(lines))
+    q = export_job.queue(ctx.ws)
+    async for up in stream(pfollow.follow(q.job(st.name), lambda: q.status(st.name), log_bytes=8000, stop=stop,
+                                          idle=True)):
+        lines = (lines + up.log.splitlines())[-LOG_LINES:]
+        out = _view(ctx, up.status, seen, "\n".join(lines))
         seen = out[4]
         yield out
 
@@ -184,7 +183,7 @@ async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Re
 def discover(ctx: Context, job: str | None):
     """A job started elsewhere (another tab, the API): its id, so this page follows it; else nothing changes."""
     running = export_job.active(ctx.ws)
-    return running["id"] if running and running["id"] != job else gr.skip()
+    return running.name if running and running.name != job else gr.skip()
 
 
 def _validation_cell(row: dict) -> str:
@@ -195,16 +194,16 @@ def _validation_cell(row: dict) -> str:
     return "✅ passed" if row["ok"] else "⚠️ problems"
 
 
-def exports_table(ctx: Context, running: dict | None = None) -> pd.DataFrame:
-    """The exports as a table; the running job (read again when not given) shows as "exporting N%"."""
-    if running is None:
-        running = export_job.active(ctx.ws) or {}
+def exports_table(ctx: Context, running: JobStatus | None = None, read: bool = True) -> pd.DataFrame:
+    """The exports as a table; the running job (`read`: read again when not given) shows as "exporting N%"."""
+    if running is None and read:
+        running = export_job.active(ctx.ws)
     rows = []
     for r in ex.list_exports(ctx.ws):
         state = r["state"]
         note = r.get("error") or ""
-        if running.get("step") == "run" and running.get("label") == r["name"]:
-            state, note = f"exporting {100 * (running.get('fraction') or 0):.0f}%", running.get("message") or ""
+        if running is not None and running.extra.get("step") == "run" and running.label == r["name"]:
+            state, note = f"exporting {100 * (running.fraction or 0):.0f}%", running.message or ""
         elif state == "incomplete":
             note = "no export.json: made by single steps, or interrupted"
         rows.append([r["name"], state, r.get("created") or "", ", ".join(g["type"] for g in r["ggufs"]),
@@ -306,7 +305,9 @@ def open_in_chat(ctx: Context, gguf: str | None, progress=gr.Progress()):
 def run_step(ctx: Context, step: str, args: dict):
     """Start one export step as a job and stream its status until it ends; the last status carries the result."""
     job = export_job.start(ctx.ws, step, args)
-    for st in export_job.wait(ctx.ws, job):
-        yield st
-    if st.get("state") != "complete":
-        raise BadInput(f"The {step} job ended {st.get('state')}: {st.get('error') or 'see its log'} (job {job}).")
+    q = export_job.queue(ctx.ws)
+    for up in pfollow.follow(q.job(job), lambda: q.status(job)):
+        st = up.status
+        yield st.to_dict()
+    if st.state != "finished":
+        raise BadInput(f"The {step} job ended {st.state}: {st.reason or 'see its log'} (job {job}).")

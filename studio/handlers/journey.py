@@ -13,7 +13,7 @@ from pipelines.errors import MacTunerError
 
 from .chat import adapter_choices, adapter_menu, model_choices
 from .common import Context, SessionState, ui_errors
-from .train import _progress_html
+from .train import progress_html
 
 _opened = SessionState()  # per page: the quick-start run whose adapter the chat was opened with
 
@@ -37,22 +37,21 @@ def journey_md(ctx: Context) -> str:
     return " → ".join(cells) + tail
 
 
-def _busy(st: dict) -> bool:
-    return st.get("state") in (*runs.ACTIVE, "queued")
+def _busy(st: runs.RunStatus | None) -> bool:
+    return st is not None and (st.active or st.state == "queued")
 
 
-def _status(run: runs.RunDir | None) -> tuple[str, dict]:
+def _status(run: runs.RunDir | None) -> tuple[str, runs.RunStatus | None]:
     if run is None:
-        return "", {}
-    st = runs.refresh_status(run)
+        return "", None
+    st = run.status()
     rows, _ = runs.read_metrics(run)
-    state = st.get("state")
     if _busy(st):
-        return f"<b>Quick start</b> · run <b>{html.escape(run.name)}</b> " + _progress_html(st, rows), st
-    reason = html.escape(st.get("reason") or "")
-    if state == "finished":
+        return f"<b>Quick start</b> · run <b>{html.escape(run.name)}</b> " + progress_html(st, rows), st
+    reason = html.escape(st.reason or "")
+    if st.state == "finished":
         return f"✅ <b>Quick start</b> finished: run <b>{html.escape(run.name)}</b> ({reason}).", st
-    return (f"⚠️ <b>Quick start</b> run <b>{html.escape(run.name)}</b> is {html.escape(str(state))}: "
+    return (f"⚠️ <b>Quick start</b> run <b>{html.escape(run.name)}</b> is {html.escape(st.state)}: "
             f"{reason or 'see the Train tab'}."), st
 
 
@@ -74,7 +73,7 @@ def poll(ctx: Context, request: gr.Request):
     skip = [gr.skip()] * 6
     if run is None or _busy(st):  # nothing new on the journey until it ends (its own timer refreshes it)
         return text, gr.Timer(active=run is not None), *skip, gr.skip()
-    if st.get("state") != "finished" or _opened.get(request) == run.name or not run.adapter_dir.exists():
+    if st.state != "finished" or _opened.get(request) == run.name or not run.adapter_dir.exists():
         return text, gr.Timer(active=False), *skip, journey_md(ctx)
     _opened.set(request, run.name)  # once per page, whatever happens next
     try:

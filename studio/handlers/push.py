@@ -9,8 +9,9 @@ import gradio as gr
 
 from pipelines.errors import BadInput, Unauthorized
 from pipelines.export import push as hp
+from pipelines.jobs import JobStatus
 
-from .common import Context, progress_bar_html, ui_errors
+from .common import JOB_BADGES, Context, progress_bar_html, ui_errors
 
 PART_LABELS = {"adapter": "LoRA adapter", "merged": "merged model", "gguf": "GGUF files"}
 
@@ -81,40 +82,37 @@ def start(ctx: Context, name: str | None, repo_id: str | None, token: str | None
 
 @ui_errors
 def cancel(ctx: Context, job: str | None) -> str:
-    job = job or next((j["id"] for j in hp.list_jobs(ctx.ws) if j.get("state") == "running"), None)
+    job = job or next((j.name for j in hp.list_jobs(ctx.ws) if j.active), None)
     if not job:
         raise BadInput("No push is running.")
     st = hp.cancel(ctx.ws, job)
-    return f"Push job `{job}`: {st.get('state')}" + (" — nothing was committed." if st.get("state") == "cancelled"
-                                                      else "")
+    return f"Push job `{job}`: {st.state}" + (" — nothing was committed." if st.state == "cancelled" else "")
 
 
-def _status_md(st: dict) -> str:
-    state = st.get("state")
-    badge = {"running": "🟢 running", "complete": "✅ complete", "failed": "❌ failed",
-             "cancelled": "⏹ cancelled"}.get(state, state)
-    line = f"**push {st.get('label', '')}** · {badge}"
-    res = st.get("result") if isinstance(st.get("result"), dict) else {}
-    if state == "complete" and res:
+def _status_md(st: JobStatus) -> str:
+    badge = JOB_BADGES.get(st.state, st.state)
+    line = f"**push {st.label}** · {badge}"
+    res = st.result if isinstance(st.result, dict) else {}
+    if st.state == "finished" and res:
         line += f"\n\n{res.get('message', '')}\n\n[{res.get('repo_id')}]({res.get('url')})"
         if res.get("commit"):
             line += f" · commit `{str(res['commit'])[:8]}`"
-    if state == "failed" and st.get("error"):
-        line += f"\n\n{st['error']}"
+    if st.state == "failed" and st.reason:
+        line += f"\n\n{st.reason}"
     return line
 
 
 def poll(ctx: Context, job: str | None):
     """Follow `job` (default: the running push, else the newest): (job, progress html, status)."""
     jobs = hp.list_jobs(ctx.ws)
-    running = next((j for j in jobs if j.get("state") == "running"), None)
-    st = next((j for j in jobs if j["id"] == job), None) if job else None
-    if running and (st is None or st.get("state") != "running"):
+    running = next((j for j in jobs if j.active), None)
+    st = next((j for j in jobs if j.name == job), None) if job else None
+    if running and (st is None or not st.active):
         st = running
     st = st or (jobs[0] if jobs else None)
     if st is None:
         return None, "", ""
-    state, frac = st.get("state"), st.get("fraction") or 0.0
-    caption = f"{100 * frac:.0f}% · {st.get('message') or ''}" if state == "running" else \
-        f"{state} · {st.get('message') or ''}"  # the message counts files and bytes (pipelines.export.push)
-    return st["id"], progress_bar_html(1.0 if state == "complete" else frac, caption), _status_md(st)
+    frac = st.fraction or 0.0
+    caption = f"{100 * frac:.0f}% · {st.message or ''}" if st.active else \
+        f"{st.state} · {st.message or ''}"  # the message counts files and bytes (pipelines.export.push)
+    return st.name, progress_bar_html(1.0 if st.state == "finished" else frac, caption), _status_md(st)

@@ -15,6 +15,7 @@ import pandas as pd
 from pipelines import chat, rag
 from pipelines import follow as pfollow
 from pipelines.errors import BadInput, MacTunerError
+from pipelines.jobs import JobStatus
 from pipelines.rag import cost as rcost
 from pipelines.rag import ingestion as ringest
 from pipelines.rag.evaluation import figure as eval_figure
@@ -132,35 +133,34 @@ def add_documents(ctx: Context, name: str, files: list, password: str):
 
 @ui_errors
 def cancel(ctx: Context, job: str | None) -> str:
-    job = job or (ringest.queue(ctx.ws).active() or {}).get("id")
+    active = ringest.queue(ctx.ws).active()
+    job = job or (active.name if active else None)
     if not job:
         raise BadInput("No ingest is running.")
     st = ringest.queue(ctx.ws).cancel(job)
-    return f"Ingest `{job}`: {st.get('state')}"
+    return f"Ingest `{job}`: {st.state}"
 
 
-def _pick_job(ctx: Context, job: str | None) -> dict | None:
+def _pick_job(ctx: Context, job: str | None) -> JobStatus | None:
     """The running ingest, else `job`, else the newest."""
     jobs_ = ringest.queue(ctx.ws).list()
-    running = next((j for j in jobs_ if j.get("state") == "running"), None)
-    return running or next((j for j in jobs_ if j["id"] == job), None) or (jobs_[0] if jobs_ else None)
+    running = next((j for j in jobs_ if j.active), None)
+    return running or next((j for j in jobs_ if j.name == job), None) or (jobs_[0] if jobs_ else None)
 
 
-def _view(ctx: Context, st: dict, seen: str | None):
+def _view(ctx: Context, st: JobStatus, seen: str | None):
     """(job, progress, status, seen key, kb table) for ingest status `st`; the table is re-read while it runs and
     when its state changes."""
-    state = st.get("state")
-    caption = f"{100 * (st.get('fraction') or 0):.0f}% · {st.get('message') or ''}"
-    md = f"**{st.get('label', '')}** · {state}"
-    if state == "failed":
-        md += f"\n\n❌ {st.get('error')}"
-    elif state == "complete" and st.get("result"):
-        res = st["result"]
-        md += "\n\n" + rag.IngestReport(**res).summary()
-        md += "".join(f"\n\n⚠️ {w}" for w in res.get("warnings", []))
-    key = f"{st['id']}:{state}"
-    table = kbs_table(ctx) if key != seen or state == "running" else gr.update()
-    return st["id"], progress_bar_html(1.0 if state == "complete" else st.get("fraction") or 0, caption), md, key, table
+    caption = f"{100 * (st.fraction or 0):.0f}% · {st.message or ''}"
+    md = f"**{st.label}** · {st.state}"
+    if st.state == "failed":
+        md += f"\n\n❌ {st.reason}"
+    elif st.state == "finished" and st.result:
+        md += "\n\n" + rag.IngestReport(**st.result).summary()
+        md += "".join(f"\n\n⚠️ {w}" for w in st.result.get("warnings", []))
+    key = f"{st.name}:{st.state}"
+    table = kbs_table(ctx) if key != seen or st.active else gr.update()
+    return st.name, progress_bar_html(1.0 if st.state == "finished" else st.fraction or 0, caption), md, key, table
 
 
 NO_INGEST = (None, "", "No documents have been added yet.")
@@ -178,8 +178,9 @@ async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Re
     if st is None:
         yield (*NO_INGEST, seen, gr.update())
         return
-    async for up in stream(pfollow.follow_job(ringest.queue(ctx.ws), st["id"], stop=stop, idle=True)):
-        out = _view(ctx, up, seen)
+    q = ringest.queue(ctx.ws)
+    async for up in stream(pfollow.follow(q.job(st.name), lambda: q.status(st.name), stop=stop, idle=True)):
+        out = _view(ctx, up.status, seen)
         seen = out[3]
         yield out
 
@@ -187,7 +188,7 @@ async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Re
 def discover(ctx: Context, job: str | None):
     """An ingest started elsewhere (another tab, the API): its id, so this page follows it; else no change."""
     running = ringest.queue(ctx.ws).active()
-    return running["id"] if running and running["id"] != job else gr.skip()
+    return running.name if running and running.name != job else gr.skip()
 
 
 @ui_errors

@@ -23,7 +23,7 @@ from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES
 from pipelines.training import verdict as tverdict
 from pipelines.workspace import human_bytes
 
-from .common import Context, Followers, progress_bar_html, stream, ui_errors
+from .common import JOB_BADGES, Context, Followers, progress_bar_html, stream, ui_errors
 
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -112,8 +112,7 @@ def start(ctx: Context, run_name: str, *values):
     cfg = config_from(list(values))
     check_data(cfg, ctx.ws)  # the same clear messages before anything is written
     run = runs.launch(ctx.ws, cfg, name=(run_name or "").strip() or None)
-    st = runs.refresh_status(run)
-    msg = (f"Started **{run.name}**." if st.get("state") in runs.ACTIVE else
+    msg = (f"Started **{run.name}**." if run.status().active else
            f"**{run.name}** is queued: it starts when the running job ends (one training job at a time).")
     return msg, gr.update(choices=run_choices(ctx), value=run.name)
 
@@ -221,15 +220,15 @@ def _seconds_per_step(rows: list[dict], since: int = 0) -> float | None:
     return rate if math.isfinite(rate) and rate > 0 else None
 
 
-def _progress_html(st: dict, rows: list[dict], since: int = 0) -> str:
+def progress_html(st: runs.RunStatus, rows: list[dict], since: int = 0) -> str:
     """The bar and its caption: step / total, and while running the ETA from the measured rate ("estimating…"
     until two steps of this trainer process are done)."""
     last = rows[-1] if rows else {}
-    step = last.get("step") or st.get("step") or 0
-    total = last.get("total_steps") or st.get("total_steps") or 0
+    step = last.get("step") or st.step or 0
+    total = last.get("total_steps") or st.total_steps or 0
     frac = min(1.0, step / total) if total else 0.0
     caption = f"step {step} / {total or '?'} ({100 * frac:.0f}%)"
-    state = st.get("state")
+    state = st.state
     if state == "queued":
         caption += " · queued: it starts when the running job ends"
     elif state == "running" and not rows:
@@ -242,14 +241,12 @@ def _progress_html(st: dict, rows: list[dict], since: int = 0) -> str:
     return progress_bar_html(frac, caption)
 
 
-def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
-    state = st.get("state", "?")
-    badge = {"running": "🟢 running", "queued": "⏳ queued", "stopping": "🟠 stopping", "stopped": "⏹ stopped",
-             "finished": "✅ finished", "failed": "❌ failed", "interrupted": "⏸ interrupted"}.get(state, state)
+def _status_md(run: runs.RunDir, st: runs.RunStatus, rows: list[dict]) -> str:
+    badge = JOB_BADGES.get(st.state, st.state)
     last = rows[-1] if rows else {}
     bits = [f"### {run.name} — {badge}"]
-    if st.get("reason"):
-        bits.append(f"{st['reason']}")
+    if st.reason:
+        bits.append(st.reason)
     if last:
         figs = [f"loss {last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else "loss —"]
         if last.get("tokens_per_s"):
@@ -259,17 +256,16 @@ def _status_md(run: runs.RunDir, st: dict, rows: list[dict]) -> str:
         if last.get("device_peak_memory"):  # CUDA's allocator, or MLX's (Metal buffers live outside RSS)
             figs.append(f"device peak {human_bytes(last['device_peak_memory'])}")
         bits.append(" · ".join(figs))
-    ck = [p.name for p in run.checkpoints()]
-    if ck:
-        bits.append("Checkpoints: " + ", ".join(ck))
+    if st.checkpoints:
+        bits.append("Checkpoints: " + ", ".join(st.checkpoints))
     if run.adapter_dir.exists():
         bits.append(f"Adapter: `{run.adapter_dir}` (open it in the Chat tab)")
     return "\n\n".join(bits)
 
 
-def stop_button(st: dict | None):
+def stop_button(st: runs.RunStatus | None):
     """Stop is for a run that is queued or running (a stopping one has its request already)."""
-    return gr.update(interactive=bool(st) and st.get("state") in ("queued", "running"))
+    return gr.update(interactive=st is not None and st.state in ("queued", "running"))
 
 
 def _no_run(message: str, cache: dict | None = None) -> tuple:
@@ -277,22 +273,22 @@ def _no_run(message: str, cache: dict | None = None) -> tuple:
             stop_button(None))
 
 
-def _monitor(run: runs.RunDir, st: dict, cache: dict, rows_changed: bool = True) -> tuple:
+def _monitor(run: runs.RunDir, st: runs.RunStatus, cache: dict, rows_changed: bool = True) -> tuple:
     """The monitor's outputs for `run` with status `st` and what `cache` holds (rows, log lines); the charts and the
     checkpoint picker only when they changed (a picked checkpoint stays picked while the run trains)."""
-    ckpts = st.get("checkpoints") if "checkpoints" in st else [p.name for p in run.checkpoints()]
+    ckpts = st.checkpoints
     ck = gr.update()
     if ckpts != cache.get("ckpts"):
         cache["ckpts"] = ckpts
         ck = gr.update(choices=ckpts, value=ckpts[-1] if ckpts else None)
     figs = _figures(cache["rows"]) if rows_changed else (gr.update(),) * 3
-    return (cache, _status_md(run, st, cache["rows"]), _progress_html(st, cache["rows"], cache.get("since", 0)),
+    return (cache, _status_md(run, st, cache["rows"]), progress_html(st, cache["rows"], cache.get("since", 0)),
             *figs, "\n".join(cache.get("log") or []), ck, *_verdict_once(run, st, cache), stop_button(st))
 
 
-def _verdict_once(run: runs.RunDir, st: dict, cache: dict) -> tuple:
+def _verdict_once(run: runs.RunDir, st: runs.RunStatus, cache: dict) -> tuple:
     """The verdict's markdown and chart, read once per state (not at every step of a running run)."""
-    key = st.get("state")
+    key = st.state
     if cache.get("verdict_for") == key:
         return gr.update(), gr.update()
     cache["verdict_for"] = key
@@ -323,7 +319,7 @@ def poll(ctx: Context, selected: str | None, cache: dict | None):
     cache["log"] = run.log_tail(LOG_LINES).splitlines()
     cache.pop("ckpts", None)
     cache.pop("verdict_for", None)
-    return _monitor(run, runs.refresh_status(run), cache)
+    return _monitor(run, run.status(), cache)
 
 
 FOLLOWERS = Followers()
@@ -390,9 +386,9 @@ def verdict_figure(v: dict | None):
     return gr.update(value=fig, visible=True)
 
 
-def verdict_view(run: runs.RunDir, st: dict) -> tuple:
+def verdict_view(run: runs.RunDir, st: runs.RunStatus) -> tuple:
     """(markdown, chart) of a finished run's verdict (runs/<run>/verdict.json, written by the trainer)."""
-    if st.get("state") != "finished":
+    if st.state != "finished":
         return "", gr.update(visible=False)
     v = tverdict.read_verdict(run.path)
     return tverdict.verdict_markdown(v), verdict_figure(v)
@@ -403,7 +399,7 @@ def stop(ctx: Context, selected: str):
     if not selected:
         raise BadInput("Select a run to stop.")
     st = runs.stop(runs.get_run(ctx.ws, selected))
-    return f"{selected}: {st.get('state')} — {st.get('reason') or ''}"
+    return f"{selected}: {st.state} — {st.reason or ''}"
 
 
 @ui_errors

@@ -117,9 +117,9 @@ def register_api(ctx: h.Context) -> None:
     def export_status(job: str = "") -> dict:
         """An export job's status (default: the running one, else the newest); {} when there is none."""
         def get():
-            if job:
-                return export_job.status(ctx.ws, job)
-            return export_job.active(ctx.ws) or next(iter(export_job.list_jobs(ctx.ws)), {})
+            st = export_job.status(ctx.ws, job) if job else \
+                export_job.active(ctx.ws) or next(iter(export_job.list_jobs(ctx.ws)), None)
+            return st.to_dict() if st else {}
 
         return h.ui_errors(get)()
 

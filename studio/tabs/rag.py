@@ -162,7 +162,8 @@ def register_api(ctx: h.Context) -> None:
 
         def get():
             q = queue(ctx.ws)
-            return q.status(job) if job else (q.active() or next(iter(q.list()), {}))
+            st = q.status(job) if job else (q.active() or next(iter(q.list()), None))
+            return st.to_dict() if st else {}
 
         return h.ui_errors(get)()
 

@@ -56,7 +56,7 @@ def test_damaged_kb_is_marked_refused_rebuilt_and_the_other_works(studio, browse
     page.get_by_text("Delete or rebuild this knowledge base").click()
     page.locator("#rag-rebuild").click()
     expect(page.locator("#rag-msg")).to_contain_text("Rebuilding broken from the 2 document(s)")
-    expect(page.locator("#rag-job")).to_contain_text("complete", timeout=180_000)
+    expect(page.locator("#rag-job")).to_contain_text("finished", timeout=180_000)
     expect(page.locator("#rag-job")).to_contain_text("2 document(s) added")
     expect(page.locator("#rag-kbs")).not_to_contain_text("damaged")
     page.locator("#rag-search").click()

@@ -45,7 +45,7 @@ def test_knowledge_base_ingest_reload_ask_and_cite(studio, browser, tmp_path):
     page.reload()
     page.get_by_role("tab", name="RAG").click()
     expect(page.locator("#rag-job")).to_contain_text("running")  # re-attached to the job from its folder
-    expect(page.locator("#rag-job")).to_contain_text("complete", timeout=300_000)
+    expect(page.locator("#rag-job")).to_contain_text("finished", timeout=300_000)
     expect(page.locator("#rag-job")).to_contain_text("2 document(s) added (288 pages")
     expect(page.locator("#rag-kbs")).to_contain_text("docs-kb")
     pick(page, "rag-kb", "docs-kb")
@@ -74,7 +74,7 @@ def test_a_scanned_pdf_is_refused_with_its_reason(studio, browser, tmp_path):
     pick(page, "rag-kb", "docs-kb")
     page.locator("#rag-files input[type=file]").set_input_files([str(scan)])
     page.locator("#rag-add").click()
-    expect(page.locator("#rag-job")).to_contain_text("complete", timeout=120_000)
+    expect(page.locator("#rag-job")).to_contain_text("finished", timeout=120_000)
     expect(page.locator("#rag-job")).to_contain_text("no text layer")
     expect(page.locator("#rag-kbs")).to_contain_text("docs-kb")
     expect(page.locator("#rag-docs")).not_to_contain_text("scanned.pdf")

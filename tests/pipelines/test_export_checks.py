@@ -12,6 +12,7 @@ import pytest
 
 from pipelines import export as ex
 from pipelines.export.validate import degenerate
+from pipelines.jobs import JobStatus
 
 # ------------------------------------------------------------------------------------------ collapsed text
 
@@ -120,13 +121,14 @@ def test_progress_panel_and_table_warn(ctx, workspace):
     from studio.handlers import export as hx
 
     _fake_export(workspace)
-    st = {"id": "j1", "step": "run", "label": "tune", "state": "complete", "message": "Export 'tune' ready",
-          "result": {"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"}}
+    st = JobStatus(name="j1", label="tune", state="finished", message="Export 'tune' ready", extra={"step": "run"},
+                   result={"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"})
     md = hx._job_md(st)
     assert "⚠️ done — 1 check failed: fine-tune survived (Q4_K_M)" in md and "✅" not in md
-    good = {**st, "result": {"ok": True, "problems": ""}}
-    assert "✅ complete" in hx._job_md(good)
-    table = hx.exports_table(ctx, {})
+    good = JobStatus(name="j1", label="tune", state="finished", extra={"step": "run"},
+                     result={"ok": True, "problems": ""})
+    assert "✅ finished" in hx._job_md(good)
+    table = hx.exports_table(ctx, None, read=False)
     assert table.iloc[0]["validation"] == "⚠️ 1 check failed: fine-tune survived (Q4_K_M)"
     _summary, _ppl, checks, pick = hx.details(ctx, "tune")
     assert pick["value"].endswith("tune-Q8_0.gguf")
@@ -138,12 +140,12 @@ def test_progress_panel_and_table_warn(ctx, workspace):
 def test_progress_caption_of_a_finished_job_with_a_failed_check(ctx, workspace, monkeypatch):
     from studio.handlers import export as hx
 
-    st = {"id": "j1", "step": "run", "label": "tune", "state": "complete", "message": "Export 'tune' ready",
-          "fraction": 1.0, "result": {"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"}}
+    st = JobStatus(name="j1", label="tune", state="finished", message="Export 'tune' ready", fraction=1.0,
+                   extra={"step": "run"}, result={"ok": False, "problems": "1 check failed: fine-tune survived (Q4_K_M)"})
     monkeypatch.setattr(hx.export_job, "list_jobs", lambda _ws: [st])
     _job, bar, job_md, *_rest = hx._view(ctx, hx._pick_job(ctx, "j1"), None, "")
-    assert "⚠️ done — 1 check failed: fine-tune survived" in bar and "complete ·" not in bar
+    assert "⚠️ done — 1 check failed: fine-tune survived" in bar and "finished ·" not in bar
     assert "⚠️ done" in job_md
-    vst = {"id": "j2", "step": "validate", "label": "x", "state": "complete",
-           "result": {"gguf": "/w/x-Q4_K_M.gguf", "items": [_item("finetune_survived", False)]}}
+    vst = JobStatus(name="j2", label="x", state="finished", extra={"step": "validate"},
+                    result={"gguf": "/w/x-Q4_K_M.gguf", "items": [_item("finetune_survived", False)]})
     assert hx.job_problems(vst) == "1 check failed: fine-tune survived (x-Q4_K_M.gguf)"

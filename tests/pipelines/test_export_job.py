@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import export as ex
+from pipelines import follow
 from pipelines.export import job as export_job
 from pipelines.errors import BadInput, Conflict
 
@@ -37,7 +38,11 @@ def _wait_for(ws, job, pred, timeout=60):
         if pred(st):
             return st
         time.sleep(0.1)
-    raise AssertionError(f"job never reached the state: {export_job.status(ws, job)}\n{export_job.log_tail(ws, job)}")
+    raise AssertionError(f"job never reached the state: {export_job.status(ws, job)}\n{_log(ws, job)}")
+
+
+def _log(ws, job) -> str:
+    return export_job.queue(ws).job(job).log_tail()
 
 
 def _finished_looking(folder: Path) -> list[str]:
@@ -48,11 +53,12 @@ def _finished_looking(folder: Path) -> list[str]:
 def test_job_runs_an_export_to_the_end(workspace, spm_llama_dir):
     job = export_job.start(workspace, "run", {"source": str(spm_llama_dir), "name": "tiny", "quants": ["Q8_0"],
                                               "validate": False})
-    seen = [st for st in export_job.wait(workspace, job, timeout=300, poll=0.2)]
+    q = export_job.queue(workspace)
+    seen = [up.status for up in follow.follow(q.job(job), lambda: q.status(job), interval=0.2)]
     final = seen[-1]
-    assert final["state"] == "complete", export_job.log_tail(workspace, job)
-    assert [Path(g).name for g in final["result"]["ggufs"]] == ["tiny-f16.gguf", "tiny-Q8_0.gguf"]
-    assert any(0 < (s.get("fraction") or 0) < 1 for s in seen)  # progress was reported on the way
+    assert final.state == "finished", _log(workspace, job)
+    assert [Path(g).name for g in final.result["ggufs"]] == ["tiny-f16.gguf", "tiny-Q8_0.gguf"]
+    assert any(0 < (s.fraction or 0) < 1 for s in seen)  # progress was reported on the way
     assert ex.list_exports(workspace)[0]["state"] == "complete"
     assert export_job.active(workspace) is None
     d = ex.export_details(workspace, "tiny")
@@ -64,12 +70,12 @@ def test_job_refuses_a_second_one_and_cancel_leaves_nothing_finished(workspace, 
     monkeypatch.setenv(ex.CONVERTER_ENV, str(_slow_converter(tmp_path / "conv")))
     job = export_job.start(workspace, "run", {"source": str(tiny_llama_dir), "name": "slow", "quants": [],
                                               "validate": False})
-    st = _wait_for(workspace, job, lambda s: "40%" in (s.get("message") or ""))
-    assert st["state"] == "running" and 0 < st["fraction"] < 1
+    st = _wait_for(workspace, job, lambda s: "40%" in (s.message or ""))
+    assert st.state == "running" and 0 < st.fraction < 1
     with pytest.raises(Conflict, match="An export job is running"):
         export_job.start(workspace, "convert", {"hf_dir": str(tiny_llama_dir)})
     st = export_job.cancel(workspace, job)
-    assert st["state"] == "cancelled"
+    assert st.state == "cancelled" and st.reason == "cancelled"
     folder = workspace.exports / "slow"
     assert _finished_looking(folder) == []
     assert not [p for p in folder.iterdir() if p.name.endswith(".partial")]  # the temp file went too
@@ -77,13 +83,27 @@ def test_job_refuses_a_second_one_and_cancel_leaves_nothing_finished(workspace, 
     assert row["state"] == "cancelled" and row["ggufs"] == []
 
 
+@pytest.mark.parametrize("after", [0.0, 0.7])
+def test_a_job_cancelled_as_it_starts_is_cancelled(workspace, tiny_llama_dir, tmp_path, monkeypatch, after):
+    """Cancel right after Start (the job's processes are still starting, before they listen for the signal): the
+    job is recorded as cancelled, not "failed - the export process ended unexpectedly (exit code -15)"."""
+    monkeypatch.setenv(ex.CONVERTER_ENV, str(_slow_converter(tmp_path / "conv")))  # it would not end by itself
+    job = export_job.start(workspace, "convert", {"hf_dir": str(tiny_llama_dir), "name": "early"})
+    time.sleep(after)
+    st = export_job.cancel(workspace, job)
+    assert st.state == "cancelled", (st, _log(workspace, job))
+    assert export_job.status(workspace, job).state == "cancelled"
+    assert _finished_looking(workspace.exports / "early") == []
+    assert export_job.active(workspace) is None
+
+
 def test_killed_job_is_reported_failed(workspace, tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(ex.CONVERTER_ENV, str(_slow_converter(tmp_path / "conv")))
     job = export_job.start(workspace, "convert", {"hf_dir": str(tiny_llama_dir), "name": "k"})
-    st = _wait_for(workspace, job, lambda s: "40%" in (s.get("message") or ""))
-    os.killpg(st["pid"], signal.SIGKILL)
-    st = _wait_for(workspace, job, lambda s: s["state"] != "running")
-    assert st["state"] == "failed" and "ended unexpectedly" in st["error"]
+    st = _wait_for(workspace, job, lambda s: "40%" in (s.message or ""))
+    os.kill(st.pid, signal.SIGKILL)  # the export's process; its supervisor sees how it ended
+    st = _wait_for(workspace, job, lambda s: s.state != "running")
+    assert st.state == "failed" and "ended unexpectedly (exit code -9)" in st.reason and st.exit_code == -9
     assert _finished_looking(workspace.exports / "k") == []
     assert export_job.active(workspace) is None  # the next job may start
 
@@ -101,8 +121,8 @@ def test_bad_job_requests(workspace):
 
 def test_failed_step_reports_its_reason(workspace):
     job = export_job.start(workspace, "quantize", {"gguf": str(workspace.exports / "missing.gguf"), "quants": ["Q8_0"]})
-    st = _wait_for(workspace, job, lambda s: s["state"] != "running")
-    assert st["state"] == "failed" and "does not exist" in st["error"]
+    st = _wait_for(workspace, job, lambda s: s.state != "running")
+    assert st.state == "failed" and "does not exist" in st.reason
 
 
 def _cli(*args, root):

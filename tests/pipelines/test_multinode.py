@@ -23,8 +23,9 @@ import pytest
 import yaml
 from test_train import adapter_tensors, tiny_cfg, write_dataset
 
-from pipelines import multinode, procs, runs
+from pipelines import jobs, multinode, procs, runs
 from pipelines.errors import BadInput
+from pipelines.jobs import JobStatus
 from pipelines.multinode_commands import commands
 from pipelines.training import TrainConfig, distributed, run_training, validate
 
@@ -45,7 +46,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    drop = runs._DIST_ENV | {k for k in os.environ if k.startswith(("TORCHELASTIC_", "ACCELERATE_"))}
+    drop = runs.DIST_ENV | {k for k in os.environ if k.startswith(("TORCHELASTIC_", "ACCELERATE_"))}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
@@ -107,7 +108,7 @@ def test_two_machines_equal_one_process_with_the_doubled_batch_and_continue_on_o
     assert [rc for rc, _ in out] == [0, 0], "\n".join(o[-3000:] for _, o in out)
     two = runs.get_run(ws, "two")
     st = two.status()
-    assert st["state"] == "finished" and st["nnodes"] == 2 and st["world_size"] == 2, st
+    assert st.state == "finished" and st.nnodes == 2 and st.world_size == 2, st
     assert "batch 1x1x2" in two.log_path.read_text()  # rank 0's output is in log.txt
     assert [p.name for p in two.checkpoints()] == ["step-2"]
     state = json.loads((two.checkpoints_dir / "step-2" / "trainer_state.json").read_text())
@@ -126,14 +127,14 @@ def test_two_machines_equal_one_process_with_the_doubled_batch_and_continue_on_o
         assert abs(a - b) <= TOL * abs(b), (two_losses, one_losses)
     diff = _max_diff(two_adapter, adapter_tensors(ws.runs / "one" / "adapter"))
     assert diff <= TOL, diff
-    print(f"\n2 machines {two_s:.1f} s with the processes' start ({st['reason']}), 1 process in this one "
+    print(f"\n2 machines {two_s:.1f} s with the processes' start ({st.reason}), 1 process in this one "
           f"{one_s:.1f} s; max adapter difference {diff:.2e}, losses {two_losses} vs {one_losses}")
 
     # continue the two-machine run on one machine, one process: grad_accum 2 keeps the global batch of 2
     shutil.copytree(two.adapter_dir, tmp_path / "two-adapter")
     runs.resume(ws, two, "step-2")
-    st = runs.wait(two, timeout=300)
-    assert st["state"] == "finished", (st, two.log_tail())
+    st = jobs.wait(two, timeout=300)
+    assert st.state == "finished", (st, two.log_tail())
     log = two.log_tail()
     assert "Resuming on 1 process" in log and "batch_size 1 x grad_accum 2 x 1 process" in log, log
     assert "batch 1x2x1" in log
@@ -147,7 +148,7 @@ def test_continue_on_two_machines_refused_when_the_global_batch_cannot_be_shared
     """A run of global batch 1 (one process, batch 1) cannot go on over two processes; the run says why."""
     cfg = tiny_cfg(tiny_llama_dir, batch_size=1, max_steps=3, save_every=1)
     run = runs.create_run(ws, cfg, name="solo")
-    run.update_status(state="stopped", reason="test")
+    run.update(state="stopped", reason="test")
     run_training(validate(cfg, ws), run.path, None, ws=ws, validated=True, should_stop=lambda: True)
     assert [p.name for p in run.checkpoints()] == ["step-1"]
     config = tmp_path / "train.yaml"
@@ -155,9 +156,9 @@ def test_continue_on_two_machines_refused_when_the_global_batch_cannot_be_shared
     out = torchrun_two(ws, config, "solo")
     assert all(rc != 0 for rc, _ in out), out
     st = run.status()
-    assert st["state"] == "failed", st
-    assert "Cannot resume on 2 processes" in st["reason"] and "global batch of 1" in st["reason"], st["reason"]
-    assert "Resume on 1 process, or start a new run" in st["reason"]
+    assert st.state == "failed", st
+    assert "Cannot resume on 2 processes" in st.reason and "global batch of 1" in st.reason, st.reason
+    assert "Resume on 1 process, or start a new run" in st.reason
 
 
 @pytest.mark.slow
@@ -175,7 +176,7 @@ def test_accelerate_launch_two_machines(ws, tiny_llama_dir, tmp_path):
     out = _two_machines(launcher, args, lambda r: ["--machine_rank", str(r)])
     assert [rc for rc, _ in out] == [0, 0], "\n".join(o[-3000:] for _, o in out)
     run = runs.get_run(ws, "acc")
-    assert run.status()["state"] == "finished" and run.status()["world_size"] == 2
+    assert run.status().state == "finished" and run.status().world_size == 2
     rows: list[dict] = []
     run_training(validate(tiny_cfg(tiny_llama_dir, batch_size=2, max_steps=2), ws), ws.runs / "one", rows.append,
                  ws=ws, validated=True)
@@ -256,10 +257,10 @@ def test_disagreements_name_the_machine_and_the_setting():
 
 def test_a_trainer_on_another_machine_is_alive_while_its_heartbeat_is_fresh():
     now = time.time()
-    assert procs.alive({"pid": 1, "host": "elsewhere.example", "heartbeat": now - 10})
-    assert not procs.alive({"pid": 1, "host": "elsewhere.example", "heartbeat": now - procs.REMOTE_STALE_S - 1,
-                            "updated": now - procs.REMOTE_STALE_S - 1})
-    assert procs.alive({"pid": os.getpid(), "host": socket.gethostname()})
+    assert JobStatus(pid=1, host="elsewhere.example", heartbeat=now - 10).alive()
+    assert not JobStatus(pid=1, host="elsewhere.example", heartbeat=now - procs.REMOTE_STALE_S - 1,
+                         updated=now - procs.REMOTE_STALE_S - 1).alive()
+    assert JobStatus(pid=os.getpid(), host=socket.gethostname()).alive()
 
 
 def test_launched_reads_the_launchers_variables(monkeypatch):

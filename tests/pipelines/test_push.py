@@ -25,6 +25,7 @@ from export_fixtures import BASE_ID, make_export  # noqa: E402
 from fakehub import FakeHub  # noqa: E402
 
 from pipelines.errors import BadInput, Conflict, NotFound, Unauthorized, Unavailable  # noqa: E402
+from pipelines import jobs  # noqa: E402
 from pipelines.export import push as hp  # noqa: E402
 
 TOKEN = "hf_ana_write_0123456789"
@@ -284,17 +285,17 @@ def test_bad_requests(workspace, hub):
 def test_push_job_keeps_the_token_out_of_its_folder(workspace, hub):
     make_export(workspace)
     job = hp.start(workspace, hp.PushRequest(export="tiny", repo_id="ana/job", what=["gguf"]), token=TOKEN)
-    final = list(hp.wait(workspace, job, timeout=120))[-1]
-    assert final["state"] == "complete", hp.queue(workspace).log_tail(job)
-    assert final["result"]["repo_id"] == "ana/job" and final["files_done"] == final["files_total"] == 5
+    final = jobs.wait(hp.queue(workspace).job(job), timeout=120)
+    assert final.state == "finished", hp.queue(workspace).job(job).log_tail()
+    assert final.result["repo_id"] == "ana/job" and final.extra["files_done"] == final.extra["files_total"] == 5
     assert set(hub.repos["ana/job"].files) >= {"tiny-f16.gguf", "tiny-Q8_0.gguf", "README.md"}
     assert hub.auth_seen() >= {f"Bearer {TOKEN}"}
     for p in (workspace.exports / ".pushes").rglob("*"):
         if p.is_file():
             assert TOKEN not in p.read_text(errors="replace"), p
     failed = hp.start(workspace, hp.PushRequest(export="tiny", repo_id="bob/job", what=["gguf"]), token=TOKEN)
-    st = list(hp.wait(workspace, failed, timeout=120))[-1]
-    assert st["state"] == "failed" and "belongs to 'bob'" in st["error"]
+    st = jobs.wait(hp.queue(workspace).job(failed), timeout=120)
+    assert st.state == "failed" and "belongs to 'bob'" in st.reason
 
 
 def test_cancelled_push_commits_nothing(workspace, hub):
@@ -305,8 +306,8 @@ def test_cancelled_push_commits_nothing(workspace, hub):
     while not any(r.method == "PUT" for r in hub.requests) and time.time() - t0 < 60:
         time.sleep(0.1)
     st = hp.status(workspace, job)
-    assert st["state"] == "running" and "Uploading tiny-f16.gguf" in st["message"] and st["bytes_total"] > 0
-    assert hp.cancel(workspace, job)["state"] == "cancelled"
+    assert st.state == "running" and "Uploading tiny-f16.gguf" in st.message and st.extra["bytes_total"] > 0
+    assert hp.cancel(workspace, job).state == "cancelled"
     assert [c["summary"] for c in hub.repos["ana/slow"].commits] == ["initial commit"]
     assert hp.pushes(workspace, "tiny") == []
 

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 from export_fixtures import make_export  # noqa: E402
 
+from pipelines import jobs  # noqa: E402
 from pipelines.errors import Unavailable  # noqa: E402
 from pipelines.export import push as hp  # noqa: E402
 
@@ -57,8 +58,8 @@ def test_a_silent_hub_fails_the_push_job(workspace, silent_hub, monkeypatch):
     make_export(workspace)
     monkeypatch.setenv("MACTUNER_HUB_TIMEOUT", "2")  # the job's process reads it from its environment
     job = hp.start(workspace, hp.PushRequest(export="tiny", repo_id="ana/tiny", what=["gguf"]), token=TOKEN)
-    final = list(hp.wait(workspace, job, timeout=90))[-1]
-    assert final["state"] == "failed" and "did not answer within 2 s" in final["error"], final
+    final = jobs.wait(hp.queue(workspace).job(job), timeout=90)
+    assert final.state == "failed" and "did not answer within 2 s" in final.reason, final
 
 
 def test_cancel_ends_a_push_waiting_on_a_silent_hub(workspace, silent_hub, monkeypatch):
@@ -66,11 +67,11 @@ def test_cancel_ends_a_push_waiting_on_a_silent_hub(workspace, silent_hub, monke
     monkeypatch.setenv("MACTUNER_HUB_TIMEOUT", "120")
     job = hp.start(workspace, hp.PushRequest(export="tiny", repo_id="ana/tiny", what=["gguf"]), token=TOKEN)
     t0 = time.time()
-    while "Checking the token" not in (hp.status(workspace, job).get("message") or "") and time.time() - t0 < 60:
+    while "Checking the token" not in (hp.status(workspace, job).message or "") and time.time() - t0 < 60:
         time.sleep(0.1)
     time.sleep(0.5)  # in the call to the Hub now
     t0 = time.monotonic()
-    assert hp.cancel(workspace, job)["state"] == "cancelled"
+    assert hp.cancel(workspace, job).state == "cancelled"
     assert time.monotonic() - t0 < 15 and hp.pushes(workspace, "tiny") == []
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from pipelines import adapters, chat, data, models, quickstart, runs
+from pipelines import adapters, chat, data, jobs, models, quickstart, runs
 from pipelines.serving.registry import ModelRegistry
 
 
@@ -46,8 +46,8 @@ def test_quick_start_trains_a_run_the_chat_answers_with(workspace, tiny_llama_di
     run = quickstart.start(workspace, progress=lambda f, m: said.append(m))
     assert run.name == "quick-start"
     assert any("sample dataset" in m for m in said)
-    st = runs.wait(run, timeout=600)
-    assert st["state"] == "finished", st
+    st = jobs.wait(run, timeout=600)
+    assert st.state == "finished", st
     listed = runs.list_runs(workspace)
     assert [r["name"] for r in listed] == ["quick-start"]
     assert listed[0]["dataset"].startswith(quickstart.DATASET)
@@ -74,4 +74,4 @@ def test_quick_start_trains_a_run_the_chat_answers_with(workspace, tiny_llama_di
     second = quickstart.start(workspace)
     assert second.name == "quick-start-2"
     runs.stop(second)
-    assert runs.wait(second, timeout=300)["state"] in ("stopped", "finished")
+    assert jobs.wait(second, timeout=300).state in ("stopped", "finished")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rag_docs import TOPICS, bomb_pdf, encrypted_pdf, image_only_pdf, make_pdf, topic_pdf, truncated_pdf
 
-from pipelines import models, rag
+from pipelines import follow, models, rag
 from pipelines.errors import BadInput, Conflict, NotFound
 from pipelines.rag import chunk as rchunk
 from pipelines.rag import index as rindex
@@ -361,21 +361,21 @@ def test_ingest_job_reports_progress_and_a_cancel_leaves_the_kb_as_it_was(tmp_pa
     q = ringest.queue(ws)
     job = ringest.start(ws, "jobs", [{"path": str(docs["topics"]), "name": "topics.pdf"},
                                      {"path": str(docs["encrypted"]), "name": "locked.pdf", "password": "s3cret"}])
-    seen = list(q.wait(job, timeout=300, poll=0.1))
+    seen = [up.status for up in follow.follow(q.job(job), lambda: q.status(job), interval=0.1)]
     final = seen[-1]
-    assert final["state"] == "complete", q.log_tail(job)
-    assert [a["name"] for a in final["result"]["added"]] == ["topics.pdf", "locked.pdf"]
+    assert final.state == "finished", q.job(job).log_tail()
+    assert [a["name"] for a in final.result["added"]] == ["topics.pdf", "locked.pdf"]
     assert "s3cret" not in (q.job(job).spec_path).read_text()  # the password left job.json once read
-    assert any(0 < (s.get("fraction") or 0) < 1 for s in seen) and final.get("documents") == 2
+    assert any(0 < (s.fraction or 0) < 1 for s in seen) and final.extra.get("documents") == 2
     # a slow, large document, cancelled mid-way: nothing of it is kept
     big = topic_pdf(tmp_path / "big.pdf", repeat=40)
     before = rag.open_kb(ws, "jobs").summary()
     job = ringest.start(ws, "jobs", [{"path": str(big), "name": "big.pdf"}])
     t0 = time.time()
-    while "embedding" not in (q.status(job).get("message") or "") and time.time() - t0 < 120:
+    while "embedding" not in (q.status(job).message or "") and time.time() - t0 < 120:
         time.sleep(0.05)
     st = q.cancel(job)
-    assert st["state"] == "cancelled"
+    assert st.state == "cancelled"
     after = rag.open_kb(ws, "jobs").summary()
     assert (after["documents"], after["chunks"]) == (before["documents"], before["chunks"])
     with pytest.raises(NotFound):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import runs
+from pipelines import jobs, runs
 from pipelines import training as train
 from pipelines.training import loss as train_loss
 from pipelines.errors import BadInput, Conflict, NotFound
@@ -362,8 +362,8 @@ def test_nan_loss_fails_with_reason(ws, tiny_llama_dir, monkeypatch):
     tiny_cfg(tiny_llama_dir, max_steps=5).to_yaml(run_dir / "config.yaml")
     rc = runs.run_job(runs.RunDir(run_dir))  # the trainer process's entry, in this process
     st = runs.RunDir(run_dir).status()
-    assert rc == 1 and st["state"] == "failed"
-    assert "loss became nan" in st["reason"].lower() and "learning rate" in st["reason"]
+    assert rc == 1 and st.state == "failed"
+    assert "loss became nan" in st.reason.lower() and "learning rate" in st.reason
 
 
 def test_out_of_memory_suggests_smaller_batch(ws, tiny_llama_dir, monkeypatch):
@@ -448,16 +448,30 @@ def test_read_metrics_from_offset(tmp_path):
     assert rows == [{"step": 3, "loss": 1.0}] and off3 > off2
 
 
-def test_refresh_status_marks_a_dead_trainer_failed(ws, tiny_llama_dir):
-    from pipelines import procs
+def test_a_trainer_that_dies_is_recorded_failed_by_whoever_started_it(ws, tiny_llama_dir):
+    run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
+    run.stop_flag.touch()
+    jobs.start(run, [sys.executable, "-c", "raise SystemExit(3)"])  # its starter (here) records how it ended
+    assert _wait_for(lambda: json.loads(run.status_path.read_text())["state"] != "running", 30)
+    st = run.status()
+    assert st.state == "failed" and "ended unexpectedly (exit code 3)" in st.reason and st.exit_code == 3
+    assert "no checkpoint was written" in st.reason and not run.stop_flag.exists()
+
+
+def test_the_end_of_an_earlier_process_leaves_a_resumed_run_alone(ws, tiny_llama_dir):
+    """The supervisor of a run's previous attempt may end after the run was resumed (its starter then hears of it):
+    that end is not the resumed run's."""
+    import psutil
 
     run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
-    with open(run.log_path, "ab") as log:  # a child of this process: its exit status is known
-        pid, create_time = procs.spawn([sys.executable, "-c", "raise SystemExit(3)"], log)
-    run.update_status(state="running", pid=pid, create_time=create_time, started=time.time())
-    assert _wait_for(lambda: not procs.alive(run.status()), 30)
-    st = runs.refresh_status(run)
-    assert st["state"] == "failed" and "ended unexpectedly (exit code 3)" in st["reason"]
+    me = psutil.Process()
+    run.update(state="running", pid=me.pid, create_time=me.create_time(), supervisor_pid=me.pid,
+               supervisor_create_time=me.create_time())
+    run.record_exit(me.pid + 100000, 137)  # not a process of this attempt
+    st = run.status()
+    assert st.state == "running" and st.exit_code is None and st.reason is None
+    run.record_exit(me.pid, 137)
+    assert run.status().state == "failed" and run.status().exit_code == 137
 
 
 def test_a_trainer_that_stopped_with_an_earlier_process_is_interrupted(ws, tiny_llama_dir):
@@ -470,16 +484,46 @@ def test_a_trainer_that_stopped_with_an_earlier_process_is_interrupted(ws, tiny_
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"step": 2}')
     (ckpt / COMPLETE_MARKER).touch()
-    run.update_status(state="running", pid=proc.pid, started=time.time())
-    st = runs.refresh_status(run)
-    assert st["state"] == "interrupted" and st["state"] in runs.FINAL
-    assert st["reason"].startswith("interrupted") and "step-2 can be resumed" in st["reason"], st["reason"]
+    run.update(state="running", pid=proc.pid, started=time.time())
+    st = run.status()
+    assert st.state == "interrupted" and st.state in runs.FINAL
+    assert st.reason.startswith("interrupted") and "step-2 can be resumed" in st.reason, st.reason
+    assert run.read().state == "running"  # reading it wrote nothing
+
+
+def test_runs_of_the_previous_version_list_and_resume(ws, tiny_llama_dir):
+    """A workspace written by the previous version: config.yaml and its status.json keys, no job.json. Its runs
+    are listed as they were (one left "running" by a studio that is gone reads as interrupted) and one resumes."""
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=4, save_every=2)
+    old = ws.runs / "old-stopped"
+    res = run_training(cfg, old, None, ws=ws, should_stop=lambda: True)  # stops after step 1 with step-1
+    cfg.to_yaml(old / "config.yaml")
+    now = time.time()
+    (old / "status.json").write_text(json.dumps({
+        "state": "stopped", "reason": res.reason, "created": now - 60, "queued_at": now - 60, "nproc": 1,
+        "updated": now - 30, "pid": 999999, "create_time": now - 50, "started": now - 50, "ended": now - 30,
+        "trainer_pid": 999999, "step": 1, "total_steps": 4, "last_loss": 5.0, "final_loss": 5.0,
+        "best_eval_loss": None, "adapter": None}))
+    gone = ws.runs / "old-running"
+    gone.mkdir()
+    cfg.to_yaml(gone / "config.yaml")
+    (gone / "status.json").write_text(json.dumps({"state": "running", "reason": None, "created": now - 10,
+                                                  "pid": 999999, "create_time": now - 9, "started": now - 9}))
+    listed = {r["name"]: r for r in runs.list_runs(ws)}
+    assert listed["old-stopped"]["state"] == "stopped" and listed["old-stopped"]["step"] == 1
+    assert listed["old-stopped"]["checkpoints"] == ["step-1"] and listed["old-stopped"]["duration"] == 20
+    assert listed["old-running"]["state"] == "interrupted"
+    run = runs.get_run(ws, "old-stopped")
+    runs.resume(ws, run)
+    st = jobs.wait(run, timeout=180)
+    assert st.state == "finished" and st.step == 4, (st, run.log_tail())
+    assert json.loads(run.spec_path.read_text()) == {"kind": "train"}
 
 
 def test_stop_a_queued_run(ws, tiny_llama_dir):
     run = runs.create_run(ws, tiny_cfg(tiny_llama_dir))
     st = runs.stop(run)
-    assert st["state"] == "stopped" and "before it started" in st["reason"]
+    assert st.state == "stopped" and "before it started" in st.reason
 
 
 def _wait_for(pred, timeout=60.0):
@@ -503,42 +547,62 @@ def test_finished_job_processes_are_reaped(tmp_path):
     """A job's process that ends is waited on at once, though nobody polls its status: no zombie is left."""
     import psutil
 
-    from pipelines import jobs, procs
+    from pipelines import procs
 
     ended = []
     for i, code in enumerate((0, 3)):
         job = jobs.JobDir(tmp_path / f"job-{i}")
         st = jobs.start(job, [sys.executable, "-c", f"raise SystemExit({code})"])
-        assert st["state"] == "running" and st["pid"]
-        ended.append((job, st["pid"], code))
+        assert st.state == "running" and st.pid
+        ended.append((job, st.pid, code))
     for job, pid, _ in ended:
         assert _reaped(pid), psutil.Process(pid).status()
-        assert not procs.alive(job.read())
+        assert not procs.process_alive(pid)
     zombies = [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
     assert not {pid for _, pid, _ in ended} & set(zombies)
-    # its exit status is still known when the job is found dead (it never wrote its end)
-    job, pid, code = ended[1]
-    assert job.fail_if_dead(("running",), lambda c: {"state": "failed", "code": c})
-    assert job.read()["state"] == "failed" and job.read()["code"] == 3
+    # the one who waited for it recorded how it ended (it never wrote its end itself)
+    assert _wait_for(lambda: all(job.read().state == "failed" for job, _, _ in ended), 10)
+    assert [job.read().exit_code for job, _, _ in ended] == [0, 3]
 
 
 def test_second_launch_is_queued_then_started(ws, tiny_llama_dir):
     a = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=3), name="first")
     b = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=2), name="second")
-    assert runs.refresh_status(a)["state"] == "running"
-    assert runs.refresh_status(b)["state"] == "queued"
-    assert runs.start_next(ws) is None  # the first one is active: nothing else may start
-    sa = runs.wait(a, timeout=120)
-    assert sa["state"] == "finished", (sa, a.log_tail())
-    sb = runs.wait(b, timeout=120)  # started by the finishing trainer (or by this poll)
-    assert sb["state"] == "finished", (sb, b.log_tail())
-    assert sb["started"] >= sa["ended"] - 0.5
+    assert a.status().state == "running"
+    assert b.status().state == "queued"
+    assert runs.advance_queue(ws) is None  # the first one is active: nothing else may start
+    sa = jobs.wait(a, timeout=120)
+    assert sa.state == "finished", (sa, a.log_tail())
+    sb = jobs.wait(b, timeout=120)  # started when the first trainer ended (by its supervisor)
+    assert sb.state == "finished", (sb, b.log_tail())
+    assert sb.started >= sa.ended - 0.5
     rows, _ = runs.read_metrics(b, 0)
     assert [r["step"] for r in rows] == [1, 2]
     listed = {r["name"]: r for r in runs.list_runs(ws)}
     assert listed["first"]["state"] == "finished" and listed["first"]["best_eval_loss"] is not None
     assert listed["first"]["duration"] > 0 and listed["second"]["dataset"] == "chat v1"
-    assert _reaped(sa["pid"], timeout=60), "the finished trainer lingers as a zombie of the process that started it"
+    assert _reaped(sa.supervisor_pid, timeout=60), "a finished job lingers as a zombie of the process that started it"
+
+
+def test_a_queued_run_that_crashes_is_failed_with_its_exit_code(ws, tiny_llama_dir):
+    """The second run of the queue is started when the first one ends, not by this process: when its trainer dies
+    (the OOM killer's kill -9 here) the run says failed with the exit code, as a first run would - not
+    "interrupted ... the studio that started it stopped". Nothing here polls the runs while they train (a status
+    read must not be what starts the queue)."""
+    first = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=2), name="first")
+    second = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=400, save_every=0), name="second")
+
+    def on_disk(run) -> dict:
+        return json.loads(run.status_path.read_text())
+
+    assert _wait_for(lambda: on_disk(second).get("state") == "running" and runs.read_metrics(second, 0)[0], 180), \
+        (on_disk(first), on_disk(second), second.log_tail())
+    assert on_disk(first)["state"] == "finished"
+    os.kill(on_disk(second)["pid"], signal.SIGKILL)
+    assert _wait_for(lambda: second.status().state != "running", 30)
+    st = second.status()
+    assert st.state == "failed", st
+    assert "exit code -9" in st.reason and "interrupted" not in st.reason, st.reason
 
 
 def test_kill_9_then_resume(ws, tiny_llama_dir):
@@ -547,19 +611,19 @@ def test_kill_9_then_resume(ws, tiny_llama_dir):
     assert _wait_for(lambda: len(run.checkpoints()) >= 2, 90), run.log_tail()
     with pytest.raises(Conflict):
         runs.resume(ws, run)  # a running (or queued) run cannot be resumed
-    pid = run.status()["pid"]
+    pid = run.status().pid
     os.kill(pid, signal.SIGKILL)
-    assert _wait_for(lambda: runs.refresh_status(run)["state"] == "failed", 30)
-    st = runs.refresh_status(run)
-    assert "ended unexpectedly" in st["reason"] and "resumed" in st["reason"]
+    assert _wait_for(lambda: run.status().state == "failed", 30)
+    st = run.status()
+    assert "ended unexpectedly (exit code -9)" in st.reason and "resumed" in st.reason
     ckpts = run.checkpoints()
     assert ckpts, "the last complete checkpoint survives"
     last = ckpts[-1]
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert step < 40
     runs.resume(ws, run, last.name)
-    st = runs.wait(run, timeout=180)
-    assert st["state"] == "finished", (st, run.log_tail())
+    st = jobs.wait(run, timeout=180)
+    assert st.state == "finished", (st, run.log_tail())
     rows, _ = runs.read_metrics(run, 0)
     marker = [r for r in rows if r.get("event") == "resume"]
     assert marker and marker[-1]["step"] == step
@@ -588,9 +652,9 @@ def test_stop_a_running_subprocess(ws, tiny_llama_dir):
     run = runs.launch(ws, tiny_cfg(tiny_llama_dir, max_steps=100000, save_every=0), name="tostop")
     assert _wait_for(lambda: runs.read_metrics(run, 0)[0], 90), run.log_tail()
     st = runs.stop(run)
-    assert st["state"] == "stopping"
-    st = runs.wait(run, timeout=60)
-    assert st["state"] == "stopped" and st["checkpoints"], (st, run.log_tail())
+    assert st.state == "stopping"
+    st = jobs.wait(run, timeout=60)
+    assert st.state == "stopped" and st.checkpoints, (st, run.log_tail())
     assert not run.stop_flag.exists()
 
 
@@ -606,7 +670,7 @@ def test_ddp_two_processes_with_torchrun(ws, tiny_llama_dir):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     st = runs.RunDir(run_dir).status()
-    assert st["state"] == "finished", st
+    assert st.state == "finished", st
     rows, _ = runs.read_metrics(runs.RunDir(run_dir), 0)
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
     assert "eval_loss" in rows[-1]
@@ -624,6 +688,6 @@ def test_planned_steps_match_the_trainer_with_packing_and_two_processes(ws, tiny
     assert one.total_steps == one.items and two.total_steps == -(-one.items // 2)
     for name, nproc, want in (("plan-1", 1, one.total_steps), ("plan-2", 2, two.total_steps)):
         run = runs.launch(ws, cfg, name=name, nproc=nproc)
-        st = runs.wait(run, timeout=300)
-        assert st["state"] == "finished", (st, run.log_tail())
-        assert st["total_steps"] == st["step"] == want
+        st = jobs.wait(run, timeout=300)
+        assert st.state == "finished", (st, run.log_tail())
+        assert st.total_steps == st.step == want

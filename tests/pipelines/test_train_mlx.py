@@ -16,7 +16,7 @@ import pytest
 from test_train import METRIC_KEYS, _wait_for, assert_bad_input, conversations, tiny_cfg, write_dataset
 from test_train_preference import pairs
 
-from pipelines import runs
+from pipelines import jobs, runs
 from pipelines.errors import BadInput
 from pipelines.training import COMPLETE_MARKER, list_checkpoints, run_training, validate
 
@@ -260,17 +260,17 @@ def test_kill_9_then_resume(ws, tiny_llama_dir):
     cfg = mcfg(tiny_llama_dir, max_steps=400, save_every=1, keep_last=2, eval_every=0)
     run = runs.launch(ws, cfg, name="killed")
     assert _wait_for(lambda: len(run.checkpoints()) >= 2, 120), run.log_tail()
-    os.kill(run.status()["pid"], signal.SIGKILL)
-    assert _wait_for(lambda: runs.refresh_status(run)["state"] == "failed", 30)
-    assert "ended unexpectedly" in runs.refresh_status(run)["reason"]
+    os.kill(run.status().pid, signal.SIGKILL)
+    assert _wait_for(lambda: run.status().state == "failed", 30)
+    assert "ended unexpectedly" in run.status().reason
     last = run.checkpoints()[-1]
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert (last / "optimizer.safetensors").exists() and step < 400
     # finish three steps after the checkpoint (max_steps is no resume key): 400 steps only kept it running till the kill
     run.config_path.write_text(replace(validate(cfg, ws), max_steps=step + 3).to_yaml())
     runs.resume(ws, run, last.name)
-    st = runs.wait(run, timeout=180)
-    assert st["state"] == "finished", (st, run.log_tail())
+    st = jobs.wait(run, timeout=180)
+    assert st.state == "finished", (st, run.log_tail())
     rows, _ = runs.read_metrics(run, 0)
     marker = [r for r in rows if r.get("event") == "resume"]
     after = rows[rows.index(marker[-1]) + 1:]

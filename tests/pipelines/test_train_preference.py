@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from test_train import adapter_tensors, assert_bad_input, tiny_cfg, write_dataset
 
-from pipelines import runs
+from pipelines import jobs, runs
 from pipelines.errors import BadInput
 from pipelines.training import TrainConfig, check_data, list_checkpoints, plan_training, run_training, validate
 from pipelines.training import preference as pref
@@ -302,8 +302,8 @@ def test_orpo_run_through_the_run_folder(ws, tiny_llama_dir):
     """An ORPO run launched like the studio launches one (a job process writing the run folder)."""
     run = runs.launch(ws, pcfg(tiny_llama_dir, objective="orpo", max_steps=3, eval_every=3, save_every=2,
                                learning_rate=5e-3), name="orpo-1")
-    st = runs.wait(run, timeout=300)
-    assert st["state"] == "finished", (st, run.log_tail(30))
+    st = jobs.wait(run, timeout=300)
+    assert st.state == "finished", (st, run.log_tail(30))
     rows, _ = runs.read_metrics(run, 0)
     rows = [r for r in rows if "step" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -9,6 +9,7 @@ import json
 import pytest
 from test_train import tiny_cfg, write_dataset
 
+from pipelines.runs import RunStatus
 from pipelines.training import run_training, verdict
 
 
@@ -44,13 +45,13 @@ def test_trained_run_is_better_and_written(ws, tiny_llama_dir):
     from studio.handlers import train as ht
 
     run = SimpleNamespace(path=ws.runs / "t")
-    shown, chart = ht.verdict_view(run, {"state": "finished"})
+    shown, chart = ht.verdict_view(run, RunStatus(state="finished"))
     assert shown == md and chart["visible"] is True
     fig = chart["value"]  # base vs tuned bars: the validation loss, and each held-out prompt's similarity
     bars = {(tr.name, tr.xaxis): list(tr.y) for tr in fig.data}
     assert bars[("base", "x")] == [v["base"]["loss"]] and bars[("tuned", "x")] == [v["tuned"]["loss"]]
     assert bars[("tuned", "x2")] == [p["tuned_similarity"] for p in v["prompts"]]
-    assert ht.verdict_view(run, {"state": "running"}) == ("", {"__type__": "update", "visible": False})
+    assert ht.verdict_view(run, RunStatus(state="running")) == ("", {"__type__": "update", "visible": False})
     assert ht.verdict_figure({"error": "boom", "verdict": "failed"})["visible"] is False
     from pipelines.export.merge import _model_card
 

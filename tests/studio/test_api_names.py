@@ -231,15 +231,16 @@ def test_chat_edit_export_import_stop_and_a_second_model(studio, tiny_llama_dir,
 def test_export_convert_and_cancel(studio, spm_llama_dir):
     c, _url, ctx = studio
     st = c.predict(str(spm_llama_dir), "f16", "conv", api_name="/export_convert")
-    assert st["state"] == "complete", st
+    assert st["state"] == "finished", st
     assert Path(st["result"]["gguf"]).name == "conv-f16.gguf" and Path(st["result"]["gguf"]).is_file()
-    msg = c.predict(st["id"], api_name="/export_cancel")  # over already: says so
-    assert msg == f"Export job `{st['id']}`: complete"
+    msg = c.predict(st["name"], api_name="/export_cancel")  # over already: says so
+    assert msg == f"Export job `{st['name']}`: finished"
     with pytest.raises(Exception, match="No export is running"):
         c.predict("", api_name="/export_cancel")
 
 
 def test_export_push_from_a_script(studio, hub):
+    from pipelines import jobs
     from pipelines.export import push as pushes
 
     c, _url, ctx = studio
@@ -247,8 +248,8 @@ def test_export_push_from_a_script(studio, hub):
     msg, job, token_field = c.predict("tiny", "ana/script", TOKEN, False, ["gguf"], ["tiny-Q8_0.gguf"],
                                       api_name="/export_push")
     assert "Pushing **tiny** (GGUF files) to `ana/script`" in msg and job and token_field == ""
-    final = list(pushes.wait(ctx.ws, job, timeout=120))[-1]
-    assert final["state"] == "complete", final
+    final = jobs.wait(pushes.queue(ctx.ws).job(job), timeout=120)
+    assert final.state == "finished", final
     assert {"tiny-Q8_0.gguf", "README.md"} <= set(hub.repos["ana/script"].files)
     assert "tiny-f16.gguf" not in hub.repos["ana/script"].files and hub.repos["ana/script"].private
     with pytest.raises(Exception, match="Not a GGUF of 'tiny'"):
@@ -267,7 +268,7 @@ def test_rag_try_sample(studio):
     t0 = time.time()
     while (st := c.predict(job, api_name="/rag_status"))["state"] == "running" and time.time() - t0 < 180:
         time.sleep(0.5)
-    assert st["state"] == "complete", st
+    assert st["state"] == "finished", st
     hits = c.predict("sample-guide", "What does Q4_K_M keep?", 3, "hybrid", api_name="/rag_retrieve")
     assert hits and hits[0]["file"] == "sample_guide.pdf"
     _kb, _table, again, job = c.predict(api_name="/rag_try_sample")

@@ -31,14 +31,14 @@ def test_export_through_gradio_client(tmp_path_factory, spm_llama_dir):
             if st["state"] != "running":
                 break
             time.sleep(0.5)
-        assert st["state"] == "complete", st
+        assert st["state"] == "finished", st
         (row,) = c.predict(api_name="/export_list")
         assert row["name"] == "api" and row["state"] == "complete"
         f16 = Path(st["result"]["ggufs"][0])
         assert f16.name == "api-f16.gguf"
         # one step at a time: each runs as a job and the call returns its final status
         q = c.predict(str(f16), ["Q8_0"], api_name="/export_quantize")
-        assert q["state"] == "complete" and q["result"]["ggufs"] == [str(f16.with_name("api-Q8_0.gguf"))]
+        assert q["state"] == "finished" and q["result"]["ggufs"] == [str(f16.with_name("api-Q8_0.gguf"))]
         v = c.predict(str(f16.with_name("api-Q8_0.gguf")), "", "", "", api_name="/export_validate")
         items = {i["name"]: i for i in v["result"]["items"]}
         assert items["loads"]["ok"] and items["chat_template"]["ok"], items  # HF folder found via export.json

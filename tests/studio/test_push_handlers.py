@@ -74,7 +74,7 @@ def test_push_from_the_export_tab(ctx, hub, workspace):
     msg, job, token_field = hp.start(ctx, "tiny", "ana/studio", TOKEN, False, ["gguf", "merged"], ["tiny-Q8_0.gguf"])
     assert "Pushing **tiny** (merged model, GGUF files) to `ana/studio`" in msg and job and token_field == ""
     job_id, bar, status = _follow(ctx, job)
-    assert job_id == job and "✅ complete" in status and "Created private repository ana/studio" in status
+    assert job_id == job and "✅ finished" in status and "Created private repository ana/studio" in status
     assert f"]({hub.url}/ana/studio)" in status and 'width:100.0%' in bar
     files = set(hub.repos["ana/studio"].files)
     assert {"tiny-Q8_0.gguf", "model.safetensors", "README.md"} <= files and "tiny-f16.gguf" not in files

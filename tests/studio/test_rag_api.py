@@ -34,7 +34,7 @@ def test_rag_through_gradio_client(tmp_path_factory, tmp_path):
             if st["state"] != "running":
                 break
             time.sleep(0.5)
-        assert st["state"] == "complete", st
+        assert st["state"] == "finished", st
         (kb,) = c.predict(api_name="/rag_list")
         assert kb["name"] == "api-kb" and kb["documents"] == 1 and kb["pages"] == len(TOPICS)
         assert [d["name"] for d in c.predict("api-kb", api_name="/rag_documents")] == ["topics.pdf"]

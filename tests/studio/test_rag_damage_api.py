@@ -67,7 +67,7 @@ def test_a_damaged_kb_is_rebuilt_from_a_script(studio):
     c, ctx = studio
     msg, job, _table = c.predict("bad", api_name="/rag_rebuild")
     assert "Rebuilding **bad** from the 2 document(s)" in msg and job
-    assert _wait(c, job)["state"] == "complete"
+    assert _wait(c, job)["state"] == "finished"
     assert sorted(d["name"] for d in c.predict("bad", api_name="/rag_documents")) == ["notes.md", "topics.pdf"]
     assert c.predict("bad", "why does bread rise", 1, "hybrid", api_name="/rag_retrieve")[0]["page"] == 2
     with pytest.raises(Exception, match="not damaged"):

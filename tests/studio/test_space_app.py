@@ -139,7 +139,7 @@ def test_space_with_storage_password_and_restart(tmp_path, tiny_llama_dir):
         run_dir = ws_root / "runs" / "space-run"
         wait_for(lambda: len(list((run_dir / "checkpoints").glob("step-*/COMPLETE"))) >= 2, 180,
                  "two checkpoints")
-        trainer = json.loads((run_dir / "status.json").read_text())["pid"]
+        trainer = json.loads((run_dir / "status.json").read_text())["supervisor_pid"]  # its process group
         kill_group(proc)  # the Space stops: its container goes, the trainer with it
         os.killpg(trainer, signal.SIGKILL)
         assert json.loads((run_dir / "status.json").read_text())["state"] == "running"  # nobody recorded an end

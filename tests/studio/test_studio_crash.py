@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_kill_9_of_the_studio_loses_no_run_and_leaves_no_worker(tmp_path, tiny_llama_dir):
     from gradio_client import Client
 
-    from pipelines import data, runs
+    from pipelines import data, jobs, runs
     from pipelines.workspace import Workspace
     from studio.handlers.train import form_values
     from pipelines.training import TrainConfig
@@ -41,9 +41,9 @@ def test_kill_9_of_the_studio_loses_no_run_and_leaves_no_worker(tmp_path, tiny_l
         Client(url, verbose=False).predict("survivor", *form_values(cfg), api_name="/train_start")
         run = runs.get_run(ws, "survivor")
         t0 = time.time()
-        while run.status().get("state") != "running" and time.time() - t0 < 60:
+        while run.status().state != "running" and time.time() - t0 < 60:
             time.sleep(0.2)
-        trainer = run.status()["pid"]
+        trainer = run.status().pid
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert psutil.Process(trainer).is_running()  # the run goes on without the studio
@@ -52,8 +52,8 @@ def test_kill_9_of_the_studio_loses_no_run_and_leaves_no_worker(tmp_path, tiny_l
                 and time.time() - t0 < 10:
             time.sleep(0.1)
         assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
-        st = runs.wait(run, timeout=240)
-        assert st["state"] == "finished", st
+        st = jobs.wait(run, timeout=240)
+        assert st.state == "finished", st
     finally:
         if proc.poll() is None:
             proc.kill()

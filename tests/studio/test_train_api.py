@@ -11,6 +11,8 @@ import time
 import pytest
 from studio_helpers import launch
 
+from pipelines import runs
+
 
 def form(ctx_base: str, **over):
     from pipelines.training import TrainConfig
@@ -124,9 +126,9 @@ def test_stop_button_follows_the_selected_run(ctx):
     assert ht.poll(ctx, "done", {})[-1]["interactive"] is False
     assert ht.poll(ctx, "live", {})[-1]["interactive"] is True
     assert ht.poll(ctx, "gone", {})[-1]["interactive"] is False
-    assert ht.stop_button({"state": "queued"})["interactive"] is True
+    assert ht.stop_button(runs.RunStatus(state="queued"))["interactive"] is True
     for state in ("stopping", "stopped", "failed", "finished"):
-        assert ht.stop_button({"state": state})["interactive"] is False
+        assert ht.stop_button(runs.RunStatus(state=state))["interactive"] is False
 
 
 def test_monitor_at_step_0_1_and_2(ctx):
@@ -162,8 +164,8 @@ def test_monitor_at_step_0_1_and_2(ctx):
     assert "ETA 2 min" in out[2]  # 1 s per step, 96 to go
     many = [{**row, "step": i, "elapsed": 40.0 + 60.0 * i} for i in range(1, 60)]  # long curves: lines alone
     assert ht._figures(many)[0].data[0].mode == "lines"
-    assert "ETA 41 min" in ht._progress_html({"state": "running"}, many)
-    assert "ETA" not in ht._progress_html({"state": "finished"}, many)
+    assert "ETA 41 min" in ht.progress_html(runs.RunStatus(state="running"), many)
+    assert "ETA" not in ht.progress_html(runs.RunStatus(state="finished"), many)
 
 
 def test_follow_streams_each_step_and_ends_with_the_run(ctx):
