@@ -23,11 +23,13 @@ def studio(tmp_path_factory):
     docs = tmp_path_factory.mktemp("docs")
     notes = docs / "notes.md"
     notes.write_text("# Setup\n\nPlug the router into the wall socket and wait for the green light.\n")
+    faq = docs / "faq.md"
+    faq.write_text("# Lights\n\nA blinking orange light means the router is updating itself.\n")
     pdf = topic_pdf(docs / "topics.pdf")
     ws = Workspace.open(tmp_path_factory.mktemp("e2e-rag-damage") / "ws")
-    for name in ("fine", "broken"):
+    for name, files in (("fine", [pdf, notes, faq]), ("broken", [pdf, notes])):
         rag.create(ws, name)
-        rag.ingest(ws, name, [pdf, notes])
+        rag.ingest(ws, name, files)
     (ws.rag / "broken" / "kb.sqlite").write_bytes(b"not a database " * 100)
     proc, url = start_studio(ws.root, args=["--no-default"])
     yield url
@@ -62,7 +64,8 @@ def test_damaged_kb_is_marked_refused_rebuilt_and_the_other_works(studio, browse
     page.locator("#rag-search").click()
     expect(page.locator("#rag-passages")).to_contain_text("topics.pdf")
     pick(page, "rag-kb", "fine")
-    expect(page.locator("#rag-docs")).to_contain_text("notes.md")
+    # faq.md is fine's alone: once it shows, the pick's update (which also clears the document picker) has landed
+    expect(page.locator("#rag-docs")).to_contain_text("faq.md")
     pick(page, "rag-doc", "notes.md")
     page.locator("#rag-remove").click()
     expect(page.locator("#rag-msg")).to_contain_text("Removed notes.md")
