@@ -296,6 +296,7 @@ def test_a_quantized_base_trains(ws, tiny_llama_dir, bits):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~90-170 s on two cores
 def test_the_embedded_gemma_trains_on_mlx(workspace):
     """The default model on the default Mac path: Gemma 3 270M's HF copy (prepared first: about a minute), two MLX
     steps on one conversation (tens of seconds each on this CPU: mlx[cpu] links the reference BLAS)."""
