@@ -324,7 +324,7 @@ def gemma_cfg(ws):
 @pytest.mark.slow
 def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, spm_llama_dir):
     """The same run trained by torch, by MLX and by MLX on a 4-bit base, each exported from its run folder (merged
-    into the full-precision base, converted, quantized, validated in llama.cpp): every check gives the same outcome
+    into the full-precision base, converted, validated in llama.cpp): every check gives the same outcome
     as for the torch run's GGUF, the fine-tune survived in each, and the model card says how it was trained. (The
     tiny base is random: its greedy text collapses, and the generation check says so for all three alike.)"""
     from pipelines import export as ex
@@ -345,8 +345,8 @@ def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, sp
         losses = []
         res = run_training(cfg, run, lambda r: losses.append(r["loss"]), ws=workspace, log=lambda _m: None)
         assert res.state == "finished" and losses[-1] < losses[0] - 0.1, (name, losses)
-        result = ex.export(workspace, ex.ExportRequest(source=str(run), outtypes=["f16"], quants=["Q8_0"],
-                                                       validate=True))
+        # f16 alone: a quantized copy's rows would add time, not coverage (the quantizer is the torch run's too)
+        result = ex.export(workspace, ex.ExportRequest(source=str(run), outtypes=["f16"], quants=[], validate=True))
         outcomes[name] = [{i.name: i.ok for i in v.items} for v in result.validations]
         for v in result.validations:
             item = next(i for i in v.items if i.name == "finetune_survived")

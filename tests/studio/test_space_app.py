@@ -241,6 +241,7 @@ def test_space_hugging_face_login_admits_only_the_owner(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 70-170 s: installs torch & co. into a new venv (tests/test_space_files.py checks the lists)
 def test_a_fresh_venv_from_requirements_alone_runs_the_space(tmp_path):
     """What a Space installs, and nothing else: a new venv with `pip install -r requirements.txt` (pip's caches,
     and llama-cpp-python's wheel from scripts/setup.sh's cache when it was built here - else it compiles, ~7 min),
