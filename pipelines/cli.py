@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import studio_cmd
 from .errors import MacTunerError
@@ -166,7 +167,6 @@ def _add_training(sub) -> None:
         if not a.config:
             print("mactuner train: give a CONFIG.yaml (or --example to get one)", file=sys.stderr)
             return 2
-        from pathlib import Path  # noqa: PLC0415
 
         from . import multinode, runs  # noqa: PLC0415
         from .training import TrainConfig  # noqa: PLC0415
@@ -351,8 +351,6 @@ def _add_rag(sub) -> None:
         return 0
 
     def _ingest(a):
-        from pathlib import Path  # noqa: PLC0415
-
         from . import rag  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
 
@@ -374,8 +372,6 @@ def _add_rag(sub) -> None:
         return 0
 
     def _ask(a):
-        from pathlib import Path  # noqa: PLC0415
-
         from . import models, rag  # noqa: PLC0415
         from .chat import ChatParams  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
