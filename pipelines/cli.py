@@ -38,7 +38,6 @@ from pathlib import Path
 
 from . import studio_cmd
 from .errors import MacTunerError
-from .studio_cmd import check_exposure  # noqa: F401 - its home was here
 
 
 def main(argv: list[str] | None = None) -> int:

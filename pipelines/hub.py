@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .errors import BadInput, MacTunerError, NotFound, Unauthorized, Unavailable
 from .models import ProgressFn, no_progress, weight_format
-from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
 from .workspace import human_bytes
 
 

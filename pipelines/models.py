@@ -24,8 +24,7 @@ import psutil
 from . import device as devicemod
 from .errors import BadInput, NotFound
 from .progress import ProgressFn, no_progress
-from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
-from .templates import GEMMA_CHAT_TEMPLATE  # noqa: F401 - re-exported
+from .templates import GEMMA_CHAT_TEMPLATE
 from .workspace import Workspace, atomic_dir, dir_size, human_bytes, write_json
 
 DEFAULT_NAME = "gemma-3-270m (embedded default)"
