@@ -34,10 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import studio_cmd
 from .errors import MacTunerError
-from .studio_cmd import check_exposure  # noqa: F401 - its home was here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +166,6 @@ def _add_training(sub) -> None:
         if not a.config:
             print("mactuner train: give a CONFIG.yaml (or --example to get one)", file=sys.stderr)
             return 2
-        from pathlib import Path  # noqa: PLC0415
 
         from . import multinode, runs  # noqa: PLC0415
         from .training import TrainConfig  # noqa: PLC0415
@@ -351,8 +350,6 @@ def _add_rag(sub) -> None:
         return 0
 
     def _ingest(a):
-        from pathlib import Path  # noqa: PLC0415
-
         from . import rag  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415
 
@@ -374,8 +371,6 @@ def _add_rag(sub) -> None:
         return 0
 
     def _ask(a):
-        from pathlib import Path  # noqa: PLC0415
-
         from . import models, rag  # noqa: PLC0415
         from .chat import ChatParams  # noqa: PLC0415
         from .workspace import Workspace  # noqa: PLC0415

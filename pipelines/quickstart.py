@@ -9,6 +9,7 @@ stage's machinery (its run is in the run history like any other), after which th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,6 @@ def ensure_dataset(ws: Workspace) -> str:
 
 def wait_for_hf_copy(ws: Workspace, progress=lambda f, m: None, timeout: float = 1800.0) -> Path:
     """The default model's HF copy, prepared in its own process if it is not (or is being) prepared."""
-    import time  # noqa: PLC0415
 
     from .errors import MacTunerError  # noqa: PLC0415
 

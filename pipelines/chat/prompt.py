@@ -13,7 +13,7 @@ from ..templates import PLAIN_CHAT_TEMPLATE, PLAIN_STOP
 from .params import ROLES, ChatParams, ContextTooLong, RenderedPrompt
 
 
-def _check_loaded(lm: LoadedModel) -> None:
+def check_loaded(lm: LoadedModel) -> None:
     if lm is None:
         raise NotFound("No model is loaded (it may have been unloaded); load one in the Model tab.")
     lm.ensure_loaded()
@@ -23,20 +23,20 @@ def chat_template_of(lm: LoadedModel, adapter: str | None = None) -> tuple[str, 
     """(template text, where it comes from) - what `stream_chat` renders prompts with, for the UI to show: the
     adapter's training template when it carries one, the model's own, else the plain fallback (see
     pipelines.chat)."""
-    _check_loaded(lm)
+    check_loaded(lm)
     return lm.backend.chat_template(adapter)
 
 
 def context_window(lm: LoadedModel) -> int:
     """Tokens the model can attend to here: llama.cpp's n_ctx as loaded, or the HF config's positions."""
-    _check_loaded(lm)
+    check_loaded(lm)
     return lm.backend.context_window()
 
 
 def tokenize(lm: LoadedModel, text: str) -> list[int]:
     """Token ids of a rendered prompt: special-token text is parsed, and a BOS is added only when the model wants
     one and the template did not write it already (no double BOS)."""
-    _check_loaded(lm)
+    check_loaded(lm)
     return lm.backend.tokenize(text)
 
 
@@ -104,7 +104,7 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
     answer's max_new_tokens is then lowered to what is left if needed (with a note). Trimming drops whole turns from
     the start and restarts the history at a user message; the system prompt stays. A last message that does not fit
     on its own (with the system prompt) is BadInput."""
-    _check_loaded(lm)
+    check_loaded(lm)
     params = (params or ChatParams()).validated()
     system, turns = _split(normalize_messages(messages), params)
     backend = lm.backend
@@ -165,7 +165,7 @@ def build_prompt(lm: LoadedModel, messages: list[dict], params: ChatParams | Non
 
 def raw_prompt(lm: LoadedModel, text: str, params: ChatParams | None = None) -> RenderedPrompt:
     """A prompt that is `text` as given (BOS added when the model wants one), fitted to the context window."""
-    _check_loaded(lm)
+    check_loaded(lm)
     params = (params or ChatParams()).validated()
     if not isinstance(text, str) or not text:
         raise BadInput("The prompt must be non-empty text.")

@@ -15,7 +15,7 @@ from typing import Iterator
 from ..models import LoadedModel
 from ..serving.backend import Delta, Generation, ModelBackend, PromptEval
 from .params import ChatChunk, ChatParams, ChatResult, RenderedPrompt
-from .prompt import _check_loaded, build_prompt, raw_prompt
+from .prompt import build_prompt, check_loaded, raw_prompt
 
 
 def model_lock(lm: LoadedModel) -> threading.Lock:
@@ -60,7 +60,7 @@ class _Answer:
                          prompt_evaluated=pe.evaluated if pe else None, prompt_eval_s=pe.seconds if pe else None)
 
 
-def _hold_back(text: str, stops: list[str]) -> int:
+def hold_back(text: str, stops: list[str]) -> int:
     """Length of the longest end of `text` that could begin one of `stops` (kept until the next delta)."""
     best = 0
     for s in stops:
@@ -103,7 +103,7 @@ def stream_rendered(lm: LoadedModel, prompt: RenderedPrompt, params: ChatParams 
 
 
 def _checked(lm: LoadedModel, params: ChatParams | None) -> ChatParams:
-    _check_loaded(lm)
+    check_loaded(lm)
     p = (params or ChatParams()).validated()
     lm.backend.check_adapter(p.adapter)  # an unknown adapter (or a model that takes none) fails before anything
     return p
@@ -133,7 +133,7 @@ def _drive(lm: LoadedModel, prompt: RenderedPrompt, p: ChatParams, stop: threadi
         if stop.is_set():
             yield answer.chunk("", "stopped")
             return
-        _check_loaded(lm)  # unloaded, or its adapter detached, while this answer waited
+        check_loaded(lm)  # unloaded, or its adapter detached, while this answer waited
         lm.backend.check_adapter(p.adapter)
         if prompt.notes:
             yield answer.chunk("", note="; ".join(prompt.notes))
@@ -159,7 +159,7 @@ def _stream_text(backend: ModelBackend, prompt: RenderedPrompt, generation: Gene
                 if hits:
                     pending, finish = pending[:min(hits)], "stop"
                     break
-                keep = _hold_back(pending, prompt.stop)
+                keep = hold_back(pending, prompt.stop)
             out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
             if out:
                 yield answer.chunk(out)

@@ -13,8 +13,8 @@ import pandas as pd
 
 from ..errors import BadInput
 from .explore import TokenCounter, as_counter, token_lengths
-from .map import Mapping, _blank
-from .read import _CONTROL_RE, _USPACE_RE, _WS, ProgressFn, _noop
+from .map import Mapping, blank_cells
+from .read import CONTROL_RE, SPACE_CLASS, USPACE_RE, ProgressFn, no_progress
 
 
 @dataclass
@@ -41,7 +41,7 @@ class StepReport:
 
 def _report(name: str, before: pd.DataFrame, after: pd.DataFrame, **detail) -> StepReport:
     gone = before.loc[before.index.difference(after.index)].head(3)
-    examples = [{"_row": _jsonable(i), **{str(c): (v[:200] if isinstance(v, str) else None) for c, v in r.items()}}
+    examples = [{"_row": jsonable(i), **{str(c): (v[:200] if isinstance(v, str) else None) for c, v in r.items()}}
                 for i, r in zip(gone.index, gone.to_dict("records"))]
     if len(before) and not len(after):
         detail["all_removed"] = True
@@ -62,7 +62,7 @@ def handle_missing(df: pd.DataFrame, columns: Sequence[str] | None = None, actio
     """Missing = NaN or empty/whitespace-only text. action "drop": drop rows missing any of `columns` (default all);
     "fill": put `fill_value` in those cells instead."""
     cols = _columns(df, columns)
-    blank = pd.DataFrame({c: _blank(df[c]) for c in cols}, index=df.index)
+    blank = pd.DataFrame({c: blank_cells(df[c]) for c in cols}, index=df.index)
     per_col = {c: int(blank[c].sum()) for c in cols}
     if action == "drop":
         out = df[~blank.any(axis=1)]
@@ -77,7 +77,7 @@ def handle_missing(df: pd.DataFrame, columns: Sequence[str] | None = None, actio
 
 def _near_key(s: pd.Series) -> pd.Series:
     # replace only runs and non-space whitespace: replacing every single space with itself is slow
-    return s.fillna("").astype(str).str.lower().str.replace(f"{_WS}{{2,}}|[\t\n\r\f\v]", " ", regex=True).str.strip()
+    return s.fillna("").astype(str).str.lower().str.replace(f"{SPACE_CLASS}{{2,}}|[\t\n\r\f\v]", " ", regex=True).str.strip()
 
 
 def drop_duplicates(df: pd.DataFrame, columns: Sequence[str] | None = None,
@@ -92,8 +92,8 @@ def drop_duplicates(df: pd.DataFrame, columns: Sequence[str] | None = None,
 
 def _normalize(s: pd.Series) -> pd.Series:
     t = s.astype(str) if s.dtype == object else s
-    t = t.str.replace("\r\n?", "\n", regex=True).str.replace(_CONTROL_RE, "", regex=True)
-    t = t.str.replace(_USPACE_RE, " ", regex=True).str.replace("[ \t]+\n", "\n", regex=True)
+    t = t.str.replace("\r\n?", "\n", regex=True).str.replace(CONTROL_RE, "", regex=True)
+    t = t.str.replace(USPACE_RE, " ", regex=True).str.replace("[ \t]+\n", "\n", regex=True)
     t = t.str.replace("\n{3,}", "\n\n", regex=True).str.strip()
     wide = ~t.fillna("").str.isascii().to_numpy(dtype=bool)  # NFC can only change non-ASCII text
     if wide.any():
@@ -116,7 +116,7 @@ def normalize_text(df: pd.DataFrame, columns: Sequence[str] | None = None) -> tu
 
 def filter_token_length(df: pd.DataFrame, counter, mapping: Mapping, min_tokens: int = 0,
                         max_tokens: int | None = None, train_max_length: int | None = None,
-                        progress: ProgressFn = _noop) -> tuple[pd.DataFrame, StepReport]:
+                        progress: ProgressFn = no_progress) -> tuple[pd.DataFrame, StepReport]:
     """Drop rows whose total content tokens are < min_tokens or > max_tokens (batch tokenization); report how many
     of the kept rows are longer than `train_max_length` (training would cut them)."""
     lengths = token_lengths(df, mapping, counter, progress)["total_tokens"]
@@ -134,7 +134,7 @@ def filter_token_length(df: pd.DataFrame, counter, mapping: Mapping, min_tokens:
     return out, _report("token length", df, out, **detail)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, TokenCounter):
         return v.name
     if isinstance(v, Mapping):
@@ -142,9 +142,9 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if v is None or isinstance(v, (str, int, float, bool)):
         return v
     return str(getattr(v, "name_or_path", "") or type(v).__name__)
@@ -183,7 +183,7 @@ class Cleaner:
     def apply(self, step: Callable[..., tuple[pd.DataFrame, StepReport]], /, **params) -> StepReport:
         df, report = step(self.df, **params)
         self._states.append(df)
-        self._steps.append(AppliedStep(step.__name__, {k: _jsonable(v) for k, v in params.items()
+        self._steps.append(AppliedStep(step.__name__, {k: jsonable(v) for k, v in params.items()
                                                        if k != "progress"}, report))
         return report
 

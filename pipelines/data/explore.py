@@ -17,8 +17,8 @@ import pandas as pd
 from ..errors import BadInput, NotFound
 from ..templates import FALLBACK_CHAT_TEMPLATE, TemplateTimeout, bounded, reply_spans
 from ..workspace import Workspace
-from .map import Mapping, _blank, _conversations, _system_series, _user_series, validate_mapping
-from .read import _WS, ProgressFn, _noop
+from .map import Mapping, blank_cells, row_conversations, system_series, user_series, validate_mapping
+from .read import SPACE_CLASS, ProgressFn, no_progress
 
 PREVIEW_CSS = (".mt-preview{white-space:pre-wrap;font-family:monospace;line-height:1.6}"
                ".mt-trained{background:#c8f7c5}.mt-masked{background:#eee;color:#777}")
@@ -66,7 +66,7 @@ class TokenCounter:
             return [len(e) for e in enc(texts, add_special_tokens=False)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def count(self, texts: Iterable[str | None], progress: ProgressFn = _noop) -> np.ndarray:
+    def count(self, texts: Iterable[str | None], progress: ProgressFn = no_progress) -> np.ndarray:
         texts = ["" if t is None or (isinstance(t, float) and t != t) else t for t in texts]
         cache = self._cache
         todo = [t for t in dict.fromkeys(texts) if t not in cache]
@@ -93,21 +93,21 @@ def _turns(df: pd.DataFrame, m: Mapping) -> tuple[np.ndarray, np.ndarray, list[s
         return n, np.ones(len(df), bool), df[m.text].fillna("").astype(str).tolist()
     if m.format in ("messages", "sharegpt"):
         rows, trained, texts = [], [], []
-        for i, conv in enumerate(_conversations(df, m)):
+        for i, conv in enumerate(row_conversations(df, m)):
             for x in conv:
                 rows.append(i)
                 trained.append(x["role"] == "assistant" and x.get("loss_weight", 1.0) != 0)
                 texts.append(x["content"])
         return np.array(rows, dtype=np.int64), np.array(trained, dtype=bool), texts
-    parts = [(_user_series(df, m), False), (df[m.response].fillna("").astype(str), True)]
-    system = _system_series(df, m)
+    parts = [(user_series(df, m), False), (df[m.response].fillna("").astype(str), True)]
+    system = system_series(df, m)
     if system is not None:
         parts.insert(0, (system.fillna(""), False))
     return (np.concatenate([n] * len(parts)), np.concatenate([np.full(len(df), t) for _, t in parts]),
             [x for s, _ in parts for x in s.tolist()])
 
 
-def token_lengths(df: pd.DataFrame, mapping: Mapping, tokenizer, progress: ProgressFn = _noop) -> pd.DataFrame:
+def token_lengths(df: pd.DataFrame, mapping: Mapping, tokenizer, progress: ProgressFn = no_progress) -> pd.DataFrame:
     """Per row: prompt/response/total tokens (content only) and characters; index = df.index."""
     rows, trained, texts = _turns(df, mapping)
     counts = as_counter(tokenizer).count(texts, progress).astype(float)
@@ -129,7 +129,7 @@ def _column_type(s: pd.Series) -> str:
         return "empty"
     if pd.to_numeric(v.head(100), errors="coerce").notna().all() and pd.to_numeric(v, errors="coerce").notna().all():
         return "number"
-    if v.astype(str).str.match(f"{_WS}*[\\[{{]").all():
+    if v.astype(str).str.match(f"{SPACE_CLASS}*[\\[{{]").all():
         return "json"
     return "text"
 
@@ -140,7 +140,7 @@ def column_summary(df: pd.DataFrame, examples: int = 3) -> pd.DataFrame:
     rows = []
     for c in df.columns:
         s = df[c]
-        filled = s[~_blank(s)]
+        filled = s[~blank_cells(s)]
         uniq = filled.unique()
         rows.append({"column": str(c), "type": _column_type(filled), "non_null": len(filled),
                      "missing": len(s) - len(filled), "unique": len(uniq), "duplicates": len(filled) - len(uniq),

@@ -134,7 +134,7 @@ def media_columns(df: pd.DataFrame) -> dict[str, int]:
     out = {}
     for c in df.columns:
         s = df[c]
-        filled = ~_blank(s) & ~s.fillna("").astype(str).str.strip().isin(["[]", "{}", "null", "None"])
+        filled = ~blank_cells(s) & ~s.fillna("").astype(str).str.strip().isin(["[]", "{}", "null", "None"])
         if not filled.any():
             continue
         if str(c).lower() in MEDIA_COLUMNS or s[filled].astype(str).str.contains(_BINARY_RE, regex=True).any():
@@ -223,25 +223,25 @@ class Conversion:
                 "undesirable": self.undesirable, "placeholders": self.placeholders, "tool_rows": self.tool_rows}
 
 
-def _blank(s: pd.Series) -> pd.Series:
+def blank_cells(s: pd.Series) -> pd.Series:
     return s.isna() | s.fillna("").astype(str).str.strip().eq("")
 
 
-def _system_series(df: pd.DataFrame, m: Mapping) -> pd.Series | None:
+def system_series(df: pd.DataFrame, m: Mapping) -> pd.Series | None:
     if not m.system and not m.system_prompt:
         return None
     if not m.system:
         return pd.Series(m.system_prompt, index=df.index, dtype=str)
     s = df[m.system].astype(str)
-    return s.where(~_blank(df[m.system]), m.system_prompt)
+    return s.where(~blank_cells(df[m.system]), m.system_prompt)
 
 
-def _user_series(df: pd.DataFrame, m: Mapping) -> pd.Series:
+def user_series(df: pd.DataFrame, m: Mapping) -> pd.Series:
     p = df[m.prompt].fillna("").astype(str)
     if not m.input:
         return p
     inp = df[m.input]
-    return p.where(_blank(inp), p + "\n\n" + inp.fillna("").astype(str))
+    return p.where(blank_cells(inp), p + "\n\n" + inp.fillna("").astype(str))
 
 
 def _json(cell: Any) -> Any:
@@ -361,7 +361,7 @@ def _prompt_turns(df: pd.DataFrame, m: Mapping, system: list[str]) -> list:
     if m.format in ("messages", "sharegpt"):
         cells = df[m.messages].tolist() if m.messages else [None] * len(df)
         return [("cell", c, s) for c, s in zip(cells, system)]
-    return [("user", u, s) for u, s in zip(_user_series(df, m).tolist(), system)]
+    return [("user", u, s) for u, s in zip(user_series(df, m).tolist(), system)]
 
 
 def _row_label(i) -> Any:
@@ -381,7 +381,7 @@ def convert(df: pd.DataFrame, mapping: Mapping) -> Conversion:
         conv.per_row.append(None)
 
     if m.kind == "text":
-        for i, t, blank in zip(df.index, df[m.text].tolist(), _blank(df[m.text]).tolist()):
+        for i, t, blank in zip(df.index, df[m.text].tolist(), blank_cells(df[m.text]).tolist()):
             if blank:
                 drop(i, "have no text")
             else:
@@ -389,7 +389,7 @@ def convert(df: pd.DataFrame, mapping: Mapping) -> Conversion:
                 conv.per_row.append(conv.rows[-1])
         count_placeholders(conv)
         return conv
-    sys_series = _system_series(df, m)
+    sys_series = system_series(df, m)
     system = sys_series.fillna("").tolist() if sys_series is not None else [""] * len(df)
     prompts = _prompt_turns(df, m, system)
     tools = df[m.tools].tolist() if m.tools else [None] * len(df)
@@ -469,7 +469,7 @@ def to_messages(df: pd.DataFrame, mapping: Mapping) -> list[list[dict]]:
     return [r["messages"] for r in (chosen_as_sft(rows) if mapping.kind == "preference" else rows)]
 
 
-def _conversations(df: pd.DataFrame, m: Mapping) -> list[list[dict]]:
+def row_conversations(df: pd.DataFrame, m: Mapping) -> list[list[dict]]:
     """One conversation per df row, in order ([] for a row that cannot be used): for token counts per row."""
     out = []
     for row in convert(df, m).per_row:

@@ -20,16 +20,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..errors import BadInput, NotFound
+from ..progress import ProgressFn, no_progress
 from ..workspace import human_bytes
-
-ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
-
 
 MAX_BYTES = 500 * 1024 * 1024
 
@@ -53,20 +51,16 @@ DELIMITERS = ",;\t|"
 
 # Patterns written without \s, \w or \u escapes (literal characters instead) so that pandas runs them in pyarrow's
 # RE2 engine instead of falling back to Python's re, cell by cell (~10x slower).
-_WS = "[ \t\n\r\f\v]"
+SPACE_CLASS = "[ \t\n\r\f\v]"
 
 
-_FORMULA_RE = f"^{_WS}*(?:[=@]|[+\\-][A-Za-z0-9_.]*[(!|])"  # =..., @..., +cmd|..., -SUM(: spreadsheet formula-like
+_FORMULA_RE = f"^{SPACE_CLASS}*(?:[=@]|[+\\-][A-Za-z0-9_.]*[(!|])"  # =..., @..., +cmd|..., -SUM(: spreadsheet formula-like
 
 
-_CONTROL_RE = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]"  # control characters but \t \n (\r: see _normalize)
+CONTROL_RE = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]"  # control characters but \t \n (\r: see _normalize)
 
 
-_USPACE_RE = "[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"  # unicode spaces -> plain space
-
-
-def _noop(_f: float, _m: str) -> None:
-    pass
+USPACE_RE = "[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"  # unicode spaces -> plain space
 
 
 @dataclass
@@ -93,7 +87,7 @@ class ReadResult:
                 "delimiter": self.delimiter, "rows": self.n_rows, "cols": self.n_cols, "size_bytes": self.size_bytes}
 
 
-def read_table(path: str | os.PathLike, max_bytes: int = MAX_BYTES, progress: ProgressFn = _noop,
+def read_table(path: str | os.PathLike, max_bytes: int = MAX_BYTES, progress: ProgressFn = no_progress,
                encoding: str | None = None, text_mode: str = "auto", header: bool = True) -> ReadResult:
     """Read a data file into a text-only DataFrame; BadInput (one plain line) for anything unusable. `encoding`
     (a codec name; None or "auto": detected) overrides the detection for text files; `text_mode` is for .txt;

@@ -16,9 +16,9 @@ from typing import Sequence
 
 from ..errors import BadInput, Conflict, NotFound
 from ..workspace import Workspace, atomic_dir
-from .clean import Cleaner, _jsonable
+from .clean import Cleaner, jsonable
 from .map import Conversion, Mapping
-from .read import ProgressFn, ReadResult, _noop
+from .read import ProgressFn, ReadResult, no_progress
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -97,7 +97,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def save_dataset(ws: Workspace, name: str, rows: Sequence[dict | list], meta: dict | None = None,
                  val_ratio: float = 0.1, val_count: int | None = None, seed: int = 0,
-                 progress: ProgressFn = _noop) -> DatasetVersion:
+                 progress: ProgressFn = no_progress) -> DatasetVersion:
     """Write rows as the next version of `name`: train.jsonl / validation.jsonl / meta.json, atomically.
 
     The split is a seeded shuffle; `val_count` (when given) wins over `val_ratio`. Never overwrites; BadInput for
@@ -139,7 +139,7 @@ def save_dataset(ws: Workspace, name: str, rows: Sequence[dict | list], meta: di
                              "split": {"val_ratio": val_ratio if val_count is None else None,
                                        "val_count": val_count, "seed": seed}}
                 with open(tmp / "meta.json", "w", encoding="utf-8") as fh:
-                    json.dump(_jsonable(full_meta), fh, indent=2, ensure_ascii=False)
+                    json.dump(jsonable(full_meta), fh, indent=2, ensure_ascii=False)
             break
         except Conflict:  # another save took this number meanwhile: take the next
             continue

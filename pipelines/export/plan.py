@@ -122,7 +122,7 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
     for t in outtypes:
         if t not in OUTTYPES:
             raise BadInput(f"outtype must be one of {', '.join(OUTTYPES)}, not {t!r}.")
-    from ..models import llama_cpp_module  # noqa: PLC0415
+    from ..serving.llamacpp import llama_cpp_module  # noqa: PLC0415
 
     llama_cpp = llama_cpp_module()
     for q in quants:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -421,8 +422,6 @@ def add_cli(sub) -> None:
 
 
 def _cli(a) -> int:
-    import sys  # noqa: PLC0415
-
     from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
 
     disable_progress_bars()

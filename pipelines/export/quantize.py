@@ -23,7 +23,7 @@ def _ftype(llama_cpp, qtype: str) -> int:
 
 def _quantize_file(src: Path, dst: Path, ftype: int, nthread: int) -> int:
     """One llama_model_quantize call (module-level so tests can simulate a crash)."""
-    from ..models import llama_cpp_module  # noqa: PLC0415
+    from ..serving.llamacpp import llama_cpp_module  # noqa: PLC0415
 
     llama_cpp = llama_cpp_module()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -43,7 +43,7 @@ def quantize(gguf_in: str | os.PathLike, types: list[str], progress: ProgressFn 
     Tensors whose rows are not a multiple of the K-quant block (256) fall back to a legacy type (Q5_0 / Q8_0):
     llama.cpp does that itself; `tensor_types(path)` shows what each file really holds."""
     from .. import device as devicemod  # noqa: PLC0415
-    from ..models import llama_cpp_module  # noqa: PLC0415
+    from ..serving.llamacpp import llama_cpp_module  # noqa: PLC0415
 
     src = Path(gguf_in)
     if not src.is_file():

@@ -18,10 +18,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .. import jobs
 from ..errors import BadInput, Conflict
+from ..progress import ProgressFn, no_progress
 from ..workspace import Workspace, sha256_file, write_json
 from . import index
 from .chunk import chunk_document
@@ -29,7 +29,6 @@ from .embed import embedder
 from .extract import MAX_SECONDS, extract, kind_of
 from .store import KB, DamagedKB, ingest_queue, open_kb, prepare_rebuild
 
-ProgressFn = Callable[..., None]  # (fraction, message, **fields)
 BATCH = 512  # chunks per encode call (sentence-transformers sorts each call by length: fewer pads)
 MAX_DOCUMENT_SECONDS = 900.0  # reading, cutting and embedding one document
 
@@ -62,11 +61,7 @@ class IngestReport:
         return ". ".join(bits)
 
 
-def _noop(*_a, **_k) -> None:
-    pass
-
-
-def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = _noop, embedder_name: str | None = None,
+def ingest(ws: Workspace, kb_name: str, files: list, progress: ProgressFn = no_progress, embedder_name: str | None = None,
            passwords: dict | None = None) -> IngestReport:
     """Add `files` (paths, or {"path", "name", "password"} dicts) to the knowledge base. A document that cannot be
     used is reported in `failed` with its reason; one already there (same content) in `skipped`. `embedder_name`,
@@ -210,7 +205,7 @@ def start(ws: Workspace, kb_name: str, files: list[dict], embedder_name: str | N
                            kb=kb.name, documents=len(files), documents_done=0, pages_done=0, chunks_done=0)
 
 
-def rebuild(ws: Workspace, kb_name: str, progress: ProgressFn = _noop) -> IngestReport:
+def rebuild(ws: Workspace, kb_name: str, progress: ProgressFn = no_progress) -> IngestReport:
     """Make a knowledge base again from the documents it keeps (store.prepare_rebuild), in this process (the CLI)."""
     kb, docs = prepare_rebuild(ws, kb_name)
     if docs:

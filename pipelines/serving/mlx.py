@@ -23,6 +23,7 @@ import gc
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -254,7 +255,6 @@ class MLXBackend(ModelBackend):
 
 def load_mlx(path: Path, name: str | None = None, trust_remote_code: bool = False):
     """An HF folder loaded by mlx-lm (bfloat16 on the Apple GPU, float32 on a CPU) as a LoadedModel."""
-    import time  # noqa: PLC0415
 
     import mlx.core as mx  # noqa: PLC0415
     from mlx.utils import tree_flatten  # noqa: PLC0415

@@ -14,11 +14,11 @@ from ..models import (
     DEFAULT_NAME,
     LoadedModel,
     ProgressFn,
-    _noop,
-    _rss,
-    _single_gguf,
     ensure_default_gguf,
+    no_progress,
+    process_rss,
     resolve_source,
+    single_gguf,
     start_default_hf_materialization,
 )
 from ..workspace import Workspace
@@ -53,7 +53,7 @@ class ModelRegistry:
         return self._loading
 
     def load(self, source: str, ws: Workspace | None = None, trust_remote_code: bool = False,
-             name: str | None = None, progress: ProgressFn = _noop, replace: bool = True,
+             name: str | None = None, progress: ProgressFn = no_progress, replace: bool = True,
              current: bool = True, backend: str = "auto") -> LoadedModel:
         """Load a GGUF file or HF folder (or a downloaded Hub id) and make it current. `replace` unloads the
         previous current model (memory is shared); replace=False keeps it loaded beside (to compare two models,
@@ -66,7 +66,7 @@ class ModelRegistry:
             self._loading = path.name
             progress(0.1, f"Loading {path.name}...")
             if path.is_dir() and not (path / "config.json").exists():
-                path = _single_gguf(path)
+                path = single_gguf(path)
             if name is None and ws is not None and path.resolve() == models.default_hf_path(ws).resolve():
                 name = models.DEFAULT_HF_NAME  # not "hf", its folder's name
             if path.is_file():
@@ -124,7 +124,7 @@ class ModelRegistry:
             lm = self._models.get(name) if name else None
         if lm is None:
             raise NotFound("No model is loaded.")
-        before = _rss()
+        before = process_rss()
         if not lm.lock.acquire(timeout=30):  # never free a model mid-answer
             raise Conflict(f"{name} is answering a chat; stop it (Chat tab) before unloading the model.")
         try:
@@ -136,14 +136,14 @@ class ModelRegistry:
             self._free(lm)
         finally:
             lm.lock.release()
-        after = _rss()
+        after = process_rss()
         return {"unloaded": name, "rss_before": before, "rss_after": after, "released": max(0, before - after)}
 
 
 REGISTRY = ModelRegistry()
 
 
-def load_default(ws: Workspace, registry: ModelRegistry = REGISTRY, progress: ProgressFn = _noop) -> LoadedModel:
+def load_default(ws: Workspace, registry: ModelRegistry = REGISTRY, progress: ProgressFn = no_progress) -> LoadedModel:
     """Make the embedded default model current (GGUF via llama.cpp); assemble it first if needed."""
     path = ensure_default_gguf(ws, progress)
     return registry.load(str(path), ws, name=DEFAULT_NAME, progress=progress)

@@ -9,6 +9,7 @@ An error never fails the run: it is logged and written into verdict.json instead
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import time
 from pathlib import Path
@@ -167,8 +168,6 @@ def after_training(run_dir, log: Callable[[str], None], cfg=None, ws=None, compa
 
 
 def read_verdict(run_dir) -> dict | None:
-    import json  # noqa: PLC0415
-
     path = Path(run_dir) / VERDICT_FILE
     try:
         return json.loads(path.read_text())

@@ -299,9 +299,9 @@ def test_frequency_and_presence_penalties_on_both_backends(any_lm):
 
 
 def test_hold_back():
-    assert chat._hold_back("abc\nUs", ["\nUser:"]) == 3
-    assert chat._hold_back("abc", ["\nUser:"]) == 0
-    assert chat._hold_back("ab\n", ["\nUser:", "b\nX"]) == 2
+    assert chat.hold_back("abc\nUs", ["\nUser:"]) == 3
+    assert chat.hold_back("abc", ["\nUser:"]) == 0
+    assert chat.hold_back("ab\n", ["\nUser:", "b\nX"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------- history

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import check_exposure
+from pipelines.studio_cmd import check_exposure
 
 ROOT = Path(__file__).resolve().parents[2]
 

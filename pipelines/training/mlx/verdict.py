@@ -6,7 +6,9 @@ argmax sampler; for DPO / ORPO runs the preference accuracy and margins (common.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -18,9 +20,6 @@ from .model import adapter_disabled
 
 
 def _eos_ids(tok, model_dir) -> set[int]:
-    import json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen = Path(model_dir) / "generation_config.json"
     if gen.is_file():
