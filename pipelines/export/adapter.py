@@ -3,13 +3,15 @@
 GGUF - a few MB instead of a second copy of the model.
 
     from pipelines.export.adapter import adapter_gguf, adapter_problem
-    adapter_problem(run_dir / "adapter")          # None, or why llama.cpp cannot apply it (DoRA, whole modules...)
+    adapter_problem(run_dir / "adapter", base_dir)  # None, or why llama.cpp cannot apply it (DoRA, whole modules...)
     adapter_gguf(run_dir / "adapter", base_dir, out_dir / "my-run-lora.gguf")   # -> the file, written atomically
 
 The tensors are named by llama.cpp's own converter (lora_child.py runs in a subprocess with the converter on its
 path, like convert.py), so the file fits the base GGUF that converter writes: general.type = adapter,
-adapter.type = lora, adapter.lora.alpha, <tensor>.lora_a / .lora_b. An export writes it with the base's GGUF and a
-Modelfile in exports/<name>/lora-gguf/ and validates it on that base (validate.py).
+adapter.type = lora, adapter.lora.alpha, <tensor>.lora_a / .lora_b. Rows of the token embedding the adapter trained
+outright (PEFT's trainable tokens) go in as a token_embd pair - unless the model's output layer is tied to the
+embedding (Gemma), which llama.cpp cannot apply such a pair to (lora_child.TIED_ROWS). An export writes the file with
+the base's GGUF and a Modelfile in exports/<name>/lora-gguf/ and validates it on that base (validate.py).
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from ..errors import BadInput, Conflict, NotFound
 from ..workspace import human_bytes
 from .common import ExportFailed, ProgressFn, _is_gguf, _noop, _tail
 from .convert import _converter_env, converter_dir
+from .lora_child import TIED_ROWS, tied_head
 
 LORA_FOLDER = "lora-gguf"  # exports/<name>/lora-gguf/: the base GGUF, the LoRA GGUF, its Modelfile and validation
 OUTTYPES = ("f32", "f16")
 CHILD = Path(__file__).with_name("lora_child.py")
+REFUSAL = "This adapter cannot be written as a llama.cpp LoRA GGUF: "
 
 
-def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
-    """Why this PEFT adapter cannot become a llama.cpp LoRA (read from adapter_config.json, nothing loaded), or None
-    when it can as far as its config tells (the tensor names are checked when the file is written)."""
+def adapter_problem(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> str | None:
+    """Why this PEFT adapter cannot become a llama.cpp LoRA (read from adapter_config.json and, given `base_dir`, the
+    base model's config; nothing loaded), or None when it can as far as they tell (the tensors are checked when the
+    file is written)."""
     adapter_dir = Path(adapter_dir)
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -45,8 +50,8 @@ def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
         return "it is a DoRA adapter: llama.cpp's LoRA has no magnitude vector, so only the merged GGUF carries it"
     if cfg.get("alpha_pattern"):
         return "its alpha differs from module to module (alpha_pattern); a llama.cpp LoRA has one alpha"
-    if cfg.get("trainable_token_indices"):
-        return "it also trains rows of the token embeddings, which a llama.cpp LoRA cannot hold"
+    if cfg.get("trainable_token_indices") and base_dir is not None and tied_head(base_dir):
+        return TIED_ROWS  # rows of an untied embedding go into the LoRA (lora_child.rows_pair)
     if cfg.get("modules_to_save"):
         return (f"it also trains whole modules ({', '.join(cfg['modules_to_save'])}), which a llama.cpp LoRA cannot "
                 "hold; only the merged GGUF carries them")
@@ -69,9 +74,9 @@ def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
         raise NotFound(f"{adapter_dir} holds no PEFT adapter (adapter_config.json).")
     if not (base_dir / "config.json").is_file():
         raise NotFound(f"{base_dir} is not the adapter's base model folder (no config.json).")
-    why = adapter_problem(adapter_dir)
+    why = adapter_problem(adapter_dir, base_dir)
     if why:
-        raise BadInput(f"This adapter cannot be written as a llama.cpp LoRA GGUF: {why}.")
+        raise BadInput(f"{REFUSAL}{why}.")
     if out_path.exists():
         raise Conflict(f"{out_path} already exists; not overwriting it.")
     cdir = converter_dir()
@@ -86,7 +91,7 @@ def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
                               stdin=subprocess.DEVNULL)
         refused = next((ln[len("REFUSED: "):] for ln in proc.stderr.splitlines() if ln.startswith("REFUSED: ")), None)
         if refused:
-            raise BadInput(f"This adapter cannot be written as a llama.cpp LoRA GGUF: {refused}.")
+            raise BadInput(f"{REFUSAL}{refused}.")
         if proc.returncode != 0 or not _is_gguf(tmp):
             raise ExportFailed(f"Writing the LoRA GGUF failed (exit code {proc.returncode}). Last lines:\n"
                                f"{_tail(proc.stderr)}")
@@ -128,7 +133,7 @@ def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tune
     from .convert import convert  # noqa: PLC0415
     from .ollama import modelfile  # noqa: PLC0415
 
-    why = adapter_problem(adapter_dir)
+    why = adapter_problem(adapter_dir, base_dir)
     if why:
         return {"skipped": f"no LoRA GGUF: {why}"}
     out = folder / LORA_FOLDER
@@ -138,7 +143,11 @@ def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tune
                             lambda f, m: progress(0.8 * f, m), stem=f"{name}-base")
     finally:
         shutil.rmtree(view, ignore_errors=True)
-    lora = adapter_gguf(adapter_dir, base_dir, out / f"{name}-lora.gguf", "f32", name,
-                        lambda f, m: progress(0.8 + 0.2 * f, m))
+    try:
+        lora = adapter_gguf(adapter_dir, base_dir, out / f"{name}-lora.gguf", "f32", name,
+                            lambda f, m: progress(0.8 + 0.2 * f, m))
+    except BadInput as e:  # refused on its tensors (the config looked fine): no base without its LoRA is left
+        shutil.rmtree(out, ignore_errors=True)
+        return {"skipped": f"no LoRA GGUF: {e.message.removeprefix(REFUSAL).rstrip('.')}"}
     mf = modelfile(lora, chat_template, system, base_gguf=base_gguf, bos_token=specials[0], eos_token=specials[1])
     return {"base": str(base_gguf), "lora": str(lora), "modelfile": str(mf)}

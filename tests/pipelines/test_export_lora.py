@@ -1,6 +1,7 @@
 """The adapter as a llama.cpp LoRA GGUF (pipelines/export/adapter.py): the file's keys and tensor names, llama.cpp
 applying it on the base GGUF like the merged model (Llama's q/k rows permuted as the converter permutes the base,
-rsLoRA's scale folded in), what cannot be written and why, and the export's lora-gguf/ folder with its Modelfile
+rsLoRA's scale folded in), trained token rows as a token_embd pair (refused for a tied output layer), what cannot
+be written and why, and the export's lora-gguf/ folder with its Modelfile
 (FROM the base, ADAPTER the LoRA) and its validation on the base.
 """
 
@@ -10,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tiny_models import tied_copy, token_rows_adapter
 
 from pipelines import export as ex
 from pipelines.errors import BadInput, Conflict
@@ -94,20 +97,66 @@ def test_llama_cpp_applies_it_like_the_merged_model(lora_files, spm_llama_dir):
 
 
 def test_what_llama_cpp_cannot_apply_is_refused_with_the_reason(tmp_path, spm_llama_dir):
+    tied = tied_copy(spm_llama_dir, tmp_path / "tied")
     adapter = tmp_path / "a"
     adapter.mkdir()
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
     for extra, why in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "whole modules (lm_head)"),
                        ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
-                       ({"trainable_token_indices": [5]}, "rows of the token embeddings"),
+                       ({"trainable_token_indices": [5]}, "output layer is tied to them"),
                        ({"peft_type": "IA3"}, "IA3 adapter")]:
         (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
-        assert why in (ex.adapter_problem(adapter) or ""), extra
+        assert why in (ex.adapter_problem(adapter, tied) or ""), extra
         with pytest.raises(BadInput, match="cannot be written as a llama.cpp LoRA GGUF"):
-            ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "x.gguf")
+            ex.adapter_gguf(adapter, tied, tmp_path / "x.gguf")
+    # trained token rows of a model with its own output layer fit a LoRA (test_trained_token_rows_...)
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [5]}))
+    assert "token" not in (ex.adapter_problem(adapter, spm_llama_dir) or "")
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     assert "adapter_model.safetensors" in ex.adapter_problem(adapter)  # a pickle is never loaded
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_trained_token_rows_are_a_token_embd_pair_llama_cpp_applies_like_the_merged_model(tmp_path, spm_llama_dir):
+    """Rows of the embedding trained outright (PEFT trainable tokens) on a model with its own output layer: k rows
+    are a rank-k token_embd pair in the LoRA GGUF (lora_a picks the rows, lora_b holds their change), and base GGUF
+    + LoRA GGUF answer like the merged model, whose new rows are read at the input only."""
+    import gguf
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.export.convert import convert
+
+    ids = [1, 50, 60, 70, 80, 90, 100]
+    trained = [60, 80, 95]  # two of them in the prompt, one not
+    adapter = token_rows_adapter(spm_llama_dir, tmp_path / "adapter", trained)
+    lora = ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "out" / "rows-lora.gguf")
+    names = {t.name: t for t in gguf.GGUFReader(str(lora)).tensors}
+    a, b = names["token_embd.weight.lora_a"], names["token_embd.weight.lora_b"]
+    assert list(a.shape) == [3, 400] and list(b.shape) == [3, 32]  # ggml order: A (k, vocab), B (k, width)
+    assert lora.stat().st_size < 64_000  # a few rows and pairs, no copy of the embedding
+    base_gguf = convert(spm_llama_dir, tmp_path / "out", "f32", stem="base")
+    with torch.inference_mode():
+        base_model = AutoModelForCausalLM.from_pretrained(spm_llama_dir)
+        base = base_model(torch.tensor([ids])).logits[0].numpy()
+        merged = PeftModel.from_pretrained(base_model, adapter).merge_and_unload()
+        want = merged(torch.tensor([ids])).logits[0].numpy()
+    effect = np.abs(want - base).max()
+    got = _logits(base_gguf, ids, lora)
+    assert effect > 0.1 and np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)
+
+
+def test_trained_token_rows_of_a_tied_output_layer_are_refused(tmp_path, spm_llama_dir):
+    """A tied output layer (Gemma) reads token_embd too: llama.cpp would apply the pair there as a linear layer's,
+    where its shapes cannot fit (GGML_ASSERT, the process aborts) - refused before anything is written."""
+    tied = tied_copy(spm_llama_dir, tmp_path / "tied")
+    adapter = token_rows_adapter(tied, tmp_path / "adapter", [60, 80])
+    with pytest.raises(BadInput, match="output layer is tied to them"):
+        ex.adapter_gguf(adapter, tied, tmp_path / "out" / "x.gguf")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.slow
