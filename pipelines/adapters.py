@@ -1,9 +1,10 @@
 """LoRA adapters on a loaded model, whatever its backend: check an adapter folder against the loaded base
 (`inspect_adapter`), attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` -
 load the base an adapter was trained on, if needed, and attach it: on the base's GGUF as a LoRA GGUF (`lora_gguf`,
-llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The backend
-(pipelines.serving) does the loading (serving/lora.py reads the folder); this module names, checks, chooses and
-serializes (the model's lock).
+llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The files written
+for that go to the workspace's tmp/lora-gguf/, one set per adapter version; `prune_lora_cache` removes those of
+versions that are gone and all but the newest copies of a base GGUF (written for a tied model's token rows). The backend (pipelines.serving) does the loading (serving/lora.py reads the folder); this
+module names, checks, chooses and serializes (the model's lock).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 from .errors import BadInput, Conflict, NotFound, Unavailable
@@ -110,17 +113,21 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True,
 
 def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
                   progress) -> tuple[LoadedModel, str, str]:
-    """The adapter on the base's GGUF: its low-rank pairs as a LoRA GGUF; rows of the token embeddings it trained
-    outright (which a LoRA cannot hold) written into a copy of the GGUF, which answers in its own worker."""
+    """The adapter on the base's GGUF as a LoRA GGUF, rows of the token embeddings it trained outright included -
+    unless the model's output layer is tied to that embedding (Gemma), which a llama.cpp LoRA cannot follow
+    (lora_child.TIED_ROWS): those rows are then written into a copy of the GGUF, which answers in its own worker."""
+    from .export.lora_child import tied_head  # noqa: PLC0415
     from .export.merge import saved_chat_template  # noqa: PLC0415
     from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
 
     progress(0.1, "Writing the adapter as a LoRA GGUF for llama.cpp (once per adapter)...")
     cache = _lora_cache(ws, adapter_dir, base)
-    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"))
+    _remember(cache, adapter_dir)  # before its files: a prune meanwhile keeps them
     rows = token_rows(adapter_dir)
+    copy_rows = rows is not None and tied_head(base)
+    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"), pairs_only=copy_rows)
     label = None
-    if rows is not None:
+    if copy_rows:
         progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
         target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
         label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
@@ -129,8 +136,11 @@ def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name:
     lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
     if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
         attach_adapter(lm, lora, name, chat_template=saved_chat_template(adapter_dir) or saved_chat_template(base))
+    prune_lora_cache(ws, _in_use(registry))  # now that this adapter's files are in use
     said = "llama.cpp answers: the base GGUF with the adapter as a LoRA GGUF" + (
-        f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF" if rows else "")
+        (f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF (its output layer is tied to the "
+         "embedding, which a LoRA cannot follow)") if copy_rows else
+        f", its {len(rows.ids)} trained token row(s) included" if rows else "")
     return lm, name, f"{loaded}; {said}" if loaded else said
 
 
@@ -142,23 +152,97 @@ def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
     return ws.tmp / "lora-gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
-    """The low-rank pairs of the PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp
-    LoRA GGUF at `out` (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter)
-    unless it is there already. BadInput says why llama.cpp cannot take this adapter."""
-    import shutil  # noqa: PLC0415
+def _remember(cache: Path, adapter_dir: Path) -> None:
+    """<key>.json beside the cached files: the adapter version they were written for (prune_lora_cache reads it)."""
+    from .workspace import write_json  # noqa: PLC0415
 
+    st = (adapter_dir / "adapter_model.safetensors").stat()
+    write_json(cache.with_suffix(".json"), {"adapter": str(adapter_dir.resolve()), "bytes": st.st_size,
+                                            "mtime_ns": st.st_mtime_ns})
+
+
+STALE_TEMP_S = 6 * 3600  # a temporary file that old was left by a process that died while writing it
+KEEP_COPIES = 2  # copies of a base GGUF with token rows (hundreds of MB each) kept when not in use, newest first
+
+
+def prune_lora_cache(ws, in_use: set[Path] = frozenset(), keep_copies: int = KEEP_COPIES) -> list[Path]:
+    """Remove from tmp/lora-gguf/ the files of adapter versions that are gone (the run deleted, the adapter trained
+    again) or unknown (no <key>.json: written before it was kept), temporary files left by a crash, and copies of a
+    base GGUF beyond the `keep_copies` newest (written again when their adapter is opened again); files a loaded
+    model is using (`in_use`) stay. Returns what was removed."""
+    folder = ws.tmp / "lora-gguf"
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    keep = {p.stem for p in entries if p.suffix == ".json" and _present(p)}
+    copies = [p for p in entries if _is_copy(p) and p.name[:20] in keep and p.resolve() not in in_use]
+    extra = set(sorted(copies, key=_mtime, reverse=True)[keep_copies:])
+    removed = []
+    for p in entries:
+        if p.resolve() in in_use:
+            continue
+        if p.name.startswith("."):  # being written now, unless it is old
+            if time.time() - _mtime(p) < STALE_TEMP_S:
+                continue
+        elif p.name[:20] in keep and p not in extra:
+            continue
+        try:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:  # gone meanwhile or not ours to remove: the next prune tries again
+            continue
+        removed.append(p)
+    return removed
+
+
+def _is_copy(path: Path) -> bool:
+    """<key>-<base>.gguf: a base GGUF copy with an adapter's token rows (the LoRA itself is <key>.gguf)."""
+    return path.suffix == ".gguf" and path.name[20:21] == "-"
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _present(record: Path) -> bool:
+    """Whether the adapter version a <key>.json names is still on disk, unchanged."""
+    try:
+        rec = json.loads(record.read_text())
+        st = (Path(rec["adapter"]) / "adapter_model.safetensors").stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return st.st_size == rec.get("bytes") and st.st_mtime_ns == rec.get("mtime_ns")
+
+
+def _in_use(registry) -> set[Path]:
+    """The files the loaded models read: their own and their attached adapters'."""
+    paths = set()
+    for lm in _loaded(registry):
+        paths.add(Path(lm.model_path).resolve())
+        paths.update(Path(a.path).resolve() for a in lm.backend.adapters.values())
+    return paths
+
+
+def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path, pairs_only: bool = False) -> Path:
+    """The PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp LoRA GGUF at `out`
+    (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter) unless it is there
+    already; `pairs_only`: without its trained token rows (written into a copy of the base GGUF instead). BadInput
+    says why llama.cpp cannot take this adapter."""
     from .export.adapter import adapter_gguf, adapter_problem  # noqa: PLC0415 - the converter, only from here
     from .serving.lora import without_token_rows  # noqa: PLC0415
 
     if out.is_file():
         return out
-    pairs = out.with_name(f".{out.stem}-pairs")  # its trained token rows go into the base GGUF instead
+    pairs = out.with_name(f".{out.stem}-pairs")
     try:
-        why = adapter_problem(without_token_rows(adapter_dir, pairs))
+        source = without_token_rows(adapter_dir, pairs) if pairs_only else adapter_dir
+        why = adapter_problem(source, base_dir)
         if why:
             raise BadInput(why)
-        return adapter_gguf(pairs, base_dir, out, "f32")
+        return adapter_gguf(source, base_dir, out, "f32")
     except Conflict:  # another request wrote it meanwhile
         return out
     finally:

@@ -1,8 +1,8 @@
 """A LoRA adapter as it lies on disk, before any backend loads it: `read_lora_folder` checks a PEFT adapter folder
 (adapter_config.json of a LoRA, safetensors weights - never a pickle) and `AdapterInfo` describes an adapter once a
 backend has checked it against its model; the rows of the token embeddings an adapter trained outright
-(`token_rows`), which a GGUF base takes written into a copy of itself (`gguf_with_token_rows`). Shared by every
-backend (pipelines.serving.backend) and pipelines.adapters.
+(`token_rows`), which the GGUF of a model with a tied output layer takes written into a copy of itself
+(`gguf_with_token_rows`). Shared by every backend (pipelines.serving.backend) and pipelines.adapters.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def read_lora_folder(adapter_dir: str | Path) -> LoraFolder:
 
 # ------------------------------------------------------------------------------------------ trained token rows
 # PEFT's trainable tokens (pipelines.training.tokens: rows of the embedding a base model never trained, such as
-# Gemma 3 270M's <end_of_turn>) are whole rows, not a low-rank pair: a llama.cpp LoRA cannot hold them (its
-# token_embd LoRA would also be applied, misshapen, to a tied output layer). A GGUF base takes them written into a
-# copy of its token_embd instead; the low-rank rest becomes the LoRA GGUF.
+# Gemma 3 270M's <end_of_turn>). k rows are a rank-k change, which the LoRA GGUF holds as a token_embd pair when the
+# output layer is the model's own (export/lora_child.py). A tied output layer reads token_embd under the same name,
+# and llama.cpp applies that pair to it as a linear layer's, where the shapes cannot fit (it aborts): such a GGUF
+# base takes the rows written into a copy of its token_embd instead; the low-rank rest becomes the LoRA GGUF.
 
 TOKEN_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the new rows (the values themselves, not a difference)
 
