@@ -114,8 +114,8 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True,
 def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
                   progress) -> tuple[LoadedModel, str, str]:
     """The adapter on the base's GGUF as a LoRA GGUF, rows of the token embeddings it trained outright included -
-    unless the model's output layer is tied to that embedding (Gemma), which a llama.cpp LoRA cannot follow
-    (lora_child.TIED_ROWS): those rows are then written into a copy of the GGUF, which answers in its own worker."""
+    unless the model's output layer is tied to that embedding (Gemma): those rows are then written into a copy of
+    the GGUF, which answers in its own worker."""
     from .export.lora_child import tied_head  # noqa: PLC0415
     from .export.merge import saved_chat_template  # noqa: PLC0415
     from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
@@ -239,7 +239,7 @@ def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path, pairs_only: bool = F
     pairs = out.with_name(f".{out.stem}-pairs")
     try:
         source = without_token_rows(adapter_dir, pairs) if pairs_only else adapter_dir
-        why = adapter_problem(source, base_dir)
+        why = adapter_problem(source)
         if why:
             raise BadInput(why)
         return adapter_gguf(source, base_dir, out, "f32")

@@ -14,11 +14,15 @@ ids in `trainable_token_indices`) are a rank-k change of the embedding, E' = E +
 rows, D: k x width, new row - old row), so they become a `token_embd.weight` pair, which llama.cpp adds to the rows
 it looks up (llm_graph_context::build_inp_embd: delta = lora_b x get_rows(lora_a, tokens), scaled by alpha / k;
 lora_a is the vocab x k selection, lora_b the width x k differences - transposed against a linear layer's pair).
-Only for a model whose output layer is its own: a tied head reads token_embd.weight under that same name, and
-llama.cpp applies the pair there as a linear layer's (build_lora_mm), whose shapes cannot fit - it aborts.
+A tied output layer (Gemma) changes with those rows too. llama.cpp finds a LoRA by tensor name, and a tied head is
+token_embd.weight itself, where it would apply the pair as a linear layer's (build_lora_mm) - whose shapes cannot
+fit: it aborts. So for a tied model the output layer's change is an `output.weight` pair (lora_a: D, lora_b: S),
+applied on the base GGUF with its output layer written out (serving.lora.untied_gguf: output.weight = token_embd,
+the same model); on a tied base GGUF llama.cpp refuses this LoRA ("output.weight does not exist in base model").
 
 A refusal (an adapter llama.cpp cannot apply) exits with code 3 and one line `REFUSED: <reason>` on stderr; success
-prints one JSON line: {"architecture", "tensors", "alpha", "rank", "token_rows"}.
+prints one JSON line: {"architecture", "tensors", "alpha", "rank", "token_rows", "untied_base"} (untied_base:
+the LoRA needs the base GGUF with its output layer written out).
 """
 
 from __future__ import annotations
@@ -30,9 +34,6 @@ from pathlib import Path
 
 REFUSED = 3
 ROWS_KEY = ".token_adapter.trainable_tokens_delta"  # PEFT's saved name of a layer's trained rows
-TIED_ROWS = ("it also trains rows of the token embeddings, and this model's output layer is tied to them: llama.cpp "
-             "applies a token_embd LoRA to that output layer too, where its shapes cannot fit (it aborts), so only "
-             "the merged GGUF carries those rows")
 
 
 class Refused(Exception):
@@ -114,9 +115,10 @@ def tied_head(base_dir: Path) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
 
 
-def rows_pair(model, module: str, ids: list[int], rows, alpha: float, tied: bool):
-    """The (lora_a, lora_b) of trained embedding rows, under the GGUF name of the input embedding: lora_a (vocab x k)
-    selects the rows, lora_b (width x k) holds new row - old row over llama.cpp's scale alpha / k."""
+def rows_tensors(model, module: str, ids: list[int], rows, alpha: float, tied: bool) -> list[tuple[str, object]]:
+    """The LoRA tensors of trained embedding rows: the input embedding's pair (lora_a, vocab x k, selects the rows;
+    lora_b, width x k, holds new row - old row over llama.cpp's scale alpha / k) and, for a tied output layer, the
+    output layer's (the same matrices, as a linear layer's pair: lora_a k x width, lora_b vocab x k)."""
     import torch
 
     hf_name = f"{module}.weight"
@@ -127,20 +129,33 @@ def rows_pair(model, module: str, ids: list[int], rows, alpha: float, tied: bool
     shaped = list(model.modify_tensors(torch.empty(weight.shape, device="meta"), item[0], None))
     if [n for n, _t in shaped] != ["token_embd.weight"] or shaped[0][1].shape[1] != rows.shape[1]:
         raise Refused(f"it trains rows of {module}, which is not the token embedding of the GGUF")
-    head = model.filter_tensors(("lm_head.weight", lambda: None))
-    separate_head = head is not None and head[0] in model.model_tensors and [n for n, _t in model.modify_tensors(
-        torch.empty(model.model_tensors[head[0]]().shape, device="meta"), head[0], None)] == ["output.weight"]
-    if tied or not separate_head:
-        raise Refused(TIED_ROWS)
+    if not tied and not _own_head(model):  # untied here, yet the GGUF reads its output layer from token_embd
+        raise Refused("it trains rows of the token embeddings, which this model's GGUF also reads as its output "
+                      "layer, unlike the model itself")
     n_vocab = shaped[0][1].shape[0]
     if max(ids) >= n_vocab or min(ids) < 0:
         raise Refused(f"it trains rows of tokens beyond the GGUF's {n_vocab}-token vocabulary")
     delta = rows - weight[torch.tensor(ids)].float()
     ((_n, delta),) = model.modify_tensors(delta, item[0], None)  # what the converter does to rows (linear), if any
     k = len(ids)
-    a = torch.zeros(n_vocab, k)
-    a[torch.tensor(ids), torch.arange(k)] = 1.0
-    return a, delta.T.contiguous() / (alpha / k if alpha else 1.0)  # llama.cpp multiplies by alpha / rank (k)
+    pick = torch.zeros(n_vocab, k)
+    pick[torch.tensor(ids), torch.arange(k)] = 1.0
+    change = delta / (alpha / k if alpha else 1.0)  # llama.cpp multiplies by alpha / rank (k)
+    out = [("token_embd.weight.lora_a", pick), ("token_embd.weight.lora_b", change.T.contiguous())]
+    if tied:
+        out += [("output.weight.lora_a", change.contiguous()), ("output.weight.lora_b", pick)]
+    return out
+
+
+def _own_head(model) -> bool:
+    """Whether the converter writes the model's lm_head as a GGUF output.weight of its own."""
+    import torch
+
+    head = model.filter_tensors(("lm_head.weight", lambda: None))
+    if head is None or head[0] not in model.model_tensors:
+        return False
+    meta = torch.empty(model.model_tensors[head[0]]().shape, device="meta")
+    return [n for n, _t in model.modify_tensors(meta, head[0], None)] == ["output.weight"]
 
 
 def main(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str, name: str) -> dict:
@@ -167,7 +182,8 @@ def main(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str, name: 
     alpha = float(cfg["lora_alpha"])
     dtype = {"f32": torch.float32, "f16": torch.float16}[outtype]
     tied = tied_head(base_dir) if rows else False
-    row_pairs = [rows_pair(model, module, ids, values, alpha, tied) for module, (ids, values) in rows.items()]
+    row_tensors = [t for module, (ids, values) in rows.items()
+                   for t in rows_tensors(model, module, ids, values, alpha, tied)]
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[model_class.model_arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -198,15 +214,15 @@ def main(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str, name: 
         for gguf_name, b_part in outs:  # e.g. blk.0.attn_q.weight.lora_a / .lora_b
             writer.add_tensor(f"{gguf_name}.lora_a", a.to(dtype).contiguous().numpy())
             writer.add_tensor(f"{gguf_name}.lora_b", b_part.to(dtype).contiguous().numpy())
-    for a, b in row_pairs:  # after the pairs: readers take the rank from the first lora_a
-        writer.add_tensor("token_embd.weight.lora_a", a.to(dtype).numpy())
-        writer.add_tensor("token_embd.weight.lora_b", b.to(dtype).numpy())
+    for gguf_name, value in row_tensors:  # after the pairs: readers take the rank from the first lora_a
+        writer.add_tensor(gguf_name, value.to(dtype).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"architecture": gguf.MODEL_ARCH_NAMES[model_class.model_arch], "tensors": 2 * (len(pairs) + len(rows)),
-            "alpha": alpha, "rank": sorted(ranks), "token_rows": sum(len(ids) for ids, _v in rows.values())}
+    return {"architecture": gguf.MODEL_ARCH_NAMES[model_class.model_arch], "tensors": 2 * len(pairs) + len(row_tensors),
+            "alpha": alpha, "rank": sorted(ranks), "token_rows": sum(len(ids) for ids, _v in rows.values()),
+            "untied_base": tied}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, Requ
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype
 from .quantize import _ftype
-from .sizes import gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
+from .adapter import needs_untied_base
+from .sizes import category, gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
 
 
 @dataclass
@@ -48,7 +49,8 @@ def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged
     """Bytes an export will write: the merged HF copy, each float GGUF and each quantization. Given the HF folder,
     each GGUF is sized tensor by tensor (sizes.gguf_bytes: the type llama.cpp gives each tensor, the tokenizer in
     the metadata), within about 1% of the file written; else n_params x an average bytes-per-parameter. With
-    `lora_of` (the adapter folder), the LoRA GGUF (f32) and the base GGUF it is applied on count too."""
+    `lora_of` (the adapter folder), the LoRA GGUF (f32) and the base GGUF it is applied on count too (with its
+    output layer written out when the LoRA needs it: adapter.needs_untied_base)."""
     parts = {"merged HF": n_params * merged_bytes_per_param} if merged_bytes_per_param else {}
     shapes = tensor_shapes(hf_dir) if hf_dir else None
     tied = tied_embeddings(shapes) if shapes else True
@@ -59,7 +61,11 @@ def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged
             raise BadInput(f"Unknown type {t!r}; choose from {', '.join(BYTES_PER_PARAM)}.")
         parts[key] = gguf_bytes(shapes, key, tied, meta) if shapes else n_params * BYTES_PER_PARAM[key]
     if lora_of is not None and outtypes:
-        parts[f"base {outtypes[0]} (for the LoRA)"] = parts[outtypes[0]]
+        base = parts[outtypes[0]]
+        if shapes and tied and needs_untied_base(lora_of, hf_dir):  # its output layer written out: token_embd twice
+            key = outtypes[0] if outtypes[0] in BYTES_PER_PARAM else outtypes[0].upper()
+            base += gguf_bytes({n: s for n, s in shapes.items() if category(n) == "token_embd"}, key, tied)
+        parts[f"base {outtypes[0]} (for the LoRA)"] = base
         parts["LoRA GGUF"] = 4 * count_params(lora_of, "adapter_model") + 65536  # f32, plus the header
     return {"parts": {k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 

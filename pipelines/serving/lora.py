@@ -168,3 +168,46 @@ def gguf_with_token_rows(src: Path, rows: TokenRows, out: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def untied_gguf(src: Path, out: Path) -> Path:
+    """The GGUF `src` with its output layer written out: an output.weight tensor holding token_embd's data (as
+    stored, quantized or not) - the same model, which llama.cpp then reads the output layer from (it falls back on
+    token_embd only when output.weight is absent), so a LoRA's output.weight pair applies to the output layer alone.
+    `src` itself when it has an output.weight already. Written under a temporary name and renamed (`out` may be
+    `src`). BadInput when it has no token_embd."""
+    import os  # noqa: PLC0415
+
+    import gguf  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(str(src))
+    tensors = list(reader.tensors)
+    if any(t.name == "output.weight" for t in tensors):
+        return src
+    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise BadInput(f"{src.name} has no token_embd.weight to write its output layer from.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+        alignment = reader.fields.get("general.alignment")
+        if alignment is not None:
+            writer.data_alignment = int(alignment.contents())
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):  # the writer's own
+                continue
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+        for name, t in [(t.name, t) for t in tensors] + [("output.weight", embd)]:
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors + [embd]:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,7 +1,7 @@
 """The adapter as a llama.cpp LoRA GGUF (pipelines/export/adapter.py): the file's keys and tensor names, llama.cpp
 applying it on the base GGUF like the merged model (Llama's q/k rows permuted as the converter permutes the base,
-rsLoRA's scale folded in), trained token rows as a token_embd pair (refused for a tied output layer), what cannot
-be written and why, and the export's lora-gguf/ folder with its Modelfile
+rsLoRA's scale folded in), trained token rows as a token_embd pair (and an output.weight pair on the untied base
+for a tied output layer), what cannot be written and why, and the export's lora-gguf/ folder with its Modelfile
 (FROM the base, ADAPTER the LoRA) and its validation on the base.
 """
 
@@ -97,21 +97,19 @@ def test_llama_cpp_applies_it_like_the_merged_model(lora_files, spm_llama_dir):
 
 
 def test_what_llama_cpp_cannot_apply_is_refused_with_the_reason(tmp_path, spm_llama_dir):
-    tied = tied_copy(spm_llama_dir, tmp_path / "tied")
     adapter = tmp_path / "a"
     adapter.mkdir()
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
     for extra, why in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "whole modules (lm_head)"),
                        ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
-                       ({"trainable_token_indices": [5]}, "output layer is tied to them"),
                        ({"peft_type": "IA3"}, "IA3 adapter")]:
         (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
-        assert why in (ex.adapter_problem(adapter, tied) or ""), extra
+        assert why in (ex.adapter_problem(adapter) or ""), extra
         with pytest.raises(BadInput, match="cannot be written as a llama.cpp LoRA GGUF"):
-            ex.adapter_gguf(adapter, tied, tmp_path / "x.gguf")
-    # trained token rows of a model with its own output layer fit a LoRA (test_trained_token_rows_...)
+            ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "x.gguf")
+    # trained token rows fit a LoRA (test_trained_token_rows_...)
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [5]}))
-    assert "token" not in (ex.adapter_problem(adapter, spm_llama_dir) or "")
+    assert "token" not in (ex.adapter_problem(adapter) or "")
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     assert "adapter_model.safetensors" in ex.adapter_problem(adapter)  # a pickle is never loaded
     assert not (tmp_path / "x.gguf").exists()
@@ -149,14 +147,38 @@ def test_trained_token_rows_are_a_token_embd_pair_llama_cpp_applies_like_the_mer
     assert effect > 0.1 and np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)
 
 
-def test_trained_token_rows_of_a_tied_output_layer_are_refused(tmp_path, spm_llama_dir):
-    """A tied output layer (Gemma) reads token_embd too: llama.cpp would apply the pair there as a linear layer's,
-    where its shapes cannot fit (GGML_ASSERT, the process aborts) - refused before anything is written."""
+@pytest.mark.slow
+def test_trained_token_rows_of_a_tied_output_layer_apply_on_the_untied_base(tmp_path, spm_llama_dir):
+    """A tied output layer (Gemma) changes with the trained rows too: the LoRA GGUF adds an output.weight pair, which
+    llama.cpp applies on the base GGUF with its output layer written out (untied_gguf: the same model) - base +
+    LoRA answer like the merged model, whose tied head has the new rows."""
+    import gguf
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.export.convert import convert
+    from pipelines.serving.lora import untied_gguf
+
     tied = tied_copy(spm_llama_dir, tmp_path / "tied")
-    adapter = token_rows_adapter(tied, tmp_path / "adapter", [60, 80])
-    with pytest.raises(BadInput, match="output layer is tied to them"):
-        ex.adapter_gguf(adapter, tied, tmp_path / "out" / "x.gguf")
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    ids = [1, 50, 60, 70, 80, 90, 100, 95]
+    adapter = token_rows_adapter(tied, tmp_path / "adapter", [60, 80, 95])
+    assert ex.adapter_problem(adapter) is None and ex.needs_untied_base(adapter, tied)
+    lora = ex.adapter_gguf(adapter, tied, tmp_path / "out" / "rows-lora.gguf")
+    names = {t.name: list(t.shape) for t in gguf.GGUFReader(str(lora)).tensors}
+    assert names["output.weight.lora_a"] == [32, 3] and names["output.weight.lora_b"] == [3, 400]
+    base_gguf = convert(tied, tmp_path / "out", "f32", stem="base")
+    untied = untied_gguf(base_gguf, tmp_path / "out" / "untied.gguf")
+    assert untied_gguf(untied, tmp_path / "again.gguf") == untied  # it has its output layer already
+    with torch.inference_mode():
+        base_model = AutoModelForCausalLM.from_pretrained(tied)
+        base = base_model(torch.tensor([ids])).logits[0].numpy()
+        want = PeftModel.from_pretrained(base_model, adapter).merge_and_unload()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(_logits(untied, ids) - base).max() < 1e-3  # the same model
+    got = _logits(untied, ids, lora)
+    effect = np.abs(want - base).max()
+    assert effect > 1 and np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)
 
 
 @pytest.mark.slow
@@ -189,3 +211,29 @@ def test_never_overwrites(lora_files, spm_llama_dir):
     with pytest.raises(Conflict):
         ex.adapter_gguf(adapter, spm_llama_dir, lora)
     assert lora.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_export_of_tied_token_rows_writes_a_small_lora_on_the_untied_base(tmp_path, spm_llama_dir):
+    """The quick start's case (Gemma: tied output layer, <end_of_turn> trained as a row): the export's lora-gguf/
+    holds the base GGUF with its output layer written out and a small LoRA GGUF, and every validation row passes."""
+    import gguf
+
+    from pipelines.workspace import Workspace
+
+    tied = tied_copy(spm_llama_dir, tmp_path / "tied")
+    adapter = token_rows_adapter(tied, tmp_path / "adapter", [2, 60, 80, 95], target_modules=["q_proj", "v_proj"])
+    ws = Workspace.open(tmp_path / "ws")
+    req = ex.ExportRequest(source=str(adapter), name="rows", outtypes=["f16"], quants=[], validate=True,
+                           base_model=str(tied))
+    result = ex.export(ws, req)
+    folder = Path(result.folder) / ex.LORA_FOLDER
+    assert sorted(p.name for p in folder.glob("*.gguf")) == ["rows-base-f16.gguf", "rows-lora.gguf"]
+    assert not list(folder.glob(".*"))
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(str(folder / "rows-base-f16.gguf")).tensors}
+    assert (folder / "rows-lora.gguf").stat().st_size < 64_000
+    est = json.loads((Path(result.folder) / "export.json").read_text())["estimate"]["parts"]["base f16 (for the LoRA)"]
+    assert abs(est / (folder / "rows-base-f16.gguf").stat().st_size - 1) < 0.10  # the output layer counted
+    items = {i["name"]: i for i in result.lora["validation"]["items"]}
+    for name in ("loads", "chat_template", "perplexity", "merged_match"):
+        assert items[name]["ok"] is True, items[name]
