@@ -2,9 +2,10 @@
 (`inspect_adapter`), attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` -
 load the base an adapter was trained on, if needed, and attach it: on the base's GGUF as a LoRA GGUF (`lora_gguf`,
 llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The files written
-for that go to the workspace's tmp/lora-gguf/, one set per adapter version; `prune_lora_cache` removes those of
-versions that are gone and all but the newest copies of a base GGUF (written for a tied model's token rows). The backend (pipelines.serving) does the loading (serving/lora.py reads the folder); this
-module names, checks, chooses and serializes (the model's lock).
+for that go to the workspace's tmp/lora-gguf/, one LoRA GGUF per adapter version (and, for adapters that train
+token rows of a tied output layer, one copy per base GGUF with that layer written out); `prune_lora_cache` removes
+those of versions that are gone and all but the newest copies. The backend (pipelines.serving) does the loading
+(serving/lora.py reads the folder); this module names, checks, chooses and serializes (the model's lock).
 """
 
 from __future__ import annotations
@@ -113,35 +114,48 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True,
 
 def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
                   progress) -> tuple[LoadedModel, str, str]:
-    """The adapter on the base's GGUF as a LoRA GGUF, rows of the token embeddings it trained outright included -
-    unless the model's output layer is tied to that embedding (Gemma): those rows are then written into a copy of
-    the GGUF, which answers in its own worker."""
-    from .export.lora_child import tied_head  # noqa: PLC0415
+    """The adapter on the base's GGUF as a LoRA GGUF, rows of the token embeddings it trained outright included.
+    When the model's output layer is tied to that embedding (Gemma), the LoRA changes the output layer as its own
+    tensor: it then answers on a copy of the base GGUF with its output layer written out (`_untied_base`, one per
+    base GGUF, shared by every such adapter and switched per answer like any LoRA)."""
+    from .export.adapter import needs_untied_base  # noqa: PLC0415
     from .export.merge import saved_chat_template  # noqa: PLC0415
-    from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
+    from .serving.lora import token_row_count  # noqa: PLC0415
 
     progress(0.1, "Writing the adapter as a LoRA GGUF for llama.cpp (once per adapter)...")
     cache = _lora_cache(ws, adapter_dir, base)
     _remember(cache, adapter_dir)  # before its files: a prune meanwhile keeps them
-    rows = token_rows(adapter_dir)
-    copy_rows = rows is not None and tied_head(base)
-    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"), pairs_only=copy_rows)
+    lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"))
+    untied = needs_untied_base(adapter_dir, base)
     label = None
-    if copy_rows:
-        progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
-        target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
-        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
-        gguf = target if target.is_file() else gguf_with_token_rows(gguf, rows, target)
+    if untied:
+        progress(0.4, f"Writing {gguf.name} with its output layer written out, for adapters that train token rows "
+                      "(once per base model)...")
+        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} (output layer untied)"
+        gguf = _untied_base(ws, gguf)
     progress(0.6, f"Loading {gguf.name}...")
     lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
-    if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
+    if name not in lm.backend.adapters:  # attached to this model before
         attach_adapter(lm, lora, name, chat_template=saved_chat_template(adapter_dir) or saved_chat_template(base))
     prune_lora_cache(ws, _in_use(registry))  # now that this adapter's files are in use
+    rows = token_row_count(adapter_dir)
     said = "llama.cpp answers: the base GGUF with the adapter as a LoRA GGUF" + (
-        (f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF (its output layer is tied to the "
-         "embedding, which a LoRA cannot follow)") if copy_rows else
-        f", its {len(rows.ids)} trained token row(s) included" if rows else "")
+        f", its {rows} trained token row(s) included" if rows else "") + (
+        " (on a copy of the base GGUF with its output layer untied: the rows change it too)" if untied else "")
     return lm, name, f"{loaded}; {said}" if loaded else said
+
+
+UNTIED = "untied-"  # tmp/lora-gguf/untied-<key>.gguf: a base GGUF with its output layer written out
+
+
+def _untied_base(ws, gguf: Path) -> Path:
+    """The base GGUF with its output layer written out (serving.lora.untied_gguf), once per version of the file."""
+    from .serving.lora import untied_gguf  # noqa: PLC0415
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    target = ws.tmp / "lora-gguf" / f"{UNTIED}{key}.gguf"
+    return target if target.is_file() else untied_gguf(gguf, target)
 
 
 def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
@@ -162,18 +176,18 @@ def _remember(cache: Path, adapter_dir: Path) -> None:
 
 
 STALE_TEMP_S = 6 * 3600  # a temporary file that old was left by a process that died while writing it
-KEEP_COPIES = 2  # copies of a base GGUF with token rows (hundreds of MB each) kept when not in use, newest first
+KEEP_COPIES = 2  # untied copies of a base GGUF (hundreds of MB each) kept when not in use, newest first
 
 
 def prune_lora_cache(ws, in_use: set[Path] = frozenset(), keep_copies: int = KEEP_COPIES) -> list[Path]:
     """Remove from tmp/lora-gguf/ the files of adapter versions that are gone (the run deleted, the adapter trained
-    again) or unknown (no <key>.json: written before it was kept), temporary files left by a crash, and copies of a
-    base GGUF beyond the `keep_copies` newest (written again when their adapter is opened again); files a loaded
-    model is using (`in_use`) stay. Returns what was removed."""
+    again) or unknown (no <key>.json: written before it was kept), temporary files left by a crash, and untied
+    copies of a base GGUF beyond the `keep_copies` newest (written again when needed); files a loaded model is using
+    (`in_use`) stay. Returns what was removed."""
     folder = ws.tmp / "lora-gguf"
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     keep = {p.stem for p in entries if p.suffix == ".json" and _present(p)}
-    copies = [p for p in entries if _is_copy(p) and p.name[:20] in keep and p.resolve() not in in_use]
+    copies = [p for p in entries if _is_copy(p) and p.resolve() not in in_use]
     extra = set(sorted(copies, key=_mtime, reverse=True)[keep_copies:])
     removed = []
     for p in entries:
@@ -182,7 +196,10 @@ def prune_lora_cache(ws, in_use: set[Path] = frozenset(), keep_copies: int = KEE
         if p.name.startswith("."):  # being written now, unless it is old
             if time.time() - _mtime(p) < STALE_TEMP_S:
                 continue
-        elif p.name[:20] in keep and p not in extra:
+        elif _is_copy(p):
+            if p not in extra:
+                continue
+        elif p.stem in keep and p.suffix in (".json", ".gguf"):  # <key>.json and its <key>.gguf
             continue
         try:
             if p.is_dir():
@@ -196,8 +213,7 @@ def prune_lora_cache(ws, in_use: set[Path] = frozenset(), keep_copies: int = KEE
 
 
 def _is_copy(path: Path) -> bool:
-    """<key>-<base>.gguf: a base GGUF copy with an adapter's token rows (the LoRA itself is <key>.gguf)."""
-    return path.suffix == ".gguf" and path.name[20:21] == "-"
+    return path.suffix == ".gguf" and path.name.startswith(UNTIED)
 
 
 def _mtime(path: Path) -> float:
@@ -226,27 +242,21 @@ def _in_use(registry) -> set[Path]:
     return paths
 
 
-def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path, pairs_only: bool = False) -> Path:
+def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
     """The PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp LoRA GGUF at `out`
     (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter) unless it is there
-    already; `pairs_only`: without its trained token rows (written into a copy of the base GGUF instead). BadInput
-    says why llama.cpp cannot take this adapter."""
+    already. BadInput says why llama.cpp cannot take this adapter."""
     from .export.adapter import adapter_gguf, adapter_problem  # noqa: PLC0415 - the converter, only from here
-    from .serving.lora import without_token_rows  # noqa: PLC0415
 
     if out.is_file():
         return out
-    pairs = out.with_name(f".{out.stem}-pairs")
+    why = adapter_problem(adapter_dir)
+    if why:
+        raise BadInput(why)
     try:
-        source = without_token_rows(adapter_dir, pairs) if pairs_only else adapter_dir
-        why = adapter_problem(source)
-        if why:
-            raise BadInput(why)
-        return adapter_gguf(source, base_dir, out, "f32")
+        return adapter_gguf(adapter_dir, base_dir, out, "f32")
     except Conflict:  # another request wrote it meanwhile
         return out
-    finally:
-        shutil.rmtree(pairs, ignore_errors=True)
 
 
 def _loaded(registry) -> list[LoadedModel]:

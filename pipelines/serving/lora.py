@@ -1,14 +1,14 @@
 """A LoRA adapter as it lies on disk, before any backend loads it: `read_lora_folder` checks a PEFT adapter folder
 (adapter_config.json of a LoRA, safetensors weights - never a pickle) and `AdapterInfo` describes an adapter once a
-backend has checked it against its model; the rows of the token embeddings an adapter trained outright
-(`token_rows`), which the GGUF of a model with a tied output layer takes written into a copy of itself
-(`gguf_with_token_rows`). Shared by every backend (pipelines.serving.backend) and pipelines.adapters.
+backend has checked it against its model; how many rows of the token embeddings an adapter trained outright
+(`token_row_count`), and `untied_gguf`, the base GGUF with its output layer written out, which the LoRA GGUF of such
+an adapter needs when the output layer is tied to the embedding. Shared by every backend (pipelines.serving.backend)
+and pipelines.adapters.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,95 +79,16 @@ def read_lora_folder(adapter_dir: str | Path) -> LoraFolder:
 
 # ------------------------------------------------------------------------------------------ trained token rows
 # PEFT's trainable tokens (pipelines.training.tokens: rows of the embedding a base model never trained, such as
-# Gemma 3 270M's <end_of_turn>). k rows are a rank-k change, which the LoRA GGUF holds as a token_embd pair when the
-# output layer is the model's own (export/lora_child.py). A tied output layer reads token_embd under the same name,
-# and llama.cpp applies that pair to it as a linear layer's, where the shapes cannot fit (it aborts): such a GGUF
-# base takes the rows written into a copy of its token_embd instead; the low-rank rest becomes the LoRA GGUF.
+# Gemma 3 270M's <end_of_turn>). k rows are a rank-k change, which the LoRA GGUF holds as a token_embd pair
+# (export/lora_child.py). A tied output layer reads token_embd under that same name, where llama.cpp cannot apply
+# the pair, so its change is an output.weight pair, applied on the base GGUF with its output layer written out.
 
-TOKEN_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the new rows (the values themselves, not a difference)
-
-
-@dataclass
-class TokenRows:
-    """The embedding rows an adapter trained outright: token ids and their new values (ids x width, float32)."""
-
-    ids: list[int]
-    values: object  # numpy array
-
-
-def token_rows(adapter_dir: Path) -> TokenRows | None:
-    """The adapter's trained embedding rows (PEFT trainable tokens on the input embedding), or None."""
-    folder = read_lora_folder(adapter_dir)
-    indices = folder.config.get("trainable_token_indices")
-    if isinstance(indices, dict):  # {module: ids}: the embedding's
-        indices = next((v for k, v in indices.items() if "embed" in k), None)
-    if not indices:
-        return None
-    from safetensors.torch import load_file  # noqa: PLC0415 - torch: rows may be bf16, which numpy cannot hold
-
-    tensors = load_file(str(folder.weights))
-    key = next((k for k in tensors if TOKEN_ROWS_KEY in k and "embed" in k), None)
-    if key is None:
-        raise BadInput(f"{folder.path.name} names trainable tokens but holds no {TOKEN_ROWS_KEY} rows.")
-    values = tensors[key].float().numpy()
-    if values.shape[0] != len(indices):
-        raise BadInput(f"{folder.path.name} holds {values.shape[0]} trained token rows for {len(indices)} tokens.")
-    return TokenRows(ids=[int(i) for i in indices], values=values)
-
-
-def without_token_rows(adapter_dir: Path, out: Path) -> Path:
-    """A copy of the adapter folder with only its low-rank pairs (config and weights without the trainable tokens),
-    for the LoRA GGUF writer."""
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
-
-    folder = read_lora_folder(adapter_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in folder.config.items() if k != "trainable_token_indices"}
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = {k: v for k, v in load_file(str(folder.weights)).items() if TOKEN_ROWS_KEY not in k}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-def gguf_with_token_rows(src: Path, rows: TokenRows, out: Path) -> Path:
-    """A copy of the GGUF `src` whose token_embd rows `rows.ids` hold `rows.values`, quantized as the tensor is
-    (a tied output layer reads the same rows). Written under a temporary name, renamed when complete. BadInput
-    when the rows do not fit the tensor, or its type is one the gguf library cannot write."""
-    import os  # noqa: PLC0415
-
-    import gguf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    reader = gguf.GGUFReader(str(src))
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise BadInput(f"{src.name} has no token_embd.weight to write the adapter's trained token rows into.")
-    width, n_rows = int(embd.shape[0]), int(embd.shape[1])
-    if rows.values.shape[1] != width or max(rows.ids) >= n_rows or min(rows.ids) < 0:
-        raise BadInput(f"The adapter's trained token rows ({rows.values.shape[1]} wide) do not fit {src.name}'s "
-                       f"embedding ({n_rows} x {width}).")
-    row_bytes = int(embd.n_bytes) // n_rows
-    try:
-        packed = [gguf.quants.quantize(np.asarray(v, np.float32)[None, :], embd.tensor_type).tobytes()
-                  for v in rows.values]
-    except (NotImplementedError, gguf.quants.QuantError):
-        raise BadInput(f"{src.name}'s embedding is {embd.tensor_type.name}, which MacTuner cannot write the "
-                       "adapter's trained token rows in.") from None
-    if any(len(data) != row_bytes for data in packed):  # a type whose rows are not stored one after another
-        raise BadInput(f"{src.name}'s {embd.tensor_type.name} embedding does not store its rows one by one.")
-    del reader
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "r+b") as f:
-            for token, data in zip(rows.ids, packed):
-                f.seek(int(embd.data_offset) + token * row_bytes)
-                f.write(data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+def token_row_count(adapter_dir: Path) -> int:
+    """How many rows of the token embeddings the adapter trained outright (its trainable_token_indices)."""
+    indices = read_lora_folder(adapter_dir).config.get("trainable_token_indices") or []
+    if isinstance(indices, dict):  # {module: ids}
+        return sum(len(v) for v in indices.values())
+    return len(indices)
 
 
 def untied_gguf(src: Path, out: Path) -> Path:

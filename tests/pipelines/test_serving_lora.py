@@ -133,11 +133,11 @@ def test_an_adapter_llama_cpp_cannot_take_falls_back_to_transformers(setup):
     assert "transformers answers" in note and "DoRA" in note
 
 
-def _rows_run(ws, base: Path, name: str, token_ids: list[int]) -> Path:
+def _rows_run(ws, base: Path, name: str, token_ids: list[int], seed: int = 11) -> Path:
     run = ws.runs / name
     run.mkdir()
     TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
-    token_rows_adapter(base, run / "adapter", token_ids)
+    token_rows_adapter(base, run / "adapter", token_ids, seed=seed)
     return run
 
 
@@ -174,18 +174,18 @@ def test_trained_token_rows_answer_on_the_base_gguf_in_its_lora(setup, peft_answ
     assert not list((ws.tmp / "lora-gguf").glob("*-*.gguf"))  # no copy of the base GGUF
 
 
-def test_trained_token_rows_of_a_tied_output_layer_go_into_a_copy_of_the_gguf(setup, spm_llama_dir):
-    """A tied output layer (the quick start's Gemma and its <end_of_turn>) reads the trained rows too, which a
-    llama.cpp LoRA cannot follow: they are written into a copy of the base GGUF, which answers with the rest of
-    the adapter as a LoRA GGUF - like transformers + PEFT."""
+def test_trained_token_rows_of_a_tied_output_layer_answer_on_the_untied_base(setup, spm_llama_dir):
+    """A tied output layer (the quick start's Gemma and its <end_of_turn>) changes with the trained rows too: the
+    LoRA GGUF answers on one copy of the base GGUF with its output layer written out - like transformers + PEFT,
+    and a second such adapter is switched per answer on the same process, without a copy of its own."""
+    from transformers import AutoTokenizer
+
     from pipelines.export.convert import convert
 
     ws, reg, _base, _gguf, _runs = setup
     base = tied_copy(spm_llama_dir, ws.root.parent / "tied-base")
     gguf = convert(base, ws.root.parent / "tied-gguf", "f32", stem="tied")
     (base / "mactuner.json").write_text(json.dumps({"source": str(gguf)}))
-    from transformers import AutoTokenizer
-
     lm_hf = models.load_hf(base)
     try:
         bare = answer(lm_hf)
@@ -193,22 +193,27 @@ def test_trained_token_rows_of_a_tied_output_layer_go_into_a_copy_of_the_gguf(se
         lm_hf.backend.close()
     # rows of the prompt but not of the bare answer (a tied model repeats the token whose row grew: ':' here)
     answered = set(AutoTokenizer.from_pretrained(base).convert_tokens_to_ids(sorted(set(bare))))
-    run = _rows_run(ws, base, "tied-rows", sorted(set(_prompt_ids(base)[2:8]) - answered))
-    _bare, want = _peft_answer(base, run)
-    assert want != bare
-    lm, name, note = adapters.open_adapter(ws, reg, str(run))
-    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path) != gguf.resolve()  # its own copy of the GGUF
+    rows = sorted(set(_prompt_ids(base)[2:8]) - answered)
+    runs = [_rows_run(ws, base, "tied-rows", rows), _rows_run(ws, base, "tied-rows2", rows, seed=2)]
+    want = [_peft_answer(base, run)[1] for run in runs]
+    assert bare not in want and want[0] != want[1]
+    lm, name, note = adapters.open_adapter(ws, reg, str(runs[0]))
+    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path).name.startswith(adapters.UNTIED)
     assert Path(lm.model_path).parent == ws.tmp / "lora-gguf"
-    assert "token row" in note and "tied" in note and "tied-rows" in lm.name
-    assert answer(lm, name) == want
-    again, _, _ = adapters.open_adapter(ws, reg, str(run))
-    assert again is lm
+    assert "token row" in note and "untied" in note and "untied" in lm.name
+    assert answer(lm, name) == want[0]
+    pid = lm.describe()["worker"]["pid"]
+    lm2, name2, _ = adapters.open_adapter(ws, reg, str(runs[1]))
+    assert lm2 is lm and lm.describe()["worker"]["pid"] == pid
+    assert [answer(lm, n) for n in (name2, name, None)] == [want[1], want[0], bare]
+    assert len(list((ws.tmp / "lora-gguf").glob(f"{adapters.UNTIED}*"))) == 1
     reg.unload(lm.name)
 
 
 def test_old_lora_gguf_files_are_pruned(tmp_path):
-    """tmp/lora-gguf/ keeps the files of adapter versions still on disk, the newest copies of a base GGUF and what a
-    loaded model uses; the rest (adapters gone or trained again, files of unknown origin, old temporary files) goes."""
+    """tmp/lora-gguf/ keeps the LoRAs of adapter versions still on disk, the newest untied copies of a base GGUF and
+    what a loaded model uses; the rest (adapters gone or trained again, files of unknown origin, old temporary files)
+    goes."""
     from pipelines.workspace import Workspace
 
     ws = Workspace.open(tmp_path / "ws")
@@ -224,22 +229,25 @@ def test_old_lora_gguf_files_are_pruned(tmp_path):
         key = key.ljust(20, "0")
         rec = {"adapter": str(adapter), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns + (0 if present else 1)}
         (folder / f"{key}.json").write_text(json.dumps(rec))
-        for f in (f"{key}.gguf", f"{key}-base.gguf"):
+        for f in (f"{key}.gguf", f"{adapters.UNTIED}{key}.gguf"):  # its LoRA, a copy of a base
             (folder / f).write_bytes(b"gguf")
             os.utime(folder / f, (now - age_s, now - age_s))
         return key
 
     new, mid, old, used = version("new", 10), version("mid", 20), version("old", 30), version("used", 40)
     gone = version("gone", 5, present=False)
+    (folder / f"{new}-base.gguf").write_bytes(b"a copy as written before")
     (folder / f"{'f' * 20}.gguf").write_bytes(b"unknown")
     (folder / ".fresh.tmp").write_bytes(b"")
     (folder / ".stale.tmp").write_bytes(b"")
     os.utime(folder / ".stale.tmp", (now - 7 * 3600, now - 7 * 3600))
-    removed = {p.name for p in adapters.prune_lora_cache(ws, {(folder / f"{used}-base.gguf").resolve()})}
-    assert removed == {f"{old}-base.gguf", f"{gone}.json", f"{gone}.gguf", f"{gone}-base.gguf",
-                       f"{'f' * 20}.gguf", ".stale.tmp"}
-    assert (folder / f"{old}.gguf").is_file() and (folder / f"{used}-base.gguf").is_file()  # its LoRA stays
-    assert {p.name for p in folder.glob("*-base.gguf")} == {f"{k}-base.gguf" for k in (new, mid, used)}
+    removed = {p.name for p in adapters.prune_lora_cache(ws, {(folder / f"{adapters.UNTIED}{used}.gguf").resolve()})}
+    # the copies kept: the one in use and the 2 newest others (gone's is newest: a copy is the base's, not an
+    # adapter's); the LoRAs kept: those of adapters still there
+    assert removed == {f"{adapters.UNTIED}{mid}.gguf", f"{adapters.UNTIED}{old}.gguf", f"{gone}.json",
+                       f"{gone}.gguf", f"{new}-base.gguf", f"{'f' * 20}.gguf", ".stale.tmp"}
+    assert {p.name for p in folder.glob("*.gguf") if not p.name.startswith(adapters.UNTIED)} == {
+        f"{k}.gguf" for k in (new, mid, old, used)}
 
 
 def test_wrong_adapter_files_on_a_gguf_model_are_refused(setup, tmp_path):
