@@ -103,8 +103,8 @@ def trained_rows(tensors: dict, cfg: dict) -> dict[str, tuple[list[int], object]
 
 def tied_head(base_dir: Path) -> bool:
     """Whether transformers ties the output layer of the model in `base_dir` to its input embedding (PEFT's trained
-    rows then change both), as its config resolves it (class defaults included; a config transformers cannot read
-    counts as tied: the case a LoRA cannot hold). Also used by adapter.py."""
+    rows then change both, and the LoRA needs an output.weight pair), as its config resolves it (class defaults
+    included; a config transformers cannot read counts as tied, as most small models are). Also used by adapter.py."""
     from transformers import AutoConfig
 
     try:

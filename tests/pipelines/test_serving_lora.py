@@ -207,7 +207,16 @@ def test_trained_token_rows_of_a_tied_output_layer_answer_on_the_untied_base(set
     assert lm2 is lm and lm.describe()["worker"]["pid"] == pid
     assert [answer(lm, n) for n in (name2, name, None)] == [want[1], want[0], bare]
     assert len(list((ws.tmp / "lora-gguf").glob(f"{adapters.UNTIED}*"))) == 1
+    # on the tied GGUF itself llama.cpp finds no output.weight for the LoRA: refused with the reason, no crash
+    lora = Path(lm.backend.adapters[name].path)
     reg.unload(lm.name)
+    plain = reg.load(str(gguf), ws, name="tied-plain", replace=False, current=False)
+    try:
+        with pytest.raises(BadInput, match="could not load the adapter"):
+            chat.attach_adapter(plain, lora, "rows-on-tied")
+        assert answer(plain) == bare and plain.describe()["worker"]["restarts"] == 0
+    finally:
+        reg.unload(plain.name)
 
 
 def test_old_lora_gguf_files_are_pruned(tmp_path):
