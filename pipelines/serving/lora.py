@@ -84,8 +84,13 @@ def read_lora_folder(adapter_dir: str | Path) -> LoraFolder:
 # the pair, so its change is an output.weight pair, applied on the base GGUF with its output layer written out.
 
 def token_row_count(adapter_dir: Path) -> int:
-    """How many rows of the token embeddings the adapter trained outright (its trainable_token_indices)."""
-    indices = read_lora_folder(adapter_dir).config.get("trainable_token_indices") or []
+    """How many rows of the token embeddings the adapter trained outright (its trainable_token_indices; 0 when its
+    adapter_config.json cannot be read)."""
+    try:
+        indices = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("trainable_token_indices")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    indices = indices or []
     if isinstance(indices, dict):  # {module: ids}
         return sum(len(v) for v in indices.values())
     return len(indices)
