@@ -103,6 +103,7 @@ def untied_gguf(src: Path, out: Path) -> Path:
     `src` itself when it has an output.weight already. Written under a temporary name and renamed (`out` may be
     `src`). BadInput when it has no token_embd."""
     import os  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
 
     import gguf  # noqa: PLC0415
 
@@ -114,7 +115,7 @@ def untied_gguf(src: Path, out: Path) -> Path:
     if embd is None:
         raise BadInput(f"{src.name} has no token_embd.weight to write its output layer from.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # two requests may write it at once
     try:
         writer = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
         alignment = reader.fields.get("general.alignment")
