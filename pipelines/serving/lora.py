@@ -138,3 +138,13 @@ def untied_gguf(src: Path, out: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def missing_lora_targets(lora: Path, base: Path) -> list[str]:
+    """The tensors the LoRA GGUF `lora` adapts that the model GGUF `base` lacks (names only, nothing loaded) - e.g.
+    the output.weight of a tied-row LoRA on a GGUF whose output layer is tied. llama.cpp refuses such a LoRA, and
+    llama-cpp-python's Llama(lora_path=) misses that refusal (a NULL it does not check) and crashes later."""
+    import gguf  # noqa: PLC0415
+
+    targets = {t.name.removesuffix(".lora_a").removesuffix(".lora_b") for t in gguf.GGUFReader(str(lora)).tensors}
+    return sorted(targets - {t.name for t in gguf.GGUFReader(str(base)).tensors})

@@ -221,3 +221,11 @@ def test_export_of_tied_token_rows_writes_a_small_lora_on_the_untied_base(tmp_pa
     items = {i["name"]: i for i in result.lora["validation"]["items"]}
     for name in ("loads", "chat_template", "perplexity", "merged_match"):
         assert items[name]["ok"] is True, items[name]
+    # validated on a tied GGUF (the merged one), the LoRA is refused with the reason - llama-cpp-python would crash
+    from pipelines.export.validate import validate
+
+    stray = tmp_path / "stray-lora.gguf"
+    stray.write_bytes(lora.read_bytes())
+    v = validate(Path(result.ggufs[0]), lora=stray)
+    loads = next(i for i in v.items if i.name == "loads")
+    assert loads.ok is False and "output.weight" in loads.detail and "output layer written out" in loads.detail
