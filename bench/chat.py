@@ -14,8 +14,8 @@ directly with the same rendered prompt and settings, in one run.
     fewer tokens.
 
 (c) the tuned model - the quick-start run's adapter - as the Chat tab's Adapter menu and /v1 now serve it: the
-    default GGUF in its worker process with the adapter as a LoRA GGUF (its trained <end_of_turn> row written into a
-    copy of the GGUF), vs today's transformers + PEFT on the HF copy; both through stream_chat, greedy, rounds
+    default GGUF in its worker process with the adapter as a LoRA GGUF (its trained <end_of_turn> row included, on
+    the copy of the GGUF with its tied output layer written out), vs today's transformers + PEFT on the HF copy; both through stream_chat, greedy, rounds
     alternating after a warm-up each; a `ratio` line. The run is --run, else the workspace's latest finished
     quick-start run, else one is trained first (the Quick start: 39 steps, 75-190 s on 2 idle cores).
 

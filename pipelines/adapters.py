@@ -1,9 +1,11 @@
 """LoRA adapters on a loaded model, whatever its backend: check an adapter folder against the loaded base
 (`inspect_adapter`), attach it (the base stays: adapters are switched per answer), detach it, and `open_adapter` -
 load the base an adapter was trained on, if needed, and attach it: on the base's GGUF as a LoRA GGUF (`lora_gguf`,
-llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The backend
-(pipelines.serving) does the loading (serving/lora.py reads the folder); this module names, checks, chooses and
-serializes (the model's lock).
+llama.cpp speed) when the base was made from one (`base_gguf`), else on the HF base with PEFT. The files written
+for that go to the workspace's tmp/lora-gguf/, one LoRA GGUF per adapter version (and, for adapters that train
+token rows of a tied output layer, one copy per base GGUF with that layer written out); `prune_lora_cache` removes
+those of versions that are gone and all but the newest copies. The backend (pipelines.serving) does the loading
+(serving/lora.py reads the folder); this module names, checks, chooses and serializes (the model's lock).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 from .errors import BadInput, Conflict, NotFound, Unavailable
@@ -110,28 +114,48 @@ def open_adapter(ws, registry, source: str | Path, current: bool = True,
 
 def _open_on_gguf(ws, registry, adapter_dir: Path, base: Path, gguf: Path, name: str, current: bool,
                   progress) -> tuple[LoadedModel, str, str]:
-    """The adapter on the base's GGUF: its low-rank pairs as a LoRA GGUF; rows of the token embeddings it trained
-    outright (which a LoRA cannot hold) written into a copy of the GGUF, which answers in its own worker."""
+    """The adapter on the base's GGUF as a LoRA GGUF, rows of the token embeddings it trained outright included.
+    When the model's output layer is tied to that embedding (Gemma), the LoRA changes the output layer as its own
+    tensor: it then answers on a copy of the base GGUF with its output layer written out (`_untied_base`, one per
+    base GGUF, shared by every such adapter and switched per answer like any LoRA)."""
+    from .export.adapter import needs_untied_base  # noqa: PLC0415
     from .export.merge import saved_chat_template  # noqa: PLC0415
-    from .serving.lora import gguf_with_token_rows, token_rows  # noqa: PLC0415
+    from .serving.lora import token_row_count  # noqa: PLC0415
 
     progress(0.1, "Writing the adapter as a LoRA GGUF for llama.cpp (once per adapter)...")
     cache = _lora_cache(ws, adapter_dir, base)
+    _remember(cache, adapter_dir)  # before its files: a prune meanwhile keeps them
     lora = lora_gguf(adapter_dir, base, cache.with_suffix(".gguf"))
-    rows = token_rows(adapter_dir)
+    untied = needs_untied_base(adapter_dir, base)
     label = None
-    if rows is not None:
-        progress(0.4, f"Writing its {len(rows.ids)} trained token row(s) into a copy of {gguf.name} (once)...")
-        target = cache.with_name(f"{cache.name}-{gguf.stem}.gguf")
-        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} + {name}'s token rows"
-        gguf = target if target.is_file() else gguf_with_token_rows(gguf, rows, target)
+    if untied:
+        progress(0.4, f"Writing {gguf.name} with its output layer written out, for adapters that train token rows "
+                      "(once per base model)...")
+        label = f"{_model_label(ws, gguf.resolve()) or gguf.stem} (output layer untied)"
+        gguf = _untied_base(ws, gguf)
     progress(0.6, f"Loading {gguf.name}...")
     lm, loaded = _loaded_or_load(ws, registry, gguf.resolve(), current, label)
-    if name not in lm.backend.adapters:  # attached to this copy of the GGUF before
+    if name not in lm.backend.adapters:  # attached to this model before
         attach_adapter(lm, lora, name, chat_template=saved_chat_template(adapter_dir) or saved_chat_template(base))
+    prune_lora_cache(ws, _in_use(registry))  # now that this adapter's files are in use
+    rows = token_row_count(adapter_dir)
     said = "llama.cpp answers: the base GGUF with the adapter as a LoRA GGUF" + (
-        f" and its {len(rows.ids)} trained token row(s) in a copy of the GGUF" if rows else "")
+        f", its {rows} trained token row(s) included" if rows else "") + (
+        " (on a copy of the base GGUF with its output layer untied: the rows change it too)" if untied else "")
     return lm, name, f"{loaded}; {said}" if loaded else said
+
+
+UNTIED = "untied-"  # tmp/lora-gguf/untied-<key>.gguf: a base GGUF with its output layer written out
+
+
+def _untied_base(ws, gguf: Path) -> Path:
+    """The base GGUF with its output layer written out (serving.lora.untied_gguf), once per version of the file."""
+    from .serving.lora import untied_gguf  # noqa: PLC0415
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    target = ws.tmp / "lora-gguf" / f"{UNTIED}{key}.gguf"
+    return target if target.is_file() else untied_gguf(gguf, target)
 
 
 def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
@@ -142,27 +166,97 @@ def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
     return ws.tmp / "lora-gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
-    """The low-rank pairs of the PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp
-    LoRA GGUF at `out` (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter)
-    unless it is there already. BadInput says why llama.cpp cannot take this adapter."""
-    import shutil  # noqa: PLC0415
+def _remember(cache: Path, adapter_dir: Path) -> None:
+    """<key>.json beside the cached files: the adapter version they were written for (prune_lora_cache reads it)."""
+    from .workspace import write_json  # noqa: PLC0415
 
+    st = (adapter_dir / "adapter_model.safetensors").stat()
+    write_json(cache.with_suffix(".json"), {"adapter": str(adapter_dir.resolve()), "bytes": st.st_size,
+                                            "mtime_ns": st.st_mtime_ns})
+
+
+STALE_TEMP_S = 6 * 3600  # a temporary file that old was left by a process that died while writing it
+KEEP_COPIES = 2  # untied copies of a base GGUF (hundreds of MB each) kept when not in use, newest first
+
+
+def prune_lora_cache(ws, in_use: set[Path] = frozenset(), keep_copies: int = KEEP_COPIES) -> list[Path]:
+    """Remove from tmp/lora-gguf/ the files of adapter versions that are gone (the run deleted, the adapter trained
+    again) or unknown (no <key>.json: written before it was kept), temporary files left by a crash, and untied
+    copies of a base GGUF beyond the `keep_copies` newest (written again when needed); files a loaded model is using
+    (`in_use`) stay. Returns what was removed."""
+    folder = ws.tmp / "lora-gguf"
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    keep = {p.stem for p in entries if p.suffix == ".json" and _present(p)}
+    copies = [p for p in entries if _is_copy(p) and p.resolve() not in in_use]
+    extra = set(sorted(copies, key=_mtime, reverse=True)[keep_copies:])
+    removed = []
+    for p in entries:
+        if p.resolve() in in_use:
+            continue
+        if p.name.startswith("."):  # being written now, unless it is old
+            if time.time() - _mtime(p) < STALE_TEMP_S:
+                continue
+        elif _is_copy(p):
+            if p not in extra:
+                continue
+        elif p.stem in keep and p.suffix in (".json", ".gguf"):  # <key>.json and its <key>.gguf
+            continue
+        try:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:  # gone meanwhile or not ours to remove: the next prune tries again
+            continue
+        removed.append(p)
+    return removed
+
+
+def _is_copy(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.name.startswith(UNTIED)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _present(record: Path) -> bool:
+    """Whether the adapter version a <key>.json names is still on disk, unchanged."""
+    try:
+        rec = json.loads(record.read_text())
+        st = (Path(rec["adapter"]) / "adapter_model.safetensors").stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return st.st_size == rec.get("bytes") and st.st_mtime_ns == rec.get("mtime_ns")
+
+
+def _in_use(registry) -> set[Path]:
+    """The files the loaded models read: their own and their attached adapters'."""
+    paths = set()
+    for lm in _loaded(registry):
+        paths.add(Path(lm.model_path).resolve())
+        paths.update(Path(a.path).resolve() for a in lm.backend.adapters.values())
+    return paths
+
+
+def lora_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """The PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp LoRA GGUF at `out`
+    (f32: the adapter exactly), written by the export's converter (pipelines.export.adapter) unless it is there
+    already. BadInput says why llama.cpp cannot take this adapter."""
     from .export.adapter import adapter_gguf, adapter_problem  # noqa: PLC0415 - the converter, only from here
-    from .serving.lora import without_token_rows  # noqa: PLC0415
 
     if out.is_file():
         return out
-    pairs = out.with_name(f".{out.stem}-pairs")  # its trained token rows go into the base GGUF instead
+    why = adapter_problem(adapter_dir)
+    if why:
+        raise BadInput(why)
     try:
-        why = adapter_problem(without_token_rows(adapter_dir, pairs))
-        if why:
-            raise BadInput(why)
-        return adapter_gguf(pairs, base_dir, out, "f32")
+        return adapter_gguf(adapter_dir, base_dir, out, "f32")
     except Conflict:  # another request wrote it meanwhile
         return out
-    finally:
-        shutil.rmtree(pairs, ignore_errors=True)
 
 
 def _loaded(registry) -> list[LoadedModel]:

@@ -8,6 +8,10 @@ share one module name, so `from conftest import` would pick whichever conftest p
 - build_spm_llama(out): a tiny llama with a SentencePiece-style BPE tokenizer (byte fallback, metaspace) that
   llama.cpp's converter reads like Llama 2's (the byte-level BPE of conftest's tiny llama has a pre-tokenizer
   the converter does not know), so it makes the GGUF round trip.
+- text_only_copy(llama_dir, out) / tied_copy(llama_dir, out): copies whose answers hold no byte tokens; the second
+  with its output layer tied to the embedding.
+- token_rows_adapter(base_dir, out, token_ids): a LoRA plus PEFT trainable tokens (rows of the embedding trained
+  outright, as the trainer adds for tokens a base never learned).
 """
 
 from __future__ import annotations
@@ -169,4 +173,44 @@ def text_only_copy(llama_dir: Path, out: Path) -> Path:
     weights = load_file(out / "model.safetensors")
     weights["lm_head.weight"][byte_ids] = 0.0
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def tied_copy(llama_dir: Path, out: Path) -> Path:
+    """A copy of a tiny llama whose output layer is tied to its input embedding (as Gemma's, Qwen's and Llama 3.2's
+    are): no lm_head.weight, tie_word_embeddings. Byte tokens keep out of its answers as in text_only_copy: their
+    embedding rows, which are their output rows too, are zero."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(llama_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}, indent=2))
+    weights = load_file(out / "model.safetensors")
+    del weights["lm_head.weight"]
+    byte_ids = [i for t, i in AutoTokenizer.from_pretrained(out).get_vocab().items() if t.startswith("<0x")]
+    weights["model.embed_tokens.weight"][byte_ids] = 0.0
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def token_rows_adapter(base_dir: Path, out: Path, token_ids: list[int], seed: int = 11, **lora_kw) -> Path:
+    """A LoRA (q_proj/v_proj unless `lora_kw` says otherwise) plus PEFT trainable tokens for `token_ids`, all random
+    and large enough to change the answer: the rows by about their own size."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kw = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **lora_kw}
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                        LoraConfig(trainable_token_indices=token_ids, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "trainable_tokens" in name else 0.4))
+    pm.save_pretrained(out)
     return out

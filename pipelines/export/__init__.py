@@ -31,7 +31,7 @@ complete (temp name + rename) and nothing existing is overwritten.
     result = ex.export(ws, ex.ExportRequest(source="runs/my-run", quants=["Q8_0"]))
 """
 
-from .adapter import LORA_FOLDER, adapter_gguf, adapter_problem
+from .adapter import LORA_FOLDER, adapter_gguf, adapter_problem, needs_untied_base
 from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, ExportFailed
 from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
 from .merge import saved_chat_template
@@ -65,7 +65,7 @@ from .validate import (
                        hf_perplexity,
 )
 
-__all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "Translation", "translate", "HELDOUT_TEXT",
+__all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "needs_untied_base", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "Translation", "translate", "HELDOUT_TEXT",
            "OUTTYPES", "QUANT_TYPES", "VALIDATION_CONVERSATION", "VALIDATION_PROMPTS", "CheckItem", "ExportFailed",
            "ExportPlan", "ExportRequest", "ExportResult", "PerplexityRow", "Validation", "check_architecture",
            "converter_dir", "count_params", "degenerate", "disk_check", "estimate_bytes", "export", "export_details",

@@ -8,8 +8,11 @@ GGUF - a few MB instead of a second copy of the model.
 
 The tensors are named by llama.cpp's own converter (lora_child.py runs in a subprocess with the converter on its
 path, like convert.py), so the file fits the base GGUF that converter writes: general.type = adapter,
-adapter.type = lora, adapter.lora.alpha, <tensor>.lora_a / .lora_b. An export writes it with the base's GGUF and a
-Modelfile in exports/<name>/lora-gguf/ and validates it on that base (validate.py).
+adapter.type = lora, adapter.lora.alpha, <tensor>.lora_a / .lora_b. Rows of the token embedding the adapter trained
+outright (PEFT's trainable tokens) go in as a token_embd pair, and when the model's output layer is tied to the
+embedding (Gemma) as an output.weight pair too, which needs the base GGUF with its output layer written out
+(`needs_untied_base`; serving.lora.untied_gguf). An export writes the file with the base's GGUF (untied when needed)
+and a Modelfile in exports/<name>/lora-gguf/ and validates it on that base (validate.py).
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ from ..errors import BadInput, Conflict, NotFound
 from ..workspace import human_bytes
 from .common import ExportFailed, ProgressFn, _is_gguf, _noop, _tail
 from .convert import _converter_env, converter_dir
+from .lora_child import tied_head
 
 LORA_FOLDER = "lora-gguf"  # exports/<name>/lora-gguf/: the base GGUF, the LoRA GGUF, its Modelfile and validation
 OUTTYPES = ("f32", "f16")
 CHILD = Path(__file__).with_name("lora_child.py")
+REFUSAL = "This adapter cannot be written as a llama.cpp LoRA GGUF: "
 
 
 def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
     """Why this PEFT adapter cannot become a llama.cpp LoRA (read from adapter_config.json, nothing loaded), or None
-    when it can as far as its config tells (the tensor names are checked when the file is written)."""
+    when it can as far as its config tells (the tensors are checked when the file is written)."""
     adapter_dir = Path(adapter_dir)
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -45,14 +50,22 @@ def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
         return "it is a DoRA adapter: llama.cpp's LoRA has no magnitude vector, so only the merged GGUF carries it"
     if cfg.get("alpha_pattern"):
         return "its alpha differs from module to module (alpha_pattern); a llama.cpp LoRA has one alpha"
-    if cfg.get("trainable_token_indices"):
-        return "it also trains rows of the token embeddings, which a llama.cpp LoRA cannot hold"
     if cfg.get("modules_to_save"):
         return (f"it also trains whole modules ({', '.join(cfg['modules_to_save'])}), which a llama.cpp LoRA cannot "
                 "hold; only the merged GGUF carries them")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         return "it has no adapter_model.safetensors (a pickled adapter_model.bin is never loaded)"
     return None
+
+
+def needs_untied_base(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> bool:
+    """Whether the adapter's LoRA GGUF holds an output.weight pair (trained token rows of a model whose output layer
+    is tied to its embedding), which llama.cpp applies only on the base GGUF with its output layer written out."""
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get("trainable_token_indices")) and tied_head(Path(base_dir))
 
 
 def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out_path: str | os.PathLike,
@@ -71,7 +84,7 @@ def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
         raise NotFound(f"{base_dir} is not the adapter's base model folder (no config.json).")
     why = adapter_problem(adapter_dir)
     if why:
-        raise BadInput(f"This adapter cannot be written as a llama.cpp LoRA GGUF: {why}.")
+        raise BadInput(f"{REFUSAL}{why}.")
     if out_path.exists():
         raise Conflict(f"{out_path} already exists; not overwriting it.")
     cdir = converter_dir()
@@ -86,7 +99,7 @@ def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
                               stdin=subprocess.DEVNULL)
         refused = next((ln[len("REFUSED: "):] for ln in proc.stderr.splitlines() if ln.startswith("REFUSED: ")), None)
         if refused:
-            raise BadInput(f"This adapter cannot be written as a llama.cpp LoRA GGUF: {refused}.")
+            raise BadInput(f"{REFUSAL}{refused}.")
         if proc.returncode != 0 or not _is_gguf(tmp):
             raise ExportFailed(f"Writing the LoRA GGUF failed (exit code {proc.returncode}). Last lines:\n"
                                f"{_tail(proc.stderr)}")
@@ -122,9 +135,10 @@ def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tune
     """An export's LoRA files in <folder>/lora-gguf/: the base model's GGUF (`outtype`, with the tokenizer as
     trained), <name>-lora.gguf and its Modelfile (FROM the base, ADAPTER the LoRA). Returns {"base", "lora",
     "modelfile"} (paths), or {"skipped": reason} when llama.cpp cannot apply this adapter (the merged GGUFs carry it
-    then)."""
+    then). The base GGUF has its output layer written out when the LoRA needs it (`needs_untied_base`)."""
     import shutil  # noqa: PLC0415
 
+    from ..serving.lora import untied_gguf  # noqa: PLC0415
     from .convert import convert  # noqa: PLC0415
     from .ollama import modelfile  # noqa: PLC0415
 
@@ -133,12 +147,20 @@ def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tune
         return {"skipped": f"no LoRA GGUF: {why}"}
     out = folder / LORA_FOLDER
     view = out / f".base-view-{os.getpid()}"
+    untied = needs_untied_base(adapter_dir, base_dir)
     try:
         base_gguf = convert(_base_with_trained_tokenizer(base_dir, tuned_dir, view), out, outtype,
-                            lambda f, m: progress(0.8 * f, m), stem=f"{name}-base")
+                            lambda f, m: progress(0.75 * f, m), stem=f"{name}-base")
     finally:
         shutil.rmtree(view, ignore_errors=True)
-    lora = adapter_gguf(adapter_dir, base_dir, out / f"{name}-lora.gguf", "f32", name,
-                        lambda f, m: progress(0.8 + 0.2 * f, m))
+    if untied:  # the same model with its output layer written out, for the LoRA's output.weight pair
+        progress(0.75, "Writing the base GGUF's output layer out (the adapter trains rows tied to it)...")
+        untied_gguf(base_gguf, base_gguf)
+    try:
+        lora = adapter_gguf(adapter_dir, base_dir, out / f"{name}-lora.gguf", "f32", name,
+                            lambda f, m: progress(0.8 + 0.2 * f, m))
+    except BadInput as e:  # refused on its tensors (the config looked fine): no base without its LoRA is left
+        shutil.rmtree(out, ignore_errors=True)
+        return {"skipped": f"no LoRA GGUF: {e.message.removeprefix(REFUSAL).rstrip('.')}"}
     mf = modelfile(lora, chat_template, system, base_gguf=base_gguf, bos_token=specials[0], eos_token=specials[1])
     return {"base": str(base_gguf), "lora": str(lora), "modelfile": str(mf)}

@@ -14,12 +14,14 @@ from typing import Callable
 
 from ..errors import BadInput, Conflict
 from ..runs import resolve_adapter, resolve_base
+from ..serving.lora import token_row_count
 from ..workspace import Workspace, human_bytes
 from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, RequestFields, _h, _slug
 from .convert import _model_stem, check_architecture
 from .merge import _weights_dtype
 from .quantize import _ftype
-from .sizes import gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
+from .adapter import needs_untied_base
+from .sizes import category, gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
 
 
 @dataclass
@@ -48,7 +50,8 @@ def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged
     """Bytes an export will write: the merged HF copy, each float GGUF and each quantization. Given the HF folder,
     each GGUF is sized tensor by tensor (sizes.gguf_bytes: the type llama.cpp gives each tensor, the tokenizer in
     the metadata), within about 1% of the file written; else n_params x an average bytes-per-parameter. With
-    `lora_of` (the adapter folder), the LoRA GGUF (f32) and the base GGUF it is applied on count too."""
+    `lora_of` (the adapter folder), the LoRA GGUF (f32) and the base GGUF it is applied on count too (with its
+    output layer written out when the LoRA needs it: adapter.needs_untied_base)."""
     parts = {"merged HF": n_params * merged_bytes_per_param} if merged_bytes_per_param else {}
     shapes = tensor_shapes(hf_dir) if hf_dir else None
     tied = tied_embeddings(shapes) if shapes else True
@@ -59,8 +62,18 @@ def estimate_bytes(n_params: int, outtypes: list[str], quants: list[str], merged
             raise BadInput(f"Unknown type {t!r}; choose from {', '.join(BYTES_PER_PARAM)}.")
         parts[key] = gguf_bytes(shapes, key, tied, meta) if shapes else n_params * BYTES_PER_PARAM[key]
     if lora_of is not None and outtypes:
-        parts[f"base {outtypes[0]} (for the LoRA)"] = parts[outtypes[0]]
-        parts["LoRA GGUF"] = 4 * count_params(lora_of, "adapter_model") + 65536  # f32, plus the header
+        base, lora = parts[outtypes[0]], 4 * count_params(lora_of, "adapter_model") + 65536  # f32, plus the header
+        embd = {n: s for n, s in (shapes or {}).items() if category(n) == "token_embd"}
+        untied = bool(embd) and tied and needs_untied_base(lora_of, hf_dir)
+        if untied:  # its output layer written out: token_embd twice
+            key = outtypes[0] if outtypes[0] in BYTES_PER_PARAM else outtypes[0].upper()
+            base += gguf_bytes(embd, key, tied)
+        rows = token_row_count(lora_of)
+        if rows and embd:  # trained rows: the k rows counted, + each pair's vocab x k selection (lora_child)
+            (n_vocab, width), = embd.values()
+            lora += 4 * rows * (n_vocab * (2 if untied else 1) + (width if untied else 0))
+        parts[f"base {outtypes[0]} (for the LoRA)"] = base
+        parts["LoRA GGUF"] = lora
     return {"parts": {k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
 

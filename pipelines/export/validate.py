@@ -86,7 +86,13 @@ def _load_llama(gguf_path: Path, n_ctx: int = 512, lora: Path | None = None):
     """llama.cpp in this (export job) process, with the settings this CPU needs (serving.llamacpp); `lora` applies a
     LoRA GGUF on the model."""
     from ..serving.llamacpp import open_llama  # noqa: PLC0415
+    from ..serving.lora import missing_lora_targets  # noqa: PLC0415
 
+    missing = missing_lora_targets(lora, gguf_path) if lora else []
+    if missing:  # refused here: llama-cpp-python would crash on llama.cpp's refusal
+        raise ValueError(f"{gguf_path.name} has no {', '.join(missing[:3])} for the LoRA to adapt (another base?"
+                         + (" A LoRA with an output.weight pair needs the base GGUF its export wrote, with the output"
+                            " layer written out." if "output.weight" in missing else "") + ")")
     extra = {"lora_path": str(lora)} if lora else {}
     return open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_gpu_layers=0, **extra)
 

@@ -188,5 +188,6 @@ def lora_gguf_metadata(path: Path) -> dict:
     lora_a = [t for t in reader.tensors if t.name.endswith(".lora_a")]
     if lora_a:
         out["rank"] = int(min(lora_a[0].shape))
-        out["targets"] = sorted({t.name.split(".")[-3] if t.name.count(".") >= 3 else t.name for t in lora_a})
+        # blk.0.attn_q.weight.lora_a -> attn_q; token_embd.weight.lora_a (trained token rows) -> token_embd
+        out["targets"] = sorted({t.name.removesuffix(".weight.lora_a").split(".")[-1] for t in lora_a})
     return out

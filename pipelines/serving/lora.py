@@ -1,14 +1,14 @@
 """A LoRA adapter as it lies on disk, before any backend loads it: `read_lora_folder` checks a PEFT adapter folder
 (adapter_config.json of a LoRA, safetensors weights - never a pickle) and `AdapterInfo` describes an adapter once a
-backend has checked it against its model; the rows of the token embeddings an adapter trained outright
-(`token_rows`), which a GGUF base takes written into a copy of itself (`gguf_with_token_rows`). Shared by every
-backend (pipelines.serving.backend) and pipelines.adapters.
+backend has checked it against its model; how many rows of the token embeddings an adapter trained outright
+(`token_row_count`), and `untied_gguf`, the base GGUF with its output layer written out, which the LoRA GGUF of such
+an adapter needs when the output layer is tied to the embedding. Shared by every backend (pipelines.serving.backend)
+and pipelines.adapters.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,91 +79,72 @@ def read_lora_folder(adapter_dir: str | Path) -> LoraFolder:
 
 # ------------------------------------------------------------------------------------------ trained token rows
 # PEFT's trainable tokens (pipelines.training.tokens: rows of the embedding a base model never trained, such as
-# Gemma 3 270M's <end_of_turn>) are whole rows, not a low-rank pair: a llama.cpp LoRA cannot hold them (its
-# token_embd LoRA would also be applied, misshapen, to a tied output layer). A GGUF base takes them written into a
-# copy of its token_embd instead; the low-rank rest becomes the LoRA GGUF.
+# Gemma 3 270M's <end_of_turn>). k rows are a rank-k change, which the LoRA GGUF holds as a token_embd pair
+# (export/lora_child.py). A tied output layer reads token_embd under that same name, where llama.cpp cannot apply
+# the pair, so its change is an output.weight pair, applied on the base GGUF with its output layer written out.
 
-TOKEN_ROWS_KEY = "trainable_tokens_delta"  # PEFT's name for the new rows (the values themselves, not a difference)
-
-
-@dataclass
-class TokenRows:
-    """The embedding rows an adapter trained outright: token ids and their new values (ids x width, float32)."""
-
-    ids: list[int]
-    values: object  # numpy array
-
-
-def token_rows(adapter_dir: Path) -> TokenRows | None:
-    """The adapter's trained embedding rows (PEFT trainable tokens on the input embedding), or None."""
-    folder = read_lora_folder(adapter_dir)
-    indices = folder.config.get("trainable_token_indices")
-    if isinstance(indices, dict):  # {module: ids}: the embedding's
-        indices = next((v for k, v in indices.items() if "embed" in k), None)
-    if not indices:
-        return None
-    from safetensors.torch import load_file  # noqa: PLC0415 - torch: rows may be bf16, which numpy cannot hold
-
-    tensors = load_file(str(folder.weights))
-    key = next((k for k in tensors if TOKEN_ROWS_KEY in k and "embed" in k), None)
-    if key is None:
-        raise BadInput(f"{folder.path.name} names trainable tokens but holds no {TOKEN_ROWS_KEY} rows.")
-    values = tensors[key].float().numpy()
-    if values.shape[0] != len(indices):
-        raise BadInput(f"{folder.path.name} holds {values.shape[0]} trained token rows for {len(indices)} tokens.")
-    return TokenRows(ids=[int(i) for i in indices], values=values)
+def token_row_count(adapter_dir: Path) -> int:
+    """How many rows of the token embeddings the adapter trained outright (its trainable_token_indices; 0 when its
+    adapter_config.json cannot be read)."""
+    try:
+        indices = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("trainable_token_indices")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    indices = indices or []
+    if isinstance(indices, dict):  # {module: ids}
+        return sum(len(v) for v in indices.values())
+    return len(indices)
 
 
-def without_token_rows(adapter_dir: Path, out: Path) -> Path:
-    """A copy of the adapter folder with only its low-rank pairs (config and weights without the trainable tokens),
-    for the LoRA GGUF writer."""
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
-
-    folder = read_lora_folder(adapter_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in folder.config.items() if k != "trainable_token_indices"}
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = {k: v for k, v in load_file(str(folder.weights)).items() if TOKEN_ROWS_KEY not in k}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-def gguf_with_token_rows(src: Path, rows: TokenRows, out: Path) -> Path:
-    """A copy of the GGUF `src` whose token_embd rows `rows.ids` hold `rows.values`, quantized as the tensor is
-    (a tied output layer reads the same rows). Written under a temporary name, renamed when complete. BadInput
-    when the rows do not fit the tensor, or its type is one the gguf library cannot write."""
+def untied_gguf(src: Path, out: Path) -> Path:
+    """The GGUF `src` with its output layer written out: an output.weight tensor holding token_embd's data (as
+    stored, quantized or not) - the same model, which llama.cpp then reads the output layer from (it falls back on
+    token_embd only when output.weight is absent), so a LoRA's output.weight pair applies to the output layer alone.
+    `src` itself when it has an output.weight already. Written under a temporary name and renamed (`out` may be
+    `src`). BadInput when it has no token_embd."""
     import os  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
 
     import gguf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
     reader = gguf.GGUFReader(str(src))
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    tensors = list(reader.tensors)
+    if any(t.name == "output.weight" for t in tensors):
+        return src
+    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if embd is None:
-        raise BadInput(f"{src.name} has no token_embd.weight to write the adapter's trained token rows into.")
-    width, n_rows = int(embd.shape[0]), int(embd.shape[1])
-    if rows.values.shape[1] != width or max(rows.ids) >= n_rows or min(rows.ids) < 0:
-        raise BadInput(f"The adapter's trained token rows ({rows.values.shape[1]} wide) do not fit {src.name}'s "
-                       f"embedding ({n_rows} x {width}).")
-    row_bytes = int(embd.n_bytes) // n_rows
-    try:
-        packed = [gguf.quants.quantize(np.asarray(v, np.float32)[None, :], embd.tensor_type).tobytes()
-                  for v in rows.values]
-    except (NotImplementedError, gguf.quants.QuantError):
-        raise BadInput(f"{src.name}'s embedding is {embd.tensor_type.name}, which MacTuner cannot write the "
-                       "adapter's trained token rows in.") from None
-    if any(len(data) != row_bytes for data in packed):  # a type whose rows are not stored one after another
-        raise BadInput(f"{src.name}'s {embd.tensor_type.name} embedding does not store its rows one by one.")
-    del reader
+        raise BadInput(f"{src.name} has no token_embd.weight to write its output layer from.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # two requests may write it at once
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "r+b") as f:
-            for token, data in zip(rows.ids, packed):
-                f.seek(int(embd.data_offset) + token * row_bytes)
-                f.write(data)
+        writer = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+        alignment = reader.fields.get("general.alignment")
+        if alignment is not None:
+            writer.data_alignment = int(alignment.contents())
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):  # the writer's own
+                continue
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+        for name, t in [(t.name, t) for t in tensors] + [("output.weight", embd)]:
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors + [embd]:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def missing_lora_targets(lora: Path, base: Path) -> list[str]:
+    """The tensors the LoRA GGUF `lora` adapts that the model GGUF `base` lacks (names only, nothing loaded) - e.g.
+    the output.weight of a tied-row LoRA on a GGUF whose output layer is tied. llama.cpp refuses such a LoRA, and
+    llama-cpp-python's Llama(lora_path=) misses that refusal (a NULL it does not check) and crashes later."""
+    import gguf  # noqa: PLC0415
+
+    targets = {t.name.removesuffix(".lora_a").removesuffix(".lora_b") for t in gguf.GGUFReader(str(lora)).tensors}
+    return sorted(targets - {t.name for t in gguf.GGUFReader(str(base)).tensors})

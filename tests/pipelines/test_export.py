@@ -24,8 +24,10 @@ from pipelines.export.quantize import quantize
 from pipelines.export.validate import validate
 
 
-def _make_adapter(base: Path, out: Path, seed: int = 7) -> Path:
-    """A LoRA adapter (r=4 on q_proj/v_proj) with random, non-zero A and B, plus the base's tokenizer."""
+def _make_adapter(base: Path, out: Path, seed: int = 7, token_ids: list[int] | None = None) -> Path:
+    """A LoRA adapter (r=4 on q_proj/v_proj) with random, non-zero A and B, plus the base's tokenizer; with
+    `token_ids`, also those rows of the embedding trained outright (PEFT trainable tokens, as the trainer adds for
+    tokens a base never learned), moved at random."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +35,11 @@ def _make_adapter(base: Path, out: Path, seed: int = 7) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
+                                                  init_lora_weights=False, trainable_token_indices=token_ids))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape) * 0.5)
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
@@ -46,7 +52,11 @@ def exported(tmp_path_factory, spm_llama_dir):
 
     root = tmp_path_factory.mktemp("export-ws")
     ws = Workspace.open(root / "ws")
-    adapter = _make_adapter(spm_llama_dir, root / "adapter")
+    from transformers import AutoTokenizer
+
+    # trained token rows too (the quick start's case): the LoRA GGUF carries them on this untied model
+    rows = sorted(set(AutoTokenizer.from_pretrained(spm_llama_dir).encode("Hello, how are you today?")[1:5]) | {2})
+    adapter = _make_adapter(spm_llama_dir, root / "adapter", token_ids=rows)
     seen = []
     req = ex.ExportRequest(source=str(adapter), name="tiny", outtypes=["f16"], quants=["Q8_0", "Q4_K_M"],
                            validate=True, base_model=str(spm_llama_dir), system="Be brief.")
@@ -195,8 +205,11 @@ def test_validation_of_a_good_export(exported):
 
 @pytest.mark.slow
 def test_the_adapter_is_exported_as_a_lora_gguf_and_validated_on_the_base(exported):
-    """lora-gguf/ holds the base's GGUF, the LoRA GGUF and a Modelfile (FROM the base, ADAPTER the LoRA); the LoRA,
-    applied on the base in llama.cpp, answers like the merged GGUF; it is no model of its own in the pickers."""
+    """lora-gguf/ holds the base's GGUF, the LoRA GGUF (trained token rows included) and a Modelfile (FROM the base,
+    ADAPTER the LoRA); the LoRA, applied on the base in llama.cpp, answers like the merged GGUF; it is no model of
+    its own in the pickers."""
+    import gguf
+
     ws, result, _seen, _adapter = exported
     folder = Path(result.folder) / ex.LORA_FOLDER
     assert sorted(p.name for p in folder.glob("*.gguf")) == ["tiny-base-f16.gguf", "tiny-lora.gguf"]
@@ -207,6 +220,9 @@ def test_the_adapter_is_exported_as_a_lora_gguf_and_validated_on_the_base(export
     for name in ("loads", "chat_template", "perplexity", "merged_match"):
         assert items[name]["ok"] is True, items[name]
     assert "on tiny-base-f16.gguf" in items["loads"]["detail"]
+    tensors = {t.name: t for t in gguf.GGUFReader(str(folder / "tiny-lora.gguf")).tensors}
+    assert "token_embd.weight.lora_a" in tensors  # the trained token rows, as a pair
+    assert (folder / "tiny-lora.gguf").stat().st_size < 200_000
     assert (folder / "tiny-lora.validation.json").is_file()
     d = ex.export_details(ws, "tiny")
     assert d["lora"]["file"] == "tiny-lora.gguf" and d["lora"]["base"].endswith("tiny-base-f16.gguf")

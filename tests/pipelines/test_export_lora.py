@@ -1,6 +1,7 @@
 """The adapter as a llama.cpp LoRA GGUF (pipelines/export/adapter.py): the file's keys and tensor names, llama.cpp
 applying it on the base GGUF like the merged model (Llama's q/k rows permuted as the converter permutes the base,
-rsLoRA's scale folded in), what cannot be written and why, and the export's lora-gguf/ folder with its Modelfile
+rsLoRA's scale folded in), trained token rows as a token_embd pair (and an output.weight pair on the untied base
+for a tied output layer), what cannot be written and why, and the export's lora-gguf/ folder with its Modelfile
 (FROM the base, ADAPTER the LoRA) and its validation on the base.
 """
 
@@ -10,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tiny_models import tied_copy, token_rows_adapter
 
 from pipelines import export as ex
 from pipelines.errors import BadInput, Conflict
@@ -99,15 +102,49 @@ def test_what_llama_cpp_cannot_apply_is_refused_with_the_reason(tmp_path, spm_ll
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
     for extra, why in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "whole modules (lm_head)"),
                        ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
-                       ({"trainable_token_indices": [5]}, "rows of the token embeddings"),
                        ({"peft_type": "IA3"}, "IA3 adapter")]:
         (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
         assert why in (ex.adapter_problem(adapter) or ""), extra
         with pytest.raises(BadInput, match="cannot be written as a llama.cpp LoRA GGUF"):
             ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "x.gguf")
+    # trained token rows fit a LoRA (test_trained_token_rows_...)
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [5]}))
+    assert "token" not in (ex.adapter_problem(adapter) or "")
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     assert "adapter_model.safetensors" in ex.adapter_problem(adapter)  # a pickle is never loaded
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_trained_token_rows_are_a_token_embd_pair_llama_cpp_applies_like_the_merged_model(tmp_path, spm_llama_dir):
+    """Rows of the embedding trained outright (PEFT trainable tokens) on a model with its own output layer: k rows
+    are a rank-k token_embd pair in the LoRA GGUF (lora_a picks the rows, lora_b holds their change), and base GGUF
+    + LoRA GGUF answer like the merged model, whose new rows are read at the input only."""
+    import gguf
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.export.convert import convert
+
+    ids = [1, 50, 60, 70, 80, 90, 100]
+    trained = [60, 80, 95]  # two of them in the prompt, one not
+    adapter = token_rows_adapter(spm_llama_dir, tmp_path / "adapter", trained)
+    lora = ex.adapter_gguf(adapter, spm_llama_dir, tmp_path / "out" / "rows-lora.gguf")
+    names = {t.name: t for t in gguf.GGUFReader(str(lora)).tensors}
+    a, b = names["token_embd.weight.lora_a"], names["token_embd.weight.lora_b"]
+    assert list(a.shape) == [3, 400] and list(b.shape) == [3, 32]  # ggml order: A (k, vocab), B (k, width)
+    assert lora.stat().st_size < 64_000  # a few rows and pairs, no copy of the embedding
+    base_gguf = convert(spm_llama_dir, tmp_path / "out", "f32", stem="base")
+    with torch.inference_mode():
+        base_model = AutoModelForCausalLM.from_pretrained(spm_llama_dir)
+        base = base_model(torch.tensor([ids])).logits[0].numpy()
+        merged = PeftModel.from_pretrained(base_model, adapter).merge_and_unload()
+        want = merged(torch.tensor([ids])).logits[0].numpy()
+    effect = np.abs(want - base).max()
+    got = _logits(base_gguf, ids, lora)
+    assert effect > 0.1 and np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)
 
 
 @pytest.mark.slow
@@ -140,3 +177,55 @@ def test_never_overwrites(lora_files, spm_llama_dir):
     with pytest.raises(Conflict):
         ex.adapter_gguf(adapter, spm_llama_dir, lora)
     assert lora.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_export_of_tied_token_rows_writes_a_small_lora_on_the_untied_base(tmp_path, spm_llama_dir):
+    """The quick start's case (Gemma: tied output layer, <end_of_turn> trained as a row). The tied head changes with
+    the rows too: the LoRA GGUF adds an output.weight pair, which llama.cpp applies on the base GGUF with its output
+    layer written out (untied_gguf: the same model). The export's lora-gguf/ holds that base and a small LoRA; base
+    + LoRA give the merged model's logits, and every validation row passes."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.serving.lora import untied_gguf
+    from pipelines.workspace import Workspace
+
+    tied = tied_copy(spm_llama_dir, tmp_path / "tied")
+    adapter = token_rows_adapter(tied, tmp_path / "adapter", [2, 60, 80, 95])
+    assert ex.adapter_problem(adapter) is None and ex.needs_untied_base(adapter, tied)
+    ws = Workspace.open(tmp_path / "ws")
+    req = ex.ExportRequest(source=str(adapter), name="rows", outtypes=["f16"], quants=[], validate=True,
+                           base_model=str(tied))
+    result = ex.export(ws, req)
+    folder = Path(result.folder) / ex.LORA_FOLDER
+    base_gguf, lora = folder / "rows-base-f16.gguf", folder / "rows-lora.gguf"
+    assert sorted(p.name for p in folder.glob("*.gguf")) == [base_gguf.name, lora.name]
+    assert not list(folder.glob(".*"))
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(str(base_gguf)).tensors}
+    assert untied_gguf(base_gguf, tmp_path / "again.gguf") == base_gguf  # it has its output layer already
+    names = {t.name: list(t.shape) for t in gguf.GGUFReader(str(lora)).tensors}
+    assert names["output.weight.lora_a"] == [32, 4] and names["output.weight.lora_b"] == [4, 400]
+    assert lora.stat().st_size < 64_000
+    ids = [1, 50, 60, 70, 80, 90, 100, 95]
+    with torch.inference_mode():
+        base = AutoModelForCausalLM.from_pretrained(tied)(torch.tensor([ids])).logits[0].numpy()
+        want = AutoModelForCausalLM.from_pretrained(result.merged)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(_logits(base_gguf, ids) - base).max() < 0.01  # the same model (f16)
+    got, effect = _logits(base_gguf, ids, lora), np.abs(want - base).max()
+    assert effect > 1 and np.abs(got - want).max() < 0.02 * effect, (np.abs(got - want).max(), effect)
+    est = json.loads((Path(result.folder) / "export.json").read_text())["estimate"]["parts"]["base f16 (for the LoRA)"]
+    assert abs(est / base_gguf.stat().st_size - 1) < 0.10  # the output layer counted
+    items = {i["name"]: i for i in result.lora["validation"]["items"]}
+    for name in ("loads", "chat_template", "perplexity", "merged_match"):
+        assert items[name]["ok"] is True, items[name]
+    # validated on a tied GGUF (the merged one), the LoRA is refused with the reason - llama-cpp-python would crash
+    from pipelines.export.validate import validate
+
+    stray = tmp_path / "stray-lora.gguf"
+    stray.write_bytes(lora.read_bytes())
+    v = validate(Path(result.ggufs[0]), lora=stray)
+    loads = next(i for i in v.items if i.name == "loads")
+    assert loads.ok is False and "output.weight" in loads.detail and "output layer written out" in loads.detail

@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from tiny_models import make_adapter, text_only_copy
+from tiny_models import make_adapter, text_only_copy, tied_copy, token_rows_adapter
 
 from pipelines import adapters, chat, models
 from pipelines import device as devicemod
@@ -132,48 +133,130 @@ def test_an_adapter_llama_cpp_cannot_take_falls_back_to_transformers(setup):
     assert "transformers answers" in note and "DoRA" in note
 
 
-def adapter_with_token_rows(base: Path, out: Path, token_ids: list[int]) -> Path:
-    """A LoRA on q_proj/v_proj plus PEFT trainable tokens (whole embedding rows, as the trainer adds for tokens a
-    base never learned), all random and large enough to change the answer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                   trainable_token_indices=token_ids))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name or "trainable_tokens_delta" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "trainable_tokens" in name else 0.4))
-    pm.save_pretrained(out)
-    return out
-
-
-def test_trained_token_rows_go_into_a_copy_of_the_gguf(setup, peft_answers):
-    """Rows of the embedding an adapter trained outright (the quick start's <end_of_turn> on Gemma) cannot be a LoRA:
-    they are written into a copy of the base GGUF, which answers with the rest of the adapter as a LoRA GGUF - like
-    transformers + PEFT."""
-    ws, reg, base, gguf, _runs = setup
-    lm_hf = models.load_hf(base)
-    prompt = chat.build_prompt(lm_hf, HELLO, chat.ChatParams(**GREEDY)).token_ids
-    run = ws.runs / "rows"
+def _rows_run(ws, base: Path, name: str, token_ids: list[int], seed: int = 11) -> Path:
+    run = ws.runs / name
     run.mkdir()
     TrainConfig(base_model=str(base), dataset="x").to_yaml(run / "config.yaml")
-    adapter_with_token_rows(base, run / "adapter", sorted(set(prompt[2:6])))
+    token_rows_adapter(base, run / "adapter", token_ids, seed=seed)
+    return run
+
+
+def _peft_answer(base: Path, run: Path) -> tuple[str, str]:
+    """(the bare base's answer, the answer with the run's adapter) through transformers + PEFT."""
+    lm = models.load_hf(base)
     try:
-        adapters.attach_adapter(lm_hf, run / "adapter", "rows")
-        want = answer(lm_hf, "rows")
+        adapters.attach_adapter(lm, run / "adapter", run.name)
+        return answer(lm), answer(lm, run.name)
     finally:
-        lm_hf.backend.close()
+        lm.backend.close()
+
+
+def _prompt_ids(base: Path) -> list[int]:
+    lm = models.load_hf(base)
+    try:
+        return chat.build_prompt(lm, HELLO, chat.ChatParams(**GREEDY)).token_ids
+    finally:
+        lm.backend.close()
+
+
+def test_trained_token_rows_answer_on_the_base_gguf_in_its_lora(setup, peft_answers):
+    """Rows of the embedding an adapter trained outright, on a model with its own output layer: a token_embd pair in
+    the LoRA GGUF - the base GGUF answers with it in the same worker, like transformers + PEFT, and no copy of the
+    GGUF is written."""
+    ws, reg, base, gguf, _runs = setup
+    run = _rows_run(ws, base, "rows", sorted(set(_prompt_ids(base)[2:6])))
+    _bare, want = _peft_answer(base, run)
     assert want != peft_answers[None]
     lm, name, note = adapters.open_adapter(ws, reg, str(run))
-    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path) != gguf.resolve()  # its own copy of the GGUF
-    assert "token row" in note and "rows" in lm.name
+    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path) == gguf.resolve()
+    assert "trained token row(s) included" in note
     assert answer(lm, name) == want
-    again, _, _ = adapters.open_adapter(ws, reg, str(run))
-    assert again is lm
+    assert not list((ws.tmp / "lora-gguf").glob("*-*.gguf"))  # no copy of the base GGUF
+
+
+def test_trained_token_rows_of_a_tied_output_layer_answer_on_the_untied_base(setup, spm_llama_dir):
+    """A tied output layer (the quick start's Gemma and its <end_of_turn>) changes with the trained rows too: the
+    LoRA GGUF answers on one copy of the base GGUF with its output layer written out - like transformers + PEFT,
+    and a second such adapter is switched per answer on the same process, without a copy of its own."""
+    from transformers import AutoTokenizer
+
+    from pipelines.export.convert import convert
+
+    ws, reg, _base, _gguf, _runs = setup
+    base = tied_copy(spm_llama_dir, ws.root.parent / "tied-base")
+    gguf = convert(base, ws.root.parent / "tied-gguf", "f32", stem="tied")
+    (base / "mactuner.json").write_text(json.dumps({"source": str(gguf)}))
+    lm_hf = models.load_hf(base)
+    try:
+        bare = answer(lm_hf)
+    finally:
+        lm_hf.backend.close()
+    # rows of the prompt but not of the bare answer (a tied model repeats the token whose row grew: ':' here)
+    answered = set(AutoTokenizer.from_pretrained(base).convert_tokens_to_ids(sorted(set(bare))))
+    rows = sorted(set(_prompt_ids(base)[2:8]) - answered)
+    runs = [_rows_run(ws, base, "tied-rows", rows), _rows_run(ws, base, "tied-rows2", rows, seed=2)]
+    want = [_peft_answer(base, run)[1] for run in runs]
+    assert bare not in want and want[0] != want[1]
+    lm, name, note = adapters.open_adapter(ws, reg, str(runs[0]))
+    assert lm.backend_kind == "llama.cpp" and Path(lm.model_path).name.startswith(adapters.UNTIED)
+    assert Path(lm.model_path).parent == ws.tmp / "lora-gguf"
+    assert "token row" in note and "untied" in note and "untied" in lm.name
+    assert answer(lm, name) == want[0]
+    pid = lm.describe()["worker"]["pid"]
+    lm2, name2, _ = adapters.open_adapter(ws, reg, str(runs[1]))
+    assert lm2 is lm and lm.describe()["worker"]["pid"] == pid
+    assert [answer(lm, n) for n in (name2, name, None)] == [want[1], want[0], bare]
+    assert len(list((ws.tmp / "lora-gguf").glob(f"{adapters.UNTIED}*"))) == 1
+    # on the tied GGUF itself llama.cpp finds no output.weight for the LoRA: refused with the reason, no crash
+    lora = Path(lm.backend.adapters[name].path)
+    reg.unload(lm.name)
+    plain = reg.load(str(gguf), ws, name="tied-plain", replace=False, current=False)
+    try:
+        with pytest.raises(BadInput, match="could not load the adapter"):
+            chat.attach_adapter(plain, lora, "rows-on-tied")
+        assert answer(plain) == bare and plain.describe()["worker"]["restarts"] == 0
+    finally:
+        reg.unload(plain.name)
+
+
+def test_old_lora_gguf_files_are_pruned(tmp_path):
+    """tmp/lora-gguf/ keeps the LoRAs of adapter versions still on disk, the newest untied copies of a base GGUF and
+    what a loaded model uses; the rest (adapters gone or trained again, files of unknown origin, old temporary files)
+    goes."""
+    from pipelines.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "ws")
+    folder = ws.tmp / "lora-gguf"
+    folder.mkdir(parents=True)
+    now = time.time()
+
+    def version(key: str, age_s: float, present: bool = True) -> str:
+        adapter = tmp_path / "adapters" / key
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"w")
+        st = (adapter / "adapter_model.safetensors").stat()
+        key = key.ljust(20, "0")
+        rec = {"adapter": str(adapter), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns + (0 if present else 1)}
+        (folder / f"{key}.json").write_text(json.dumps(rec))
+        for f in (f"{key}.gguf", f"{adapters.UNTIED}{key}.gguf"):  # its LoRA, a copy of a base
+            (folder / f).write_bytes(b"gguf")
+            os.utime(folder / f, (now - age_s, now - age_s))
+        return key
+
+    new, mid, old, used = version("new", 10), version("mid", 20), version("old", 30), version("used", 40)
+    gone = version("gone", 5, present=False)
+    (folder / f"{new}-base.gguf").write_bytes(b"a copy as written before")
+    (folder / f"{'f' * 20}.gguf").write_bytes(b"unknown")
+    (folder / ".fresh.tmp").write_bytes(b"")
+    (folder / ".stale.tmp").write_bytes(b"")
+    os.utime(folder / ".stale.tmp", (now - 7 * 3600, now - 7 * 3600))
+    removed = {p.name for p in adapters.prune_lora_cache(ws, {(folder / f"{adapters.UNTIED}{used}.gguf").resolve()})}
+    # the copies kept: the one in use and the 2 newest others (gone's is newest: a copy is the base's, not an
+    # adapter's); the LoRAs kept: those of adapters still there
+    assert removed == {f"{adapters.UNTIED}{mid}.gguf", f"{adapters.UNTIED}{old}.gguf", f"{gone}.json",
+                       f"{gone}.gguf", f"{new}-base.gguf", f"{'f' * 20}.gguf", ".stale.tmp"}
+    assert {p.name for p in folder.glob("*.gguf") if not p.name.startswith(adapters.UNTIED)} == {
+        f"{k}.gguf" for k in (new, mid, old, used)}
 
 
 def test_wrong_adapter_files_on_a_gguf_model_are_refused(setup, tmp_path):
