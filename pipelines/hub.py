@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, MacTunerError, NotFound, Unauthorized, Unavailable
-from .models import ProgressFn, no_progress, weight_format
+from .models import weight_format
+from .progress import ProgressFn, no_progress
 from .workspace import human_bytes
 
 
@@ -134,7 +135,7 @@ def _hub_errors(model_id: str, exc: Exception) -> MacTunerError:
     )
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level exception types of the HTTP client huggingface_hub uses (httpx, or httpx2 in 2.x)."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for mod in ("httpx2", "httpx", "requests"):
@@ -159,7 +160,7 @@ def _is_network_error(exc: Exception) -> bool:
     from huggingface_hub import errors as hfe  # noqa: PLC0415
 
     return isinstance(exc, (hfe.HfHubHTTPError, hfe.OfflineModeIsEnabled, hfe.LocalEntryNotFoundError,
-                            *_transport_errors()))
+                            *transport_errors()))
 
 
 @dataclass

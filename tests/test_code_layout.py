@@ -130,3 +130,36 @@ def test_training_and_job_modules_import_no_private_names():
                           if a.name.startswith("_")]
     assert not found, found
     assert kept_short()
+
+
+# Imports inside functions are for what is slow to import (torch, transformers, gradio) or would make a cycle; the
+# standard library's light modules are imported once, at the top.
+LIGHT_STDLIB = {"pathlib", "time", "os", "json", "re", "sys", "math", "shutil", "dataclasses", "typing", "io",
+                "collections", "itertools", "functools", "subprocess", "tempfile", "threading", "datetime",
+                "contextlib", "hashlib", "signal", "socket", "textwrap", "statistics", "random", "uuid", "glob"}
+
+
+def test_light_standard_modules_are_imported_at_the_top():
+    found = []
+    for name, path in modules().items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found += [f"{name}.{fn.name}: {a.name}" for a in node.names if a.name in LIGHT_STDLIB]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module in LIGHT_STDLIB:
+                    found.append(f"{name}.{fn.name}: {node.module}")
+    assert not found, found
+
+
+def test_pipelines_import_no_private_names_of_other_modules():
+    found = []
+    for name, path in modules().items():
+        if not name.startswith("pipelines"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                found += [f"{name}: {a.name} from {'.' * node.level}{node.module or ''}" for a in node.names
+                          if a.name.startswith("_")]
+    assert not found, found

@@ -34,8 +34,8 @@ complete (temp name + rename) and nothing existing is overwritten.
 from .adapter import LORA_FOLDER, adapter_gguf, adapter_problem, needs_untied_base
 from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, ExportFailed
 from .convert import CONVERTER_ENV, check_architecture, converter_dir, supported_architectures
-from .merge import saved_chat_template
 from .families import Translation, translate
+from .merge import saved_chat_template
 from .ollama import how_to_run, modelfile, template_family
 from .plan import ExportPlan, ExportRequest, count_params, disk_check, estimate_bytes, plan_export
 from .quantize import quant_name, tensor_types
@@ -52,17 +52,17 @@ from .run import (
     validation_sources,
 )
 from .validate import (
-                       CHECK_LABELS,
-                       HELDOUT_TEXT,
-                       VALIDATION_CONVERSATION,
-                       VALIDATION_PROMPTS,
-                       CheckItem,
-                       PerplexityRow,
-                       Validation,
-                       degenerate,
-                       failed_checks,
-                       gguf_perplexity,
-                       hf_perplexity,
+    CHECK_LABELS,
+    HELDOUT_TEXT,
+    VALIDATION_CONVERSATION,
+    VALIDATION_PROMPTS,
+    CheckItem,
+    PerplexityRow,
+    Validation,
+    degenerate,
+    failed_checks,
+    gguf_perplexity,
+    hf_perplexity,
 )
 
 __all__ = ["BYTES_PER_PARAM", "LORA_FOLDER", "adapter_gguf", "adapter_problem", "needs_untied_base", "lora_row", "CHECK_LABELS", "CONVERTER_ENV", "DEFAULT_QUANTS", "Translation", "translate", "HELDOUT_TEXT",

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ..errors import BadInput, Conflict, NotFound
+from ..progress import ProgressFn, no_progress
 from ..workspace import human_bytes
-from .common import ExportFailed, ProgressFn, _is_gguf, _noop, _tail
-from .convert import _converter_env, converter_dir
+from .common import ExportFailed, is_gguf, last_lines
+from .convert import converter_dir, converter_env
 from .lora_child import tied_head
 
 LORA_FOLDER = "lora-gguf"  # exports/<name>/lora-gguf/: the base GGUF, the LoRA GGUF, its Modelfile and validation
@@ -69,7 +71,7 @@ def needs_untied_base(adapter_dir: str | os.PathLike, base_dir: str | os.PathLik
 
 
 def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out_path: str | os.PathLike,
-                 outtype: str = "f32", name: str | None = None, progress: ProgressFn = _noop,
+                 outtype: str = "f32", name: str | None = None, progress: ProgressFn = no_progress,
                  timeout: float = 1800.0) -> Path:
     """Write the PEFT adapter in `adapter_dir` (trained on the HF model in `base_dir`) as a llama.cpp LoRA GGUF at
     `out_path` (temp name + rename; an existing file is never overwritten). f32 keeps the adapter exactly; f16
@@ -95,14 +97,14 @@ def adapter_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, ou
            name or out_path.stem]
     progress(0.0, f"Writing the LoRA adapter as a GGUF ({outtype})...")
     try:
-        proc = subprocess.run(cmd, env=_converter_env(cdir), capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, env=converter_env(cdir), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
         refused = next((ln[len("REFUSED: "):] for ln in proc.stderr.splitlines() if ln.startswith("REFUSED: ")), None)
         if refused:
             raise BadInput(f"{REFUSAL}{refused}.")
-        if proc.returncode != 0 or not _is_gguf(tmp):
+        if proc.returncode != 0 or not is_gguf(tmp):
             raise ExportFailed(f"Writing the LoRA GGUF failed (exit code {proc.returncode}). Last lines:\n"
-                               f"{_tail(proc.stderr)}")
+                               f"{last_lines(proc.stderr)}")
         os.replace(tmp, out_path)
     except subprocess.TimeoutExpired as e:
         raise ExportFailed(f"Writing the LoRA GGUF took more than {timeout:.0f} s.") from e
@@ -130,13 +132,12 @@ def _base_with_trained_tokenizer(base_dir: Path, tuned_dir: Path, view: Path) ->
 
 
 def export_lora(folder: Path, name: str, adapter_dir: Path, base_dir: Path, tuned_dir: Path, outtype: str,
-                chat_template: str | None, system: str | None, progress: ProgressFn = _noop,
+                chat_template: str | None, system: str | None, progress: ProgressFn = no_progress,
                 specials: tuple[str, str] = ("", "")) -> dict:
     """An export's LoRA files in <folder>/lora-gguf/: the base model's GGUF (`outtype`, with the tokenizer as
     trained), <name>-lora.gguf and its Modelfile (FROM the base, ADAPTER the LoRA). Returns {"base", "lora",
     "modelfile"} (paths), or {"skipped": reason} when llama.cpp cannot apply this adapter (the merged GGUFs carry it
     then). The base GGUF has its output layer written out when the LoRA needs it (`needs_untied_base`)."""
-    import shutil  # noqa: PLC0415
 
     from ..serving.lora import untied_gguf  # noqa: PLC0415
     from .convert import convert  # noqa: PLC0415

@@ -6,12 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
 
 from ..errors import BadInput, MacTunerError
-
-ProgressFn = Callable[[float, str], None]  # (fraction 0..1, message)
-
 
 OUTTYPES = ("f32", "f16", "bf16")
 
@@ -29,12 +25,9 @@ BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "Q8_0": 1.07, "Q6_K": 0.
                    "Q5_0": 0.69, "Q4_K_M": 0.6, "Q4_K_S": 0.57, "Q4_0": 0.56, "Q3_K_M": 0.49, "Q2_K": 0.41}
 
 
-def _noop(_f: float, _m: str) -> None:
-    pass
-
 
 class RequestFields:
-    """help / from_dict / as_dict for a request dataclass whose fields carry their help (`_h`); KIND names the
+    """help / from_dict / as_dict for a request dataclass whose fields carry their help (`help_meta`); KIND names the
     request in the message for an unknown key."""
 
     KIND = "export"
@@ -56,7 +49,7 @@ class RequestFields:
         return asdict(self)
 
 
-def _h(text: str) -> dict:
+def help_meta(text: str) -> dict:
     return {"help": text}
 
 
@@ -66,7 +59,7 @@ class ExportFailed(MacTunerError):
     status = 500
 
 
-def _is_gguf(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
     """True when `path` is a file that starts with the GGUF magic (reads 4 bytes, not the file)."""
     try:
         with open(path, "rb") as fh:
@@ -75,15 +68,15 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _tail(text: str, n: int = 12) -> str:
+def last_lines(text: str, n: int = 12) -> str:
     lines = [ln for ln in re.split(r"[\r\n]+", text or "") if ln.strip()]
     return "\n".join(lines[-n:])
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "export"
 
 
-def _gguf_type(p: Path) -> str:
+def gguf_type(p: Path) -> str:
     m = re.search(r"-(f32|f16|bf16|[QI]Q?\d\w*)$", p.stem, flags=re.I)
     return m.group(1) if m else "gguf"

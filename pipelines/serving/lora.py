@@ -9,6 +9,8 @@ and pipelines.adapters.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,8 +104,6 @@ def untied_gguf(src: Path, out: Path) -> Path:
     token_embd only when output.weight is absent), so a LoRA's output.weight pair applies to the output layer alone.
     `src` itself when it has an output.weight already. Written under a temporary name and renamed (`out` may be
     `src`). BadInput when it has no token_embd."""
-    import os  # noqa: PLC0415
-    import uuid  # noqa: PLC0415
 
     import gguf  # noqa: PLC0415
 
