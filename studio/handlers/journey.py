@@ -13,7 +13,7 @@ from pipelines.errors import MacTunerError
 
 from .chat import adapter_choices, adapter_menu, model_choices
 from .common import Context, SessionState, ui_errors
-from .train import progress_html
+from .train_monitor import progress_html
 
 _opened = SessionState()  # per page: the quick-start run whose adapter the chat was opened with
 
