@@ -15,8 +15,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines import chat
+from pipelines import chat, models, runs
+from pipelines.adapters import adapter_label, open_adapter
 from pipelines.errors import BadInput, MacTunerError, NotFound
+from pipelines.export import gguf_choices
+from pipelines.runs import resolve_adapter
 from pipelines.serving.client import ModelCrashed
 
 from .. import zerogpu
@@ -28,7 +31,8 @@ _stops = SessionState()  # the Event of each browser session's answer in progres
 _stream_chat_gpu = zerogpu.gpu(chat.stream_chat)  # an HF model's answer on ZeroGPU hardware (else the same function)
 
 
-def _new_stop(request: gr.Request | None) -> threading.Event:
+def new_stop(request: gr.Request | None) -> threading.Event:
+    """A new stop Event for this browser session's answer (its Stop button sets it)."""
     ev = threading.Event()
     _stops.set(request, ev)
     return ev
@@ -45,8 +49,6 @@ def stop(request: gr.Request) -> None:
 
 def adapter_sources(ctx: Context) -> list[str]:
     """LoRA adapters on disk: every run's final adapter/ and its complete checkpoints (newest run first)."""
-    from pipelines import runs  # noqa: PLC0415
-
     out = []
     for r in runs.list_runs(ctx.ws):
         run = runs.get_run(ctx.ws, r["name"])
@@ -59,16 +61,14 @@ def adapter_sources(ctx: Context) -> list[str]:
 def gguf_files(ctx: Context) -> list[tuple[str, str]]:
     """(label, path) of the GGUF files in the workspace (exports, then models/), for chatting or comparing; an
     export whose validation failed a check is labelled so ("⚠ fine-tune lost")."""
-    from pipelines import export  # noqa: PLC0415
-
-    return [(f"{label} — {path}", path) for label, path in export.gguf_choices(ctx.ws)]
+    return [(f"{label} — {path}", path) for label, path in gguf_choices(ctx.ws)]
 
 
 def model_choices(ctx: Context) -> list[str]:
     return ctx.registry.names()
 
 
-def _model(ctx: Context, name: str | None):
+def loaded_model(ctx: Context, name: str | None):
     if name:
         lm = ctx.registry.get(name)
         if lm is None:
@@ -82,7 +82,7 @@ def _model(ctx: Context, name: str | None):
 
 def adapter_choices(ctx: Context, name: str | None) -> list[str]:
     try:
-        lm = _model(ctx, name)
+        lm = loaded_model(ctx, name)
     except NotFound:
         return [BASE]
     return [BASE] + [a.name for a in chat.list_adapters(lm)]
@@ -91,9 +91,6 @@ def adapter_choices(ctx: Context, name: str | None) -> list[str]:
 def adapter_menu(ctx: Context, name: str | None) -> list[tuple[str, str]]:
     """The Adapter menu: the base model, the adapters attached to this model, then every run's adapter and
     checkpoint on disk (choosing one loads the base it was trained on if needed: see `choose_adapter`)."""
-    from pipelines.adapters import adapter_label  # noqa: PLC0415
-    from pipelines.runs import resolve_adapter  # noqa: PLC0415
-
     attached = adapter_choices(ctx, name)[1:]
     out = [(BASE, BASE)] + [(f"{a} (attached)", a) for a in attached]
     for path in adapter_sources(ctx):
@@ -111,8 +108,6 @@ def adapter_menu(ctx: Context, name: str | None) -> list[tuple[str, str]]:
 
 def _is_base(ctx: Context, lm) -> bool:
     """The embedded default (either copy), or a model prompted with the plain fallback (no chat template of its own)."""
-    from pipelines import models  # noqa: PLC0415
-
     defaults = {models.default_gguf_path(ctx.ws).resolve(), models.default_hf_path(ctx.ws).resolve()}
     if Path(lm.model_path).resolve() in defaults:
         return True
@@ -126,7 +121,7 @@ def model_note(ctx: Context, name: str | None, adapter: str | None = None) -> st
     """A plain word on the chosen model when it is a base model (no chat template of its own): it continues text,
     it was never taught to chat - with what to do about it."""
     try:
-        lm = _model(ctx, name)
+        lm = loaded_model(ctx, name)
     except NotFound:
         return ""
     if adapter not in (None, "", BASE) or not _is_base(ctx, lm):
@@ -144,8 +139,6 @@ def choose_adapter(ctx: Context, model_name: str | None, value: str | None, prog
     menu, note)."""
     if not (value or "").startswith(DISK):
         return gr.skip(), gr.skip(), gr.skip(), model_note(ctx, model_name, value)
-    from pipelines.adapters import open_adapter  # noqa: PLC0415
-
     progress(0.05, desc="Opening the adapter…")
     lm, name, note = open_adapter(ctx.ws, ctx.registry, value[len(DISK):], current=True,
                                   progress=lambda f, m: progress(f, desc=m))
@@ -164,7 +157,7 @@ def params_from(sampling: tuple | list, adapter: str | None) -> chat.ChatParams:
     return chat.ChatParams.from_form(list(sampling), None if adapter in (None, "", BASE) else adapter)
 
 
-def _speed(ch: chat.ChatChunk | None, name: str) -> str:
+def speed_line(ch: chat.ChatChunk | None, name: str) -> str:
     if ch is None:
         return ""
     bits = [f"**{name}**", f"{ch.n_tokens} tokens"]
@@ -194,11 +187,11 @@ def send(ctx: Context, request: gr.Request, message: str, history: list, model_n
     """Stream the answer to `message` into the chat: yields (history, textbox value, speed line)."""
     if not (message or "").strip():
         raise BadInput("Type a message first.")
-    lm = _model(ctx, model_name)
+    lm = loaded_model(ctx, model_name)
     params = params_from(sampling, adapter)
     history = chat.normalize_messages(list(history or [])) + [{"role": "user", "content": message}]
     _check_turn(lm, history, params)
-    yield from _stream(lm, history, params, _new_stop(request), "")
+    yield from _stream(lm, history, params, new_stop(request), "")
 
 
 def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Event, textbox: str):
@@ -211,14 +204,14 @@ def _stream(lm, history: list[dict], params: chat.ChatParams, ev: threading.Even
         for ch in zerogpu.for_model(lm, chat.stream_chat, _stream_chat_gpu)(lm, history, params, ev):
             answer["content"] += ch.text
             last = ch
-            yield shown, textbox, _speed(ch, who)
+            yield shown, textbox, speed_line(ch, who)
     except ModelCrashed as e:
         # The conversation goes back to before this turn, with the message in the box to send again: nothing the
         # crash cut off enters the history. The model process is already being restarted.
         gr.Warning(e.message)
         yield history[:-1], history[-1]["content"], f"⚠️ **{lm.name}**: {e.message}"
         return
-    yield shown, textbox, _speed(last, who)
+    yield shown, textbox, speed_line(last, who)
 
 
 @ui_errors
@@ -229,10 +222,10 @@ def regenerate(ctx: Context, request: gr.Request, history: list, model_name: str
         msgs.pop()
     if not msgs or msgs[-1]["role"] != "user":
         raise BadInput("There is no user message to answer again.")
-    lm = _model(ctx, model_name)
+    lm = loaded_model(ctx, model_name)
     params = params_from(sampling, adapter)
     _check_turn(lm, msgs, params)
-    yield from _stream(lm, msgs, params, _new_stop(request), "")
+    yield from _stream(lm, msgs, params, new_stop(request), "")
 
 
 @ui_errors
@@ -265,14 +258,14 @@ def import_(path: str | None):
 
 @ui_errors
 def template_info(ctx: Context, model_name: str):
-    lm = _model(ctx, model_name)
+    lm = loaded_model(ctx, model_name)
     text, source = chat.chat_template_of(lm)
     return f"Template in use: **{html.escape(source)}**", text  # escaped: <start_of_turn> is no HTML tag
 
 
 @ui_errors
 def attach(ctx: Context, model_name: str, path: str, name: str):
-    lm = _model(ctx, model_name)
+    lm = loaded_model(ctx, model_name)
     if not (path or "").strip():
         raise BadInput("Enter the folder of a LoRA adapter (a run's adapter/ or checkpoints/step-N/).")
     info = chat.attach_adapter(lm, str(ctx.ws.check_path(path.strip())), name)  # confined: workspace only
@@ -310,7 +303,7 @@ def compare(ctx: Context, request: gr.Request, message: str, model_a: str, adapt
     """One prompt, two answers streaming side by side: yields (chat A, chat B, speed A, speed B)."""
     if not (message or "").strip():
         raise BadInput("Type a prompt to compare.")
-    lm_a, lm_b = _model(ctx, model_a), _model(ctx, model_b)
+    lm_a, lm_b = loaded_model(ctx, model_a), loaded_model(ctx, model_b)
     pa, pb = params_from(sampling, adapter_a), params_from(sampling, adapter_b)
     msgs = [{"role": "user", "content": message}]
     _check_turn(lm_a, msgs, pa)
@@ -319,7 +312,7 @@ def compare(ctx: Context, request: gr.Request, message: str, model_a: str, adapt
     answers = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]
     speeds = [f"**{labels[0]}** · waiting…", f"**{labels[1]}** · waiting…"]
     yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]
-    for side, ch in chat.compare((lm_a, pa), (lm_b, pb), msgs, _new_stop(request)):
+    for side, ch in chat.compare((lm_a, pa), (lm_b, pb), msgs, new_stop(request)):
         answers[side]["content"] += ch.text
-        speeds[side] = _speed(ch, labels[side])
+        speeds[side] = speed_line(ch, labels[side])
         yield msgs + [answers[0]], msgs + [answers[1]], speeds[0], speeds[1]

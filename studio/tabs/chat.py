@@ -6,6 +6,7 @@ import gradio as gr
 
 from pipelines.chat import ChatParams
 
+from .. import fields
 from ..handlers import chat as hc
 from ..handlers import common as h
 
@@ -14,16 +15,16 @@ ELEM_IDS = {"system_prompt": "chat-system", "max_new_tokens": "chat-max-new", "s
             "stop": "chat-stop-strings"}
 
 
-def _widget(f, prefix: str = "chat"):
+def sampling_widget(f, prefix: str = "chat"):
     """The form widget of one ChatParams field: a slider from its range, text for the system prompt and stop
     strings, a number for the seed (-1: random; gr.Number shows None as 0, which would be a fixed seed)."""
     md = f.metadata
     elem_id = ELEM_IDS.get(f.name, f"chat-{f.name.replace('_', '-')}").replace("chat-", f"{prefix}-", 1)
     if "range" in md:
         lo, hi, step = md["range"]
-        return gr.Slider(lo, hi, value=f.default, step=step, label=md["label"], info=md["help"], elem_id=elem_id)
+        return fields.Slider(lo, hi, value=f.default, step=step, label=md["label"], info=md["help"], elem_id=elem_id)
     if f.name == "seed":
-        return gr.Number(label=md["label"], value=-1, precision=0, info=md["help"], elem_id=elem_id)
+        return fields.Number(label=md["label"], value=-1, precision=0, info=md["help"], elem_id=elem_id)
     if f.name == "system_prompt":
         return gr.Textbox(label=md["label"], lines=3, info=md["help"], elem_id=elem_id)
     return gr.Textbox(label=md["label"], info=md["help"], elem_id=elem_id)
@@ -42,7 +43,7 @@ def build(ctx: h.Context) -> dict:
         model_note = gr.Markdown(elem_id="chat-model-note")
         with gr.Row():
             with gr.Column(scale=3):
-                bot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-bot", buttons=["copy"])
+                bot = fields.Chatbot(label="Conversation", height=420, elem_id="chat-bot", buttons=["copy"])
                 msg = gr.Textbox(placeholder="Message… (Enter sends)", show_label=False, elem_id="chat-input")
                 with gr.Row():
                     send_btn = gr.Button("Send", variant="primary", elem_id="chat-send")
@@ -53,13 +54,13 @@ def build(ctx: h.Context) -> dict:
                 speed = gr.Markdown(elem_id="chat-speed")
                 with gr.Row():
                     export_btn = gr.Button("Export conversation (JSON)", elem_id="chat-export")
-                    export_file = gr.File(label="Exported", interactive=False, elem_id="chat-export-file", height=80)
-                    import_file = gr.File(label="Import a conversation (JSON)", type="filepath", file_types=[".json"],
+                    export_file = fields.File(label="Exported", interactive=False, elem_id="chat-export-file", height=80)
+                    import_file = fields.File(label="Import a conversation (JSON)", type="filepath", file_types=[".json"],
                                           elem_id="chat-import", height=80)
             with gr.Column(scale=2):
-                system = _widget(FIELDS["system_prompt"])
+                system = sampling_widget(FIELDS["system_prompt"])
                 with gr.Accordion("Sampling", open=True):
-                    sampling_rest = [_widget(f) for f in ChatParams.sampling_fields() if f.name != "system_prompt"]
+                    sampling_rest = [sampling_widget(f) for f in ChatParams.sampling_fields() if f.name != "system_prompt"]
                 with gr.Accordion("Adapter (LoRA)", open=False):
                     adapter_path = gr.Dropdown(hc.adapter_sources(ctx), value=None, allow_custom_value=True,
                                                label="Adapter folder (a run's adapter/ or checkpoints/step-N/)",
@@ -90,10 +91,10 @@ def build(ctx: h.Context) -> dict:
                 cmp_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
             with gr.Row():
                 with gr.Column():
-                    bot_a = gr.Chatbot(label="A", height=300, elem_id="compare-a")
+                    bot_a = fields.Chatbot(label="A", height=300, elem_id="compare-a")
                     speed_a = gr.Markdown(elem_id="compare-speed-a")
                 with gr.Column():
-                    bot_b = gr.Chatbot(label="B", height=300, elem_id="compare-b")
+                    bot_b = fields.Chatbot(label="B", height=300, elem_id="compare-b")
                     speed_b = gr.Markdown(elem_id="compare-speed-b")
 
     sampling = [system, *sampling_rest]  # ChatParams.sampling_fields() order, as the handlers take them
