@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -22,7 +21,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from pipelines import device as devicemod  # noqa: E402
@@ -32,8 +30,8 @@ from pipelines.workspace import Workspace  # noqa: E402
 
 from . import api, guard  # noqa: E402
 from .access import Access, AccessGuard  # noqa: E402
-from .handlers import common as h  # noqa: E402
-from .handlers import model as hm  # noqa: E402
+from .handlers.common import Context, forget_session, handouts_dir  # noqa: E402
+from .handlers.model import ModelHandlers  # noqa: E402
 from .tabs import chat as chat_tab  # noqa: E402
 from .tabs import data as data_tab  # noqa: E402
 from .tabs import export as export_tab  # noqa: E402
@@ -52,7 +50,7 @@ CSS = """
 """
 
 
-def build_app(ctx: h.Context, max_upload_mb: int = 500, banner: str = "", login_button: bool = False) -> gr.Blocks:
+def build_app(ctx: Context, max_upload_mb: int = 500, banner: str = "", login_button: bool = False) -> gr.Blocks:
     """The studio's Blocks. `banner`: warnings shown under the header (reachable without login, storage lost at a
     restart); `login_button`: Hugging Face sign-in / sign-out (a Space with OAuth login)."""
     # Gradio's cache (uploads, files it serves) is emptied of files older than a day, hourly, and wholly at shutdown.
@@ -72,63 +70,22 @@ def build_app(ctx: h.Context, max_upload_mb: int = 500, banner: str = "", login_
             rag_tab.build(ctx)
             export_tab.build(ctx, tabs, chat)
         journey_tab.wire(ctx, demo, journey, tabs, chat)
-        _explain_input_errors(demo)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)
         export_tab.register_api(ctx)
         rag_tab.register_api(ctx)
-        demo.unload(h.forget_session)  # per-session state (a tab's stop Event, ...) goes with the page
+        demo.unload(forget_session)  # per-session state (a tab's stop Event, ...) goes with the page
+        model = ModelHandlers(ctx)
         timer = gr.Timer(3.0)
-        timer.tick(h.bind(hm.header_md, ctx), None, header, api_visibility="private", show_progress="hidden")
-        timer.tick(h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private", show_progress="hidden")
+        timer.tick(model.header, None, header, api_visibility="private", show_progress="hidden")
+        timer.tick(model.current, None, m["current"], api_visibility="private", show_progress="hidden")
         # A refreshed or newly opened page reads the shared state again.
-        demo.load(h.bind(hm.header_md, ctx), None, header, api_visibility="private").then(
-            h.bind(hm.device_md, ctx), None, m["device"], api_visibility="private").then(
-            h.bind(hm.current_md, ctx), None, m["current"], api_visibility="private").then(
-            m["estimate"], m["est_inputs"], m["est_outputs"], api_visibility="private").then(
-            *d["on_load"], api_visibility="private")
+        demo.load(model.header, None, header, api_visibility="private").then(
+            model.device, None, m["device"], api_visibility="private").then(
+            model.current, None, m["current"], api_visibility="private").then(
+            **m["estimate"]).then(*d["on_load"], api_visibility="private")
     return demo
-
-
-def _input_message(component, value, cause: BaseException | None) -> str:
-    label = getattr(component, "label", None) or type(component).__name__
-    shown = repr(value)[:60]
-    if isinstance(component, (gr.Slider, gr.Number)):
-        return f"'{label}' must be a number, not {shown}."
-    if isinstance(component, gr.Chatbot):
-        return (f"The chat history ('{label}') is malformed: it must be a list of messages, each "
-                "{'role': 'user' or 'assistant', 'content': text}.")
-    why = str(cause).strip().splitlines()[0][:200] if cause is not None and str(cause).strip() else type(cause).__name__
-    return f"'{label}' does not accept {shown}: {why}."
-
-
-def _explain_input_errors(demo: gr.Blocks) -> None:
-    """A value a component cannot take (text in a number field, a malformed chat history, through the API) is
-    refused with a message that names the field, not Gradio's generic 'has raised an exception'."""
-    original = demo.preprocess_data
-
-    async def preprocess_data(block_fn, inputs, state, *args, **kwargs):
-        try:
-            return await original(block_fn, inputs, state, *args, **kwargs)
-        except gr.exceptions.ComponentProcessingError as e:
-            found = re.search(r"at index (\d+)", str(e))
-            i = int(found.group(1)) if found else -1
-            if not 0 <= i < min(len(block_fn.inputs), len(inputs)):
-                raise gr.Error("One of the values sent is not accepted by its field.", print_exception=False) from None
-            message = _input_message(block_fn.inputs[i], inputs[i], e.__cause__)
-            log.info("refused in %s (input): %s", getattr(block_fn, "name", "?"), message)
-            raise gr.Error(message, print_exception=False) from None
-        except ValidationError as e:  # a component's data model (the chat history's messages, a file's shape)
-            for component, value in zip(block_fn.inputs, inputs):
-                model = getattr(component, "data_model", None)
-                if model is not None and getattr(model, "__name__", None) == e.title:
-                    message = _input_message(component, value, e.errors()[0].get("msg"))
-                    log.info("refused in %s (input): %s", getattr(block_fn, "name", "?"), message)
-                    raise gr.Error(message, print_exception=False) from None
-            raise gr.Error("One of the values sent is not accepted by its field.", print_exception=False) from None
-
-    demo.preprocess_data = preprocess_data
 
 
 _OUR_GRADIO_TEMP: str | None = None
@@ -182,12 +139,12 @@ def notices(exposed: str | None, access: Access, space: Space | None) -> str:
 
 def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, max_upload_mb: int = 500, load_default: bool = True,
-          prepare_hf: bool = True, block: bool = True, ctx: h.Context | None = None, login: Login | None = None,
+          prepare_hf: bool = True, block: bool = True, ctx: Context | None = None, login: Login | None = None,
           space: Space | None = None):
     """Launch the studio. Returns (demo, url) when block=False. `login`: Hugging Face login on a Space (mode
     "oauth"); `space`: the Space it runs on (pipelines.space.detect())."""
     started = time.time()
-    ctx = ctx or h.Context(Workspace.open(root), prepare_hf=prepare_hf)
+    ctx = ctx or Context(Workspace.open(root), prepare_hf=prepare_hf)
     exposed = ("a public share link" if share else f"this Space{f' at {space.host}' if space.host else ''}"
                if space is not None else None if guard.is_loopback(host) else f"host {host}")
     if exposed and not ctx.ws.confined:  # typed paths: only the workspace and the HF cache
@@ -203,7 +160,7 @@ def serve(root: str | None = None, host: str = "127.0.0.1", port: int = 7860, sh
     hosts = guard.allowed_hosts(host)  # the share host joins it once known
     app, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{max_upload_mb}mb",
-        allowed_paths=[h.handouts_dir(ctx.ws)],  # files handlers return (h.handout_file), for any workspace
+        allowed_paths=[handouts_dir(ctx.ws)],  # files handlers return (handout_file), for any workspace
         auth_dependency=access.gradio_dependency if access.mode == "oauth" else None,
         prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, favicon_path=os.path.join(ASSETS, "logo.png")
         if os.path.exists(os.path.join(ASSETS, "logo.png")) else None,

@@ -6,6 +6,7 @@ the browser (`handout_file`, served for any workspace), and small UI helpers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import itertools
@@ -15,7 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
 import gradio as gr
 import pandas as pd
 
@@ -24,6 +27,7 @@ from pipelines.serving import registry as registrymod
 from pipelines.workspace import Workspace
 
 log = logging.getLogger("mactuner.studio")
+V = TypeVar("V", bound=tuple)
 
 
 @dataclass
@@ -94,40 +98,39 @@ def from_api(request) -> bool:
     return str(headers.get("x-gradio-user", "")).lower() in ("api", "mcp")
 
 
-def keep_last_good(n_outputs: int, message_at: int = -1):
-    """For handlers whose outputs fill a whole panel: in the browser, a MacTunerError leaves every output as it was
-    (the last good state, no red 'Error' over each of them) and puts the one message in output `message_at` (and a
-    warning toast); through the API it is an error as with `ui_errors`. Anything unexpected stays an error."""
+def unchanged(view: type[V], **values) -> V:
+    """A named view (a NamedTuple of a tab's outputs) that changes only the fields given; gr.skip() in the rest."""
+    return view(**{name: values.pop(name, gr.skip()) for name in view._fields}, **values)
+
+
+def keep_last_good(view: type[tuple], message: str = "message"):
+    """For handlers that fill a whole panel (returning a `view`, a NamedTuple of its outputs): in the browser, a
+    MacTunerError leaves every output as it was (the last good state, no red 'Error' over each of them) and puts
+    the one message in the view's field `message` (and a warning toast); through the API it is an error as with
+    `ui_errors`. Anything unexpected stays an error. The handler takes a `request: gr.Request` parameter (Gradio
+    injects it) to tell the page from a script."""
+    if message not in view._fields:
+        raise TypeError(f"keep_last_good: {view.__name__} has no field {message!r}")
+
     def deco(fn):
         strict = ui_errors(fn)
+        signature = inspect.signature(fn)
+        if "request" not in signature.parameters:
+            raise TypeError(f"keep_last_good: {fn.__name__} must take a `request: gr.Request` parameter")
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            request = kwargs.pop("request", None)
-            if args and (args[-1] is None or isinstance(args[-1], gr.Request)) and len(args) > n_params:
-                request, args = args[-1], args[:-1]
-            if from_api(request):
+            if from_api(signature.bind(*args, **kwargs).arguments.get("request")):
                 return strict(*args, **kwargs)
             try:
                 return fn(*args, **kwargs)
             except MacTunerError as e:
                 log_refused(fn.__name__, e)
                 gr.Warning(e.message)
-                out = [gr.skip()] * n_outputs
-                out[message_at] = f"⚠️ {e.message}"
-                return tuple(out)
+                return unchanged(view, **{message: f"⚠️ {e.message}"})
             except Exception as e:  # noqa: BLE001 - translated for the user
                 raise _as_gr_error(fn.__name__, e) from None
 
-        sig = inspect.signature(fn)
-        params = list(sig.parameters.values())
-        n_params = len(params)
-        if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) or p.name == "request" for p in params):
-            raise TypeError(f"keep_last_good: {fn.__name__} must take plain parameters only")
-        wrapper.__signature__ = sig.replace(parameters=params + [inspect.Parameter(
-            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)])
-        wrapper.__annotations__ = {"request": gr.Request}  # what gradio reads to inject the request
-        del wrapper.__wrapped__  # inspect.signature must see __signature__, not fn's
         return wrapper
 
     return deco
@@ -200,7 +203,8 @@ def progress_bar_html(fraction: float, caption: str) -> str:
             f'<div style="font-size:13px">{caption}</div>')
 
 
-def _gr_progress(progress):
+def gr_progress(progress: gr.Progress):
+    """A pipelines progress callback (fraction, message) that moves Gradio's progress bar."""
     return lambda frac, msg: progress(frac, desc=msg)
 
 
@@ -254,10 +258,6 @@ _END = object()
 async def stream(follower, interval: float = 0.5):
     """Drive a pipelines.follow follower made with idle=True from an async handler: each step in a worker thread
     (file reads), each wait on the event loop, so no thread is held while nothing changes; closing this closes it."""
-    import asyncio  # noqa: PLC0415
-
-    import anyio  # noqa: PLC0415
-
     try:
         while True:
             item = await anyio.to_thread.run_sync(next, follower, _END)

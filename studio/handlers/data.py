@@ -4,6 +4,9 @@ The work in progress of one browser tab lives in a `DataSession` kept in `gr.Sta
 uploaded files are copied into the workspace (datasets/.uploads/, one copy per content) so they can be picked again
 later. In the browser a refused action leaves the tab as it was, with one message (`keep_last_good`); through the
 API it is an error.
+
+`DataHandlers(ctx, max_upload_mb)`: the tab wires its bound methods. Actions that change the table return a
+`DataView` (every output of the panel, by name).
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 import pandas as pd
 
 from pipelines import data
 from pipelines.errors import BadInput, MacTunerError
+from pipelines.training.encode import check_tool_format
 from pipelines.workspace import human_bytes, sha256_file
 
-from .common import Context, _gr_progress, keep_last_good
+from .common import Context, gr_progress, keep_last_good
 
 data_errors = (MacTunerError,)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -158,8 +163,6 @@ def check_md(ctx: Context, s: DataSession) -> str:
         tok = getattr(counter, "tokenizer", None)
         verdict = "load the model to train to check its chat template"
         if tok is not None and hasattr(tok, "apply_chat_template"):
-            from pipelines.training.encode import check_tool_format  # noqa: PLC0415
-
             try:
                 check_tool_format(tok)
                 verdict = "the current model's chat template writes them in its tool format"
@@ -186,16 +189,43 @@ def _history_md(s: DataSession) -> str:
     return "**Cleaning steps** (undo removes the last one):\n\n" + "\n".join(lines)
 
 
-def _mapping_updates(s: DataSession) -> list:
-    cols = [""] + [str(c) for c in s.read.df.columns] if s.read is not None else [""]
-    m = s.mapping or data.Mapping(format="alpaca")
-    ups = [gr.update(value=m.format)]
-    ups += [gr.update(choices=cols, value=getattr(m, r) or "") for r in ROLES]
-    ups.append(gr.update(value=m.system_prompt))
-    return ups
+# Every output of the panel an action on the table changes, by name: the session, the file's line and preview, the
+# mapping (format, one column picker per role, system prompt), the row check, the save options, the cleaning
+# history and the action's message.
+DataView = NamedTuple("DataView", [("session", DataSession), ("info", str), ("table", pd.DataFrame), ("format", Any),
+                                   *[(role, Any) for role in ROLES], ("system_prompt", Any), ("check", str),
+                                   ("save_as", Any), ("placeholders", Any), ("history", str), ("message", str)])
 
 
-def _save_updates(s: DataSession) -> list:
+class ExploreView(NamedTuple):
+    summary: pd.DataFrame  # one row per column
+    lengths: Any  # the token-length histogram (None without a tokenizer)
+    stats: pd.DataFrame | None
+    turns: Any  # turns per conversation
+    roles: Any  # role balance
+    preview: str  # html: one example through the chat template, trained tokens highlighted
+    note: str  # rows, duplicates, and what the preview shows (or why there is none)
+
+
+class SaveView(NamedTuple):
+    message: str
+    datasets: pd.DataFrame
+
+
+class ColumnsView(NamedTuple):
+    """The pickers that list the table's columns, and the workspace's files (an upload joins them)."""
+
+    missing: Any
+    duplicates: Any
+    files: Any
+
+
+class PageLoad(NamedTuple):
+    files: Any
+    datasets: pd.DataFrame
+
+
+def _save_updates(s: DataSession) -> tuple:
     """The Save options that apply: 'save as' for preference data, the placeholder values when there are some."""
     try:
         conv = s.conversion()
@@ -203,53 +233,19 @@ def _save_updates(s: DataSession) -> list:
         conv = None
     pref = conv is not None and conv.kind == "preference"
     holders = sorted(conv.placeholders) if conv is not None else []
-    return [gr.update(visible=pref), gr.update(visible=bool(holders), placeholder=", ".join(
-        f"{k}=…" for k in holders) or "name=value")]
+    return gr.update(visible=pref), gr.update(visible=bool(holders), placeholder=", ".join(
+        f"{k}=…" for k in holders) or "name=value")
 
 
-def _all(ctx: Context, s: DataSession, message: str = "") -> tuple:
-    """Everything the tab shows for a session: state, info, preview, mapping widgets, row check, save options,
-    history, message (last)."""
-    return (s, _info_md(s), _preview(s), *_mapping_updates(s), check_md(ctx, s), *_save_updates(s), _history_md(s),
-            message)
-
-
-N_ALL = 3 + 1 + len(ROLES) + 1 + 1 + 2 + 1 + 1  # the length of _all
-
-
-def _open(ctx: Context, path: Path, max_mb: float, encoding: str, text_mode: str, progress,
-          header: bool = True) -> tuple:
-    read = data.read_table(path, max_bytes=int(max_mb * 1024 * 1024), progress=_gr_progress(progress),
-                           encoding=encoding or None, text_mode=text_mode or "auto", header=header is not False)
-    s = DataSession(read=read, cleaner=data.Cleaner(read.df), mapping=data.detect_mapping(read.df))
-    s.conversion()  # refused here (images, audio...), before the tab shows the file as usable
-    if s.mapping is None:
-        msg = "No known shape recognised: choose the format and the columns below."
-    else:
-        kind = data.KINDS[s.mapping.kind]
-        msg = f"Recognised the **{s.mapping.format}** shape ({kind}); check the mapping and the row check below."
-    return _all(ctx, s, msg)
-
-
-@keep_last_good(N_ALL)
-def open_file(ctx: Context, s: DataSession, upload: str | None, picked: str | None, encoding: str = "auto",
-              text_mode: str = "auto", header: bool = True, max_mb: float = 500, progress=gr.Progress()):
-    """Read an uploaded file (kept in the workspace) or a picked one; propose a mapping and check its rows."""
-    if upload:
-        path = _keep_upload(ctx, upload)
-    elif picked:
-        path = Path(picked)
-        allowed = {Path(p) for p in workspace_files(ctx)}
-        if path not in allowed:
-            raise BadInput("Pick a file from the list (earlier uploads in this workspace, or the sample).")
-    else:
-        raise BadInput("Upload a file (CSV, TSV, JSON, JSONL, Parquet, Excel or text) or pick one from the list.")
-    return _open(ctx, path, max_mb, encoding, text_mode, progress, header)
-
-
-@keep_last_good(N_ALL)
-def open_sample(ctx: Context, s: DataSession, progress=gr.Progress()):
-    return _open(ctx, SAMPLE, 500, "auto", "auto", progress)
+def data_view(ctx: Context, s: DataSession, message: str = "") -> DataView:
+    """Everything the panel shows for a session."""
+    cols = [""] + [str(c) for c in s.read.df.columns] if s.read is not None else [""]
+    m = s.mapping or data.Mapping(format="alpaca")
+    save_as, placeholders = _save_updates(s)
+    return DataView(session=s, info=_info_md(s), table=_preview(s), format=gr.update(value=m.format),
+                    **{r: gr.update(choices=cols, value=getattr(m, r) or "") for r in ROLES},
+                    system_prompt=gr.update(value=m.system_prompt), check=check_md(ctx, s), save_as=save_as,
+                    placeholders=placeholders, history=_history_md(s), message=message)
 
 
 def _need(s: DataSession) -> data.Cleaner:
@@ -258,74 +254,10 @@ def _need(s: DataSession) -> data.Cleaner:
     return s.cleaner
 
 
-@keep_last_good(N_ALL)
-def set_mapping(ctx: Context, s: DataSession, fmt: str, prompt: str, input_: str, response: str, messages: str,
-                text: str, system: str, chosen: str, rejected: str, label: str, tools: str, system_prompt: str):
-    """Apply the mapping the user chose; it is checked against the table's columns, and every row is converted."""
-    cl = _need(s)
-    m = data.Mapping(format=fmt, prompt=prompt or None, input=input_ or None, response=response or None,
-                     messages=messages or None, text=text or None, system=system or None, chosen=chosen or None,
-                     rejected=rejected or None, label=label or None, tools=tools or None,
-                     system_prompt=system_prompt or "")
-    data.validate_mapping(cl.df, m)
-    data.convert(cl.df, m)  # refused before it is kept
-    s = DataSession(s.read, cl, m)
-    return _all(ctx, s, f"Mapping set: **{fmt}** ({', '.join(f'{k} ← {v}' for k, v in m.columns().items())}).")
-
-
 def _mapped(s: DataSession) -> data.Mapping:
     if s.mapping is None:
         raise BadInput("Choose a format and its columns (Map step) first.")
     return s.mapping
-
-
-def _apply(ctx: Context, s: DataSession, step, **params) -> tuple:
-    cl = _need(s)
-    report = cl.apply(step, **params)
-    return _all(ctx, s, report.text())
-
-
-@keep_last_good(N_ALL)
-def clean_missing(ctx: Context, s: DataSession, columns: list[str], action: str, fill_value: str):
-    cl = _need(s)
-    cols = columns or (data.required_columns(s.mapping) if s.mapping else list(cl.df.columns))
-    return _apply(ctx, s, data.handle_missing, columns=cols, action=action, fill_value=fill_value or "")
-
-
-@keep_last_good(N_ALL)
-def clean_duplicates(ctx: Context, s: DataSession, columns: list[str], near: bool):
-    return _apply(ctx, s, data.drop_duplicates, columns=columns or None, near=bool(near))
-
-
-@keep_last_good(N_ALL)
-def clean_normalize(ctx: Context, s: DataSession):
-    return _apply(ctx, s, data.normalize_text)
-
-
-@keep_last_good(N_ALL)
-def clean_length(ctx: Context, s: DataSession, min_tokens: int, max_tokens: int, train_max_length: int,
-                 progress=gr.Progress()):
-    m = _mapped(s)
-    counter = tokenizer_counter(ctx)
-    if counter is None:
-        raise BadInput(NO_TOKENIZER)
-    return _apply(ctx, s, data.filter_token_length, counter=counter, mapping=m, min_tokens=int(min_tokens),
-                  max_tokens=int(max_tokens) or None, train_max_length=int(train_max_length) or None,
-                  progress=_gr_progress(progress))
-
-
-@keep_last_good(N_ALL)
-def undo(ctx: Context, s: DataSession):
-    cl = _need(s)
-    r = cl.undo()
-    return _all(ctx, s, f"Undid: {r.name}." if r else "Nothing to undo.")
-
-
-@keep_last_good(N_ALL)
-def reset(ctx: Context, s: DataSession):
-    cl = _need(s)
-    cl.reset()
-    return _all(ctx, s, "Back to the file as read.")
 
 
 def _example(conv: data.Conversion, df: pd.DataFrame, example: int) -> tuple[dict, str]:
@@ -340,49 +272,6 @@ def _example(conv: data.Conversion, df: pd.DataFrame, example: int) -> tuple[dic
     return row, ""
 
 
-@keep_last_good(7)
-def explore(ctx: Context, s: DataSession, max_length: int, example: int, progress=gr.Progress()):
-    """Column summary, token-length histogram and stats, turns and role balance, one example through the template."""
-    cl = _need(s)
-    m = _mapped(s)
-    df = cl.df
-    if df.empty:
-        raise BadInput("The table has no rows left: undo a cleaning step.")
-    conv = s.conversion()
-    summary = data.column_summary(df)
-    dup_note = f"{len(df):,} rows ({len(conv.rows):,} usable) · {data.duplicate_rows(df):,} exact duplicate rows"
-    counter = tokenizer_counter(ctx)
-    note = ""
-    len_fig = stats = None
-    if counter is not None:
-        lengths = data.token_lengths(df, m, counter, progress=_gr_progress(progress))
-        len_fig = data.token_length_figure(lengths, int(max_length) or None)
-        stats = data.length_stats(lengths, int(max_length) or None).round(1).reset_index(names="")
-    else:
-        note = NO_TOKENIZER
-    conversations = [] if conv.kind == "text" else [
-        r["prompt"] + r["chosen"] if "chosen" in r else r["messages"] for r in conv.rows]
-    turns_fig = data.turns_figure(conversations) if conversations else None
-    roles_fig = data.role_balance_figure(conversations) if conversations else None
-    preview_html, preview_md = "", ""
-    row, why = _example(conv, df, int(example or 0))
-    if row is None:
-        preview_md = why
-    elif counter is not None and counter.tokenizer is not None and hasattr(counter.tokenizer, "apply_chat_template"):
-        try:
-            pv = data.preview_example(row, counter.tokenizer)
-        except BadInput as e:  # the template refuses this row, or its replies cannot be found: say why, keep the EDA
-            preview_md = f"⚠️ Row {int(example or 0)} cannot be previewed: {e.message}"
-        else:
-            preview_html = PREVIEW_CSS + pv.html
-            extra = (" · preference pair: the prompt and the chosen answer" if "chosen" in row else
-                     " · labelled undesirable: never trained" if row.get("label") is False else "")
-            preview_md = (f"Row {int(example or 0)}: **{pv.trained_tokens}** tokens trained (highlighted), "
-                          f"{pv.masked_tokens} masked · template: {pv.template}{extra}")
-    return (summary, len_fig, stats, turns_fig, roles_fig, preview_html,
-            " · ".join(x for x in (dup_note, preview_md or note) if x))
-
-
 PREVIEW_CSS = ("<style>.mt-preview{white-space:pre-wrap;font-family:monospace;font-size:13px;line-height:1.5}"
                ".mt-trained{background:#d9f2d9;color:#14501a}.mt-masked{color:#888}</style>")
 
@@ -394,33 +283,189 @@ def datasets_table(ctx: Context) -> pd.DataFrame:
     return pd.DataFrame(data.list_datasets(ctx.ws), columns=DATASET_COLUMNS)
 
 
-@keep_last_good(2, message_at=0)
-def save(ctx: Context, s: DataSession, name: str, val_ratio: float, seed: int, save_as: str = SAVE_AS[0],
-         placeholders: str = "", progress=gr.Progress()):
-    """Save the usable rows as the next version of `name`: preference data as pairs or as its chosen answers,
-    placeholders filled with the values given; the rows left out and why are in the message and the metadata."""
-    cl = _need(s)
-    m = _mapped(s)
-    conv = s.conversion()
-    if not conv.rows:
-        raise BadInput(f"Nothing to save: none of the rows can be used ({conv.summary()}). Check the mapping.")
-    rows, kind = conv.rows, conv.kind
-    if kind == "preference" and save_as == SAVE_AS[1]:
-        rows, kind = data.chosen_as_sft(rows), "sft"
-    values = data.parse_placeholder_values(placeholders)
-    rows = data.fill_placeholders(rows, values)
-    unfilled = sorted(set(conv.placeholders) - set(values))
-    meta = data.build_meta(s.read, m, cl, conv, kind=kind, placeholders_filled=values,
-                           placeholders_unfilled=unfilled)
-    v = data.save_dataset(ctx.ws, (name or "").strip(), rows, meta, val_ratio=float(val_ratio), seed=int(seed),
-                          progress=_gr_progress(progress))
-    cl.mark_saved()
-    msg = (f"Saved **{v.name} v{v.version}** ({data.KINDS[kind]}): {len(v.train):,} train + {len(v.validation):,} "
-           f"validation rows in `{v.path}`.")
-    if conv.dropped:
-        msg += f" ⚠️ {conv.n_dropped:,} of {conv.total:,} rows were left out (see the row check; recorded in meta.json)."
-    if unfilled:
-        msg += " ⚠️ Placeholders " + ", ".join(f"{{{{{k}}}}}" for k in unfilled) + " were saved as written."
-    if kind == "preference":
-        msg += " It is preference data: supervised fine-tuning does not train on it."
-    return msg, datasets_table(ctx)
+class DataHandlers:
+    """The Data tab's events, for one workspace (`ctx`) and upload limit (`max_upload_mb`)."""
+
+    def __init__(self, ctx: Context, max_upload_mb: float = 500):
+        self.ctx = ctx
+        self.max_upload_mb = max_upload_mb
+
+    def _open(self, path: Path, encoding: str, text_mode: str, progress, header: bool = True,
+              max_mb: float | None = None) -> DataView:
+        read = data.read_table(path, max_bytes=int((max_mb or self.max_upload_mb) * 1024 * 1024),
+                               progress=gr_progress(progress), encoding=encoding or None,
+                               text_mode=text_mode or "auto", header=header is not False)
+        s = DataSession(read=read, cleaner=data.Cleaner(read.df), mapping=data.detect_mapping(read.df))
+        s.conversion()  # refused here (images, audio...), before the tab shows the file as usable
+        if s.mapping is None:
+            msg = "No known shape recognised: choose the format and the columns below."
+        else:
+            kind = data.KINDS[s.mapping.kind]
+            msg = f"Recognised the **{s.mapping.format}** shape ({kind}); check the mapping and the row check below."
+        return data_view(self.ctx, s, msg)
+
+    @keep_last_good(DataView)
+    def open_file(self, s: DataSession, upload: str | None, picked: str | None, encoding: str = "auto",
+                  text_mode: str = "auto", header: bool = True, progress=gr.Progress(),
+                  request: gr.Request = None) -> DataView:
+        """Read an uploaded file (kept in the workspace) or a picked one; propose a mapping and check its rows."""
+        if upload:
+            path = _keep_upload(self.ctx, upload)
+        elif picked:
+            path = Path(picked)
+            allowed = {Path(p) for p in workspace_files(self.ctx)}
+            if path not in allowed:
+                raise BadInput("Pick a file from the list (earlier uploads in this workspace, or the sample).")
+        else:
+            raise BadInput("Upload a file (CSV, TSV, JSON, JSONL, Parquet, Excel or text) or pick one from the list.")
+        return self._open(path, encoding, text_mode, progress, header)
+
+    def open_upload(self, s: DataSession, upload: str | None, encoding: str = "auto", text_mode: str = "auto",
+                    header: bool = True, progress=gr.Progress(), request: gr.Request = None) -> DataView:
+        """A file dropped on the upload box: read it at once (the picked file plays no part)."""
+        return self.open_file(s, upload, None, encoding, text_mode, header, progress, request)
+
+    @keep_last_good(DataView)
+    def open_sample(self, s: DataSession, progress=gr.Progress(), request: gr.Request = None) -> DataView:
+        return self._open(SAMPLE, "auto", "auto", progress, max_mb=500)
+
+    @keep_last_good(DataView)
+    def set_mapping(self, s: DataSession, fmt: str, prompt: str, input_: str, response: str, messages: str,
+                    text: str, system: str, chosen: str, rejected: str, label: str, tools: str, system_prompt: str,
+                    request: gr.Request = None) -> DataView:
+        """Apply the mapping the user chose; it is checked against the table's columns, and every row is
+        converted."""
+        cl = _need(s)
+        m = data.Mapping(format=fmt, prompt=prompt or None, input=input_ or None, response=response or None,
+                         messages=messages or None, text=text or None, system=system or None, chosen=chosen or None,
+                         rejected=rejected or None, label=label or None, tools=tools or None,
+                         system_prompt=system_prompt or "")
+        data.validate_mapping(cl.df, m)
+        data.convert(cl.df, m)  # refused before it is kept
+        s = DataSession(s.read, cl, m)
+        return data_view(self.ctx, s, f"Mapping set: **{fmt}** "
+                                      f"({', '.join(f'{k} ← {v}' for k, v in m.columns().items())}).")
+
+    def _apply(self, s: DataSession, step, **params) -> DataView:
+        report = _need(s).apply(step, **params)
+        return data_view(self.ctx, s, report.text())
+
+    @keep_last_good(DataView)
+    def clean_missing(self, s: DataSession, columns: list[str], action: str, fill_value: str,
+                      request: gr.Request = None) -> DataView:
+        cl = _need(s)
+        cols = columns or (data.required_columns(s.mapping) if s.mapping else list(cl.df.columns))
+        return self._apply(s, data.handle_missing, columns=cols, action=action, fill_value=fill_value or "")
+
+    @keep_last_good(DataView)
+    def clean_duplicates(self, s: DataSession, columns: list[str], near: bool,
+                         request: gr.Request = None) -> DataView:
+        return self._apply(s, data.drop_duplicates, columns=columns or None, near=bool(near))
+
+    @keep_last_good(DataView)
+    def clean_normalize(self, s: DataSession, request: gr.Request = None) -> DataView:
+        return self._apply(s, data.normalize_text)
+
+    @keep_last_good(DataView)
+    def clean_length(self, s: DataSession, min_tokens: int, max_tokens: int, train_max_length: int,
+                     progress=gr.Progress(), request: gr.Request = None) -> DataView:
+        m = _mapped(s)
+        counter = tokenizer_counter(self.ctx)
+        if counter is None:
+            raise BadInput(NO_TOKENIZER)
+        return self._apply(s, data.filter_token_length, counter=counter, mapping=m, min_tokens=int(min_tokens),
+                           max_tokens=int(max_tokens) or None, train_max_length=int(train_max_length) or None,
+                           progress=gr_progress(progress))
+
+    @keep_last_good(DataView)
+    def undo(self, s: DataSession, request: gr.Request = None) -> DataView:
+        r = _need(s).undo()
+        return data_view(self.ctx, s, f"Undid: {r.name}." if r else "Nothing to undo.")
+
+    @keep_last_good(DataView)
+    def reset(self, s: DataSession, request: gr.Request = None) -> DataView:
+        _need(s).reset()
+        return data_view(self.ctx, s, "Back to the file as read.")
+
+    def columns(self, s: DataSession) -> ColumnsView:
+        cols = [str(c) for c in s.read.df.columns] if s and s.read is not None else []
+        return ColumnsView(gr.update(choices=cols, value=[]), gr.update(choices=cols, value=[]),
+                           gr.update(choices=workspace_files(self.ctx)))
+
+    def on_load(self) -> PageLoad:
+        """A fresh page lists the uploads and datasets made since the app was built."""
+        return PageLoad(gr.update(choices=workspace_files(self.ctx)), datasets_table(self.ctx))
+
+    @keep_last_good(ExploreView, message="note")
+    def explore(self, s: DataSession, max_length: int, example: int, progress=gr.Progress(),
+                request: gr.Request = None) -> ExploreView:
+        """Column summary, token-length histogram and stats, turns and role balance, one example through the template."""
+        cl = _need(s)
+        m = _mapped(s)
+        df = cl.df
+        if df.empty:
+            raise BadInput("The table has no rows left: undo a cleaning step.")
+        conv = s.conversion()
+        summary = data.column_summary(df)
+        dup_note = f"{len(df):,} rows ({len(conv.rows):,} usable) · {data.duplicate_rows(df):,} exact duplicate rows"
+        counter = tokenizer_counter(self.ctx)
+        note = ""
+        len_fig = stats = None
+        if counter is not None:
+            lengths = data.token_lengths(df, m, counter, progress=gr_progress(progress))
+            len_fig = data.token_length_figure(lengths, int(max_length) or None)
+            stats = data.length_stats(lengths, int(max_length) or None).round(1).reset_index(names="")
+        else:
+            note = NO_TOKENIZER
+        conversations = [] if conv.kind == "text" else [
+            r["prompt"] + r["chosen"] if "chosen" in r else r["messages"] for r in conv.rows]
+        turns_fig = data.turns_figure(conversations) if conversations else None
+        roles_fig = data.role_balance_figure(conversations) if conversations else None
+        preview_html, preview_md = "", ""
+        row, why = _example(conv, df, int(example or 0))
+        if row is None:
+            preview_md = why
+        elif counter is not None and counter.tokenizer is not None and hasattr(counter.tokenizer, "apply_chat_template"):
+            try:
+                pv = data.preview_example(row, counter.tokenizer)
+            except BadInput as e:  # the template refuses this row, or its replies cannot be found: say why, keep the EDA
+                preview_md = f"⚠️ Row {int(example or 0)} cannot be previewed: {e.message}"
+            else:
+                preview_html = PREVIEW_CSS + pv.html
+                extra = (" · preference pair: the prompt and the chosen answer" if "chosen" in row else
+                         " · labelled undesirable: never trained" if row.get("label") is False else "")
+                preview_md = (f"Row {int(example or 0)}: **{pv.trained_tokens}** tokens trained (highlighted), "
+                              f"{pv.masked_tokens} masked · template: {pv.template}{extra}")
+        return ExploreView(summary, len_fig, stats, turns_fig, roles_fig, preview_html,
+                           " · ".join(x for x in (dup_note, preview_md or note) if x))
+
+    @keep_last_good(SaveView)
+    def save(self, s: DataSession, name: str, val_ratio: float, seed: int, save_as: str = SAVE_AS[0],
+             placeholders: str = "", progress=gr.Progress(), request: gr.Request = None) -> SaveView:
+        """Save the usable rows as the next version of `name`: preference data as pairs or as its chosen answers,
+        placeholders filled with the values given; the rows left out and why are in the message and the metadata."""
+        cl = _need(s)
+        m = _mapped(s)
+        conv = s.conversion()
+        if not conv.rows:
+            raise BadInput(f"Nothing to save: none of the rows can be used ({conv.summary()}). Check the mapping.")
+        rows, kind = conv.rows, conv.kind
+        if kind == "preference" and save_as == SAVE_AS[1]:
+            rows, kind = data.chosen_as_sft(rows), "sft"
+        values = data.parse_placeholder_values(placeholders)
+        rows = data.fill_placeholders(rows, values)
+        unfilled = sorted(set(conv.placeholders) - set(values))
+        meta = data.build_meta(s.read, m, cl, conv, kind=kind, placeholders_filled=values,
+                               placeholders_unfilled=unfilled)
+        v = data.save_dataset(self.ctx.ws, (name or "").strip(), rows, meta, val_ratio=float(val_ratio), seed=int(seed),
+                              progress=gr_progress(progress))
+        cl.mark_saved()
+        msg = (f"Saved **{v.name} v{v.version}** ({data.KINDS[kind]}): {len(v.train):,} train + {len(v.validation):,} "
+               f"validation rows in `{v.path}`.")
+        if conv.dropped:
+            msg += f" ⚠️ {conv.n_dropped:,} of {conv.total:,} rows were left out (see the row check; recorded in meta.json)."
+        if unfilled:
+            msg += " ⚠️ Placeholders " + ", ".join(f"{{{{{k}}}}}" for k in unfilled) + " were saved as written."
+        if kind == "preference":
+            msg += " It is preference data: supervised fine-tuning does not train on it."
+        return SaveView(msg, datasets_table(self.ctx))

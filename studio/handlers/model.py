@@ -1,10 +1,13 @@
 """Model tab handlers: the header, the current model and the device panel, loading (embedded default, local folder or
 file, Hub download), unloading, Hub info, the local models table and the memory estimate.
+
+`ModelHandlers(ctx)`: the tab (and the app's header and page load) wire its bound methods.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -15,7 +18,7 @@ from pipelines.serving import registry
 from pipelines.training import TrainConfig, memory_advice
 from pipelines.workspace import human_bytes
 
-from .common import Context, _gr_progress, selected_cell, ui_errors
+from .common import Context, gr_progress, selected_cell, ui_errors
 
 
 def header_md(ctx: Context) -> str:
@@ -99,38 +102,25 @@ def device_profile() -> dict:
     return devicemod.profile(refresh=True).as_dict()
 
 
-@ui_errors
-def load_default(ctx: Context, progress=gr.Progress()):
-    lm = registry.load_default(ctx.ws, ctx.registry, _gr_progress(progress))
-    if ctx.prepare_hf:
-        models.start_default_hf_materialization(ctx.ws)
-    return current_md(ctx), f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s."
+class ModelStatus(NamedTuple):
+    """After loading or unloading: the current-model panel and what was done."""
+
+    current: str
+    status: str
+
+
+class HubInfo(NamedTuple):
+    info: str  # markdown: id, author, license, size...
+    files: pd.DataFrame
+
+
+class Estimate(NamedTuple):
+    table: pd.DataFrame  # memory per mode (inference, LoRA, QLoRA, MLX)
+    advice: str
 
 
 @ui_errors
-def prepare_default_hf(ctx: Context):
-    """Start the one-off HF safetensors copy of the default model (needed for training) in its own process."""
-    models.ensure_default_gguf(ctx.ws)
-    st = models.start_default_hf_materialization(ctx.ws)
-    msg = {"ready": "The training copy is ready.", "running": "Preparing the training copy in the background (about a minute)."}
-    return current_md(ctx), msg.get(st["state"], f"Training copy: {st['state']}")
-
-
-@ui_errors
-def load_local(ctx: Context, path: str, trust_remote_code: bool = False, progress=gr.Progress()):
-    lm = ctx.registry.load(path, ctx.ws, trust_remote_code=bool(trust_remote_code), progress=_gr_progress(progress))
-    return current_md(ctx), f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s."
-
-
-@ui_errors
-def unload(ctx: Context):
-    r = ctx.registry.unload()
-    return current_md(ctx), (f"Unloaded **{r['unloaded']}** — process memory {human_bytes(r['rss_before'])} → "
-                             f"{human_bytes(r['rss_after'])} (released {human_bytes(r['released'])}).")
-
-
-@ui_errors
-def hub_info(model_id: str, token: str | None = None):
+def hub_info(model_id: str, token: str | None = None) -> HubInfo:
     info = hub.hub_info(model_id, token)
     rows = [
         ("Id", info.id), ("Author", info.author or "?"), ("Downloads", f"{info.downloads:,}" if info.downloads is not None else "?"),
@@ -144,24 +134,16 @@ def hub_info(model_id: str, token: str | None = None):
     if info.warnings:
         md += "\n\n" + "\n".join(f"⚠️ {w}" for w in info.warnings)
     files = pd.DataFrame([{"file": f["name"], "size": human_bytes(f["size"])} for f in info.files], columns=["file", "size"])
-    return md, files
+    return HubInfo(md, files)
 
 
 def hub_info_api(model_id: str, token: str | None = None) -> dict:
     return hub.hub_info(model_id, token).as_dict()
 
 
-@ui_errors
-def download_and_load(ctx: Context, model_id: str, token: str | None = None, progress=gr.Progress()):
-    path = hub.download(model_id, token, _gr_progress(progress))
-    lm = ctx.registry.load(str(path), ctx.ws, name=model_id.strip(), progress=_gr_progress(progress))
-    return current_md(ctx), f"Downloaded to `{path}` and loaded **{lm.name}**."
-
-
 LOCAL_COLUMNS = ["name", "source", "format", "size", "path"]
 
 
-@ui_errors
 def local_models_table(ctx: Context) -> pd.DataFrame:
     rows = models.list_local_models(ctx.ws)
     for r in rows:
@@ -177,12 +159,13 @@ def pick_local(table: pd.DataFrame, evt: gr.SelectData) -> str:
 ESTIMATE_COLUMNS = ["mode", "weights", "adapter+optimizer", "activations", "overhead", "total", "fits"]
 
 
-@ui_errors
 def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_rank: int = 16,
-                    gradient_checkpointing: bool = False):
+                    gradient_checkpointing: bool = False) -> Estimate:
+    """The memory each way of running or training the current model takes, and the batch size advised."""
     lm = ctx.registry.current()
     if lm is None:
-        return pd.DataFrame(columns=ESTIMATE_COLUMNS), "Load a model to see its memory estimate and batch advice."
+        return Estimate(pd.DataFrame(columns=ESTIMATE_COLUMNS), "Load a model to see its memory estimate and batch "
+                                                                "advice.")
     prof = devicemod.profile(refresh=True)
     shape = models.shape_of(lm)
     seq_len, batch_size, lora_rank = int(seq_len), int(batch_size), int(lora_rank)
@@ -219,7 +202,7 @@ def memory_estimate(ctx: Context, seq_len: int = 512, batch_size: int = 4, lora_
     head = f"For **{lm.name}** on {prof.kind.upper()} with {human_bytes(avail)} {pool} usable:"
     if not prof.qlora:
         advice.append(f"- QLoRA (bitsandbytes): {prof.qlora_reason}")
-    return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS), head + "\n" + "\n".join(advice)
+    return Estimate(pd.DataFrame(rows, columns=ESTIMATE_COLUMNS), head + "\n" + "\n".join(advice))
 
 
 def _mlx_rows(rows: list, advice: list, shape, prof, avail: int, seq_len: int, batch_size: int, lora_rank: int,
@@ -240,3 +223,67 @@ def _mlx_rows(rows: list, advice: list, shape, prof, avail: int, seq_len: int, b
              "on this machine only when backend mlx is chosen (slower than PyTorch on a CPU)")
     advice.append(f"- MLX: {where}; the 4-/8-bit bases are MLX's own quantization, the adapter merges into the "
                   "full-precision base.")
+
+
+class ModelHandlers:
+    """The Model tab's events and the app's header, for one workspace and model registry (`ctx`)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def header(self) -> str:
+        return header_md(self.ctx)
+
+    def device(self) -> str:
+        return device_md(self.ctx)
+
+    def current(self) -> str:
+        return current_md(self.ctx)
+
+    def _loaded(self, status: str) -> ModelStatus:
+        return ModelStatus(current_md(self.ctx), status)
+
+    @ui_errors
+    def load_default(self, progress=gr.Progress()) -> ModelStatus:
+        ctx = self.ctx
+        lm = registry.load_default(ctx.ws, ctx.registry, gr_progress(progress))
+        if ctx.prepare_hf:
+            models.start_default_hf_materialization(ctx.ws)
+        return self._loaded(f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s.")
+
+    @ui_errors
+    def prepare_default_hf(self) -> ModelStatus:
+        """Start the one-off HF safetensors copy of the default model (needed for training) in its own process."""
+        models.ensure_default_gguf(self.ctx.ws)
+        st = models.start_default_hf_materialization(self.ctx.ws)
+        msg = {"ready": "The training copy is ready.",
+               "running": "Preparing the training copy in the background (about a minute)."}
+        return self._loaded(msg.get(st["state"], f"Training copy: {st['state']}"))
+
+    @ui_errors
+    def load_local(self, path: str, trust_remote_code: bool = False, progress=gr.Progress()) -> ModelStatus:
+        lm = self.ctx.registry.load(path, self.ctx.ws, trust_remote_code=bool(trust_remote_code),
+                                    progress=gr_progress(progress))
+        return self._loaded(f"Loaded **{lm.name}** in {lm.load_seconds:.2f} s.")
+
+    @ui_errors
+    def unload(self) -> ModelStatus:
+        r = self.ctx.registry.unload()
+        return self._loaded(f"Unloaded **{r['unloaded']}** — process memory {human_bytes(r['rss_before'])} → "
+                            f"{human_bytes(r['rss_after'])} (released {human_bytes(r['released'])}).")
+
+    @ui_errors
+    def download_and_load(self, model_id: str, token: str | None = None, progress=gr.Progress()) -> ModelStatus:
+        path = hub.download(model_id, token, gr_progress(progress))
+        lm = self.ctx.registry.load(str(path), self.ctx.ws, name=model_id.strip(), progress=gr_progress(progress))
+        return self._loaded(f"Downloaded to `{path}` and loaded **{lm.name}**.")
+
+    @ui_errors
+    def local_models(self) -> pd.DataFrame:
+        return local_models_table(self.ctx)
+
+    @ui_errors
+    def refresh_estimate(self, seq_len: int = 512, batch_size: int = 4, lora_rank: int = 16,
+                         gradient_checkpointing: bool = False) -> Estimate:
+        """The estimate again, for the settings as they are now (the public JSON endpoint is memory_estimate)."""
+        return memory_estimate(self.ctx, seq_len, batch_size, lora_rank, gradient_checkpointing)

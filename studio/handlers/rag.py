@@ -24,7 +24,7 @@ from pipelines.rag.retrieve import timed_search
 from pipelines.workspace import human_bytes
 
 from .. import zerogpu
-from .chat import BASE, _model, _new_stop, _speed, params_from
+from .chat import BASE, loaded_model, new_stop, params_from, speed_line
 from .common import Context, Followers, progress_bar_html, stream, ui_errors
 
 KB_COLUMNS = ["name", "documents", "pages", "chunks", "size", "embedder", "index"]
@@ -238,7 +238,7 @@ def _citation_choices(passages: list[rag.Passage], cited: list[int]) -> list[str
 
 
 def _answer_status(lm, ev: rag.RagEvent) -> str:
-    head = _speed(ev.chunk, lm.name) if ev.chunk is not None else f"**{lm.name}** · {len(ev.passages)} passages"
+    head = speed_line(ev.chunk, lm.name) if ev.chunk is not None else f"**{lm.name}** · {len(ev.passages)} passages"
     cost = ev.timings.summary(ev.chunk) if ev.timings else ""
     return "\n\n".join(x for x in (head, cost, f"ℹ️ {ev.note}" if ev.note else "") if x)
 
@@ -248,11 +248,11 @@ def ask(ctx: Context, request: gr.Request, name: str, question: str, model_name:
         mode: str, threshold: float, *sampling):
     """Stream a cited answer: yields (answer markdown, speed line, passages table, citation choices, passages)."""
     kb = _kb(ctx, name)
-    lm = _model(ctx, model_name)
+    lm = loaded_model(ctx, model_name)
     params = params_from(sampling, adapter)
     answer, passages = "", []
     answer_stream = zerogpu.for_model(lm, rag.stream_answer, _stream_answer_gpu)
-    for ev in answer_stream(lm, kb, question, params, top_k, mode, threshold, _new_stop(request)):
+    for ev in answer_stream(lm, kb, question, params, top_k, mode, threshold, new_stop(request)):
         passages = ev.passages
         table = _passages_table(passages)
         if ev.refused:
@@ -274,7 +274,7 @@ def estimate(ctx: Context, name: str | None, question: str, model_name: str | No
     if not (name or "").strip():
         return ""
     try:
-        lm = _model(ctx, model_name)
+        lm = loaded_model(ctx, model_name)
         est = rcost.estimate(lm, _kb(ctx, name), question, top_k, params_from(sampling, None))
     except MacTunerError as e:
         return f"Cost of a question: {e.message}" if not isinstance(e, rag.DamagedKB) else ""

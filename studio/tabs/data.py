@@ -6,29 +6,31 @@ import gradio as gr
 
 from pipelines import data as pdata
 
-from ..handlers import common as h
-from ..handlers import data as hd
+from .. import fields
+from ..handlers.common import Context
+from ..handlers.data import (DATASET_COLUMNS, PREVIEW_ROWS, ROLES, SAVE_AS, TEXT_MODES, ColumnsView, DataHandlers,
+                             DataSession, DataView, ExploreView, PageLoad, SaveView, datasets_table, workspace_files)
 
 
-def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
+def build(ctx: Context, max_upload_mb: int = 500) -> dict:
     with gr.Tab("Data", id="data"):
-        session = gr.State(hd.DataSession())
+        session = gr.State(DataSession())
         message = gr.Markdown(elem_id="data-message")
 
         gr.Markdown("#### 1 · Load")
         with gr.Row():
-            upload = gr.File(label="Upload CSV, TSV, JSON, JSONL, Parquet, Excel (.xlsx) or text (.txt)",
+            upload = fields.File(label="Upload CSV, TSV, JSON, JSONL, Parquet, Excel (.xlsx) or text (.txt)",
                              type="filepath", scale=3, file_types=sorted(pdata.SUPPORTED), elem_id="data-upload")
             with gr.Column(scale=2):
                 # its choices are the files when the page was built (events refresh them), so a script may name one
                 # uploaded since: the handler accepts only files of that list as it is now
-                picked = gr.Dropdown(label="…or pick a file in the workspace", choices=hd.workspace_files(ctx),
+                picked = gr.Dropdown(label="…or pick a file in the workspace", choices=workspace_files(ctx),
                                      value=None, allow_custom_value=True, elem_id="data-pick")
                 with gr.Row():
                     encoding = gr.Dropdown(["auto", *pdata.ENCODINGS], value="auto", label="Text encoding",
                                            info="auto: detected (shown below); choose one if the preview is garbled",
                                            elem_id="data-encoding")
-                    text_mode = gr.Dropdown([(v, k) for k, v in hd.TEXT_MODES.items()], value="auto",
+                    text_mode = gr.Dropdown([(v, k) for k, v in TEXT_MODES.items()], value="auto",
                                             label="Plain-text files (.txt)", elem_id="data-text-mode")
                     header = gr.Checkbox(value=True, label="First line is a header (CSV, TSV)",
                                          info="untick when the file's first line is a row of data",
@@ -37,18 +39,18 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
                     open_btn = gr.Button("Open", variant="primary", elem_id="data-open")
                     sample_btn = gr.Button("Try the sample dataset", elem_id="data-sample")
         info = gr.Markdown("Upload a file or pick one to start.", elem_id="data-info")
-        table = gr.Dataframe(label=f"First {hd.PREVIEW_ROWS} rows", interactive=False, wrap=True, max_height=360,
+        table = gr.Dataframe(label=f"First {PREVIEW_ROWS} rows", interactive=False, wrap=True, max_height=360,
                              elem_id="data-table")
 
         gr.Markdown("#### 2 · Map to chat format")
         with gr.Row():
             fmt = gr.Dropdown(list(pdata.FORMATS), value="alpaca", label="Format", elem_id="map-format")
             roles = {r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=True, elem_id=f"map-{r}")
-                     for r in hd.ROLES[:6]}
+                     for r in ROLES[:6]}
         with gr.Row():
             roles.update({r: gr.Dropdown([""], value="", label=f"{r} column", allow_custom_value=True,
                                          elem_id=f"map-{r}", info=info)
-                          for r, info in zip(hd.ROLES[6:], ("preference: the preferred answer",
+                          for r, info in zip(ROLES[6:], ("preference: the preferred answer",
                                                             "preference: the worse answer",
                                                             "KTO: true / false per answer",
                                                             "tools (functions) the rows may call"))})
@@ -77,9 +79,9 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
                                      elem_id="clean-normalize")
             with gr.Column():
                 with gr.Row():
-                    min_tok = gr.Number(label="Min tokens", value=1, precision=0)
-                    max_tok = gr.Number(label="Max tokens (0 = none)", value=0, precision=0)
-                    train_max = gr.Number(label="Training max length", value=1024, precision=0, elem_id="train-max-len")
+                    min_tok = fields.Number(label="Min tokens", value=1, precision=0)
+                    max_tok = fields.Number(label="Max tokens (0 = none)", value=0, precision=0)
+                    train_max = fields.Number(label="Training max length", value=1024, precision=0, elem_id="train-max-len")
                 len_btn = gr.Button("Apply: token-length filter", elem_id="clean-length")
         with gr.Row():
             undo_btn = gr.Button("Undo last step", elem_id="clean-undo")
@@ -88,7 +90,7 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
 
         gr.Markdown("#### 4 · Explore")
         with gr.Row():
-            example = gr.Number(label="Example row to preview", value=0, precision=0, minimum=0)
+            example = fields.Number(label="Example row to preview", value=0, precision=0, minimum=0)
             explore_btn = gr.Button("Analyse", variant="primary", elem_id="data-explore")
         summary = gr.Dataframe(label="Columns", interactive=False, elem_id="eda-summary")
         with gr.Row():
@@ -103,60 +105,47 @@ def build(ctx: h.Context, max_upload_mb: int = 500) -> dict:
         gr.Markdown("#### 5 · Save")
         with gr.Row():
             ds_name = gr.Textbox(label="Dataset name (letters, digits, - and _)", elem_id="save-name")
-            val_ratio = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Validation share")
-            seed = gr.Number(label="Split seed", value=0, precision=0)
+            val_ratio = fields.Slider(0, 0.5, value=0.1, step=0.01, label="Validation share")
+            seed = fields.Number(label="Split seed", value=0, precision=0)
             save_btn = gr.Button("Save new version", variant="primary", elem_id="save-dataset")
         with gr.Row():
-            save_as = gr.Radio(list(hd.SAVE_AS), value=hd.SAVE_AS[0], label="Preference data: save as",
+            save_as = gr.Radio(list(SAVE_AS), value=SAVE_AS[0], label="Preference data: save as",
                                visible=False, elem_id="save-as")
             placeholders = gr.Textbox(label="Fill the template placeholders (name=value, comma-separated)",
                                       value="", visible=False, elem_id="save-placeholders")
         saved_msg = gr.Markdown(elem_id="save-message")
-        datasets = gr.Dataframe(value=hd.datasets_table(ctx), headers=hd.DATASET_COLUMNS, interactive=False,
+        datasets = gr.Dataframe(value=datasets_table(ctx), headers=DATASET_COLUMNS, interactive=False,
                                 label="Saved datasets (offered by the Train tab)", elem_id="datasets-table")
 
-    role_boxes = [roles[r] for r in hd.ROLES]
-    everything = [session, info, table, fmt, *role_boxes, system_prompt, check, save_as, placeholders, history,
-                  message]
-    assert len(everything) == hd.N_ALL
-
-    def refresh_columns(s: hd.DataSession):
-        cols = [str(c) for c in s.read.df.columns] if s and s.read is not None else []
-        return gr.update(choices=cols, value=[]), gr.update(choices=cols, value=[]), gr.update(
-            choices=hd.workspace_files(ctx))
-
-    col_outputs = [miss_cols, dup_cols, picked]
-    opened = open_btn.click(h.bind(hd.open_file, ctx, max_mb=max_upload_mb),
-                            [session, upload, picked, encoding, text_mode, header], everything, api_name="data_open")
-    opened.then(refresh_columns, session, col_outputs, api_visibility="private")
-    sample_btn.click(h.bind(hd.open_sample, ctx), session, everything, api_name="data_open_sample").then(
-        refresh_columns, session, col_outputs, api_visibility="private")
-    upload.upload(h.bind(hd.open_file, ctx, picked=None, max_mb=max_upload_mb), [session, upload, encoding,
-                                                                                 text_mode, header], everything,
-                  api_visibility="private").then(refresh_columns, session, col_outputs, api_visibility="private")
-    map_btn.click(h.bind(hd.set_mapping, ctx), [session, fmt, *role_boxes, system_prompt], everything,
+    handlers = DataHandlers(ctx, max_upload_mb)
+    panel = DataView(session=session, info=info, table=table, format=fmt, **roles, system_prompt=system_prompt,
+                     check=check, save_as=save_as, placeholders=placeholders, history=history, message=message)
+    columns = ColumnsView(missing=miss_cols, duplicates=dup_cols, files=picked)
+    opened = open_btn.click(handlers.open_file, [session, upload, picked, encoding, text_mode, header], panel,
+                            api_name="data_open")
+    opened.then(handlers.columns, session, columns, api_visibility="private")
+    sample_btn.click(handlers.open_sample, session, panel, api_name="data_open_sample").then(
+        handlers.columns, session, columns, api_visibility="private")
+    upload.upload(handlers.open_upload, [session, upload, encoding, text_mode, header], panel,
+                  api_visibility="private").then(handlers.columns, session, columns, api_visibility="private")
+    map_btn.click(handlers.set_mapping, [session, fmt, *(roles[r] for r in ROLES), system_prompt], panel,
                   api_name="data_map")
-    miss_btn.click(h.bind(hd.clean_missing, ctx), [session, miss_cols, miss_action, fill_value], everything,
+    miss_btn.click(handlers.clean_missing, [session, miss_cols, miss_action, fill_value], panel,
                    api_name="data_clean_missing")
-    dup_btn.click(h.bind(hd.clean_duplicates, ctx), [session, dup_cols, near], everything,
-                  api_name="data_clean_duplicates")
-    norm_btn.click(h.bind(hd.clean_normalize, ctx), session, everything, api_name="data_clean_normalize")
-    len_btn.click(h.bind(hd.clean_length, ctx), [session, min_tok, max_tok, train_max], everything,
-                  api_name="data_clean_length")
-    undo_btn.click(h.bind(hd.undo, ctx), session, everything, api_name="data_undo")
-    reset_btn.click(h.bind(hd.reset, ctx), session, everything, api_name="data_reset")
-    explore_btn.click(h.bind(hd.explore, ctx), [session, train_max, example],
-                      [summary, len_plot, stats, turns_plot, roles_plot, preview, preview_note], api_name="data_explore")
-    save_btn.click(h.bind(hd.save, ctx), [session, ds_name, val_ratio, seed, save_as, placeholders],
-                   [saved_msg, datasets], api_name="data_save")
-
-    def on_load():  # a fresh page lists the uploads and datasets made since the app was built
-        return gr.update(choices=hd.workspace_files(ctx)), hd.datasets_table(ctx)
-
-    return {"datasets": datasets, "on_load": (on_load, None, [picked, datasets])}
+    dup_btn.click(handlers.clean_duplicates, [session, dup_cols, near], panel, api_name="data_clean_duplicates")
+    norm_btn.click(handlers.clean_normalize, session, panel, api_name="data_clean_normalize")
+    len_btn.click(handlers.clean_length, [session, min_tok, max_tok, train_max], panel, api_name="data_clean_length")
+    undo_btn.click(handlers.undo, session, panel, api_name="data_undo")
+    reset_btn.click(handlers.reset, session, panel, api_name="data_reset")
+    explore_btn.click(handlers.explore, [session, train_max, example],
+                      ExploreView(summary=summary, lengths=len_plot, stats=stats, turns=turns_plot, roles=roles_plot,
+                                  preview=preview, note=preview_note), api_name="data_explore")
+    save_btn.click(handlers.save, [session, ds_name, val_ratio, seed, save_as, placeholders],
+                   SaveView(message=saved_msg, datasets=datasets), api_name="data_save")
+    return {"datasets": datasets, "on_load": (handlers.on_load, None, PageLoad(files=picked, datasets=datasets))}
 
 
-def register_api(ctx: h.Context) -> None:
+def register_api(ctx: Context) -> None:
     def data_list() -> list[dict]:
         """Saved dataset versions: name, version, train/validation counts, created, source."""
         return pdata.list_datasets(ctx.ws)

@@ -9,6 +9,7 @@ import gradio as gr
 from pipelines import export as ex
 from pipelines.export import job as export_job
 
+from .. import fields
 from ..handlers import common as h
 from ..handlers import export as hx
 from . import export_push
@@ -26,9 +27,9 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
                 base = gr.Textbox(label="Base model (adapters only; optional)", info=HELP["base_model"],
                                   elem_id="export-base")
                 name = gr.Textbox(label="Export name (optional)", info=HELP["name"], elem_id="export-name")
-                outtypes = gr.CheckboxGroup(list(ex.OUTTYPES), value=["f16"], label="GGUF float types",
+                outtypes = fields.CheckboxGroup(list(ex.OUTTYPES), value=["f16"], label="GGUF float types",
                                             info=HELP["outtypes"], elem_id="export-outtypes")
-                quants = gr.CheckboxGroup(list(ex.QUANT_TYPES), value=hx.DEFAULT_QUANTS, label="Quantizations",
+                quants = fields.CheckboxGroup(list(ex.QUANT_TYPES), value=hx.DEFAULT_QUANTS, label="Quantizations",
                                           info=HELP["quants"], elem_id="export-quants")
                 validate = gr.Checkbox(value=True, label="Validate each GGUF", info=HELP["validate"],
                                        elem_id="export-validate")

@@ -8,6 +8,7 @@ import gradio as gr
 
 from pipelines.export.push import PushRequest
 
+from .. import fields
 from ..handlers import common as h
 from ..handlers import push as hp
 
@@ -23,8 +24,8 @@ def build(ctx: h.Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> No
             token = gr.Textbox(label="Access token (write)", type="password", scale=2, elem_id="push-token",
                                info="Empty: HF_TOKEN (or your `hf auth login`). Never written to disk.")
         with gr.Row():
-            parts = gr.CheckboxGroup([], label="What to push", info=HELP["what"], elem_id="push-parts")
-            ggufs = gr.CheckboxGroup([], label="GGUF files", visible=False, elem_id="push-ggufs")
+            parts = fields.CheckboxGroup([], label="What to push", info=HELP["what"], elem_id="push-parts")
+            ggufs = fields.CheckboxGroup([], label="GGUF files", visible=False, elem_id="push-ggufs")
         public = gr.Checkbox(value=False, label="Public (new repositories only; default private)",
                              elem_id="push-public")
         with gr.Row():

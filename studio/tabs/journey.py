@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..handlers import common as h
-from ..handlers import journey as hj
+from ..handlers.common import Context
+from ..handlers.journey import JourneyHandlers, PageOpen, QuickStartView, Started
 
 
-def build(ctx: h.Context) -> dict:
+def build(ctx: Context) -> dict:
     with gr.Row(elem_id="journey-row"):
         journey = gr.Markdown(elem_id="journey", scale=5)
         with gr.Column(scale=1, min_width=220):
@@ -20,13 +20,14 @@ def build(ctx: h.Context) -> dict:
     return {"journey": journey, "button": qs_btn, "status": qs_status, "timer": timer}
 
 
-def wire(ctx: h.Context, demo: gr.Blocks, parts: dict, tabs: gr.Tabs, chat: dict) -> None:
+def wire(ctx: Context, demo: gr.Blocks, parts: dict, tabs: gr.Tabs, chat: dict) -> None:
     """Events that reach into other tabs (called once every tab is built)."""
     journey, status, timer = parts["journey"], parts["status"], parts["timer"]
-    parts["button"].click(h.bind(hj.start, ctx), None, [status, timer], api_name="quick_start")
-    outs = [status, timer, tabs, chat["model"], chat["adapter"], chat["adapter_b"], chat["note"], chat["message"],
-            journey]
-    timer.tick(h.bind(hj.poll, ctx), None, outs, api_visibility="private", show_progress="hidden")
-    demo.load(h.bind(hj.on_load, ctx), None, [journey, status, timer], api_visibility="private")
+    handlers = JourneyHandlers(ctx)
+    parts["button"].click(handlers.start, None, Started(status=status, timer=timer), api_name="quick_start")
+    progress = QuickStartView(status=status, timer=timer, tabs=tabs, model=chat["model"], adapter=chat["adapter"],
+                              adapter_b=chat["adapter_b"], note=chat["note"], message=chat["message"], journey=journey)
+    timer.tick(handlers.poll, None, progress, api_visibility="private", show_progress="hidden")
+    demo.load(handlers.on_load, None, PageOpen(journey=journey, status=status, timer=timer), api_visibility="private")
     refresh = gr.Timer(10.0)
-    refresh.tick(h.bind(hj.journey_md, ctx), None, journey, api_visibility="private", show_progress="hidden")
+    refresh.tick(handlers.journey, None, journey, api_visibility="private", show_progress="hidden")

@@ -8,10 +8,11 @@ import gradio as gr
 from pipelines import rag
 from pipelines.chat import ChatParams
 
+from .. import fields
 from ..handlers import chat as hc
 from ..handlers import common as h
 from ..handlers import rag as hr
-from .chat import _widget
+from .chat import sampling_widget
 
 
 def build(ctx: h.Context) -> dict:
@@ -30,12 +31,12 @@ def build(ctx: h.Context) -> dict:
                     new_emb = gr.Textbox(label="Embedding model (empty: the bundled all-MiniLM-L6-v2; or a local "
                                                "sentence-transformers folder)", elem_id="rag-new-embedder")
                     with gr.Row():
-                        size = gr.Slider(32, 254, value=200, step=1, label="Chunk size (tokens)", elem_id="rag-size")
-                        overlap = gr.Slider(0, 128, value=40, step=1, label="Overlap (tokens)", elem_id="rag-overlap")
+                        size = fields.Slider(32, 254, value=200, step=1, label="Chunk size (tokens)", elem_id="rag-size")
+                        overlap = fields.Slider(0, 128, value=40, step=1, label="Overlap (tokens)", elem_id="rag-overlap")
                     create_btn = gr.Button("Create", elem_id="rag-create")
                 msg = gr.Markdown(elem_id="rag-msg")
                 gr.Markdown("#### Documents")
-                files = gr.File(file_count="multiple", file_types=[".pdf", ".txt", ".md"], type="filepath",
+                files = fields.File(file_count="multiple", file_types=[".pdf", ".txt", ".md"], type="filepath",
                                 label="PDF, text or Markdown", elem_id="rag-files")
                 password = gr.Textbox(label="PDF password (for encrypted PDFs)", type="password", elem_id="rag-password")
                 with gr.Row():
@@ -62,9 +63,9 @@ def build(ctx: h.Context) -> dict:
                     adapter = gr.Dropdown([hr.BASE], value=hr.BASE, label="Adapter", scale=2, elem_id="rag-adapter",
                                           allow_custom_value=True)
                 with gr.Row():
-                    top_k = gr.Slider(1, 20, value=5, step=1, label="Passages (top-k)", elem_id="rag-topk")
+                    top_k = fields.Slider(1, 20, value=5, step=1, label="Passages (top-k)", elem_id="rag-topk")
                     mode = gr.Radio(list(rag.MODES), value="hybrid", label="Search", elem_id="rag-mode")
-                    threshold = gr.Slider(0.0, 1.0, value=rag.THRESHOLD, step=0.01, label="Relevance threshold "
+                    threshold = fields.Slider(0.0, 1.0, value=rag.THRESHOLD, step=0.01, label="Relevance threshold "
                                           "(cosine similarity)", elem_id="rag-threshold")
                 question = gr.Textbox(label="Question", elem_id="rag-question")
                 cost = gr.Markdown(elem_id="rag-cost")  # what the question will cost, before it is asked
@@ -80,14 +81,14 @@ def build(ctx: h.Context) -> dict:
                                         label="Retrieved passages", elem_id="rag-passages")
                 search_note = gr.Markdown(elem_id="rag-search-note")
                 with gr.Accordion("Answer settings", open=False):
-                    sampling = [_widget(f, "rag") for f in ChatParams.sampling_fields()]
+                    sampling = [sampling_widget(f, "rag") for f in ChatParams.sampling_fields()]
         with gr.Accordion("Retrieval quality", open=False, elem_id="rag-eval"):
             gr.Markdown("Questions are made from the knowledge base's own passages (most of one of their sentences), "
                         "or come from your CSV (columns `question`, `file`, optional `page`); each search mode is "
                         "scored on finding the source.")
             with gr.Row():
-                n_q = gr.Slider(5, 200, value=40, step=5, label="Questions to make", elem_id="rag-eval-n")
-                eval_csv = gr.File(file_types=[".csv"], type="filepath", label="Or your CSV", elem_id="rag-eval-csv")
+                n_q = fields.Slider(5, 200, value=40, step=5, label="Questions to make", elem_id="rag-eval-n")
+                eval_csv = fields.File(file_types=[".csv"], type="filepath", label="Or your CSV", elem_id="rag-eval-csv")
                 eval_btn = gr.Button("Evaluate", elem_id="rag-eval-run")
             eval_md = gr.Markdown(elem_id="rag-eval-md")
             with gr.Row():

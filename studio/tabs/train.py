@@ -8,11 +8,16 @@ from typing import AsyncIterator
 
 import gradio as gr
 
+from pipelines import runs
 from pipelines.training import TrainConfig
 
-from ..handlers import common as h
-from ..handlers import train as ht
-from ..handlers import train_multi as htm
+from .. import fields
+from ..handlers.common import Context
+from ..handlers.train import (CHOICES, FIELDS, RUN_COLUMNS, RunLists, StartView, TrainHandlers, YamlView,
+                              base_model_choices, dataset_choices, default_run, from_yaml, run_choices, runs_table,
+                              to_yaml)
+from ..handlers.train_monitor import MonitorView
+from ..handlers.train_multi import MultiCommandsView, MultiMachineHandlers
 
 HELP = TrainConfig.help()
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -21,27 +26,27 @@ BASIC = ["base_model", "dataset", "dataset_version", "method", "backend", "base_
          "grad_accum", "max_length"]
 
 
-def _widget(name: str, ctx: h.Context):
+def _widget(name: str, ctx: Context):
     label, info, default = name.replace("_", " ").capitalize(), HELP[name], DEFAULTS[name]
     eid = f"train-{name.replace('_', '-')}"
     if name == "base_model":
-        return gr.Dropdown(ht.base_model_choices(ctx), value="default", allow_custom_value=True, label=label, info=info,
+        return gr.Dropdown(base_model_choices(ctx), value="default", allow_custom_value=True, label=label, info=info,
                            elem_id=eid)
     if name == "dataset":
-        return gr.Dropdown(ht.dataset_choices(ctx), value=None, allow_custom_value=True, label=label, info=info,
+        return gr.Dropdown(dataset_choices(ctx), value=None, allow_custom_value=True, label=label, info=info,
                            elem_id=eid)
-    if name in ht.CHOICES:
-        return gr.Dropdown(ht.CHOICES[name], value=default, label=label, info=info, elem_id=eid)
+    if name in CHOICES:
+        return gr.Dropdown(CHOICES[name], value=default, label=label, info=info, elem_id=eid)
     if isinstance(default, bool):
         return gr.Checkbox(value=default, label=label, info=info, elem_id=eid)
     if isinstance(default, int):
-        return gr.Number(value=default, precision=0, label=label, info=info, elem_id=eid)
+        return fields.Number(value=default, precision=0, label=label, info=info, elem_id=eid)
     if isinstance(default, float):
-        return gr.Number(value=default, label=label, info=info, elem_id=eid)
+        return fields.Number(value=default, label=label, info=info, elem_id=eid)
     return gr.Textbox(value=str(default), label=label, info=info, elem_id=eid)
 
 
-def build(ctx: h.Context) -> dict:
+def build(ctx: Context) -> dict:
     with gr.Tab("Train", id="train") as tab:
         widgets: dict = {}
         with gr.Row():
@@ -51,7 +56,7 @@ def build(ctx: h.Context) -> dict:
                     for name in BASIC:
                         widgets[name] = _widget(name, ctx)
                 with gr.Accordion("More settings", open=False):
-                    for name in ht.FIELDS:
+                    for name in FIELDS:
                         if name not in BASIC:
                             widgets[name] = _widget(name, ctx)
                 run_name = gr.Textbox(label="Run name (optional)", elem_id="train-run-name")
@@ -63,14 +68,14 @@ def build(ctx: h.Context) -> dict:
                     yaml_btn = gr.Button("Show YAML", elem_id="train-yaml-btn")
                     yaml_text = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
                     command = gr.Textbox(label="Command", interactive=False)
-                    yaml_file = gr.File(label="Load a config YAML into the form", type="filepath",
+                    yaml_file = fields.File(label="Load a config YAML into the form", type="filepath",
                                         file_types=[".yaml", ".yml"], height=80)
                 with gr.Accordion("Train on several machines", open=False, elem_id="train-multi"):
                     with gr.Row():
-                        machines = gr.Number(2, precision=0, minimum=2, label="Machines", elem_id="train-machines")
-                        per_machine = gr.Number(1, precision=0, minimum=1, label="Processes per machine (GPUs)")
+                        machines = fields.Number(2, precision=0, minimum=2, label="Machines", elem_id="train-machines")
+                        per_machine = fields.Number(1, precision=0, minimum=1, label="Processes per machine (GPUs)")
                         head = gr.Textbox("HEAD_IP", label="Head address (reachable by all)")
-                        port = gr.Number(29500, precision=0, label="Port")
+                        port = fields.Number(29500, precision=0, label="Port")
                     accelerators = gr.Textbox("", label="SkyPilot accelerators (e.g. L4:1; empty: CPUs)")
                     multi_btn = gr.Button("Show the commands", elem_id="train-multi-btn")
                     multi_md = gr.Markdown(elem_id="train-multi-commands")
@@ -79,7 +84,7 @@ def build(ctx: h.Context) -> dict:
             with gr.Column(scale=3):
                 gr.Markdown("#### Monitor")
                 with gr.Row():
-                    run_sel = gr.Dropdown(ht.run_choices(ctx), value=ht.default_run(ctx), label="Run", scale=3,
+                    run_sel = gr.Dropdown(run_choices(ctx), value=default_run(ctx), label="Run", scale=3,
                                           elem_id="train-run", allow_custom_value=True)
                     stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, elem_id="train-stop",
                                          interactive=False)  # the monitor enables it for a queued or running run
@@ -98,47 +103,51 @@ def build(ctx: h.Context) -> dict:
                     tps_plot = gr.Plot(elem_id="train-tps")
                 log = gr.Code(label="Log (tail)", language=None, interactive=False, elem_id="train-log", max_lines=18)
         with gr.Accordion("Run history", open=True):
-            history = gr.Dataframe(ht.runs_table(ctx), headers=ht.RUN_COLUMNS, interactive=False, elem_id="train-history")
+            history = gr.Dataframe(runs_table(ctx), headers=RUN_COLUMNS, interactive=False, elem_id="train-history")
             with gr.Row():
-                overlay_sel = gr.Dropdown(ht.run_choices(ctx), multiselect=True, allow_custom_value=True, label="Overlay loss curves of", scale=3,
-                                               elem_id="train-overlay-sel")
+                overlay_sel = gr.Dropdown(run_choices(ctx), multiselect=True, allow_custom_value=True,
+                                          label="Overlay loss curves of", scale=3, elem_id="train-overlay-sel")
                 overlay_btn = gr.Button("Overlay", scale=1, elem_id="train-overlay")
             overlay_plot = gr.Plot(elem_id="train-overlay-plot")
-        cache = gr.State({})
         history_timer = gr.Timer(5.0)  # inside the Tab: a component made outside it would join gr.Tabs as a tab
 
-    form = [widgets[n] for n in ht.FIELDS]
-    monitor_out = [cache, status, progress, loss_plot, lr_plot, tps_plot, log, ckpt, verdict, verdict_plot, stop_btn]
-    lists_out = [run_sel, history, overlay_sel, widgets["dataset"], widgets["base_model"]]
+    handlers, multi = TrainHandlers(ctx), MultiMachineHandlers(ctx)
+    form = [widgets[n] for n in FIELDS]  # TrainConfig's fields, in the order the handlers take and give them
+    monitor = MonitorView(status=status, progress=progress, loss=loss_plot, learning_rate=lr_plot,
+                          tokens_per_s=tps_plot, log=log, checkpoint=ckpt, verdict=verdict,
+                          verdict_chart=verdict_plot, stop=stop_btn)
+    lists = RunLists(run=run_sel, history=history, overlay=overlay_sel, dataset=widgets["dataset"],
+                     base_model=widgets["base_model"])
     # the monitor streams: a generator follows the selected run's folder until the run ends (a newer one of this
     # page, or closing it, ends the older); no concurrency limit, so every tab and browser follows at once
-    follow = dict(fn=h.bind(ht.follow, ctx), inputs=run_sel, outputs=monitor_out, api_visibility="private",
+    follow = dict(fn=handlers.follow, inputs=run_sel, outputs=monitor, api_visibility="private",
                   show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
-    history_timer.tick(h.bind(ht.runs_table, ctx), None, history, api_visibility="private", show_progress="hidden")
+    history_timer.tick(handlers.history, None, history, api_visibility="private", show_progress="hidden")
     run_sel.change(**follow)
-    tab.select(h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")
+    tab.select(handlers.refresh_lists, run_sel, lists, api_visibility="private")
     # a page (re)load: the running or latest run, its settings in the form, and the monitor on it
-    gr.on(None, h.bind(ht.on_load, ctx), None, [run_sel, *form], api_visibility="private",
-          show_progress="hidden").then(**follow)
-    check_btn.click(h.bind(ht.preflight, ctx), form, preflight, api_name="train_check")
-    start_btn.click(h.bind(ht.start, ctx), [run_name, *form], [action, run_sel], api_name="train_start").then(
-        h.bind(ht.refresh_lists, ctx), run_sel, lists_out, api_visibility="private")  # the new run: run_sel.change
-    stop_btn.click(h.bind(ht.stop, ctx), run_sel, action, api_name="train_stop").then(**follow)
-    resume_btn.click(h.bind(ht.resume, ctx), [run_sel, ckpt], action, api_name="train_resume").then(**follow)
-    reuse_btn.click(h.bind(ht.load_run_config, ctx), run_sel, form, api_name="train_run_config")
-    yaml_btn.click(ht.to_yaml, form, [yaml_text, command], api_name="train_yaml")
-    yaml_file.upload(ht.from_yaml, yaml_file, form, api_visibility="private")
-    multi_btn.click(h.bind(htm.multi_commands, ctx), [run_name, machines, per_machine, head, port, accelerators, *form],
-                    [multi_md, multi_sky], api_name="train_multi_commands")
-    overlay_btn.click(h.bind(ht.overlay, ctx), overlay_sel, overlay_plot, api_name="train_overlay")
+    gr.on(None, handlers.pick_run, None, run_sel, api_visibility="private", show_progress="hidden").then(
+        handlers.run_settings, run_sel, form, api_visibility="private", show_progress="hidden").then(**follow)
+    check_btn.click(handlers.preflight, form, preflight, api_name="train_check")
+    start_btn.click(handlers.start, [run_name, *form], StartView(message=action, run=run_sel),
+                    api_name="train_start").then(
+        handlers.refresh_lists, run_sel, lists, api_visibility="private")  # the new run: run_sel.change
+    stop_btn.click(handlers.stop, run_sel, action, api_name="train_stop").then(**follow)
+    resume_btn.click(handlers.resume, [run_sel, ckpt], action, api_name="train_resume").then(**follow)
+    reuse_btn.click(handlers.load_run_config, run_sel, form, api_name="train_run_config")
+    yaml_btn.click(to_yaml, form, YamlView(yaml=yaml_text, command=command), api_name="train_yaml")
+    yaml_file.upload(from_yaml, yaml_file, form, api_visibility="private")
+    multi_btn.click(multi.multi_commands, [run_name, machines, per_machine, head, port, accelerators, *form],
+                    MultiCommandsView(commands=multi_md, skypilot=multi_sky), api_name="train_multi_commands")
+    overlay_btn.click(handlers.overlay, overlay_sel, overlay_plot, api_name="train_overlay")
     return {"run": run_sel}
 
 
-def register_api(ctx: h.Context) -> None:
+def register_api(ctx: Context) -> None:
+    handlers = TrainHandlers(ctx)
+
     def train_runs() -> list[dict]:
         """All runs with state, steps, losses, duration."""
-        from pipelines import runs
-
         # "run_path", not "path": gradio_client would take a dict with a "path" key for a file to download
         return [{("run_path" if k == "path" else k): v for k, v in r.items()} for r in runs.list_runs(ctx.ws)]
 
@@ -148,7 +157,7 @@ def register_api(ctx: h.Context) -> None:
         """Stream a run as it trains: one dict per change (status, the new metric rows, the new log text; "final"
         on the last), ending with the run. From a script: `for up in Client(url).submit(name,
         api_name="/train_follow"): ...`."""
-        async for up in ht.follow_api(ctx, run_name):
+        async for up in handlers.follow_api(run_name):
             yield up
 
     gr.api(train_follow, api_name="train_follow", concurrency_limit=None)

@@ -42,17 +42,17 @@ def test_trained_run_is_better_and_written(ws, tiny_llama_dir):
     assert "| validation loss |" in md and "The cat sat on the mat." in md
     from types import SimpleNamespace
 
-    from studio.handlers import train as ht
+    from studio.handlers import train_monitor as monitor
 
     run = SimpleNamespace(path=ws.runs / "t")
-    shown, chart = ht.verdict_view(run, RunStatus(state="finished"))
+    shown, chart = monitor.verdict_view(run, RunStatus(state="finished"))
     assert shown == md and chart["visible"] is True
     fig = chart["value"]  # base vs tuned bars: the validation loss, and each held-out prompt's similarity
     bars = {(tr.name, tr.xaxis): list(tr.y) for tr in fig.data}
     assert bars[("base", "x")] == [v["base"]["loss"]] and bars[("tuned", "x")] == [v["tuned"]["loss"]]
     assert bars[("tuned", "x2")] == [p["tuned_similarity"] for p in v["prompts"]]
-    assert ht.verdict_view(run, RunStatus(state="running")) == ("", {"__type__": "update", "visible": False})
-    assert ht.verdict_figure({"error": "boom", "verdict": "failed"})["visible"] is False
+    assert monitor.verdict_view(run, RunStatus(state="running")) == ("", {"__type__": "update", "visible": False})
+    assert monitor.verdict_figure({"error": "boom", "verdict": "failed"})["visible"] is False
     from pipelines.export.merge import _model_card
 
     card = _model_card(tiny_llama_dir, ws.runs / "t" / "adapter", ws.runs / "t", "float32")

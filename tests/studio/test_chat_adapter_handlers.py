@@ -42,7 +42,8 @@ def test_menu_lists_runs_and_choosing_one_loads_its_base(ctx, tiny_llama_dir):
     with pytest.raises(Exception, match="not attached yet"):
         hc.params_from([None] * 0, value)
 
-    model_up, adapter_up, adapter_b_up, note = hc.choose_adapter(ctx, None, value)
+    handlers = hc.ChatHandlers(ctx)
+    model_up, adapter_up, adapter_b_up, note = handlers.choose_adapter(None, value)
     assert model_up["value"] == "tiny-llama"
     assert "Answering with **tiny-llama** + adapter" in note and "loaded" in note
     attached = adapter_up["value"]
@@ -54,8 +55,8 @@ def test_menu_lists_runs_and_choosing_one_loads_its_base(ctx, tiny_llama_dir):
     # the attached adapter is no longer offered a second time from disk
     assert "tiny-run · final adapter" not in [label for label, _ in hc.adapter_menu(ctx, "tiny-llama")]
     # an attached adapter chosen again changes nothing but the note
-    again = hc.choose_adapter(ctx, "tiny-llama", attached)
-    assert again[3] == ""  # a fine-tune: no base-model note
+    again = handlers.choose_adapter("tiny-llama", attached)
+    assert again.note == ""  # a fine-tune: no base-model note
 
 
 def test_base_model_note_and_template_source(ctx, tiny_llama_dir, tmp_path):
@@ -79,7 +80,7 @@ def test_base_model_note_and_template_source(ctx, tiny_llama_dir, tmp_path):
     note = hc.model_note(ctx, lm2.name)
     assert "tiny-base is a base model" in note and "Quick start" in note
     assert hc.model_note(ctx, lm2.name, "some-adapter") == ""  # with an adapter: a fine-tune, no note
-    source, text = hc.template_info(ctx, lm2.name)
+    source, text = hc.ChatHandlers(ctx).template_info(lm2.name)
     assert "&lt;start_of_turn&gt;, but a base model" in source  # the sentence whole, not cut at a would-be tag
     assert "Assistant:" in text
 

@@ -95,77 +95,97 @@ def fake_run(ws, name, state, created, **cfg_over):
     return cfg
 
 
+def page_load(ctx):
+    """What a page (re)load shows: the picked run, then the form's values from its settings."""
+    from studio.handlers.train import TrainHandlers
+
+    handlers = TrainHandlers(ctx)
+    sel = handlers.pick_run()
+    return sel, handlers.run_settings(sel["value"])
+
+
 def test_page_load_shows_the_latest_runs_settings(ctx):
     from studio.handlers import train as ht
 
-    sel, *values = ht.on_load(ctx)  # no run yet: the form keeps what it shows (its defaults)
+    sel, values = page_load(ctx)  # no run yet: the form keeps what it shows (its defaults)
     assert sel["value"] is None and all("value" not in v for v in values)
     fake_run(ctx.ws, "older", "finished", 1.0, max_steps=11)
     cfg = fake_run(ctx.ws, "latest", "finished", 2.0, max_steps=77, learning_rate=3e-4, rank=4, packing=True,
                    target_modules=["q_proj", "v_proj"])
-    sel, *values = ht.on_load(ctx)
+    sel, values = page_load(ctx)
     assert sel["value"] == "latest" and sel["choices"] == ["latest", "older"]
     assert values == ht.form_values(cfg)
     form = dict(zip(ht.FIELDS, values))
     assert form["max_steps"] == 77 and form["rank"] == 4 and form["packing"] is True
     assert form["target_modules"] == "q_proj, v_proj" and form["dataset"] == "my-set"
     fake_run(ctx.ws, "training", "running", 0.5, max_steps=5000)  # a running run wins over a newer finished one
-    sel, *values = ht.on_load(ctx)
+    sel, values = page_load(ctx)
     assert sel["value"] == "training" and dict(zip(ht.FIELDS, values))["max_steps"] == 5000
     (ctx.ws.runs / "training" / "config.yaml").write_text("max_steps: [oops\n")  # unreadable: form untouched
-    sel, *values = ht.on_load(ctx)
+    sel, values = page_load(ctx)
     assert sel["value"] == "training" and all("value" not in v for v in values)
 
 
-def test_stop_button_follows_the_selected_run(ctx):
-    from studio.handlers import train as ht
+def monitor_now(ctx, selected):
+    """The first view a monitor opened now on `selected` streams (what a page picking that run shows)."""
+    import asyncio
 
-    assert ht.poll(ctx, None, {})[-1]["interactive"] is False  # nothing to stop
+    from studio.handlers.train import TrainHandlers
+
+    async def first():
+        follower = TrainHandlers(ctx).follow(selected)
+        try:
+            return await anext(follower)
+        finally:
+            await follower.aclose()
+
+    return asyncio.run(first())
+
+
+def test_stop_button_follows_the_selected_run(ctx):
+    from studio.handlers.train_monitor import stop_button
+
+    assert monitor_now(ctx, None).stop["interactive"] is False  # nothing to stop
     fake_run(ctx.ws, "done", "finished", 1.0)
     fake_run(ctx.ws, "live", "running", 2.0)
-    assert ht.poll(ctx, "done", {})[-1]["interactive"] is False
-    assert ht.poll(ctx, "live", {})[-1]["interactive"] is True
-    assert ht.poll(ctx, "gone", {})[-1]["interactive"] is False
-    assert ht.stop_button(runs.RunStatus(state="queued"))["interactive"] is True
+    assert monitor_now(ctx, "done").stop["interactive"] is False
+    assert monitor_now(ctx, "live").stop["interactive"] is True
+    assert monitor_now(ctx, "gone").stop["interactive"] is False
+    assert stop_button(runs.RunStatus(state="queued"))["interactive"] is True
     for state in ("stopping", "stopped", "failed", "finished"):
-        assert ht.stop_button(runs.RunStatus(state=state))["interactive"] is False
+        assert stop_button(runs.RunStatus(state=state))["interactive"] is False
 
 
 def test_monitor_at_step_0_1_and_2(ctx):
     """No rate before two steps: the ETA says "estimating…" (never 0 s, NaN or a huge number); a one-point loss
     curve is drawn with a marker; empty charts say why they are empty."""
     from pipelines import runs
-    from studio.handlers import train as ht
+    from studio.handlers.train_monitor import figures, progress_html
 
     fake_run(ctx.ws, "r", "running", 1.0, max_steps=100)
     run = runs.get_run(ctx.ws, "r")
-    out = ht.poll(ctx, "r", {})
-    cache, progress, loss = out[0], out[2], out[3]
-    assert "step 0 / ?" in progress and "estimating" in progress and "starting" in progress
-    assert not loss.data and loss.layout.annotations[0].text == "no steps yet"
+    out = monitor_now(ctx, "r")
+    assert "step 0 / ?" in out.progress and "estimating" in out.progress and "starting" in out.progress
+    assert not out.loss.data and out.loss.layout.annotations[0].text == "no steps yet"
     row = {"step": 1, "total_steps": 100, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 900.0, "elapsed": 41.0}
     run.append_metrics(row)  # step 1's elapsed time holds the model load: no rate from it
-    out = ht.poll(ctx, "r", cache)
-    cache, progress, loss = out[0], out[2], out[3]
-    assert "step 1 / 100" in progress and "ETA estimating…" in progress
-    assert not any(bad in progress for bad in ("0 s", "nan", "inf", " min", " h "))
-    assert len(loss.data) == 1 and "markers" in loss.data[0].mode and list(loss.data[0].y) == [2.5]
-    assert "loss 2.5000" in out[1] and "nan" not in out[1]
+    out = monitor_now(ctx, "r")
+    assert "step 1 / 100" in out.progress and "ETA estimating…" in out.progress
+    assert not any(bad in out.progress for bad in ("0 s", "nan", "inf", " min", " h "))
+    assert len(out.loss.data) == 1 and "markers" in out.loss.data[0].mode and list(out.loss.data[0].y) == [2.5]
+    assert "loss 2.5000" in out.status and "nan" not in out.status
     run.append_metrics({**row, "step": 2, "loss": 2.4, "elapsed": 41.5})  # 0.5 s per step, 98 to go: 49 s
-    out = ht.poll(ctx, "r", out[0])
-    assert "step 2 / 100" in out[2] and "ETA 49 s" in out[2]
+    assert "step 2 / 100" in (progress := monitor_now(ctx, "r").progress) and "ETA 49 s" in progress
     # a resumed run: the rate is measured on the new process's steps only
     run.append_metrics({"event": "resume", "step": 2})
     run.append_metrics({**row, "step": 3, "elapsed": 90.0})
-    out = ht.poll(ctx, "r", out[0])
-    assert "step 3 / 100" in out[2] and "ETA estimating…" in out[2]
+    assert "step 3 / 100" in (progress := monitor_now(ctx, "r").progress) and "ETA estimating…" in progress
     run.append_metrics({**row, "step": 4, "elapsed": 91.0})
-    out = ht.poll(ctx, "r", out[0])
-    assert "ETA 2 min" in out[2]  # 1 s per step, 96 to go
+    assert "ETA 2 min" in monitor_now(ctx, "r").progress  # 1 s per step, 96 to go
     many = [{**row, "step": i, "elapsed": 40.0 + 60.0 * i} for i in range(1, 60)]  # long curves: lines alone
-    assert ht._figures(many)[0].data[0].mode == "lines"
-    assert "ETA 41 min" in ht.progress_html(runs.RunStatus(state="running"), many)
-    assert "ETA" not in ht.progress_html(runs.RunStatus(state="finished"), many)
+    assert figures(many)[0].data[0].mode == "lines"
+    assert "ETA 41 min" in progress_html(runs.RunStatus(state="running"), many)
+    assert "ETA" not in progress_html(runs.RunStatus(state="finished"), many)
 
 
 def test_follow_streams_each_step_and_ends_with_the_run(ctx):
@@ -176,17 +196,18 @@ def test_follow_streams_each_step_and_ends_with_the_run(ctx):
     from types import SimpleNamespace
 
     from pipelines import runs
-    from studio.handlers import train as ht
+    from studio.handlers.train import TrainHandlers
 
     fake_run(ctx.ws, "r", "running", 1.0, max_steps=100)
     run = runs.get_run(ctx.ws, "r")
     run.log_path.write_text("loading\n")
     page = SimpleNamespace(session_hash="page-1")
+    handlers = TrainHandlers(ctx)
 
     async def scenario():
-        gen = ht.follow(ctx, "r", page)
+        gen = handlers.follow("r", page)
         out = await anext(gen)
-        assert "running" in out[1] and "step 0 / ?" in out[2] and out[6] == "loading"
+        assert "running" in out.status and "step 0 / ?" in out.progress and out.log == "loading"
         row = {"step": 1, "total_steps": 100, "loss": 2.5, "learning_rate": 1e-4, "tokens_per_s": 900.0,
                "elapsed": 4.0}
         run.append_metrics(row)
@@ -195,25 +216,25 @@ def test_follow_streams_each_step_and_ends_with_the_run(ctx):
         t0 = time.monotonic()
         out = await anext(gen)
         assert time.monotonic() - t0 < 1.5  # it lands within about a second
-        assert "step 1 / 100" in out[2] and out[6] == "loading\nstep 1 done" and list(out[3].data[0].y) == [2.5]
+        assert "step 1 / 100" in out.progress and out.log == "loading\nstep 1 done" and list(out.loss.data[0].y) == [2.5]
         with open(run.log_path, "a") as fh:
             fh.write("a log line only\n")
         out = await anext(gen)  # no new row: the charts are left as they are, the log moves on
-        assert out[3] == gr_skip() and out[6].endswith("a log line only")
-        newer = ht.follow(ctx, "r", page)  # a reload / another run picked in the same page
-        assert "step 1 / 100" in (await anext(newer))[2]  # the newer one starts with everything so far
+        assert out.loss == gr_skip() and out.log.endswith("a log line only")
+        newer = handlers.follow("r", page)  # a reload / another run picked in the same page
+        assert "step 1 / 100" in (await anext(newer)).progress  # the newer one starts with everything so far
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(gen), 3)  # the older one ends at its next tick
-        other = ht.follow(ctx, "r", SimpleNamespace(session_hash="page-2"))  # a second tab follows as well
+        other = handlers.follow("r", SimpleNamespace(session_hash="page-2"))  # a second tab follows as well
         await anext(other)
-        nothing = ht.follow(ctx, None, SimpleNamespace(session_hash="page-2"))  # that tab picks no run
-        assert "No run yet" in (await anext(nothing))[1]
+        nothing = handlers.follow(None, SimpleNamespace(session_hash="page-2"))  # that tab picks no run
+        assert "No run yet" in (await anext(nothing)).status
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(other), 3)  # ... which ends its follower of "r"
         st = json.loads(run.status_path.read_text())
         run.status_path.write_text(json.dumps({**st, "state": "finished", "pid": None}))
         last = await asyncio.wait_for(anext(newer), 3)
-        assert "finished" in last[1] and last[-1]["interactive"] is False
+        assert "finished" in last.status and last.stop["interactive"] is False
         with pytest.raises(StopAsyncIteration):
             await anext(newer)  # ends with the run
 

@@ -22,23 +22,23 @@ def _form(ws, model_dir) -> list:
 
 def test_commands_from_the_form(workspace, tiny_llama_dir):
     from pipelines.serving.registry import ModelRegistry
-    from studio.handlers import common as h
-    from studio.handlers import train_multi as htm
+    from studio.handlers.common import Context
+    from studio.handlers.train_multi import MultiMachineHandlers
 
-    ctx = h.Context(workspace, ModelRegistry(), prepare_hf=False)
+    multi = MultiMachineHandlers(Context(workspace, ModelRegistry(), prepare_hf=False))
     form = _form(workspace, tiny_llama_dir)
-    md, sky = htm.multi_commands(ctx, "big-run", 4, 2, "10.0.0.7", 29501, "A100:2", *form)
+    md, sky = multi.multi_commands("big-run", 4, 2, "10.0.0.7", 29501, "A100:2", *form)
     assert "--nnodes 4" in md and "--rdzv-endpoint 10.0.0.7:29501" in md and "--rdzv-id big-run" in md
     assert f"{workspace.root}/big-run.yaml" in md and "--machine_rank 3" in md and "num_processes: 8" in md
     task = yaml.safe_load(sky)
     assert task["num_nodes"] == 4 and task["resources"] == {"accelerators": "A100:2"}
     assert "--nproc-per-node 2" in task["run"] and "--name big-run" in task["run"]
-    md, _sky = htm.multi_commands(ctx, "", 2, 1, "", None, "", *form)  # defaults: a dated name, HEAD_IP, 29500
+    md, _sky = multi.multi_commands("", 2, 1, "", None, "", *form)  # defaults: a dated name, HEAD_IP, 29500
     assert "HEAD_IP:29500" in md and "-chat" in md
     with pytest.raises(gr.Error, match="between 2 and 1024"):
-        htm.multi_commands(ctx, "x", 1, 1, "h", 29500, "", *form)
+        multi.multi_commands("x", 1, 1, "h", 29500, "", *form)
     with pytest.raises(gr.Error, match="whole number"):
-        htm.multi_commands(ctx, "x", "two", 1, "h", 29500, "", *form)
+        multi.multi_commands("x", "two", 1, "h", 29500, "", *form)
 
 
 def test_the_accordion_is_in_the_train_tab(workspace):

@@ -27,15 +27,15 @@ def test_objective_is_a_form_choice():
 
 
 def test_loss_chart_shows_margin_and_accuracy():
-    from studio.handlers import train as ht
+    from studio.handlers.train_monitor import figures
 
-    loss, _lr, _tps = ht._figures(_rows(True))
+    loss, _lr, _tps = figures(_rows(True))
     names = {t.name: t for t in loss.data}
     assert {"train loss", "eval loss", "reward margin", "preference accuracy", "eval reward margin",
             "eval preference accuracy"} <= set(names)
     assert names["reward margin"].yaxis == "y2" and list(names["eval preference accuracy"].x) == [2, 4]
     assert "preference accuracy" in loss.layout.title.text and loss.layout.yaxis2.overlaying == "y"
-    sft, _lr, _tps = ht._figures(_rows(False))
+    sft, _lr, _tps = figures(_rows(False))
     assert [t.name for t in sft.data] == ["train loss"] and sft.layout.title.text == "Loss"
 
 
@@ -47,8 +47,8 @@ def test_preference_verdict_markdown():
          "tuned": {"accuracy": 0.875, "margin": 1.5}}
     md = tverdict.verdict_markdown(v)
     assert "8 validation pairs" in md and "| 50% | 88% |" in md and "+1.500" in md
-    from studio.handlers import train as ht
+    from studio.handlers.train_monitor import verdict_figure
 
-    fig = ht.verdict_figure(v)["value"]  # accuracy and margin, base vs tuned
+    fig = verdict_figure(v)["value"]  # accuracy and margin, base vs tuned
     assert {(tr.name, tr.xaxis): list(tr.y) for tr in fig.data} == {
         ("base", "x"): [0.5], ("tuned", "x"): [0.875], ("base", "x2"): [-0.2], ("tuned", "x2"): [1.5]}
