@@ -162,7 +162,7 @@ def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
     """Where the files written for this version of the adapter go (without a suffix): the workspace's
     tmp/lora-gguf/, a cache keyed by the adapter's folder, weights' size and time, and the base."""
     st = (adapter_dir / "adapter_model.safetensors").stat()
-    key = f"{adapter_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}|{base.resolve()}"
+    key = f"{adapter_dir.resolve()}|{st.st_size}|{st.st_mtime_ns}|{base.resolve()}|{LORA_FORMAT}"
     return ws.tmp / "lora-gguf" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -172,9 +172,12 @@ def _remember(cache: Path, adapter_dir: Path) -> None:
 
     st = (adapter_dir / "adapter_model.safetensors").stat()
     write_json(cache.with_suffix(".json"), {"adapter": str(adapter_dir.resolve()), "bytes": st.st_size,
-                                            "mtime_ns": st.st_mtime_ns})
+                                            "mtime_ns": st.st_mtime_ns, "format": LORA_FORMAT})
 
 
+# What a cached LoRA GGUF holds; a file written by an earlier version is written again. 2: the trained token rows
+# are in the LoRA itself (version 1 left them out, for a copy of the base GGUF that held them).
+LORA_FORMAT = 2
 STALE_TEMP_S = 6 * 3600  # a temporary file that old was left by a process that died while writing it
 KEEP_COPIES = 2  # untied copies of a base GGUF (hundreds of MB each) kept when not in use, newest first
 
@@ -230,7 +233,7 @@ def _present(record: Path) -> bool:
         st = (Path(rec["adapter"]) / "adapter_model.safetensors").stat()
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return st.st_size == rec.get("bytes") and st.st_mtime_ns == rec.get("mtime_ns")
+    return (st.st_size, st.st_mtime_ns, LORA_FORMAT) == (rec.get("bytes"), rec.get("mtime_ns"), rec.get("format"))
 
 
 def _in_use(registry) -> set[Path]:

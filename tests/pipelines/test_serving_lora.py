@@ -221,8 +221,8 @@ def test_trained_token_rows_of_a_tied_output_layer_answer_on_the_untied_base(set
 
 def test_old_lora_gguf_files_are_pruned(tmp_path):
     """tmp/lora-gguf/ keeps the LoRAs of adapter versions still on disk, the newest untied copies of a base GGUF and
-    what a loaded model uses; the rest (adapters gone or trained again, files of unknown origin, old temporary files)
-    goes."""
+    what a loaded model uses; the rest (adapters gone or trained again, LoRAs written by an earlier version of the
+    format, files of unknown origin, old temporary files) goes."""
     from pipelines.workspace import Workspace
 
     ws = Workspace.open(tmp_path / "ws")
@@ -230,13 +230,15 @@ def test_old_lora_gguf_files_are_pruned(tmp_path):
     folder.mkdir(parents=True)
     now = time.time()
 
-    def version(key: str, age_s: float, present: bool = True) -> str:
+    def version(key: str, age_s: float, present: bool = True, fmt: int | None = adapters.LORA_FORMAT) -> str:
         adapter = tmp_path / "adapters" / key
         adapter.mkdir(parents=True)
         (adapter / "adapter_model.safetensors").write_bytes(b"w")
         st = (adapter / "adapter_model.safetensors").stat()
         key = key.ljust(20, "0")
         rec = {"adapter": str(adapter), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns + (0 if present else 1)}
+        if fmt is not None:  # records of the first format had no "format" (their LoRAs lack the token rows)
+            rec["format"] = fmt
         (folder / f"{key}.json").write_text(json.dumps(rec))
         for f in (f"{key}.gguf", f"{adapters.UNTIED}{key}.gguf"):  # its LoRA, a copy of a base
             (folder / f).write_bytes(b"gguf")
@@ -245,6 +247,7 @@ def test_old_lora_gguf_files_are_pruned(tmp_path):
 
     new, mid, old, used = version("new", 10), version("mid", 20), version("old", 30), version("used", 40)
     gone = version("gone", 5, present=False)
+    earlier = version("earlier", 15, fmt=None)
     (folder / f"{new}-base.gguf").write_bytes(b"a copy as written before")
     (folder / f"{'f' * 20}.gguf").write_bytes(b"unknown")
     (folder / ".fresh.tmp").write_bytes(b"")
@@ -254,7 +257,8 @@ def test_old_lora_gguf_files_are_pruned(tmp_path):
     # the copies kept: the one in use and the 2 newest others (gone's is newest: a copy is the base's, not an
     # adapter's); the LoRAs kept: those of adapters still there
     assert removed == {f"{adapters.UNTIED}{mid}.gguf", f"{adapters.UNTIED}{old}.gguf", f"{gone}.json",
-                       f"{gone}.gguf", f"{new}-base.gguf", f"{'f' * 20}.gguf", ".stale.tmp"}
+                       f"{gone}.gguf", f"{new}-base.gguf", f"{'f' * 20}.gguf", ".stale.tmp", f"{earlier}.json",
+                       f"{earlier}.gguf", f"{adapters.UNTIED}{earlier}.gguf"}
     assert {p.name for p in folder.glob("*.gguf") if not p.name.startswith(adapters.UNTIED)} == {
         f"{k}.gguf" for k in (new, mid, old, used)}
 
