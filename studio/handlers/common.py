@@ -1,7 +1,7 @@
 """What every tab's handlers share: the `Context` (workspace and model registry), `ui_errors` (a MacTunerError
-becomes a toast with its message; anything else one line in the UI and its traceback in the log), `bind` (fill in
-the context, keep gradio's injection), per-browser-session state released when the page closes, files handed to
-the browser (`handout_file`, served for any workspace), and small UI helpers.
+becomes a toast with its message; anything else one line in the UI and its traceback in the log), named views
+(`unchanged`, `keep_last_good`), per-browser-session state released when the page closes, files handed to the
+browser (`handout_file`, served for any workspace), and small UI helpers.
 """
 
 from __future__ import annotations
@@ -134,38 +134,6 @@ def keep_last_good(view: type[tuple], message: str = "message"):
         return wrapper
 
     return deco
-
-
-def bind(fn, ctx: "Context", **fixed):
-    """fn with `ctx` (its first parameter) and `fixed` keyword arguments filled in, keeping the rest of its
-    signature and type hints: gradio injects gr.Request / gr.SelectData by annotation, which functools.partial
-    hides (gradio reads the hints of partial.__call__). Generators stay generators (streaming)."""
-    sig = inspect.signature(fn)
-    rest = [p for name, p in list(sig.parameters.items())[1:] if name not in fixed]
-    names = [p.name for p in rest]
-
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in rest)
-
-    def call(args, kwargs):  # gradio passes inputs and injected values by position
-        if varargs:
-            return fn(ctx, *args, **kwargs, **fixed)
-        return fn(ctx, **{**dict(zip(names, args)), **kwargs, **fixed})
-
-    if inspect.isasyncgenfunction(fn):
-        @functools.wraps(fn)
-        async def bound(*args, **kwargs):
-            async for item in call(args, kwargs):
-                yield item
-    elif inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def bound(*args, **kwargs):
-            yield from call(args, kwargs)
-    else:
-        @functools.wraps(fn)
-        def bound(*args, **kwargs):
-            return call(args, kwargs)
-    bound.__signature__ = sig.replace(parameters=rest)
-    return bound
 
 
 def handout_file(ctx: "Context", kind: str, prefix: str, suffix: str, text: str, max_age: float = 3600) -> str:

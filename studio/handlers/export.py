@@ -3,11 +3,14 @@ process, pipelines.export.job), follow it, list exports with their validation ta
 
 The workspace is the truth: a refreshed page re-attaches to the running job by reading exports/.jobs/, and the
 export list is read from exports/ each time.
+
+`ExportHandlers(ctx)`: the tab wires its bound methods; they return (or stream) named views of the tab's outputs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -28,6 +31,59 @@ TABLE_COLUMNS = ["type", "file", "size", "perplexity", "Δ vs HF (%)", "tokens/s
 CHECK_COLUMNS = ["GGUF", "check", "result", "detail"]
 DEFAULT_QUANTS = list(ex.DEFAULT_QUANTS)  # Q8_0: keeps a small fine-tune (pipelines/export/common.py)
 LOG_LINES = 14  # the log box shows its first lines: give it only the end
+FOLLOWERS = Followers()
+
+
+class ExportStarted(NamedTuple):
+    message: str  # what was started, and the plan
+    job: str | None  # the export job, which the monitor then follows
+
+
+class ExportMonitor(NamedTuple):
+    """The export monitor, one field per component."""
+
+    job: str | None
+    progress: str  # html: the bar and its caption
+    status: str  # markdown: the step, the job, its state (and the failed checks of a finished one)
+    log: str  # the log's last LOG_LINES lines
+    seen: str | None  # "job:state" shown last (the table is read again when it changes)
+    table: Any  # the exports (gr.update() when nothing changed)
+    pick: Any  # the export picker: on the export just finished, so its validation shows
+
+
+class Choices(NamedTuple):
+    """The Export tab selected: what can be exported, and the exports."""
+
+    source: Any
+    pick: Any
+
+
+class ExportList(NamedTuple):
+    table: pd.DataFrame
+    pick: Any
+
+
+class ExportDetails(NamedTuple):
+    """One export: its summary, its perplexity table, its validation checks, and the GGUF picker."""
+
+    summary: str
+    perplexity: pd.DataFrame
+    checks: pd.DataFrame
+    gguf: Any
+
+
+class HowToRun(NamedTuple):
+    commands: str  # markdown: the GGUF, and how llama.cpp, Ollama and LM Studio run it
+    modelfile: str
+
+
+class OpenedInChat(NamedTuple):
+    """A GGUF opened in the Chat tab: the tabs (on Chat), its two model menus, the message."""
+
+    tabs: Any
+    model: Any
+    model_b: Any
+    message: str
 
 
 def sources(ctx: Context) -> list[tuple[str, str]]:
@@ -47,27 +103,12 @@ def sources(ctx: Context) -> list[tuple[str, str]]:
     return out
 
 
-def refresh_choices(ctx: Context, source: str | None):
-    """Fresh source and export lists; an empty source becomes the newest run's final adapter (the usual next step
-    after training)."""
-    choices = sources(ctx)
-    if not source:
-        source = next((p for label, p in choices if label.endswith("final adapter")), None)
-    return gr.update(choices=choices, value=source), gr.update(choices=export_names(ctx))
-
-
-def request(source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool = True,
+def export_request(source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool = True,
             system: str = "") -> ex.ExportRequest:
     """The form's values -> the export request (empty text fields mean "not given")."""
     return ex.ExportRequest(source=source or "", name=(name or "").strip(), base_model=(base_model or "").strip(),
                             outtypes=[str(t) for t in (outtypes or [])], quants=list(quants or []),
                             validate=bool(validate), system=(system or "").strip())
-
-
-@ui_errors
-def check(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list) -> str:
-    """What the export will do, or why it cannot (before anything is written)."""
-    return _plan_md(ex.plan_export(ctx.ws, request(source, base_model, name, outtypes, quants)))
 
 
 def _plan_md(plan: ex.ExportPlan) -> str:
@@ -78,29 +119,6 @@ def _plan_md(plan: ex.ExportPlan) -> str:
     return (f"✅ Ready to export **{plan.name}**: {what} to GGUF {', '.join(plan.outtypes)}"
             + (f", quantize to {', '.join(plan.quants)}" if plan.quants else "") + ".\n\n"
             f"Disk: about {human_bytes(est['total'])} ({parts}); {human_bytes(est['free'])} free in `{plan.folder.parent}`.")
-
-
-@ui_errors
-def start(ctx: Context, source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool,
-          system: str):
-    """Check everything, then start the export in its own process. Returns (message, job id)."""
-    req = request(source, base_model, name, outtypes, quants, validate, system)
-    plan = ex.plan_export(ctx.ws, req)
-    req.source, req.name, req.base_model = str(plan.source), plan.name, str(plan.base) if plan.base else ""
-    job = export_job.start(ctx.ws, "run", req.as_dict())
-    return f"Started export **{plan.name}** (job `{job}`); it runs in its own process — closing this page does not stop it.\n\n" \
-        + _plan_md(plan), job
-
-
-@ui_errors
-def cancel(ctx: Context, job: str | None) -> str:
-    active = export_job.active(ctx.ws)
-    job = job or (active.name if active else None)
-    if not job:
-        raise BadInput("No export is running.")
-    st = export_job.cancel(ctx.ws, job)
-    why = st.reason if st.reason not in (None, st.state) else None
-    return f"Export job `{job}`: {st.state}" + (f" — {why}" if why else "")
 
 
 def job_problems(st: JobStatus) -> str:
@@ -137,10 +155,9 @@ def _pick_job(ctx: Context, job: str | None) -> JobStatus | None:
     return st if st is not None else (jobs[0] if jobs else None)
 
 
-def _view(ctx: Context, st: JobStatus, seen: str | None, log: str):
-    """The monitor's outputs for job status `st`: (job, progress html, status, log tail, seen, exports table, export
-    picker). The table is re-read while a job runs and when its state changes; a finished export is picked so its
-    validation shows."""
+def _view(ctx: Context, st: JobStatus, seen: str | None, log: str) -> ExportMonitor:
+    """The monitor for job status `st`. The table is re-read while a job runs and when its state changes; a finished
+    export is picked so its validation shows."""
     frac = st.fraction or 0.0
     problems = job_problems(st)
     caption = f"{100 * frac:.0f}% · {st.message or ''}" if st.active else \
@@ -151,39 +168,8 @@ def _view(ctx: Context, st: JobStatus, seen: str | None, log: str):
     pick = gr.update()
     if changed and seen is not None and st.state == "finished" and st.extra.get("step") == "run":
         pick = gr.update(choices=export_names(ctx), value=st.label)
-    return (st.name, progress_bar_html(1.0 if st.state == "finished" else frac, caption), _job_md(st), log, key,
-            table, pick)
-
-
-NO_EXPORT = (None, "", "No export has run yet.", "")
-
-
-FOLLOWERS = Followers()
-
-
-@ui_errors
-async def follow(ctx: Context, job: str | None, seen: str | None, request: gr.Request = None):
-    """Stream the export monitor: the job to show (as `poll` picks it) followed from its folder (status and log
-    from byte offsets) with an update per change, ending with the job; this page's newer follower ends it."""
-    stop = FOLLOWERS.start(request)
-    st = _pick_job(ctx, job)
-    if st is None:
-        yield (*NO_EXPORT, seen, gr.update(), gr.update())
-        return
-    lines: list[str] = []
-    q = export_job.queue(ctx.ws)
-    async for up in stream(pfollow.follow(q.job(st.name), lambda: q.status(st.name), log_bytes=8000, stop=stop,
-                                          idle=True)):
-        lines = (lines + up.log.splitlines())[-LOG_LINES:]
-        out = _view(ctx, up.status, seen, "\n".join(lines))
-        seen = out[4]
-        yield out
-
-
-def discover(ctx: Context, job: str | None):
-    """A job started elsewhere (another tab, the API): its id, so this page follows it; else nothing changes."""
-    running = export_job.active(ctx.ws)
-    return running.name if running and running.name != job else gr.skip()
+    return ExportMonitor(st.name, progress_bar_html(1.0 if st.state == "finished" else frac, caption), _job_md(st),
+                         log, key, table, pick)
 
 
 def _validation_cell(row: dict) -> str:
@@ -215,90 +201,6 @@ def export_names(ctx: Context) -> list[str]:
     return [r["name"] for r in ex.list_exports(ctx.ws)]
 
 
-def pick_row(ctx: Context, table: pd.DataFrame, evt: gr.SelectData):
-    """Clicking a row of the exports table picks that export."""
-    return gr.update(choices=export_names(ctx), value=selected_cell(table, evt, "name"))
-
-
-@ui_errors
-def details(ctx: Context, name: str | None):
-    """(summary, perplexity table, checks table, GGUF picker) of one export."""
-    if not name:
-        return "Pick an export.", pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=CHECK_COLUMNS), \
-            gr.update(choices=[], value=None)
-    d = ex.export_details(ctx.ws, name)
-    lines = [f"### {d['name']} · {d['state']}"]
-    if d.get("error"):
-        lines.append(f"❌ {d['error']}")
-    if d.get("source"):
-        lines.append(f"- Source: `{d['source']}`" + (f" · base `{d['base_model']}`" if d.get("base_model") else ""))
-    if d.get("merged"):
-        lines.append(f"- Merged HF model: `{d['merged']}`")
-    if d.get("steps"):
-        lines.append("- Steps: " + ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in d["steps"])
-                     + (f" · total {d['seconds']:.1f} s" if d.get("seconds") else ""))
-    mf_step = next((s for s in d.get("steps") or [] if s["step"] == "Modelfiles"), None)
-    if mf_step:
-        lines.append(("- ⚠️ Ollama Modelfile: " if mf_step["detail"].startswith("NO TEMPLATE") else
-                      "- Ollama Modelfile ") + mf_step["detail"])
-    lines.append(f"- Folder: `{d['folder']}`")
-    table = pd.DataFrame([[r["type"], r["file"], human_bytes(r["size"]), r["perplexity"], r["delta_pct"],
-                           r["tokens_per_s"]] for r in d["table"]], columns=TABLE_COLUMNS)
-    checks = []
-    for g in d["gguf_files"]:
-        for item in (g["validation"] or {}).get("items", []):
-            mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
-            checks.append([g["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
-        if not g["validation"]:
-            checks.append([g["file"], "(all)", "– not validated", ""])
-    lora = d.get("lora")
-    if lora:
-        for item in (lora["validation"] or {}).get("items", []):
-            mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
-            checks.append([lora["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
-        if lora.get("how_to_run"):
-            lines.append(f"- LoRA GGUF: `{lora['path']}` ({lora['size']}) on `{Path(lora['base']).name}` · llama.cpp: "
-                         f"`{lora['how_to_run']['llama.cpp']}` · Ollama: `{lora['how_to_run']['ollama']}`")
-    if d.get("lora_skipped"):
-        lines.append(f"- {d['lora_skipped']}")
-    problems = ex.problems_text(d["gguf_files"] + ([lora] if lora else []))
-    if problems:
-        lines.insert(1, f"⚠️ {problems}")
-    best = ex.preferred_gguf(d["gguf_files"])
-    return ("\n".join(lines), table, pd.DataFrame(checks, columns=CHECK_COLUMNS),
-            gr.update(choices=[(g["label"], g["path"]) for g in d["gguf_files"]], value=best["path"] if best else None))
-
-
-@ui_errors
-def gguf_info(ctx: Context, name: str | None, gguf: str | None):
-    """(how-to-run markdown, Modelfile text) of one GGUF of the export."""
-    if not name or not gguf:
-        return "", ""
-    g = next((g for g in ex.export_details(ctx.ws, name)["gguf_files"] if g["path"] == gguf), None)
-    if g is None:
-        return "", ""
-    cmds = g["how_to_run"]
-    md = (f"**{g['file']}** · {g['type']} · {g['size']}\n\n"
-          f"- llama.cpp: `{cmds['llama.cpp']}`\n- Ollama: `{cmds['ollama']}`\n- LM Studio: `{cmds['lm_studio']}`")
-    return md, g["modelfile"] or "(no Modelfile beside this GGUF)"
-
-
-@ui_errors
-def open_in_chat(ctx: Context, gguf: str | None, progress=gr.Progress()):
-    """Load the GGUF beside the current model and switch to the Chat tab with it selected."""
-    if not gguf:
-        raise BadInput("Pick a GGUF file of the export first.")
-    lm = ctx.registry.load(gguf, ctx.ws, name=Path(gguf).stem, progress=lambda f, m: progress(f, desc=m),
-                           replace=False)
-    names = model_choices(ctx)
-    failed = next((g["failed"] for r in ex.list_exports(ctx.ws) for g in r["ggufs"]
-                   if str(Path(r["folder"]) / g["file"]) == str(gguf)), [])
-    warn = (f" ⚠️ Its validation failed: {', '.join(failed)} — it may not answer like your fine-tune."
-            if failed else "")
-    return (gr.Tabs(selected="chat"), gr.update(choices=names, value=lm.name), gr.update(choices=names),
-            f"Loaded **{lm.name}**: it is selected in the Chat tab.{warn}")
-
-
 # ------------------------------------------------------------------------------------------------ API
 
 
@@ -311,3 +213,161 @@ def run_step(ctx: Context, step: str, args: dict):
         yield st.to_dict()
     if st.state != "finished":
         raise BadInput(f"The {step} job ended {st.state}: {st.reason or 'see its log'} (job {job}).")
+
+
+@ui_errors
+def architectures() -> str:
+    """The architectures llama.cpp's converter supports, as the Export tab lists them."""
+    return ", ".join(f"`{a}`" for a in ex.supported_architectures())
+
+
+class ExportHandlers:
+    """The Export tab's events, for one workspace and model registry (`ctx`)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def refresh_choices(self, source: str | None) -> Choices:
+        """Fresh source and export lists; an empty source becomes the newest run's final adapter (the usual next
+        step after training)."""
+        choices = sources(self.ctx)
+        if not source:
+            source = next((p for label, p in choices if label.endswith("final adapter")), None)
+        return Choices(gr.update(choices=choices, value=source), gr.update(choices=export_names(self.ctx)))
+
+    def refresh(self) -> ExportList:
+        """↻: the exports read again."""
+        return ExportList(exports_table(self.ctx), gr.update(choices=export_names(self.ctx)))
+
+    @ui_errors
+    def check(self, source: str, base_model: str, name: str, outtypes: list, quants: list) -> str:
+        """What the export will do, or why it cannot (before anything is written)."""
+        return _plan_md(ex.plan_export(self.ctx.ws, export_request(source, base_model, name, outtypes, quants)))
+
+    @ui_errors
+    def start(self, source: str, base_model: str, name: str, outtypes: list, quants: list, validate: bool,
+              system: str) -> ExportStarted:
+        """Check everything, then start the export in its own process. Returns ExportStarted (message, job id)."""
+        req = export_request(source, base_model, name, outtypes, quants, validate, system)
+        plan = ex.plan_export(self.ctx.ws, req)
+        req.source, req.name, req.base_model = str(plan.source), plan.name, str(plan.base) if plan.base else ""
+        job = export_job.start(self.ctx.ws, "run", req.as_dict())
+        return ExportStarted(f"Started export **{plan.name}** (job `{job}`); it runs in its own process — closing "
+                             "this page does not stop it.\n\n" + _plan_md(plan), job)
+
+    @ui_errors
+    def cancel(self, job: str | None) -> str:
+        active = export_job.active(self.ctx.ws)
+        job = job or (active.name if active else None)
+        if not job:
+            raise BadInput("No export is running.")
+        st = export_job.cancel(self.ctx.ws, job)
+        why = st.reason if st.reason not in (None, st.state) else None
+        return f"Export job `{job}`: {st.state}" + (f" — {why}" if why else "")
+
+    @ui_errors
+    async def follow(self, job: str | None, seen: str | None, request: gr.Request = None):
+        """Stream the export monitor (ExportMonitor): the job to show (`_pick_job`) followed from its folder (status
+        and log from byte offsets) with an update per change, ending with the job; this page's newer follower ends
+        it."""
+        stop = FOLLOWERS.start(request)
+        st = _pick_job(self.ctx, job)
+        if st is None:
+            yield ExportMonitor(None, "", "No export has run yet.", "", seen, gr.update(), gr.update())
+            return
+        lines: list[str] = []
+        q = export_job.queue(self.ctx.ws)
+        async for up in stream(pfollow.follow(q.job(st.name), lambda: q.status(st.name), log_bytes=8000, stop=stop,
+                                              idle=True)):
+            lines = (lines + up.log.splitlines())[-LOG_LINES:]
+            view = _view(self.ctx, up.status, seen, "\n".join(lines))
+            seen = view.seen
+            yield view
+
+    def discover(self, job: str | None):
+        """A job started elsewhere (another tab, the API): its id, so this page follows it; else nothing changes."""
+        running = export_job.active(self.ctx.ws)
+        return running.name if running and running.name != job else gr.skip()
+
+    def pick_row(self, table: pd.DataFrame, evt: gr.SelectData):
+        """Clicking a row of the exports table picks that export."""
+        return gr.update(choices=export_names(self.ctx), value=selected_cell(table, evt, "name"))
+
+    @ui_errors
+    def details(self, name: str | None) -> ExportDetails:
+        """The summary, perplexity table, checks table and GGUF picker of one export."""
+        if not name:
+            return ExportDetails("Pick an export.", pd.DataFrame(columns=TABLE_COLUMNS),
+                                 pd.DataFrame(columns=CHECK_COLUMNS), gr.update(choices=[], value=None))
+        d = ex.export_details(self.ctx.ws, name)
+        lines = [f"### {d['name']} · {d['state']}"]
+        if d.get("error"):
+            lines.append(f"❌ {d['error']}")
+        if d.get("source"):
+            base = f" · base `{d['base_model']}`" if d.get("base_model") else ""
+            lines.append(f"- Source: `{d['source']}`{base}")
+        if d.get("merged"):
+            lines.append(f"- Merged HF model: `{d['merged']}`")
+        if d.get("steps"):
+            lines.append("- Steps: " + ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in d["steps"])
+                         + (f" · total {d['seconds']:.1f} s" if d.get("seconds") else ""))
+        mf_step = next((s for s in d.get("steps") or [] if s["step"] == "Modelfiles"), None)
+        if mf_step:
+            lines.append(("- ⚠️ Ollama Modelfile: " if mf_step["detail"].startswith("NO TEMPLATE") else
+                          "- Ollama Modelfile ") + mf_step["detail"])
+        lines.append(f"- Folder: `{d['folder']}`")
+        table = pd.DataFrame([[r["type"], r["file"], human_bytes(r["size"]), r["perplexity"], r["delta_pct"],
+                               r["tokens_per_s"]] for r in d["table"]], columns=TABLE_COLUMNS)
+        checks = []
+        for g in d["gguf_files"]:
+            for item in (g["validation"] or {}).get("items", []):
+                mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
+                checks.append([g["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
+            if not g["validation"]:
+                checks.append([g["file"], "(all)", "– not validated", ""])
+        lora = d.get("lora")
+        if lora:
+            for item in (lora["validation"] or {}).get("items", []):
+                mark = {True: "✅ pass", False: "❌ fail", None: "– skipped"}[item["ok"]]
+                checks.append([lora["file"], ex.CHECK_LABELS.get(item["name"], item["name"]), mark, item["detail"]])
+            if lora.get("how_to_run"):
+                lines.append(f"- LoRA GGUF: `{lora['path']}` ({lora['size']}) on `{Path(lora['base']).name}` · "
+                             f"llama.cpp: `{lora['how_to_run']['llama.cpp']}` · Ollama: `{lora['how_to_run']['ollama']}`")
+        if d.get("lora_skipped"):
+            lines.append(f"- {d['lora_skipped']}")
+        problems = ex.problems_text(d["gguf_files"] + ([lora] if lora else []))
+        if problems:
+            lines.insert(1, f"⚠️ {problems}")
+        best = ex.preferred_gguf(d["gguf_files"])
+        return ExportDetails("\n".join(lines), table, pd.DataFrame(checks, columns=CHECK_COLUMNS),
+                             gr.update(choices=[(g["label"], g["path"]) for g in d["gguf_files"]],
+                                       value=best["path"] if best else None))
+
+    @ui_errors
+    def gguf_info(self, name: str | None, gguf: str | None) -> HowToRun:
+        """How to run one GGUF of the export, and its Modelfile."""
+        if not name or not gguf:
+            return HowToRun("", "")
+        g = next((g for g in ex.export_details(self.ctx.ws, name)["gguf_files"] if g["path"] == gguf), None)
+        if g is None:
+            return HowToRun("", "")
+        cmds = g["how_to_run"]
+        md = (f"**{g['file']}** · {g['type']} · {g['size']}\n\n"
+              f"- llama.cpp: `{cmds['llama.cpp']}`\n- Ollama: `{cmds['ollama']}`\n- LM Studio: `{cmds['lm_studio']}`")
+        return HowToRun(md, g["modelfile"] or "(no Modelfile beside this GGUF)")
+
+    @ui_errors
+    def open_in_chat(self, gguf: str | None, progress=gr.Progress()) -> OpenedInChat:
+        """Load the GGUF beside the current model and switch to the Chat tab with it selected."""
+        ctx = self.ctx
+        if not gguf:
+            raise BadInput("Pick a GGUF file of the export first.")
+        lm = ctx.registry.load(gguf, ctx.ws, name=Path(gguf).stem, progress=lambda f, m: progress(f, desc=m),
+                               replace=False)
+        names = model_choices(ctx)
+        failed = next((g["failed"] for r in ex.list_exports(ctx.ws) for g in r["ggufs"]
+                       if str(Path(r["folder"]) / g["file"]) == str(gguf)), [])
+        warn = (f" ⚠️ Its validation failed: {', '.join(failed)} — it may not answer like your fine-tune."
+                if failed else "")
+        return OpenedInChat(gr.Tabs(selected="chat"), gr.update(choices=names, value=lm.name),
+                            gr.update(choices=names), f"Loaded **{lm.name}**: it is selected in the Chat tab.{warn}")

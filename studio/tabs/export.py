@@ -10,26 +10,28 @@ from pipelines import export as ex
 from pipelines.export import job as export_job
 
 from .. import fields
-from ..handlers import common as h
-from ..handlers import export as hx
+from ..handlers.common import Context, ui_errors
+from ..handlers.export import (CHECK_COLUMNS, DEFAULT_QUANTS, EXPORT_COLUMNS, TABLE_COLUMNS, Choices, ExportDetails,
+                               ExportHandlers, ExportList, ExportMonitor, ExportStarted, HowToRun, OpenedInChat,
+                               architectures, export_names, exports_table, run_step, sources)
 from . import export_push
 
 HELP = ex.ExportRequest.help()
 
 
-def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
+def build(ctx: Context, tabs: gr.Tabs, chat: dict) -> dict:
     with gr.Tab("Export", id="export") as tab:
         with gr.Row():
             with gr.Column(scale=2):
                 gr.Markdown("#### What to export")
-                source = gr.Dropdown(hx.sources(ctx), value=None, allow_custom_value=True, label="Source",
+                source = gr.Dropdown(sources(ctx), value=None, allow_custom_value=True, label="Source",
                                      info=HELP["source"], elem_id="export-source")
                 base = gr.Textbox(label="Base model (adapters only; optional)", info=HELP["base_model"],
                                   elem_id="export-base")
                 name = gr.Textbox(label="Export name (optional)", info=HELP["name"], elem_id="export-name")
                 outtypes = fields.CheckboxGroup(list(ex.OUTTYPES), value=["f16"], label="GGUF float types",
                                             info=HELP["outtypes"], elem_id="export-outtypes")
-                quants = fields.CheckboxGroup(list(ex.QUANT_TYPES), value=hx.DEFAULT_QUANTS, label="Quantizations",
+                quants = fields.CheckboxGroup(list(ex.QUANT_TYPES), value=DEFAULT_QUANTS, label="Quantizations",
                                           info=HELP["quants"], elem_id="export-quants")
                 validate = gr.Checkbox(value=True, label="Validate each GGUF", info=HELP["validate"],
                                        elem_id="export-validate")
@@ -49,16 +51,16 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
                 bar = gr.HTML(elem_id="export-progress")
                 log = gr.Code(label="Log (tail)", language=None, interactive=False, elem_id="export-log", max_lines=14)
         with gr.Accordion("Exports", open=True):
-            table = gr.Dataframe(hx.exports_table(ctx), headers=hx.EXPORT_COLUMNS, interactive=False,
+            table = gr.Dataframe(exports_table(ctx), headers=EXPORT_COLUMNS, interactive=False,
                                  elem_id="export-list", label="Click a row to see it")
             with gr.Row():
-                pick = gr.Dropdown(hx.export_names(ctx), value=None, label="Export", scale=3, elem_id="export-pick",
+                pick = gr.Dropdown(export_names(ctx), value=None, label="Export", scale=3, elem_id="export-pick",
                                    allow_custom_value=True)
                 refresh = gr.Button("↻ Refresh", scale=1, elem_id="export-refresh")
             summary = gr.Markdown(elem_id="export-summary")
-            ppl = gr.Dataframe(headers=hx.TABLE_COLUMNS, interactive=False, label="Perplexity on held-out text",
+            ppl = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, label="Perplexity on held-out text",
                                elem_id="export-table")
-            checks = gr.Dataframe(headers=hx.CHECK_COLUMNS, interactive=False, label="Validation checks",
+            checks = gr.Dataframe(headers=CHECK_COLUMNS, interactive=False, label="Validation checks",
                                   elem_id="export-checks", wrap=True)
             with gr.Row():
                 gguf = gr.Dropdown([], label="GGUF file", scale=3, elem_id="export-gguf")
@@ -71,27 +73,30 @@ def build(ctx: h.Context, tabs: gr.Tabs, chat: dict) -> dict:
         discover = gr.Timer(5.0)  # finds a job started elsewhere (another tab, the API); the monitor itself streams
         export_push.build(ctx, pick, gr.Timer(2.0), tab)  # the push monitor polls its job
 
+    handlers = ExportHandlers(ctx)
     form = [source, base, name, outtypes, quants]
-    check_btn.click(h.bind(hx.check, ctx), form, plan, api_name="export_check")
-    start_btn.click(h.bind(hx.start, ctx), [*form, validate, system], [plan, job], api_name="export_start")
-    cancel_btn.click(h.bind(hx.cancel, ctx), job, plan, api_name="export_cancel")
-    poll_out = [job, bar, job_md, log, seen, table, pick]
+    check_btn.click(handlers.check, form, plan, api_name="export_check")
+    start_btn.click(handlers.start, [*form, validate, system], ExportStarted(message=plan, job=job),
+                    api_name="export_start")
+    cancel_btn.click(handlers.cancel, job, plan, api_name="export_cancel")
+    monitor = ExportMonitor(job=job, progress=bar, status=job_md, log=log, seen=seen, table=table, pick=pick)
     # the monitor streams: a generator follows the job's folder until the job ends (this page's newer one ends it)
-    follow = dict(fn=h.bind(hx.follow, ctx), inputs=[job, seen], outputs=poll_out, api_visibility="private",
+    follow = dict(fn=handlers.follow, inputs=[job, seen], outputs=monitor, api_visibility="private",
                   show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
     job.change(**follow)  # a started job (Start, or one discovered) - and the page load's pick below
-    discover.tick(h.bind(hx.discover, ctx), job, job, api_visibility="private", show_progress="hidden")
+    discover.tick(handlers.discover, job, job, api_visibility="private", show_progress="hidden")
     tab.select(**follow)
-    tab.select(h.bind(hx.refresh_choices, ctx), source, [source, pick], api_visibility="private")
-    refresh.click(lambda: (hx.exports_table(ctx), gr.update(choices=hx.export_names(ctx))), None, [table, pick],
-                  api_visibility="private")
-    table.select(h.bind(hx.pick_row, ctx), table, pick, api_visibility="private")
-    pick.change(h.bind(hx.details, ctx), pick, [summary, ppl, checks, gguf], api_visibility="private")
-    gguf.change(h.bind(hx.gguf_info, ctx), [pick, gguf], [run_md, modelfile], api_visibility="private")
-    chat_btn.click(h.bind(hx.open_in_chat, ctx), gguf, [tabs, chat["model"], chat["model_b"], chat_msg],
+    tab.select(handlers.refresh_choices, source, Choices(source=source, pick=pick), api_visibility="private")
+    refresh.click(handlers.refresh, None, ExportList(table=table, pick=pick), api_visibility="private")
+    table.select(handlers.pick_row, table, pick, api_visibility="private")
+    pick.change(handlers.details, pick, ExportDetails(summary=summary, perplexity=ppl, checks=checks, gguf=gguf),
+                api_visibility="private")
+    gguf.change(handlers.gguf_info, [pick, gguf], HowToRun(commands=run_md, modelfile=modelfile),
+                api_visibility="private")
+    chat_btn.click(handlers.open_in_chat, gguf,
+                   OpenedInChat(tabs=tabs, model=chat["model"], model_b=chat["model_b"], message=chat_msg),
                    api_visibility="private")
-    archs_btn.click(lambda: ", ".join(f"`{a}`" for a in h.ui_errors(ex.supported_architectures)()), None, archs,
-                    api_visibility="private")
+    archs_btn.click(architectures, None, archs, api_visibility="private")
     return {"tab": tab}
 
 
@@ -104,7 +109,7 @@ def _no_path_keys(obj):
     return obj
 
 
-def register_api(ctx: h.Context) -> None:
+def register_api(ctx: Context) -> None:
     """JSON endpoints for scripts; the step endpoints run as export jobs and stream their status until the end."""
 
     def export_list() -> list[dict]:
@@ -113,7 +118,7 @@ def register_api(ctx: h.Context) -> None:
 
     def export_details(name: str) -> dict:
         """One export: per GGUF (file_path) its validation, Modelfile and run commands; the perplexity table."""
-        return _no_path_keys(h.ui_errors(ex.export_details)(ctx.ws, name))
+        return _no_path_keys(ui_errors(ex.export_details)(ctx.ws, name))
 
     def export_status(job: str = "") -> dict:
         """An export job's status (default: the running one, else the newest); {} when there is none."""
@@ -122,23 +127,23 @@ def register_api(ctx: h.Context) -> None:
                 export_job.active(ctx.ws) or next(iter(export_job.list_jobs(ctx.ws)), None)
             return st.to_dict() if st else {}
 
-        return h.ui_errors(get)()
+        return ui_errors(get)()
 
     def export_merge(adapter: str, base_model: str = "", name: str = "") -> dict:
         """Merge an adapter (a run, its adapter/ or a checkpoint) into its base: exports/<name>/merged/."""
-        yield from h.ui_errors(hx.run_step)(ctx, "merge", {"source": adapter, "base_model": base_model, "name": name})
+        yield from ui_errors(run_step)(ctx, "merge", {"source": adapter, "base_model": base_model, "name": name})
 
     def export_convert(hf_dir: str, outtype: str = "f16", name: str = "") -> dict:
         """HF folder -> GGUF (f32 | f16 | bf16) with llama.cpp's converter: exports/<name>/<name>-<type>.gguf."""
-        yield from h.ui_errors(hx.run_step)(ctx, "convert", {"hf_dir": hf_dir, "outtypes": [outtype], "name": name})
+        yield from ui_errors(run_step)(ctx, "convert", {"hf_dir": hf_dir, "outtypes": [outtype], "name": name})
 
     def export_quantize(gguf: str, quants: list[str]) -> dict:
         """A float GGUF -> one quantized GGUF per type, beside it."""
-        yield from h.ui_errors(hx.run_step)(ctx, "quantize", {"gguf": gguf, "quants": quants})
+        yield from ui_errors(run_step)(ctx, "quantize", {"gguf": gguf, "quants": quants})
 
     def export_validate(gguf: str, hf_dir: str = "", base_model: str = "", prompt: str = "") -> dict:
         """Check a GGUF (loads, template, generations, perplexity vs HF, fine-tune survived)."""
-        yield from h.ui_errors(hx.run_step)(ctx, "validate", {"gguf": gguf, "hf": hf_dir, "base_model": base_model,
+        yield from ui_errors(run_step)(ctx, "validate", {"gguf": gguf, "hf": hf_dir, "base_model": base_model,
                                                                "prompt": prompt})
 
     for fn in (export_list, export_details, export_status, export_merge, export_convert, export_quantize,

@@ -9,13 +9,13 @@ import gradio as gr
 from pipelines.export.push import PushRequest
 
 from .. import fields
-from ..handlers import common as h
-from ..handlers import push as hp
+from ..handlers.common import Context
+from ..handlers.push import PushForm, PushHandlers, PushMonitor, PushStarted
 
 HELP = PushRequest.help()
 
 
-def build(ctx: h.Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> None:
+def build(ctx: Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> None:
     """The section (under the exports list) and its events; `pick` is the export picker it publishes."""
     with gr.Accordion("Publish to the Hub", open=False, elem_id="push-section"):
         note = gr.Markdown("Pick an export above to publish it.", elem_id="push-note")
@@ -36,12 +36,14 @@ def build(ctx: h.Context, pick: gr.Dropdown, timer: gr.Timer, tab: gr.Tab) -> No
         status = gr.Markdown(elem_id="push-status")
         job = gr.Textbox(visible=False, elem_id="push-job-id")
 
-    pick.change(h.bind(hp.form, ctx), pick, [parts, ggufs, repo, note], api_visibility="private")
+    handlers = PushHandlers(ctx)
+    pick.change(handlers.form, pick, PushForm(parts=parts, ggufs=ggufs, repo=repo, note=note),
+                api_visibility="private")
     # preprocess=False: the two checkbox groups are filled per export by page events, so a script's values (the
     # README's "gguf", a GGUF's file name) would be refused as "not in the list of choices"; the handler checks them
-    push_btn.click(h.bind(hp.start, ctx), [pick, repo, token, public, parts, ggufs], [msg, job, token],
-                   api_name="export_push", preprocess=False)
-    cancel_btn.click(h.bind(hp.cancel, ctx), job, msg, api_visibility="private")
-    poll = h.bind(hp.poll, ctx)
-    timer.tick(poll, job, [job, bar, status], api_visibility="private", show_progress="hidden")
-    tab.select(poll, job, [job, bar, status], api_visibility="private")
+    push_btn.click(handlers.start, [pick, repo, token, public, parts, ggufs],
+                   PushStarted(message=msg, job=job, token=token), api_name="export_push", preprocess=False)
+    cancel_btn.click(handlers.cancel, job, msg, api_visibility="private")
+    monitor = PushMonitor(job=job, progress=bar, status=status)
+    timer.tick(handlers.poll, job, monitor, api_visibility="private", show_progress="hidden")
+    tab.select(handlers.poll, job, monitor, api_visibility="private")

@@ -9,24 +9,26 @@ from pipelines import rag
 from pipelines.chat import ChatParams
 
 from .. import fields
-from ..handlers import chat as hc
-from ..handlers import common as h
-from ..handlers import rag as hr
+from ..handlers.chat import BASE, model_choices, stop
+from ..handlers.common import Context, ui_errors
+from ..handlers.rag import (DOC_COLUMNS, EVAL_COLUMNS, KB_COLUMNS, PASSAGE_COLUMNS, AnswerView, AskMenus,
+                            DocumentsView, EvalView, IngestStarted, IngestView, KBLists, KBView, RagHandlers,
+                            Rebuilt, Removed, SampleView, SearchView, chosen_kb, kb_names, kbs_table, show_passage)
 from .chat import sampling_widget
 
 
-def build(ctx: h.Context) -> dict:
+def build(ctx: Context) -> dict:
     with gr.Tab("RAG", id="rag") as tab:
         with gr.Row():
             with gr.Column(scale=2):
                 gr.Markdown("#### Knowledge bases")
                 with gr.Row():
-                    kb = gr.Dropdown(hr.kb_names(ctx), value=None, label="Knowledge base", scale=3, elem_id="rag-kb",
+                    kb = gr.Dropdown(kb_names(ctx), value=None, label="Knowledge base", scale=3, elem_id="rag-kb",
                                      allow_custom_value=True)
                     refresh = gr.Button("↻", scale=0, elem_id="rag-refresh")
                 sample_btn = gr.Button("Try the sample guide (a 4-page PDF)", size="sm", elem_id="rag-sample")
-                kbs = gr.Dataframe(hr.kbs_table(ctx), headers=hr.KB_COLUMNS, interactive=False, elem_id="rag-kbs")
-                with gr.Accordion("New knowledge base", open=not hr.kb_names(ctx)):
+                kbs = gr.Dataframe(kbs_table(ctx), headers=KB_COLUMNS, interactive=False, elem_id="rag-kbs")
+                with gr.Accordion("New knowledge base", open=not kb_names(ctx)):
                     new_name = gr.Textbox(label="Name", elem_id="rag-new-name")
                     new_emb = gr.Textbox(label="Embedding model (empty: the bundled all-MiniLM-L6-v2; or a local "
                                                "sentence-transformers folder)", elem_id="rag-new-embedder")
@@ -44,7 +46,7 @@ def build(ctx: h.Context) -> dict:
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="rag-cancel")
                 job_md = gr.Markdown(elem_id="rag-job")
                 bar = gr.HTML(elem_id="rag-progress")
-                docs = gr.Dataframe(headers=hr.DOC_COLUMNS, interactive=False, elem_id="rag-docs")
+                docs = gr.Dataframe(headers=DOC_COLUMNS, interactive=False, elem_id="rag-docs")
                 with gr.Row():
                     # filled when a knowledge base is picked; a script names the document (checked by the handler)
                     doc = gr.Dropdown([], label="Document", scale=3, elem_id="rag-doc", allow_custom_value=True)
@@ -58,9 +60,9 @@ def build(ctx: h.Context) -> dict:
             with gr.Column(scale=3):
                 gr.Markdown("#### Ask")
                 with gr.Row():
-                    model = gr.Dropdown(hr.model_choices(ctx), label="Model", scale=3, elem_id="rag-model",
+                    model = gr.Dropdown(model_choices(ctx), label="Model", scale=3, elem_id="rag-model",
                                         allow_custom_value=True)
-                    adapter = gr.Dropdown([hr.BASE], value=hr.BASE, label="Adapter", scale=2, elem_id="rag-adapter",
+                    adapter = gr.Dropdown([BASE], value=BASE, label="Adapter", scale=2, elem_id="rag-adapter",
                                           allow_custom_value=True)
                 with gr.Row():
                     top_k = fields.Slider(1, 20, value=5, step=1, label="Passages (top-k)", elem_id="rag-topk")
@@ -77,7 +79,7 @@ def build(ctx: h.Context) -> dict:
                 speed = gr.Markdown(elem_id="rag-speed")
                 cites = gr.Radio([], label="Citations (open one to see its passage)", elem_id="rag-cites")
                 passage = gr.Markdown(elem_id="rag-passage")
-                passages = gr.Dataframe(headers=hr.PASSAGE_COLUMNS, interactive=False, wrap=True,
+                passages = gr.Dataframe(headers=PASSAGE_COLUMNS, interactive=False, wrap=True,
                                         label="Retrieved passages", elem_id="rag-passages")
                 search_note = gr.Markdown(elem_id="rag-search-note")
                 with gr.Accordion("Answer settings", open=False):
@@ -92,61 +94,59 @@ def build(ctx: h.Context) -> dict:
                 eval_btn = gr.Button("Evaluate", elem_id="rag-eval-run")
             eval_md = gr.Markdown(elem_id="rag-eval-md")
             with gr.Row():
-                eval_table = gr.Dataframe(headers=hr.EVAL_COLUMNS, interactive=False, elem_id="rag-eval-table")
+                eval_table = gr.Dataframe(headers=EVAL_COLUMNS, interactive=False, elem_id="rag-eval-table")
                 eval_plot = gr.Plot(elem_id="rag-eval-plot")
         job = gr.Textbox(visible=False, elem_id="rag-job-id")
         seen = gr.State(None)
         shown = gr.State([])
         discover = gr.Timer(5.0)  # finds an ingest started elsewhere (another tab, the API); the monitor streams
 
-    kb_out = [kb, kbs, msg]
-    create_btn.click(h.bind(hr.create, ctx), [new_name, new_emb, size, overlap], kb_out, api_name="rag_create")
-    kb.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
+    handlers = RagHandlers(ctx)
+    kb_view = KBView(kb=kb, table=kbs, message=msg)
+    documents = DocumentsView(table=docs, doc=doc)
+    create_btn.click(handlers.create, [new_name, new_emb, size, overlap], kb_view, api_name="rag_create")
+    kb.change(handlers.documents, kb, documents, api_visibility="private")
     # its first question should not wait for the embedder's load: done while the question is typed
-    kb.change(h.bind(hr.warm, ctx), kb, None, api_visibility="private", show_progress="hidden",
-              trigger_mode="always_last")
-    sample_btn.click(h.bind(hr.try_sample, ctx), None, [kb, kbs, msg, job], api_name="rag_try_sample")
-    refresh.click(lambda n: (gr.update(choices=hr.kb_names(ctx)), hr.kbs_table(ctx), *hr.documents(ctx, n)), kb,
-                  [kb, kbs, docs, doc], api_visibility="private")
-    add_btn.click(h.bind(hr.add_documents, ctx), [kb, files, password], [msg, job], api_name="rag_ingest")
-    cancel_btn.click(h.bind(hr.cancel, ctx), job, msg, api_name="rag_cancel")
-    poll_out = [job, bar, job_md, seen, kbs]
+    kb.change(handlers.warm, kb, None, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    sample_btn.click(handlers.try_sample, None, SampleView(kb=kb, table=kbs, message=msg, job=job),
+                     api_name="rag_try_sample")
+    refresh.click(handlers.refresh, kb, KBLists(kb=kb, table=kbs, docs=docs, doc=doc), api_visibility="private")
+    add_btn.click(handlers.add_documents, [kb, files, password], IngestStarted(message=msg, job=job),
+                  api_name="rag_ingest")
+    cancel_btn.click(handlers.cancel, job, msg, api_name="rag_cancel")
     # the monitor streams: a generator follows the ingest's folder until it ends (this page's newer one ends it)
-    follow = dict(fn=h.bind(hr.follow, ctx), inputs=[job, seen], outputs=poll_out, api_visibility="private",
+    monitor = IngestView(job=job, progress=bar, status=job_md, seen=seen, table=kbs)
+    follow = dict(fn=handlers.follow, inputs=[job, seen], outputs=monitor, api_visibility="private",
                   show_progress="hidden", concurrency_limit=None, trigger_mode="multiple")
     job.change(**follow)  # a started ingest (Add, the sample, or one discovered)
-    discover.tick(h.bind(hr.discover, ctx), job, job, api_visibility="private", show_progress="hidden")
+    discover.tick(handlers.discover, job, job, api_visibility="private", show_progress="hidden")
     tab.select(**follow)
-    seen.change(h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private", show_progress="hidden")
-    tab.select(lambda a: (gr.update(choices=hr.model_choices(ctx), value=a if a in hr.model_choices(ctx) else
-                                    (ctx.registry.current().name if ctx.registry.current() else None)),
-                          gr.update(choices=hr.kb_names(ctx))), model, [model, kb], api_visibility="private")
-    model.change(lambda n: gr.update(choices=hr.adapter_choices(ctx, n), value=hr.BASE), model, adapter,
-                 api_visibility="private")
-    remove_btn.click(h.bind(hr.remove, ctx), [kb, doc], [msg, kbs], api_name="rag_remove").success(
-        h.bind(hr.documents, ctx), kb, [docs, doc], api_visibility="private")
-    delete_btn.click(h.bind(hr.delete, ctx), [kb, confirm], kb_out, api_name="rag_delete")
-    rebuild_btn.click(h.bind(hr.rebuild, ctx), kb, [msg, job, kbs], api_name="rag_rebuild")
-    search_btn.click(h.bind(hr.search, ctx), [kb, question, top_k, mode], [passages, search_note],
+    seen.change(handlers.documents, kb, documents, api_visibility="private", show_progress="hidden")
+    tab.select(handlers.menus, model, AskMenus(model=model, kb=kb), api_visibility="private")
+    model.change(handlers.pick_model, model, adapter, api_visibility="private")
+    remove_btn.click(handlers.remove, [kb, doc], Removed(message=msg, table=kbs), api_name="rag_remove").success(
+        handlers.documents, kb, documents, api_visibility="private")
+    delete_btn.click(handlers.delete, [kb, confirm], kb_view, api_name="rag_delete")
+    rebuild_btn.click(handlers.rebuild, kb, Rebuilt(message=msg, job=job, table=kbs), api_name="rag_rebuild")
+    search_btn.click(handlers.search, [kb, question, top_k, mode], SearchView(passages=passages, note=search_note),
                      api_name="rag_search")
     ask_in = [kb, question, model, adapter, top_k, mode, threshold, *sampling]
-    ask_out = [answer, speed, passages, cites, shown]
-    cost_in = [kb, question, model, top_k, *sampling]
-    estimate = dict(fn=h.bind(hr.estimate, ctx), inputs=cost_in, outputs=cost, api_visibility="private",
-                    show_progress="hidden", trigger_mode="always_last")
+    answered = AnswerView(answer=answer, speed=speed, passages=passages, citations=cites, shown=shown)
+    estimate = dict(fn=handlers.estimate, inputs=[kb, question, model, top_k, *sampling], outputs=cost,
+                    api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     for source in (question, kb, model, top_k, *sampling):
         source.change(**estimate)
     # after an answer the model's reading speed is known and its instructions are kept: the estimate changes
-    ask_btn.click(h.bind(hr.ask, ctx), ask_in, ask_out, api_name="rag_ask").then(**estimate)
-    question.submit(h.bind(hr.ask, ctx), ask_in, ask_out, api_visibility="private").then(**estimate)
-    stop_btn.click(hc.stop, None, None, api_name="rag_stop")  # the same per-session stop as the Chat tab's
-    cites.change(hr.show_passage, [cites, shown], passage, api_visibility="private")
-    eval_btn.click(h.bind(hr.evaluate, ctx), [kb, n_q, eval_csv], [eval_table, eval_plot, eval_md],
+    ask_btn.click(handlers.ask, ask_in, answered, api_name="rag_ask").then(**estimate)
+    question.submit(handlers.ask, ask_in, answered, api_visibility="private").then(**estimate)
+    stop_btn.click(stop, None, None, api_name="rag_stop")  # the same per-session stop as the Chat tab's
+    cites.change(show_passage, [cites, shown], passage, api_visibility="private")
+    eval_btn.click(handlers.evaluate, [kb, n_q, eval_csv], EvalView(table=eval_table, plot=eval_plot, message=eval_md),
                    api_name="rag_evaluate")
     return {"tab": tab}
 
 
-def register_api(ctx: h.Context) -> None:
+def register_api(ctx: Context) -> None:
     """JSON endpoints for scripts."""
 
     def rag_list() -> list[dict]:
@@ -155,7 +155,7 @@ def register_api(ctx: h.Context) -> None:
 
     def rag_documents(name: str) -> list[dict]:
         """The documents of one knowledge base."""
-        return h.ui_errors(lambda: hr._kb(ctx, name).sources())()
+        return ui_errors(lambda: chosen_kb(ctx, name).sources())()
 
     def rag_status(job: str = "") -> dict:
         """An ingest job's status (default: the running one, else the newest); {} when there is none."""
@@ -166,11 +166,11 @@ def register_api(ctx: h.Context) -> None:
             st = q.status(job) if job else (q.active() or next(iter(q.list()), None))
             return st.to_dict() if st else {}
 
-        return h.ui_errors(get)()
+        return ui_errors(get)()
 
     def rag_retrieve(name: str, query: str, top_k: int = 5, mode: str = "hybrid") -> list[dict]:
         """Ranked passages with scores, file and page (no model)."""
-        return h.ui_errors(lambda: [p.as_dict() for p in rag.search(hr._kb(ctx, name), query, top_k, mode)])()
+        return ui_errors(lambda: [p.as_dict() for p in rag.search(chosen_kb(ctx, name), query, top_k, mode)])()
 
     for fn in (rag_list, rag_documents, rag_status, rag_retrieve):
         gr.api(fn, api_name=fn.__name__)

@@ -130,7 +130,7 @@ def test_progress_panel_and_table_warn(ctx, workspace):
     assert "✅ finished" in hx._job_md(good)
     table = hx.exports_table(ctx, None, read=False)
     assert table.iloc[0]["validation"] == "⚠️ 1 check failed: fine-tune survived (Q4_K_M)"
-    _summary, _ppl, checks, pick = hx.details(ctx, "tune")
+    _summary, _ppl, checks, pick = hx.ExportHandlers(ctx).details("tune")
     assert pick["value"].endswith("tune-Q8_0.gguf")
     assert ("tune-Q4_K_M.gguf · ⚠ fine-tune lost", str(workspace.exports / "tune" / "tune-Q4_K_M.gguf")) \
         in [tuple(c) for c in pick["choices"]]

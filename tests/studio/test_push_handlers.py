@@ -43,11 +43,12 @@ def ctx(workspace):
 
 
 def _follow(ctx, job, timeout=120):
-    from studio.handlers import push as hp
+    from studio.handlers.push import PushHandlers
 
+    push = PushHandlers(ctx)
     t0 = time.time()
     while time.time() - t0 < timeout:
-        job_id, bar, status = hp.poll(ctx, job)
+        job_id, bar, status = push.poll(job)
         if "running" not in status:
             return job_id, bar, status
         time.sleep(0.2)
@@ -55,23 +56,25 @@ def _follow(ctx, job, timeout=120):
 
 
 def test_form_offers_what_the_export_has(ctx):
-    from studio.handlers import push as hp
+    from studio.handlers.push import PushHandlers
 
-    parts, ggufs, repo, note = hp.form(ctx, "ggufs-only")
+    push = PushHandlers(ctx)
+    parts, ggufs, repo, note = push.form("ggufs-only")
     assert parts["choices"] == [("LoRA adapter", "adapter"), ("GGUF files", "gguf")]
     assert parts["value"] == ["adapter", "gguf"]
     assert ggufs["choices"] == ["ggufs-only-f16.gguf", "ggufs-only-Q8_0.gguf"] and ggufs["visible"] is True
     assert repo["value"] == "" and repo["placeholder"] == "your-name/ggufs-only"
     assert "Not pushed yet" in note and "private" in note
-    parts, *_rest, note = hp.form(ctx, None)
+    parts, *_rest, note = push.form(None)
     assert parts["choices"] == [] and "Pick an export" in note
 
 
 def test_push_from_the_export_tab(ctx, hub, workspace):
-    from studio.handlers import push as hp
+    from studio.handlers.push import PushHandlers
 
-    assert hp.poll(ctx, None) == (None, "", "")
-    msg, job, token_field = hp.start(ctx, "tiny", "ana/studio", TOKEN, False, ["gguf", "merged"], ["tiny-Q8_0.gguf"])
+    push = PushHandlers(ctx)
+    assert push.poll(None) == (None, "", "")
+    msg, job, token_field = push.start("tiny", "ana/studio", TOKEN, False, ["gguf", "merged"], ["tiny-Q8_0.gguf"])
     assert "Pushing **tiny** (merged model, GGUF files) to `ana/studio`" in msg and job and token_field == ""
     job_id, bar, status = _follow(ctx, job)
     assert job_id == job and "✅ finished" in status and "Created private repository ana/studio" in status
@@ -82,26 +85,27 @@ def test_push_from_the_export_tab(ctx, hub, workspace):
         if p.is_file() and p.stat().st_size < 1_000_000:
             assert TOKEN.encode() not in p.read_bytes(), p
     # the form now proposes the same repository: a second push updates it
-    _parts, _ggufs, repo, note = hp.form(ctx, "tiny")
+    _parts, _ggufs, repo, note = push.form("tiny")
     assert repo["value"] == "ana/studio" and "Last pushed to [ana/studio]" in note
-    _msg, job2, _t = hp.start(ctx, "tiny", repo["value"], TOKEN, False, ["gguf"], ["tiny-Q8_0.gguf", "tiny-f16.gguf"])
+    _msg, job2, _t = push.start("tiny", repo["value"], TOKEN, False, ["gguf"], ["tiny-Q8_0.gguf", "tiny-f16.gguf"])
     _id, _bar, status = _follow(ctx, job2)
     assert "Updated private repository ana/studio" in status and len(hub.repos) == 1
     assert "tiny-f16.gguf" in hub.repos["ana/studio"].files
 
 
 def test_push_errors_are_one_message(ctx, hub):
-    from studio.handlers import push as hp
+    from studio.handlers.push import PushHandlers
 
+    push = PushHandlers(ctx)
     with pytest.raises(gr.Error, match="Tick what to push"):
-        hp.start(ctx, "tiny", "ana/x", TOKEN, False, [], [])
+        push.start("tiny", "ana/x", TOKEN, False, [], [])
     with pytest.raises(gr.Error, match="has no merged model to push"):
-        hp.start(ctx, "ggufs-only", "ana/x", TOKEN, False, ["merged"], [])
+        push.start("ggufs-only", "ana/x", TOKEN, False, ["merged"], [])
     with pytest.raises(gr.Error, match="Enter the Hub repository"):
-        hp.start(ctx, "tiny", "", TOKEN, False, ["gguf"], ["tiny-Q8_0.gguf"])
+        push.start("tiny", "", TOKEN, False, ["gguf"], ["tiny-Q8_0.gguf"])
     with pytest.raises(gr.Error, match="needs a Hub access token"):
-        hp.start(ctx, "tiny", "ana/x", "", False, ["gguf"], ["tiny-Q8_0.gguf"])
-    _msg, job, _t = hp.start(ctx, "tiny", "ana/x", "hf_wrong", False, ["gguf"], ["tiny-Q8_0.gguf"])
+        push.start("tiny", "ana/x", "", False, ["gguf"], ["tiny-Q8_0.gguf"])
+    _msg, job, _t = push.start("tiny", "ana/x", "hf_wrong", False, ["gguf"], ["tiny-Q8_0.gguf"])
     _id, bar, status = _follow(ctx, job)
     assert "❌ failed" in status and "refused the token" in status and "Traceback" not in status
 
@@ -109,7 +113,7 @@ def test_push_errors_are_one_message(ctx, hub):
 def test_a_remote_studio_wants_the_token_typed(workspace, hub, monkeypatch):
     from pipelines.serving.registry import ModelRegistry
     from pipelines.workspace import Workspace
-    from studio.handlers import push as hp
+    from studio.handlers.push import PushHandlers
     from studio.handlers.common import Context
 
     if "confined" not in Workspace.__dataclass_fields__:
@@ -117,8 +121,9 @@ def test_a_remote_studio_wants_the_token_typed(workspace, hub, monkeypatch):
     make_export(workspace)
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the server's own token
     remote = Context(Workspace.open(workspace.root, confined=True), ModelRegistry(), prepare_hf=False)
+    remote_push = PushHandlers(remote)
     with pytest.raises(gr.Error, match="Type your Hub access token"):
-        hp.start(remote, "tiny", "ana/x", "", False, ["gguf"], ["tiny-Q8_0.gguf"])
+        remote_push.start("tiny", "ana/x", "", False, ["gguf"], ["tiny-Q8_0.gguf"])
     assert hub.requests == [] and not (workspace.exports / ".pushes").exists()
 
 

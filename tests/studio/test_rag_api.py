@@ -52,15 +52,16 @@ def test_rag_through_gradio_client(tmp_path_factory, tmp_path):
         assert re.search(r"prompt [\d,]+ tokens · .*[\d,]+ read by the model in [\d.]+ s", speed), speed
         assert "retrieval" in speed and "building the prompt" in speed
         # what the next question will cost, as the RAG tab shows it while it is typed
-        from studio.handlers import rag as hr
+        from studio.handlers.rag import RagHandlers
 
-        cost = hr.estimate(ctx, "api-kb", "How do volcanoes form?", None, 3, *sampling)
+        handlers = RagHandlers(ctx)
+        cost = handlers.estimate("api-kb", "How do volcanoes form?", None, 3, *sampling)
         assert re.search(r"≈ [\d,]+ prompt tokens: instructions \d+, question \d+, 3 passages", cost), cost
         assert "kept evaluated from the last question" in cost and "s to read at" in cost
-        assert hr.estimate(ctx, "", "x", None, 3, *sampling) == ""  # no knowledge base chosen yet: nothing to say
-        assert "top-k" in hr.estimate(ctx, "api-kb", "x", None, 0, *sampling)
-        hr.warm(ctx, "api-kb")  # what picking it in the tab does: its embedder and indexes loaded ahead
-        hr.warm(ctx, "nope")  # a knowledge base that cannot be opened: nothing to load, and no error yet
+        assert handlers.estimate("", "x", None, 3, *sampling) == ""  # no knowledge base chosen yet: nothing to say
+        assert "top-k" in handlers.estimate("api-kb", "x", None, 0, *sampling)
+        handlers.warm("api-kb")  # what picking it in the tab does: its embedder and indexes loaded ahead
+        handlers.warm("nope")  # a knowledge base that cannot be opened: nothing to load, and no error yet
         page = passages["headers"].index("page")
         assert passages["data"][0][page] == 2
         _table, _fig, note = c.predict("api-kb", 10, None, api_name="/rag_evaluate")
