@@ -33,7 +33,7 @@ against the matmul peak measured in the same run (bench/train_profile.py; --dtyp
 in one process, with the first step's loss from the same weights and dropout masks (--rounds, --compile):
 
     .venv/bin/python bench/train.py --method profile [--dtype both] [--steps 2] [--warmup 1]
-    .venv/bin/python bench/train.py --method levers [--rounds 3] [--warmup 0] [--compile]
+    .venv/bin/python bench/train.py --method levers [--rounds 3] [--warmup 0] [--compile] [--levers short]
 
 --backend mlx runs the torch trainer against the MLX trainer on the same run (bench/train_mlx.py: tokens/s, peak
 memory, a `ratio` line; --bits 4 or 8 adds MLX on a quantized base).
@@ -397,6 +397,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16); "
                     "--method profile: also both")
     ap.add_argument("--compile", action="store_true", help="--method levers: also torch.compile of the decoder layers")
+    ap.add_argument("--levers", default="all", help="--method levers: 'all', or 'short' (before and both of each "
+                    "dtype, the lever lines alone left out)")
     ap.add_argument("--backend", choices=("torch", "mlx"), default="torch",
                     help="mlx: the torch trainer against the MLX trainer (bench/train_mlx.py)")
     ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="--backend mlx: also MLX on a 4/8-bit base")

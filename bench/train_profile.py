@@ -20,6 +20,16 @@ the table once per dtype asked, with the step's time without the profiler beside
 weighs most on the classes of many small ops (LoRA, elementwise), so read shares with that in mind.
 
     .venv/bin/python bench/train.py --method profile [--model PATH] [--steps 3] [--warmup 1] [--dtype float32]
+
+`--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
+takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
+of each is compared with our float32 step before the levers (fused_lora.py, loss.py's trained_rows), wall and
+process CPU time (the steadier figure on a shared machine). The first step of every variant is also taken from
+the same weights and dropout masks: its loss and gradient norm against the float32 one before the levers.
+--compile adds each dtype with the decoder layers under torch.compile (inductor; its compile time is printed as
+the first step's). --levers short leaves out the one-lever lines.
+
+    .venv/bin/python bench/train.py --method levers [--rounds 3] [--warmup 0] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -285,9 +295,9 @@ LEVERS = [  # (name, session, fused LoRA, chunked loss over the trained token ro
 ]
 
 
-def compiled_session(args):
-    """A float32 session whose decoder layers run through torch.compile (inductor, dynamic shapes)."""
-    s = session_for(args, "float32")
+def compiled_session(args, dtype: str):
+    """A session whose decoder layers run through torch.compile (inductor, dynamic shapes)."""
+    s = session_for(args, dtype)
     decoder, _head = s.loss_mod.parts()
     for layer in decoder.layers:
         layer.compile(dynamic=True)
@@ -318,9 +328,13 @@ def main_levers(args) -> int:
           f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} at start")
     sessions = {d: session_for(args, d) for d in ("float32", "bfloat16")}
     levers = list(LEVERS)
+    if getattr(args, "levers", "all") == "short":  # before and both of each dtype
+        levers = [lever for lever in LEVERS if lever[2] == lever[3]]
     if getattr(args, "compile", False):
-        sessions["compiled"] = compiled_session(args)
-        levers.append(("fp32 both + torch.compile of the layers", "compiled", True, True))
+        for d in ("float32", "bfloat16"):
+            sessions[f"compiled-{d}"] = compiled_session(args, d)
+            levers.append((f"{d[:2]}{d[-2:]} both + torch.compile of the layers".replace("fl32", "fp32"),
+                           f"compiled-{d}", True, True))
     first = sessions["float32"].micro_batches()
     checks = {}
     for name, dtype, fused, rows in levers:  # the same batch from the same initial weights and masks
@@ -350,15 +364,16 @@ def main_levers(args) -> int:
     print(f"\nfirst step from the same weights and masks, fp32 before: loss {base_loss:.6f}, grad norm {base_norm:.5f}")
     for name, dtype, _f, _r in levers:
         best, (loss, norm) = min(times[name]), checks[name]
-        family = "float32" if dtype == "compiled" else dtype
+        family = dtype.removeprefix("compiled-")
         same_dtype = checks[next(n for n, d, _a, _b in levers if d == family)]
         print(f"{name:40} {best:6.2f} ms/token (fastest of {len(times[name])})  ratio vs fp32 before "
               f"{base / best:5.2f}x (CPU time: {min(cpu[name]):6.2f} ms/token, ratio {base_cpu / min(cpu[name]):5.2f}x)  loss {loss:.6f} (rel. to fp32 before {abs(loss - base_loss) / base_loss:.1e}, "
               f"to its dtype's before {abs(loss - same_dtype[0]) / same_dtype[0]:.1e})  grad norm rel. "
               f"{abs(norm - base_norm) / base_norm:.1e}")
     b16, f32 = (next(n for n, d, f, r in levers if d == k and f and r) for k in ("bfloat16", "float32"))
+    b16_before = next(n for n, d, f, r in levers if d == "bfloat16" and not (f or r))
     print(f"bf16/fp32 ratio, both with the levers: {min(times[f32]) / min(times[b16]):.2f}x (CPU time "
-          f"{min(cpu[f32]) / min(cpu[b16]):.2f}x); before them: {min(times[base_name]) / min(times[levers[4][0]]):.2f}x "
-          f"(CPU time {min(cpu[base_name]) / min(cpu[levers[4][0]]):.2f}x)")
+          f"{min(cpu[f32]) / min(cpu[b16]):.2f}x); before them: {base / min(times[b16_before]):.2f}x "
+          f"(CPU time {base_cpu / min(cpu[b16_before]):.2f}x)")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
