@@ -27,6 +27,14 @@ learned (Gemma's <end_of_turn>, tokens.py): TRL's fused output layer fails on PE
 --method precision runs ours in float32 and in bf16 mixed precision (base weights bf16; adapter, optimizer and loss
 float32; autocast) on the same batches, alternated, and prints "bf16/fp32 ratio" (tokens/s) and the loss difference.
 
+--method profile puts our step under torch.profiler and prints each op class's share of the step and its FLOP/s
+against the matmul peak measured in the same run (bench/train_profile.py; --dtype float32|bfloat16|both);
+--method levers times each speed lever against our float32 step before the levers, alternated on the same batches
+in one process, with the first step's loss from the same weights and dropout masks (--rounds, --compile):
+
+    .venv/bin/python bench/train.py --method profile [--dtype both] [--steps 2] [--warmup 1]
+    .venv/bin/python bench/train.py --method levers [--rounds 3] [--warmup 0] [--compile] [--levers short]
+
 --backend mlx runs the torch trainer against the MLX trainer on the same run (bench/train_mlx.py: tokens/s, peak
 memory, a `ratio` line; --bits 4 or 8 adds MLX on a quantized base).
 
@@ -383,10 +391,14 @@ def main() -> int:
     ap.add_argument("--trl-steps", type=int, default=0, help="measured steps for TRL (default: --steps)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--rounds", type=int, default=2, help="--method precision: alternated rounds of each dtype")
-    ap.add_argument("--method", choices=("sft", "dpo", "precision"), default="sft",
+    ap.add_argument("--method", choices=("sft", "dpo", "precision", "profile", "levers"), default="sft",
                     help="sft: ours / plain / TRL SFTTrainer; dpo: our DPO step / TRL DPOTrainer")
     ap.add_argument("--max-length", type=int, default=256, help="--method dpo: longest sequence in tokens")
-    ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16)")
+    ap.add_argument("--dtype", default="float32", help="ours: the TrainConfig dtype (auto, float32, bfloat16); "
+                    "--method profile: also both")
+    ap.add_argument("--compile", action="store_true", help="--method levers: also torch.compile of the decoder layers")
+    ap.add_argument("--levers", default="all", help="--method levers: 'all', or 'short' (before and both of each "
+                    "dtype, the lever lines alone left out)")
     ap.add_argument("--backend", choices=("torch", "mlx"), default="torch",
                     help="mlx: the torch trainer against the MLX trainer (bench/train_mlx.py)")
     ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=0, help="--backend mlx: also MLX on a 4/8-bit base")
@@ -417,6 +429,10 @@ def main() -> int:
         return main_dpo(args)
     if args.method == "precision":
         return main_precision(args)
+    if args.method in ("profile", "levers"):
+        from train_profile import main_levers, main_profile
+
+        return (main_profile if args.method == "profile" else main_levers)(args)
 
     from pipelines import device as devicemod
 

@@ -8,6 +8,7 @@
     session.py      setup() -> Session: processes, data, model + adapter (build_model), optimizer, objective, resume
     objectives.py   SFTObjective (and make_objective); preference.py: PreferenceObjective, DPO / ORPO on pairs
     loss.py         cross-entropy on label positions only, without [batch, seq, vocab] logits
+    fused_lora.py   LoRA layers applied in one autograd function (PEFT's forward where it must stay)
     checkpoints.py  the checkpoint format (checkpoints/step-N/ ... COMPLETE) and the final adapter folder
     verdict.py      base vs tuned at the end of a run (verdict.json) and its Markdown
     mlx/            the MLX backend (Apple's MLX + mlx-lm): run_training hands it a config whose backend is
@@ -16,7 +17,7 @@
     distributed.py  several processes / machines: a checkpoint on another number of them (keep the global batch or
                     refuse), the facts every process must agree on (pipelines/multinode.py compares them)
 
-session.py, objectives.py, loss.py and preference.py import torch: only the trainer process imports them. A run's
+session.py, objectives.py, loss.py, fused_lora.py and preference.py import torch: only the trainer process imports them. A run's
 folder and queue are runs.py's; a run trains in a job process (`python -m pipelines.jobs <run folder>`).
 From a notebook:
 
