@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import BadInput, Conflict, NotFound, Unavailable
 from .models import LoadedModel
 from .serving.lora import AdapterInfo
+from .workspace import write_json
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
@@ -168,7 +169,6 @@ def _lora_cache(ws, adapter_dir: Path, base: Path) -> Path:
 
 def _remember(cache: Path, adapter_dir: Path) -> None:
     """<key>.json beside the cached files: the adapter version they were written for (prune_lora_cache reads it)."""
-    from .workspace import write_json  # noqa: PLC0415
 
     st = (adapter_dir / "adapter_model.safetensors").stat()
     write_json(cache.with_suffix(".json"), {"adapter": str(adapter_dir.resolve()), "bytes": st.st_size,

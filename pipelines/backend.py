@@ -10,6 +10,8 @@ import os
 import platform
 from dataclasses import dataclass
 
+from .errors import BadInput
+
 
 @dataclass
 class BackendChoice:
@@ -48,7 +50,6 @@ def choose_backend(requested: str = "auto", prof=None) -> BackendChoice:
     auto: MLX on Apple silicon when mlx and mlx-lm are installed, else torch (its device: MPS, CUDA or CPU). MLX off
     Apple silicon (Linux: its CPU build) runs only when asked: there it is slower than torch. BadInput when mlx is
     asked for and cannot run here."""
-    from .errors import BadInput  # noqa: PLC0415
 
     kind = prof.kind.upper() if prof is not None else "its device"
     ok, what = mlx_installed()

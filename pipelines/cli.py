@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import studio_cmd
 from .errors import MacTunerError
+from .workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def _models(a):
         from .models import list_local_models  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         print(json.dumps(list_local_models(Workspace.open(a.root)), indent=2))
         return 0
@@ -169,7 +169,6 @@ def _add_training(sub) -> None:
 
         from . import multinode, runs  # noqa: PLC0415
         from .training import TrainConfig  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
         if a.machines or multinode.launched():
@@ -185,7 +184,6 @@ def _add_training(sub) -> None:
 
     def _runs(a):
         from . import runs  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         print(json.dumps(runs.list_runs(Workspace.open(a.root)), indent=2, default=str))
         return 0
@@ -198,7 +196,6 @@ def _add_training(sub) -> None:
 
     def _stop(a):
         from . import runs  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         st = runs.stop(runs.get_run(Workspace.open(a.root), a.run))
         print(f"{a.run}: {st.state}" + (f" ({st.reason})" if st.reason else ""))
@@ -214,7 +211,6 @@ def _add_training(sub) -> None:
 
     def _resume(a):
         from . import multinode, runs  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
         if multinode.launched():  # one process of a launch on several machines
@@ -266,7 +262,6 @@ def _export_args(a) -> dict:
 def _export_cmd(a) -> int:
     """Run one export step in the foreground (the studio runs the same step as a job: pipelines.export.job)."""
     from .export.job import run_step  # noqa: PLC0415
-    from .workspace import Workspace  # noqa: PLC0415
 
     try:
         result = run_step(Workspace.open(a.root), a.step, _export_args(a),
@@ -318,7 +313,6 @@ def _add_export(sub) -> None:
 
     def _list(a):
         from . import export as ex  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         print(json.dumps(ex.list_exports(Workspace.open(a.root)), indent=2, default=str))
         return 0
@@ -344,14 +338,12 @@ def _add_rag(sub) -> None:
 
     def _list(a):
         from . import rag  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         print(json.dumps(rag.list_kbs(Workspace.open(a.root)), indent=2, default=str))
         return 0
 
     def _ingest(a):
         from . import rag  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
         if a.create and a.kb not in [k["name"] for k in rag.list_kbs(ws)]:
@@ -364,7 +356,6 @@ def _add_rag(sub) -> None:
 
     def _search(a):
         from . import rag  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         kb = rag.open_kb(Workspace.open(a.root), a.kb)
         print(json.dumps([p.as_dict() for p in rag.search(kb, a.query, a.top_k, a.mode)], indent=2))
@@ -373,7 +364,6 @@ def _add_rag(sub) -> None:
     def _ask(a):
         from . import models, rag  # noqa: PLC0415
         from .chat import ChatParams  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         ws = Workspace.open(a.root)
         kb = rag.open_kb(ws, a.kb)
@@ -401,7 +391,6 @@ def _add_rag(sub) -> None:
 
     def _delete(a):
         from . import rag  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         rag.delete(Workspace.open(a.root), a.kb)
         print(f"Deleted the knowledge base '{a.kb}'.", file=sys.stderr)
@@ -409,7 +398,6 @@ def _add_rag(sub) -> None:
 
     def _rebuild(a):
         from . import rag  # noqa: PLC0415
-        from .workspace import Workspace  # noqa: PLC0415
 
         rep = rag.rebuild(Workspace.open(a.root), a.kb, lambda f, m, **_k: print(f"{100 * f:5.1f}%  {m}",
                                                                                   file=sys.stderr, flush=True))

@@ -30,6 +30,7 @@ from .backend import (  # noqa: F401 - the backend choice is the device profile'
     mlx_installed,
     mlx_train_dtype,
 )
+from .errors import BadInput
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
@@ -284,8 +285,6 @@ def train_dtype(prof: DeviceProfile | None = None, cache: Path | None = None,
     forced = os.environ.get("MACTUNER_TRAIN_DTYPE", "").strip()
     if forced:
         if forced not in ("float32", "bfloat16", "float16"):
-            from .errors import BadInput  # noqa: PLC0415
-
             raise BadInput(f"MACTUNER_TRAIN_DTYPE is {forced!r}: use float32, bfloat16 or float16 (or unset it).")
         return forced, f"set by MACTUNER_TRAIN_DTYPE={forced}"
     if prof.kind != "cpu":

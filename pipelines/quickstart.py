@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import adapters, models, runs
+from .errors import MacTunerError
 from .workspace import Workspace
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample_dataset.jsonl"
@@ -50,7 +51,6 @@ def ensure_dataset(ws: Workspace) -> str:
 def wait_for_hf_copy(ws: Workspace, progress=lambda f, m: None, timeout: float = 1800.0) -> Path:
     """The default model's HF copy, prepared in its own process if it is not (or is being) prepared."""
 
-    from .errors import MacTunerError  # noqa: PLC0415
 
     st = models.default_hf_status(ws)
     if st["state"] not in ("ready", "running"):

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .errors import MacTunerError
+from .workspace import Workspace
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -107,7 +108,6 @@ def run(args) -> int:
         print("mactuner: --max-upload-mb must be positive", file=sys.stderr)
         return 2
     from .serving.registry import REGISTRY, load_default_in_background  # noqa: PLC0415
-    from .workspace import Workspace  # noqa: PLC0415
 
     try:
         ws = Workspace.open(args.root)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, MacTunerError, NotFound
-from ..workspace import Workspace
+from ..workspace import Workspace, atomic_write
 
 METHODS = ("lora", "dora", "rslora", "qlora")
 
@@ -125,8 +125,6 @@ class TrainConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
         if path is not None:
-            from ..workspace import atomic_write  # noqa: PLC0415
-
             with atomic_write(path, "w") as fh:
                 fh.write(text)
         return text

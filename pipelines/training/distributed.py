@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import BadInput
+from ..workspace import sha256_file
 from . import plan
 from .config import TrainConfig
 
@@ -115,7 +116,6 @@ def folder_facts(path: str | os.PathLike | None) -> list:
 
 def dataset_facts(version_dir: Path) -> dict:
     """What a dataset version holds: the SHA-256 of its split files (the rows every process trains on)."""
-    from ..workspace import sha256_file  # noqa: PLC0415
 
     return {p.name: sha256_file(p) for p in sorted(version_dir.glob("*.jsonl"))}
 
