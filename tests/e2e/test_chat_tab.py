@@ -95,6 +95,7 @@ def test_compare_side_by_side(page):
     expect(page.locator("#compare-b")).to_contain_text("The capital of France is")
 
 
+@pytest.mark.heavy  # the worker's side: tests/pipelines/test_serving.py (a native crash mid answer)
 def test_the_model_process_killed_mid_answer(page, studio):
     import os
     import re

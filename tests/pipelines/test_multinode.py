@@ -144,6 +144,7 @@ def test_two_machines_equal_one_process_with_the_doubled_batch_and_continue_on_o
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # launches two trainers; the refusal itself: test_fit_to_world_refuses_with_the_reason
 def test_continue_on_two_machines_refused_when_the_global_batch_cannot_be_shared(ws, tiny_llama_dir, tmp_path):
     """A run of global batch 1 (one process, batch 1) cannot go on over two processes; the run says why."""
     cfg = tiny_cfg(tiny_llama_dir, batch_size=1, max_steps=3, save_every=1)
@@ -185,6 +186,7 @@ def test_accelerate_launch_two_machines(ws, tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # launches two trainers; the check itself: test_disagreements_name_the_machine_and_the_setting
 def test_machines_that_disagree_stop_with_one_message(ws, tiny_llama_dir, tmp_path):
     """Each "machine" gets its own config file; one says another learning rate: both stop, naming the setting."""
     configs = []

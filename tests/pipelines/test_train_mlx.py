@@ -323,7 +323,7 @@ def gemma_cfg(ws):
 
 @pytest.mark.slow
 def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, spm_llama_dir):
-    """The same run trained by torch, by MLX and by MLX on a 4-bit base, each exported from its run folder (merged
+    """The same run trained by torch and by MLX on a 4-bit base, each exported from its run folder (merged
     into the full-precision base, converted, validated in llama.cpp): every check gives the same outcome
     as for the torch run's GGUF, the fine-tune survived in each, and the model card says how it was trained. (The
     tiny base is random: its greedy text collapses, and the generation check says so for all three alike.)"""
@@ -335,7 +335,8 @@ def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, sp
             for i in range(8)]
     write_dataset(workspace, train_rows=rows, val_rows=[])
     outcomes, cards = {}, {}
-    for name, kw in (("torch", {}), ("mlx", {"backend": "mlx"}), ("mlx-q4", {"backend": "mlx", "base_bits": 4})):
+    # MLX on a full-precision base leaves PEFT files like these (test_adapter_loads_in_peft_with_the_same_logits)
+    for name, kw in (("torch", {}), ("mlx-q4", {"backend": "mlx", "base_bits": 4})):
         cfg = TrainConfig(base_model=str(spm_llama_dir), dataset="chat", dataset_version=1, max_steps=6, batch_size=4,
                           max_length=64, learning_rate=2e-2, save_every=0, dropout=0.0, rank=8,
                           target_modules="all-linear", **kw)
@@ -352,6 +353,6 @@ def test_mlx_runs_export_to_ggufs_that_validate_like_the_torch_one(workspace, sp
             item = next(i for i in v.items if i.name == "finetune_survived")
             assert item.ok is True, (name, item.detail)
         cards[name] = (Path(result.merged) / "README.md").read_text()
-    assert outcomes["mlx"] == outcomes["torch"] and outcomes["mlx-q4"] == outcomes["torch"], outcomes
-    assert "Trained with Apple's MLX" in cards["mlx"] and "4-bit MLX-quantized copy of the base" in cards["mlx-q4"]
+    assert outcomes["mlx-q4"] == outcomes["torch"], outcomes
+    assert "Trained with Apple's MLX" in cards["mlx-q4"] and "4-bit MLX-quantized copy of the base" in cards["mlx-q4"]
     assert "MLX" not in cards["torch"]
