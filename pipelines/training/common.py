@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from .config import TrainConfig, TrainingFailed
@@ -144,3 +145,30 @@ class Objective(Protocol):
 
     def evaluate(self, session: Any, row: dict) -> float | None:
         """The validation loss (None without a validation split); extra eval columns go into the metrics `row`."""
+
+
+# --- what both backends' loops (loop.py, mlx/loop.py) write per step and at the end; `s` is the backend's Session
+
+
+def metrics_row(s: Any, out: StepOutput, lr: float, grad_norm: float, seconds: float) -> dict:
+    """One metrics.jsonl row (the keys the monitor, the CLI and the benches read)."""
+    return {"step": s.step, "total_steps": s.total_steps, "epoch": round(s.step / s.steps_per_epoch, 4),
+            "loss": out.loss, "learning_rate": lr, "grad_norm": grad_norm, "tokens": int(out.tokens),
+            "tokens_per_s": out.tokens / seconds if seconds > 0 else 0.0, "peak_memory": peak_rss(),
+            "elapsed": round(s.elapsed(), 3), "step_time": seconds, **out.metrics, **s.device_memory()}
+
+
+def add_eval_loss(s: Any, row: dict) -> None:
+    """The validation loss into `row` (and the best one so far into the session)."""
+    loss = s.objective.evaluate(s, row)
+    if loss is not None:
+        row["eval_loss"] = loss
+        if s.best_eval is None or loss < s.best_eval:
+            s.best_eval = loss
+
+
+def train_result(s: Any, state: str, reason: str, last_loss, checkpoint: Path | None,
+                 adapter: Path | None = None) -> TrainResult:
+    return TrainResult(state=state, step=s.step, total_steps=s.total_steps, reason=reason,
+                       adapter=str(adapter) if adapter else None, checkpoint=str(checkpoint) if checkpoint else None,
+                       final_loss=last_loss, best_eval_loss=s.best_eval, elapsed=s.elapsed())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import MacTunerError
 from ..workspace import Workspace
 from . import plan
-from .common import STOP_FLAG, MetricsFn, TrainResult, check_finite, peak_rss
+from .common import STOP_FLAG, MetricsFn, TrainResult, add_eval_loss, check_finite, metrics_row, train_result
 from .config import TrainConfig, TrainingFailed, validate
 
 if TYPE_CHECKING:
@@ -89,15 +89,15 @@ def fit(s: Session, on_metrics: MetricsFn | None, should_stop: Callable[[], bool
         lr = s.optimizer_step()
         s.tokens_seen += int(out.tokens)
         last_loss = out.loss
-        row = _metrics_row(s, out, lr, grad_norm, time.time() - t0)
+        row = metrics_row(s, out, lr, grad_norm, time.time() - t0)
         if (s.cfg.eval_every and s.step % s.cfg.eval_every == 0) or s.step == s.total_steps:
-            _evaluate(s, row)
+            add_eval_loss(s, row)
         if s.procs.main and on_metrics:
             on_metrics(row)
         if s.step < s.total_steps and s.procs.any(bool(should_stop())):
             last_ckpt = s.save_checkpoint(last_loss)
             where = last_ckpt.name if last_ckpt else "its checkpoint"
-            return _result(s, "stopped", f"stopped at step {s.step} of {s.total_steps}; resumable from {where}",
+            return train_result(s, "stopped", f"stopped at step {s.step} of {s.total_steps}; resumable from {where}",
                            last_loss, last_ckpt)
         if s.cfg.save_every and s.step % s.cfg.save_every == 0 and s.step < s.total_steps:
             last_ckpt = s.save_checkpoint(last_loss)
@@ -106,28 +106,7 @@ def fit(s: Session, on_metrics: MetricsFn | None, should_stop: Callable[[], bool
     s.procs.barrier()
     if adapter is not None and s.val_items:  # did it help? base vs tuned on the validation split; never fails the run
         s.objective.verdict(s)
-    return _result(s, "finished", reason, last_loss, last_ckpt, adapter)
+    return train_result(s, "finished", reason, last_loss, last_ckpt, adapter)
 
 
-def _metrics_row(s: Session, out, lr: float, grad_norm: float, seconds: float) -> dict:
-    """One metrics.jsonl row (the keys the monitor, the CLI and the benches read)."""
-    return {"step": s.step, "total_steps": s.total_steps, "epoch": round(s.step / s.steps_per_epoch, 4),
-            "loss": out.loss, "learning_rate": lr, "grad_norm": grad_norm, "tokens": int(out.tokens),
-            "tokens_per_s": out.tokens / seconds if seconds > 0 else 0.0, "peak_memory": peak_rss(),
-            "elapsed": round(s.elapsed(), 3), "step_time": seconds, **out.metrics, **s.device_memory()}
 
-
-def _evaluate(s: Session, row: dict) -> None:
-    """The validation loss into `row` (and the best one so far into the session)."""
-    loss = s.objective.evaluate(s, row)
-    if loss is not None:
-        row["eval_loss"] = loss
-        if s.best_eval is None or loss < s.best_eval:
-            s.best_eval = loss
-
-
-def _result(s: Session, state: str, reason: str, last_loss, checkpoint: Path | None,
-            adapter: Path | None = None) -> TrainResult:
-    return TrainResult(state=state, step=s.step, total_steps=s.total_steps, reason=reason,
-                       adapter=str(adapter) if adapter else None, checkpoint=str(checkpoint) if checkpoint else None,
-                       final_loss=last_loss, best_eval_loss=s.best_eval, elapsed=s.elapsed())
