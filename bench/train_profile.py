@@ -23,9 +23,10 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 
 `--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
 takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
-of each is compared with our float32 step before the levers (fused_lora.py, loss.py's trained_rows), wall and
-process CPU time (the steadier figure on a shared machine). The first step of every variant is also taken from
-the same weights and dropout masks: its loss and gradient norm against the float32 one before the levers.
+of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, loss.py's
+trained_rows), wall and process CPU time (the steadier figure on a shared machine). The first step of every variant
+is also taken from the same weights and seed: its loss and gradient norm against the float32 one before the levers
+(the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws of the same law).
 --compile adds each dtype with the decoder layers under torch.compile (inductor; its compile time is printed as
 the first step's). --levers short leaves out the one-lever lines.
 
@@ -39,6 +40,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 CLASSES = ("decoder matmuls", "LoRA", "attention", "output + loss", "elementwise/norm", "optimizer", "data")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
@@ -278,20 +280,40 @@ def main_profile(args) -> int:
 # --------------------------------------------------------------------------------------------- levers
 
 
-def _variant(s, fused: bool, chunked_rows: bool) -> None:
-    from pipelines.training.fused_lora import fuse_lora, unfuse_lora
+class Lever(NamedTuple):
+    name: str
+    session: str  # the dtype, or compiled-<dtype>
+    fused: bool  # LoRA layers in one autograd function (fused_lora.py)
+    rows: bool  # the chunked loss over the trained token rows (loss.py)
+    torch_masks: bool = False  # the fused function's dropout masks drawn by torch's bernoulli_, as before
 
-    (fuse_lora if fused else unfuse_lora)(s.model)
-    s.loss_mod.chunked_rows = chunked_rows
+
+def _bernoulli_noise(x, p: float):
+    import torch
+
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
 
 
-LEVERS = [  # (name, session, fused LoRA, chunked loss over the trained token rows)
-    ("fp32 before (PEFT LoRA, head module)", "float32", False, False),
-    ("fp32 + fused LoRA", "float32", True, False),
-    ("fp32 + chunked loss with token rows", "float32", False, True),
-    ("fp32 both (default now)", "float32", True, True),
-    ("bf16 before (PEFT LoRA, head module)", "bfloat16", False, False),
-    ("bf16 both (default now)", "bfloat16", True, True),
+_CHEAP_NOISE: dict = {}  # fused_lora's own dropout_noise, kept while a lever swaps it
+
+
+def _variant(s, lever: Lever) -> None:
+    from pipelines.training import fused_lora
+
+    (fused_lora.fuse_lora if lever.fused else fused_lora.unfuse_lora)(s.model)
+    s.loss_mod.chunked_rows = lever.rows
+    cheap = _CHEAP_NOISE.setdefault("fn", fused_lora.dropout_noise)
+    fused_lora.dropout_noise = _bernoulli_noise if lever.torch_masks else cheap  # bench only: the lever itself
+
+
+LEVERS = [
+    Lever("fp32 before (PEFT LoRA, head module)", "float32", False, False),
+    Lever("fp32 + fused LoRA, bernoulli_ masks", "float32", True, False, True),
+    Lever("fp32 + chunked loss with token rows", "float32", False, True),
+    Lever("fp32 both, bernoulli_ masks", "float32", True, True, True),
+    Lever("fp32 both (default now)", "float32", True, True),
+    Lever("bf16 before (PEFT LoRA, head module)", "bfloat16", False, False),
+    Lever("bf16 both (default now)", "bfloat16", True, True),
 ]
 
 
@@ -329,26 +351,27 @@ def main_levers(args) -> int:
     sessions = {d: session_for(args, d) for d in ("float32", "bfloat16")}
     levers = list(LEVERS)
     if getattr(args, "levers", "all") == "short":  # before and both of each dtype
-        levers = [lever for lever in LEVERS if lever[2] == lever[3]]
+        levers = [lever for lever in LEVERS if lever.fused == lever.rows and not lever.torch_masks]
     if getattr(args, "compile", False):
         for d in ("float32", "bfloat16"):
             sessions[f"compiled-{d}"] = compiled_session(args, d)
-            levers.append((f"{d[:2]}{d[-2:]} both + torch.compile of the layers".replace("fl32", "fp32"),
-                           f"compiled-{d}", True, True))
+            levers.append(Lever(f"{d[:2]}{d[-2:]} both + torch.compile of the layers".replace("fl32", "fp32"),
+                                f"compiled-{d}", True, True))
     first = sessions["float32"].micro_batches()
     checks = {}
-    for name, dtype, fused, rows in levers:  # the same batch from the same initial weights and masks
-        _variant(sessions[dtype], fused, rows)
+    for lever in levers:  # the same batch from the same initial weights and masks
+        _variant(sessions[lever.session], lever)
         t0 = time.perf_counter()
-        checks[name] = _first_loss(sessions[dtype], first)
+        checks[lever.name] = _first_loss(sessions[lever.session], first)
+        name = lever.name
         print(f"{name}: first step {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     times, cpu = defaultdict(list), defaultdict(list)
     for r in range(args.warmup + args.rounds):
         batches = sessions["float32"].micro_batches()
         tokens = sum(len(it[0]) for mb in batches for it in mb)
-        for name, dtype, fused, rows in levers:
-            s = sessions[dtype]
-            _variant(s, fused, rows)
+        for lever in levers:
+            s, name = sessions[lever.session], lever.name
+            _variant(s, lever)
             t0, c0 = time.perf_counter(), time.process_time()
             s.objective.step(s, batches)
             s.clip_gradients()
@@ -358,20 +381,21 @@ def main_levers(args) -> int:
                 cpu[name].append((time.process_time() - c0) / tokens * 1000)
         print(f"round {r + 1}: {tokens} tokens, " + ", ".join(f"{t[-1]:.1f}" for t in times.values())
               + " ms/token", file=sys.stderr, flush=True)
-    base_name = levers[0][0]
+    base_name = levers[0].name
     base, (base_loss, base_norm) = min(times[base_name]), checks[base_name]
     base_cpu = min(cpu[base_name])
     print(f"\nfirst step from the same weights and masks, fp32 before: loss {base_loss:.6f}, grad norm {base_norm:.5f}")
-    for name, dtype, _f, _r in levers:
+    for name, dtype, *_ in levers:
         best, (loss, norm) = min(times[name]), checks[name]
         family = dtype.removeprefix("compiled-")
-        same_dtype = checks[next(n for n, d, _a, _b in levers if d == family)]
+        same_dtype = checks[next(lv.name for lv in levers if lv.session == family)]
         print(f"{name:40} {best:6.2f} ms/token (fastest of {len(times[name])})  ratio vs fp32 before "
               f"{base / best:5.2f}x (CPU time: {min(cpu[name]):6.2f} ms/token, ratio {base_cpu / min(cpu[name]):5.2f}x)  loss {loss:.6f} (rel. to fp32 before {abs(loss - base_loss) / base_loss:.1e}, "
               f"to its dtype's before {abs(loss - same_dtype[0]) / same_dtype[0]:.1e})  grad norm rel. "
               f"{abs(norm - base_norm) / base_norm:.1e}")
-    b16, f32 = (next(n for n, d, f, r in levers if d == k and f and r) for k in ("bfloat16", "float32"))
-    b16_before = next(n for n, d, f, r in levers if d == "bfloat16" and not (f or r))
+    b16, f32 = (next(lv.name for lv in levers if lv.session == k and lv.fused and lv.rows and not lv.torch_masks)
+                for k in ("bfloat16", "float32"))
+    b16_before = next(lv.name for lv in levers if lv.session == "bfloat16" and not (lv.fused or lv.rows))
     print(f"bf16/fp32 ratio, both with the levers: {min(times[f32]) / min(times[b16]):.2f}x (CPU time "
           f"{min(cpu[f32]) / min(cpu[b16]):.2f}x); before them: {base / min(times[b16_before]):.2f}x "
           f"(CPU time {base_cpu / min(cpu[b16_before]):.2f}x)")

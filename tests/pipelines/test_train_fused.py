@@ -1,6 +1,6 @@
 """The trainer's two fused paths against the PEFT ones they replace, tiny llama: LoRA layers in one autograd function
-(fused_lora.py: same loss and gradients in float32, the same dropout masks, bf16 within bf16's rounding, PEFT's
-path kept where it must be) and the chunked loss over an output layer with trained token rows (loss.py: same loss
+(fused_lora.py: same loss and gradients in float32 under the same dropout masks, those masks' distribution, bf16
+within bf16's rounding, PEFT's path kept where it must be) and the chunked loss over an output layer with trained token rows (loss.py: same loss
 and gradients, the rows' own included, as the head module over full logits)."""
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
     from pipelines.training.fused_lora import fuse_lora, unfuse_lora
     from pipelines.training.loss import CausalLMLoss
 
+    import torch
+
+    from pipelines.training.fused_lora import dropout_noise
+
+    # PEFT's dropout modules draw their masks as the fused function does, so that both paths drop the same inputs
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x * dropout_noise(x, self.p) if self.training else x)
     model = _peft(tiny_llama_dir, lora_dropout=0.1)
     loss_mod = CausalLMLoss(model)
     batch = _batch(model.config.vocab_size)
@@ -82,8 +88,6 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
     assert len(calls) == n
     assert got == pytest.approx(ref, rel=1e-6)  # the same dropout masks: else the loss would move far more
     assert g.keys() == ref_g.keys() and any("lora_A" in k for k in g)
-    import torch
-
     for k in g:
         torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6)
     other, _ = _loss_and_grads(loss_mod, batch, seed=2)
@@ -91,6 +95,28 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
     assert unfuse_lora(model) == n
     back, _ = _loss_and_grads(loss_mod, batch)
     assert back == ref
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_noise_drops_p_of_the_inputs_and_keeps_their_mean(p):
+    import torch
+
+    from pipelines.training.fused_lora import dropout_noise
+
+    x = torch.ones(1000, 333)  # not a multiple of 4 elements per row: the draws are cut to size
+    torch.manual_seed(7)
+    noise = dropout_noise(x, p)
+    assert noise.shape == x.shape and noise.dtype == x.dtype
+    assert set(noise.unique().tolist()) == pytest.approx([0.0, 1 / (1 - p)])
+    dropped = float((noise == 0).float().mean())
+    assert dropped == pytest.approx(p, abs=0.005)  # 333,000 draws: the standard error is under 0.001
+    assert float(noise.mean()) == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
+    rows = (noise == 0).float().mean(dim=1)  # no row or column pattern from the 16-bit slicing
+    assert float(rows.std()) < 3 * (p * (1 - p) / 333) ** 0.5
+    torch.manual_seed(7)
+    assert torch.equal(dropout_noise(x, p), noise)  # seeded: a resumed run draws the same masks
+    assert not torch.equal(dropout_noise(x, p), noise)
+    assert dropout_noise(x.bfloat16(), p).dtype == torch.bfloat16
 
 
 def test_fused_lora_in_bf16_mixed_precision(tiny_llama_dir, monkeypatch):
