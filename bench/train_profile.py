@@ -24,9 +24,10 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 `--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
 takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
 of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, loss.py's
-trained_rows), wall and process CPU time (the steadier figure on a shared machine). The first step of every variant
-is also taken from the same weights and seed: its loss and gradient norm against the float32 one before the levers
-(the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws of the same law).
+trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The first
+step of every variant is also taken from the same weights and seed: its loss and gradient norm against the float32
+one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
+of the same law).
 --compile adds each dtype with the decoder layers under torch.compile (inductor; its compile time is printed as
 the first step's). --levers short leaves out the one-lever lines.
 
@@ -286,6 +287,7 @@ class Lever(NamedTuple):
     fused: bool  # LoRA layers in one autograd function (fused_lora.py)
     rows: bool  # the chunked loss over the trained token rows (loss.py)
     torch_masks: bool = False  # the fused function's dropout masks drawn by torch's bernoulli_, as before
+    fresh_logits: bool = False  # the loss's logits memory allocated anew at every call, as before (LogitsBuffers)
 
 
 def _bernoulli_noise(x, p: float):
@@ -295,6 +297,7 @@ def _bernoulli_noise(x, p: float):
 
 
 _CHEAP_NOISE: dict = {}  # fused_lora's own dropout_noise, kept while a lever swaps it
+_KEPT_LOGITS: dict = {}  # each session's LogitsBuffers, kept while a lever takes it away
 
 
 def _variant(s, lever: Lever) -> None:
@@ -304,6 +307,8 @@ def _variant(s, lever: Lever) -> None:
     s.loss_mod.chunked_rows = lever.rows
     cheap = _CHEAP_NOISE.setdefault("fn", fused_lora.dropout_noise)
     fused_lora.dropout_noise = _bernoulli_noise if lever.torch_masks else cheap  # bench only: the lever itself
+    kept = _KEPT_LOGITS.setdefault(id(s), s.loss_mod.buffers)
+    s.loss_mod.buffers = None if lever.fresh_logits else kept
 
 
 LEVERS = [
@@ -311,8 +316,10 @@ LEVERS = [
     Lever("fp32 + fused LoRA, bernoulli_ masks", "float32", True, False, True),
     Lever("fp32 + chunked loss with token rows", "float32", False, True),
     Lever("fp32 both, bernoulli_ masks", "float32", True, True, True),
+    Lever("fp32 both, fresh logits memory", "float32", True, True, False, True),
     Lever("fp32 both (default now)", "float32", True, True),
     Lever("bf16 before (PEFT LoRA, head module)", "bfloat16", False, False),
+    Lever("bf16 both, fresh logits memory", "bfloat16", True, True, False, True),
     Lever("bf16 both (default now)", "bfloat16", True, True),
 ]
 
@@ -351,7 +358,7 @@ def main_levers(args) -> int:
     sessions = {d: session_for(args, d) for d in ("float32", "bfloat16")}
     levers = list(LEVERS)
     if getattr(args, "levers", "all") == "short":  # before and both of each dtype
-        levers = [lever for lever in LEVERS if lever.fused == lever.rows and not lever.torch_masks]
+        levers = [lv for lv in LEVERS if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits)]
     if getattr(args, "compile", False):
         for d in ("float32", "bfloat16"):
             sessions[f"compiled-{d}"] = compiled_session(args, d)
@@ -393,7 +400,7 @@ def main_levers(args) -> int:
               f"{base / best:5.2f}x (CPU time: {min(cpu[name]):6.2f} ms/token, ratio {base_cpu / min(cpu[name]):5.2f}x)  loss {loss:.6f} (rel. to fp32 before {abs(loss - base_loss) / base_loss:.1e}, "
               f"to its dtype's before {abs(loss - same_dtype[0]) / same_dtype[0]:.1e})  grad norm rel. "
               f"{abs(norm - base_norm) / base_norm:.1e}")
-    b16, f32 = (next(lv.name for lv in levers if lv.session == k and lv.fused and lv.rows and not lv.torch_masks)
+    b16, f32 = (next(lv.name for lv in levers if lv.session == k and lv == Lever(lv.name, k, True, True))
                 for k in ("bfloat16", "float32"))
     b16_before = next(lv.name for lv in levers if lv.session == "bfloat16" and not (lv.fused or lv.rows))
     print(f"bf16/fp32 ratio, both with the levers: {min(times[f32]) / min(times[b16]):.2f}x (CPU time "

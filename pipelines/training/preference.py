@@ -54,7 +54,7 @@ def sequence_logps(loss_mod, input_ids, labels):
         if not plain_head(head):
             tok_logp = loss_mod.head_logits(head, hs).log_softmax(-1).gather(1, ts[:, None]).squeeze(1)
         else:
-            tok_logp = -linear_token_nll(hs, head.weight, ts, loss_mod.softcap)
+            tok_logp = -linear_token_nll(hs, head.weight, ts, loss_mod.softcap, buffers=loss_mod.buffers)
     rows = sel.nonzero(as_tuple=True)[0]
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, tok_logp)
     return sums, sel.sum(dim=1)
