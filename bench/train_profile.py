@@ -23,8 +23,8 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 
 `--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
 takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
-of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, loss.py's
-trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The first
+of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, fused_norm.py,
+loss.py's trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The first
 step of every variant is also taken from the same weights and seed: its loss and gradient norm against the float32
 one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
 of the same law).
@@ -288,6 +288,7 @@ class Lever(NamedTuple):
     rows: bool  # the chunked loss over the trained token rows (loss.py)
     torch_masks: bool = False  # the fused function's dropout masks drawn by torch's bernoulli_, as before
     fresh_logits: bool = False  # the loss's logits memory allocated anew at every call, as before (LogitsBuffers)
+    model_norms: bool = False  # the model's own RMSNorm forward, as before (fused_norm.py)
 
 
 def _bernoulli_noise(x, p: float):
@@ -301,9 +302,10 @@ _KEPT_LOGITS: dict = {}  # each session's LogitsBuffers, kept while a lever take
 
 
 def _variant(s, lever: Lever) -> None:
-    from pipelines.training import fused_lora
+    from pipelines.training import fused_lora, fused_norm
 
     (fused_lora.fuse_lora if lever.fused else fused_lora.unfuse_lora)(s.model)
+    (fused_norm.unfuse_rms_norms if lever.model_norms or not lever.fused else fused_norm.fuse_rms_norms)(s.model)
     s.loss_mod.chunked_rows = lever.rows
     cheap = _CHEAP_NOISE.setdefault("fn", fused_lora.dropout_noise)
     fused_lora.dropout_noise = _bernoulli_noise if lever.torch_masks else cheap  # bench only: the lever itself
@@ -317,9 +319,11 @@ LEVERS = [
     Lever("fp32 + chunked loss with token rows", "float32", False, True),
     Lever("fp32 both, bernoulli_ masks", "float32", True, True, True),
     Lever("fp32 both, fresh logits memory", "float32", True, True, False, True),
+    Lever("fp32 both, the model's RMSNorm", "float32", True, True, False, False, True),
     Lever("fp32 both (default now)", "float32", True, True),
     Lever("bf16 before (PEFT LoRA, head module)", "bfloat16", False, False),
     Lever("bf16 both, fresh logits memory", "bfloat16", True, True, False, True),
+    Lever("bf16 both, the model's RMSNorm", "bfloat16", True, True, False, False, True),
     Lever("bf16 both (default now)", "bfloat16", True, True),
 ]
 
@@ -358,7 +362,7 @@ def main_levers(args) -> int:
     sessions = {d: session_for(args, d) for d in ("float32", "bfloat16")}
     levers = list(LEVERS)
     if getattr(args, "levers", "all") == "short":  # before and both of each dtype
-        levers = [lv for lv in LEVERS if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits)]
+        levers = [lv for lv in LEVERS if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits or lv.model_norms)]
     if getattr(args, "compile", False):
         for d in ("float32", "bfloat16"):
             sessions[f"compiled-{d}"] = compiled_session(args, d)

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import device as devicemod
 from ..errors import BadInput
 from ..workspace import Workspace
-from . import checkpoints, distributed, fused_lora, plan, precision, tokens
+from . import checkpoints, distributed, fused_lora, fused_norm, plan, precision, tokens
 from .common import adapter_info, lr_schedule
 from .config import TrainConfig
 from .encode import IGNORE, collate, cut, encode_dataset, ensure_chat_template, pack_examples
@@ -241,6 +241,7 @@ def build_model(cfg: TrainConfig, dtype, device, local_rank: int = 0, label_ids=
     precision.apply_mixed(model, torch.device(device).type, dtype)
     tokens.fast_token_rows(model)
     fused_lora.fuse_lora(model)
+    fused_norm.fuse_rms_norms(model)
     return model, rows
 
 
