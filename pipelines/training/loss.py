@@ -172,7 +172,9 @@ def linear_token_nll(hidden, weight, target, softcap: float | None = None, chunk
 def plain_head(head) -> bool:
     """True for a frozen bias-free nn.Linear output layer: the chunked functions can take its weight. Anything else
     (a trained tied head with trainable token rows, a bias, a wrapper) is applied as a module."""
-    return not head.weight.requires_grad and getattr(head, "bias", None) is None and type(head) is torch.nn.Linear
+    # the type first: PEFT's trainable-tokens wrapper answers `.weight` by building a merged copy of the whole
+    # vocabulary's weight (670 MB for Gemma 3 in float32), which a check made at every forward cannot afford
+    return type(head) is torch.nn.Linear and not head.weight.requires_grad and head.bias is None
 
 
 def trained_rows(head):
