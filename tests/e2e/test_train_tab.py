@@ -56,14 +56,31 @@ def set_form(page, base, steps, name):
     fill(page, "train-max-length", 64)
     fill(page, "train-learning-rate", 0.001)
     page.get_by_text("More settings").click()
-    # the accordion's fields mount when it first opens: a value typed while they mount can be reset to the
-    # default, so wait for the field, then check that the form holds the value (the YAML is made from the form)
     expect(value_of(page, "train-save-every")).to_be_visible()
-    fill(page, "train-save-every", 20)
-    fill(page, "train-run-name", name)
-    page.get_by_text("Config as YAML / command line").click()
-    page.locator("#train-yaml-btn").click()
-    expect(page.locator("#train-yaml")).to_contain_text("save_every: 20")
+    fill_until_yaml_holds(page, {"train-save-every": 20, "train-run-name": name}, ["save_every: 20"])
+
+
+def fill_until_yaml_holds(page, fields: dict, wanted: list[str]) -> None:
+    """Type `fields` ({element id: value}), make the YAML from the form and wait for each of `wanted` in it. The
+    More settings fields mount when the accordion first opens, and a value typed while they mount can be reset to
+    the default (seen in CI): then they are typed again, up to three times."""
+    from playwright.sync_api import expect
+
+    if not page.locator("#train-yaml-btn").is_visible():
+        page.get_by_text("Config as YAML / command line").click()
+    for attempt in range(3):
+        for eid, value in fields.items():
+            fill(page, eid, value)
+        page.locator("#train-yaml-btn").click()
+        try:
+            for text in wanted:
+                expect(page.locator("#train-yaml")).to_contain_text(text, timeout=15_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+    for eid, value in fields.items():
+        expect(value_of(page, eid)).to_have_value(str(value))
 
 
 def value_of(page, eid):

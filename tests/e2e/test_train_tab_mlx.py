@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_tab import fill, value_of
+from test_train_tab import fill, fill_until_yaml_holds, value_of
 
 from e2e_helpers import CHROMIUM, new_page, start_studio, stop_studio
 
@@ -78,16 +78,11 @@ def set_form(page, base: str, steps: int, name: str, bits: int) -> None:
     fill(page, "train-batch-size", 2)
     fill(page, "train-max-length", 64)
     fill(page, "train-learning-rate", 0.001)
-    fill(page, "train-run-name", name)
     if not page.locator("#train-save-every").is_visible():
         page.get_by_text("More settings").click()
     expect(value_of(page, "train-save-every")).to_be_visible()
-    fill(page, "train-save-every", 20)
-    if not page.locator("#train-yaml-btn").is_visible():
-        page.get_by_text("Config as YAML / command line").click()
-    page.locator("#train-yaml-btn").click()
-    expect(page.locator("#train-yaml")).to_contain_text("backend: mlx")
-    expect(page.locator("#train-yaml")).to_contain_text(f"base_bits: {bits}")
+    fill_until_yaml_holds(page, {"train-save-every": 20, "train-run-name": name},
+                          ["backend: mlx", f"base_bits: {bits}", "save_every: 20"])
 
 
 def test_mlx_run_from_the_train_tab(page, studio, tiny_llama_dir):
