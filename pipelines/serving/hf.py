@@ -1,9 +1,8 @@
 """The HF backend: a transformers model and its tokenizer in this process, with PEFT LoRA adapters attached beside the
 base and chosen per answer (the first adapter wraps the model in a PeftModel; removing the last unwraps it).
 
-    HFTokenizerFacts   template, special tokens, BOS rule and end-of-turn ids read from an HF tokenizer - also what
-                       a backend whose tokenizer is an HF one (MLX) reuses
-    HFBackend          the ModelBackend: answers stream from hf_generate.GenerationThread
+    HFBackend          the ModelBackend (in_process.InProcessBackend: its tokenizer facts and idle gate are shared
+                       with the MLX backend): answers stream from hf_generate.GenerationThread
 
 An adapter is checked before it is loaded: its tensor shapes (read from the safetensors header) against the loaded
 layers, so an adapter trained for another base is refused with the layers that differ.
@@ -11,11 +10,9 @@ layers, so an adapter trained for another base is refused with the layers that d
 
 from __future__ import annotations
 
-import functools
 import gc
 import re
 import sys
-import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -23,66 +20,14 @@ from typing import Iterator
 import torch
 
 from .. import device as devicemod
-from ..chat.params import END_OF_TURN_TOKENS
 from ..errors import BadInput
-from .backend import Delta, Generation, Halted, ModelBackend
+from .backend import Delta, Generation, Halted
 from .hf_generate import GenerationThread
+from .in_process import HFTokenizerFacts, InProcessBackend
 from .lora import AdapterInfo, read_lora_folder
 
 
-class HFTokenizerFacts:
-    """What the prompt needs from an HF tokenizer. The template is read each time (a tokenizer's template may be
-    edited); the rest is computed once."""
-
-    def __init__(self, tokenizer, generation_config=None, name: str = "the model"):
-        self.tokenizer, self.generation_config, self.name = tokenizer, generation_config, name
-
-    def own_template(self) -> tuple[str | None, str]:
-        template = getattr(self.tokenizer, "chat_template", None)
-        if isinstance(template, dict):  # named templates: the default one
-            template = template.get("default") or next(iter(template.values()), None)
-        return template or None, f"tokenizer chat_template of {self.name}"
-
-    def has_special_token(self, text: str) -> bool:
-        return text in (getattr(self.tokenizer, "added_tokens_encoder", None) or {})
-
-    @functools.cached_property
-    def _specials(self) -> dict[str, str]:
-        return {k: str(getattr(self.tokenizer, k, None) or "") for k in ("bos_token", "eos_token", "pad_token",
-                                                                         "unk_token")}
-
-    def special_tokens(self) -> dict[str, str]:
-        return self._specials
-
-    @functools.cached_property
-    def _wants_bos(self) -> bool:
-        tok = self.tokenizer
-        with_specials, plain = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
-        return tok.bos_token_id is not None and len(with_specials) > len(plain) and with_specials[0] == tok.bos_token_id
-
-    def tokenize(self, text: str) -> list[int]:
-        """Special-token text is parsed; a BOS is added only when the model wants one and the template did not
-        write it already (no double BOS)."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        bos = self.tokenizer.bos_token_id
-        if self._wants_bos and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids
-
-    @functools.cached_property
-    def _eos(self) -> list[int]:
-        tok, ids = self.tokenizer, set()
-        for v in (getattr(self.generation_config, "eos_token_id", None), tok.eos_token_id):
-            ids.update([v] if isinstance(v, int) else (v or []))
-        added = getattr(tok, "added_tokens_encoder", {}) or {}  # end-of-turn tokens generation_config often omits
-        ids.update(added[t] for t in END_OF_TURN_TOKENS if t in added)
-        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
-    def eos_ids(self) -> list[int]:
-        return self._eos
-
-
-class HFBackend(ModelBackend):
+class HFBackend(InProcessBackend):
     """A transformers model in this process (see the module docstring)."""
 
     kind = "transformers"
@@ -93,10 +38,6 @@ class HFBackend(ModelBackend):
         self.model_path, self.name, self.context_length = model_path, name, context_length
         self.n_params = sum(p.numel() for p in model.parameters())  # the base's, before any adapter
         self.facts = HFTokenizerFacts(tokenizer, getattr(model, "generation_config", None), name)
-        # set while no generation thread uses the model: a stopped answer's thread may still run one step after the
-        # caller let go of the model's lock, and the next answer, an adapter change or close() waits for it
-        self._idle = threading.Event()
-        self._idle.set()
 
     # ------------------------------------------------------------------------------------------ the prompt
 
@@ -104,28 +45,7 @@ class HFBackend(ModelBackend):
         n = self.context_length or getattr(self.tokenizer, "model_max_length", 0) or 0
         return int(n) if 0 < n < 10**7 else 32768
 
-    def own_template(self) -> tuple[str | None, str]:
-        return self.facts.own_template()
-
-    def has_special_token(self, text: str) -> bool:
-        return self.facts.has_special_token(text)
-
-    def special_tokens(self) -> dict[str, str]:
-        return self.facts.special_tokens()
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.facts.tokenize(text)
-
-    def eos_ids(self) -> list[int]:
-        return self.facts.eos_ids()
-
     # ------------------------------------------------------------------------------------------ generating
-
-    def _wait_idle(self, halted: Halted = lambda: False) -> bool:
-        while not self._idle.wait(0.05):
-            if halted():
-                return False
-        return True
 
     def stream(self, generation: Generation, halted: Halted) -> Iterator[Delta]:
         if not self._wait_idle(halted):

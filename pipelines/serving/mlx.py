@@ -1,7 +1,7 @@
 """The MLX backend: an HF model folder answered through Apple's MLX with mlx-lm's generation (`stream_generate`, its
 samplers and logits processors, its streaming detokenizer), with PEFT LoRA adapters - ours, or the torch trainer's -
 applied as mlx-lm's LoRA / DoRA layers and chosen per answer. The tokenizer is the folder's HF tokenizer, read as the
-HF backend reads it (serving.hf.HFTokenizerFacts): the same template, special tokens, BOS rule and end-of-turn ids.
+HF backend reads it (serving.in_process.HFTokenizerFacts): the same template, special tokens, BOS rule and end-of-turn ids.
 
     choose(requested)                 "mlx" or "torch" for an HF folder: backend.choose_backend (auto: MLX on Apple
                                       silicon with mlx-lm installed; MACTUNER_CHAT_BACKEND=mlx asks for it elsewhere)
@@ -32,7 +32,8 @@ from typing import Iterator
 from .. import backend as backendmod
 from .. import device as devicemod
 from ..errors import BadInput
-from .backend import PENALTY_WINDOW, Delta, Generation, Halted, ModelBackend
+from .backend import PENALTY_WINDOW, Delta, Generation, Halted
+from .in_process import HFTokenizerFacts, InProcessBackend
 from .lora import AdapterInfo, read_lora_folder
 
 ENV = "MACTUNER_CHAT_BACKEND"  # auto | torch | mlx: which backend answers HF models in the studio
@@ -83,12 +84,10 @@ class Penalties:
         return logits - (counts * self.frequency + seen.astype(logits.dtype) * self.presence)
 
 
-class MLXBackend(ModelBackend):
+class MLXBackend(InProcessBackend):
     kind = "mlx"
 
     def __init__(self, model, tokenizer, config: dict, model_path: str, name: str):
-        from .hf import HFTokenizerFacts  # noqa: PLC0415
-
         super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_path, self.name = model_path, name
@@ -98,8 +97,6 @@ class MLXBackend(ModelBackend):
         self._active: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-generate")
         self._wrapper = None  # mlx-lm's TokenizerWrapper (its streaming detokenizer), made at the first answer
-        self._idle = threading.Event()
-        self._idle.set()
 
     def _text_config(self) -> dict:
         return self.config.get("text_config") or self.config
@@ -108,28 +105,7 @@ class MLXBackend(ModelBackend):
         n = self._text_config().get("max_position_embeddings") or getattr(self.tokenizer, "model_max_length", 0) or 0
         return int(n) if 0 < n < 10**7 else 32768
 
-    def own_template(self):
-        return self.facts.own_template()
-
-    def has_special_token(self, text: str) -> bool:
-        return self.facts.has_special_token(text)
-
-    def special_tokens(self) -> dict[str, str]:
-        return self.facts.special_tokens()
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.facts.tokenize(text)
-
-    def eos_ids(self) -> list[int]:
-        return self.facts.eos_ids()
-
     # ------------------------------------------------------------------------------------------ generating
-
-    def _wait_idle(self, halted: Halted = lambda: False) -> bool:
-        while not self._idle.wait(0.05):
-            if halted():
-                return False
-        return True
 
     def stream(self, generation: Generation, halted: Halted) -> Iterator[Delta]:
         if not self._wait_idle(halted):
