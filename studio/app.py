@@ -65,11 +65,11 @@ def build_app(ctx: Context, max_upload_mb: int = 500, banner: str = "", login_bu
         with gr.Tabs() as tabs:
             m = model_tab.build(ctx)
             d = data_tab.build(ctx, max_upload_mb)
-            train_tab.build(ctx)
+            train = train_tab.build(ctx)
             chat = chat_tab.build(ctx)
             rag_tab.build(ctx)
             export_tab.build(ctx, tabs, chat)
-        journey_tab.wire(ctx, demo, journey, tabs, chat)
+        journey_tab.wire(ctx, demo, journey, tabs, chat, train)
         model_tab.register_api(ctx)
         data_tab.register_api(ctx)
         train_tab.register_api(ctx)

@@ -16,6 +16,7 @@ from pipelines.errors import MacTunerError
 
 from .chat import adapter_choices, adapter_menu, model_choices
 from .common import Context, SessionState, ui_errors, unchanged
+from .train import run_choices
 from .train_monitor import progress_html
 
 _opened = SessionState()  # per page: the quick-start run whose adapter the chat was opened with
@@ -24,6 +25,7 @@ _opened = SessionState()  # per page: the quick-start run whose adapter the chat
 class Started(NamedTuple):
     status: str  # html: the quick start's line, with its progress bar
     timer: Any  # the timer that polls it, started
+    train_run: Any  # the Train tab's run picker, on the new run: its monitor follows it
 
 
 class QuickStartView(NamedTuple):
@@ -97,7 +99,7 @@ class JourneyHandlers:
         """Start the quick-start run (preparing the HF copy and the sample dataset first when needed)."""
         run = quickstart.start(self.ctx.ws, progress=lambda f, m: progress(f, desc=m))
         text, _ = _status(run)
-        return Started(text, gr.Timer(active=True))
+        return Started(text, gr.Timer(active=True), gr.update(choices=run_choices(self.ctx), value=run.name))
 
     def poll(self, request: gr.Request) -> QuickStartView:
         """Progress of the newest quick-start run; when it has finished (and this page has not opened it yet), the

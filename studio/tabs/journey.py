@@ -20,11 +20,12 @@ def build(ctx: Context) -> dict:
     return {"journey": journey, "button": qs_btn, "status": qs_status, "timer": timer}
 
 
-def wire(ctx: Context, demo: gr.Blocks, parts: dict, tabs: gr.Tabs, chat: dict) -> None:
+def wire(ctx: Context, demo: gr.Blocks, parts: dict, tabs: gr.Tabs, chat: dict, train: dict) -> None:
     """Events that reach into other tabs (called once every tab is built)."""
     journey, status, timer = parts["journey"], parts["status"], parts["timer"]
     handlers = JourneyHandlers(ctx)
-    parts["button"].click(handlers.start, None, Started(status=status, timer=timer), api_name="quick_start")
+    parts["button"].click(handlers.start, None, Started(status=status, timer=timer, train_run=train["run"]),
+                          api_name="quick_start")
     progress = QuickStartView(status=status, timer=timer, tabs=tabs, model=chat["model"], adapter=chat["adapter"],
                               adapter_b=chat["adapter_b"], note=chat["note"], message=chat["message"], journey=journey)
     timer.tick(handlers.poll, None, progress, api_visibility="private", show_progress="hidden")

@@ -102,3 +102,7 @@ def test_quick_start_opens_the_chat_with_its_adapter(page, studio, tmp_path):
     # the run is in the run history like any other
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-history")).to_contain_text("quick-start")
+    # and the monitor follows it, not the run this page showed before the quick start
+    expect(page.locator("#train-run input")).to_have_value(re.compile("^quick-start"))
+    expect(page.locator("#train-status")).to_contain_text("quick-start")
+    expect(page.locator("#train-status")).to_contain_text("finished")
