@@ -92,6 +92,9 @@ def _fused_forward(kind: str):
     return forward
 
 
+FORWARDS = {kind: _fused_forward(kind) for kind in KINDS}  # one function per formula, bound to each instance
+
+
 def fuse_rms_norms(model) -> int:
     """Give every frozen RMSNorm layer of `model` whose class computes one of the two formulas the fused forward (per
     instance; each class probed once). Returns the number of layers changed."""
@@ -103,7 +106,7 @@ def fuse_rms_norms(model) -> int:
         if cls not in kinds:
             kinds[cls] = _kind(cls, m)
         if kinds[cls] is not None:
-            m.forward = types.MethodType(_fused_forward(kinds[cls]), m)
+            m.forward = types.MethodType(FORWARDS[kinds[cls]], m)
             n += 1
     return n
 
@@ -112,7 +115,7 @@ def unfuse_rms_norms(model) -> int:
     """Undo fuse_rms_norms (the model's own forward again); the bench compares the two. Returns how many changed."""
     n = 0
     for m in model.modules():
-        if getattr(m.__dict__.get("forward"), "__qualname__", "").startswith("_fused_forward."):
+        if getattr(m.__dict__.get("forward"), "__func__", None) in FORWARDS.values():
             del m.forward
             n += 1
     return n
