@@ -214,8 +214,11 @@ def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
             torch.testing.assert_close(g_ours[k], p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_linear_cross_entropy_matches_reference(softcap):
+def test_linear_cross_entropy_matches_reference(softcap, with_rows):
+    """Several chunks, against full logits; with trained rows (loss.trained_rows) replacing three of the weight's,
+    their gradient included."""
     import torch
     import torch.nn.functional as F
 
@@ -223,17 +226,26 @@ def test_linear_cross_entropy_matches_reference(softcap):
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(300, 16)
     t = torch.randint(0, 300, (37,))
-    got = train_loss.linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4)  # several chunks
+    idx = torch.tensor([3, 250, 7])
+    delta = torch.randn(3, 16, requires_grad=True)
+    rows = (idx, delta) if with_rows else None
+    if with_rows:
+        t[:3] = idx  # the trained rows are targets too
+    got = train_loss.linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4, rows=rows)  # several chunks
     got.backward()
-    g = h.grad.clone()
-    h.grad = None
-    z = h @ w.t()
+    gh, gd = h.grad.clone(), delta.grad
+    h.grad = delta.grad = None
+    z = (h @ w.t()).index_copy(1, idx, h @ delta.t()) if with_rows else h @ w.t()
     if softcap:
         z = torch.tanh(z / softcap) * softcap
     ref = F.cross_entropy(z, t, reduction="sum")
     ref.backward()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    if with_rows:
+        torch.testing.assert_close(gd, delta.grad, rtol=1e-4, atol=1e-5)
+    else:
+        assert gd is None and delta.grad is None  # rows not given: delta takes no part
 
 
 # ---------------------------------------------------------------------------------------------- training

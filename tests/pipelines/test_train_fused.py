@@ -1,7 +1,8 @@
 """The trainer's two fused paths against the PEFT ones they replace, tiny llama: LoRA layers in one autograd function
 (fused_lora.py: same loss and gradients in float32 under the same dropout masks, those masks' distribution, bf16
-within bf16's rounding, PEFT's path kept where it must be) and the chunked loss over an output layer with trained token rows (loss.py: same loss
-and gradients, the rows' own included, as the head module over full logits)."""
+within bf16's rounding, PEFT's path kept where it must be) and the chunked loss over an output layer with trained
+token rows (loss.py: same loss and gradients, the rows' own included, as the head module over full logits; against
+full logits in several chunks: test_train.py)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
     from pipelines.training.fused_lora import dropout_noise
 
     # PEFT's dropout modules draw their masks as the fused function does, so that both paths drop the same inputs
-    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x * dropout_noise(x, self.p) if self.training else x)
+    monkeypatch.setattr(torch.nn.Dropout, "forward",
+                        lambda self, x: x * dropout_noise(x, self.p) if self.training else x)
     model = _peft(tiny_llama_dir, lora_dropout=0.1)
     loss_mod = CausalLMLoss(model)
     batch = _batch(model.config.vocab_size)
@@ -196,31 +198,3 @@ def test_chunked_loss_with_trained_rows_matches_the_head_module(tiny_llama_dir):
         torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6)
     with model.disable_adapter():
         assert trained_rows(loss_mod.parts()[1]) is None  # the base head as it is
-
-
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_linear_cross_entropy_with_rows_in_several_chunks(softcap):
-    import torch
-    import torch.nn.functional as F
-
-    from pipelines.training.loss import linear_cross_entropy
-
-    torch.manual_seed(0)
-    h = torch.randn(37, 16, requires_grad=True)
-    w = torch.randn(300, 16)
-    idx = torch.tensor([3, 250, 7])
-    delta = torch.randn(3, 16, requires_grad=True)
-    t = torch.randint(0, 300, (37,))
-    t[:3] = idx
-    got = linear_cross_entropy(h, w, t, softcap, chunk_bytes=8 * 300 * 4, rows=(idx, delta))
-    got.backward()
-    gh, gd = h.grad.clone(), delta.grad.clone()
-    h.grad = delta.grad = None
-    z = (h @ w.t()).index_copy(1, idx, h @ delta.t())
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
-    ref = F.cross_entropy(z, t, reduction="sum")
-    ref.backward()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gd, delta.grad, rtol=1e-4, atol=1e-5)
