@@ -24,9 +24,9 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 `--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
 takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
 of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, fused_norm.py,
-loss.py's trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The first
-step of every variant is also taken from the same weights and seed: its loss and gradient norm against the float32
-one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
+loss.py's trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The
+first step of every variant is also taken from the same weights and seed: its loss and gradient norm against the
+float32 one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
 of the same law).
 --compile adds each dtype with the decoder layers under torch.compile (inductor; its compile time is printed as
 the first step's). --levers short leaves out the one-lever lines.
@@ -305,6 +305,7 @@ def _variant(s, lever: Lever) -> None:
     from pipelines.training import fused_lora, fused_norm
 
     (fused_lora.fuse_lora if lever.fused else fused_lora.unfuse_lora)(s.model)
+    # "before" (no fused LoRA) means before every lever: the model's own norms too
     (fused_norm.unfuse_rms_norms if lever.model_norms or not lever.fused else fused_norm.fuse_rms_norms)(s.model)
     s.loss_mod.chunked_rows = lever.rows
     cheap = _CHEAP_NOISE.setdefault("fn", fused_lora.dropout_noise)
@@ -362,7 +363,8 @@ def main_levers(args) -> int:
     sessions = {d: session_for(args, d) for d in ("float32", "bfloat16")}
     levers = list(LEVERS)
     if getattr(args, "levers", "all") == "short":  # before and both of each dtype
-        levers = [lv for lv in LEVERS if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits or lv.model_norms)]
+        levers = [lv for lv in LEVERS
+                  if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits or lv.model_norms)]
     if getattr(args, "compile", False):
         for d in ("float32", "bfloat16"):
             sessions[f"compiled-{d}"] = compiled_session(args, d)
