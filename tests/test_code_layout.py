@@ -121,13 +121,19 @@ def test_training_and_job_functions_fit_on_a_screen():
     assert not long, long
 
 
-def test_training_and_job_modules_import_no_private_names():
+def private_imports(mods: dict[str, Path], dunders: bool) -> list[str]:
+    """The `from m import _name` of `mods` (`__name` too when `dunders`), one line each."""
     found = []
-    for name, path in kept_short().items():
+    for name, path in mods.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
                 found += [f"{name}: {a.name} from {'.' * node.level}{node.module or ''}" for a in node.names
-                          if a.name.startswith("_")]
+                          if a.name.startswith("_") and (dunders or not a.name.startswith("__"))]
+    return found
+
+
+def test_training_and_job_modules_import_no_private_names():
+    found = private_imports(kept_short(), dunders=True)
     assert not found, found
     assert kept_short()
 
@@ -154,10 +160,5 @@ def test_light_standard_modules_are_imported_at_the_top():
 
 
 def test_no_module_imports_private_names_of_another():
-    found = []
-    for name, path in modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
-                found += [f"{name}: {a.name} from {'.' * node.level}{node.module or ''}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]  # __version__ is public
+    found = private_imports(modules(), dunders=False)  # __version__ and the like are public
     assert not found, found
