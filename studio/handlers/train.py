@@ -26,7 +26,7 @@ from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES
 from pipelines.workspace import human_bytes
 
 from .common import Context, Followers, stream, ui_errors
-from .train_monitor import MonitorState, MonitorView, apply_rows, no_run
+from .train_monitor import MonitorState, MonitorView, apply_rows, duration_text, no_run
 
 log = logging.getLogger("mactuner.studio")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -146,8 +146,8 @@ class TrainHandlers:
                     else "; even batch 1 does not fit: shorten max length"),
                  f"**Precision**: {mem.precision}" if mem.precision else ""]
         if plan.seconds is not None:
-            lines.append(f"**Time**: roughly {plan.seconds / 60:.0f} min on this CPU (from a matmul probe; the live "
-                         "ETA is measured once training runs)")
+            lines.append(f"**Time**: roughly {duration_text(plan.seconds)} on this CPU (from a matmul probe; the "
+                         "live ETA is measured once training runs)")
         if plan.export:
             marks = {True: "✅", False: "⚠️", None: "–"}
             lines.append("**Export** (GGUF for llama.cpp / Ollama / LM Studio):\n" + "\n".join(

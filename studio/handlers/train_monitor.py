@@ -158,7 +158,8 @@ def figures(rows: list[dict]) -> tuple[go.Figure, go.Figure, go.Figure]:
     return loss, lr, tps
 
 
-def _duration_text(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A duration as people read it: "40 s", "12 min", "2 h 05 min"."""
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     if seconds < 90 * 60:
@@ -194,7 +195,7 @@ def progress_html(st: runs.RunStatus, rows: list[dict], since: int = 0) -> str:
         caption += " · finishing: saving the adapter…"
     elif state == "running":
         rate = _seconds_per_step(rows, since)
-        caption += f" · ETA {_duration_text(rate * (total - step))}" if rate and total else " · ETA estimating…"
+        caption += f" · ETA {duration_text(rate * (total - step))}" if rate and total else " · ETA estimating…"
     return progress_bar_html(frac, caption)
 
 

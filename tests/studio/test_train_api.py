@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -41,6 +42,7 @@ def test_train_through_gradio_client(tmp_path_factory, tiny_llama_dir):
         assert "max_steps: 4" in yaml_text and command.startswith("mactuner train")
         pre = c.predict(*form(str(tiny_llama_dir)), api_name="/train_check")
         assert "10 usable training conversations" in pre and "Steps**: 4" in pre
+        assert re.search(r"\*\*Time\*\*: roughly \d+ s on this CPU", pre), pre  # seconds, not "0 min"
         with pytest.raises(Exception, match="learning rate"):
             c.predict(*form(str(tiny_llama_dir), learning_rate=0.0), api_name="/train_check")
         with pytest.raises(Exception, match="nope"):
