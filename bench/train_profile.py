@@ -291,13 +291,13 @@ class Lever(NamedTuple):
     model_norms: bool = False  # the model's own RMSNorm forward, as before (fused_norm.py)
 
 
-def _bernoulli_noise(x, p: float):
+def _bernoulli_keep(x, p: float):
     import torch
 
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return torch.empty_like(x).bernoulli_(1 - p)
 
 
-_CHEAP_NOISE: dict = {}  # fused_lora's own dropout_noise, kept while a lever swaps it
+_CHEAP_KEEP: dict = {}  # fused_lora's own dropout_keep, kept while a lever swaps it
 _KEPT_LOGITS: dict = {}  # each session's LogitsBuffers, kept while a lever takes it away
 
 
@@ -308,8 +308,8 @@ def _variant(s, lever: Lever) -> None:
     # "before" (no fused LoRA) means before every lever: the model's own norms too
     (fused_norm.unfuse_rms_norms if lever.model_norms or not lever.fused else fused_norm.fuse_rms_norms)(s.model)
     s.loss_mod.chunked_rows = lever.rows
-    cheap = _CHEAP_NOISE.setdefault("fn", fused_lora.dropout_noise)
-    fused_lora.dropout_noise = _bernoulli_noise if lever.torch_masks else cheap  # bench only: the lever itself
+    cheap = _CHEAP_KEEP.setdefault("fn", fused_lora.dropout_keep)
+    fused_lora.dropout_keep = _bernoulli_keep if lever.torch_masks else cheap  # bench only: the lever itself
     kept = _KEPT_LOGITS.setdefault(id(s), s.loss_mod.buffers)
     s.loss_mod.buffers = None if lever.fresh_logits else kept
 

@@ -1,13 +1,13 @@
 """LoRA layers applied in one autograd function: `y = x W^T + s * dropout(x) A^T B^T` with its gradient written by
 hand, instead of PEFT's chain of modules (base linear, dropout, A, B, a multiply by the scaling, a sum), each a pass
 over [tokens, width] activations with its own autograd node. Here the scaled B product is added into the base
-output in the same matmul call (addmm, beta 1), and the input gradient takes the LoRA term and the dropout mask in
-one pass (addcmul) - measured on a Xeon (AMX), Gemma 3 270M's seven projections at 800 tokens: the LoRA part of
+output in the same matmul call (addmm, beta 1), the input gradient takes the LoRA term and the dropout mask in
+one pass (addcmul), and dropout's 1 / (1 - p) joins the LoRA scale, on the [tokens, r] side - measured on a Xeon (AMX), Gemma 3 270M's seven projections at 800 tokens: the LoRA part of
 forward + backward 297 -> 187 ms in float32, 505 -> 266 ms in bf16 mixed precision (where PEFT's extra passes
 cost four times the frozen matmuls); the whole training step 1.03x in float32 (bench/train.py --method levers).
 
 The values are PEFT's up to rounding (float32: a few ulps; the loss within 1e-6 relative) for the same dropout
-mask; the mask is drawn more cheaply than torch's dropout draws it (dropout_noise), so a seeded run's masks are not
+mask; the mask is drawn more cheaply than torch's dropout draws it (dropout_keep), so a seeded run's masks are not
 PEFT's: the same in distribution (p rounded to 1/65536), not bit for bit.
 
     fuse_lora(model) -> n    give each plain LoRA Linear of a PEFT model this forward (n: how many)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import torch
 
 
@@ -32,21 +33,22 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, p: float, scale: float):
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if p > 0:
-            noise = dropout_noise(x, p)
-            dropped = x * noise
+            keep = dropout_keep(x, p)
+            dropped = x * keep
+            scale = scale / (1 - p)  # inverted dropout's 1 / (1 - p), applied on the rank-r side: no pass over x
         else:
-            noise, dropped = None, x
+            keep, dropped = None, x
         low = dropped @ a.t()  # [tokens, r]
         y = torch.nn.functional.linear(x, weight, bias)
         y.addmm_(low, b.t(), alpha=scale)  # the base output + scale * low @ B^T, in one call
-        ctx.save_for_backward(weight, a, b, noise, dropped, low)
+        ctx.save_for_backward(weight, a, b, keep, dropped, low)
         ctx.scale = scale
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        weight, a, b, noise, dropped, low = ctx.saved_tensors
+        weight, a, b, keep, dropped, low = ctx.saved_tensors
         grad = grad.contiguous()
         grad_low = (grad @ b).mul_(ctx.scale)  # [tokens, r]
         grad_b = (grad.t() @ low).mul_(ctx.scale)
@@ -54,24 +56,28 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(grad.dtype)
-            if noise is None:
+            if keep is None:
                 grad_x.addmm_(grad_low, a)
             else:
-                grad_x.addcmul_(grad_low @ a, noise)  # through the dropout: the same mask, scaled
+                grad_x.addcmul_(grad_low @ a, keep)  # through the dropout: the same mask (its scale is in grad_low)
         return grad_x, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None
 
 
-def dropout_noise(x, p: float):
-    """Inverted-dropout noise like `x`: 0 with probability p, else 1 / (1 - p). Eager: four 16-bit draws per 64-bit
-    random number, compared with p rounded to 1/65536 - torch's bernoulli_ draws once per element, 2.7x the time
-    (Xeon, [1024, 640] float32: 1.07 vs 2.89 ms), about 0.4 s of a Gemma 3 270M step at dropout 0.05. On a GPU,
-    and under torch.compile (inductor generates it in its own kernel): bernoulli_, cheap there."""
+def dropout_keep(x, p: float):
+    """Dropout's keep mask like `x`, in x's dtype: 0 with probability p, else 1 (the caller scales by 1 / (1 - p)).
+    Eager on a CPU: four 16-bit draws per 64-bit number from numpy's SFC64, seeded by one draw of torch's
+    generator (so torch.manual_seed fixes the masks), each compared with p rounded to 1/65536. Measured on a Xeon,
+    [824, 640]: torch's bernoulli_ 2.9 ms; four 16-bit values per torch int64 draw 0.42 ms; per SFC64 draw 0.18 ms
+    (torch's CPU generator is a Mersenne twister, and draws one number at a time). On a GPU, and under
+    torch.compile (inductor generates it in its own kernel): bernoulli_, cheap there."""
     if torch.compiler.is_compiling() or x.device.type != "cpu":
-        return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        return torch.empty_like(x).bernoulli_(1 - p)
     n = x.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    draws = bits.view(torch.int16)[:n].view(x.shape)  # uniform over the 65536 int16 values
-    return (draws >= round(p * 65536) - 32768).to(x.dtype).mul_(1 / (1 - p))
+    seed = int(torch.randint(0, 2**63 - 1, (1,)))
+    raw = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64
+    draws = torch.from_numpy(raw.view(np.int16)[:n]).view(x.shape)  # uniform over the 65536 int16 values
+    keep = torch.empty_like(x)
+    return torch.ge(draws, round(p * 65536) - 32768, out=keep)  # written in x's dtype: no bool mask, no second pass
 
 
 def _compute_dtype(x):

@@ -74,11 +74,11 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
 
     import torch
 
-    from pipelines.training.fused_lora import dropout_noise
+    from pipelines.training.fused_lora import dropout_keep
 
     # PEFT's dropout modules draw their masks as the fused function does, so that both paths drop the same inputs
     monkeypatch.setattr(torch.nn.Dropout, "forward",
-                        lambda self, x: x * dropout_noise(x, self.p) if self.training else x)
+                        lambda self, x: x * dropout_keep(x, self.p) / (1 - self.p) if self.training else x)
     model = _peft(tiny_llama_dir, lora_dropout=0.1)
     loss_mod = CausalLMLoss(model)
     batch = _batch(model.config.vocab_size)
@@ -100,25 +100,26 @@ def test_fused_lora_matches_peft_in_float32_with_dropout(tiny_llama_dir, monkeyp
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_dropout_noise_drops_p_of_the_inputs_and_keeps_their_mean(p):
+def test_dropout_keep_drops_p_of_the_inputs(p):
     import torch
 
-    from pipelines.training.fused_lora import dropout_noise
+    from pipelines.training.fused_lora import dropout_keep
 
     x = torch.ones(1000, 333)  # not a multiple of 4 elements per row: the draws are cut to size
     torch.manual_seed(7)
-    noise = dropout_noise(x, p)
-    assert noise.shape == x.shape and noise.dtype == x.dtype
-    assert set(noise.unique().tolist()) == pytest.approx([0.0, 1 / (1 - p)])
-    dropped = float((noise == 0).float().mean())
+    keep = dropout_keep(x, p)
+    assert keep.shape == x.shape and keep.dtype == x.dtype
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    dropped = float((keep == 0).float().mean())
     assert dropped == pytest.approx(p, abs=0.005)  # 333,000 draws: the standard error is under 0.001
-    assert float(noise.mean()) == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
-    rows = (noise == 0).float().mean(dim=1)  # no row or column pattern from the 16-bit slicing
-    assert float(rows.std()) < 3 * (p * (1 - p) / 333) ** 0.5
+    rows = (keep == 0).float().mean(dim=1)  # no row or column pattern from the 16-bit slicing
+    cols = (keep == 0).float().mean(dim=0)
+    assert float(rows.std()) < 1.3 * (p * (1 - p) / 333) ** 0.5
+    assert float(cols.std()) < 1.3 * (p * (1 - p) / 1000) ** 0.5
     torch.manual_seed(7)
-    assert torch.equal(dropout_noise(x, p), noise)  # seeded: a resumed run draws the same masks
-    assert not torch.equal(dropout_noise(x, p), noise)
-    assert dropout_noise(x.bfloat16(), p).dtype == torch.bfloat16
+    assert torch.equal(dropout_keep(x, p), keep)  # seeded: a resumed run draws the same masks
+    assert not torch.equal(dropout_keep(x, p), keep)
+    assert dropout_keep(x.bfloat16(), p).dtype == torch.bfloat16
 
 
 def test_fused_lora_in_bf16_mixed_precision(tiny_llama_dir, monkeypatch):
