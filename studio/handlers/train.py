@@ -25,7 +25,7 @@ from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES
                                 plan_training)
 from pipelines.workspace import human_bytes
 
-from .common import Context, Followers, stream, ui_errors
+from .common import Context, Followers, log_refused, stream, ui_errors
 from .train_monitor import MonitorState, MonitorView, apply_rows, duration_text, no_run
 
 log = logging.getLogger("mactuner.studio")
@@ -91,11 +91,18 @@ def to_yaml(*values) -> YamlView:
     return YamlView(cfg.to_yaml(), "mactuner train CONFIG.yaml   # the same command the studio runs for you")
 
 
-@ui_errors
 def from_yaml(path: str | None):
-    if not path:
-        raise BadInput("Choose a YAML config file.")
-    cfg = TrainConfig.from_yaml(Path(path))
+    """The form's values from an uploaded config YAML (a page-only event). A file that is not a valid config leaves
+    the form as it was, with a warning toast: an error would paint 'Error' over every field of the form."""
+    try:
+        if not path:
+            raise BadInput("Choose a YAML config file.")
+        cfg = TrainConfig.from_yaml(Path(path))
+    except MacTunerError as e:
+        log_refused("from_yaml", e)
+        gr.Warning(e.message)
+        return [gr.skip()] * len(FIELDS)
+    gr.Info(f"Loaded {Path(path).name} into the form.")  # the file box is emptied next, ready for another file
     return form_values(cfg)
 
 

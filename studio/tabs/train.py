@@ -69,7 +69,7 @@ def build(ctx: Context) -> dict:
                     yaml_text = gr.Code(language="yaml", interactive=False, elem_id="train-yaml")
                     command = gr.Textbox(label="Command", interactive=False)
                     yaml_file = fields.File(label="Load a config YAML into the form", type="filepath",
-                                        file_types=[".yaml", ".yml"], height=80)
+                                            file_types=[".yaml", ".yml"], height=80, elem_id="train-yaml-file")
                 with gr.Accordion("Train on several machines", open=False, elem_id="train-multi"):
                     with gr.Row():
                         machines = fields.Number(2, precision=0, minimum=2, label="Machines", elem_id="train-machines")
@@ -136,7 +136,9 @@ def build(ctx: Context) -> dict:
     resume_btn.click(handlers.resume, [run_sel, ckpt], action, api_name="train_resume").then(**follow)
     reuse_btn.click(handlers.load_run_config, run_sel, form, api_name="train_run_config")
     yaml_btn.click(to_yaml, form, YamlView(yaml=yaml_text, command=command), api_name="train_yaml")
-    yaml_file.upload(from_yaml, yaml_file, form, api_visibility="private")
+    # emptied after each load, failed or not: a filled file box takes no second file
+    yaml_file.upload(from_yaml, yaml_file, form, api_visibility="private").then(
+        lambda: None, None, yaml_file, api_visibility="private", show_progress="hidden")
     multi_btn.click(multi.multi_commands, [run_name, machines, per_machine, head, port, accelerators, *form],
                     MultiCommandsView(commands=multi_md, skypilot=multi_sky), api_name="train_multi_commands")
     overlay_btn.click(handlers.overlay, overlay_sel, overlay_plot, api_name="train_overlay")

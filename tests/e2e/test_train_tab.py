@@ -189,3 +189,29 @@ def test_bad_settings_are_explained(page, tiny_llama_dir):
     fill(page, "train-dataset", "no-such-set")
     page.locator("#train-check").click()
     expect(page.locator(".toast-body").filter(has_text="no-such-set").first).to_be_visible()
+
+
+def test_config_yamls_load_one_after_another(page, tmp_path):
+    """Each uploaded config fills the form and empties the file box for the next; a broken one leaves the form as it
+    was with a warning, no 'Error' painted over the fields, and the box takes the next file."""
+    from playwright.sync_api import expect
+
+    configs = {"a.yaml": "max_steps: 7\nlearning_rate: 0.0005\n", "b.yaml": "max_steps: 11\nlearning_rate: 0.0003\n",
+               "broken.yaml": "base_model: [unclosed\n  : : :\n", "keys.yaml": "learning_rat: 3\n"}
+    for name, text in configs.items():
+        (tmp_path / name).write_text(text)
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    expect(value_of(page, "train-max-steps")).to_have_value("3000")  # the page load's fill is done
+    page.get_by_text("Config as YAML / command line").click()
+    box = page.locator("#train-yaml-file input[type=file]")
+    for name, steps in (("a.yaml", "7"), ("b.yaml", "11"), ("broken.yaml", "11"), ("keys.yaml", "11"),
+                        ("a.yaml", "7")):
+        box.set_input_files(str(tmp_path / name))
+        toast = "not valid YAML" if name == "broken.yaml" else "learning_rat" if name == "keys.yaml" else name
+        expect(page.locator(".toast-body").filter(has_text=toast).last).to_be_visible()
+        expect(value_of(page, "train-max-steps")).to_have_value(steps)
+        expect(box).to_have_count(1)  # emptied again: ready for the next file
+        expect(page.locator("#train-max-steps").get_by_text("Error", exact=True)).to_have_count(0)
+        for close in page.locator(".toast-close").all():
+            close.click()
