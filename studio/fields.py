@@ -5,7 +5,7 @@ values). Without them Gradio answers only "has raised an exception" for such a v
 They are Gradio's own components, subclassed through its component API: `preprocess` (the value -> what the handler
 receives) turns a failure into a gr.Error, and the component's `data_model` (the shape Gradio checks first) into
 one that does the same. Same names as Gradio's, so the page draws them as before: the tabs write `fields.Number(...)`
-where they would write `gr.Number(...)`.
+where they would write `gr.Number(...)`. `empty_after` readies a file box for the next file.
 """
 
 from __future__ import annotations
@@ -99,3 +99,10 @@ class File(_NamesTheField, gr.File):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._name_the_field_in_data_model()
+
+
+def empty_after(event, box: gr.File) -> None:
+    """Empty the file box `box` once `event` (the handler of its upload) has ended, well or not: a filled Gradio file
+    box takes no second file. Both outcomes are wired, as Gradio's page (6.31) runs a `.then` after a success only."""
+    for follow in (event.success, event.failure):
+        follow(lambda: None, None, box, api_visibility="private", show_progress="hidden")

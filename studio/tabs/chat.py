@@ -113,7 +113,7 @@ def build(ctx: Context) -> dict:
     edit_btn.click(edit_last, bot, EditView(conversation=bot, message=msg), api_name="chat_edit_last")
     clear_btn.click(lambda: ([], ""), None, [bot, speed], api_visibility="private")
     export_btn.click(handlers.export, [bot, model_a], export_file, api_name="chat_export")
-    import_file.upload(import_, import_file, bot, api_name="chat_import")
+    fields.empty_after(import_file.upload(import_, import_file, bot, api_name="chat_import"), import_file)
     template_btn.click(handlers.template_info, model_a, TemplateView(source=template_src, text=template_text),
                        api_name="chat_template")
     attach_btn.click(handlers.attach, [model_a, adapter_path, adapter_name],

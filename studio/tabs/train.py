@@ -136,9 +136,7 @@ def build(ctx: Context) -> dict:
     resume_btn.click(handlers.resume, [run_sel, ckpt], action, api_name="train_resume").then(**follow)
     reuse_btn.click(handlers.load_run_config, run_sel, form, api_name="train_run_config")
     yaml_btn.click(to_yaml, form, YamlView(yaml=yaml_text, command=command), api_name="train_yaml")
-    # emptied after each load, failed or not: a filled file box takes no second file
-    yaml_file.upload(from_yaml, yaml_file, form, api_visibility="private").then(
-        lambda: None, None, yaml_file, api_visibility="private", show_progress="hidden")
+    fields.empty_after(yaml_file.upload(from_yaml, yaml_file, form, api_visibility="private"), yaml_file)
     multi_btn.click(multi.multi_commands, [run_name, machines, per_machine, head, port, accelerators, *form],
                     MultiCommandsView(commands=multi_md, skypilot=multi_sky), api_name="train_multi_commands")
     overlay_btn.click(handlers.overlay, overlay_sel, overlay_plot, api_name="train_overlay")

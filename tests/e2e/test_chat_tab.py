@@ -133,3 +133,30 @@ def test_the_model_process_killed_mid_answer(page, studio):
     expect(bot).to_contain_text("Continue this list: 1, 2, 3")
     new_pid = requests.get(studio + "/api/model/current", timeout=10).json()["model"]["worker"]["pid"]
     assert new_pid != pid
+
+
+def test_conversations_import_one_after_another(page, tmp_path):
+    """Each imported conversation replaces the chat, and the file box empties for the next file; a file that is not
+    a conversation is refused with a warning and leaves the chat as it was."""
+    import json
+
+    from playwright.sync_api import expect
+
+    files = {}
+    for name, words in (("one.json", "apples"), ("two.json", "pears")):
+        msgs = [{"role": "user", "content": f"tell me about {words}"}, {"role": "assistant", "content": f"{words}!"}]
+        files[name] = tmp_path / name
+        files[name].write_text(json.dumps({"messages": msgs}))
+    files["bad.json"] = tmp_path / "bad.json"
+    files["bad.json"].write_text("{not json")
+    box = page.locator("#chat-import input[type=file]")
+    bot = page.locator("#chat-bot")
+    for name, shown in (("one.json", "apples"), ("two.json", "pears"), ("bad.json", None), ("one.json", "apples")):
+        box.set_input_files(str(files[name]))
+        if shown:
+            expect(bot).to_contain_text(f"tell me about {shown}")
+        else:  # a warning; the conversation stays in view, not hidden under 'Error'
+            expect(page.locator(".toast-body").filter(has_text="Not valid JSON").last).to_be_visible()
+            expect(bot).to_contain_text("tell me about pears")
+            expect(bot.get_by_text("Error", exact=True)).to_have_count(0)
+        expect(box).to_have_count(1)  # emptied again: ready for the next file
