@@ -2,9 +2,10 @@
 hand, instead of PEFT's chain of modules (base linear, dropout, A, B, a multiply by the scaling, a sum), each a pass
 over [tokens, width] activations with its own autograd node. Here the scaled B product is added into the base
 output in the same matmul call (addmm, beta 1), the input gradient takes the LoRA term and the dropout mask in
-one pass (addcmul), and dropout's 1 / (1 - p) joins the LoRA scale, on the [tokens, r] side - measured on a Xeon (AMX), Gemma 3 270M's seven projections at 800 tokens: the LoRA part of
-forward + backward 297 -> 187 ms in float32, 505 -> 266 ms in bf16 mixed precision (where PEFT's extra passes
-cost four times the frozen matmuls); the whole training step 1.03x in float32 (bench/train.py --method levers).
+one pass (addcmul), and dropout's 1 / (1 - p) joins the LoRA scale, on the [tokens, r] side - measured on a Xeon
+(AMX), Gemma 3 270M's seven projections at 800 tokens: the LoRA part of forward + backward 297 -> 187 ms in
+float32, 505 -> 266 ms in bf16 mixed precision (where PEFT's extra passes cost four times the frozen matmuls); the
+whole training step 1.03x in float32 (bench/train.py --method levers).
 
 The values are PEFT's up to rounding (float32: a few ulps; the loss within 1e-6 relative) for the same dropout
 mask; the mask is drawn more cheaply than torch's dropout draws it (dropout_keep), so a seeded run's masks are not
