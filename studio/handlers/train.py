@@ -25,7 +25,7 @@ from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES
                                 plan_training)
 from pipelines.workspace import human_bytes
 
-from .common import Context, Followers, log_refused, stream, ui_errors
+from .common import Context, Followers, from_api, keep_last_good, log_refused, stream, ui_errors
 from .train_monitor import MonitorState, MonitorView, apply_rows, duration_text, no_run
 
 log = logging.getLogger("mactuner.studio")
@@ -134,9 +134,20 @@ class TrainHandlers:
         self.ctx = ctx
 
     @ui_errors
-    def preflight(self, *values) -> str:
+    def preflight(self, request: gr.Request, *values) -> str:
         """Check the config and the data as the trainer will, and estimate steps, memory and time before
-        starting."""
+        starting. On the page refused settings are said in the pre-flight text (and a warning toast) instead of an
+        'Error' over it; through the API they are an error. (`request` comes first: Gradio passes it by position.)"""
+        try:
+            return self._preflight(values)
+        except MacTunerError as e:
+            if from_api(request):
+                raise
+            log_refused("preflight", e)
+            gr.Warning(e.message)
+            return f"⚠️ {e.message}"
+
+    def _preflight(self, values) -> str:
         plan = plan_training(config_from(list(values)), self.ctx.ws)
         cfg, mem = plan.config, plan.memory
         est = mem.estimate
@@ -161,8 +172,10 @@ class TrainHandlers:
                 f"- {marks[c.ok]} {c.name}: {c.detail}" for c in plan.export))
         return "\n\n".join(x for x in lines if x)
 
-    @ui_errors
-    def start(self, run_name: str, *values) -> StartView:
+    @keep_last_good(StartView)
+    def start(self, request: gr.Request, run_name: str, *values) -> StartView:
+        """Launch a run of the form's config. Refused on the page: the message under the buttons, the run picker
+        left as it was (keep_last_good); through the API, an error."""
         cfg = config_from(list(values))
         check_data(cfg, self.ctx.ws)  # the same clear messages before anything is written
         run = runs.launch(self.ctx.ws, cfg, name=(run_name or "").strip() or None)

@@ -185,10 +185,19 @@ def test_bad_settings_are_explained(page, tiny_llama_dir):
     fill(page, "train-learning-rate", 0)
     page.locator("#train-check").click()
     expect(page.locator(".toast-body").filter(has_text="learning rate").first).to_be_visible()
+    # said in the pre-flight text too, not hidden under a red 'Error'
+    expect(page.locator("#train-preflight")).to_contain_text("learning rate")
+    run_before = value_of(page, "train-run").input_value()
+    page.locator("#train-start").click()  # refused: the message under the buttons, the run picker kept
+    expect(page.locator("#train-action")).to_contain_text("learning rate")
+    expect(value_of(page, "train-run")).to_have_value(run_before)
+    for eid in ("train-preflight", "train-action", "train-run"):
+        expect(page.locator(f"#{eid}").get_by_text("Error", exact=True)).to_have_count(0)
     fill(page, "train-learning-rate", 0.001)
     fill(page, "train-dataset", "no-such-set")
     page.locator("#train-check").click()
     expect(page.locator(".toast-body").filter(has_text="no-such-set").first).to_be_visible()
+    expect(page.locator("#train-preflight")).to_contain_text("no-such-set")
 
 
 def test_config_yamls_load_one_after_another(page, tmp_path):
