@@ -26,7 +26,7 @@ from pipelines.runs import resolve_adapter
 from pipelines.serving.client import ModelCrashed
 
 from .. import zerogpu
-from .common import Context, SessionState, from_api, handout_file, log_refused, ui_errors
+from .common import Context, SessionState, handout_file, refused_on_page, ui_errors
 
 BASE = "(base model)"
 DISK = "run:"  # Adapter menu values of adapters on disk (not attached yet): "run:<folder>"
@@ -266,20 +266,13 @@ def edit_last(history: list) -> EditView:
     return EditView(msgs, last["content"])
 
 
-@ui_errors
+@refused_on_page(lambda message: gr.skip())
 def import_(path: str | None, request: gr.Request = None):
     """The conversation in an exported JSON file. On the page a file that is not one leaves the chat as it was, with
     a warning toast (an error would hide the conversation under 'Error'); through the API it is an error."""
-    try:
-        if not path:
-            raise BadInput("Choose a conversation JSON file.")
-        return chat.import_conversation(Path(path).read_bytes())
-    except MacTunerError as e:
-        if from_api(request):
-            raise
-        log_refused("import_", e)
-        gr.Warning(e.message)
-        return gr.skip()
+    if not path:
+        raise BadInput("Choose a conversation JSON file.")
+    return chat.import_conversation(Path(path).read_bytes())
 
 
 class ChatHandlers:

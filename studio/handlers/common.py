@@ -1,6 +1,6 @@
 """What every tab's handlers share: the `Context` (workspace and model registry), `ui_errors` (a MacTunerError
 becomes a toast with its message; anything else one line in the UI and its traceback in the log), named views
-(`unchanged`, `keep_last_good`), per-browser-session state released when the page closes, files handed to the
+(`unchanged`), refusals shown in place on the page (`refused_on_page`, `keep_last_good`), per-browser-session state released when the page closes, files handed to the
 browser (`handout_file`, served for any workspace), and small UI helpers.
 """
 
@@ -103,20 +103,16 @@ def unchanged(view: type[V], **values) -> V:
     return view(**{name: values.pop(name, gr.skip()) for name in view._fields}, **values)
 
 
-def keep_last_good(view: type[tuple], message: str = "message"):
-    """For handlers that fill a whole panel (returning a `view`, a NamedTuple of its outputs): in the browser, a
-    MacTunerError leaves every output as it was (the last good state, no red 'Error' over each of them) and puts
-    the one message in the view's field `message` (and a warning toast); through the API it is an error as with
-    `ui_errors`. Anything unexpected stays an error. The handler takes a `request: gr.Request` parameter (Gradio
-    injects it) to tell the page from a script."""
-    if message not in view._fields:
-        raise TypeError(f"keep_last_good: {view.__name__} has no field {message!r}")
+def refused_on_page(shown):
+    """For handlers of the page that take a `request: gr.Request` parameter (Gradio injects it, to tell the page
+    from a script): in the browser a MacTunerError becomes a warning toast and `shown(message)` as the outputs (no
+    red 'Error' over them); through the API it is an error as with `ui_errors`. Anything unexpected stays an error."""
 
     def deco(fn):
         strict = ui_errors(fn)
         signature = inspect.signature(fn)
         if "request" not in signature.parameters:
-            raise TypeError(f"keep_last_good: {fn.__name__} must take a `request: gr.Request` parameter")
+            raise TypeError(f"refused_on_page: {fn.__name__} must take a `request: gr.Request` parameter")
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -127,13 +123,22 @@ def keep_last_good(view: type[tuple], message: str = "message"):
             except MacTunerError as e:
                 log_refused(fn.__name__, e)
                 gr.Warning(e.message)
-                return unchanged(view, **{message: f"⚠️ {e.message}"})
+                return shown(e.message)
             except Exception as e:  # noqa: BLE001 - translated for the user
                 raise _as_gr_error(fn.__name__, e) from None
 
         return wrapper
 
     return deco
+
+
+def keep_last_good(view: type[tuple], message: str = "message"):
+    """`refused_on_page` for handlers that fill a whole panel (returning a `view`, a NamedTuple of its outputs): a
+    refusal leaves every output as it was (the last good state) and puts the one message in the view's field
+    `message`."""
+    if message not in view._fields:
+        raise TypeError(f"keep_last_good: {view.__name__} has no field {message!r}")
+    return refused_on_page(lambda text: unchanged(view, **{message: f"⚠️ {text}"}))
 
 
 def handout_file(ctx: "Context", kind: str, prefix: str, suffix: str, text: str, max_age: float = 3600) -> str:

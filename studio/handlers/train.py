@@ -25,7 +25,7 @@ from pipelines.training import (BACKENDS, BASE_BITS, DTYPES, METHODS, OBJECTIVES
                                 plan_training)
 from pipelines.workspace import human_bytes
 
-from .common import Context, Followers, from_api, keep_last_good, log_refused, stream, ui_errors
+from .common import Context, Followers, keep_last_good, refused_on_page, stream, ui_errors
 from .train_monitor import MonitorState, MonitorView, apply_rows, duration_text, no_run
 
 log = logging.getLogger("mactuner.studio")
@@ -91,17 +91,13 @@ def to_yaml(*values) -> YamlView:
     return YamlView(cfg.to_yaml(), "mactuner train CONFIG.yaml   # the same command the studio runs for you")
 
 
-def from_yaml(path: str | None):
+@refused_on_page(lambda message: [gr.skip()] * len(FIELDS))
+def from_yaml(path: str | None, request: gr.Request = None):
     """The form's values from an uploaded config YAML (a page-only event). A file that is not a valid config leaves
     the form as it was, with a warning toast: an error would paint 'Error' over every field of the form."""
-    try:
-        if not path:
-            raise BadInput("Choose a YAML config file.")
-        cfg = TrainConfig.from_yaml(Path(path))
-    except MacTunerError as e:
-        log_refused("from_yaml", e)
-        gr.Warning(e.message)
-        return [gr.skip()] * len(FIELDS)
+    if not path:
+        raise BadInput("Choose a YAML config file.")
+    cfg = TrainConfig.from_yaml(Path(path))
     gr.Info(f"Loaded {Path(path).name} into the form.")  # the file box is emptied next, ready for another file
     return form_values(cfg)
 
@@ -133,21 +129,11 @@ class TrainHandlers:
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    @ui_errors
+    @refused_on_page(lambda message: f"⚠️ {message}")
     def preflight(self, request: gr.Request, *values) -> str:
         """Check the config and the data as the trainer will, and estimate steps, memory and time before
         starting. On the page refused settings are said in the pre-flight text (and a warning toast) instead of an
         'Error' over it; through the API they are an error. (`request` comes first: Gradio passes it by position.)"""
-        try:
-            return self._preflight(values)
-        except MacTunerError as e:
-            if from_api(request):
-                raise
-            log_refused("preflight", e)
-            gr.Warning(e.message)
-            return f"⚠️ {e.message}"
-
-    def _preflight(self, values) -> str:
         plan = plan_training(config_from(list(values)), self.ctx.ws)
         cfg, mem = plan.config, plan.memory
         est = mem.estimate
