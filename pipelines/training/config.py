@@ -144,8 +144,9 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | os.PathLike) -> "TrainConfig":
-        """From a YAML file (a path) or YAML text (a string with a ':' or a newline)."""
+    def from_yaml(cls, path_or_text: str | os.PathLike, allow_empty: bool = True) -> "TrainConfig":
+        """From a YAML file (a path) or YAML text (a string with a ':' or a newline). An empty one is every default,
+        or BadInput with `allow_empty` False (loading it into a filled form would reset the form)."""
         import yaml  # noqa: PLC0415
 
         if isinstance(path_or_text, os.PathLike) or ("\n" not in path_or_text and ":" not in path_or_text):
@@ -156,10 +157,12 @@ class TrainConfig:
         else:
             text = path_or_text
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise BadInput(f"The config is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(data)
+        if data is None and not allow_empty:
+            raise BadInput("The config holds no settings (the file is empty or only comments).")
+        return cls.from_dict(data if data is not None else {})
 
     @classmethod
     def help(cls) -> dict[str, str]:

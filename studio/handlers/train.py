@@ -97,7 +97,7 @@ def from_yaml(path: str | None, request: gr.Request = None):
     the form as it was, with a warning toast: an error would paint 'Error' over every field of the form."""
     if not path:
         raise BadInput("Choose a YAML config file.")
-    cfg = TrainConfig.from_yaml(Path(path))
+    cfg = TrainConfig.from_yaml(Path(path), allow_empty=False)
     gr.Info(f"Loaded {Path(path).name} into the form.")  # the file box is emptied next, ready for another file
     return form_values(cfg)
 

@@ -129,6 +129,10 @@ def build(ctx: Context) -> dict:
     gr.on(None, handlers.pick_run, None, run_sel, api_visibility="private", show_progress="hidden").then(
         handlers.run_settings, run_sel, form, api_visibility="private", show_progress="hidden").then(**follow)
     check_btn.click(handlers.preflight, form, preflight, api_name="train_check")
+    # a check speaks of the settings it was made for: once any of them changes (typed, loaded), it is taken away
+    # (in the page alone: js with no fn, so typing sends the server nothing, and it runs before a later click's check)
+    gr.on([w.change for w in form], None, None, preflight, js="() => ''", api_visibility="private",
+          show_progress="hidden")
     start_btn.click(handlers.start, [run_name, *form], StartView(message=action, run=run_sel),
                     api_name="train_start").then(
         handlers.refresh_lists, run_sel, lists, api_visibility="private")  # the new run: run_sel.change

@@ -194,6 +194,7 @@ def test_bad_settings_are_explained(page, tiny_llama_dir):
     for eid in ("train-preflight", "train-action", "train-run"):
         expect(page.locator(f"#{eid}").get_by_text("Error", exact=True)).to_have_count(0)
     fill(page, "train-learning-rate", 0.001)
+    expect(page.locator("#train-preflight")).not_to_contain_text("learning rate")  # that check no longer applies
     fill(page, "train-dataset", "no-such-set")
     page.locator("#train-check").click()
     expect(page.locator(".toast-body").filter(has_text="no-such-set").first).to_be_visible()
@@ -206,7 +207,8 @@ def test_config_yamls_load_one_after_another(page, tmp_path):
     from playwright.sync_api import expect
 
     configs = {"a.yaml": "max_steps: 7\nlearning_rate: 0.0005\n", "b.yaml": "max_steps: 11\nlearning_rate: 0.0003\n",
-               "broken.yaml": "base_model: [unclosed\n  : : :\n", "keys.yaml": "learning_rat: 3\n"}
+               "broken.yaml": "base_model: [unclosed\n  : : :\n", "keys.yaml": "learning_rat: 3\n",
+               "empty.yaml": "# to fill in\n"}
     for name, text in configs.items():
         (tmp_path / name).write_text(text)
     page.reload()
@@ -214,10 +216,11 @@ def test_config_yamls_load_one_after_another(page, tmp_path):
     expect(value_of(page, "train-max-steps")).to_have_value("3000")  # the page load's fill is done
     page.get_by_text("Config as YAML / command line").click()
     box = page.locator("#train-yaml-file input[type=file]")
+    refusals = {"broken.yaml": "not valid YAML", "keys.yaml": "learning_rat", "empty.yaml": "holds no settings"}
     for name, steps in (("a.yaml", "7"), ("b.yaml", "11"), ("broken.yaml", "11"), ("keys.yaml", "11"),
-                        ("a.yaml", "7")):
+                        ("empty.yaml", "11"), ("a.yaml", "7")):
         box.set_input_files(str(tmp_path / name))
-        toast = "not valid YAML" if name == "broken.yaml" else "learning_rat" if name == "keys.yaml" else name
+        toast = refusals.get(name, name)
         expect(page.locator(".toast-body").filter(has_text=toast).last).to_be_visible()
         expect(value_of(page, "train-max-steps")).to_have_value(steps)
         expect(box).to_have_count(1)  # emptied again: ready for the next file

@@ -96,6 +96,11 @@ def test_config_yaml_roundtrip_and_coercion(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(BadInput, match="Unknown setting"):
         TrainConfig.from_yaml("lr: 1\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n\n")
+    assert TrainConfig.from_yaml(empty) == TrainConfig()  # the CLI: every default
+    with pytest.raises(BadInput, match="holds no settings"):
+        TrainConfig.from_yaml(empty, allow_empty=False)  # the form: a reset nobody asked for
     with pytest.raises(BadInput, match="rank must be a whole number"):
         TrainConfig.from_dict({"rank": 2.5})
     assert all(TrainConfig.help().values()), "every field carries help text"
