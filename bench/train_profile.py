@@ -24,7 +24,7 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 `--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
 takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
 of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, fused_norm.py,
-loss.py's trained_rows and LogitsBuffers), wall and process CPU time (the steadier figure on a shared machine). The
+loss.py's trained_rows, LogitsBuffers and block softmax), wall and process CPU time (the steadier figure on a shared machine). The
 first step of every variant is also taken from the same weights and seed: its loss and gradient norm against the
 float32 one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
 of the same law). The bf16/fp32 line also gives the median of the rounds' own ratios: the fastest rounds of the two
@@ -291,6 +291,7 @@ class Lever(NamedTuple):
     torch_masks: bool = False  # the fused function's dropout masks drawn by torch's bernoulli_, as before
     fresh_logits: bool = False  # the loss's logits memory allocated anew at every call, as before (LogitsBuffers)
     model_norms: bool = False  # the model's own RMSNorm forward, as before (fused_norm.py)
+    whole_softmax: bool = False  # the loss's softmax over each whole chunk of logits, as before (loss.BLOCK_BYTES)
 
 
 def _bernoulli_keep(x, p: float):
@@ -300,11 +301,12 @@ def _bernoulli_keep(x, p: float):
 
 
 _CHEAP_KEEP: dict = {}  # fused_lora's own dropout_keep, kept while a lever swaps it
+_BLOCK_BYTES: dict = {}  # loss.BLOCK_BYTES as the trainer has it, kept while a lever raises it
 _KEPT_LOGITS: dict = {}  # each session's LogitsBuffers, kept while a lever takes it away
 
 
 def _variant(s, lever: Lever) -> None:
-    from pipelines.training import fused_lora, fused_norm
+    from pipelines.training import fused_lora, fused_norm, loss
 
     (fused_lora.fuse_lora if lever.fused else fused_lora.unfuse_lora)(s.model)
     # "before" (no fused LoRA) means before every lever: the model's own norms too
@@ -314,6 +316,8 @@ def _variant(s, lever: Lever) -> None:
     fused_lora.dropout_keep = _bernoulli_keep if lever.torch_masks else cheap  # bench only: the lever itself
     kept = _KEPT_LOGITS.setdefault(id(s), s.loss_mod.buffers)
     s.loss_mod.buffers = None if lever.fresh_logits else kept
+    block = _BLOCK_BYTES.setdefault("bytes", loss.BLOCK_BYTES)
+    loss.BLOCK_BYTES = loss.CHUNK_BYTES if lever.whole_softmax else block  # bench only: the lever itself
 
 
 LEVERS = [
@@ -327,6 +331,7 @@ LEVERS = [
     Lever("bf16 before (PEFT LoRA, head module)", "bfloat16", False, False),
     Lever("bf16 both, fresh logits memory", "bfloat16", True, True, False, True),
     Lever("bf16 both, the model's RMSNorm", "bfloat16", True, True, False, False, True),
+    Lever("bf16 both, softmax over whole chunks", "bfloat16", True, True, whole_softmax=True),
     Lever("bf16 both (default now)", "bfloat16", True, True),
 ]
 
@@ -366,7 +371,8 @@ def main_levers(args) -> int:
     levers = list(LEVERS)
     if getattr(args, "levers", "all") == "short":  # before and both of each dtype
         levers = [lv for lv in LEVERS
-                  if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits or lv.model_norms)]
+                  if lv.fused == lv.rows and not (lv.torch_masks or lv.fresh_logits or lv.model_norms
+                                                  or lv.whole_softmax)]
     if getattr(args, "compile", False):
         for d in ("float32", "bfloat16"):
             sessions[f"compiled-{d}"] = compiled_session(args, d)

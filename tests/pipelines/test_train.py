@@ -219,17 +219,21 @@ def test_masked_loss_equals_full_logits_loss(ws, tiny_llama_dir):
             torch.testing.assert_close(g_ours[k], p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_linear_cross_entropy_matches_reference(softcap, with_rows):
+def test_linear_cross_entropy_matches_reference(softcap, with_rows, dtype, monkeypatch):
     """Several chunks, against full logits; with trained rows (loss.trained_rows) replacing three of the weight's,
-    their gradient included."""
+    their gradient included. bf16: each chunk's logits of a bf16 matmul taken to float32 in blocks of rows (the last
+    one short) and their gradient back, against the same logits all at once."""
     import torch
     import torch.nn.functional as F
 
+    monkeypatch.setattr(train_loss, "BLOCK_BYTES", 3 * 300 * 4)  # bf16: blocks of 3 rows in chunks of 8
     torch.manual_seed(0)
-    h = torch.randn(37, 16, requires_grad=True)
-    w = torch.randn(300, 16)
+    dt = getattr(torch, dtype)
+    h = torch.randn(37, 16).to(dt).requires_grad_()
+    w = torch.randn(300, 16).to(dt)
     t = torch.randint(0, 300, (37,))
     idx = torch.tensor([3, 250, 7])
     delta = torch.randn(3, 16, requires_grad=True)
@@ -240,17 +244,22 @@ def test_linear_cross_entropy_matches_reference(softcap, with_rows):
     got.backward()
     gh, gd = h.grad.clone(), delta.grad
     h.grad = delta.grad = None
-    z = (h @ w.t()).index_copy(1, idx, h @ delta.t()) if with_rows else h @ w.t()
+    z = (h @ w.t()).float()
+    if with_rows:
+        z = z.index_copy(1, idx, (h @ delta.to(dt).t()).float())
     if softcap:
         z = torch.tanh(z / softcap) * softcap
     ref = F.cross_entropy(z, t, reduction="sum")
     ref.backward()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, **tol)
     if with_rows:
-        torch.testing.assert_close(gd, delta.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gd, delta.grad, **tol)
     else:
         assert gd is None and delta.grad is None  # rows not given: delta takes no part
+        per_row = train_loss.linear_token_nll(h.detach(), w, t, softcap, chunk_bytes=8 * 300 * 4)
+        torch.testing.assert_close(per_row, F.cross_entropy(z.detach(), t, reduction="none"), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- training
