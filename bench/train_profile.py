@@ -21,14 +21,14 @@ weighs most on the classes of many small ops (LoRA, elementwise), so read shares
 
     .venv/bin/python bench/train.py --method profile [--model PATH] [--steps 3] [--warmup 1] [--dtype float32]
 
-`--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off)
-takes one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round
-of each is compared with our float32 step before the levers (fused_lora.py and its dropout masks, fused_norm.py,
-loss.py's trained_rows, LogitsBuffers and block softmax), wall and process CPU time (the steadier figure on a shared machine). The
-first step of every variant is also taken from the same weights and seed: its loss and gradient norm against the
-float32 one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other draws
-of the same law). The bf16/fp32 line also gives the median of the rounds' own ratios: the fastest rounds of the two
-may come from different batches, whose padding differs.
+`--method levers`: one process holds a float32 and a bf16 session; per round every variant (a lever on or off) takes
+one optimizer step on that round's batches, in turn, so a busy machine slows them alike; the fastest round of each
+is compared with our float32 step before the levers (fused_lora.py and its dropout masks, fused_norm.py, loss.py's
+trained_rows, LogitsBuffers and block softmax), wall and process CPU time (the steadier figure on a shared machine).
+The first step of every variant is also taken from the same weights and seed: its loss and gradient norm against the
+float32 one before the levers (the same masks where they are drawn by bernoulli_; fused_lora's own masks are other
+draws of the same law). The bf16/fp32 line also gives the median of the rounds' own ratios: the fastest rounds of
+the two may come from different batches, whose padding differs.
 --compile adds each dtype with the decoder layers under torch.compile (inductor; its compile time is printed as
 the first step's). --levers short leaves out the one-lever lines.
 
