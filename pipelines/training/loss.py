@@ -120,13 +120,14 @@ def _ce_chunks(hidden, weight, target, softcap: float, chunk: int, need_grad: bo
             if need_grad and z is not part:
                 part.copy_(z)
             if p_part is not None:
-                grad_delta += p_part.t() @ h[b: b + block].float()
                 p_rows.append(p_part)
         if not need_grad:
             continue
         out = torch.mm(logits, weight, out=grad[s: s + chunk])
-        if p_rows:
-            out.addmm_(torch.cat(p_rows).to(h.dtype), delta.to(h.dtype))
+        if p_rows:  # the trained rows' share of the chunk's gradient, for them and for hidden
+            p_chunk = torch.cat(p_rows)
+            grad_delta += p_chunk.t() @ h.float()
+            out.addmm_(p_chunk.to(h.dtype), delta.to(h.dtype))
     return losses, grad, grad_delta
 
 

@@ -1,7 +1,8 @@
 """What every tab's handlers share: the `Context` (workspace and model registry), `ui_errors` (a MacTunerError
 becomes a toast with its message; anything else one line in the UI and its traceback in the log), named views
-(`unchanged`), refusals shown in place on the page (`refused_on_page`, `keep_last_good`), per-browser-session state released when the page closes, files handed to the
-browser (`handout_file`, served for any workspace), and small UI helpers.
+(`unchanged`), refusals shown in place on the page (`refused_on_page`, `keep_last_good`), per-browser-session state
+released when the page closes, files handed to the browser (`handout_file`, served for any workspace), and small UI
+helpers.
 """
 
 from __future__ import annotations
