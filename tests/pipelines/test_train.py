@@ -251,7 +251,7 @@ def test_linear_cross_entropy_matches_reference(softcap, with_rows, dtype, monke
         z = torch.tanh(z / softcap) * softcap
     ref = F.cross_entropy(z, t, reduction="sum")
     ref.backward()
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == "float32" else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gh, h.grad, **tol)
     if with_rows:
